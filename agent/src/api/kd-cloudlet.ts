@@ -1,0 +1,136 @@
+/**
+ * The KD-Cloudlet face: SEI pycloud's plain-mode API under /api, as the Android client-lib in the field reads it
+ * (routes, JSON keys and wrappers, statuses, WebOb text error bodies). docs/api.md lists the quirks kept on purpose.
+ */
+import type { CloudletApi, Endpoint, Instance, Service } from '../core/types';
+import { asCloudletError, type ErrorCode } from '../errors';
+import { emptyReply, hostOf, jsonReply, textReply, type ApiRequest, type Face, type Reply, type Route } from './routing';
+
+export function kdCloudletFace(api: CloudletApi): Face {
+  const routes: Route[] = [
+    { method: 'GET', path: '/api/services', handle: () => jsonReply(200, { services: api.listServices().map(serviceJson) }) },
+    { method: 'GET', path: '/api/services/get', handle: (request) => findService(api, request) },
+    { method: 'GET', path: '/api/servicevm/start', handle: (request) => startServiceVm(api, request) },
+    { method: 'GET', path: '/api/servicevm/stop', handle: (request) => stopServiceVm(api, request) },
+    { method: 'GET', path: '/api/system', handle: (request) => systemMetadata(api, request) },
+    // Device mailboxes are not implemented yet: every device has an empty one.
+    { method: 'GET', path: '/api/system/get_messages', handle: () => jsonReply(200, { messages: [] }) },
+    // The app store (Cloudlet Push) is not implemented yet.
+    { method: 'GET', path: '/api/apps', handle: () => jsonReply(200, { apps: [] }) },
+  ];
+  return {
+    prefix: '/api',
+    routes,
+    headAsGet: true,
+    wrongMethod: 'not-found',
+    errorReply: (error) => {
+      const status = error.status in WEBOB_ERRORS ? error.status : 500;
+      return webobError(status, `${status} ${WEBOB_ERRORS[status]!.title} - ${error.message}`);
+    },
+  };
+}
+
+function findService(api: CloudletApi, request: ApiRequest): Reply {
+  // Python formats a missing parameter as None.
+  const serviceId = request.query.get('serviceId') ?? 'None';
+  try {
+    return jsonReply(200, serviceJson(api.getService(serviceId)));
+  } catch (err) {
+    return failureReply(err, { code: 'SERVICE_NOT_FOUND', status: 404, detail: `404 Not Found - service for ${serviceId} not found` });
+  }
+}
+
+async function startServiceVm(api: CloudletApi, request: ApiRequest): Promise<Reply> {
+  const serviceId = request.query.get('serviceId');
+  if (!serviceId) return webobError(400, '400 Bad Request - must provide service id');
+  try {
+    const { instance, endpoint } = await api.startInstance({
+      serviceId,
+      join: parseFlag(request.query.get('join')),
+      clientHost: hostOf(request.header('host')),
+      deviceId: request.header('x-device-id'),
+    });
+    return jsonReply(200, serviceVmJson(instance, endpoint));
+  } catch (err) {
+    // pycloud answers an unknown service with status 400 and a "404 Not Found" text.
+    return failureReply(err, { code: 'SERVICE_NOT_FOUND', status: 400, detail: `404 Not Found - service vm for ${serviceId} not found` });
+  }
+}
+
+async function stopServiceVm(api: CloudletApi, request: ApiRequest): Promise<Reply> {
+  const instanceId = request.query.get('instanceId');
+  if (!instanceId) return webobError(400, '400 Bad Request - must provide instance id');
+  try {
+    await api.stopInstance(instanceId);
+    // pycloud's stop handler has no JSON serializer and returns {} as an empty WSGI body.
+    return emptyReply(200);
+  } catch (err) {
+    return failureReply(err, { code: 'INSTANCE_NOT_FOUND', status: 404, detail: `404 Not Found - service vm for ${instanceId} not found` });
+  }
+}
+
+async function systemMetadata(api: CloudletApi, request: ApiRequest): Promise<Reply> {
+  const info = await api.systemInfo();
+  const metadata: Record<string, unknown> = {
+    memory_info: { max_memory: info.memory.totalBytes, free_memory: info.memory.freeBytes },
+    cpu_info: {
+      // Clients rank cloudlets by 100*max_cores - usage and never pick a rank <= 0.
+      max_cores: Math.max(1, info.cpu.cores),
+      usage: info.cpu.usagePercent,
+      speed: info.cpu.speedMhz,
+      cache: info.cpu.cacheKb,
+    },
+  };
+  if (parseFlag(request.query.get('services'))) metadata.services = api.listServices().map(serviceJson);
+  if (parseFlag(request.query.get('apps'))) metadata.apps = [];
+  return jsonReply(200, metadata);
+}
+
+function serviceJson(service: Service) {
+  const { version, description, tags } = service.manifest;
+  return { _id: service.id, service_id: service.id, description, version, tags };
+}
+
+function serviceVmJson(instance: Instance, endpoint: Endpoint) {
+  return {
+    _id: instance.id,
+    service_id: instance.serviceId,
+    running: true,
+    port: endpoint.port,
+    ip_address: endpoint.address,
+    // No VNC console, no forwarded SSH and no DNS names: client-lib falls back to ip_address when fqdn is null.
+    vnc_address: null,
+    ssh_port: null,
+    fqdn: null,
+  };
+}
+
+/** pycloud's boolean parameters: T, TRUE, Y or YES in any case; anything else (or absent) is false. */
+function parseFlag(value: string | null): boolean {
+  return value !== null && ['T', 'TRUE', 'Y', 'YES'].includes(value.toUpperCase());
+}
+
+/** A failed core call, answered as pycloud does: the not-found case with its own status and text, anything else 500. */
+function failureReply(err: unknown, notFound: { code: ErrorCode; status: number; detail: string }): Reply {
+  const error = asCloudletError(err);
+  if (error.code === notFound.code) return webobError(notFound.status, notFound.detail);
+  return webobError(500, `500 Internal Server Error - ${error.message}`);
+}
+
+/** WebOb 1.3's explanations, after its HTML-to-text pass (which leaves the trailing spaces). */
+const WEBOB_ERRORS: Record<number, { title: string; explanation: string }> = {
+  400: { title: 'Bad Request', explanation: 'The server could not comply with the request since it is either malformed or otherwise incorrect. ' },
+  404: { title: 'Not Found', explanation: 'The resource could not be found.' },
+  500: { title: 'Internal Server Error', explanation: 'The server has either erred or is incapable of performing the requested operation. ' },
+};
+
+/**
+ * The text/plain body Pylons' abort(status, detail) produces through WebOb 1.3: status line, explanation, detail.
+ * WebOb renders an HTML template and strips the tags, which is where the stray spaces and the flattened newlines come
+ * from; client-lib shows the whole body as the error message.
+ */
+function webobError(status: number, detail: string): Reply {
+  const { title, explanation } = WEBOB_ERRORS[status] ?? WEBOB_ERRORS[500]!;
+  const flatDetail = detail.replace(/\r/g, '').replace(/\n/g, ' ');
+  return textReply(status, `${status} ${title}\n\n${explanation}\n\n ${flatDetail}  `);
+}

@@ -1,0 +1,96 @@
+/**
+ * What an HTTP face is made of, independent of the server library: a route table of handlers that turn a parsed
+ * request into a Reply, and the face's way of answering errors. http-server.ts runs faces; the faces never see uWS.
+ */
+import { CloudletError } from '../errors';
+
+export type RouteMethod = 'GET' | 'POST' | 'DELETE';
+
+export interface ApiRequest {
+  /** Upper-case, as the client sent it (HEAD stays HEAD even when a GET route answers it). */
+  method: string;
+  /** The URL path, still percent-encoded; `params` holds the decoded captures. */
+  path: string;
+  params: Record<string, string>;
+  query: URLSearchParams;
+  /** A request header by lower-case name; undefined when absent or empty. */
+  header(name: string): string | undefined;
+  /** The parsed JSON body for routes with `jsonBody`, otherwise undefined. */
+  body: unknown;
+}
+
+export interface Reply {
+  status: number;
+  /** Content-Length is never set here: the server computes it from `body`. */
+  headers: Record<string, string>;
+  body: string;
+}
+
+export interface Route {
+  method: RouteMethod;
+  /** Literal segments and `:name` captures of exactly one segment, e.g. `/v1/services/:id`. */
+  path: string;
+  /** Read the request body (size-limited) and parse it as JSON before calling `handle`. */
+  jsonBody?: boolean;
+  handle(request: ApiRequest): Reply | Promise<Reply>;
+}
+
+export interface Face {
+  /** The path prefix the face owns (`/api`, `/v1`). */
+  prefix: string;
+  routes: Route[];
+  /** Answer HEAD with the matching GET route (minus the body), as Pylons does. */
+  headAsGet: boolean;
+  /** How a known path with an unsupported method is answered: Pylons answers 404, /v1 answers 405. */
+  wrongMethod: 'not-found' | 'method-not-allowed';
+  /** The reply for any error a handler did not answer itself, and for routing and body errors. Must not throw. */
+  errorReply(error: CloudletError): Reply;
+}
+
+export function jsonReply(status: number, value: unknown): Reply {
+  return { status, headers: { 'Content-Type': 'application/json; charset=utf-8' }, body: JSON.stringify(value) };
+}
+
+export function textReply(status: number, text: string): Reply {
+  return { status, headers: { 'Content-Type': 'text/plain; charset=utf-8' }, body: text };
+}
+
+export function emptyReply(status: number): Reply {
+  return { status, headers: {}, body: '' };
+}
+
+/** The params of `routePath` matched against a raw `path`, or null when it does not match. */
+export function matchPath(routePath: string, path: string): Record<string, string> | null {
+  const routeSegments = routePath.split('/');
+  const segments = path.split('/');
+  if (routeSegments.length !== segments.length) return null;
+  const params: Record<string, string> = {};
+  for (let i = 0; i < segments.length; i++) {
+    const expected = routeSegments[i]!;
+    const actual = segments[i]!;
+    if (expected.startsWith(':')) {
+      if (actual === '') return null;
+      params[expected.slice(1)] = decodePathSegment(actual);
+    } else if (expected !== actual) {
+      return null;
+    }
+  }
+  return params;
+}
+
+function decodePathSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw new CloudletError('BAD_REQUEST', `Malformed percent-encoding in path segment "${segment}"`);
+  }
+}
+
+/** The host part of a Host header (`10.0.0.5:9999` → `10.0.0.5`, `[fe80::1]:9999` → `fe80::1`). */
+export function hostOf(hostHeader: string | undefined): string | undefined {
+  if (!hostHeader) return undefined;
+  const bracketed = /^\[([^\]]+)\]/.exec(hostHeader);
+  if (bracketed) return bracketed[1];
+  const host = hostHeader.replace(/:\d*$/, '');
+  return host === '' ? undefined : host;
+}

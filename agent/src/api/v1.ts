@@ -1,0 +1,164 @@
+/**
+ * Our own versioned JSON API under /v1. Keys are snake_case on the wire; the mapping from the camelCase core types
+ * lives in the "wire shapes" section below and nowhere else. Errors are `{code, message, details?}` with the
+ * CloudletError's status.
+ */
+import type { CloudletApi, Endpoint, HealthReport, Instance, Service, StopResult, SystemInfo } from '../core/types';
+import type { LaunchTimings } from '../core/timing';
+import { CloudletError } from '../errors';
+import { emptyReply, hostOf, jsonReply, type ApiRequest, type Face, type Route } from './routing';
+
+export function v1Face(api: CloudletApi): Face {
+  const routes: Route[] = [
+    {
+      method: 'GET',
+      path: '/v1/health',
+      handle: async () => {
+        const report = await api.health();
+        return jsonReply(report.ok ? 200 : 503, healthJson(report));
+      },
+    },
+    { method: 'GET', path: '/v1/system', handle: async () => jsonReply(200, systemJson(await api.systemInfo())) },
+    { method: 'GET', path: '/v1/services', handle: () => jsonReply(200, { services: api.listServices().map(serviceJson) }) },
+    { method: 'GET', path: '/v1/services/:id', handle: ({ params }) => jsonReply(200, serviceJson(api.getService(params.id!))) },
+    {
+      method: 'POST',
+      path: '/v1/services',
+      jsonBody: true,
+      handle: async ({ body }) => jsonReply(201, serviceJson(await api.importService(requiredString(jsonObject(body), 'path')))),
+    },
+    {
+      method: 'DELETE',
+      path: '/v1/services/:id',
+      handle: async ({ params }) => {
+        await api.removeService(params.id!);
+        return emptyReply(204);
+      },
+    },
+    {
+      method: 'POST',
+      path: '/v1/services/:id/state',
+      handle: async ({ params }) => jsonReply(200, serviceJson(await api.captureServiceState(params.id!))),
+    },
+    { method: 'GET', path: '/v1/instances', handle: () => jsonReply(200, { instances: api.listInstances().map(instanceJson) }) },
+    { method: 'GET', path: '/v1/instances/:id', handle: ({ params }) => jsonReply(200, instanceJson(api.getInstance(params.id!))) },
+    { method: 'POST', path: '/v1/instances', jsonBody: true, handle: (request) => startInstance(api, request) },
+    {
+      method: 'DELETE',
+      path: '/v1/instances/:id',
+      handle: async ({ params }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!))),
+    },
+  ];
+  return {
+    prefix: '/v1',
+    routes,
+    headAsGet: false,
+    wrongMethod: 'method-not-allowed',
+    errorReply: (error) => {
+      const reply = jsonReply(error.status, error.toJSON());
+      const allowed = error.details?.allowed;
+      if (error.code === 'METHOD_NOT_ALLOWED' && Array.isArray(allowed)) reply.headers.Allow = allowed.join(', ');
+      return reply;
+    },
+  };
+}
+
+async function startInstance(api: CloudletApi, request: ApiRequest) {
+  const body = jsonObject(request.body);
+  const result = await api.startInstance({
+    serviceId: requiredString(body, 'service_id'),
+    join: optionalBoolean(body, 'join') ?? false,
+    clientHost: hostOf(request.header('host')),
+    deviceId: request.header('x-device-id'),
+  });
+  return jsonReply(201, {
+    instance: instanceJson(result.instance),
+    endpoint: endpointJson(result.endpoint),
+    joined: result.joined,
+    ...(result.timings ? { timings: timingsJson(result.timings) } : {}),
+  });
+}
+
+// ---- request bodies --------------------------------------------------------------------------------------------
+
+function jsonObject(body: unknown): Record<string, unknown> {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) {
+    throw new CloudletError('BAD_REQUEST', 'The request body must be a JSON object');
+  }
+  return body as Record<string, unknown>;
+}
+
+function requiredString(body: Record<string, unknown>, field: string): string {
+  const value = body[field];
+  if (value === undefined || value === null) {
+    throw new CloudletError('MISSING_PARAMETER', `Missing required field "${field}"`, { details: { parameter: field } });
+  }
+  if (typeof value !== 'string' || value === '') {
+    throw new CloudletError('INVALID_PARAMETER', `Field "${field}" must be a non-empty string`, { details: { parameter: field } });
+  }
+  return value;
+}
+
+function optionalBoolean(body: Record<string, unknown>, field: string): boolean | undefined {
+  const value = body[field];
+  if (value === undefined || value === null) return undefined;
+  if (typeof value !== 'boolean') {
+    throw new CloudletError('INVALID_PARAMETER', `Field "${field}" must be true or false`, { details: { parameter: field } });
+  }
+  return value;
+}
+
+// ---- wire shapes -----------------------------------------------------------------------------------------------
+
+function serviceJson(service: Service) {
+  // The manifest is already in its snake_case file format.
+  return { id: service.id, dir: service.dir, imported_at: service.importedAt, manifest: service.manifest };
+}
+
+function instanceJson(instance: Instance) {
+  return {
+    id: instance.id,
+    service_id: instance.serviceId,
+    mechanism: instance.mechanism,
+    state: instance.state,
+    bind_address: instance.bindAddress,
+    host_port: instance.hostPort,
+    guest_port: instance.guestPort,
+    shareable: instance.shareable,
+    users: instance.users,
+    launch: instance.launch,
+    created_at: instance.createdAt,
+    ready_at: instance.readyAt,
+  };
+}
+
+function endpointJson(endpoint: Endpoint) {
+  return { address: endpoint.address, port: endpoint.port };
+}
+
+function timingsJson(t: LaunchTimings) {
+  return { total_ms: t.totalMs, libvirt_ms: t.libvirtMs, guest_ms: t.guestMs, agent_ms: t.agentMs };
+}
+
+function stopResultJson(result: StopResult) {
+  return { destroyed: result.destroyed, users: result.users };
+}
+
+function systemJson(info: SystemInfo) {
+  return {
+    hostname: info.hostname,
+    agent_version: info.agentVersion,
+    cpu: { cores: info.cpu.cores, usage_percent: info.cpu.usagePercent, speed_mhz: info.cpu.speedMhz, cache_kb: info.cpu.cacheKb },
+    memory: { total_bytes: info.memory.totalBytes, free_bytes: info.memory.freeBytes },
+    hypervisor: {
+      uri: info.hypervisor.uri,
+      domain_type: info.hypervisor.domainType,
+      libvirt_version: info.hypervisor.libvirtVersion,
+    },
+    instances: info.instances,
+  };
+}
+
+function healthJson(report: HealthReport) {
+  return { ok: report.ok, checks: report.checks.map(({ name, ok, detail }) => ({ name, ok, ...(detail === undefined ? {} : { detail }) })) };
+}

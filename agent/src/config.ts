@@ -1,0 +1,120 @@
+import { readFile } from 'node:fs/promises';
+import { CloudletError, isErrno } from './errors';
+
+/**
+ * Embedded defaults are what an appliance runs with no config file at all. A JSON file (CLOUDLET_CONFIG, else
+ * /etc/cloudlet/agent.json when present) overrides them, and environment variables override the file.
+ */
+export interface AgentConfig {
+  api: { host: string; port: number };
+  dataDir: string;
+  libvirtUri: string;
+  /** 'auto' picks kvm only when KVM really works on this host, else qemu (TCG). */
+  domainType: 'auto' | 'kvm' | 'qemu';
+  forward: {
+    /** Address the forwarded Service VM ports bind to: all interfaces on an appliance, 127.0.0.1 in tests. */
+    bindAddress: string;
+    portRange: { first: number; last: number };
+  };
+  /** Service directories imported at start when the catalog lacks them (how an image ships its preloaded services). */
+  seedDir: string | null;
+  /** How often the registry compares itself with libvirt to notice VMs that ended outside the agent. */
+  reconcileIntervalMs: number;
+}
+
+export const DEFAULT_CONFIG: AgentConfig = {
+  api: { host: '0.0.0.0', port: 9999 },
+  dataDir: '/var/lib/cloudlet',
+  libvirtUri: 'qemu:///system',
+  domainType: 'auto',
+  forward: { bindAddress: '0.0.0.0', portRange: { first: 20000, last: 20999 } },
+  seedDir: '/usr/share/cloudlet/services',
+  reconcileIntervalMs: 1000,
+};
+
+const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
+
+function invalid(message: string): CloudletError {
+  return new CloudletError('INVALID_PARAMETER', `config: ${message}`);
+}
+
+function port(value: unknown, what: string, allowZero = false): number {
+  const n = typeof value === 'string' && /^\d+$/.test(value) ? Number(value) : value;
+  if (typeof n !== 'number' || !Number.isInteger(n) || n < (allowZero ? 0 : 1) || n > 65535) {
+    throw invalid(`${what} must be a port number, got ${JSON.stringify(value)}`);
+  }
+  return n;
+}
+
+function text(value: unknown, what: string): string {
+  if (typeof value !== 'string' || value.length === 0) throw invalid(`${what} must be a non-empty string`);
+  return value;
+}
+
+function portRange(value: unknown): { first: number; last: number } {
+  const parts = typeof value === 'string' ? value.split('-') : Array.isArray(value) ? value : null;
+  if (!parts || parts.length !== 2) throw invalid(`forward port range must look like "20000-20999", got ${JSON.stringify(value)}`);
+  const first = port(parts[0], 'forward port range start');
+  const last = port(parts[1], 'forward port range end');
+  if (last < first) throw invalid(`forward port range ${first}-${last} is empty`);
+  return { first, last };
+}
+
+function domainType(value: unknown): AgentConfig['domainType'] {
+  if (value === 'auto' || value === 'kvm' || value === 'qemu') return value;
+  throw invalid(`domainType must be auto, kvm or qemu, got ${JSON.stringify(value)}`);
+}
+
+type Overrides = {
+  api?: { host?: unknown; port?: unknown };
+  dataDir?: unknown;
+  libvirtUri?: unknown;
+  domainType?: unknown;
+  forward?: { bindAddress?: unknown; portRange?: unknown };
+  seedDir?: unknown;
+  reconcileIntervalMs?: unknown;
+};
+
+/** Merge overrides (from the file or the environment) over a base, validating each field it touches. */
+function apply(base: AgentConfig, o: Overrides): AgentConfig {
+  const c: AgentConfig = structuredClone(base);
+  if (o.api?.host !== undefined) c.api.host = text(o.api.host, 'api.host');
+  if (o.api?.port !== undefined) c.api.port = port(o.api.port, 'api.port', true);
+  if (o.dataDir !== undefined) c.dataDir = text(o.dataDir, 'dataDir');
+  if (o.libvirtUri !== undefined) c.libvirtUri = text(o.libvirtUri, 'libvirtUri');
+  if (o.domainType !== undefined) c.domainType = domainType(o.domainType);
+  if (o.forward?.bindAddress !== undefined) c.forward.bindAddress = text(o.forward.bindAddress, 'forward.bindAddress');
+  if (o.forward?.portRange !== undefined) c.forward.portRange = portRange(o.forward.portRange);
+  if (o.seedDir !== undefined) c.seedDir = o.seedDir === null || o.seedDir === '' ? null : text(o.seedDir, 'seedDir');
+  if (o.reconcileIntervalMs !== undefined) {
+    const ms = o.reconcileIntervalMs;
+    if (typeof ms !== 'number' || !(ms >= 50)) throw invalid('reconcileIntervalMs must be a number ≥ 50');
+    c.reconcileIntervalMs = ms;
+  }
+  return c;
+}
+
+function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
+  return {
+    api: { host: env.CLOUDLET_API_HOST, port: env.CLOUDLET_PORT },
+    dataDir: env.CLOUDLET_DATA_DIR,
+    libvirtUri: env.CLOUDLET_LIBVIRT_URI,
+    domainType: env.CLOUDLET_DOMAIN_TYPE,
+    forward: { bindAddress: env.CLOUDLET_FORWARD_ADDRESS, portRange: env.CLOUDLET_PORT_RANGE },
+    seedDir: env.CLOUDLET_SEED_DIR,
+  };
+}
+
+export async function loadConfig(env: NodeJS.ProcessEnv = process.env): Promise<AgentConfig> {
+  const file = env.CLOUDLET_CONFIG ?? DEFAULT_CONFIG_FILE;
+  let fromFile: Overrides = {};
+  try {
+    fromFile = JSON.parse(await readFile(file, 'utf8')) as Overrides;
+  } catch (err) {
+    // Only the default file may be absent; a named file that is missing or malformed is a mistake worth stopping for.
+    if (!(isErrno(err, 'ENOENT') && env.CLOUDLET_CONFIG === undefined)) {
+      throw invalid(`cannot read ${file}: ${(err as Error).message}`);
+    }
+  }
+  return apply(apply(DEFAULT_CONFIG, fromFile), fromEnvironment(env));
+}

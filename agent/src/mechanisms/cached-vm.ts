@@ -1,0 +1,33 @@
+import path from 'node:path';
+import { createLinkedClone } from '../images/qemu-img';
+import { buildDomainXml, retargetSavedDomainXml } from '../vm/domain-xml';
+import type { Hypervisor } from '../vm/hypervisor';
+import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
+import { readSaveImageHeader } from '../vm/save-image';
+import type { LaunchPlan, Mechanism } from './mechanism';
+
+/**
+ * Cached VM: the service's VM is already on the cloudlet. Each instance runs on a linked clone of the cached disk
+ * (never a copy) and is restored from the service's saved memory state when it has one, else cold-booted.
+ */
+export class CachedVmMechanism implements Mechanism {
+  readonly name = 'cached-vm' as const;
+
+  constructor(private readonly hypervisor: Hypervisor) {}
+
+  async launch({ service, domainName, metadata, timer }: LaunchPlan): Promise<'memory-state' | 'cold-boot'> {
+    const m = service.manifest;
+    await createLinkedClone(path.join(service.dir, m.disk), instanceFiles(metadata.dir).disk);
+    const spec = instanceDomainSpec(service, domainName, metadata, this.hypervisor.domainType);
+    if (m.state) {
+      const statePath = path.join(service.dir, m.state);
+      const saved = await readSaveImageHeader(statePath);
+      const xml = retargetSavedDomainXml(saved.xml, spec);
+      await timer.time('libvirt', () => this.hypervisor.restore(statePath, xml, metadata.dir));
+      return 'memory-state';
+    }
+    const xml = buildDomainXml(spec);
+    await timer.time('libvirt', () => this.hypervisor.boot(xml));
+    return 'cold-boot';
+  }
+}

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Cloudlet agent build entry point. Sub-commands:
+#   run            install what is missing, build, build the demo Service VM, run the agent on its embedded defaults
+#   test           install what is missing, build, start the daemons the tests need, run the whole suite
+#   bench NAME     run bench/NAME (one line of JSON at the end)
+#   build          compile the native shim and the TypeScript
+#   deps           install missing Debian and npm packages
+#   guest DIR      build the demo/test Service VM directory into DIR
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+BUILD="$ROOT/.build"
+
+# Debian packages the agent and its tests need (libvirt-dev only for the native shim's headers).
+PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
+  linux-image-cloud-amd64 busybox-static cpio kmod e2fsprogs dbus gcc make iproute2 procps zstd nodejs npm)
+
+say() { printf '%s\n' "build.sh: $*" >&2; }
+die() { say "$*"; exit 1; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else die "run as root (needed: $*)"; fi; }
+
+deps() {
+  local missing=() p
+  for p in "${PACKAGES[@]}"; do
+    # nodejs/npm from Debian only when no Node is installed at all (a newer one may come from elsewhere).
+    if [[ $p == nodejs || $p == npm ]] && command -v node >/dev/null && command -v npm >/dev/null; then continue; fi
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    say "installing ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  if [ ! -d node_modules ] || [ package.json -nt node_modules ] || { [ -f package-lock.json ] && [ package-lock.json -nt node_modules ]; }; then
+    if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+    touch node_modules
+  fi
+}
+
+build() {
+  bash native/build.sh
+  npx tsc -p tsconfig.json
+}
+
+# Without systemd as PID 1 (containers, CI sandboxes) nobody starts the daemons for us.
+daemons() {
+  if [ "$(ps -o comm= -p 1 2>/dev/null)" = systemd ]; then
+    as_root systemctl start dbus virtlogd libvirtd
+    return
+  fi
+  if [ ! -S /run/dbus/system_bus_socket ]; then as_root mkdir -p /run/dbus; as_root dbus-daemon --system --fork; fi
+  pgrep -x virtlogd >/dev/null || as_root virtlogd -d
+  if ! pgrep -x libvirtd >/dev/null; then
+    as_root libvirtd -d
+    for _ in $(seq 50); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
+  fi
+}
+
+guest() {
+  bash rootfs/guest/build-guest.sh "$@"
+}
+
+case "${1:-}" in
+  deps) deps ;;
+  build) deps; build ;;
+  guest) shift; guest "$@" ;;
+  run)
+    deps; build; daemons
+    seed="$BUILD/seed"
+    [ -f "$seed/org.cloudlet.demo.http/manifest.json" ] || { mkdir -p "$seed"; guest "$seed/org.cloudlet.demo.http"; }
+    export CLOUDLET_SEED_DIR="${CLOUDLET_SEED_DIR:-$seed}"
+    exec node dist/agent/src/main.js
+    ;;
+  test)
+    deps; build; daemons
+    exec node dist/test/run.js
+    ;;
+  bench)
+    [ -n "${2:-}" ] || die "usage: ./build.sh bench NAME (one of: $(ls bench | sed -n 's/\.ts$//p' | tr '\n' ' '))"
+    [ -f "bench/$2.ts" ] || die "no benchmark named $2"
+    deps; build; daemons
+    exec node "dist/bench/$2.js"
+    ;;
+  *) die "usage: ./build.sh run | test | bench NAME | build | deps | guest DIR" ;;
+esac

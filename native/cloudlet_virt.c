@@ -1,0 +1,477 @@
+/*
+ * cloudlet_virt: the thin C layer between native/libvirt.ts (through ffi-rs) and libvirt.
+ *
+ * Every exported clv_* operation returns a heap clv_result that the caller reads with the clv_result_*
+ * accessors and then releases with clv_result_free. A failing libvirt call's error is copied into that
+ * result right away, on the thread that made the call, because libvirt keeps it in thread-local storage
+ * and ffi-rs runs these functions on libuv pool threads.
+ *
+ * JS never holds a virDomainPtr: domain operations take a UUID string and look up, operate on and
+ * free the domain within one call.
+ *
+ * libvirt is dlopen()ed by clv_init instead of linked, so that a missing library or an old one
+ * lacking a symbol is reported as an error instead of failing to load the shim.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libvirt/libvirt.h>
+#include <libvirt/virterror.h>
+
+/* Every libvirt function the shim calls. Adding one here makes clv_init resolve it and report it when missing. */
+#define LIBVIRT_FUNCTIONS(X) \
+    X(virGetVersion) \
+    X(virInitialize) \
+    X(virSetErrorFunc) \
+    X(virGetLastError) \
+    X(virConnectOpen) \
+    X(virConnectClose) \
+    X(virConnectIsAlive) \
+    X(virConnectGetVersion) \
+    X(virConnectGetCapabilities) \
+    X(virConnectGetDomainCapabilities) \
+    X(virConnectListAllDomains) \
+    X(virDomainDefineXML) \
+    X(virDomainCreateXML) \
+    X(virDomainCreate) \
+    X(virDomainDestroy) \
+    X(virDomainUndefineFlags) \
+    X(virDomainLookupByName) \
+    X(virDomainLookupByUUIDString) \
+    X(virDomainGetUUIDString) \
+    X(virDomainGetName) \
+    X(virDomainGetState) \
+    X(virDomainIsActive) \
+    X(virDomainIsPersistent) \
+    X(virDomainGetXMLDesc) \
+    X(virDomainGetMetadata) \
+    X(virDomainSetMetadata) \
+    X(virDomainSaveFlags) \
+    X(virDomainRestoreFlags) \
+    X(virDomainFree)
+
+#define DECLARE_POINTER(name) __typeof__(name) *name;
+static struct {
+    LIBVIRT_FUNCTIONS(DECLARE_POINTER)
+} virt;
+
+typedef struct clv_result {
+    int32_t failed;
+    int32_t err_code;       /* virErrorNumber */
+    int32_t err_domain;     /* virErrorDomain; CLV_ERR_DOMAIN_SHIM for the shim's own errors */
+    const char *operation;  /* libvirt function that failed (static string) */
+    char *err_message;
+    int64_t value;          /* numeric result: connection pointer, version, state, boolean */
+    int64_t detail;         /* second numeric result (state reason) */
+    char *text;             /* string result (owned) */
+} clv_result;
+
+#define CLV_ERR_DOMAIN_SHIM (-1)
+
+/* Calls libvirt function fn, noting its name so that a failure is reported against it. */
+#define VIRT(r, fn, ...) ((r)->operation = #fn, virt.fn(__VA_ARGS__))
+
+static clv_result *result_new(void)
+{
+    clv_result *r = calloc(1, sizeof *r);
+    if (!r)
+        abort(); /* like libvirt itself (glib), treat OOM as fatal */
+    r->operation = "";
+    return r;
+}
+
+static char *copy_string(const char *s)
+{
+    char *copy = strdup(s ? s : "");
+    if (!copy)
+        abort();
+    return copy;
+}
+
+void clv_result_free(clv_result *r)
+{
+    if (!r)
+        return;
+    free(r->text);
+    free(r->err_message);
+    free(r);
+}
+
+/*
+ * Accessors, one field each: ffi-rs leaks memory for every pointer it wraps as a JS External (returned
+ * pointers, createPointer, wrapPointer), so JS holds a clv_result as a plain integer and reads it through
+ * these instead of restorePointer. Numbers are widened to int64 so JS reads them all alike; strings are
+ * never NULL (ffi-rs cannot read a NULL char*) and JS copies them before clv_result_free.
+ */
+int64_t clv_result_failed(const clv_result *r) { return r->failed; }
+int64_t clv_result_error_code(const clv_result *r) { return r->err_code; }
+int64_t clv_result_error_domain(const clv_result *r) { return r->err_domain; }
+const char *clv_result_operation(const clv_result *r) { return r->operation; }
+const char *clv_result_error_message(const clv_result *r) { return r->err_message ? r->err_message : ""; }
+int64_t clv_result_value(const clv_result *r) { return r->value; }
+int64_t clv_result_detail(const clv_result *r) { return r->detail; }
+const char *clv_result_text(const clv_result *r) { return r->text ? r->text : ""; }
+
+/* Copies this thread's last libvirt error into r; must run before any other libvirt call on the thread. */
+static void capture_error(clv_result *r)
+{
+    virErrorPtr err = virt.virGetLastError();
+    r->failed = 1;
+    r->err_code = err ? err->code : VIR_ERR_INTERNAL_ERROR;
+    r->err_domain = err ? err->domain : VIR_FROM_NONE;
+    r->err_message = copy_string(err && err->message ? err->message : "unknown libvirt error");
+}
+
+/* Records a libvirt int return value (<0 = failure) as the result's value. */
+static int check_int(clv_result *r, int64_t rc)
+{
+    if (rc < 0) {
+        capture_error(r);
+        return -1;
+    }
+    r->value = rc;
+    return 0;
+}
+
+/* Takes ownership of a malloc'd libvirt string result (NULL = failure). */
+static void take_text(clv_result *r, char *text)
+{
+    if (!text) {
+        capture_error(r);
+        return;
+    }
+    r->text = text;
+}
+
+/* Empty strings from JS stand for NULL (ffi-rs cannot pass a NULL char*). */
+static const char *optional(const char *s)
+{
+    return s && *s ? s : NULL;
+}
+
+/* ---- domain lookup / release: the pattern every domain operation follows ---- */
+
+static virDomainPtr lookup_domain(clv_result *r, virConnectPtr conn, const char *uuid)
+{
+    virDomainPtr dom = VIRT(r, virDomainLookupByUUIDString, conn, uuid);
+    if (!dom)
+        capture_error(r);
+    return dom;
+}
+
+/* Frees dom (if any) and returns r. The operation's error, if any, was already captured. */
+static clv_result *release_domain(clv_result *r, virDomainPtr dom)
+{
+    if (dom)
+        virt.virDomainFree(dom);
+    return r;
+}
+
+/* Sets the result text to dom's UUID and frees dom; dom NULL means the call that produced it failed. */
+static clv_result *return_domain_uuid(clv_result *r, virDomainPtr dom)
+{
+    char uuid[VIR_UUID_STRING_BUFLEN];
+    if (!dom)
+        capture_error(r);
+    else if (VIRT(r, virDomainGetUUIDString, dom, uuid) < 0)
+        capture_error(r);
+    else
+        r->text = copy_string(uuid);
+    return release_domain(r, dom);
+}
+
+/* ---- initialisation ---- */
+
+static void ignore_libvirt_error(void *opaque, virErrorPtr err)
+{
+    (void)opaque;
+    (void)err;
+}
+
+static void *libvirt_handle;
+
+/*
+ * dlopen()s libvirt (libvirt_path, e.g. "libvirt.so.0") and resolves every function in LIBVIRT_FUNCTIONS.
+ * value = libvirt version (major*1e6 + minor*1e3 + micro, 0 if unknown); text = space-separated missing
+ * symbols (empty when none). Only when nothing is missing is libvirt's default error printer (stderr)
+ * replaced by a no-op and libvirt initialised. Fails (domain CLV_ERR_DOMAIN_SHIM) when dlopen fails.
+ */
+clv_result *clv_init(const char *libvirt_path)
+{
+    clv_result *r = result_new();
+    r->operation = "dlopen";
+    if (!libvirt_handle)
+        libvirt_handle = dlopen(libvirt_path, RTLD_NOW | RTLD_LOCAL);
+    if (!libvirt_handle) {
+        r->failed = 1;
+        r->err_domain = CLV_ERR_DOMAIN_SHIM;
+        r->err_message = copy_string(dlerror());
+        return r;
+    }
+
+    char *missing = NULL;
+    size_t missing_len = 0;
+    FILE *missing_out = open_memstream(&missing, &missing_len);
+    if (!missing_out)
+        abort();
+#define RESOLVE(name) \
+    if (!(virt.name = dlsym(libvirt_handle, #name))) \
+        fprintf(missing_out, "%s%s", ftell(missing_out) ? " " : "", #name);
+    LIBVIRT_FUNCTIONS(RESOLVE)
+#undef RESOLVE
+    fclose(missing_out);
+
+    unsigned long version = 0;
+    if (virt.virGetVersion && virt.virGetVersion(&version, NULL, NULL) == 0)
+        r->value = (int64_t)version;
+    if (missing_len > 0) {
+        r->text = missing;
+        return r;
+    }
+    free(missing);
+    virt.virSetErrorFunc(NULL, ignore_libvirt_error); /* plain global assignment, safe before virInitialize */
+    if (VIRT(r, virInitialize) < 0)
+        capture_error(r);
+    return r;
+}
+
+/* ---- connection ---- */
+
+/* value = the virConnectPtr, which JS passes back as a 64-bit integer. */
+clv_result *clv_open(const char *uri)
+{
+    clv_result *r = result_new();
+    virConnectPtr conn = VIRT(r, virConnectOpen, uri);
+    if (!conn)
+        capture_error(r);
+    r->value = (int64_t)(uintptr_t)conn;
+    return r;
+}
+
+clv_result *clv_close(virConnectPtr conn)
+{
+    clv_result *r = result_new();
+    check_int(r, VIRT(r, virConnectClose, conn));
+    return r;
+}
+
+clv_result *clv_is_alive(virConnectPtr conn)
+{
+    clv_result *r = result_new();
+    check_int(r, VIRT(r, virConnectIsAlive, conn));
+    return r;
+}
+
+clv_result *clv_hypervisor_version(virConnectPtr conn)
+{
+    clv_result *r = result_new();
+    unsigned long version = 0;
+    if (check_int(r, VIRT(r, virConnectGetVersion, conn, &version)) == 0)
+        r->value = (int64_t)version;
+    return r;
+}
+
+clv_result *clv_capabilities(virConnectPtr conn)
+{
+    clv_result *r = result_new();
+    take_text(r, VIRT(r, virConnectGetCapabilities, conn));
+    return r;
+}
+
+clv_result *clv_domain_capabilities(virConnectPtr conn, const char *virttype, const char *arch)
+{
+    clv_result *r = result_new();
+    take_text(r, VIRT(r, virConnectGetDomainCapabilities, conn, NULL, optional(arch), NULL, virttype, 0));
+    return r;
+}
+
+/* ---- domains ---- */
+
+clv_result *clv_define_domain(virConnectPtr conn, const char *xml)
+{
+    clv_result *r = result_new();
+    return return_domain_uuid(r, VIRT(r, virDomainDefineXML, conn, xml));
+}
+
+clv_result *clv_create_domain(virConnectPtr conn, const char *xml, uint32_t flags)
+{
+    clv_result *r = result_new();
+    return return_domain_uuid(r, VIRT(r, virDomainCreateXML, conn, xml, flags));
+}
+
+clv_result *clv_lookup_by_name(virConnectPtr conn, const char *name)
+{
+    clv_result *r = result_new();
+    return return_domain_uuid(r, VIRT(r, virDomainLookupByName, conn, name));
+}
+
+clv_result *clv_start_domain(virConnectPtr conn, const char *uuid)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (dom)
+        check_int(r, VIRT(r, virDomainCreate, dom));
+    return release_domain(r, dom);
+}
+
+clv_result *clv_destroy_domain(virConnectPtr conn, const char *uuid)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (dom)
+        check_int(r, VIRT(r, virDomainDestroy, dom));
+    return release_domain(r, dom);
+}
+
+clv_result *clv_undefine_domain(virConnectPtr conn, const char *uuid, uint32_t flags)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (dom)
+        check_int(r, VIRT(r, virDomainUndefineFlags, dom, flags));
+    return release_domain(r, dom);
+}
+
+/* Only the lookup: fails with VIR_ERR_NO_DOMAIN when there is no such domain. */
+clv_result *clv_lookup_by_uuid(virConnectPtr conn, const char *uuid)
+{
+    clv_result *r = result_new();
+    return release_domain(r, lookup_domain(r, conn, uuid));
+}
+
+/* value = virDomainState, detail = its reason. */
+clv_result *clv_domain_state(virConnectPtr conn, const char *uuid)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    int state = 0, reason = 0;
+    if (dom && check_int(r, VIRT(r, virDomainGetState, dom, &state, &reason, 0)) == 0) {
+        r->value = state;
+        r->detail = reason;
+    }
+    return release_domain(r, dom);
+}
+
+clv_result *clv_domain_xml(virConnectPtr conn, const char *uuid, uint32_t flags)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (dom)
+        take_text(r, VIRT(r, virDomainGetXMLDesc, dom, flags));
+    return release_domain(r, dom);
+}
+
+clv_result *clv_get_metadata(virConnectPtr conn, const char *uuid, const char *uri, uint32_t flags)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (dom)
+        take_text(r, VIRT(r, virDomainGetMetadata, dom, VIR_DOMAIN_METADATA_ELEMENT, uri, flags));
+    return release_domain(r, dom);
+}
+
+/* An empty xml removes the element; key is then ignored. */
+clv_result *clv_set_metadata(virConnectPtr conn, const char *uuid, const char *xml, const char *key,
+                             const char *uri, uint32_t flags)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (dom)
+        check_int(r, VIRT(r, virDomainSetMetadata, dom, VIR_DOMAIN_METADATA_ELEMENT, optional(xml),
+                          optional(key), uri, flags));
+    return release_domain(r, dom);
+}
+
+clv_result *clv_save_domain(virConnectPtr conn, const char *uuid, const char *path, const char *dxml,
+                            uint32_t flags)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (dom)
+        check_int(r, VIRT(r, virDomainSaveFlags, dom, path, optional(dxml), flags));
+    return release_domain(r, dom);
+}
+
+clv_result *clv_restore_domain(virConnectPtr conn, const char *path, const char *dxml, uint32_t flags)
+{
+    clv_result *r = result_new();
+    check_int(r, VIRT(r, virDomainRestoreFlags, conn, path, optional(dxml), flags));
+    return r;
+}
+
+/* ---- listing ---- */
+
+static void write_json_string(FILE *out, const char *s)
+{
+    fputc('"', out);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            fprintf(out, "\\%c", c);
+        else if (c < 0x20)
+            fprintf(out, "\\u%04x", c);
+        else
+            fputc(c, out);
+    }
+    fputc('"', out);
+}
+
+/* Writes one domain as a JSON object. Returns 1 if written, 0 if it vanished meanwhile, -1 on error. */
+static int write_domain_json(clv_result *r, FILE *out, virDomainPtr dom, int first)
+{
+    char uuid[VIR_UUID_STRING_BUFLEN];
+    int state, reason, persistent, active;
+    const char *name;
+    if (VIRT(r, virDomainGetUUIDString, dom, uuid) < 0 || !(name = VIRT(r, virDomainGetName, dom)) ||
+        VIRT(r, virDomainGetState, dom, &state, &reason, 0) < 0 ||
+        (persistent = VIRT(r, virDomainIsPersistent, dom)) < 0 || (active = VIRT(r, virDomainIsActive, dom)) < 0) {
+        virErrorPtr err = virt.virGetLastError();
+        if (err && err->code == VIR_ERR_NO_DOMAIN)
+            return 0;
+        capture_error(r);
+        return -1;
+    }
+    fprintf(out, "%s{\"uuid\":\"%s\",\"name\":", first ? "" : ",", uuid);
+    write_json_string(out, name);
+    fprintf(out, ",\"state\":%d,\"reason\":%d,\"persistent\":%s,\"active\":%s}", state, reason,
+            persistent ? "true" : "false", active ? "true" : "false");
+    return 1;
+}
+
+/* text = JSON array of {uuid, name, state, reason, persistent, active}. Domains that vanish while listing are skipped. */
+clv_result *clv_list_domains(virConnectPtr conn, uint32_t flags)
+{
+    clv_result *r = result_new();
+    virDomainPtr *doms = NULL;
+    int count = VIRT(r, virConnectListAllDomains, conn, &doms, flags);
+    if (count < 0) {
+        capture_error(r);
+        return r;
+    }
+    char *json = NULL;
+    size_t json_len = 0;
+    FILE *out = open_memstream(&json, &json_len);
+    if (!out)
+        abort();
+    fputc('[', out);
+    int written = 0;
+    for (int i = 0; i < count; i++) {
+        if (!r->failed) {
+            int rc = write_domain_json(r, out, doms[i], written == 0);
+            written += rc > 0;
+        }
+        virt.virDomainFree(doms[i]);
+    }
+    free(doms);
+    fputc(']', out);
+    fclose(out);
+    if (r->failed)
+        free(json);
+    else
+        r->text = json;
+    return r;
+}

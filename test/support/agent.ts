@@ -1,0 +1,179 @@
+// Starts the real agent as a child process on loopback, with its own data directory and forward port range,
+// and talks to it over real sockets. Every test that starts one stops it (and whatever VMs it left) in teardown.
+import { ChildProcess, spawn } from 'node:child_process';
+import { mkdtemp, rm, chmod } from 'node:fs/promises';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { Connection } from '../../native/libvirt';
+
+export const ROOT = path.resolve(__dirname, '../../..');
+export const AGENT_MAIN = path.join(ROOT, 'dist', 'agent', 'src', 'main.js');
+export const METADATA_URI = 'urn:cloudlet:agent:instance:1';
+
+export function testGuestDir(): string {
+  const dir = process.env.CLOUDLET_TEST_GUEST;
+  if (!dir) throw new Error('CLOUDLET_TEST_GUEST is not set: run the suite with ./build.sh test');
+  return dir;
+}
+
+export interface HttpResult {
+  status: number;
+  headers: http.IncomingHttpHeaders;
+  body: string;
+  json: any;
+}
+
+export function request(port: number, method: string, urlPath: string, body?: unknown, headers: Record<string, string> = {}): Promise<HttpResult> {
+  return new Promise((resolve, reject) => {
+    const payload = body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body);
+    const req = http.request({ host: '127.0.0.1', port, method, path: urlPath, agent: false, headers: {
+      ...(payload !== undefined ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {}),
+      ...headers,
+    } }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => {
+        const text = Buffer.concat(chunks).toString();
+        let json: unknown;
+        try { json = text ? JSON.parse(text) : undefined; } catch { json = undefined; }
+        resolve({ status: res.statusCode ?? 0, headers: res.headers, body: text, json });
+      });
+    });
+    req.on('error', reject);
+    if (payload !== undefined) req.write(payload);
+    req.end();
+  });
+}
+
+/** GET through a forwarded port: what a phone's app would see. */
+export function fetchText(port: number, urlPath = '/'): Promise<string> {
+  return request(port, 'GET', urlPath).then((r) => r.body);
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.on('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as net.AddressInfo;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export interface AgentOptions {
+  dataDir?: string;
+  portRange: string;
+  env?: Record<string, string>;
+}
+
+export class AgentProcess {
+  private proc: ChildProcess | undefined;
+  log = '';
+
+  constructor(readonly apiPort: number, readonly dataDir: string, private readonly options: AgentOptions) {}
+
+  static async start(options: AgentOptions): Promise<AgentProcess> {
+    const dataDir = options.dataDir ?? (await mkdtemp(path.join(os.tmpdir(), 'cloudlet-test-')));
+    await chmod(dataDir, 0o755);
+    const agent = new AgentProcess(await freePort(), dataDir, options);
+    await agent.launch();
+    return agent;
+  }
+
+  /** Start (or restart) the agent process and wait until its API answers. */
+  async launch(): Promise<void> {
+    this.proc = spawn(process.execPath, [AGENT_MAIN], {
+      env: {
+        ...process.env,
+        CLOUDLET_PORT: String(this.apiPort),
+        CLOUDLET_API_HOST: '127.0.0.1',
+        CLOUDLET_DATA_DIR: this.dataDir,
+        CLOUDLET_FORWARD_ADDRESS: '127.0.0.1',
+        CLOUDLET_PORT_RANGE: this.options.portRange,
+        CLOUDLET_SEED_DIR: '',
+        CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'),
+        ...this.options.env,
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const collect = (c: Buffer) => { this.log += c.toString(); };
+    this.proc.stdout?.on('data', collect);
+    this.proc.stderr?.on('data', collect);
+    const deadline = Date.now() + 20000;
+    while (Date.now() < deadline) {
+      if (this.proc.exitCode !== null) throw new Error(`agent exited with ${this.proc.exitCode}: ${this.log}`);
+      try {
+        const r = await request(this.apiPort, 'GET', '/v1/health');
+        if (r.status === 200) return;
+      } catch { /* not listening yet */ }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error(`agent did not answer within 20 s: ${this.log}`);
+  }
+
+  get pid(): number | undefined {
+    return this.proc?.pid;
+  }
+
+  get(urlPath: string, headers?: Record<string, string>) { return request(this.apiPort, 'GET', urlPath, undefined, headers); }
+  post(urlPath: string, body?: unknown) { return request(this.apiPort, 'POST', urlPath, body ?? {}); }
+  delete(urlPath: string) { return request(this.apiPort, 'DELETE', urlPath); }
+
+  /** SIGKILL: the agent gets no chance to clean anything up, as in a crash or power loss of the process. */
+  async kill(): Promise<void> {
+    await this.signal('SIGKILL');
+  }
+
+  async stop(): Promise<void> {
+    await this.signal('SIGTERM');
+  }
+
+  private async signal(sig: NodeJS.Signals): Promise<void> {
+    const proc = this.proc;
+    if (!proc || proc.exitCode !== null || proc.signalCode !== null) return;
+    const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
+    proc.kill(sig);
+    await exited;
+  }
+
+  /** Stop the agent, destroy every domain it owned, and delete its data directory. */
+  async dispose(): Promise<void> {
+    await this.stop();
+    await destroyDomainsUnder(this.dataDir);
+    await rm(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+/** The running domains whose instance files live under `dataDir`: how a test checks that nothing was left behind. */
+export async function domainsUnder(dataDir: string): Promise<string[]> {
+  const conn = await Connection.open('qemu:///system');
+  try {
+    const owned: string[] = [];
+    for (const d of await conn.listDomains()) {
+      const meta = await conn.getMetadata(d.uuid, METADATA_URI).catch(() => null);
+      if (meta && meta.includes(dataDir)) owned.push(d.uuid);
+    }
+    return owned;
+  } finally {
+    await conn.close();
+  }
+}
+
+export async function destroyDomainsUnder(dataDir: string): Promise<void> {
+  const conn = await Connection.open('qemu:///system');
+  try {
+    for (const uuid of await domainsUnder(dataDir)) await conn.destroyDomain(uuid).catch(() => {});
+  } finally {
+    await conn.close();
+  }
+}
+
+/** Kill a Service VM's QEMU from outside libvirt, as a crash would. */
+export async function killQemuOf(uuid: string): Promise<void> {
+  const { execFile } = await import('node:child_process');
+  await new Promise<void>((resolve, reject) =>
+    execFile('pkill', ['-9', '-f', `uuid ${uuid}`], (err) => (err ? reject(err) : resolve())));
+}
