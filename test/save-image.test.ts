@@ -75,7 +75,7 @@ t.test('a restore source carries the new XML, the template cookie and a byte-ide
   for (const xml of [longer, shorter]) {
     const instanceDir = join(dir, `instance-${xml.length}`);
     await mkdir(instanceDir);
-    const source = await prepareRestoreSource(template.path, xml, instanceDir);
+    const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), xml, instanceDir);
     t.ok((await stat(source.path)).isFIFO(), 'the source is a FIFO: nothing is copied to disk');
     t.equal(source.path, join(instanceDir, 'memory-state.fifo'));
 
@@ -99,7 +99,7 @@ t.test('the source serves one reader: an early close fails done(), and dispose r
   // libvirt 9.0 opens the restore path once; a libvirt that read the header in an open of its own would fail here
   const dir = await scratchDir(t);
   const template = await syntheticTemplate(dir);
-  const source = await prepareRestoreSource(template.path, instanceXml('i2'), dir);
+  const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), instanceXml('i2'), dir);
 
   const firstChunk = await new Promise<Buffer>((resolve, reject) => {
     const reader = createReadStream(source.path, { highWaterMark: 4096 });
@@ -122,7 +122,7 @@ t.test('the source serves one reader: an early close fails done(), and dispose r
 t.test('dispose before anyone read the source stops it: done() rejects and the FIFO is gone', async (t) => {
   const dir = await scratchDir(t);
   const template = await syntheticTemplate(dir);
-  const source = await prepareRestoreSource(template.path, instanceXml('i3'), dir);
+  const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), instanceXml('i3'), dir);
   await source.dispose();
   await t.rejects(source.done(), { code: 'LAUNCH_FAILED' });
   t.same((await readdir(dir)).sort(), ['state.sav']);
@@ -158,8 +158,4 @@ t.test('images we cannot restore from are INVALID_IMAGE', async (t) => {
   }
   await t.rejects(readSaveImageHeader(join(dir, 'missing.sav')), { code: 'INVALID_IMAGE' }, 'missing file');
 
-  const instanceDir = join(dir, 'instance');
-  await mkdir(instanceDir);
-  await t.rejects(prepareRestoreSource(join(dir, 'bad-magic.sav'), instanceXml('i4'), instanceDir), { code: 'INVALID_IMAGE' });
-  t.same(await readdir(instanceDir), [], 'no restore source is left behind');
 });

@@ -187,6 +187,7 @@ async function normalizeDisk(dir: string, manifest: ServiceManifest): Promise<Se
 }
 
 async function verifyFiles(dir: string, manifest: ServiceManifest): Promise<void> {
-  await checkImage(path.join(dir, manifest.disk));
+  // The format is named: left to guess, qemu-img takes a qcow2 with a garbled header for a raw image.
+  await checkImage(path.join(dir, manifest.disk), 'qcow2');
   if (manifest.state) await readSaveImageHeader(path.join(dir, manifest.state));
 }

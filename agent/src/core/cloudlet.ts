@@ -95,8 +95,8 @@ export class Cloudlet implements CloudletApi {
 
   async startInstance(req: StartRequest): Promise<StartResult> {
     const service = this.catalog.get(req.serviceId);
-    const { instance, joined } = await this.registry.start(service, req.join, this.cachedVm);
-    return { instance, joined, endpoint: this.endpointFor(instance, req.clientHost) };
+    const started = await this.registry.start(service, req.join, this.cachedVm);
+    return { ...started, endpoint: this.endpointFor(started.instance, req.clientHost) };
   }
 
   stopInstance(id: string): Promise<StopResult> {

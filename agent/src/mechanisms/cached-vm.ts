@@ -21,9 +21,9 @@ export class CachedVmMechanism implements Mechanism {
     const spec = instanceDomainSpec(service, domainName, metadata, this.hypervisor.domainType);
     if (m.state) {
       const statePath = path.join(service.dir, m.state);
-      const saved = await readSaveImageHeader(statePath);
-      const xml = retargetSavedDomainXml(saved.xml, spec);
-      await timer.time('libvirt', () => this.hypervisor.restore(statePath, xml, metadata.dir));
+      const header = await readSaveImageHeader(statePath);
+      const xml = retargetSavedDomainXml(header.xml, spec);
+      await timer.time('libvirt', () => this.hypervisor.restore({ path: statePath, header }, xml, metadata.dir));
       return 'memory-state';
     }
     const xml = buildDomainXml(spec);

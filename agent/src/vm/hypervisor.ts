@@ -4,7 +4,7 @@ import { Connection, DomainFlags, LibvirtError, libvirtInfo } from '../../../nat
 import { CloudletError } from '../errors';
 import type { Logger } from '../log';
 import { InstanceMetadata, METADATA_KEY, METADATA_URI, metadataElement, parseMetadataElement } from './domain-xml';
-import { prepareRestoreSource } from './save-image';
+import { prepareRestoreSource, type SaveImageHeader } from './save-image';
 
 /** libvirt failures become HYPERVISOR_ERROR carrying libvirt's own code and message. */
 function hypervisorError(err: unknown): unknown {
@@ -68,8 +68,8 @@ export class Hypervisor {
   }
 
   /** Restore a new transient domain from a service's saved memory state, with the instance's own XML. */
-  async restore(statePath: string, xml: string, workDir: string): Promise<void> {
-    const source = await prepareRestoreSource(statePath, xml, workDir);
+  async restore(state: { path: string; header: SaveImageHeader }, xml: string, workDir: string): Promise<void> {
+    const source = await prepareRestoreSource(state.path, state.header, xml, workDir);
     try {
       await Promise.all([mapped(this.conn.restoreDomain(source.path, null, DomainFlags.VIR_DOMAIN_SAVE_RUNNING)), source.done()]);
     } finally {

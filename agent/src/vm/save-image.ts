@@ -147,8 +147,7 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
  * stream is the template's. Nothing is copied: the path is a FIFO fed from the template while it is read, and it
  * serves exactly one reader (libvirt 9.0 opens the restore path once and hands that fd to QEMU).
  */
-export async function prepareRestoreSource(templatePath: string, xml: string, instanceDir: string): Promise<RestoreSource> {
-  const template = await readSaveImageHeader(templatePath);
+export async function prepareRestoreSource(templatePath: string, template: SaveImageHeader, xml: string, instanceDir: string): Promise<RestoreSource> {
   const header = encodeSaveImageHeader({ xml, cookie: template.cookie, wasRunning: template.wasRunning, compressed: template.compressed });
   const path = join(instanceDir, 'memory-state.fifo');
   await rm(path, { force: true });
