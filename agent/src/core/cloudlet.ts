@@ -7,7 +7,7 @@ import { CloudletError } from '../errors';
 import { convertImage, createLinkedClone } from '../images/qemu-img';
 import type { Logger } from '../log';
 import { CachedVmMechanism } from '../mechanisms/cached-vm';
-import { buildDomainXml, InstanceMetadata } from '../vm/domain-xml';
+import { buildDomainXml } from '../vm/domain-xml';
 import { Hypervisor } from '../vm/hypervisor';
 import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
 import { Catalog } from './catalog';
@@ -15,7 +15,7 @@ import { InstanceRegistry } from './instances';
 import { PortAllocator } from './ports';
 import { waitUntilReady } from './readiness';
 import { HostMonitor } from './system-info';
-import type { CloudletApi, Endpoint, HealthReport, Instance, Service, StartRequest, StartResult, StopResult, SystemInfo } from './types';
+import type { CloudletApi, Endpoint, HealthReport, Instance, InstanceRecord, Service, StartRequest, StartResult, StopResult, SystemInfo } from './types';
 
 // From dist/agent/src/core/ up to the repository (or installed package) root.
 export const AGENT_VERSION: string = (require('../../../../package.json') as { version: string }).version;
@@ -28,7 +28,6 @@ const WILDCARD = new Set(['0.0.0.0', '::', '']);
  */
 export class Cloudlet implements CloudletApi {
   private readonly host = new HostMonitor();
-  private readonly cachedVm: CachedVmMechanism;
 
   private constructor(
     private readonly config: AgentConfig,
@@ -36,24 +35,25 @@ export class Cloudlet implements CloudletApi {
     private readonly catalog: Catalog,
     private readonly ports: PortAllocator,
     private readonly registry: InstanceRegistry,
+    private readonly cachedVm: CachedVmMechanism,
     private readonly log: Logger,
-  ) {
-    this.cachedVm = new CachedVmMechanism(hypervisor);
-  }
+  ) {}
 
   static async open(config: AgentConfig, log: Logger): Promise<Cloudlet> {
     // QEMU runs as its own user and must reach the images below the data directory.
     await mkdir(config.dataDir, { recursive: true, mode: 0o755 });
     await chmod(config.dataDir, 0o755);
     const hypervisor = await Hypervisor.connect(config.libvirtUri, config.domainType, log);
-    const catalog = new Catalog(path.join(config.dataDir, 'services'), path.join(config.dataDir, 'tmp'), log);
+    const staging = path.join(config.dataDir, 'tmp');
+    const catalog = new Catalog(path.join(config.dataDir, 'services'), staging, log);
     await catalog.load();
     if (config.seedDir) await catalog.importSeeds(config.seedDir);
     const ports = new PortAllocator(config.forward.bindAddress, config.forward.portRange);
-    const registry = new InstanceRegistry(hypervisor, ports, path.join(config.dataDir, 'instances'), config.forward.bindAddress, log);
+    const cachedVm = new CachedVmMechanism(hypervisor);
+    const registry = new InstanceRegistry([cachedVm], ports, path.join(config.dataDir, 'instances'), staging, config.forward.bindAddress, log);
     await registry.adopt();
     registry.startReconciling(config.reconcileIntervalMs);
-    return new Cloudlet(config, hypervisor, catalog, ports, registry, log);
+    return new Cloudlet(config, hypervisor, catalog, ports, registry, cachedVm, log);
   }
 
   /** Stop watching and disconnect. Running instances keep running: the next agent adopts them. */
@@ -119,7 +119,7 @@ export class Cloudlet implements CloudletApi {
     this.refuseWhileInUse(id, 'captured');
     const work = await this.catalog.workDir();
     const hostPort = await this.ports.reserve();
-    const meta: InstanceMetadata = {
+    const meta: InstanceRecord = {
       id: randomUUID(), serviceId: id, mechanism: 'cached-vm', state: 'starting', bindAddress: this.config.forward.bindAddress,
       hostPort, guestPort: service.manifest.port, shareable: false, users: 0, launch: 'cold-boot',
       createdAt: new Date().toISOString(), readyAt: null, dir: work, readiness: service.manifest.readiness,
@@ -131,7 +131,7 @@ export class Cloudlet implements CloudletApi {
       const coldService: Service = { ...service, manifest: { ...service.manifest, state: null } };
       await this.hypervisor.boot(buildDomainXml(instanceDomainSpec(coldService, `cloudlet-capture-${meta.id.slice(0, 8)}`, meta, this.hypervisor.domainType)));
       await waitUntilReady(service.manifest.readiness, WILDCARD.has(meta.bindAddress) ? '127.0.0.1' : meta.bindAddress, hostPort, {
-        stillAlive: () => this.hypervisor.isRunning(meta.id),
+        stillAlive: async () => (await this.hypervisor.running()).has(meta.id),
       });
       const state = path.join(work, 'state.sav');
       await this.hypervisor.save(meta.id, state);

@@ -3,13 +3,11 @@ import { mkdir, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError, asCloudletError } from '../errors';
 import type { Logger } from '../log';
-import type { Mechanism } from '../mechanisms/mechanism';
-import type { InstanceMetadata } from '../vm/domain-xml';
-import { Hypervisor, isPortConflict } from '../vm/hypervisor';
+import type { InstanceRuntime, Mechanism } from '../mechanisms/mechanism';
 import type { PortAllocator } from './ports';
 import { waitUntilReady } from './readiness';
 import { PhaseTimer } from './timing';
-import type { Instance, Service, StartResult, StopResult } from './types';
+import type { Instance, InstanceRecord, MechanismName, Service, StartResult, StopResult } from './types';
 
 const LAUNCH_ATTEMPTS = 3;
 
@@ -30,25 +28,46 @@ class KeyedQueue {
 }
 
 /**
- * Every instance the cloudlet runs. The registry is rebuilt from libvirt (domains with our metadata) at start, so
- * an agent restart neither kills nor forgets a VM; the only state it keeps in memory is what it can re-derive.
+ * Every instance the cloudlet runs, whatever the mechanism. The registry is rebuilt from the runtimes (libvirt
+ * domains with our metadata) at start, so an agent restart neither kills nor forgets an instance; the only state it
+ * keeps in memory is what it can re-derive.
  */
 export class InstanceRegistry {
-  private readonly instances = new Map<string, InstanceMetadata>();
+  private readonly instances = new Map<string, InstanceRecord>();
   /** Instances being launched (not yet in libvirt's list): the reconciler must not take them for dead. */
   private readonly launching = new Set<string>();
   /** Launches in flight per shareable service, so concurrent joiners share one VM instead of each starting one. */
-  private readonly pendingShared = new Map<string, Promise<InstanceMetadata>>();
+  private readonly pendingShared = new Map<string, Promise<InstanceRecord>>();
   private readonly queue = new KeyedQueue();
   private reconcileTimer: NodeJS.Timeout | undefined;
 
+  private readonly mechanisms: Map<MechanismName, Mechanism>;
+
   constructor(
-    private readonly hypervisor: Hypervisor,
+    mechanisms: Mechanism[],
     private readonly ports: PortAllocator,
     private readonly instancesDir: string,
+    /** Where unfinished work lives (captures); an instance found there at start is a leftover. */
+    private readonly stagingDir: string,
     private readonly bindAddress: string,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.mechanisms = new Map(mechanisms.map((m) => [m.name, m]));
+  }
+
+  private get runtimes(): InstanceRuntime[] {
+    return [...new Set([...this.mechanisms.values()].map((m) => m.runtime))];
+  }
+
+  private runtimeOf(record: InstanceRecord): InstanceRuntime {
+    const mechanism = this.mechanisms.get(record.mechanism);
+    if (!mechanism) throw new CloudletError('INTERNAL', `no mechanism ${record.mechanism} for instance ${record.id}`);
+    return mechanism.runtime;
+  }
+
+  private async isRunning(record: InstanceRecord): Promise<boolean> {
+    return (await this.runtimeOf(record).running()).has(record.id);
+  }
 
   list(): Instance[] {
     return [...this.instances.values()].map(publicView).sort((a, b) => a.createdAt.localeCompare(b.createdAt));
@@ -62,7 +81,7 @@ export class InstanceRegistry {
     return [...this.instances.values()].filter((i) => i.serviceId === serviceId).length;
   }
 
-  private record(id: string): InstanceMetadata {
+  private record(id: string): InstanceRecord {
     const meta = this.instances.get(id);
     if (!meta) throw new CloudletError('INSTANCE_NOT_FOUND', `no instance with id ${id}`, { details: { instance_id: id } });
     return meta;
@@ -71,21 +90,28 @@ export class InstanceRegistry {
   /** Adopt the instances libvirt still runs, resume the ones that were starting, and sweep leftovers. */
   async adopt(): Promise<void> {
     await mkdir(this.instancesDir, { recursive: true, mode: 0o755 });
-    for (const meta of await this.hypervisor.listInstanceDomains()) {
-      if (!meta.dir.startsWith(this.instancesDir + path.sep)) {
-        // A launch that never finished (e.g. a state capture cut by a restart): its files are gone with the staging area.
-        this.log(`destroying unfinished domain ${meta.id} (${meta.serviceId})`);
-        await this.hypervisor.destroy(meta.id);
-        continue;
+    for (const runtime of this.runtimes) {
+      for (const meta of await runtime.listInstances()) {
+        if (isInside(this.instancesDir, meta.dir) && this.mechanisms.has(meta.mechanism)) {
+          this.adoptOne(meta);
+        } else if (isInside(this.stagingDir, meta.dir)) {
+          // Work that never finished (a state capture cut by a restart): its files went with the staging area.
+          this.log(`ending unfinished instance ${meta.id} (${meta.serviceId})`);
+          await runtime.destroy(meta.id);
+        }
+        // Anything else belongs to another agent sharing this libvirt (another data directory): not ours to touch.
       }
-      this.instances.set(meta.id, meta);
-      this.ports.claim(meta.hostPort);
-      this.log(`adopted instance ${meta.id} of ${meta.serviceId} on port ${meta.hostPort} (${meta.state})`);
-      if (meta.state === 'starting') void this.finishAdoptedLaunch(meta);
     }
     for (const entry of await readdir(this.instancesDir)) {
       if (!this.instances.has(entry)) await rm(path.join(this.instancesDir, entry), { recursive: true, force: true });
     }
+  }
+
+  private adoptOne(meta: InstanceRecord): void {
+    this.instances.set(meta.id, meta);
+    this.ports.claim(meta.hostPort);
+    this.log(`adopted instance ${meta.id} of ${meta.serviceId} on port ${meta.hostPort} (${meta.state})`);
+    if (meta.state === 'starting') void this.finishAdoptedLaunch(meta);
   }
 
   /** Watch libvirt for instances that ended outside the agent (killed, crashed, destroyed by hand). */
@@ -108,11 +134,12 @@ export class InstanceRegistry {
   }
 
   async reconcile(): Promise<void> {
-    const running = await this.hypervisor.runningDomains();
+    const running = new Set<string>();
+    for (const runtime of this.runtimes) for (const id of await runtime.running()) running.add(id);
     for (const meta of [...this.instances.values()]) {
       if (running.has(meta.id) || this.launching.has(meta.id)) continue;
       await this.queue.run(meta.id, async () => {
-        if (!this.instances.has(meta.id) || (await this.hypervisor.isRunning(meta.id))) return;
+        if (!this.instances.has(meta.id) || (await this.isRunning(meta))) return;
         this.log(`instance ${meta.id} of ${meta.serviceId} ended outside the agent; releasing its port and files`);
         await this.forget(meta);
       });
@@ -150,7 +177,7 @@ export class InstanceRegistry {
         const current = this.instances.get(candidate.id);
         if (!current || current.state !== 'ready') return null;
         const updated = { ...current, users: current.users + 1 };
-        await this.hypervisor.writeMetadata(updated);
+        await this.runtimeOf(updated).writeRecord(updated);
         this.instances.set(updated.id, updated);
         return publicView(updated);
       });
@@ -159,11 +186,11 @@ export class InstanceRegistry {
     return null;
   }
 
-  private async launch(service: Service, mechanism: Mechanism, timer: PhaseTimer): Promise<InstanceMetadata> {
+  private async launch(service: Service, mechanism: Mechanism, timer: PhaseTimer): Promise<InstanceRecord> {
     const id = randomUUID();
     const dir = path.join(this.instancesDir, id);
     this.launching.add(id);
-    let meta: InstanceMetadata = {
+    let meta: InstanceRecord = {
       id,
       serviceId: service.id,
       mechanism: mechanism.name,
@@ -194,16 +221,16 @@ export class InstanceRegistry {
   }
 
   /** Reserve a port and launch; a port some other program grabbed in the meantime costs one more attempt. */
-  private async launchWithFreePort(service: Service, mechanism: Mechanism, base: InstanceMetadata, timer: PhaseTimer): Promise<InstanceMetadata> {
+  private async launchWithFreePort(service: Service, mechanism: Mechanism, base: InstanceRecord, timer: PhaseTimer): Promise<InstanceRecord> {
     for (let attempt = 1; ; attempt++) {
-      const meta: InstanceMetadata = { ...base, hostPort: await this.ports.reserve() };
+      const meta: InstanceRecord = { ...base, hostPort: await this.ports.reserve() };
       try {
-        const launch = await mechanism.launch({ service, domainName: domainName(service.id, meta.id), metadata: meta, timer });
+        const launch = await mechanism.launch({ service, domainName: domainName(service.id, meta.id), record: meta, timer });
         return { ...meta, launch };
       } catch (err) {
-        await this.hypervisor.destroy(meta.id);
+        await mechanism.runtime.destroy(meta.id);
         this.ports.release(meta.hostPort);
-        if (!isPortConflict(err) || attempt >= LAUNCH_ATTEMPTS) throw err;
+        if (!(err instanceof CloudletError && err.code === 'NO_FREE_PORT') || attempt >= LAUNCH_ATTEMPTS) throw err;
         this.log(`port ${meta.hostPort} was taken meanwhile; retrying ${service.id} on another port`);
         await rm(meta.dir, { recursive: true, force: true });
         await mkdir(meta.dir, { mode: 0o755 });
@@ -211,22 +238,22 @@ export class InstanceRegistry {
     }
   }
 
-  private async waitReady(meta: InstanceMetadata, timer = new PhaseTimer()): Promise<void> {
+  private async waitReady(meta: InstanceRecord, timer = new PhaseTimer()): Promise<void> {
     const remaining = Date.parse(meta.createdAt) + meta.readiness.timeout_ms - Date.now();
     await timer.time('guest', () => waitUntilReady(meta.readiness, probeHost(meta.bindAddress), meta.hostPort, {
       timeoutMs: Math.max(remaining, 0),
-      stillAlive: () => this.hypervisor.isRunning(meta.id),
+      stillAlive: () => this.isRunning(meta),
     }));
     await this.queue.run(meta.id, async () => {
       const current = this.instances.get(meta.id) ?? meta;
-      const ready: InstanceMetadata = { ...current, state: 'ready', readyAt: new Date().toISOString() };
-      await timer.time('libvirt', () => this.hypervisor.writeMetadata(ready));
+      const ready: InstanceRecord = { ...current, state: 'ready', readyAt: new Date().toISOString() };
+      await timer.time('libvirt', () => this.runtimeOf(ready).writeRecord(ready));
       this.instances.set(meta.id, ready);
     });
   }
 
   /** An instance adopted while it was starting: finish the wait, or clean it up if it never becomes ready. */
-  private async finishAdoptedLaunch(meta: InstanceMetadata): Promise<void> {
+  private async finishAdoptedLaunch(meta: InstanceRecord): Promise<void> {
     this.launching.add(meta.id);
     try {
       await this.waitReady(meta);
@@ -243,7 +270,7 @@ export class InstanceRegistry {
       const meta = this.record(id);
       if (meta.users > 1) {
         const updated = { ...meta, users: meta.users - 1 };
-        await this.hypervisor.writeMetadata(updated);
+        await this.runtimeOf(updated).writeRecord(updated);
         this.instances.set(id, updated);
         return { destroyed: false, users: updated.users };
       }
@@ -254,20 +281,22 @@ export class InstanceRegistry {
   }
 
   /** Destroy the domain (if any), delete the instance's files, release its port, drop it from the registry. */
-  private async forget(meta: InstanceMetadata): Promise<void> {
-    await this.hypervisor.destroy(meta.id);
+  private async forget(meta: InstanceRecord): Promise<void> {
+    await this.runtimeOf(meta).destroy(meta.id);
     await rm(meta.dir, { recursive: true, force: true });
     if (meta.hostPort) this.ports.release(meta.hostPort);
     this.instances.delete(meta.id);
   }
 }
 
+const isInside = (dir: string, file: string) => file.startsWith(dir + path.sep);
+
 /** libvirt domain names must be unique; the service id keeps them readable in `virsh list`. */
 function domainName(serviceId: string, id: string): string {
   return `cloudlet-${serviceId}-${id.slice(0, 8)}`;
 }
 
-function publicView(meta: InstanceMetadata): Instance {
+function publicView(meta: InstanceRecord): Instance {
   const { dir: _dir, readiness: _readiness, ...instance } = meta;
   return instance;
 }

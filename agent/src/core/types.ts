@@ -65,6 +65,16 @@ export interface Instance {
   readyAt: string | null;
 }
 
+/**
+ * What the cloudlet keeps about an instance, stored with the instance itself (a VM's libvirt <metadata>, a
+ * sandbox's state file) so that an agent restart can adopt it: the instance as the API shows it, plus where its
+ * files are and how to tell that it is ready.
+ */
+export interface InstanceRecord extends Instance {
+  dir: string;
+  readiness: ReadinessProbe;
+}
+
 export interface StartRequest {
   serviceId: string;
   /** Join a ready instance of a shareable service instead of starting a new one, when there is one. */

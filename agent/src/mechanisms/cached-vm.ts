@@ -15,15 +15,19 @@ export class CachedVmMechanism implements Mechanism {
 
   constructor(private readonly hypervisor: Hypervisor) {}
 
-  async launch({ service, domainName, metadata, timer }: LaunchPlan): Promise<'memory-state' | 'cold-boot'> {
+  get runtime(): Hypervisor {
+    return this.hypervisor;
+  }
+
+  async launch({ service, domainName, record, timer }: LaunchPlan): Promise<'memory-state' | 'cold-boot'> {
     const m = service.manifest;
-    await createLinkedClone(path.join(service.dir, m.disk), instanceFiles(metadata.dir).disk);
-    const spec = instanceDomainSpec(service, domainName, metadata, this.hypervisor.domainType);
+    await createLinkedClone(path.join(service.dir, m.disk), instanceFiles(record.dir).disk);
+    const spec = instanceDomainSpec(service, domainName, record, this.hypervisor.domainType);
     if (m.state) {
       const statePath = path.join(service.dir, m.state);
       const header = await readSaveImageHeader(statePath);
       const xml = retargetSavedDomainXml(header.xml, spec);
-      await timer.time('libvirt', () => this.hypervisor.restore({ path: statePath, header }, xml, metadata.dir));
+      await timer.time('libvirt', () => this.hypervisor.restore({ path: statePath, header }, xml, record.dir));
       return 'memory-state';
     }
     const xml = buildDomainXml(spec);

@@ -1,6 +1,5 @@
-import type { InstanceMetadata } from '../vm/domain-xml';
 import type { PhaseTimer } from '../core/timing';
-import type { MechanismName, Service } from '../core/types';
+import type { InstanceRecord, MechanismName, Service } from '../core/types';
 
 /**
  * What the registry has prepared before a mechanism runs: the instance's identity, its private directory, its
@@ -10,13 +9,31 @@ import type { MechanismName, Service } from '../core/types';
 export interface LaunchPlan {
   service: Service;
   domainName: string;
-  metadata: InstanceMetadata;
+  record: InstanceRecord;
   /** Hypervisor calls are timed as 'libvirt' so the agent's own overhead can be told apart. */
   timer: PhaseTimer;
 }
 
+/**
+ * Where a mechanism's instances run (libvirt domains for the VM mechanisms) and how the registry finds, labels and
+ * ends them. Each runtime stores an instance's record with the instance itself, so the registry can be rebuilt.
+ */
+export interface InstanceRuntime {
+  /** Ids of this runtime's instances that are running now (cheap: the registry polls it). */
+  running(): Promise<Set<string>>;
+  /** Every running instance that carries a record: what an agent adopts after a restart. */
+  listInstances(): Promise<InstanceRecord[]>;
+  writeRecord(record: InstanceRecord): Promise<void>;
+  /** End it; an instance that is already gone counts as ended. */
+  destroy(id: string): Promise<void>;
+}
+
 export interface Mechanism {
   readonly name: MechanismName;
-  /** Bring the workload up, serving on the plan's forward. Returns how it was started. Throws on failure. */
-  launch(plan: LaunchPlan): Promise<InstanceMetadata['launch']>;
+  readonly runtime: InstanceRuntime;
+  /**
+   * Bring the workload up, serving on the plan's forward. Returns how it was started. Throws on failure; a
+   * NO_FREE_PORT error means the reserved port was taken meanwhile and the registry retries with another.
+   */
+  launch(plan: LaunchPlan): Promise<InstanceRecord['launch']>;
 }

@@ -1,15 +1,9 @@
 import { CloudletError } from '../errors';
-import type { Instance } from '../core/types';
+import type { InstanceRecord } from '../core/types';
 
 /** Our <metadata> element: every fact an agent needs to adopt the instance after a restart lives in libvirt. */
 export const METADATA_URI = 'urn:cloudlet:agent:instance:1';
 export const METADATA_KEY = 'cloudlet';
-
-/** What the domain's <metadata> holds: the instance as the API shows it, plus where its files and probe are. */
-export interface InstanceMetadata extends Instance {
-  dir: string;
-  readiness: import('../core/types').ReadinessProbe;
-}
 
 export interface Forward {
   bindAddress: string;
@@ -27,7 +21,7 @@ export interface DomainSpec {
   boot: { kernel: string; initrd: string | null; cmdline: string } | null;
   consoleLog: string;
   forward: Forward;
-  metadata: InstanceMetadata;
+  metadata: InstanceRecord;
 }
 
 const escapeXml = (s: string) =>
@@ -36,22 +30,22 @@ const unescapeXml = (s: string) =>
   s.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&apos;/g, "'").replace(/&amp;/g, '&');
 
 /** The element as virDomainSetMetadata takes it: unqualified, libvirt puts it in our namespace itself. */
-export function metadataElement(meta: InstanceMetadata): string {
+export function metadataElement(meta: InstanceRecord): string {
   return `<instance>${escapeXml(JSON.stringify(meta))}</instance>`;
 }
 
 /** The same element inside a domain's XML, where it must carry the namespace. */
-function metadataBlock(meta: InstanceMetadata): string {
+function metadataBlock(meta: InstanceRecord): string {
   const ns = METADATA_KEY;
   return `<metadata><${ns}:instance xmlns:${ns}="${METADATA_URI}">${escapeXml(JSON.stringify(meta))}</${ns}:instance></metadata>`;
 }
 
 /** Parse the element libvirt hands back from virDomainGetMetadata; null when it is not ours or not readable. */
-export function parseMetadataElement(xml: string): InstanceMetadata | null {
+export function parseMetadataElement(xml: string): InstanceRecord | null {
   const m = /<(?:[\w-]+:)?instance\b[^>]*>([\s\S]*)<\/(?:[\w-]+:)?instance>/.exec(xml);
   if (!m) return null;
   try {
-    const meta = JSON.parse(unescapeXml(m[1])) as InstanceMetadata;
+    const meta = JSON.parse(unescapeXml(m[1])) as InstanceRecord;
     return typeof meta.id === 'string' && typeof meta.serviceId === 'string' ? meta : null;
   } catch {
     return null;

@@ -3,12 +3,18 @@ import { access, readFile } from 'node:fs/promises';
 import { Connection, DomainFlags, LibvirtError, libvirtInfo } from '../../../native/libvirt';
 import { CloudletError } from '../errors';
 import type { Logger } from '../log';
-import { InstanceMetadata, METADATA_KEY, METADATA_URI, metadataElement, parseMetadataElement } from './domain-xml';
+import type { InstanceRecord } from '../core/types';
+import type { InstanceRuntime } from '../mechanisms/mechanism';
+import { METADATA_KEY, METADATA_URI, metadataElement, parseMetadataElement } from './domain-xml';
 import { prepareRestoreSource, type SaveImageHeader } from './save-image';
 
-/** libvirt failures become HYPERVISOR_ERROR carrying libvirt's own code and message. */
+/**
+ * libvirt failures become HYPERVISOR_ERROR carrying libvirt's own code and message; QEMU refusing a forward whose
+ * host port is taken becomes NO_FREE_PORT, which the registry answers by retrying on another port.
+ */
 function hypervisorError(err: unknown): unknown {
   if (!(err instanceof LibvirtError)) return err;
+  if (/Could not set up host forwarding rule/i.test(err.message)) return new CloudletError('NO_FREE_PORT', err.message, { cause: err });
   const code = err.code === 'LIBVIRT_UNAVAILABLE' || err.code === 'LIBVIRT_UNSUPPORTED' || err.code === 'NATIVE_SHIM_MISSING' || err.code === 'CONNECTION_CLOSED'
     ? 'HYPERVISOR_UNAVAILABLE' : 'HYPERVISOR_ERROR';
   return new CloudletError(code, err.message, { cause: err, details: { libvirt_code: err.code } });
@@ -22,10 +28,6 @@ async function mapped<T>(call: Promise<T>): Promise<T> {
   }
 }
 
-/** QEMU refuses to start when the host side of a forward is taken; the caller retries with another port. */
-export function isPortConflict(err: unknown): boolean {
-  return err instanceof Error && /host forwarding rule|Could not set up host forwarding/i.test(err.message);
-}
 
 /**
  * KVM only when it really works: /dev/kvm alone is not proof (nested or paravirtualised KVM expose it without
@@ -42,7 +44,7 @@ async function kvmWorks(conn: Connection): Promise<boolean> {
 }
 
 /** The agent's view of libvirt: Service VM domains identified by our <metadata>. Only this module uses native/. */
-export class Hypervisor {
+export class Hypervisor implements InstanceRuntime {
   private constructor(
     private readonly conn: Connection,
     readonly domainType: 'kvm' | 'qemu',
@@ -92,24 +94,20 @@ export class Hypervisor {
     }
   }
 
-  async isRunning(uuid: string): Promise<boolean> {
-    return (await this.runningDomains()).has(uuid);
-  }
-
   /** UUIDs of every running domain: the cheap call the registry polls to notice VMs that ended outside the agent. */
-  async runningDomains(): Promise<Set<string>> {
+  async running(): Promise<Set<string>> {
     const domains = await mapped(this.conn.listDomains(DomainFlags.VIR_CONNECT_LIST_DOMAINS_ACTIVE));
     return new Set(domains.map((d) => d.uuid));
   }
 
-  async writeMetadata(meta: InstanceMetadata): Promise<void> {
+  async writeRecord(meta: InstanceRecord): Promise<void> {
     await mapped(this.conn.setMetadata(meta.id, metadataElement(meta), METADATA_KEY, METADATA_URI, DomainFlags.VIR_DOMAIN_AFFECT_LIVE));
   }
 
   /** Every running domain that carries our metadata: the instances to adopt after an agent restart. */
-  async listInstanceDomains(): Promise<InstanceMetadata[]> {
-    const found: InstanceMetadata[] = [];
-    for (const uuid of await this.runningDomains()) {
+  async listInstances(): Promise<InstanceRecord[]> {
+    const found: InstanceRecord[] = [];
+    for (const uuid of await this.running()) {
       try {
         const element = await this.conn.getMetadata(uuid, METADATA_URI, DomainFlags.VIR_DOMAIN_AFFECT_LIVE);
         const meta = element ? parseMetadataElement(element) : null;

@@ -1,12 +1,13 @@
 import path from 'node:path';
 import type { Service } from '../core/types';
-import { DomainSpec, InstanceMetadata } from './domain-xml';
+import type { InstanceRecord } from '../core/types';
+import type { DomainSpec } from './domain-xml';
 
 /** Where an instance keeps its files; the directory is removed whole when the instance ends. */
 export const instanceFiles = (dir: string) => ({ disk: path.join(dir, 'disk.qcow2'), consoleLog: path.join(dir, 'console.log') });
 
 /** The domain of one instance of a service: shared by every mechanism that launches a VM. */
-export function instanceDomainSpec(service: Service, domainName: string, meta: InstanceMetadata, type: 'kvm' | 'qemu'): DomainSpec {
+export function instanceDomainSpec(service: Service, domainName: string, meta: InstanceRecord, type: 'kvm' | 'qemu'): DomainSpec {
   const m = service.manifest;
   const files = instanceFiles(meta.dir);
   return {
