@@ -13,7 +13,8 @@ BUILD="$ROOT/.build"
 
 # Debian packages the agent and its tests need (libvirt-dev only for the native shim's headers).
 PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
-  linux-image-cloud-amd64 busybox-static cpio kmod e2fsprogs dbus gcc make iproute2 procps zstd nodejs npm)
+  linux-image-cloud-amd64 busybox-static cpio kmod e2fsprogs dbus avahi-daemon avahi-utils bubblewrap passt gcc make
+  iproute2 procps zstd nodejs npm)
 
 say() { printf '%s\n' "build.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
