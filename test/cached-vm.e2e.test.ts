@@ -126,6 +126,23 @@ t.test('a Service VM killed outside the agent is noticed: its instance, port and
   await assertNothingLeft(tt, 'after the VM died');
 });
 
+t.test('a service that never becomes ready fails with READINESS_TIMEOUT and leaves nothing behind', async (tt) => {
+  const scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-never-'));
+  tt.teardown(() => rm(scratch, { recursive: true, force: true }));
+  await cp(testGuestDir(), scratch, { recursive: true });
+  const m = JSON.parse(await readFile(path.join(scratch, 'manifest.json'), 'utf8'));
+  // busybox httpd answers 404 for this path, so the probe never passes.
+  await writeFile(path.join(scratch, 'manifest.json'), JSON.stringify({ ...m, service_id: 'never.ready', readiness: { type: 'http', path: '/no-such-page', timeout_ms: 6000 } }));
+  tt.equal((await agent.post('/v1/services', { path: scratch })).status, 201);
+  tt.teardown(() => agent.delete('/v1/services/never.ready'));
+
+  const v1 = await agent.post('/v1/instances', { service_id: 'never.ready' });
+  tt.equal(v1.status, 504);
+  tt.equal(v1.json.code, 'READINESS_TIMEOUT');
+  tt.match(v1.json.message, /did not become ready/);
+  await assertNothingLeft(tt, 'after the timeout');
+});
+
 t.test('bad requests get the documented errors and leave nothing behind', async (tt) => {
   const unknown = await agent.get('/api/servicevm/start?serviceId=no.such.service');
   tt.equal(unknown.status, 400);

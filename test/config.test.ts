@@ -1,0 +1,60 @@
+// The agent's configuration: embedded defaults, a JSON file over them, environment variables over both.
+import t from 'tap';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { DEFAULT_CONFIG, loadConfig } from '../agent/src/config';
+
+const NO_FILE = { CLOUDLET_CONFIG: undefined };
+
+t.test('with nothing configured the agent runs on its embedded defaults', async (t) => {
+  // The default file (/etc/cloudlet/agent.json) is absent on test machines.
+  const config = await loadConfig({ ...NO_FILE });
+  t.same(config, DEFAULT_CONFIG);
+  t.equal(config.api.port, 9999, 'KD-Cloudlet clients expect port 9999');
+  t.equal(config.libvirtUri, 'qemu:///system');
+  t.equal(config.domainType, 'auto');
+});
+
+t.test('environment variables override the defaults', async (t) => {
+  const config = await loadConfig({
+    CLOUDLET_PORT: '18080', CLOUDLET_DATA_DIR: '/srv/cloudlet', CLOUDLET_LIBVIRT_URI: 'test:///default',
+    CLOUDLET_FORWARD_ADDRESS: '127.0.0.1', CLOUDLET_PORT_RANGE: '30000-30009', CLOUDLET_DOMAIN_TYPE: 'qemu', CLOUDLET_SEED_DIR: '',
+  });
+  t.equal(config.api.port, 18080);
+  t.equal(config.dataDir, '/srv/cloudlet');
+  t.equal(config.libvirtUri, 'test:///default');
+  t.same(config.forward, { bindAddress: '127.0.0.1', portRange: { first: 30000, last: 30009 } });
+  t.equal(config.domainType, 'qemu');
+  t.equal(config.seedDir, null, 'an empty seed directory turns seeding off');
+});
+
+t.test('a config file overrides the defaults and the environment overrides the file', async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'agent.json');
+  await writeFile(file, JSON.stringify({ api: { port: 7000 }, dataDir: '/from/file', forward: { portRange: '25000-25100' } }));
+  const config = await loadConfig({ CLOUDLET_CONFIG: file, CLOUDLET_DATA_DIR: '/from/env' });
+  t.equal(config.api.port, 7000);
+  t.equal(config.api.host, '0.0.0.0', 'unset fields keep their defaults');
+  t.equal(config.dataDir, '/from/env');
+  t.same(config.forward.portRange, { first: 25000, last: 25100 });
+});
+
+t.test('bad settings stop the agent with one line naming the setting', async (t) => {
+  const bad: Array<[Record<string, string>, RegExp]> = [
+    [{ CLOUDLET_PORT: '99999' }, /api\.port must be a port number/],
+    [{ CLOUDLET_PORT: 'http' }, /api\.port must be a port number/],
+    [{ CLOUDLET_PORT_RANGE: '21000' }, /port range must look like/],
+    [{ CLOUDLET_PORT_RANGE: '21010-21000' }, /is empty/],
+    [{ CLOUDLET_DOMAIN_TYPE: 'xen' }, /domainType must be auto, kvm or qemu/],
+    [{ CLOUDLET_CONFIG: '/nonexistent/agent.json' }, /cannot read \/nonexistent\/agent\.json/],
+  ];
+  for (const [env, message] of bad) {
+    await t.rejects(loadConfig({ ...NO_FILE, ...env }), { code: 'INVALID_PARAMETER', message }, JSON.stringify(env));
+  }
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  await writeFile(path.join(dir, 'broken.json'), '{ "api": ');
+  await t.rejects(loadConfig({ CLOUDLET_CONFIG: path.join(dir, 'broken.json') }), { code: 'INVALID_PARAMETER', message: /cannot read/ });
+});
