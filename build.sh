@@ -32,9 +32,11 @@ deps() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
   fi
-  if [ ! -d node_modules ] || [ package.json -nt node_modules ] || { [ -f package-lock.json ] && [ package-lock.json -nt node_modules ]; }; then
-    if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
-    touch node_modules
+  # A stamp written after a successful install: node_modules is refreshed only when the manifests changed since.
+  local stamp=node_modules/.installed
+  if [ ! -f "$stamp" ] || [ package.json -nt "$stamp" ] || [ package-lock.json -nt "$stamp" ]; then
+    npm ci --no-audit --no-fund
+    touch "$stamp"
   fi
 }
 
