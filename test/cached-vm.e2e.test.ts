@@ -89,8 +89,12 @@ t.test('two concurrent starts get two instances on distinct ports, both serving'
 });
 
 t.test('join shares a ready instance of a shareable service until its last user stops it', async (tt) => {
-  const first = await agent.get(`/api/servicevm/start?serviceId=${SERVICE}&join=true`);
-  const second = await agent.get(`/api/servicevm/start?serviceId=${SERVICE}&join=YES`);
+  // Both arrive while no instance exists: one VM is launched and the other request waits for it and joins.
+  const [first, second] = await Promise.all([
+    agent.get(`/api/servicevm/start?serviceId=${SERVICE}&join=true`),
+    agent.get(`/api/servicevm/start?serviceId=${SERVICE}&join=YES`),
+  ]);
+  tt.equal(first.status, 200, first.body);
   tt.equal(second.json._id, first.json._id, 'the second client joined the first instance');
   tt.equal(second.json.port, first.json.port);
   tt.equal((await agent.get(`/v1/instances/${first.json._id}`)).json.users, 2);
