@@ -6,6 +6,9 @@
 #   build          compile the native shim and the TypeScript
 #   deps           install missing Debian and npm packages
 #   guest DIR      build the demo/test Service VM directory into DIR
+#   image          build the appliance's bootable disk image into .build/appliance/ (docs/appliance.md)
+#   image-test     boot that image under QEMU (TCG, user-mode network) and check the agent serves
+#   bundle         build a signed agent bundle for cloudlet-update into .build/
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -14,7 +17,9 @@ BUILD="$ROOT/.build"
 # Debian packages the agent and its tests need (libvirt-dev only for the native shim's headers).
 PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
   linux-image-cloud-amd64 busybox-static cpio kmod e2fsprogs dbus avahi-daemon avahi-utils bubblewrap passt gcc make
-  iproute2 procps zstd nodejs npm)
+  iproute2 procps zstd genisoimage systemd socat tini chromium curl nodejs npm)
+# Only for image and image-test (WITH_IMAGE_TOOLS=1).
+IMAGE_PACKAGES=(mmdebstrap syslinux syslinux-common mtools dosfstools fdisk)
 
 say() { printf '%s\n' "build.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
@@ -22,7 +27,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null;
 
 deps() {
   local missing=() p
-  for p in "${PACKAGES[@]}"; do
+  for p in "${PACKAGES[@]}" ${WITH_IMAGE_TOOLS:+"${IMAGE_PACKAGES[@]}"}; do
     # nodejs/npm from Debian only when no Node is installed at all (a newer one may come from elsewhere).
     if [[ $p == nodejs || $p == npm ]] && command -v node >/dev/null && command -v npm >/dev/null; then continue; fi
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -54,13 +59,36 @@ daemons() {
   if [ ! -S /run/dbus/system_bus_socket ]; then as_root mkdir -p /run/dbus; as_root dbus-daemon --system --fork; fi
   pgrep -x virtlogd >/dev/null || as_root virtlogd -d
   if ! pgrep -x libvirtd >/dev/null; then
-    as_root libvirtd -d
+    # libvirtd daemonizes QEMU, which is then reaped by the nearest subreaper; until a killed QEMU is reaped, libvirtd
+    # does not report its domain stopped. tini -s reaps at once, as systemd does on an appliance.
+    as_root setsid tini -s -- libvirtd </dev/null >/dev/null 2>&1 &
     for _ in $(seq 50); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
   fi
 }
 
 guest() {
   bash rootfs/guest/build-guest.sh "$@"
+}
+
+# The update signing key pair: CLOUDLET_UPDATE_KEYS names a directory with update.key and update.pub.pem; else a
+# development pair is made in .build/keys (an image built with it trusts only bundles signed by it).
+update_keys() {
+  UPDATE_KEYS="${CLOUDLET_UPDATE_KEYS:-$BUILD/keys}"
+  [ -f "$UPDATE_KEYS/update.key" ] || node dist/agent/src/update/bundle-tool.js keygen "$UPDATE_KEYS" update
+}
+
+image() {
+  update_keys
+  bash rootfs/stage.sh release "$BUILD/appliance/release"
+  bash rootfs/stage.sh node "$BUILD/node"
+  bash rootfs/build-image.sh "$BUILD/appliance/release" "$BUILD/node" "$UPDATE_KEYS/update.pub.pem" "$BUILD/appliance"
+}
+
+bundle() {
+  update_keys
+  bash rootfs/stage.sh release "$BUILD/bundle-release"
+  node dist/agent/src/update/bundle-tool.js create "$BUILD/bundle-release" "$UPDATE_KEYS/update.key" \
+    "$BUILD/cloudlet-agent-$(node -p 'require("./package.json").version').bundle"
 }
 
 case "${1:-}" in
@@ -84,5 +112,12 @@ case "${1:-}" in
     deps; build; daemons
     exec node "dist/bench/$2.js"
     ;;
-  *) die "usage: ./build.sh run | test | bench NAME | build | deps | guest DIR" ;;
+  image) WITH_IMAGE_TOOLS=1 deps; build; image ;;
+  image-test)
+    WITH_IMAGE_TOOLS=1 deps; build
+    [ -f "$BUILD/appliance/cloudlet-appliance.img" ] || image
+    exec node dist/test/image-boot.js "$BUILD/appliance/cloudlet-appliance.img"
+    ;;
+  bundle) deps; build; bundle ;;
+  *) die "usage: ./build.sh run | test | bench NAME | build | deps | guest DIR | image | image-test | bundle" ;;
 esac

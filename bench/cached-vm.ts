@@ -1,51 +1,18 @@
 // ./build.sh bench cached-vm — application-ready time of a Cached VM: memory-state restore vs cold boot of the same
 // guest, measured in one run through the real agent, plus the agent's own overhead, idle RSS and start time.
 // Ends with one line of JSON.
-import { spawnSync } from 'node:child_process';
-import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { performance } from 'node:perf_hooks';
-import { AgentProcess, ROOT, request } from '../test/support/agent';
+import { AgentProcess } from '../test/support/agent';
+import { guestAs, median, readyTime, round, rssMb, testGuest } from './support/measure';
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 5);
 const COLD = 'bench.cold';
 const WARM = 'bench.restore';
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
-const round = (x: number, digits = 1) => Math.round(x * 10 ** digits) / 10 ** digits;
-
-async function guestAs(serviceId: string, scratch: string, guest: string): Promise<string> {
-  const dir = path.join(scratch, serviceId);
-  await cp(guest, dir, { recursive: true });
-  const manifest = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8'));
-  await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...manifest, service_id: serviceId, shareable: false }));
-  return dir;
-}
-
-async function rssMb(pid: number): Promise<number> {
-  const status = await readFile(`/proc/${pid}/status`, 'utf8');
-  return Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0) / 1024;
-}
-
-/** Request → the guest's own HTTP answer through the forwarded port, as a phone would experience it. */
-async function readyTime(agent: AgentProcess, serviceId: string) {
-  const t0 = performance.now();
-  const start = await agent.post('/v1/instances', { service_id: serviceId });
-  if (start.status !== 201) throw new Error(`start ${serviceId}: ${start.status} ${start.body}`);
-  const answer = await request(start.json.endpoint.port, 'GET', '/');
-  const ms = performance.now() - t0;
-  if (answer.status !== 200) throw new Error(`guest answered ${answer.status}`);
-  await agent.delete(`/v1/instances/${start.json.instance.id}`);
-  return { ms, timings: start.json.timings as { total_ms: number; libvirt_ms: number; guest_ms: number; agent_ms: number } };
-}
-
 async function main() {
-  const guest = path.join(ROOT, '.build', 'test-guest');
-  if (spawnSync('bash', [path.join(ROOT, 'rootfs/guest/build-guest.sh'), guest], { stdio: 'inherit' }).status !== 0) throw new Error('guest build failed');
+  const guest = testGuest();
   const scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-bench-'));
 
   const agent = await AgentProcess.start({ portRange: '23000-23099' });

@@ -25,6 +25,6 @@ fi
 
 mkdir -p "$here/build"
 # Build to a temporary name and rename, so a running process never maps a half-written library.
-"$cc" -O2 -g -Wall -Wextra -shared -fPIC -o "$out.tmp" "$src" -ldl
+"$cc" -O2 -g -Wall -Wextra -shared -fPIC -o "$out.tmp" "$src" -ldl -pthread
 mv -f "$out.tmp" "$out"
 echo "native/build.sh: built $out"

@@ -14,10 +14,13 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
@@ -26,6 +29,10 @@
 #define LIBVIRT_FUNCTIONS(X) \
     X(virGetVersion) \
     X(virInitialize) \
+    X(virEventRegisterDefaultImpl) \
+    X(virEventRunDefaultImpl) \
+    X(virConnectDomainEventRegisterAny) \
+    X(virConnectDomainEventDeregisterAny) \
     X(virSetErrorFunc) \
     X(virGetLastError) \
     X(virConnectOpen) \
@@ -194,6 +201,39 @@ static void ignore_libvirt_error(void *opaque, virErrorPtr err)
 
 static void *libvirt_handle;
 
+static void *run_event_loop(void *unused)
+{
+    (void)unused;
+    for (;;)
+        if (virt.virEventRunDefaultImpl() < 0)
+            return NULL;
+}
+
+/*
+ * libvirt delivers domain events only through a registered event loop, which must exist before the first
+ * virConnectOpen (later connections would not get keepalives or events). The loop runs on its own detached thread
+ * for the life of the process, so it never occupies a libuv pool thread and no JS callback runs on a foreign thread.
+ */
+static void start_event_loop(clv_result *r)
+{
+    static int started;
+    pthread_t thread;
+    if (started)
+        return;
+    if (VIRT(r, virEventRegisterDefaultImpl) < 0) {
+        capture_error(r);
+        return;
+    }
+    if (pthread_create(&thread, NULL, run_event_loop, NULL) != 0) {
+        r->failed = 1;
+        r->err_domain = CLV_ERR_DOMAIN_SHIM;
+        r->err_message = copy_string("cannot start the libvirt event loop thread");
+        return;
+    }
+    pthread_detach(thread);
+    started = 1;
+}
+
 /*
  * dlopen()s libvirt (libvirt_path, e.g. "libvirt.so.0") and resolves every function in LIBVIRT_FUNCTIONS.
  * value = libvirt version (major*1e6 + minor*1e3 + micro, 0 if unknown); text = space-separated missing
@@ -236,6 +276,8 @@ clv_result *clv_init(const char *libvirt_path)
     virt.virSetErrorFunc(NULL, ignore_libvirt_error); /* plain global assignment, safe before virInitialize */
     if (VIRT(r, virInitialize) < 0)
         capture_error(r);
+    else
+        start_event_loop(r);
     return r;
 }
 
@@ -473,5 +515,137 @@ clv_result *clv_list_domains(virConnectPtr conn, uint32_t flags)
         free(json);
     else
         r->text = json;
+    return r;
+}
+
+/* ---- lifecycle events ---- */
+
+/*
+ * A lifecycle watch: libvirt's callback (on the event loop thread) appends (uuid, event, detail, time) to a queue,
+ * and JS takes batches with clv_watch_next, a blocking call that runs on a pool thread. Two owners hold the watch:
+ * libvirt (until it calls free_watch after deregistering) and JS (until clv_watch_next reports it closed).
+ */
+typedef struct clv_watch {
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    int callback_id;
+    int owners;
+    int closed;
+    char *queued; /* JSON objects separated by commas */
+    size_t queued_len, queued_cap;
+} clv_watch;
+
+static void drop_owner(clv_watch *w)
+{
+    pthread_mutex_lock(&w->lock);
+    int last = --w->owners == 0;
+    pthread_mutex_unlock(&w->lock);
+    if (!last)
+        return;
+    free(w->queued);
+    pthread_cond_destroy(&w->changed);
+    pthread_mutex_destroy(&w->lock);
+    free(w);
+}
+
+static void free_watch(void *opaque)
+{
+    drop_owner(opaque);
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *opaque)
+{
+    (void)conn;
+    clv_watch *w = opaque;
+    char uuid[VIR_UUID_STRING_BUFLEN], entry[160];
+    if (virt.virDomainGetUUIDString(dom, uuid) < 0)
+        return 0;
+    pthread_mutex_lock(&w->lock);
+    int len = snprintf(entry, sizeof entry, "%s{\"uuid\":\"%s\",\"event\":%d,\"detail\":%d,\"at_ms\":%lld}",
+                       w->queued_len ? "," : "", uuid, event, detail, (long long)now_ms());
+    if (w->queued_len + len + 1 > w->queued_cap) {
+        w->queued_cap = (w->queued_len + len + 1) * 2;
+        if (!(w->queued = realloc(w->queued, w->queued_cap)))
+            abort();
+    }
+    memcpy(w->queued + w->queued_len, entry, len + 1);
+    w->queued_len += len;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+    return 0;
+}
+
+/* value = the watch (an integer for JS), for every domain's lifecycle events on conn. */
+clv_result *clv_watch_lifecycle(virConnectPtr conn)
+{
+    clv_result *r = result_new();
+    clv_watch *w = calloc(1, sizeof *w);
+    if (!w)
+        abort();
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->changed, NULL);
+    w->owners = 2;
+    w->callback_id = VIRT(r, virConnectDomainEventRegisterAny, conn, NULL, VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                          VIR_DOMAIN_EVENT_CALLBACK(on_lifecycle), w, free_watch);
+    if (w->callback_id < 0) {
+        capture_error(r);
+        w->owners = 1; /* libvirt never took it */
+        drop_owner(w);
+        return r;
+    }
+    r->value = (int64_t)(uintptr_t)w;
+    return r;
+}
+
+/*
+ * Waits up to timeout_ms for events. text = JSON array of {uuid, event, detail, at_ms} (maybe empty); value = 1
+ * once the watch is closed and drained, after which JS must not use it again (its ownership ends here).
+ */
+clv_result *clv_watch_next(clv_watch *w, uint32_t timeout_ms)
+{
+    clv_result *r = result_new();
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+    if (deadline.tv_nsec >= 1000000000) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&w->lock);
+    while (w->queued_len == 0 && !w->closed)
+        if (pthread_cond_timedwait(&w->changed, &w->lock, &deadline) == ETIMEDOUT)
+            break;
+    size_t len = w->queued_len;
+    if (!(r->text = malloc(len + 3)))
+        abort();
+    r->text[0] = '[';
+    memcpy(r->text + 1, w->queued ? w->queued : "", len);
+    strcpy(r->text + 1 + len, "]");
+    w->queued_len = 0;
+    int finished = w->closed && len == 0;
+    pthread_mutex_unlock(&w->lock);
+    r->value = finished;
+    if (finished)
+        drop_owner(w);
+    return r;
+}
+
+/* Stops the callbacks and wakes a waiting clv_watch_next, which then reports the watch closed. */
+clv_result *clv_watch_close(virConnectPtr conn, clv_watch *w)
+{
+    clv_result *r = result_new();
+    check_int(r, VIRT(r, virConnectDomainEventDeregisterAny, conn, w->callback_id));
+    pthread_mutex_lock(&w->lock);
+    w->closed = 1;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
     return r;
 }

@@ -70,6 +70,43 @@ export const enum DomainState {
   PMSuspended = 7,
 }
 
+/** virDomainEventType: what a lifecycle event says happened; `detail` refines it (e.g. StoppedDetail). */
+export const enum DomainEvent {
+  Defined = 0,
+  Undefined = 1,
+  Started = 2,
+  Suspended = 3,
+  Resumed = 4,
+  Stopped = 5,
+  Shutdown = 6,
+  PMSuspended = 7,
+  Crashed = 8,
+}
+
+/** virDomainEventStoppedDetailType */
+export const enum StoppedDetail {
+  Shutdown = 0,
+  Destroyed = 1,
+  Crashed = 2,
+  Migrated = 3,
+  Saved = 4,
+  Failed = 5,
+  FromSnapshot = 6,
+}
+
+export interface LifecycleEvent {
+  uuid: string;
+  event: DomainEvent;
+  detail: number;
+  /** When libvirt's event loop delivered it (epoch ms). */
+  atMs: number;
+}
+
+export interface LifecycleWatch {
+  /** Stops the callbacks; resolves once the last batch has been handed to the listener. */
+  close(): Promise<void>;
+}
+
 export interface DomainSummary {
   uuid: string;
   name: string;
@@ -145,6 +182,9 @@ const SHIM_SIGNATURES = {
   clv_list_domains: [POINTER, FLAGS],
   clv_save_domain: [POINTER, STR, STR, STR, FLAGS],
   clv_restore_domain: [POINTER, STR, STR, FLAGS],
+  clv_watch_lifecycle: [POINTER],
+  clv_watch_next: [POINTER, DataType.U32],
+  clv_watch_close: [POINTER, POINTER],
 } as const;
 type ShimFunction = keyof typeof SHIM_SIGNATURES;
 type ShimArg = string | number;
@@ -276,11 +316,15 @@ const VIR_ERR_NO_DOMAIN_METADATA = 80;
 
 // ---- connection ----
 
+/** How long one clv_watch_next call may block a pool thread before it returns empty-handed and is called again. */
+const WATCH_WAIT_MS = 1000;
+
 export class Connection {
   readonly uri: string;
   /** virConnectPtr as an integer. */
   readonly #handle: number;
   readonly #inFlight = new Set<Promise<unknown>>();
+  readonly #watches = new Set<LifecycleWatch>();
   #closed: Promise<void> | undefined;
 
   private constructor(uri: string, handle: number) {
@@ -296,6 +340,7 @@ export class Connection {
   /** Waits for the calls in flight, then closes the libvirt connection. Idempotent. */
   close(): Promise<void> {
     this.#closed ??= (async () => {
+      await Promise.allSettled([...this.#watches].map((w) => w.close()));
       await Promise.allSettled(this.#inFlight);
       await callShim(readNothing, 'clv_close', this.#handle);
     })();
@@ -383,6 +428,36 @@ export class Connection {
   /** Starts a domain from a save file, optionally with a replacement XML (virDomainRestoreFlags). */
   restoreDomain(path: string, dxml: string | null = null, flags = 0): Promise<void> {
     return this.#call('restoreDomain', readNothing, 'clv_restore_domain', path, dxml ?? '', flags);
+  }
+
+  /**
+   * Every domain's lifecycle events, in order, as libvirt's event loop (a thread of the shim) receives them. One
+   * pool thread waits for them while the watch is open.
+   */
+  async watchLifecycle(listener: (events: LifecycleEvent[]) => void): Promise<LifecycleWatch> {
+    const handle = await this.#call('watchLifecycle', readValue, 'clv_watch_lifecycle');
+    const next = () => callShim((result) => ({
+      closed: readValue(result) === 1,
+      events: (JSON.parse(readText(result)) as Array<{ uuid: string; event: number; detail: number; at_ms: number }>)
+        .map(({ uuid, event, detail, at_ms }) => ({ uuid, event, detail, atMs: at_ms })),
+    }), 'clv_watch_next', handle, WATCH_WAIT_MS);
+    const drained = (async () => {
+      for (;;) {
+        const batch = await next();
+        if (batch.events.length) listener(batch.events);
+        if (batch.closed) return;
+      }
+    })();
+    let closing: Promise<void> | undefined;
+    const watch: LifecycleWatch = {
+      close: () => (closing ??= (async () => {
+        await callShim(readNothing, 'clv_watch_close', this.#handle, handle).catch(() => {});
+        await drained;
+        this.#watches.delete(watch);
+      })()),
+    };
+    this.#watches.add(watch);
+    return watch;
   }
 
   /** Calls a shim function on this connection, tracked so close() can wait for it. */

@@ -58,3 +58,23 @@ t.test('bad settings stop the agent with one line naming the setting', async (t)
   await writeFile(path.join(dir, 'broken.json'), '{ "api": ');
   await t.rejects(loadConfig({ CLOUDLET_CONFIG: path.join(dir, 'broken.json') }), { code: 'INVALID_PARAMETER', message: /cannot read/ });
 });
+
+t.test('telemetry, discovery and libvirt events are configured from the file and the environment', async (t) => {
+  t.match(await loadConfig({ ...NO_FILE }), {
+    libvirtEvents: true, discovery: { enabled: true },
+    mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null },
+  }, 'defaults: broker on 1883, discovery and events on');
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'agent.json');
+  await writeFile(file, JSON.stringify({ mqtt: { topicRoot: 'fleet/site-7', metricsIntervalMs: 2000 }, discovery: { enabled: false } }));
+  const config = await loadConfig({
+    CLOUDLET_CONFIG: file, CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0', CLOUDLET_MQTT_URL: 'mqtt://fleet.example:1883',
+    CLOUDLET_LIBVIRT_EVENTS: 'off',
+  });
+  t.same(config.mqtt, { host: '127.0.0.1', port: 0, topicRoot: 'fleet/site-7', metricsIntervalMs: 2000, externalUrl: 'mqtt://fleet.example:1883' });
+  t.equal(config.discovery.enabled, false);
+  t.equal(config.libvirtEvents, false);
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_DISCOVERY: 'maybe' }), { code: 'INVALID_PARAMETER', message: /discovery\.enabled must be true or false/ });
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_MQTT_PORT: '70000' }), { code: 'INVALID_PARAMETER', message: /mqtt\.port must be a port number/ });
+});

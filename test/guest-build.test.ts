@@ -63,7 +63,7 @@ t.test('builds the four files of a cached service from installed packages', asyn
     readiness: { type: 'http', path: '/', timeout_ms: 60000 },
     disk: 'disk.qcow2',
     state: null,
-    boot: { kernel: 'vmlinuz', initrd: 'initrd.img', cmdline: 'console=ttyS0 quiet ipv6.disable=1 init_on_free=1' },
+    boot: { kernel: 'vmlinuz', initrd: 'initrd.img', cmdline: 'console=ttyS0 quiet ipv6.disable=1 init_on_free=1 no_timer_check' },
   });
 
   const kernel = await readFile(join(out, 'vmlinuz'));

@@ -7,17 +7,22 @@ import http from 'node:http';
 import t, { type Test } from 'tap';
 import { startHttpServer, type HttpServer } from '../agent/src/api/http-server';
 import type {
+  Package,
+  App,
   CloudletApi,
   Endpoint,
   HealthReport,
   Instance,
+  Peer,
   Service,
   StartRequest,
   StartResult,
   StopResult,
   SystemInfo,
 } from '../agent/src/core/types';
+import { EventBus, type EventListener } from '../agent/src/core/events';
 import { CloudletError } from '../agent/src/errors';
+import { EventsSocket } from './support/listeners';
 
 const SPEECH = 'edu.cmu.sei.ams.speech_rec_service';
 const ECHO = 'org.example.echo';
@@ -93,6 +98,23 @@ class FakeCloudlet implements CloudletApi {
     return service;
   }
 
+  // App packages are exercised against the real agent in app-virt.e2e.test.ts; this fake has none.
+  listPackages(): Package[] {
+    return [];
+  }
+
+  getPackage(id: string): Package {
+    throw new CloudletError('SERVICE_NOT_FOUND', `no package with app id ${id}`);
+  }
+
+  async importPackage(): Promise<Package> {
+    throw new CloudletError('INVALID_PACKAGE', 'the fake cloudlet imports no packages');
+  }
+
+  async removePackage(id: string): Promise<void> {
+    this.getPackage(id);
+  }
+
   listInstances(): Instance[] {
     return this.instances;
   }
@@ -157,7 +179,39 @@ class FakeCloudlet implements CloudletApi {
       memory: { totalBytes: 8_000_000_000, freeBytes: 6_000_000_000 },
       hypervisor: { uri: 'qemu:///system', domainType: 'kvm', libvirtVersion: '9.0.0' },
       instances: this.instances.length,
+      discovery: { state: 'published', name: 'cloudlet-1 #2' },
     };
+  }
+
+  readonly events = new EventBus();
+
+  subscribe(listener: EventListener): () => void {
+    return this.events.subscribe(listener);
+  }
+
+  peers(): Peer[] {
+    return [{ name: 'cloudlet-2', host: 'cloudlet-2.local', address: '10.0.0.2', port: 9999, txt: { encryption: 'disabled' }, interface: 'wlan0', seenAt: '2026-01-02T03:04:05.000Z' }];
+  }
+
+  // The app catalog is exercised against the real agent (app-catalog.test.ts); this cloudlet has no apps.
+  listApps(): App[] {
+    return [];
+  }
+
+  getApp(id: string): App {
+    throw new CloudletError('APP_NOT_FOUND', `no app with id ${id}`);
+  }
+
+  appFile(id: string): { app: App; path: string } {
+    return { app: this.getApp(id), path: '' };
+  }
+
+  async addApp(): Promise<App> {
+    throw new CloudletError('FORBIDDEN', 'this cloudlet takes no apps');
+  }
+
+  async removeApp(id: string): Promise<void> {
+    this.getApp(id);
   }
 
   async health(): Promise<HealthReport> {
@@ -356,6 +410,7 @@ t.test('/v1 face', async (t) => {
       cpu: { cores: 4, usage_percent: 12.5, speed_mhz: '2400.000', cache_kb: 8192 },
       memory: { total_bytes: 8_000_000_000, free_bytes: 6_000_000_000 },
       hypervisor: { uri: 'qemu:///system', domain_type: 'kvm', libvirt_version: '9.0.0' },
+      discovery: { state: 'published', name: 'cloudlet-1 #2' },
       instances: cloudlet.instances.length,
     });
   });
@@ -452,7 +507,9 @@ t.test('/v1 face', async (t) => {
 
   t.test('unknown routes are 404 NOT_FOUND and wrong methods 405 METHOD_NOT_ALLOWED', async (t) => {
     t.match(json(t, await send('GET', '/v1/nope'), 404), { code: 'NOT_FOUND' });
-    t.match(json(t, await send('GET', '/'), 404), { code: 'NOT_FOUND' });
+    t.match(json(t, await send('GET', '/nope'), 404), { code: 'NOT_FOUND' });
+    // `/` is the phone page (web-page.e2e.test.ts), not a route of either face.
+    t.match((await send('GET', '/')).headers['content-type'], /^text\/html/);
     t.match(json(t, await send('GET', '/v1/services/x/state'), 405), { code: 'METHOD_NOT_ALLOWED', details: { allowed: ['POST'] } });
     const put = await send('PUT', '/v1/services', { body: '{}' });
     t.match(json(t, put, 405), { code: 'METHOD_NOT_ALLOWED', details: { allowed: ['GET', 'POST'] } });
@@ -463,6 +520,43 @@ t.test('/v1 face', async (t) => {
     const body = json(t, await send('POST', '/v1/services', { body: JSON.stringify({ path: '/srv/boom' }) }), 500);
     t.same(body, { code: 'INTERNAL', message: 'disk exploded' });
     t.ok(logLines.some((line) => line.includes('disk exploded') && line.includes(' at ')), 'the stack goes to the log');
+  });
+});
+
+t.test('/v1/events WebSocket', async (t) => {
+  const instance: Instance = {
+    id: '3f0c1c52-8a0e-4a59-9a57-0c7e52f3f1a4', serviceId: ECHO, mechanism: 'cached-vm', state: 'starting', bindAddress: '0.0.0.0',
+    hostPort: 20001, guestPort: 10000, shareable: false, users: 1, launch: 'cold-boot', createdAt: '2026-01-02T03:04:05.000Z', readyAt: null,
+  };
+
+  t.test('opens with a snapshot of the instances, then sends each event as one JSON message', async (t) => {
+    const events = await EventsSocket.connect(server.port);
+    t.teardown(() => events.close());
+    t.same((await events.next(() => true)).value, { type: 'snapshot', instances: [] });
+    cloudlet.events.emit({ type: 'progress', instanceId: instance.id, serviceId: ECHO, phase: 'restoring', percent: 40, bytes: { done: 5, total: 10 }, at: 'T1' });
+    cloudlet.events.emit({ type: 'instance', state: 'crashed', reason: 'failed', instance: { ...instance, state: 'ready' }, at: 'T2' });
+    t.same((await events.next((e) => e.type === 'progress')).value,
+      { type: 'progress', instance_id: instance.id, service_id: ECHO, phase: 'restoring', percent: 40, bytes_done: 5, bytes_total: 10, at: 'T1' });
+    const crashed = (await events.next((e) => e.type === 'instance')).value;
+    t.match(crashed, { type: 'instance', state: 'crashed', reason: 'failed', at: 'T2', instance: { id: instance.id, service_id: ECHO, host_port: 20001, state: 'crashed' } });
+  });
+
+  t.test('a client that stops reading is closed (1013) instead of having events queued for it without bound', async (t) => {
+    const events = await EventsSocket.connect(server.port);
+    const closed = new Promise<number>((resolve) => events.socket.once('close', (code) => resolve(code)));
+    const socket = (events.socket as unknown as { _socket: import('node:net').Socket })._socket;
+    socket.pause();
+    const big = { ...instance, serviceId: 'x'.repeat(4000) };
+    let sentBytes = 0;
+    // Far more than the kernel's socket buffers and the 256 KiB limit together.
+    while (sentBytes < 64 * 1024 * 1024 && !logLines.some((line) => line.includes('does not keep up'))) {
+      for (let i = 0; i < 200; i++) cloudlet.events.emit({ type: 'instance', state: 'ready', instance: big, at: 'T' });
+      sentBytes += 200 * 4200;
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    socket.resume();
+    t.equal(await closed, 1013, 'closed with "try again later"');
+    t.ok(sentBytes < 64 * 1024 * 1024, 'the server gave up on the client before the test did');
   });
 });
 

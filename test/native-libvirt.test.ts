@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import t, { type Test } from 'tap';
-import { Connection, DomainFlags, DomainState, LibvirtError, libvirtInfo } from '../native/libvirt';
+import { Connection, DomainEvent, DomainFlags, DomainState, LibvirtError, StoppedDetail, libvirtInfo, type LifecycleEvent } from '../native/libvirt';
 
 const TEST_URI = 'test:///default';
 const DEFAULT_DOMAIN = 'test';
@@ -263,4 +263,33 @@ t.test('libvirt prints nothing to stderr on errors', async (t) => {
     })();`);
   t.equal(stdout.trim(), 'VIR_ERR_NO_CONNECT VIR_ERR_NO_DOMAIN VIR_ERR_XML_DETAIL', 'the errors happened');
   t.equal(stderr, '', 'nothing on stderr');
+});
+
+t.test('lifecycle events arrive in order for a start and a destroy, and stop once the watch is closed', async (t) => {
+  const conn = await openTestDriver(t);
+  const received: LifecycleEvent[] = [];
+  const watch = await conn.watchLifecycle((events) => received.push(...events));
+  const uuid = await conn.createDomain(domainXml('cloudlet-events'));
+  await conn.destroyDomain(uuid);
+  const deadline = Date.now() + 5000;
+  while (received.length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  t.same(received.map(({ uuid, event, detail }) => ({ uuid, event, detail })), [
+    { uuid, event: DomainEvent.Started, detail: 0 },
+    { uuid, event: DomainEvent.Stopped, detail: StoppedDetail.Destroyed },
+  ], 'started (booted), then stopped (destroyed)');
+  t.ok(received.every((e) => Math.abs(e.atMs - Date.now()) < 5000), 'each event carries the time it was delivered');
+
+  await watch.close();
+  const count = received.length;
+  await conn.destroyDomain(await conn.createDomain(domainXml('cloudlet-after-close')));
+  await new Promise((r) => setTimeout(r, 200));
+  t.equal(received.length, count, 'no event after close');
+});
+
+t.test('closing a connection closes its watches', async (t) => {
+  const conn = await Connection.open(TEST_URI);
+  await conn.watchLifecycle(() => {});
+  const started = Date.now();
+  await conn.close();
+  t.ok(Date.now() - started < 2000, 'close does not wait for the watch to time out repeatedly');
 });

@@ -20,6 +20,22 @@ export interface AgentConfig {
   seedDir: string | null;
   /** How often the registry compares itself with libvirt to notice VMs that ended outside the agent. */
   reconcileIntervalMs: number;
+  /** Learn of VMs that ended from libvirt's lifecycle events (ms) instead of only the reconcile poll. */
+  libvirtEvents: boolean;
+  mqtt: {
+    /** The embedded broker's TCP listener (telemetry is always published to the embedded broker). */
+    host: string;
+    port: number;
+    /** Root of the agent's topic tree; null: `cloudlet/<host name>`. */
+    topicRoot: string | null;
+    metricsIntervalMs: number;
+    /** Also publish everything to this broker (mqtt://, mqtts://, ws://), reconnecting as needed; null: none. */
+    externalUrl: string | null;
+  };
+  /** Publish the cloudlet over mDNS/DNS-SD through Avahi's D-Bus API and browse for peers. */
+  discovery: { enabled: boolean };
+  /** Cloudlet Push: the largest app file an operator may upload. */
+  apps: { maxUploadBytes: number };
 }
 
 export const DEFAULT_CONFIG: AgentConfig = {
@@ -30,6 +46,10 @@ export const DEFAULT_CONFIG: AgentConfig = {
   forward: { bindAddress: '0.0.0.0', portRange: { first: 20000, last: 20999 } },
   seedDir: '/usr/share/cloudlet/services',
   reconcileIntervalMs: 1000,
+  libvirtEvents: true,
+  mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null },
+  discovery: { enabled: true },
+  apps: { maxUploadBytes: 512 * 1024 * 1024 },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
@@ -60,6 +80,17 @@ function portRange(value: unknown): { first: number; last: number } {
   return { first, last };
 }
 
+function flag(value: unknown, what: string): boolean {
+  if (typeof value === 'boolean') return value;
+  if (value === '1' || value === 'true' || value === 'on') return true;
+  if (value === '0' || value === 'false' || value === 'off') return false;
+  throw invalid(`${what} must be true or false (1/0, on/off), got ${JSON.stringify(value)}`);
+}
+
+function orNull(value: unknown, what: string): string | null {
+  return value === null || value === '' ? null : text(value, what);
+}
+
 function domainType(value: unknown): AgentConfig['domainType'] {
   if (value === 'auto' || value === 'kvm' || value === 'qemu') return value;
   throw invalid(`domainType must be auto, kvm or qemu, got ${JSON.stringify(value)}`);
@@ -73,6 +104,10 @@ type Overrides = {
   forward?: { bindAddress?: unknown; portRange?: unknown };
   seedDir?: unknown;
   reconcileIntervalMs?: unknown;
+  libvirtEvents?: unknown;
+  mqtt?: { host?: unknown; port?: unknown; topicRoot?: unknown; metricsIntervalMs?: unknown; externalUrl?: unknown };
+  discovery?: { enabled?: unknown };
+  apps?: { maxUploadBytes?: unknown };
 };
 
 /** Merge overrides (from the file or the environment) over a base, validating each field it touches. */
@@ -91,6 +126,22 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
     if (typeof ms !== 'number' || !(ms >= 50)) throw invalid('reconcileIntervalMs must be a number ≥ 50');
     c.reconcileIntervalMs = ms;
   }
+  if (o.libvirtEvents !== undefined) c.libvirtEvents = flag(o.libvirtEvents, 'libvirtEvents');
+  if (o.mqtt?.host !== undefined) c.mqtt.host = text(o.mqtt.host, 'mqtt.host');
+  if (o.mqtt?.port !== undefined) c.mqtt.port = port(o.mqtt.port, 'mqtt.port', true);
+  if (o.mqtt?.topicRoot !== undefined) c.mqtt.topicRoot = orNull(o.mqtt.topicRoot, 'mqtt.topicRoot');
+  if (o.mqtt?.externalUrl !== undefined) c.mqtt.externalUrl = orNull(o.mqtt.externalUrl, 'mqtt.externalUrl');
+  if (o.mqtt?.metricsIntervalMs !== undefined) {
+    const ms = o.mqtt.metricsIntervalMs;
+    if (typeof ms !== 'number' || !(ms >= 100)) throw invalid('mqtt.metricsIntervalMs must be a number ≥ 100');
+    c.mqtt.metricsIntervalMs = ms;
+  }
+  if (o.discovery?.enabled !== undefined) c.discovery.enabled = flag(o.discovery.enabled, 'discovery.enabled');
+  if (o.apps?.maxUploadBytes !== undefined) {
+    const bytes = typeof o.apps.maxUploadBytes === 'string' && /^\d+$/.test(o.apps.maxUploadBytes) ? Number(o.apps.maxUploadBytes) : o.apps.maxUploadBytes;
+    if (typeof bytes !== 'number' || !Number.isSafeInteger(bytes) || bytes < 1) throw invalid('apps.maxUploadBytes must be a positive number of bytes');
+    c.apps.maxUploadBytes = bytes;
+  }
   return c;
 }
 
@@ -102,6 +153,10 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
     domainType: env.CLOUDLET_DOMAIN_TYPE,
     forward: { bindAddress: env.CLOUDLET_FORWARD_ADDRESS, portRange: env.CLOUDLET_PORT_RANGE },
     seedDir: env.CLOUDLET_SEED_DIR,
+    libvirtEvents: env.CLOUDLET_LIBVIRT_EVENTS,
+    mqtt: { host: env.CLOUDLET_MQTT_HOST, port: env.CLOUDLET_MQTT_PORT, externalUrl: env.CLOUDLET_MQTT_URL },
+    discovery: { enabled: env.CLOUDLET_DISCOVERY },
+    apps: { maxUploadBytes: env.CLOUDLET_APP_MAX_BYTES },
   };
 }
 

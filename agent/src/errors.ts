@@ -10,20 +10,35 @@ export type ErrorCode =
   | 'NOT_FOUND'
   | 'SERVICE_NOT_FOUND'
   | 'INSTANCE_NOT_FOUND'
+  | 'APP_NOT_FOUND'
+  | 'FORBIDDEN'
+  | 'LENGTH_REQUIRED'
   | 'METHOD_NOT_ALLOWED'
   | 'PAYLOAD_TOO_LARGE'
   | 'INVALID_MANIFEST'
   | 'INVALID_IMAGE'
+  | 'INVALID_PACKAGE'
+  | 'INVALID_APP'
   | 'SERVICE_EXISTS'
   | 'SERVICE_IN_USE'
   | 'CONFLICT'
+  | 'BUNDLE_INVALID'
+  | 'BUNDLE_UNTRUSTED'
+  | 'UPDATE_IN_PROGRESS'
+  | 'INVALID_RECIPE'
+  | 'RECIPE_NOT_FOUND'
+  | 'BASE_NOT_FOUND'
   // the cloudlet could not do it (5xx)
   | 'NO_FREE_PORT'
   | 'READINESS_TIMEOUT'
   | 'LAUNCH_FAILED'
+  | 'PROVISIONING_FAILED'
   | 'IMAGE_TOOL_FAILED'
   | 'HYPERVISOR_ERROR'
   | 'HYPERVISOR_UNAVAILABLE'
+  | 'SANDBOX_UNAVAILABLE'
+  | 'UPDATE_ROLLED_BACK'
+  | 'ROLLBACK_FAILED'
   | 'INTERNAL';
 
 const STATUS: Record<ErrorCode, number> = {
@@ -33,19 +48,34 @@ const STATUS: Record<ErrorCode, number> = {
   NOT_FOUND: 404,
   SERVICE_NOT_FOUND: 404,
   INSTANCE_NOT_FOUND: 404,
+  APP_NOT_FOUND: 404,
+  FORBIDDEN: 403,
+  LENGTH_REQUIRED: 411,
   METHOD_NOT_ALLOWED: 405,
   PAYLOAD_TOO_LARGE: 413,
   INVALID_MANIFEST: 422,
   INVALID_IMAGE: 422,
+  INVALID_PACKAGE: 422,
+  INVALID_APP: 422,
   SERVICE_EXISTS: 409,
   SERVICE_IN_USE: 409,
   CONFLICT: 409,
+  BUNDLE_INVALID: 422,
+  BUNDLE_UNTRUSTED: 403,
+  UPDATE_IN_PROGRESS: 409,
+  INVALID_RECIPE: 422,
+  RECIPE_NOT_FOUND: 404,
+  BASE_NOT_FOUND: 404,
   NO_FREE_PORT: 503,
   READINESS_TIMEOUT: 504,
   LAUNCH_FAILED: 500,
+  PROVISIONING_FAILED: 500,
   IMAGE_TOOL_FAILED: 500,
   HYPERVISOR_ERROR: 500,
   HYPERVISOR_UNAVAILABLE: 503,
+  SANDBOX_UNAVAILABLE: 503,
+  UPDATE_ROLLED_BACK: 500,
+  ROLLBACK_FAILED: 500,
   INTERNAL: 500,
 };
 
@@ -66,6 +96,11 @@ export class CloudletError extends Error {
   toJSON(): { code: ErrorCode; message: string; details?: Record<string, unknown> } {
     return this.details ? { code: this.code, message: this.message, details: this.details } : { code: this.code, message: this.message };
   }
+}
+
+/** The same error with more details (e.g. the console tail of a VM whose launch failed). */
+export function withDetails(err: CloudletError, details: Record<string, unknown>): CloudletError {
+  return new CloudletError(err.code, err.message, { cause: err.cause ?? err, details: { ...err.details, ...details } });
 }
 
 /** Anything thrown that is not a CloudletError becomes INTERNAL, keeping the original as the cause. */

@@ -11,7 +11,8 @@
 set -euo pipefail
 
 readonly HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-readonly MODULES=(virtio_pci virtio_net virtio_blk) # the kernel has ext4, devtmpfs, the 8250 console and inet built in
+# The kernel has ext4, devtmpfs, the 8250 console and inet built in; the IDE CD-ROM and ISO9660 read a config drive.
+readonly MODULES=(virtio_pci virtio_net virtio_blk ata_piix sr_mod isofs)
 readonly DEFAULT_INDEX='hello from the cloudlet demo service'
 # Every timestamp in the initramfs and the ext4 image, for reproducible bytes (mke2fs ignores a fake time of 0).
 readonly SOURCE_EPOCH=946684800
@@ -130,7 +131,7 @@ cat > "$out/manifest.json" <<JSON
   "readiness": { "type": "http", "path": "/", "timeout_ms": 60000 },
   "disk": "disk.qcow2",
   "state": null,
-  "boot": { "kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "console=ttyS0 quiet ipv6.disable=1 init_on_free=1" }
+  "boot": { "kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "console=ttyS0 quiet ipv6.disable=1 init_on_free=1 no_timer_check" }
 }
 JSON
 

@@ -73,12 +73,12 @@ export class AgentProcess {
   private proc: ChildProcess | undefined;
   log = '';
 
-  constructor(readonly apiPort: number, readonly dataDir: string, private readonly options: AgentOptions) {}
+  constructor(readonly apiPort: number, readonly dataDir: string, private readonly options: AgentOptions, readonly mqttPort: number) {}
 
   static async start(options: AgentOptions): Promise<AgentProcess> {
     const dataDir = options.dataDir ?? (await mkdtemp(path.join(os.tmpdir(), 'cloudlet-test-')));
     await chmod(dataDir, 0o755);
-    const agent = new AgentProcess(await freePort(), dataDir, options);
+    const agent = new AgentProcess(await freePort(), dataDir, options, await freePort());
     await agent.launch();
     return agent;
   }
@@ -95,6 +95,10 @@ export class AgentProcess {
         CLOUDLET_PORT_RANGE: this.options.portRange,
         CLOUDLET_SEED_DIR: '',
         CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'),
+        // Tests never publish on the host's networks: a test that wants discovery points it at its own namespace.
+        CLOUDLET_DISCOVERY: 'off',
+        CLOUDLET_MQTT_HOST: '127.0.0.1',
+        CLOUDLET_MQTT_PORT: String(this.mqttPort),
         ...this.options.env,
       },
       stdio: ['ignore', 'pipe', 'pipe'],

@@ -1,9 +1,13 @@
 /**
  * The HTTP server: the only module that knows uWebSockets.js. It serves the KD-Cloudlet face (/api) and the /v1 face
  * from their route tables, and owns what both need: Content-Length on every response (the KD Android client rejects
- * chunked replies), abort safety, size-limited JSON bodies, 404/405 and turning every exception into a reply.
+ * chunked replies), abort safety, size-limited JSON bodies, 404/405 and turning every exception into a reply. It
+ * also streams files from disk (with HTTP Range) and hands large uploads to routes as streams, both with backpressure,
+ * so neither a big download nor a big upload is ever held in memory; and it serves the phone page's face at `/`.
  */
+import { open, type FileHandle } from 'node:fs/promises';
 import { STATUS_CODES } from 'node:http';
+import { Duplex, Readable } from 'node:stream';
 import {
   App,
   us_listen_socket_close,
@@ -13,12 +17,15 @@ import {
   type TemplatedApp,
   type us_listen_socket,
   type us_socket,
+  type us_socket_context_t,
+  type WebSocket,
 } from 'uWebSockets.js';
-import type { CloudletApi } from '../core/types';
+import type { CloudletApi, ProvisioningApi } from '../core/types';
 import { CloudletError, asCloudletError } from '../errors';
 import { kdCloudletFace } from './kd-cloudlet';
 import { matchPath, type ApiRequest, type Face, type Reply, type Route } from './routing';
-import { v1Face } from './v1';
+import { eventJson, eventsSnapshotJson, v1Face } from './v1';
+import { webFace } from './web';
 
 export interface HttpServerOptions {
   api: CloudletApi;
@@ -28,6 +35,17 @@ export interface HttpServerOptions {
   logger?: (line: string) => void;
   /** Largest accepted request body in bytes (413 PAYLOAD_TOO_LARGE above it). JSON bodies here are tiny. */
   maxBodyBytes?: number;
+  /** On-Demand VM Provisioning routes under /v1 (absent: not offered). */
+  provisioning?: ProvisioningApi;
+  /** WebSocket endpoints carrying a byte stream (MQTT over WebSocket): each connection is handed over as a Duplex. */
+  streamEndpoints?: StreamEndpoint[];
+}
+
+export interface StreamEndpoint {
+  path: string;
+  /** The WebSocket subprotocol to agree to when the client offers it (MQTT clients offer `mqtt`). */
+  protocol: string;
+  accept(stream: Duplex): void;
 }
 
 export interface HttpServer {
@@ -36,6 +54,17 @@ export interface HttpServer {
 }
 
 const DEFAULT_MAX_BODY_BYTES = 64 * 1024;
+/** Files are streamed in chunks of this size: large enough for loopback-speed throughput, small per slow client. */
+const FILE_CHUNK_BYTES = 1024 * 1024;
+/** How much of a refused upload is read (and dropped) so its uploader still gets the answer; past it, it is cut off. */
+const MAX_DISCARDED_BYTES = 16 * 1024 * 1024;
+/**
+ * A /v1/events client further behind than this is closed (code 1013, "try again later") instead of having events
+ * queued for it without bound; it reconnects and starts from a fresh snapshot.
+ */
+export const EVENTS_MAX_BUFFERED_BYTES = 256 * 1024;
+/** Largest WebSocket message accepted from a client (MQTT packets from subscribers are tiny). */
+const MAX_WS_MESSAGE_BYTES = 256 * 1024;
 
 /** `close()` exists on the v20.30 App but is missing from its d.ts; it also drops idle keep-alive connections. */
 type ClosableApp = TemplatedApp & { close(): void };
@@ -44,15 +73,18 @@ export function startHttpServer(options: HttpServerOptions): Promise<HttpServer>
   const log = options.logger ?? (() => {});
   const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
   const kdFace = kdCloudletFace(options.api);
-  const ownFace = v1Face(options.api);
-  // Paths under neither prefix are answered by our own face (a JSON 404).
-  const faceFor = (path: string): Face => (ownsPath(kdFace, path) ? kdFace : ownFace);
+  const ownFace = v1Face(options.api, options.provisioning);
+  const pageFace = webFace();
+  // The phone page owns `/` and its assets' prefix; paths under no face's prefix get our own face's JSON 404.
+  const faceFor = (path: string): Face => [kdFace, pageFace].find((face) => ownsPath(face, path)) ?? (path === '/' ? pageFace : ownFace);
 
   const app = App() as ClosableApp;
+  serveEvents(app, options.api, log);
+  for (const endpoint of options.streamEndpoints ?? []) serveStream(app, endpoint, log);
   app.any('/*', (res, req) => {
     const exchange = new Exchange(res);
     try {
-      const incoming = readIncoming(req);
+      const incoming = readIncoming(req, res);
       const started = Date.now();
       serve(faceFor(incoming.path), incoming, exchange, maxBodyBytes, log)
         .then((status) => log(`${incoming.method} ${incoming.url} ${status} ${Date.now() - started}ms`))
@@ -87,22 +119,117 @@ export function startHttpServer(options: HttpServerOptions): Promise<HttpServer>
   });
 }
 
+/**
+ * GET /v1/events (WebSocket): a snapshot of the instances, then every event as one JSON text message each. A client
+ * that reads too slowly is closed rather than buffered for (see EVENTS_MAX_BUFFERED_BYTES).
+ */
+function serveEvents(app: TemplatedApp, api: CloudletApi, log: (line: string) => void): void {
+  interface EventsClient { unsubscribe?: () => void; closed: boolean }
+  app.ws<EventsClient>('/v1/events', {
+    maxPayloadLength: 1024,
+    idleTimeout: 120,
+    sendPingsAutomatically: true,
+    // uWS's own backstop; the check below closes well before it.
+    maxBackpressure: 2 * EVENTS_MAX_BUFFERED_BYTES,
+    upgrade: (res, req, context) => upgradeTo(res, req, context, { closed: false }, ''),
+    open: (ws) => {
+      const client = ws.getUserData();
+      const send = (message: string) => {
+        if (client.closed) return;
+        if (ws.getBufferedAmount() > EVENTS_MAX_BUFFERED_BYTES) {
+          log('closing a /v1/events client that does not keep up');
+          client.closed = true;
+          client.unsubscribe?.();
+          ws.end(1013, 'too slow: events were dropped; reconnect');
+          return;
+        }
+        ws.send(message, false);
+      };
+      send(JSON.stringify(eventsSnapshotJson(api.listInstances())));
+      client.unsubscribe = api.subscribe((event) => send(JSON.stringify(eventJson(event))));
+    },
+    close: (ws) => {
+      const client = ws.getUserData();
+      client.closed = true;
+      client.unsubscribe?.();
+    },
+  });
+}
+
+/** A WebSocket endpoint whose binary messages are a byte stream in both directions, handed over as a Duplex. */
+function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, log: (line: string) => void): void {
+  interface StreamClient { stream?: Duplex; closed: boolean; drained?: () => void }
+  app.ws<StreamClient>(endpoint.path, {
+    maxPayloadLength: MAX_WS_MESSAGE_BYTES,
+    idleTimeout: 0, // the protocol inside has its own keep-alive
+    maxBackpressure: 4 * MAX_WS_MESSAGE_BYTES,
+    upgrade: (res, req, context) => upgradeTo(res, req, context, { closed: false }, endpoint.protocol),
+    open: (ws: WebSocket<StreamClient>) => {
+      const client = ws.getUserData();
+      client.stream = new Duplex({
+        read() {},
+        write(chunk: Buffer, _encoding, callback) {
+          if (client.closed) return callback(new Error('WebSocket closed'));
+          // 0: queued in uWS beyond its buffer; wait for drain before taking more (Node's stream backpressure).
+          if (ws.send(chunk, true) === 0) client.drained = () => callback();
+          else callback();
+        },
+        destroy(err, callback) {
+          if (!client.closed) {
+            client.closed = true;
+            ws.end(1000);
+          }
+          callback(err);
+        },
+      });
+      client.stream.on('error', (err) => log(`${endpoint.path} stream: ${err.message}`));
+      endpoint.accept(client.stream);
+    },
+    message: (ws, message) => {
+      // Copy: uWS neuters the ArrayBuffer when this callback returns.
+      ws.getUserData().stream?.push(Buffer.from(new Uint8Array(message)));
+    },
+    drain: (ws) => {
+      const client = ws.getUserData();
+      const drained = client.drained;
+      client.drained = undefined;
+      drained?.();
+    },
+    close: (ws) => {
+      const client = ws.getUserData();
+      client.closed = true;
+      client.drained?.();
+      client.stream?.push(null);
+      client.stream?.destroy();
+    },
+  });
+}
+
+/** Completes a WebSocket upgrade, agreeing to `protocol` when the client offers it. */
+function upgradeTo<T>(res: HttpResponse, req: HttpRequest, context: us_socket_context_t, userData: T, protocol: string): void {
+  const offered = req.getHeader('sec-websocket-protocol').split(',').map((p) => p.trim());
+  res.upgrade(userData, req.getHeader('sec-websocket-key'), protocol && offered.includes(protocol) ? protocol : '',
+    req.getHeader('sec-websocket-extensions'), context);
+}
+
 interface Incoming {
   method: string;
   url: string;
   path: string;
   query: string;
   headers: Map<string, string>;
+  remoteAddress: string;
 }
 
 /** Copies what we need: uWS's HttpRequest is stack-allocated and invalid once the handler returns. */
-function readIncoming(req: HttpRequest): Incoming {
+function readIncoming(req: HttpRequest, res: HttpResponse): Incoming {
   const headers = new Map<string, string>();
   req.forEach((name, value) => headers.set(name, value));
   const path = req.getUrl();
   // getQuery() returns undefined, not '', when the URL has no query.
   const query = (req.getQuery() as string | undefined) ?? '';
-  return { method: req.getMethod().toUpperCase(), url: query ? `${path}?${query}` : path, path, query, headers };
+  const remoteAddress = Buffer.from(res.getRemoteAddressAsText()).toString();
+  return { method: req.getMethod().toUpperCase(), url: query ? `${path}?${query}` : path, path, query, headers, remoteAddress };
 }
 
 function ownsPath(face: Face, path: string): boolean {
@@ -122,9 +249,11 @@ async function serve(
   log: (line: string) => void,
 ): Promise<number | 'aborted'> {
   let reply: Reply;
+  let file: OpenedFile | undefined;
   try {
     const { route, params } = resolveRoute(face, incoming);
-    const body = route.jsonBody ? exchange.readBody(incoming.headers, maxBodyBytes) : undefined;
+    const body = route.jsonBody ? exchange.readBody(incoming.headers, route.maxBodyBytes ?? maxBodyBytes) : undefined;
+    const bodyStream = route.streamBody ? exchange.streamBody(incoming.headers) : undefined;
     const request: ApiRequest = {
       method: incoming.method,
       path: incoming.path,
@@ -132,15 +261,58 @@ async function serve(
       query: new URLSearchParams(incoming.query),
       header: (name) => incoming.headers.get(name) || undefined,
       body: body === undefined ? undefined : parseJson(await body),
+      remoteAddress: incoming.remoteAddress,
+      ...(bodyStream ? { bodyStream } : {}),
     };
     reply = await route.handle(request);
+    if (reply.file) ({ reply, file } = await openFileReply(reply, reply.file, incoming.headers));
   } catch (err) {
     const error = asCloudletError(err);
     // Unexpected errors keep their stack for the operator's log only; the client gets code and message.
     if (error.code === 'INTERNAL') log(`${incoming.method} ${incoming.url}: ${describe(error.cause ?? error)}`);
     reply = face.errorReply(error);
   }
+  if (file) return (await exchange.sendFile(reply, file, incoming.method === 'HEAD')) ? reply.status : 'aborted';
   return exchange.send(reply, incoming.method === 'HEAD') ? reply.status : 'aborted';
+}
+
+/** A file opened for a reply, and the part of it to send. */
+interface OpenedFile {
+  handle: FileHandle;
+  start: number;
+  length: number;
+}
+
+/**
+ * Opens a file reply's file and settles what to send: all of it (200), the part a `Range: bytes=...` header asks for
+ * (206, when the route allows ranges and any If-Range names the reply's ETag), or nothing (416, the range is outside
+ * the file). Several ranges in one
+ * header are answered with the whole file, which RFC 9110 allows.
+ */
+async function openFileReply(reply: Reply, file: NonNullable<Reply['file']>, request: Map<string, string>): Promise<{ reply: Reply; file?: OpenedFile }> {
+  const range = request.get('range');
+  // If-Range: the part is only wanted if the file is still the one the client has the beginning of.
+  const ifRange = request.get('if-range');
+  const rangeValid = ifRange === undefined || ifRange === reply.headers.ETag;
+  const handle = await open(file.path, 'r');
+  try {
+    const size = (await handle.stat()).size;
+    const headers = { ...reply.headers, ...(file.ranges ? { 'Accept-Ranges': 'bytes' } : {}) };
+    const wanted = file.ranges && range && rangeValid ? /^bytes=(\d*)-(\d*)$/.exec(range.trim()) : null;
+    if (!wanted || (wanted[1] === '' && wanted[2] === '')) return { reply: { ...reply, headers }, file: { handle, start: 0, length: size } };
+    // bytes=a-b, bytes=a- (to the end), bytes=-n (the last n bytes)
+    const start = wanted[1] === '' ? Math.max(0, size - Number(wanted[2])) : Number(wanted[1]);
+    const end = wanted[1] === '' || wanted[2] === '' ? size - 1 : Math.min(Number(wanted[2]), size - 1);
+    if (start >= size || end < start) {
+      await handle.close();
+      return { reply: { status: 416, headers: { 'Accept-Ranges': 'bytes', 'Content-Range': `bytes */${size}` }, body: '' } };
+    }
+    const partial = { ...headers, 'Content-Range': `bytes ${start}-${end}/${size}` };
+    return { reply: { ...reply, status: 206, headers: partial }, file: { handle, start, length: end - start + 1 } };
+  } catch (err) {
+    await handle.close();
+    throw err;
+  }
 }
 
 function resolveRoute(face: Face, incoming: Incoming): { route: Route; params: Record<string, string> } {
@@ -179,6 +351,8 @@ class Exchange {
   /** The request body has not been read to its end; answering then must close the connection. */
   private bodyUnread = false;
   private abortListener: (() => void) | undefined;
+  /** While an upload's body is still arriving: stop handing it on, discard the rest, then call `then`. */
+  private discardBody: ((then: () => void) => void) | undefined;
 
   constructor(private readonly res: HttpResponse) {
     res.onAborted(() => {
@@ -218,9 +392,166 @@ class Exchange {
     });
   }
 
+  /**
+   * The request body as a stream, for routes that take large uploads: chunks are pushed as uWS delivers them, and
+   * uWS is paused while the consumer lags (so a fast client cannot fill memory). Must be called inside the handler.
+   */
+  streamBody(headers: Map<string, string>): { stream: Readable; length: number } {
+    if (headers.has('transfer-encoding')) throw new CloudletError('BAD_REQUEST', 'Chunked request bodies are not supported; send Content-Length');
+    const declared = headers.get('content-length');
+    if (declared === undefined || !/^\d+$/.test(declared)) throw new CloudletError('LENGTH_REQUIRED', 'Uploads must be sent with Content-Length');
+    this.bodyUnread = true;
+    let paused = false;
+    const stream = new Readable({
+      read: () => {
+        if (paused && !this.aborted) {
+          paused = false;
+          this.res.resume();
+        }
+      },
+    });
+    this.abortListener = () => stream.destroy(new CloudletError('BAD_REQUEST', 'The client aborted the upload'));
+    let discarding: { bytes: number; then: () => void } | undefined;
+    this.discardBody = (then) => {
+      discarding = { bytes: 0, then };
+      stream.destroy();
+      if (paused) {
+        paused = false;
+        this.res.resume();
+      }
+    };
+    this.res.onData((chunk, isLast) => {
+      if (discarding) {
+        discarding.bytes += chunk.byteLength;
+        if (isLast) {
+          this.bodyUnread = false;
+          discarding.then();
+        } else if (discarding.bytes > MAX_DISCARDED_BYTES) {
+          // Not worth reading on: cut off, unanswered (uWS cannot answer mid-body without losing the answer).
+          this.res.close();
+        }
+        return;
+      }
+      // Copy: uWS neuters the ArrayBuffer when this callback returns.
+      if (!stream.push(Buffer.from(new Uint8Array(chunk))) && !isLast) {
+        paused = true;
+        this.res.pause();
+      }
+      if (isLast) {
+        this.bodyUnread = false;
+        this.discardBody = undefined;
+        stream.push(null);
+      }
+    });
+    return { stream, length: Number(declared) };
+  }
+
+  /**
+   * Streams an opened file as the reply body: a chunk is read from disk only when uWS has taken the previous one
+   * (tryEnd, then onWritable when its buffer is full), so a slow client costs one chunk of memory, not the file.
+   * Returns whether the whole reply was written.
+   */
+  sendFile(reply: Reply, file: OpenedFile, headOnly: boolean): Promise<boolean> {
+    const closeFile = () => void file.handle.close().catch(() => {});
+    if (this.aborted || this.answered) {
+      closeFile();
+      return Promise.resolve(false);
+    }
+    this.answered = true;
+    const writeHead = () => {
+      this.res.writeStatus(`${reply.status} ${STATUS_CODES[reply.status] ?? ''}`);
+      for (const [name, value] of Object.entries(reply.headers)) this.res.writeHeader(name, value);
+    };
+    if (headOnly) {
+      // As in send(): this build's endWithoutBody needs Content-Length written by hand.
+      this.res.cork(() => {
+        writeHead();
+        this.res.writeHeader('Content-Length', String(file.length)).endWithoutBody();
+      });
+      closeFile();
+      return Promise.resolve(true);
+    }
+    if (file.length === 0) {
+      this.res.cork(() => {
+        writeHead();
+        this.res.end('');
+      });
+      closeFile();
+      return Promise.resolve(true);
+    }
+    return new Promise((resolve) => {
+      let settled = false;
+      const finish = (written: boolean) => {
+        if (settled) return;
+        settled = true;
+        closeFile();
+        resolve(written);
+      };
+      this.abortListener = () => finish(false);
+      // Bytes read from disk so far; the next chunk is read while the current one is being sent (one chunk ahead).
+      let read = 0;
+      const readChunk = async (): Promise<Buffer> => {
+        const chunk = Buffer.allocUnsafe(Math.min(FILE_CHUNK_BYTES, file.length - read));
+        const at = read;
+        read += chunk.length;
+        const { bytesRead } = await file.handle.read(chunk, 0, chunk.length, file.start + at);
+        if (bytesRead < chunk.length) throw new Error(`the file ended ${file.length - at - bytesRead} bytes early`);
+        return chunk;
+      };
+      let next: Promise<Buffer> | undefined = readChunk();
+      // The chunk uWS could not take whole, and the write offset it started at.
+      let pending: { data: Buffer; offset: number } | undefined;
+      const offer = (data: Buffer, offset: number): boolean => {
+        // tryEnd writes Content-Length from the total on its first call.
+        const [ok, done] = this.res.tryEnd(data, file.length);
+        if (done) finish(true);
+        else if (!ok) pending = { data, offset };
+        return ok;
+      };
+      let headWritten = false;
+      const pump = async () => {
+        try {
+          while (!settled && !pending && next) {
+            const chunk = await next;
+            next = read < file.length ? readChunk() : undefined;
+            // Not yet awaited: a rejection is handled when the loop comes to it (or ignored once settled).
+            next?.catch(() => {});
+            if (settled) return;
+            this.res.cork(() => {
+              if (!headWritten) writeHead();
+              headWritten = true;
+              offer(chunk, this.res.getWriteOffset());
+            });
+          }
+        } catch {
+          // Headers (and a Content-Length) may be out already: the only honest signal left is a cut connection.
+          if (!settled && !this.aborted) this.res.close();
+          finish(false);
+        }
+      };
+      this.res.onWritable((offset) => {
+        if (!pending) return true;
+        const { data, offset: start } = pending;
+        pending = undefined;
+        const ok = offer(data.subarray(offset - start), offset);
+        if (ok && !settled) void pump();
+        return ok;
+      });
+      void pump();
+    });
+  }
+
   /** Writes the reply unless the client is gone; returns whether it was written. */
   send(reply: Reply, headOnly: boolean): boolean {
     if (this.aborted || this.answered) return false;
+    if (this.bodyUnread && this.discardBody) {
+      // An upload refused before its end (too large, forbidden...): uWS would cut the connection on an answer sent
+      // mid-body and the client, still sending, would lose it to the reset. The rest is read and dropped first.
+      const discard = this.discardBody;
+      this.discardBody = undefined;
+      discard(() => this.send(reply, headOnly));
+      return true;
+    }
     this.answered = true;
     const closeConnection = this.bodyUnread;
     // Corked because this usually runs after an await, outside uWS's own corked handler scope.

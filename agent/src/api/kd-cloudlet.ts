@@ -2,21 +2,23 @@
  * The KD-Cloudlet face: SEI pycloud's plain-mode API under /api, as the Android client-lib in the field reads it
  * (routes, JSON keys and wrappers, statuses, WebOb text error bodies). docs/api.md lists the quirks kept on purpose.
  */
-import type { CloudletApi, Endpoint, Instance, Service } from '../core/types';
+import { APP_KINDS } from '../core/apps';
+import type { App, CloudletApi, Endpoint, Instance, Package, Service } from '../core/types';
 import { asCloudletError, type ErrorCode } from '../errors';
-import { emptyReply, hostOf, jsonReply, textReply, type ApiRequest, type Face, type Reply, type Route } from './routing';
+import { splitTags } from './v1-apps';
+import { emptyReply, fileReply, hostOf, jsonReply, textReply, type ApiRequest, type Face, type Reply, type Route } from './routing';
 
 export function kdCloudletFace(api: CloudletApi): Face {
   const routes: Route[] = [
-    { method: 'GET', path: '/api/services', handle: () => jsonReply(200, { services: api.listServices().map(serviceJson) }) },
+    { method: 'GET', path: '/api/services', handle: () => jsonReply(200, { services: startableServices(api).map(serviceJson) }) },
     { method: 'GET', path: '/api/services/get', handle: (request) => findService(api, request) },
     { method: 'GET', path: '/api/servicevm/start', handle: (request) => startServiceVm(api, request) },
     { method: 'GET', path: '/api/servicevm/stop', handle: (request) => stopServiceVm(api, request) },
     { method: 'GET', path: '/api/system', handle: (request) => systemMetadata(api, request) },
     // Device mailboxes are not implemented yet: every device has an empty one.
     { method: 'GET', path: '/api/system/get_messages', handle: () => jsonReply(200, { messages: [] }) },
-    // The app store (Cloudlet Push) is not implemented yet.
-    { method: 'GET', path: '/api/apps', handle: () => jsonReply(200, { apps: [] }) },
+    { method: 'GET', path: '/api/apps', handle: ({ query }) => jsonReply(200, { apps: androidApps(api, query).map(appJson) }) },
+    { method: 'GET', path: '/api/apps/get', handle: (request) => getApp(api, request) },
   ];
   return {
     prefix: '/api',
@@ -34,7 +36,7 @@ function findService(api: CloudletApi, request: ApiRequest): Reply {
   // Python formats a missing parameter as None.
   const serviceId = request.query.get('serviceId') ?? 'None';
   try {
-    return jsonReply(200, serviceJson(api.getService(serviceId)));
+    return jsonReply(200, serviceJson(api.listPackages().find((p) => p.id === serviceId) ?? api.getService(serviceId)));
   } catch (err) {
     return failureReply(err, { code: 'SERVICE_NOT_FOUND', status: 404, detail: `404 Not Found - service for ${serviceId} not found` });
   }
@@ -81,12 +83,51 @@ async function systemMetadata(api: CloudletApi, request: ApiRequest): Promise<Re
       cache: info.cpu.cacheKb,
     },
   };
-  if (parseFlag(request.query.get('services'))) metadata.services = api.listServices().map(serviceJson);
-  if (parseFlag(request.query.get('apps'))) metadata.apps = [];
+  if (parseFlag(request.query.get('services'))) metadata.services = startableServices(api).map(serviceJson);
+  if (parseFlag(request.query.get('apps'))) metadata.apps = androidApps(api, new URLSearchParams()).map(appJson);
   return jsonReply(200, metadata);
 }
 
-function serviceJson(service: Service) {
+/** What a KD client can start: the cached services and the app packages, whose app ids act as service ids. */
+function startableServices(api: CloudletApi): (Service | Package)[] {
+  return [...api.listServices(), ...api.listPackages()].sort((a, b) => a.id.localeCompare(b.id));
+}
+
+/**
+ * The apps a KD client may install: Android ones only (client-lib saves every download as an .apk and opens the
+ * installer). osName, osVersion (the app's minimum must not exceed it) and tags (any one) filter, where pycloud
+ * ignored the first two.
+ */
+function androidApps(api: CloudletApi, query: URLSearchParams): App[] {
+  const osName = query.get('osName');
+  if (osName && osName.toLowerCase() !== 'android') return [];
+  return api.listApps({ osName: 'Android', ...(query.get('osVersion') ? { osVersion: query.get('osVersion')! } : {}), tags: splitTags(query.get('tags')) });
+}
+
+function getApp(api: CloudletApi, request: ApiRequest): Reply {
+  // client-lib sends appId; pycloud's handler read app_id. Either is accepted.
+  const appId = request.query.get('appId') || request.query.get('app_id');
+  if (!appId) return webobError(400, '400 Bad Request - must provide app_id');
+  const notFound = { code: 'APP_NOT_FOUND' as const, status: 404, detail: `404 Not Found - app with id "${appId}" was not found` };
+  try {
+    const { app, path } = api.appFile(appId);
+    if (app.kind !== 'android') return webobError(notFound.status, notFound.detail);
+    // pycloud's header spelling; the file name is "<app id>-<original name>" as pycloud stored it.
+    return fileReply(path, { 'Content-type': APP_KINDS.android.contentType, 'Content-disposition': `attachment; filename="${app.id}-${app.fileName}"` }, false);
+  } catch (err) {
+    return failureReply(err, notFound);
+  }
+}
+
+/** pycloud's app document; md5sum is the real MD5 of the file (pycloud left it null), which client-lib then checks. */
+function appJson(app: App) {
+  return {
+    _id: app.id, name: app.name, service_id: app.serviceId, description: app.description, package_name: app.packageName,
+    min_android_version: app.minOsVersion, md5sum: app.md5, app_version: app.version, tags: app.tags,
+  };
+}
+
+function serviceJson(service: Service | Package) {
   const { version, description, tags } = service.manifest;
   return { _id: service.id, service_id: service.id, description, version, tags };
 }

@@ -2,6 +2,7 @@
  * What an HTTP face is made of, independent of the server library: a route table of handlers that turn a parsed
  * request into a Reply, and the face's way of answering errors. http-server.ts runs faces; the faces never see uWS.
  */
+import type { Readable } from 'node:stream';
 import { CloudletError } from '../errors';
 
 export type RouteMethod = 'GET' | 'POST' | 'DELETE';
@@ -17,6 +18,10 @@ export interface ApiRequest {
   header(name: string): string | undefined;
   /** The parsed JSON body for routes with `jsonBody`, otherwise undefined. */
   body: unknown;
+  /** The client's IP address as text (IPv4 dotted, IPv6 full form). */
+  remoteAddress: string;
+  /** For routes with `streamBody`: the raw body as it arrives, `length` bytes as its Content-Length announced. */
+  bodyStream?: { stream: Readable; length: number };
 }
 
 export interface Reply {
@@ -24,6 +29,11 @@ export interface Reply {
   /** Content-Length is never set here: the server computes it from `body`. */
   headers: Record<string, string>;
   body: string;
+  /**
+   * Send this file from disk instead of `body`, streamed (never read whole) with its Content-Length. With `ranges`,
+   * a `Range: bytes=...` request is answered 206 with that part (or 416), so an interrupted download resumes.
+   */
+  file?: { path: string; ranges: boolean };
 }
 
 export interface Route {
@@ -32,6 +42,10 @@ export interface Route {
   path: string;
   /** Read the request body (size-limited) and parse it as JSON before calling `handle`. */
   jsonBody?: boolean;
+  /** A larger limit than the server's default for this route's JSON body (e.g. recipes). */
+  maxBodyBytes?: number;
+  /** Hand the body to `handle` as a stream (large uploads) instead of reading it; it must come with Content-Length. */
+  streamBody?: boolean;
   handle(request: ApiRequest): Reply | Promise<Reply>;
 }
 
@@ -53,6 +67,10 @@ export function jsonReply(status: number, value: unknown): Reply {
 
 export function textReply(status: number, text: string): Reply {
   return { status, headers: { 'Content-Type': 'text/plain; charset=utf-8' }, body: text };
+}
+
+export function fileReply(path: string, headers: Record<string, string>, ranges: boolean): Reply {
+  return { status: 200, headers, body: '', file: { path, ranges } };
 }
 
 export function emptyReply(status: number): Reply {

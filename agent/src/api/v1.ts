@@ -3,13 +3,18 @@
  * lives in the "wire shapes" section below and nowhere else. Errors are `{code, message, details?}` with the
  * CloudletError's status.
  */
-import type { CloudletApi, Endpoint, HealthReport, Instance, Service, StopResult, SystemInfo } from '../core/types';
+import type { CloudletEvent } from '../core/events';
+import type { ProvisioningApi } from '../core/types';
+import type { CloudletApi, Endpoint, HealthReport, Instance, Package, PackageSource, Peer, Service, StopResult, SystemInfo } from '../core/types';
 import type { LaunchTimings } from '../core/timing';
 import { CloudletError } from '../errors';
 import { emptyReply, hostOf, jsonReply, type ApiRequest, type Face, type Route } from './routing';
+import { appRoutes } from './v1-apps';
+import { provisioningRoutes } from './v1-provisioning';
 
-export function v1Face(api: CloudletApi): Face {
+export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi): Face {
   const routes: Route[] = [
+    ...(provisioning ? provisioningRoutes(provisioning) : []),
     {
       method: 'GET',
       path: '/v1/health',
@@ -40,6 +45,24 @@ export function v1Face(api: CloudletApi): Face {
       path: '/v1/services/:id/state',
       handle: async ({ params }) => jsonReply(200, serviceJson(await api.captureServiceState(params.id!))),
     },
+    { method: 'GET', path: '/v1/packages', handle: () => jsonReply(200, { packages: api.listPackages().map(packageJson) }) },
+    { method: 'GET', path: '/v1/packages/:id', handle: ({ params }) => jsonReply(200, packageJson(api.getPackage(params.id!))) },
+    {
+      method: 'POST',
+      path: '/v1/packages',
+      streamBody: true,
+      handle: async (request) => jsonReply(201, packageJson(await api.importPackage(await packageSource(request)))),
+    },
+    {
+      method: 'DELETE',
+      path: '/v1/packages/:id',
+      handle: async ({ params }) => {
+        await api.removePackage(params.id!);
+        return emptyReply(204);
+      },
+    },
+    { method: 'GET', path: '/v1/peers', handle: () => jsonReply(200, { peers: api.peers().map(peerJson) }) },
+    ...appRoutes(api),
     { method: 'GET', path: '/v1/instances', handle: () => jsonReply(200, { instances: api.listInstances().map(instanceJson) }) },
     { method: 'GET', path: '/v1/instances/:id', handle: ({ params }) => jsonReply(200, instanceJson(api.getInstance(params.id!))) },
     { method: 'POST', path: '/v1/instances', jsonBody: true, handle: (request) => startInstance(api, request) },
@@ -81,14 +104,33 @@ async function startInstance(api: CloudletApi, request: ApiRequest) {
 
 // ---- request bodies --------------------------------------------------------------------------------------------
 
-function jsonObject(body: unknown): Record<string, unknown> {
+const PATH_BODY_MAX_BYTES = 64 * 1024;
+
+/** POST /v1/packages: a JSON `{path}` of a tarball on this machine, or (any other Content-Type) the tarball itself. */
+async function packageSource(request: ApiRequest): Promise<PackageSource> {
+  const upload = request.bodyStream;
+  if (!upload) throw new CloudletError('BAD_REQUEST', 'POST a package tarball, or JSON {"path": ...} naming one on the cloudlet');
+  if (!request.header('content-type')?.startsWith('application/json')) return { stream: upload.stream };
+  if (upload.length > PATH_BODY_MAX_BYTES) throw new CloudletError('PAYLOAD_TOO_LARGE', `a JSON body must be at most ${PATH_BODY_MAX_BYTES} bytes`);
+  const chunks: Buffer[] = [];
+  for await (const chunk of upload.stream) chunks.push(chunk as Buffer);
+  let body: unknown;
+  try {
+    body = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+  } catch (err) {
+    throw new CloudletError('BAD_REQUEST', `Malformed JSON body: ${(err as Error).message}`);
+  }
+  return { path: requiredString(jsonObject(body), 'path') };
+}
+
+export function jsonObject(body: unknown): Record<string, unknown> {
   if (typeof body !== 'object' || body === null || Array.isArray(body)) {
     throw new CloudletError('BAD_REQUEST', 'The request body must be a JSON object');
   }
   return body as Record<string, unknown>;
 }
 
-function requiredString(body: Record<string, unknown>, field: string): string {
+export function requiredString(body: Record<string, unknown>, field: string): string {
   const value = body[field];
   if (value === undefined || value === null) {
     throw new CloudletError('MISSING_PARAMETER', `Missing required field "${field}"`, { details: { parameter: field } });
@@ -99,7 +141,7 @@ function requiredString(body: Record<string, unknown>, field: string): string {
   return value;
 }
 
-function optionalBoolean(body: Record<string, unknown>, field: string): boolean | undefined {
+export function optionalBoolean(body: Record<string, unknown>, field: string): boolean | undefined {
   const value = body[field];
   if (value === undefined || value === null) return undefined;
   if (typeof value !== 'boolean') {
@@ -110,12 +152,17 @@ function optionalBoolean(body: Record<string, unknown>, field: string): boolean 
 
 // ---- wire shapes -----------------------------------------------------------------------------------------------
 
-function serviceJson(service: Service) {
+export function serviceJson(service: Service) {
   // The manifest is already in its snake_case file format.
   return { id: service.id, dir: service.dir, imported_at: service.importedAt, manifest: service.manifest };
 }
 
-function instanceJson(instance: Instance) {
+export function packageJson(appPackage: Package) {
+  // The manifest is already in its snake_case file format.
+  return { id: appPackage.id, sha256: appPackage.sha256, dir: appPackage.dir, imported_at: appPackage.importedAt, manifest: appPackage.manifest };
+}
+
+export function instanceJson(instance: Instance) {
   return {
     id: instance.id,
     service_id: instance.serviceId,
@@ -132,11 +179,11 @@ function instanceJson(instance: Instance) {
   };
 }
 
-function endpointJson(endpoint: Endpoint) {
+export function endpointJson(endpoint: Endpoint) {
   return { address: endpoint.address, port: endpoint.port };
 }
 
-function timingsJson(t: LaunchTimings) {
+export function timingsJson(t: LaunchTimings) {
   return { total_ms: t.totalMs, libvirt_ms: t.libvirtMs, guest_ms: t.guestMs, agent_ms: t.agentMs };
 }
 
@@ -156,9 +203,33 @@ function systemJson(info: SystemInfo) {
       libvirt_version: info.hypervisor.libvirtVersion,
     },
     instances: info.instances,
+    discovery: { state: info.discovery.state, name: info.discovery.name, ...(info.discovery.detail ? { detail: info.discovery.detail } : {}) },
   };
 }
 
+function peerJson(peer: Peer) {
+  return { name: peer.name, host: peer.host, address: peer.address, port: peer.port, txt: peer.txt, interface: peer.interface, seen_at: peer.seenAt };
+}
+
+/** The first message on the /v1/events WebSocket: the instances as they are when the client connects. */
+export function eventsSnapshotJson(instances: Instance[]) {
+  return { type: 'snapshot', instances: instances.map(instanceJson) };
+}
+
+/** The JSON of an event on the /v1/events WebSocket and of the MQTT instance topics: the same shapes as the routes. */
+export function eventJson(event: CloudletEvent) {
+  if (event.type === 'progress') {
+    return {
+      type: 'progress', instance_id: event.instanceId, service_id: event.serviceId, phase: event.phase, percent: event.percent,
+      ...(event.bytes ? { bytes_done: event.bytes.done, bytes_total: event.bytes.total } : {}), at: event.at,
+    };
+  }
+  return { type: 'instance', state: event.state, ...(event.reason ? { reason: event.reason } : {}), instance: { ...instanceJson(event.instance), state: event.state }, at: event.at };
+}
+
 function healthJson(report: HealthReport) {
-  return { ok: report.ok, checks: report.checks.map(({ name, ok, detail }) => ({ name, ok, ...(detail === undefined ? {} : { detail }) })) };
+  return {
+    ok: report.ok,
+    checks: report.checks.map(({ name, ok, detail, optional }) => ({ name, ok, ...(optional ? { optional } : {}), ...(detail === undefined ? {} : { detail }) })),
+  };
 }

@@ -154,14 +154,14 @@ async function readManifest(dir: string): Promise<ServiceManifest> {
   return parseManifest(json);
 }
 
-async function writeManifest(dir: string, manifest: ServiceManifest): Promise<void> {
+export async function writeManifest(dir: string, manifest: object): Promise<void> {
   const tmp = path.join(dir, `.${MANIFEST}.tmp`);
   await writeFile(tmp, JSON.stringify(manifest, null, 2) + '\n', { mode: 0o644 });
   await rename(tmp, path.join(dir, MANIFEST));
 }
 
 /** Copy one file named by the manifest; links and special files are refused (they could point anywhere). */
-async function copyRegularFile(sourceDir: string, name: string, destDir: string): Promise<void> {
+export async function copyRegularFile(sourceDir: string, name: string, destDir: string): Promise<void> {
   const source = path.join(sourceDir, name);
   const stat = await lstat(source).catch((err) => {
     throw new CloudletError('INVALID_MANIFEST', `manifest.json names ${name}, which cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);

@@ -1,21 +1,36 @@
-import { chmod, mkdir, rm } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { access, chmod, mkdir, rm } from 'node:fs/promises';
 import { randomUUID } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
+import type { Readable } from 'node:stream';
 import type { AgentConfig } from '../config';
-import { CloudletError } from '../errors';
-import { convertImage, createLinkedClone } from '../images/qemu-img';
+import { CloudletError, asCloudletError } from '../errors';
+import { convertImage } from '../images/qemu-img';
 import type { Logger } from '../log';
+import { AppVirtMechanism } from '../mechanisms/app-virt';
 import { CachedVmMechanism } from '../mechanisms/cached-vm';
-import { buildDomainXml } from '../vm/domain-xml';
+import type { Mechanism } from '../mechanisms/mechanism';
+import { OnDemandMechanism, recipeService } from '../mechanisms/on-demand';
+import { PackageStore } from '../packages/store';
+import { SandboxRuntime } from '../sandbox/sandbox-runtime';
 import { Hypervisor } from '../vm/hypervisor';
-import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
-import { Catalog } from './catalog';
-import { InstanceRegistry } from './instances';
+import { instanceFiles } from '../vm/instance-domain';
+import { AppStore } from './apps';
+import { BaseStore, type BaseVm } from './bases';
+import { Catalog, copyRegularFile, writeManifest } from './catalog';
+import { InstanceRegistry, withConsoleTail } from './instances';
 import { PortAllocator } from './ports';
 import { waitUntilReady } from './readiness';
+import { RECIPE_TAG_PREFIX, parseRecipe, recipeTag, type Recipe } from './recipe';
+import { RecipeStore } from './recipes';
 import { HostMonitor } from './system-info';
-import type { CloudletApi, Endpoint, HealthReport, Instance, InstanceRecord, Service, StartRequest, StartResult, StopResult, SystemInfo } from './types';
+import { PhaseTimer } from './timing';
+import type { EventListener } from './events';
+import type { App, AppFilter, NewApp } from './types';
+import type { Package, PackageSource } from './types';
+import type { ProvisioningApi } from './types';
+import type { CloudletApi, DiscoveryView, Endpoint, HealthCheck, HealthReport, Instance, InstanceRecord, Peer, Service, StartRequest, StartResult, StopResult, SystemInfo } from './types';
 
 // From dist/agent/src/core/ up to the repository (or installed package) root.
 export const AGENT_VERSION: string = (require('../../../../package.json') as { version: string }).version;
@@ -26,8 +41,11 @@ const WILDCARD = new Set(['0.0.0.0', '::', '']);
  * The core: the catalog of cached services, the registry of running instances and the mechanisms that launch
  * them. The HTTP faces call only this (through CloudletApi).
  */
-export class Cloudlet implements CloudletApi {
+export class Cloudlet implements CloudletApi, ProvisioningApi {
   private readonly host = new HostMonitor();
+  private discovery: DiscoveryView | null = null;
+  /** Recipe results being cached, so concurrent requests share one capture. */
+  private readonly caching = new Map<string, Promise<Service>>();
 
   private constructor(
     private readonly config: AgentConfig,
@@ -37,6 +55,13 @@ export class Cloudlet implements CloudletApi {
     private readonly registry: InstanceRegistry,
     private readonly cachedVm: CachedVmMechanism,
     private readonly log: Logger,
+    private readonly apps: AppStore,
+    private readonly packages: PackageStore,
+    /** Why app packages cannot run here, when the host lacks what sandboxes need. */
+    private readonly appVirt: AppVirtMechanism | CloudletError,
+    private readonly bases: BaseStore,
+    private readonly recipes: RecipeStore,
+    private readonly onDemand: OnDemandMechanism,
   ) {}
 
   static async open(config: AgentConfig, log: Logger): Promise<Cloudlet> {
@@ -50,10 +75,25 @@ export class Cloudlet implements CloudletApi {
     if (config.seedDir) await catalog.importSeeds(config.seedDir);
     const ports = new PortAllocator(config.forward.bindAddress, config.forward.portRange);
     const cachedVm = new CachedVmMechanism(hypervisor);
-    const registry = new InstanceRegistry([cachedVm], ports, path.join(config.dataDir, 'instances'), staging, config.forward.bindAddress, log);
+    const packages = new PackageStore(path.join(config.dataDir, 'packages'), staging, (id) => catalog.has(id), log);
+    await packages.load();
+    const instancesDir = path.join(config.dataDir, 'instances');
+    // Without cgroups (a container, a private mount namespace) the agent still serves VMs; packages just cannot start.
+    const appVirt = await SandboxRuntime.open(instancesDir, log).then((runtime) => new AppVirtMechanism(runtime), (err: unknown) => {
+      log(`app packages cannot run on this host: ${(err as Error).message}`);
+      return asCloudletError(err);
+    });
+    const onDemand = new OnDemandMechanism(hypervisor);
+    const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand], ports, instancesDir, staging, config.forward.bindAddress, log);
     await registry.adopt();
-    registry.startReconciling(config.reconcileIntervalMs);
-    return new Cloudlet(config, hypervisor, catalog, ports, registry, cachedVm, log);
+    registry.startReconciling(config.reconcileIntervalMs, config.libvirtEvents);
+    const apps = new AppStore(path.join(config.dataDir, 'apps'), staging, config.apps.maxUploadBytes, log);
+    await apps.load();
+    const bases = new BaseStore(path.join(config.dataDir, 'bases'), () => catalog.workDir(), log);
+    await bases.load();
+    const recipes = new RecipeStore(path.join(config.dataDir, 'recipes'), log);
+    await recipes.load();
+    return new Cloudlet(config, hypervisor, catalog, ports, registry, cachedVm, log, apps, packages, appVirt, bases, recipes, onDemand);
   }
 
   /** Stop watching and disconnect. Running instances keep running: the next agent adopts them. */
@@ -80,6 +120,24 @@ export class Cloudlet implements CloudletApi {
     await this.catalog.remove(id);
   }
 
+  listPackages(): Package[] {
+    return this.packages.list();
+  }
+
+  getPackage(id: string): Package {
+    return this.packages.get(id);
+  }
+
+  importPackage(source: PackageSource): Promise<Package> {
+    return this.packages.import(source);
+  }
+
+  async removePackage(id: string): Promise<void> {
+    this.packages.get(id);
+    this.refuseWhileInUse(id, 'removed');
+    await this.packages.remove(id);
+  }
+
   private refuseWhileInUse(id: string, what: string): void {
     const running = this.registry.countFor(id);
     if (running > 0) throw new CloudletError('SERVICE_IN_USE', `service ${id} has ${running} running instance(s) and cannot be ${what}; stop them first`);
@@ -93,10 +151,18 @@ export class Cloudlet implements CloudletApi {
     return this.registry.get(id);
   }
 
+  /** An app package's id acts as a service id: the package store is asked first, then the catalog. */
   async startInstance(req: StartRequest): Promise<StartResult> {
-    const service = this.catalog.get(req.serviceId);
-    const started = await this.registry.start(service, req.join, this.cachedVm);
+    const appPackage = this.packages.find(req.serviceId);
+    const started = appPackage
+      ? await this.registry.start(appPackage, req.join, this.runnableAppVirt())
+      : await this.registry.start(this.catalog.get(req.serviceId), req.join, this.cachedVm);
     return { ...started, endpoint: this.endpointFor(started.instance, req.clientHost) };
+  }
+
+  private runnableAppVirt(): AppVirtMechanism {
+    if (this.appVirt instanceof CloudletError) throw this.appVirt;
+    return this.appVirt;
   }
 
   stopInstance(id: string): Promise<StopResult> {
@@ -117,33 +183,128 @@ export class Cloudlet implements CloudletApi {
   async captureServiceState(id: string): Promise<Service> {
     const service = this.catalog.get(id);
     this.refuseWhileInUse(id, 'captured');
+    // A cold boot even if the service already has a state: the new state must come from the current disk.
+    const coldService: Service = { ...service, manifest: { ...service.manifest, state: null } };
+    const captured = await this.captureRunning(coldService, this.cachedVm, ({ disk, state }) => this.catalog.replaceDiskAndState(id, { disk, state }));
+    this.log(`captured the memory state of ${id}`);
+    return captured;
+  }
+
+  /**
+   * Launch `service` with `mechanism` as a throwaway instance in the staging area, wait until it answers, save its
+   * memory state and flatten its disk; `keep` turns that pair (files in the instance's directory, to be moved or
+   * copied) into the service to return. Whatever happens, the VM, its files and its port are gone afterwards.
+   */
+  private async captureRunning<W extends Service>(service: W, mechanism: Mechanism<W>,
+    keep: (captured: { dir: string; disk: string; state: string }) => Promise<Service>): Promise<Service> {
     const work = await this.catalog.workDir();
     const hostPort = await this.ports.reserve();
     const meta: InstanceRecord = {
-      id: randomUUID(), serviceId: id, mechanism: 'cached-vm', state: 'starting', bindAddress: this.config.forward.bindAddress,
+      id: randomUUID(), serviceId: service.id, mechanism: mechanism.name, state: 'starting', bindAddress: this.config.forward.bindAddress,
       hostPort, guestPort: service.manifest.port, shareable: false, users: 0, launch: 'cold-boot',
       createdAt: new Date().toISOString(), readyAt: null, dir: work, readiness: service.manifest.readiness,
     };
-    const files = instanceFiles(work);
     try {
-      await createLinkedClone(path.join(service.dir, service.manifest.disk), files.disk);
-      // A cold boot even if the service already has a state: the new state must come from the current disk.
-      const coldService: Service = { ...service, manifest: { ...service.manifest, state: null } };
-      await this.hypervisor.boot(buildDomainXml(instanceDomainSpec(coldService, `cloudlet-capture-${meta.id.slice(0, 8)}`, meta, this.hypervisor.domainType)));
+      await mechanism.launch({ service, domainName: `cloudlet-capture-${meta.id.slice(0, 8)}`, record: meta, timer: new PhaseTimer(), progress: () => {} });
       await waitUntilReady(service.manifest.readiness, WILDCARD.has(meta.bindAddress) ? '127.0.0.1' : meta.bindAddress, hostPort, {
         stillAlive: async () => (await this.hypervisor.running()).has(meta.id),
       });
       const state = path.join(work, 'state.sav');
       await this.hypervisor.save(meta.id, state);
-      const flat = path.join(work, 'captured.qcow2');
-      await convertImage(files.disk, flat, 'qcow2');
-      this.log(`captured the memory state of ${id}`);
-      return await this.catalog.replaceDiskAndState(id, { disk: flat, state });
+      const disk = path.join(work, 'captured.qcow2');
+      await convertImage(instanceFiles(work).disk, disk, 'qcow2');
+      return await keep({ dir: work, disk, state });
+    } catch (err) {
+      throw await withConsoleTail(asCloudletError(err), this.hypervisor, work);
     } finally {
       await this.hypervisor.destroy(meta.id);
       await rm(work, { recursive: true, force: true });
       this.ports.release(hostPort);
     }
+  }
+
+  listBases(): BaseVm[] {
+    return this.bases.list();
+  }
+
+  getBase(ref: string): BaseVm {
+    return this.bases.get(ref);
+  }
+
+  importBase(dir: string, name: string): Promise<BaseVm> {
+    return this.bases.import(dir, name);
+  }
+
+  listRecipes(): Recipe[] {
+    return this.recipes.list();
+  }
+
+  getRecipe(id: string): Recipe {
+    return this.recipes.get(id);
+  }
+
+  async storeRecipe(json: unknown): Promise<Recipe> {
+    const recipe = parseRecipe(json);
+    this.bases.get(recipe.base); // a recipe for a base this cloudlet lacks is refused now, not at its first use
+    await this.recipes.put(recipe);
+    return recipe;
+  }
+
+  removeRecipe(id: string): Promise<void> {
+    return this.recipes.remove(id);
+  }
+
+  /**
+   * Start the recipe's service: from its cached result (a Cached VM start) when that was made from this very
+   * recipe, else provisioned on demand from its base (and then cached too under the `after-first-use` policy).
+   */
+  async provision(id: string, req: { join: boolean; clientHost?: string }): Promise<StartResult> {
+    const recipe = this.recipes.get(id);
+    if (this.cachedResultOf(recipe)) return this.startInstance({ serviceId: id, join: req.join, clientHost: req.clientHost });
+    const started = await this.registry.start(recipeService(recipe, this.bases.get(recipe.base)), req.join, this.onDemand);
+    if (recipe.cache === 'after-first-use') {
+      this.cacheRecipe(id).catch((err: Error) => this.log(`caching the result of recipe ${id} failed: ${err.message}`));
+    }
+    return { ...started, endpoint: this.endpointFor(started.instance, req.clientHost) };
+  }
+
+  private cachedResultOf(recipe: Recipe): Service | null {
+    const service = this.catalog.has(recipe.service_id) ? this.catalog.get(recipe.service_id) : null;
+    return service && service.manifest.tags.includes(recipeTag(recipe)) ? service : null;
+  }
+
+  /**
+   * Provision the recipe on a throwaway VM and keep the result (disk + memory state, with the base's kernel and
+   * initrd) as the Cached VM service of the recipe's id, replacing an older result of the recipe.
+   */
+  cacheRecipe(id: string): Promise<Service> {
+    const inFlight = this.caching.get(id);
+    if (inFlight) return inFlight;
+    const recipe = this.recipes.get(id);
+    const existing = this.catalog.has(id) ? this.catalog.get(id) : null;
+    if (existing && !existing.manifest.tags.some((t) => t.startsWith(RECIPE_TAG_PREFIX))) {
+      return Promise.reject(new CloudletError('SERVICE_EXISTS', `service ${id} exists and was not made from a recipe; it is not replaced`, { details: { service_id: id } }));
+    }
+    const service = recipeService(recipe, this.bases.get(recipe.base));
+    const caching = this.captureRunning(service, this.onDemand, async ({ dir, disk, state }) => {
+      const base = service.base.manifest;
+      for (const file of [base.boot?.kernel, base.boot?.initrd]) if (file) await copyRegularFile(service.base.dir, file, dir);
+      await writeManifest(dir, { ...service.manifest, disk: path.basename(disk), state: path.basename(state), boot: base.boot });
+      if (this.catalog.has(id)) {
+        this.refuseWhileInUse(id, 'replaced by a new cached result');
+        await this.catalog.remove(id);
+      }
+      const cached = await this.catalog.import(dir);
+      this.log(`cached the result of recipe ${id}`);
+      return cached;
+    }).finally(() => this.caching.delete(id));
+    this.caching.set(id, caching);
+    return caching;
+  }
+
+  /** The end of an instance's console output, while it starts and while it runs. */
+  consoleTail(id: string, maxBytes: number): Promise<string> {
+    return this.registry.consoleTail(id, maxBytes);
   }
 
   async systemInfo(): Promise<SystemInfo> {
@@ -155,12 +316,58 @@ export class Cloudlet implements CloudletApi {
       memory: { totalBytes: h.totalBytes, freeBytes: h.freeBytes },
       hypervisor: { uri: this.hypervisor.uri, domainType: this.hypervisor.domainType, libvirtVersion: this.hypervisor.libvirtVersion },
       instances: this.registry.list().length,
+      discovery: this.discovery?.status() ?? { state: 'disabled', name: null },
     };
+  }
+
+  /** Discovery starts after the HTTP server (it publishes the port actually bound) and reports through this. */
+  attachDiscovery(view: DiscoveryView): void {
+    this.discovery = view;
+  }
+
+  peers(): Peer[] {
+    return this.discovery?.peers() ?? [];
+  }
+
+  listApps(filter?: AppFilter): App[] {
+    return this.apps.list(filter);
+  }
+
+  getApp(id: string): App {
+    return this.apps.get(id);
+  }
+
+  appFile(id: string): { app: App; path: string } {
+    const app = this.apps.get(id);
+    return { app, path: this.apps.filePath(app) };
+  }
+
+  addApp(meta: NewApp, content: Readable, length: number): Promise<App> {
+    // An app goes with a service this cloudlet offers: a typo in the service id is caught here, not by a phone.
+    this.getService(meta.serviceId);
+    return this.apps.add(meta, content, length);
+  }
+
+  removeApp(id: string): Promise<void> {
+    return this.apps.remove(id);
+  }
+
+  subscribe(listener: EventListener): () => void {
+    return this.registry.events.subscribe(listener);
   }
 
   async health(): Promise<HealthReport> {
     const libvirt = await this.hypervisor.isAlive();
-    const checks = [{ name: 'libvirt', ok: libvirt, ...(libvirt ? {} : { detail: `connection to ${this.hypervisor.uri} is not alive` }) }];
-    return { ok: checks.every((c) => c.ok), checks };
+    const checks: HealthCheck[] = [{ name: 'libvirt', ok: libvirt, ...(libvirt ? {} : { detail: `connection to ${this.hypervisor.uri} is not alive` }) }];
+    // A root file system gone read-only (ext4 errors=remount-ro) leaves the API up but every start failing.
+    const dataDirProblem = await access(this.config.dataDir, fsConstants.W_OK).then(() => null, (err: Error) => err.message);
+    checks.push({ name: 'data-dir', ok: dataDirProblem === null, ...(dataDirProblem ? { detail: dataDirProblem } : {}) });
+    if (this.appVirt instanceof CloudletError) checks.push({ name: 'sandboxes', ok: false, optional: true, detail: this.appVirt.message });
+    const discovery = this.discovery?.status();
+    if (discovery && discovery.state !== 'disabled') {
+      const ok = discovery.state === 'published' || discovery.state === 'registering';
+      checks.push({ name: 'discovery', ok, optional: true, ...(ok || !discovery.detail ? {} : { detail: discovery.detail }) });
+    }
+    return { ok: checks.every((c) => c.ok || c.optional), checks };
   }
 }

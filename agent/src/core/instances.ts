@@ -1,13 +1,14 @@
 import { randomUUID } from 'node:crypto';
 import { mkdir, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { CloudletError, asCloudletError } from '../errors';
+import { CloudletError, asCloudletError, withDetails } from '../errors';
 import type { Logger } from '../log';
-import type { InstanceRuntime, Mechanism } from '../mechanisms/mechanism';
+import type { InstanceEnding, InstanceRuntime, Mechanism } from '../mechanisms/mechanism';
+import { EventBus, type InstanceLifecycleState, type LaunchPhase } from './events';
 import type { PortAllocator } from './ports';
 import { waitUntilReady } from './readiness';
 import { PhaseTimer } from './timing';
-import type { Instance, InstanceRecord, MechanismName, Service, StartResult, StopResult } from './types';
+import type { Instance, InstanceRecord, MechanismName, StartResult, StopResult, Workload } from './types';
 
 const LAUNCH_ATTEMPTS = 3;
 
@@ -36,15 +37,19 @@ export class InstanceRegistry {
   private readonly instances = new Map<string, InstanceRecord>();
   /** Instances being launched (not yet in libvirt's list): the reconciler must not take them for dead. */
   private readonly launching = new Set<string>();
+  /** The records of instances being launched by this agent, so their console can be read while they start. */
+  private readonly starting = new Map<string, InstanceRecord>();
   /** Launches in flight per shareable service, so concurrent joiners share one VM instead of each starting one. */
   private readonly pendingShared = new Map<string, Promise<InstanceRecord>>();
   private readonly queue = new KeyedQueue();
   private reconcileTimer: NodeJS.Timeout | undefined;
+  /** Every state change and launch progress of the instances, for the API's event stream and telemetry. */
+  readonly events = new EventBus();
 
-  private readonly mechanisms: Map<MechanismName, Mechanism>;
+  private readonly mechanisms: Map<MechanismName, Mechanism<Workload>>;
 
   constructor(
-    mechanisms: Mechanism[],
+    mechanisms: Mechanism<Workload>[],
     private readonly ports: PortAllocator,
     private readonly instancesDir: string,
     /** Where unfinished work lives (captures); an instance found there at start is a leftover. */
@@ -75,6 +80,14 @@ export class InstanceRegistry {
 
   get(id: string): Instance {
     return publicView(this.record(id));
+  }
+
+  /** The end of an instance's console output, also while it is still starting. */
+  async consoleTail(id: string, maxBytes: number): Promise<string> {
+    const record = this.instances.get(id) ?? this.starting.get(id) ?? this.record(id);
+    const runtime = this.runtimeOf(record);
+    if (!runtime.consoleTail) throw new CloudletError('NOT_FOUND', `instance ${id} (${record.mechanism}) has no console`);
+    return runtime.consoleTail(record.dir, maxBytes);
   }
 
   countFor(serviceId: string): number {
@@ -114,8 +127,19 @@ export class InstanceRegistry {
     if (meta.state === 'starting') void this.finishAdoptedLaunch(meta);
   }
 
-  /** Watch libvirt for instances that ended outside the agent (killed, crashed, destroyed by hand). */
-  startReconciling(intervalMs: number): void {
+  /**
+   * Watch for instances that ended outside the agent (killed, crashed, destroyed by hand): through the runtimes'
+   * own events when they have them and `useEvents` is set (noticed within milliseconds), and by polling every
+   * `intervalMs` as the safety net for anything an event could not tell (a lost connection, an agent restart).
+   */
+  startReconciling(intervalMs: number, useEvents = true): void {
+    if (useEvents) {
+      for (const runtime of this.runtimes) {
+        runtime.watchEnded?.((id, ending) => {
+          this.endIfGone(id, ending).catch((err: Error) => this.log(`handling the end of ${id} failed: ${err.message}`));
+        }).catch((err: Error) => this.log(`no lifecycle events, polling only: ${err.message}`));
+      }
+    }
     const tick = async () => {
       try {
         await this.reconcile();
@@ -137,16 +161,21 @@ export class InstanceRegistry {
     const running = new Set<string>();
     for (const runtime of this.runtimes) for (const id of await runtime.running()) running.add(id);
     for (const meta of [...this.instances.values()]) {
-      if (running.has(meta.id) || this.launching.has(meta.id)) continue;
-      await this.queue.run(meta.id, async () => {
-        if (!this.instances.has(meta.id) || (await this.isRunning(meta))) return;
-        this.log(`instance ${meta.id} of ${meta.serviceId} ended outside the agent; releasing its port and files`);
-        await this.forget(meta);
-      });
+      if (!running.has(meta.id)) await this.endIfGone(meta.id, { state: 'stopped', reason: 'vanished' });
     }
   }
 
-  async start(service: Service, join: boolean, mechanism: Mechanism): Promise<Omit<StartResult, 'endpoint'>> {
+  /** An instance that is no longer running (and not being launched) is released: its port, files and record. */
+  private endIfGone(id: string, ending: InstanceEnding): Promise<void> {
+    return this.queue.run(id, async () => {
+      const meta = this.instances.get(id);
+      if (!meta || this.launching.has(id) || (await this.isRunning(meta))) return;
+      this.log(`instance ${id} of ${meta.serviceId} ended outside the agent (${ending.reason}); releasing its port and files`);
+      await this.forget(meta, ending);
+    });
+  }
+
+  async start<W extends Workload>(service: W, join: boolean, mechanism: Mechanism<W>): Promise<Omit<StartResult, 'endpoint'>> {
     const shareable = service.manifest.shareable;
     if (join && shareable) {
       const joined = await this.tryJoin(service.id);
@@ -179,6 +208,7 @@ export class InstanceRegistry {
         const updated = { ...current, users: current.users + 1 };
         await this.runtimeOf(updated).writeRecord(updated);
         this.instances.set(updated.id, updated);
+        this.announce(updated, 'ready');
         return publicView(updated);
       });
       if (joined) return joined;
@@ -186,7 +216,7 @@ export class InstanceRegistry {
     return null;
   }
 
-  private async launch(service: Service, mechanism: Mechanism, timer: PhaseTimer): Promise<InstanceRecord> {
+  private async launch<W extends Workload>(service: W, mechanism: Mechanism<W>, timer: PhaseTimer): Promise<InstanceRecord> {
     const id = randomUUID();
     const dir = path.join(this.instancesDir, id);
     this.launching.add(id);
@@ -206,6 +236,8 @@ export class InstanceRegistry {
       dir,
       readiness: service.manifest.readiness,
     };
+    this.announce(meta, 'starting');
+    this.starting.set(id, meta);
     try {
       await mkdir(dir, { mode: 0o755 });
       meta = await this.launchWithFreePort(service, mechanism, meta, timer);
@@ -213,19 +245,23 @@ export class InstanceRegistry {
       await this.waitReady(meta, timer);
       return this.instances.get(id) ?? meta;
     } catch (err) {
-      await this.forget(meta).catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
-      throw asCloudletError(err);
+      // Read before the files go: what the guest printed is often the only clue to why it failed.
+      const error = await withConsoleTail(asCloudletError(err), mechanism.runtime, dir);
+      await this.forget(meta, { state: 'stopped', reason: 'launch-failed' }).catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
+      throw error;
     } finally {
       this.launching.delete(id);
+      this.starting.delete(id);
     }
   }
 
   /** Reserve a port and launch; a port some other program grabbed in the meantime costs one more attempt. */
-  private async launchWithFreePort(service: Service, mechanism: Mechanism, base: InstanceRecord, timer: PhaseTimer): Promise<InstanceRecord> {
+  private async launchWithFreePort<W extends Workload>(service: W, mechanism: Mechanism<W>, base: InstanceRecord, timer: PhaseTimer): Promise<InstanceRecord> {
     for (let attempt = 1; ; attempt++) {
       const meta: InstanceRecord = { ...base, hostPort: await this.ports.reserve() };
       try {
-        const launch = await mechanism.launch({ service, domainName: domainName(service.id, meta.id), record: meta, timer });
+        const progress = (phase: LaunchPhase, bytes?: { done: number; total: number }) => this.progress(meta, phase, bytes);
+        const launch = await mechanism.launch({ service, domainName: domainName(service.id, meta.id), record: meta, timer, progress });
         return { ...meta, launch };
       } catch (err) {
         await mechanism.runtime.destroy(meta.id);
@@ -240,6 +276,7 @@ export class InstanceRegistry {
 
   private async waitReady(meta: InstanceRecord, timer = new PhaseTimer()): Promise<void> {
     const remaining = Date.parse(meta.createdAt) + meta.readiness.timeout_ms - Date.now();
+    this.progress(meta, 'waiting-ready');
     await timer.time('guest', () => waitUntilReady(meta.readiness, probeHost(meta.bindAddress), meta.hostPort, {
       timeoutMs: Math.max(remaining, 0),
       stillAlive: () => this.isRunning(meta),
@@ -249,6 +286,8 @@ export class InstanceRegistry {
       const ready: InstanceRecord = { ...current, state: 'ready', readyAt: new Date().toISOString() };
       await timer.time('libvirt', () => this.runtimeOf(ready).writeRecord(ready));
       this.instances.set(meta.id, ready);
+      this.progress(ready, 'ready');
+      this.announce(ready, 'ready');
     });
   }
 
@@ -259,7 +298,7 @@ export class InstanceRegistry {
       await this.waitReady(meta);
     } catch (err) {
       this.log(`adopted instance ${meta.id} did not become ready (${(err as Error).message}); removing it`);
-      await this.forget(meta).catch(() => {});
+      await this.forget(meta, { state: 'stopped', reason: 'not-ready' }).catch(() => {});
     } finally {
       this.launching.delete(meta.id);
     }
@@ -272,21 +311,53 @@ export class InstanceRegistry {
         const updated = { ...meta, users: meta.users - 1 };
         await this.runtimeOf(updated).writeRecord(updated);
         this.instances.set(id, updated);
+        this.announce(updated, 'ready');
         return { destroyed: false, users: updated.users };
       }
-      this.instances.set(id, { ...meta, state: 'stopping' });
-      await this.forget(meta);
+      const stopping: InstanceRecord = { ...meta, state: 'stopping' };
+      this.instances.set(id, stopping);
+      this.announce(stopping, 'stopping');
+      await this.forget(stopping, { state: 'stopped', reason: 'requested' });
       return { destroyed: true, users: 0 };
     });
   }
 
   /** Destroy the domain (if any), delete the instance's files, release its port, drop it from the registry. */
-  private async forget(meta: InstanceRecord): Promise<void> {
+  private async forget(meta: InstanceRecord, ending: InstanceEnding): Promise<void> {
     await this.runtimeOf(meta).destroy(meta.id);
     await rm(meta.dir, { recursive: true, force: true });
     if (meta.hostPort) this.ports.release(meta.hostPort);
     this.instances.delete(meta.id);
+    this.announce(meta, ending.state, ending.reason);
   }
+
+  private announce(meta: InstanceRecord, state: InstanceLifecycleState, reason?: InstanceEnding['reason']): void {
+    this.events.emit({ type: 'instance', state, instance: publicView(meta), ...(reason ? { reason } : {}), at: new Date().toISOString() });
+  }
+
+  private progress(meta: InstanceRecord, phase: LaunchPhase, bytes?: { done: number; total: number }): void {
+    this.events.emit({
+      type: 'progress', instanceId: meta.id, serviceId: meta.serviceId, phase, percent: launchPercent(phase, bytes),
+      ...(bytes ? { bytes } : {}), at: new Date().toISOString(),
+    });
+  }
+}
+
+/** Bytes of console output attached to a failed launch's error (`details.console_tail`). */
+const FAILURE_CONSOLE_BYTES = 4096;
+
+/** The error of a failed launch with the end of the instance's console output, when its runtime keeps one. */
+export async function withConsoleTail(error: CloudletError, runtime: InstanceRuntime, dir: string): Promise<CloudletError> {
+  const tail = await runtime.consoleTail?.(dir, FAILURE_CONSOLE_BYTES).catch(() => undefined);
+  return tail ? withDetails(error, { console_tail: tail }) : error;
+}
+
+/** Where each phase starts in the launch's 0–100; streaming a memory state fills the restoring share by bytes. */
+const PHASE_PERCENT: Record<LaunchPhase, number> = { cloning: 0, restoring: 10, booting: 10, provisioning: 30, 'waiting-ready': 70, ready: 100 };
+
+function launchPercent(phase: LaunchPhase, bytes?: { done: number; total: number }): number {
+  if (!bytes || bytes.total === 0) return PHASE_PERCENT[phase];
+  return Math.round(PHASE_PERCENT[phase] + (PHASE_PERCENT['waiting-ready'] - PHASE_PERCENT[phase]) * (bytes.done / bytes.total));
 }
 
 const isInside = (dir: string, file: string) => file.startsWith(dir + path.sep);

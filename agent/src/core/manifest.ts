@@ -2,14 +2,22 @@ import { CloudletError } from '../errors';
 import type { DirectBoot, ReadinessProbe, ServiceManifest } from './types';
 
 /** Service ids are reverse-DNS-like names: they become directory names and parts of libvirt domain names. */
-const SERVICE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$/;
+export const SERVICE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$/;
 /** Files named by a manifest live in the service directory itself: a bare name, never a path. */
 const FILE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
-const LIMITS = { memoryMib: { min: 32, max: 65536 }, vcpus: { min: 1, max: 64 }, timeoutMs: { min: 1000, max: 600000 } };
+export const LIMITS = { memoryMib: { min: 32, max: 65536 }, vcpus: { min: 1, max: 64 }, timeoutMs: { min: 1000, max: 600000 } };
 
-class ManifestReader {
-  constructor(private readonly raw: Record<string, unknown>) {}
+/** Reads the fields of a parsed manifest (a service's or an app package's); every problem names the field. */
+export class ManifestReader {
+  private constructor(readonly raw: Record<string, unknown>) {}
+
+  static of(json: unknown): ManifestReader {
+    if (typeof json !== 'object' || json === null || Array.isArray(json)) {
+      throw new CloudletError('INVALID_MANIFEST', 'manifest.json must hold a JSON object');
+    }
+    return new ManifestReader(json as Record<string, unknown>);
+  }
 
   fail(field: string, problem: string): never {
     throw new CloudletError('INVALID_MANIFEST', `manifest.json: ${field} ${problem}`, { details: { field } });
@@ -29,12 +37,27 @@ class ManifestReader {
     return value;
   }
 
+  tags(): string[] {
+    const tags = this.raw.tags === undefined ? [] : this.raw.tags;
+    if (!Array.isArray(tags) || tags.length > 32 || !tags.every((t) => typeof t === 'string' && t.length > 0 && t.length <= 64)) {
+      this.fail('tags', 'must be a list of at most 32 short strings');
+    }
+    return tags as string[];
+  }
+
+  /** An optional boolean, false when absent. */
+  flag(field: string): boolean {
+    const value = this.raw[field];
+    if (value !== undefined && typeof value !== 'boolean') this.fail(field, 'must be true or false');
+    return value === true;
+  }
+
   fileName(field: string, value: unknown): string {
     return this.string(field, value, FILE_NAME);
   }
 }
 
-function readiness(r: ManifestReader, value: unknown): ReadinessProbe {
+export function readiness(r: ManifestReader, value: unknown): ReadinessProbe {
   if (typeof value !== 'object' || value === null) r.fail('readiness', 'must be an object {type, ...}');
   const v = value as Record<string, unknown>;
   const timeout_ms = v.timeout_ms === undefined ? 60000 : r.integer('readiness.timeout_ms', LIMITS.timeoutMs.min, LIMITS.timeoutMs.max, v.timeout_ms);
@@ -60,27 +83,19 @@ function boot(r: ManifestReader, value: unknown): DirectBoot | null {
 
 /** Validate a parsed manifest.json; every problem names the field. */
 export function parseManifest(json: unknown): ServiceManifest {
-  if (typeof json !== 'object' || json === null || Array.isArray(json)) {
-    throw new CloudletError('INVALID_MANIFEST', 'manifest.json must hold a JSON object');
-  }
-  const raw = json as Record<string, unknown>;
-  const r = new ManifestReader(raw);
+  const r = ManifestReader.of(json);
+  const raw = r.raw;
   if (raw.format !== 1) r.fail('format', 'must be 1');
-  const tags = raw.tags === undefined ? [] : raw.tags;
-  if (!Array.isArray(tags) || tags.length > 32 || !tags.every((t) => typeof t === 'string' && t.length > 0 && t.length <= 64)) {
-    r.fail('tags', 'must be a list of at most 32 short strings');
-  }
-  if (raw.shareable !== undefined && typeof raw.shareable !== 'boolean') r.fail('shareable', 'must be true or false');
   return {
     format: 1,
     service_id: r.string('service_id', raw.service_id, SERVICE_ID),
     version: r.string('version'),
     description: raw.description === undefined ? '' : r.string('description'),
-    tags: tags as string[],
+    tags: r.tags(),
     port: r.integer('port', 1, 65535),
     memory_mib: r.integer('memory_mib', LIMITS.memoryMib.min, LIMITS.memoryMib.max),
     vcpus: raw.vcpus === undefined ? 1 : r.integer('vcpus', LIMITS.vcpus.min, LIMITS.vcpus.max),
-    shareable: raw.shareable === true,
+    shareable: r.flag('shareable'),
     readiness: readiness(r, raw.readiness ?? { type: 'tcp' }),
     disk: r.fileName('disk', raw.disk),
     state: raw.state === null || raw.state === undefined ? null : r.fileName('state', raw.state),

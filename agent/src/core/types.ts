@@ -42,7 +42,46 @@ export interface Service {
   importedAt: string;
 }
 
-export type MechanismName = 'cached-vm';
+/** manifest.json of an app package (format 1): a self-contained server run in a sandbox (docs/app-packages.md). */
+export interface PackageManifest {
+  format: 1;
+  /** Acts as a service id: start, stop, list and the KD-Cloudlet face take it like one. */
+  app_id: string;
+  version: string;
+  description: string;
+  tags: string[];
+  /** argv inside the sandbox, where the package's files are at /app. */
+  command: string[];
+  /** The port the app listens on inside its sandbox. */
+  port: number;
+  env: Record<string, string>;
+  memory_mib: number;
+  /** CPU time as a number of CPUs (0.5 = half of one). */
+  cpus: number;
+  shareable: boolean;
+  readiness: ReadinessProbe;
+}
+
+/** An imported app package: content-addressed by the SHA-256 of its tarball. */
+export interface Package {
+  id: string;
+  sha256: string;
+  manifest: PackageManifest;
+  /** The package's directory in the store: manifest.json and app/. */
+  dir: string;
+  importedAt: string;
+}
+
+/** Where an app package comes from: a tarball on this machine, or one uploaded in the request. */
+export type PackageSource = { path: string } | { stream: import('node:stream').Readable };
+
+/** What the registry needs of anything it launches: a cached service (Service) or an app package (Package). */
+export interface Workload {
+  id: string;
+  manifest: { port: number; shareable: boolean; readiness: ReadinessProbe; state?: string | null };
+}
+
+export type MechanismName = 'cached-vm' | 'app-virt' | 'on-demand';
 
 export type InstanceState = 'starting' | 'ready' | 'stopping';
 
@@ -110,17 +149,103 @@ export interface SystemInfo {
   memory: { totalBytes: number; freeBytes: number };
   hypervisor: { uri: string; domainType: 'kvm' | 'qemu'; libvirtVersion: string };
   instances: number;
+  discovery: DiscoveryStatus;
+}
+
+/** Where mDNS publication stands, and the instance name actually published (Avahi may have renamed it). */
+export interface DiscoveryStatus {
+  state: 'disabled' | 'unavailable' | 'registering' | 'published' | 'failed';
+  name: string | null;
+  detail?: string;
+}
+
+/** Another cloudlet seen on the local network (DNS-SD `_cloudlet._tcp`). */
+export interface Peer {
+  name: string;
+  host: string;
+  address: string;
+  port: number;
+  txt: Record<string, string>;
+  interface: string;
+  seenAt: string;
+}
+
+/** What discovery lets the core show: its status and the peers it sees. */
+export interface DiscoveryView {
+  status(): DiscoveryStatus;
+  peers(): Peer[];
 }
 
 export interface HealthCheck {
   name: string;
   ok: boolean;
   detail?: string;
+  /** A failing optional check (e.g. discovery without Avahi) is reported but leaves the report ok. */
+  optional?: boolean;
 }
 
 export interface HealthReport {
   ok: boolean;
   checks: HealthCheck[];
+}
+
+/** Cloudlet Push: an Android APK or a web-app bundle (a zip) that goes with a service. */
+export type AppKind = 'android' | 'web';
+
+/** What describes an app, as its operator gave it. */
+export interface AppDescription {
+  kind: AppKind;
+  serviceId: string;
+  name: string;
+  description: string;
+  packageName: string;
+  version: string;
+  /** The lowest OS version the app runs on (Android's for APKs), dotted numbers; '0' when any. */
+  minOsVersion: string;
+  tags: string[];
+  /** The name the file is offered under. */
+  fileName: string;
+}
+
+export interface App extends AppDescription {
+  /** 24 hex digits (the shape of pycloud's Mongo ids). */
+  id: string;
+  size: number;
+  md5: string;
+  sha256: string;
+  addedAt: string;
+}
+
+/** What an operator gives when adding an app; the checksums and size come from the file. */
+export interface NewApp extends AppDescription {
+  /** When given, the upload must hash to it (a damaged transfer is refused). */
+  sha256?: string;
+}
+
+/** Every given field must match; `tags` matches an app sharing any one of them. */
+export interface AppFilter {
+  serviceId?: string;
+  osName?: string;
+  osVersion?: string;
+  tags?: string[];
+}
+
+/** On-Demand VM Provisioning as the /v1 face offers it: Base VMs, recipes, provisioning, consoles. core/cloudlet.ts. */
+export interface ProvisioningApi {
+  listBases(): import('./bases').BaseVm[];
+  /** By digest or name. */
+  getBase(ref: string): import('./bases').BaseVm;
+  importBase(dir: string, name: string): Promise<import('./bases').BaseVm>;
+  listRecipes(): import('./recipe').Recipe[];
+  getRecipe(id: string): import('./recipe').Recipe;
+  /** Validate and store (or replace) a recipe sent by a client. */
+  storeRecipe(json: unknown): Promise<import('./recipe').Recipe>;
+  removeRecipe(id: string): Promise<void>;
+  /** Start the recipe's service: from its cached result when there is one, else provisioned on demand. */
+  provision(recipeId: string, req: { join: boolean; clientHost?: string }): Promise<StartResult>;
+  /** Provision the recipe on a throwaway VM and keep the result as a Cached VM service. */
+  cacheRecipe(recipeId: string): Promise<Service>;
+  consoleTail(instanceId: string, maxBytes: number): Promise<string>;
 }
 
 /** What the HTTP faces (and later the CLI) call. One implementation: core/cloudlet.ts. */
@@ -131,6 +256,11 @@ export interface CloudletApi {
   removeService(id: string): Promise<void>;
   /** Boot the service's VM, wait until it is ready, and keep its saved memory state so later starts restore it. */
   captureServiceState(id: string): Promise<Service>;
+  listPackages(): Package[];
+  getPackage(id: string): Package;
+  importPackage(source: PackageSource): Promise<Package>;
+  /** Refused while instances of the package run. */
+  removePackage(id: string): Promise<void>;
   listInstances(): Instance[];
   getInstance(id: string): Instance;
   startInstance(req: StartRequest): Promise<StartResult>;
@@ -138,4 +268,15 @@ export interface CloudletApi {
   endpointFor(instance: Instance, clientHost?: string): Endpoint;
   systemInfo(): Promise<SystemInfo>;
   health(): Promise<HealthReport>;
+  /** Instance state changes and launch progress as they happen; returns the unsubscribe function. */
+  subscribe(listener: import('./events').EventListener): () => void;
+  /** Other cloudlets discovered on the local network. */
+  peers(): Peer[];
+  listApps(filter?: AppFilter): App[];
+  getApp(id: string): App;
+  /** The app and where its file is, for streaming it to a client. */
+  appFile(id: string): { app: App; path: string };
+  /** Store an app from an upload of `length` bytes (refused up front above the configured limit). */
+  addApp(meta: NewApp, content: import('node:stream').Readable, length: number): Promise<App>;
+  removeApp(id: string): Promise<void>;
 }

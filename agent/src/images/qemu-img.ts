@@ -92,10 +92,13 @@ export async function checkImage(path: string, format?: ImageFormat): Promise<vo
   }
 }
 
-/** A qcow2 overlay on `backing` (never a copy): the guest writes to the overlay, the backing file stays untouched. */
-export async function createLinkedClone(backing: string, dest: string): Promise<void> {
+/**
+ * A qcow2 overlay on `backing` (never a copy): the guest writes to the overlay, the backing file stays untouched.
+ * Callers that know the backing file's format pass it and save a qemu-img run on the start path.
+ */
+export async function createLinkedClone(backing: string, dest: string, backingFormat?: ImageFormat): Promise<void> {
   const backingPath = resolve(backing); // an absolute path: the clone must not depend on the agent's cwd
-  const { format } = await imageInfo(backingPath);
+  const format = backingFormat ?? (await imageInfo(backingPath)).format;
   await writeAtomically(dest, (tmp) =>
     runOrThrow(['create', '-q', '-f', 'qcow2', '-b', backingPath, '-F', format, '--', tmp], 'IMAGE_TOOL_FAILED', `cannot create a linked clone of ${backingPath}`),
   );

@@ -19,18 +19,23 @@ export class CachedVmMechanism implements Mechanism {
     return this.hypervisor;
   }
 
-  async launch({ service, domainName, record, timer }: LaunchPlan): Promise<'memory-state' | 'cold-boot'> {
+  async launch({ service, domainName, record, timer, progress }: LaunchPlan): Promise<'memory-state' | 'cold-boot'> {
     const m = service.manifest;
-    await createLinkedClone(path.join(service.dir, m.disk), instanceFiles(record.dir).disk);
+    progress('cloning');
+    // The catalog only holds qcow2 disks (a raw one is converted at import).
+    await createLinkedClone(path.join(service.dir, m.disk), instanceFiles(record.dir).disk, 'qcow2');
     const spec = instanceDomainSpec(service, domainName, record, this.hypervisor.domainType);
     if (m.state) {
       const statePath = path.join(service.dir, m.state);
       const header = await readSaveImageHeader(statePath);
       const xml = retargetSavedDomainXml(header.xml, spec);
-      await timer.time('libvirt', () => this.hypervisor.restore({ path: statePath, header }, xml, record.dir));
+      progress('restoring');
+      await timer.time('libvirt', () => this.hypervisor.restore({ path: statePath, header }, xml, record.dir,
+        (done, total) => progress('restoring', { done, total })));
       return 'memory-state';
     }
     const xml = buildDomainXml(spec);
+    progress('booting');
     await timer.time('libvirt', () => this.hypervisor.boot(xml));
     return 'cold-boot';
   }

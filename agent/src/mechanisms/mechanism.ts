@@ -1,17 +1,27 @@
+import type { EndReason, LaunchPhase } from '../core/events';
 import type { PhaseTimer } from '../core/timing';
-import type { InstanceRecord, MechanismName, Service } from '../core/types';
+import type { InstanceRecord, MechanismName, Service, Workload } from '../core/types';
 
 /**
  * What the registry has prepared before a mechanism runs: the instance's identity, its private directory, its
  * reserved forward and the metadata to embed. The registry owns everything around the launch (ports, readiness,
  * metadata updates, cleanup after a failure); a mechanism only decides how the Service VM comes to life.
  */
-export interface LaunchPlan {
-  service: Service;
+export interface LaunchPlan<W extends Workload = Service> {
+  /** What to launch: a cached service for the VM mechanisms, an app package for app-virt. */
+  service: W;
   domainName: string;
   record: InstanceRecord;
   /** Hypervisor calls are timed as 'libvirt' so the agent's own overhead can be told apart. */
   timer: PhaseTimer;
+  /** Report reaching a phase of the launch (and the bytes of it done so far, where a mechanism knows them). */
+  progress(phase: LaunchPhase, bytes?: { done: number; total: number }): void;
+}
+
+/** How an instance ended, as far as its runtime can tell. */
+export interface InstanceEnding {
+  state: 'stopped' | 'crashed';
+  reason: EndReason;
 }
 
 /**
@@ -26,14 +36,21 @@ export interface InstanceRuntime {
   writeRecord(record: InstanceRecord): Promise<void>;
   /** End it; an instance that is already gone counts as ended. */
   destroy(id: string): Promise<void>;
+  /**
+   * Call listener as soon as one of the runtime's instances ends, however it ended (runtimes that can tell).
+   * Resolves once watching; rejects when the runtime cannot deliver such events (then the registry only polls).
+   */
+  watchEnded?(listener: (id: string, ending: InstanceEnding) => void): Promise<void>;
+  /** The last `maxBytes` of the console output of the instance whose directory is `dir` (runtimes that have one). */
+  consoleTail?(dir: string, maxBytes: number): Promise<string>;
 }
 
-export interface Mechanism {
+export interface Mechanism<W extends Workload = Service> {
   readonly name: MechanismName;
   readonly runtime: InstanceRuntime;
   /**
    * Bring the workload up, serving on the plan's forward. Returns how it was started. Throws on failure; a
    * NO_FREE_PORT error means the reserved port was taken meanwhile and the registry retries with another.
    */
-  launch(plan: LaunchPlan): Promise<InstanceRecord['launch']>;
+  launch(plan: LaunchPlan<W>): Promise<InstanceRecord['launch']>;
 }

@@ -22,6 +22,8 @@ export interface DomainSpec {
   consoleLog: string;
   forward: Forward;
   metadata: InstanceRecord;
+  /** A read-only ISO attached as an IDE CD-ROM (a cloud-init config drive), absent for most instances. */
+  cdrom?: string;
 }
 
 const escapeXml = (s: string) =>
@@ -89,6 +91,7 @@ export function buildDomainXml(s: DomainSpec): string {
     `      <source file='${escapeXml(s.disk)}'/>`,
     `      <target dev='vda' bus='virtio'/>`,
     `    </disk>`,
+    s.cdrom ? `    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='${escapeXml(s.cdrom)}'/><target dev='hdc' bus='ide'/><readonly/></disk>` : '',
     `    <serial type='file'><source path='${escapeXml(s.consoleLog)}'/><target port='0'/></serial>`,
     `    <controller type='usb' model='none'/>`,
     `    <memballoon model='none'/>`,
@@ -127,6 +130,10 @@ export function retargetSavedDomainXml(saved: string, s: DomainSpec): string {
   // The serial port and libvirt's mirrored <console> both name the log file.
   xml = xml.replace(/(<(?:serial|console) type=['"]file['"]>[\s\S]*?<source path=)(['"])[^'"]*\2/g,
     (_m, head: string) => `${head}'${escapeXml(s.consoleLog)}'`);
+  // A CD-ROM saved with the state (the config drive a provisioned VM booted with) comes back empty: its file was the
+  // provisioning's, and an ejected medium leaves the devices, and so the state, as they were.
+  xml = xml.replace(/(<disk\b[^>]*device=['"]cdrom['"][^>]*>)([\s\S]*?)(<\/disk>)/g,
+    (_m, open: string, inner: string, close: string) => `${open}${inner.replace(/<source\b[^>]*\/>\s*|<backingStore\/>\s*/g, '')}${close}`);
   xml = replaceOnce(xml, /<qemu:arg value=(['"])user,id=cl0,[^'"]*\1\s*\/>/, () => `<qemu:arg value='${netdevArg(s.forward)}'/>`, 'user-mode netdev');
   if (s.boot) {
     const { kernel, initrd } = s.boot;

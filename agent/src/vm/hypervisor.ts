@@ -1,12 +1,14 @@
 import { constants as fsc } from 'node:fs';
 import { access, readFile } from 'node:fs/promises';
-import { Connection, DomainFlags, LibvirtError, libvirtInfo } from '../../../native/libvirt';
+import { Connection, DomainEvent, DomainFlags, LibvirtError, StoppedDetail, libvirtInfo } from '../../../native/libvirt';
 import { CloudletError } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';
-import type { InstanceRuntime } from '../mechanisms/mechanism';
+import type { InstanceEnding, InstanceRuntime } from '../mechanisms/mechanism';
+import { readConsoleTail } from './console-log';
 import { METADATA_KEY, METADATA_URI, metadataElement, parseMetadataElement } from './domain-xml';
-import { prepareRestoreSource, type SaveImageHeader } from './save-image';
+import { instanceFiles } from './instance-domain';
+import { prepareRestoreSource, type SaveImageHeader, type StreamProgress } from './save-image';
 
 /**
  * libvirt failures become HYPERVISOR_ERROR carrying libvirt's own code and message; QEMU refusing a forward whose
@@ -70,8 +72,8 @@ export class Hypervisor implements InstanceRuntime {
   }
 
   /** Restore a new transient domain from a service's saved memory state, with the instance's own XML. */
-  async restore(state: { path: string; header: SaveImageHeader }, xml: string, workDir: string): Promise<void> {
-    const source = await prepareRestoreSource(state.path, state.header, xml, workDir);
+  async restore(state: { path: string; header: SaveImageHeader }, xml: string, workDir: string, onProgress?: StreamProgress): Promise<void> {
+    const source = await prepareRestoreSource(state.path, state.header, xml, workDir, onProgress);
     try {
       await Promise.all([mapped(this.conn.restoreDomain(source.path, null, DomainFlags.VIR_DOMAIN_SAVE_RUNNING)), source.done()]);
     } finally {
@@ -120,6 +122,20 @@ export class Hypervisor implements InstanceRuntime {
     return found;
   }
 
+  /** libvirt's lifecycle events, reduced to the one the registry needs: a domain stopped, and why. */
+  async watchEnded(listener: (id: string, ending: InstanceEnding) => void): Promise<void> {
+    await mapped(this.conn.watchLifecycle((events) => {
+      for (const e of events) {
+        if (e.event === DomainEvent.Stopped) listener(e.uuid, STOPPED_ENDINGS[e.detail as StoppedDetail] ?? { state: 'stopped', reason: 'vanished' });
+      }
+    }));
+  }
+
+  /** The guest's serial console, which every instance domain logs to a file in its directory. */
+  consoleTail(dir: string, maxBytes: number): Promise<string> {
+    return readConsoleTail(instanceFiles(dir).consoleLog, maxBytes);
+  }
+
   async isAlive(): Promise<boolean> {
     return this.conn.isAlive().catch(() => false);
   }
@@ -128,6 +144,17 @@ export class Hypervisor implements InstanceRuntime {
     await this.conn.close();
   }
 }
+
+/** virDomainEventStoppedDetailType → how the instance ended. QEMU killed from outside is Failed (monitor EOF). */
+const STOPPED_ENDINGS: Record<StoppedDetail, InstanceEnding> = {
+  [StoppedDetail.Shutdown]: { state: 'stopped', reason: 'shutdown' },
+  [StoppedDetail.Destroyed]: { state: 'stopped', reason: 'destroyed' },
+  [StoppedDetail.Crashed]: { state: 'crashed', reason: 'crashed' },
+  [StoppedDetail.Migrated]: { state: 'stopped', reason: 'migrated' },
+  [StoppedDetail.Saved]: { state: 'stopped', reason: 'saved' },
+  [StoppedDetail.Failed]: { state: 'crashed', reason: 'failed' },
+  [StoppedDetail.FromSnapshot]: { state: 'stopped', reason: 'vanished' },
+};
 
 function mappedSync<T>(fn: () => T): T {
   try {

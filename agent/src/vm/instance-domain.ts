@@ -4,7 +4,12 @@ import type { InstanceRecord } from '../core/types';
 import type { DomainSpec } from './domain-xml';
 
 /** Where an instance keeps its files; the directory is removed whole when the instance ends. */
-export const instanceFiles = (dir: string) => ({ disk: path.join(dir, 'disk.qcow2'), consoleLog: path.join(dir, 'console.log') });
+export const instanceFiles = (dir: string) => ({
+  disk: path.join(dir, 'disk.qcow2'),
+  consoleLog: path.join(dir, 'console.log'),
+  /** The cloud-init config drive of an on-demand provisioning. */
+  configDrive: path.join(dir, 'cidata.iso'),
+});
 
 /** The domain of one instance of a service: shared by every mechanism that launches a VM. */
 export function instanceDomainSpec(service: Service, domainName: string, meta: InstanceRecord, type: 'kvm' | 'qemu'): DomainSpec {

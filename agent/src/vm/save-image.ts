@@ -15,7 +15,7 @@
  */
 import { execFile } from 'node:child_process';
 import { close as closeCallback, constants as fsConstants, createReadStream, open as openCallback } from 'node:fs';
-import { open, rm } from 'node:fs/promises';
+import { open, rm, stat } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -147,7 +147,11 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
  * stream is the template's. Nothing is copied: the path is a FIFO fed from the template while it is read, and it
  * serves exactly one reader (libvirt 9.0 opens the restore path once and hands that fd to QEMU).
  */
-export async function prepareRestoreSource(templatePath: string, template: SaveImageHeader, xml: string, instanceDir: string): Promise<RestoreSource> {
+/** Bytes of the image written to the reader so far, and in all. */
+export type StreamProgress = (done: number, total: number) => void;
+
+export async function prepareRestoreSource(templatePath: string, template: SaveImageHeader, xml: string, instanceDir: string,
+  onProgress: StreamProgress = () => {}): Promise<RestoreSource> {
   const header = encodeSaveImageHeader({ xml, cookie: template.cookie, wasRunning: template.wasRunning, compressed: template.compressed });
   const path = join(instanceDir, 'memory-state.fifo');
   await rm(path, { force: true });
@@ -156,7 +160,7 @@ export async function prepareRestoreSource(templatePath: string, template: SaveI
   });
 
   const abort = new AbortController();
-  const feeding = feed(path, templatePath, template.streamOffset, header, abort.signal);
+  const feeding = feed(path, templatePath, template.streamOffset, header, abort.signal, onProgress);
   feeding.catch(() => {}); // observed through done(); never an unhandled rejection
   let disposed: Promise<void> | undefined;
   return {
@@ -172,14 +176,21 @@ export async function prepareRestoreSource(templatePath: string, template: SaveI
   };
 }
 
-async function feed(path: string, templatePath: string, streamOffset: number, header: Buffer, signal: AbortSignal): Promise<void> {
+async function feed(path: string, templatePath: string, streamOffset: number, header: Buffer, signal: AbortSignal,
+  onProgress: StreamProgress): Promise<void> {
+  const total = header.length + (await stat(templatePath)).size - streamOffset;
   const fd = await openWhenReaderArrives(path, signal);
   const sink = new Socket({ fd, readable: false, writable: true }); // a pipe fd: libuv writes it non-blocking
   try {
     await pipeline(
       async function* () {
+        let done = header.length;
         yield header;
-        yield* createReadStream(templatePath, { start: streamOffset, highWaterMark: STREAM_CHUNK_BYTES });
+        for await (const chunk of createReadStream(templatePath, { start: streamOffset, highWaterMark: STREAM_CHUNK_BYTES })) {
+          yield chunk;
+          done += (chunk as Buffer).length;
+          onProgress(done, total);
+        }
       },
       sink,
       { signal },

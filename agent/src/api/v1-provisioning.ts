@@ -1,0 +1,85 @@
+/**
+ * The /v1 routes of On-Demand VM Provisioning: Base VMs, recipes, provisioning and caching a recipe's result, and
+ * an instance's console. Same conventions as v1.ts (snake_case JSON, `{code, message, details?}` errors).
+ */
+import type { BaseVm } from '../core/bases';
+import { RECIPE_LIMITS, recipeDigest, recipeJson, type Recipe } from '../core/recipe';
+import type { ProvisioningApi } from '../core/types';
+import { CloudletError } from '../errors';
+import { emptyReply, hostOf, jsonReply, textReply, type ApiRequest, type Route } from './routing';
+import { endpointJson, instanceJson, jsonObject, optionalBoolean, requiredString, serviceJson, timingsJson } from './v1';
+
+const CONSOLE_DEFAULT_BYTES = 64 << 10;
+const CONSOLE_MAX_BYTES = 1 << 20;
+
+export function provisioningRoutes(api: ProvisioningApi): Route[] {
+  return [
+    { method: 'GET', path: '/v1/bases', handle: () => jsonReply(200, { bases: api.listBases().map(baseJson) }) },
+    { method: 'GET', path: '/v1/bases/:ref', handle: ({ params }) => jsonReply(200, baseJson(api.getBase(params.ref!))) },
+    {
+      method: 'POST',
+      path: '/v1/bases',
+      jsonBody: true,
+      handle: async ({ body }) => {
+        const fields = jsonObject(body);
+        return jsonReply(201, baseJson(await api.importBase(requiredString(fields, 'path'), requiredString(fields, 'name'))));
+      },
+    },
+    { method: 'GET', path: '/v1/recipes', handle: () => jsonReply(200, { recipes: api.listRecipes().map(recipeSummaryJson) }) },
+    { method: 'GET', path: '/v1/recipes/:id', handle: ({ params }) => jsonReply(200, { ...recipeSummaryJson(api.getRecipe(params.id!)), recipe: recipeJson(api.getRecipe(params.id!)) }) },
+    {
+      method: 'POST',
+      path: '/v1/recipes',
+      jsonBody: true,
+      maxBodyBytes: RECIPE_LIMITS.bodyBytes,
+      handle: async ({ body }) => jsonReply(201, recipeSummaryJson(await api.storeRecipe(body))),
+    },
+    {
+      method: 'DELETE',
+      path: '/v1/recipes/:id',
+      handle: async ({ params }) => {
+        await api.removeRecipe(params.id!);
+        return emptyReply(204);
+      },
+    },
+    { method: 'POST', path: '/v1/recipes/:id/instances', jsonBody: true, handle: (request) => provision(api, request) },
+    { method: 'POST', path: '/v1/recipes/:id/cache', handle: async ({ params }) => jsonReply(200, serviceJson(await api.cacheRecipe(params.id!))) },
+    {
+      method: 'GET',
+      path: '/v1/instances/:id/console',
+      handle: async ({ params, query }) => textReply(200, await api.consoleTail(params.id!, consoleBytes(query.get('bytes')))),
+    },
+  ];
+}
+
+async function provision(api: ProvisioningApi, request: ApiRequest) {
+  const body = request.body === undefined ? {} : jsonObject(request.body);
+  const result = await api.provision(request.params.id!, { join: optionalBoolean(body, 'join') ?? false, clientHost: hostOf(request.header('host')) });
+  return jsonReply(201, {
+    instance: instanceJson(result.instance),
+    endpoint: endpointJson(result.endpoint),
+    joined: result.joined,
+    ...(result.timings ? { timings: timingsJson(result.timings) } : {}),
+  });
+}
+
+function consoleBytes(value: string | null): number {
+  if (value === null) return CONSOLE_DEFAULT_BYTES;
+  const n = /^\d+$/.test(value) ? Number(value) : NaN;
+  if (!(n >= 1 && n <= CONSOLE_MAX_BYTES)) {
+    throw new CloudletError('INVALID_PARAMETER', `bytes must be an integer from 1 to ${CONSOLE_MAX_BYTES}`, { details: { parameter: 'bytes' } });
+  }
+  return n;
+}
+
+function baseJson(base: BaseVm) {
+  const m = base.manifest;
+  return { digest: base.digest, name: base.name, dir: base.dir, memory_mib: m.memory_mib, vcpus: m.vcpus, disk: m.disk, state: m.state, boot: m.boot };
+}
+
+function recipeSummaryJson(recipe: Recipe) {
+  return {
+    id: recipe.service_id, version: recipe.version, description: recipe.description, base: recipe.base, digest: recipeDigest(recipe),
+    port: recipe.port, files: recipe.files.length, packages: recipe.packages, cache: recipe.cache,
+  };
+}

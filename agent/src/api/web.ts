@@ -1,0 +1,37 @@
+/**
+ * The phone web page: plain files from agent/web (no framework, no build step), served from disk. The page itself
+ * is `/`; its assets live under `/ui/`. Everything it shows comes from the /v1 face and the /v1/events WebSocket.
+ */
+import path from 'node:path';
+import { CloudletError } from '../errors';
+import { fileReply, textReply, type Face } from './routing';
+
+// From dist/agent/src/api/ up to the repository (or installed package) root.
+const WEB_DIR = path.resolve(__dirname, '../../../../agent/web');
+
+/** The only files served, by name: nothing else in (or outside) the directory is reachable. */
+const ASSETS: Record<string, string> = {
+  'index.html': 'text/html; charset=utf-8',
+  'app.js': 'text/javascript; charset=utf-8',
+  'icon.svg': 'image/svg+xml',
+};
+
+function asset(name: string) {
+  const contentType = ASSETS[name];
+  if (!contentType) throw new CloudletError('NOT_FOUND', `No page asset named ${name}`);
+  // no-cache: phones revalidate, so an agent upgrade is seen at once; the files are small.
+  return fileReply(path.join(WEB_DIR, name), { 'Content-Type': contentType, 'Cache-Control': 'no-cache', 'X-Content-Type-Options': 'nosniff' }, false);
+}
+
+export function webFace(): Face {
+  return {
+    prefix: '/ui',
+    routes: [
+      { method: 'GET', path: '/', handle: () => asset('index.html') },
+      { method: 'GET', path: '/ui/:name', handle: ({ params }) => asset(params.name!) },
+    ],
+    headAsGet: true,
+    wrongMethod: 'method-not-allowed',
+    errorReply: (error) => textReply(error.status, `${error.message}\n`),
+  };
+}

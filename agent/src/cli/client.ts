@@ -1,0 +1,156 @@
+/**
+ * One cloudlet's HTTP API as the CLI uses it: /v1 JSON calls, the KD /api/system for ranking, uploads and resumable
+ * downloads streamed to and from disk. Errors become CliErrors carrying the cloudlet's own error code.
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream, createWriteStream } from 'node:fs';
+import { rename, rm, stat } from 'node:fs/promises';
+import http from 'node:http';
+import { Transform } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { CliError } from './errors';
+import type { KdSystemInfo } from './ranking';
+
+export const DEFAULT_PORT = 9999;
+
+/** `host`, `host:port`, `[v6]`, `[v6]:port` or an http:// URL. */
+export function parseCloudlet(spec: string): { host: string; port: number } {
+  const text = spec.replace(/^http:\/\//, '').replace(/\/.*$/, '');
+  const match = /^(?:\[([^\]]+)\]|([^:]+))(?::(\d+))?$/.exec(text);
+  const port = match?.[3] === undefined ? DEFAULT_PORT : Number(match[3]);
+  if (!match || port < 1 || port > 65535) throw new CliError('USAGE', `not a cloudlet address: ${spec} (expected HOST[:PORT])`);
+  return { host: match[1] ?? match[2]!, port };
+}
+
+interface Answer {
+  status: number;
+  headers: http.IncomingHttpHeaders;
+  body: Buffer;
+}
+
+export class CloudletClient {
+  constructor(readonly host: string, readonly port: number, private readonly timeoutMs = 15000) {}
+
+  get label(): string {
+    return `${this.host.includes(':') ? `[${this.host}]` : this.host}:${this.port}`;
+  }
+
+  /** A /v1 call: JSON in, JSON out; a `{code, message}` error answer becomes a CliError with that code. */
+  async call<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    const answer = await this.exchange(method, path, payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {}, payload);
+    return this.parse<T>(answer);
+  }
+
+  /** The KD face's system metadata, what client-lib ranks cloudlets by. */
+  async kdSystem(): Promise<KdSystemInfo> {
+    const answer = await this.exchange('GET', '/api/system', {});
+    if (answer.status !== 200) throw new CliError('FAILED', `${this.label} answered /api/system with ${answer.status}`);
+    return JSON.parse(answer.body.toString()) as KdSystemInfo;
+  }
+
+  /** POST a file as the raw body, streamed from disk; `onProgress` gets the bytes sent so far. */
+  async upload<T>(path: string, file: string, size: number, contentType: string, onProgress: (sent: number) => void): Promise<T> {
+    const answer = await new Promise<Answer>((resolve, reject) => {
+      let connected = false;
+      const cutOff = (err: Error) => reject(connected
+        ? new CliError('FAILED', `the cloudlet cut the upload off (${(err as NodeJS.ErrnoException).code ?? err.message}); is the file larger than it accepts?`)
+        : this.unreachable(err));
+      const req = this.request('POST', path, { 'content-type': contentType, 'content-length': String(size) }, resolve, cutOff);
+      req.on('socket', (socket) => socket.once('connect', () => { connected = true; }));
+      let sent = 0;
+      const counting = new Transform({
+        transform(chunk: Buffer, _encoding, callback) {
+          sent += chunk.length;
+          onProgress(sent);
+          callback(null, chunk);
+        },
+      });
+      // The cloudlet may refuse before reading it all (too large, forbidden): its answer matters, not the pipe's end.
+      pipeline(createReadStream(file), counting, req).catch(() => {});
+    });
+    return this.parse<T>(answer);
+  }
+
+  /**
+   * Download `path` into `dest`, resuming from `dest.part` when an earlier try left one (a Range request), and check
+   * the result against `sha256` before it takes its final name. A mismatch deletes the partial file.
+   */
+  async download(path: string, dest: string, expected: { size: number; sha256: string }, onProgress: (done: number, resumedFrom: number) => void): Promise<{ resumedFrom: number; bytes: number }> {
+    const part = `${dest}.part`;
+    const have = await stat(part).then((s) => s.size, () => 0);
+    // A part as large as the file (or larger) cannot be resumed: it is replaced.
+    const from = have > 0 && have < expected.size ? have : 0;
+    const res = await new Promise<http.IncomingMessage>((resolve, reject) => {
+      // If-Range: should the app's content differ from what the part came from, the server sends it all (200).
+      const headers = from > 0 ? { range: `bytes=${from}-`, 'if-range': `"${expected.sha256}"` } : {};
+      const req = http.request({ host: this.host, port: this.port, method: 'GET', path, agent: false, headers }, resolve);
+      req.setTimeout(this.timeoutMs, () => req.destroy(new Error(`no answer within ${this.timeoutMs} ms`)));
+      req.on('error', (err) => reject(this.unreachable(err)));
+      req.end();
+    });
+    if (res.statusCode !== 200 && res.statusCode !== 206) {
+      const chunks: Buffer[] = [];
+      for await (const chunk of res) chunks.push(chunk as Buffer);
+      return this.parse({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) });
+    }
+    const resumedFrom = res.statusCode === 206 ? from : 0;
+    const hash = createHash('sha256');
+    if (resumedFrom > 0) for await (const chunk of createReadStream(part, { end: resumedFrom - 1 })) hash.update(chunk as Buffer);
+    let done = resumedFrom;
+    const counting = new Transform({
+      transform(chunk: Buffer, _encoding, callback) {
+        done += chunk.length;
+        hash.update(chunk);
+        onProgress(done, resumedFrom);
+        callback(null, chunk);
+      },
+    });
+    await pipeline(res, counting, createWriteStream(part, resumedFrom > 0 ? { flags: 'a' } : {}));
+    const sha256 = hash.digest('hex');
+    if (sha256 !== expected.sha256 || done !== expected.size) {
+      await rm(part, { force: true });
+      throw new CliError('CHECKSUM_MISMATCH', `the download has SHA-256 ${sha256} (${done} bytes), expected ${expected.sha256} (${expected.size} bytes); it was deleted`);
+    }
+    await rename(part, dest);
+    return { resumedFrom, bytes: done - resumedFrom };
+  }
+
+  private parse<T>(answer: Answer): T {
+    const text = answer.body.toString();
+    let json: unknown;
+    try {
+      json = text ? JSON.parse(text) : undefined;
+    } catch {
+      json = undefined;
+    }
+    if (answer.status >= 400) {
+      const error = json as { code?: string; message?: string } | undefined;
+      throw new CliError(error?.code ?? `HTTP_${answer.status}`, error?.message ?? `${this.label} answered ${answer.status}: ${text.trim().slice(0, 200)}`);
+    }
+    return json as T;
+  }
+
+  private exchange(method: string, path: string, headers: Record<string, string>, body?: Buffer): Promise<Answer> {
+    return new Promise((resolve, reject) => {
+      const req = this.request(method, path, headers, resolve, reject);
+      req.end(body);
+    });
+  }
+
+  private request(method: string, path: string, headers: Record<string, string>, resolve: (answer: Answer) => void, reject: (err: Error) => void): http.ClientRequest {
+    const req = http.request({ host: this.host, port: this.port, method, path, headers, agent: false }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (chunk: Buffer) => chunks.push(chunk));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+      res.on('error', (err) => reject(this.unreachable(err)));
+    });
+    req.setTimeout(this.timeoutMs, () => req.destroy(new Error(`no answer within ${this.timeoutMs} ms`)));
+    req.on('error', (err) => reject(this.unreachable(err)));
+    return req;
+  }
+
+  private unreachable(err: Error): CliError {
+    return new CliError('UNREACHABLE', `cannot reach the cloudlet at ${this.label}: ${(err as NodeJS.ErrnoException).code ?? err.message}`);
+  }
+}

@@ -1,0 +1,300 @@
+#!/usr/bin/env node
+/**
+ * `cloudlet`: the command line for people at a terminal (an app developer, an operator, a laptop playing the phone).
+ * One verb per task; every verb has --help, prints a table (or JSON with --json) and exits with a status from
+ * errors.ts. The cloudlet is the one named by --cloudlet or $CLOUDLET, else the best-ranked one found by mDNS.
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import path from 'node:path';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { CloudletClient, parseCloudlet } from './client';
+import { discoverCloudlets, type DiscoveredCloudlet } from './discovery';
+import { CliError, EXIT } from './errors';
+import { ProgressBar, formatBytes } from './progress';
+import { rankCloudlets, type Ranked } from './ranking';
+
+type Options = NonNullable<ParseArgsConfig['options']>;
+type Values = Record<string, string | boolean | undefined>;
+
+interface Context {
+  values: Values;
+  args: string[];
+  /** The cloudlet to talk to, resolved on first use (discovery takes a moment). */
+  cloudlet(): Promise<CloudletClient>;
+}
+
+interface Verb {
+  summary: string;
+  usage: string;
+  options?: Options;
+  optionHelp?: string[];
+  /** Positional arguments: their count must be within [min, max] (default none). */
+  args?: [number, number];
+  run(context: Context): Promise<{ json: unknown; text: string }>;
+}
+
+const DISCOVERY_OPTIONS: Options = { interface: { type: 'string' }, timeout: { type: 'string' } };
+
+const VERBS: Record<string, Verb> = {
+  discover: {
+    summary: 'find cloudlets on the LAN (mDNS) and rank them as SEI client-lib does',
+    usage: 'cloudlet discover [--interface ADDR] [--timeout MS]',
+    optionHelp: ['Rank = 100 × max_cores − CPU usage from each one\'s /api/system; a rank ≤ 0 is never chosen.'],
+    run: async ({ values }) => {
+      const ranked = await discoverRanked(values);
+      const rows = ranked.map(rankedJson);
+      return {
+        json: { cloudlets: rows },
+        text: rows.length === 0 ? 'no cloudlet answered' : table(['NAME', 'ADDRESS', 'RANK', 'ENCRYPTION'],
+          rows.map((r) => [r.name, `${r.address}:${r.port}`, r.rank === null ? `unreachable (${r.error})` : String(r.rank), r.encryption ?? '-'])),
+      };
+    },
+  },
+  system: {
+    summary: 'show the cloudlet: host, CPU, memory, hypervisor, instances',
+    usage: 'cloudlet system',
+    run: async ({ cloudlet }) => {
+      const client = await cloudlet();
+      const info = await client.call<{ hostname: string; agent_version: string; cpu: { cores: number; usage_percent: number }; memory: { total_bytes: number; free_bytes: number }; instances: number }>('GET', '/v1/system');
+      return {
+        json: { cloudlet: client.label, ...info },
+        text: [`${info.hostname} (${client.label}), agent ${info.agent_version}`,
+          `cpu: ${info.cpu.cores} cores, ${info.cpu.usage_percent}% used`,
+          `memory: ${formatBytes(info.memory.free_bytes)} free of ${formatBytes(info.memory.total_bytes)}`,
+          `instances: ${info.instances}`].join('\n'),
+      };
+    },
+  },
+  services: {
+    summary: 'list the services the cloudlet offers',
+    usage: 'cloudlet services',
+    run: async ({ cloudlet }) => {
+      const { services } = await (await cloudlet()).call<{ services: Array<{ id: string; manifest: { version: string; description: string; shareable: boolean } }> }>('GET', '/v1/services');
+      return listing('services', services, ['SERVICE', 'VERSION', 'SHAREABLE', 'DESCRIPTION'],
+        (s) => [s.id, s.manifest.version, s.manifest.shareable ? 'yes' : 'no', s.manifest.description]);
+    },
+  },
+  apps: {
+    summary: 'list the apps (Cloudlet Push) the cloudlet offers',
+    usage: 'cloudlet apps [--service ID] [--os-name NAME] [--os-version V] [--tags A,B]',
+    options: { service: { type: 'string' }, 'os-name': { type: 'string' }, 'os-version': { type: 'string' }, tags: { type: 'string' } },
+    optionHelp: ['--service ID       only apps for this service', '--os-name NAME     Android or web', '--os-version V      only apps that run on this OS version', '--tags A,B         only apps with one of these tags'],
+    run: async ({ cloudlet, values }) => {
+      const query = new URLSearchParams();
+      for (const [option, parameter] of [['service', 'service_id'], ['os-name', 'os_name'], ['os-version', 'os_version'], ['tags', 'tags']] as const) {
+        if (typeof values[option] === 'string') query.set(parameter, values[option] as string);
+      }
+      const { apps } = await (await cloudlet()).call<{ apps: AppJson[] }>('GET', `/v1/apps${query.size ? `?${query}` : ''}`);
+      return listing('apps', apps, ['APP', 'NAME', 'KIND', 'VERSION', 'SIZE', 'SERVICE'], (a) => [a.id, a.name, a.kind, a.version, formatBytes(a.size), a.service_id]);
+    },
+  },
+  instances: {
+    summary: 'list the running instances',
+    usage: 'cloudlet instances',
+    run: async ({ cloudlet }) => {
+      const { instances } = await (await cloudlet()).call<{ instances: Array<{ id: string; service_id: string; state: string; host_port: number; users: number }> }>('GET', '/v1/instances');
+      return listing('instances', instances, ['INSTANCE', 'SERVICE', 'STATE', 'PORT', 'USERS'], (i) => [i.id, i.service_id, i.state, String(i.host_port), String(i.users)]);
+    },
+  },
+  start: {
+    summary: 'start (or join) an instance of a service; prints the endpoint once it is ready',
+    usage: 'cloudlet start SERVICE_ID [--no-join]',
+    options: { 'no-join': { type: 'boolean' } },
+    optionHelp: ['--no-join          always start a new instance, even of a shareable service that is running'],
+    args: [1, 1],
+    run: async ({ cloudlet, args, values }) => {
+      const result = await (await cloudlet()).call<{ instance: { id: string }; endpoint: { address: string; port: number }; joined: boolean }>(
+        'POST', '/v1/instances', { service_id: args[0], join: !values['no-join'] });
+      return {
+        json: result,
+        text: `${result.joined ? 'joined' : 'started'} ${result.instance.id}\nendpoint ${result.endpoint.address}:${result.endpoint.port}`,
+      };
+    },
+  },
+  stop: {
+    summary: 'stop (release) an instance',
+    usage: 'cloudlet stop INSTANCE_ID',
+    args: [1, 1],
+    run: async ({ cloudlet, args }) => {
+      const result = await (await cloudlet()).call<{ destroyed: boolean; users: number }>('DELETE', `/v1/instances/${encodeURIComponent(args[0]!)}`);
+      return { json: result, text: result.destroyed ? `stopped ${args[0]}` : `released ${args[0]} (${result.users} user(s) left)` };
+    },
+  },
+  download: {
+    summary: 'download an app, resuming an interrupted download, and check its SHA-256',
+    usage: 'cloudlet download APP_ID [--output FILE]',
+    options: { output: { type: 'string', short: 'o' } },
+    optionHelp: ['-o, --output FILE  where to save it (default: the app\'s file name in the current directory)', 'An interrupted download leaves FILE.part; running the command again resumes it.'],
+    args: [1, 1],
+    run: async ({ cloudlet, args, values }) => {
+      const client = await cloudlet();
+      const app = await client.call<AppJson>('GET', `/v1/apps/${encodeURIComponent(args[0]!)}`);
+      const output = path.resolve(typeof values.output === 'string' ? values.output : app.file_name);
+      let bar: ProgressBar | undefined;
+      const result = await client.download(app.download, output, app, (done, resumedFrom) => {
+        bar ??= new ProgressBar(process.stderr, app.size, app.file_name, resumedFrom);
+        bar.update(done);
+      });
+      bar?.finish();
+      return {
+        json: { app: app.id, file: output, size: app.size, sha256: app.sha256, resumed_from: result.resumedFrom, transferred: result.bytes },
+        text: `saved ${output} (${formatBytes(app.size)}${result.resumedFrom ? `, resumed at ${formatBytes(result.resumedFrom)}` : ''}), SHA-256 verified`,
+      };
+    },
+  },
+  'add-app': {
+    summary: 'add an app to the cloudlet (operator, on the cloudlet itself)',
+    usage: 'cloudlet add-app FILE --service ID --name NAME [--kind android|web] [--package P] [--version V] [--min-os V] [--tags A,B] [--description TEXT]',
+    options: {
+      service: { type: 'string' }, name: { type: 'string' }, kind: { type: 'string' }, package: { type: 'string' }, version: { type: 'string' },
+      'min-os': { type: 'string' }, tags: { type: 'string' }, description: { type: 'string' },
+    },
+    optionHelp: ['--service ID       the service the app is a client of (required)', '--name NAME        shown to users (required)', '--kind KIND        android (an APK, the default) or web (a zip bundle)',
+      '--package P        the Android package name', '--version V        the app\'s version', '--min-os V         lowest OS version it runs on', '--tags A,B         tags phones filter by', '--description TEXT'],
+    args: [1, 1],
+    run: async ({ cloudlet, args, values }) => {
+      const file = path.resolve(args[0]!);
+      if (typeof values.service !== 'string' || typeof values.name !== 'string') throw new CliError('USAGE', 'add-app needs --service and --name');
+      const size = await stat(file).then((s) => (s.isFile() ? s.size : -1), () => -1);
+      if (size < 0) throw new CliError('USAGE', `not a readable file: ${file}`);
+      // Hashed here first: the cloudlet refuses the upload if what arrives differs.
+      const sha256 = createHash('sha256');
+      for await (const chunk of createReadStream(file)) sha256.update(chunk as Buffer);
+      const query = new URLSearchParams({ service_id: values.service, name: values.name, file_name: path.basename(file), sha256: sha256.digest('hex'), kind: typeof values.kind === 'string' ? values.kind : 'android' });
+      for (const [option, parameter] of [['package', 'package_name'], ['version', 'version'], ['min-os', 'min_os_version'], ['tags', 'tags'], ['description', 'description']] as const) {
+        if (typeof values[option] === 'string') query.set(parameter, values[option] as string);
+      }
+      const bar = new ProgressBar(process.stderr, size, path.basename(file));
+      const app = await (await cloudlet()).upload<AppJson>(`/v1/apps?${query}`, file, size, 'application/octet-stream', (sent) => bar.update(sent));
+      bar.finish();
+      return { json: app, text: `added ${app.id} ${app.name} (${formatBytes(app.size)}, sha256 ${app.sha256})` };
+    },
+  },
+  'remove-app': {
+    summary: 'remove an app from the cloudlet (operator, on the cloudlet itself)',
+    usage: 'cloudlet remove-app APP_ID',
+    args: [1, 1],
+    run: async ({ cloudlet, args }) => {
+      await (await cloudlet()).call('DELETE', `/v1/apps/${encodeURIComponent(args[0]!)}`);
+      return { json: { removed: args[0] }, text: `removed ${args[0]}` };
+    },
+  },
+};
+
+interface AppJson {
+  id: string;
+  name: string;
+  kind: string;
+  version: string;
+  size: number;
+  sha256: string;
+  service_id: string;
+  file_name: string;
+  download: string;
+}
+
+const COMMON_HELP = [
+  'Common options:',
+  '  --cloudlet HOST[:PORT]  the cloudlet to use (default: $CLOUDLET, else the best-ranked one mDNS finds)',
+  '  --interface ADDR        discovery: IPv4 address of the interface to query mDNS on (default: all)',
+  '  --timeout MS            discovery: how long to listen for answers (default 1500)',
+  '  --json                  print JSON (errors too: {"error": {"code", "message"}})',
+  '  -h, --help              this help',
+];
+
+function mainHelp(): string {
+  const width = Math.max(...Object.keys(VERBS).map((v) => v.length));
+  return ['usage: cloudlet VERB [options]', '', 'Verbs:', ...Object.entries(VERBS).map(([name, verb]) => `  ${name.padEnd(width)}  ${verb.summary}`), '',
+    ...COMMON_HELP, '', 'Run `cloudlet VERB --help` for a verb\'s options. Exit status: 0 ok, 1 refused or failed, 2 usage, 3 not found,',
+    '4 no cloudlet reachable, 5 checksum mismatch.'].join('\n');
+}
+
+function verbHelp(name: string, verb: Verb): string {
+  return [`usage: ${verb.usage}`, '', verb.summary, ...(verb.optionHelp ? ['', ...verb.optionHelp.map((l) => `  ${l}`)] : []), '', ...COMMON_HELP].join('\n').replace('VERB', name);
+}
+
+async function discoverRanked(values: Values): Promise<Ranked<DiscoveredCloudlet>[]> {
+  const timeoutMs = typeof values.timeout === 'string' ? Number(values.timeout) : 1500;
+  if (!(timeoutMs > 0)) throw new CliError('USAGE', '--timeout must be a number of milliseconds');
+  const found = await discoverCloudlets({ timeoutMs, ...(typeof values.interface === 'string' ? { interfaceAddress: values.interface } : {}) });
+  return rankCloudlets(found, (c) => new CloudletClient(c.address, c.port, timeoutMs * 2).kdSystem());
+}
+
+function rankedJson(r: Ranked<DiscoveredCloudlet>) {
+  return { name: r.cloudlet.name, host: r.cloudlet.host, address: r.cloudlet.address, port: r.cloudlet.port, encryption: r.cloudlet.txt.encryption ?? null,
+    rank: r.rank, eligible: r.eligible, ...(r.error ? { error: r.error } : {}) };
+}
+
+/** A list verb's result: `{<what>: [...]}` for scripts, a table (or "no <what>") for people. */
+function listing<T>(what: string, items: T[], header: string[], row: (item: T) => string[]): { json: unknown; text: string } {
+  return { json: { [what]: items }, text: items.length === 0 ? `no ${what}` : table(header, items.map(row)) };
+}
+
+function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  return [header, ...rows].map((r) => r.map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i]!))).join('  ')).join('\n');
+}
+
+export async function run(argv: string[]): Promise<number> {
+  // Common options may come before the verb (`cloudlet --cloudlet box:9999 services`): the verb is the first known one.
+  const at = argv.findIndex((arg) => Object.hasOwn(VERBS, arg));
+  const name = at >= 0 ? argv[at]! : undefined;
+  const rest = at >= 0 ? [...argv.slice(0, at), ...argv.slice(at + 1)] : argv;
+  const json = rest.includes('--json');
+  try {
+    if (!name) {
+      const takesValue = new Set(['--cloudlet', '--interface', '--timeout']);
+      const stray = argv.find((arg, i) => !arg.startsWith('-') && !takesValue.has(argv[i - 1] ?? ''));
+      if (stray && stray !== 'help') throw new CliError('USAGE', `unknown verb "${stray}"; run cloudlet --help`);
+      process.stdout.write(`${mainHelp()}\n`);
+      return argv.length > 0 ? EXIT.OK : EXIT.USAGE;
+    }
+    const verb = VERBS[name]!;
+    let parsed;
+    try {
+      parsed = parseArgs({ args: rest, allowPositionals: true, strict: true,
+        options: { ...verb.options, ...DISCOVERY_OPTIONS, cloudlet: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } } });
+    } catch (err) {
+      throw new CliError('USAGE', `${(err as Error).message}; run cloudlet ${name} --help`);
+    }
+    const values = parsed.values as Values;
+    if (values.help) {
+      process.stdout.write(`${verbHelp(name, verb)}\n`);
+      return EXIT.OK;
+    }
+    const [min, max] = verb.args ?? [0, 0];
+    if (parsed.positionals.length < min || parsed.positionals.length > max) throw new CliError('USAGE', `usage: ${verb.usage}`);
+    let client: Promise<CloudletClient> | undefined;
+    const context: Context = {
+      values,
+      args: parsed.positionals,
+      cloudlet: () => (client ??= chooseCloudlet(values)),
+    };
+    const result = await verb.run(context);
+    process.stdout.write(`${json ? JSON.stringify(result.json) : result.text}\n`);
+    return EXIT.OK;
+  } catch (err) {
+    const error = err instanceof CliError ? err : new CliError('FAILED', (err as Error).message);
+    if (json) process.stdout.write(`${JSON.stringify({ error: { code: error.code, message: error.message } })}\n`);
+    process.stderr.write(`cloudlet: ${error.message}\n`);
+    return error.exitCode;
+  }
+}
+
+/** --cloudlet, then $CLOUDLET, then the best-ranked cloudlet on the LAN (what a KD app does). */
+async function chooseCloudlet(values: Values): Promise<CloudletClient> {
+  const named = typeof values.cloudlet === 'string' ? values.cloudlet : process.env.CLOUDLET;
+  if (named) {
+    const { host, port } = parseCloudlet(named);
+    return new CloudletClient(host, port);
+  }
+  const best = (await discoverRanked(values)).find((r) => r.eligible);
+  if (!best) throw new CliError('NO_CLOUDLET', 'no cloudlet found on the network; name one with --cloudlet HOST[:PORT]');
+  return new CloudletClient(best.cloudlet.address, best.cloudlet.port);
+}
+
+if (require.main === module) {
+  run(process.argv.slice(2)).then((code) => { process.exitCode = code; });
+}

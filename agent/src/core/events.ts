@@ -1,0 +1,60 @@
+/**
+ * The core's event bus: what happens to instances, as it happens. The registry emits; the WebSocket stream, MQTT
+ * telemetry and discovery listen. Listeners run synchronously in emit order and must not throw or block: each one
+ * that does slow work (sockets) queues it itself.
+ */
+import type { Instance } from './types';
+
+/** Every state an instance passes through; `stopped` and `crashed` are final (the instance is gone). */
+export type InstanceLifecycleState = Instance['state'] | 'stopped' | 'crashed';
+
+/**
+ * Why an instance reached a final state: `requested` (its last user stopped it), `launch-failed`,
+ * `not-ready` (adopted while starting, never became ready), `out-of-memory` (a sandbox's memory limit), or what libvirt reported for a VM that ended outside
+ * the agent: `shutdown`, `destroyed`, `crashed`, `failed` (QEMU died, e.g. killed), `saved`, `migrated`,
+ * or `vanished` when it was only noticed missing.
+ */
+export type EndReason = 'requested' | 'launch-failed' | 'not-ready' | 'out-of-memory' | 'shutdown' | 'destroyed' | 'crashed' | 'failed'
+  | 'saved' | 'migrated' | 'vanished';
+
+export interface InstanceStateEvent {
+  type: 'instance';
+  state: InstanceLifecycleState;
+  /** The instance as it is now (its last view for a final state). */
+  instance: Instance;
+  reason?: EndReason;
+  at: string;
+}
+
+/** Launch phases in order; restoring (from a memory state) and booting are alternatives. */
+export type LaunchPhase = 'cloning' | 'restoring' | 'booting' | 'provisioning' | 'waiting-ready' | 'ready';
+
+export interface LaunchProgressEvent {
+  type: 'progress';
+  instanceId: string;
+  serviceId: string;
+  phase: LaunchPhase;
+  /** 0–100: a rough share of the launch, refined by bytes where they are known. */
+  percent: number;
+  /** Bytes of the memory state streamed into the VM so far, and in all (restores only). */
+  bytes?: { done: number; total: number };
+  at: string;
+}
+
+export type CloudletEvent = InstanceStateEvent | LaunchProgressEvent;
+
+export type EventListener = (event: CloudletEvent) => void;
+
+export class EventBus {
+  private readonly listeners = new Set<EventListener>();
+
+  /** Returns the unsubscribe function. */
+  subscribe(listener: EventListener): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  emit(event: CloudletEvent): void {
+    for (const listener of this.listeners) listener(event);
+  }
+}

@@ -1,0 +1,82 @@
+import path from 'node:path';
+import type { BaseVm } from '../core/bases';
+import { PROVISIONED, PROVISIONING_FAILED, recipeTag, userDataScript, type Recipe } from '../core/recipe';
+import type { Service } from '../core/types';
+import { CloudletError } from '../errors';
+import { buildConfigDrive } from '../images/config-drive';
+import { createLinkedClone } from '../images/qemu-img';
+import { waitForConsoleMarker } from '../vm/console-log';
+import { buildDomainXml } from '../vm/domain-xml';
+import type { Hypervisor } from '../vm/hypervisor';
+import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
+import type { LaunchPlan, Mechanism } from './mechanism';
+
+/** The service a recipe makes, still on its base: what an on-demand launch is planned with. */
+export interface RecipeService extends Service {
+  recipe: Recipe;
+  base: BaseVm;
+}
+
+/**
+ * The service a recipe describes, running on its base's files. The base boots cold even if it has a memory state:
+ * cloud-init-style provisioning happens at boot. `ds=nocloud` tells the guest a config drive is attached.
+ */
+export function recipeService(recipe: Recipe, base: BaseVm): RecipeService {
+  const b = base.manifest;
+  return {
+    id: recipe.service_id,
+    dir: base.dir,
+    importedAt: new Date().toISOString(),
+    recipe,
+    base,
+    manifest: {
+      format: 1,
+      service_id: recipe.service_id,
+      version: recipe.version,
+      description: recipe.description || `${recipe.service_id} provisioned from base ${base.name}`,
+      tags: [recipeTag(recipe)],
+      port: recipe.port,
+      memory_mib: recipe.memory_mib ?? b.memory_mib,
+      vcpus: recipe.vcpus ?? b.vcpus,
+      shareable: recipe.shareable,
+      readiness: recipe.readiness,
+      disk: b.disk,
+      state: null,
+      boot: b.boot && { ...b.boot, cmdline: `${b.boot.cmdline} ds=nocloud`.trim() },
+    },
+  };
+}
+
+/**
+ * On-Demand VM Provisioning: the Service VM is made at request time from a Base VM and a recipe. The instance runs on
+ * a linked clone of the base disk, boots with the recipe as a cloud-init NoCloud config drive, and the launch ends
+ * when the guest reports on its console that the provisioning finished (the registry then waits for readiness).
+ */
+export class OnDemandMechanism implements Mechanism<RecipeService> {
+  readonly name = 'on-demand' as const;
+
+  constructor(private readonly hypervisor: Hypervisor) {}
+
+  get runtime(): Hypervisor {
+    return this.hypervisor;
+  }
+
+  async launch({ service, domainName, record, timer, progress }: LaunchPlan<RecipeService>): Promise<'cold-boot'> {
+    const files = instanceFiles(record.dir);
+    progress('cloning');
+    await createLinkedClone(path.join(service.dir, service.manifest.disk), files.disk, 'qcow2');
+    await buildConfigDrive(files.configDrive, { userData: userDataScript(service.recipe), instanceId: record.id, hostname: service.id.replace(/[^A-Za-z0-9-]/g, '-') });
+    progress('booting');
+    const spec = { ...instanceDomainSpec(service, domainName, record, this.hypervisor.domainType), cdrom: files.configDrive };
+    await timer.time('libvirt', () => this.hypervisor.boot(buildDomainXml(spec)));
+    progress('provisioning');
+    // The recipe's readiness timeout bounds the whole launch, provisioning included.
+    const deadline = Date.parse(record.createdAt) + record.readiness.timeout_ms;
+    const outcome = await timer.time('guest', () => waitForConsoleMarker(files.consoleLog, [PROVISIONED, PROVISIONING_FAILED], deadline,
+      async () => (await this.hypervisor.running()).has(record.id)));
+    if (outcome === PROVISIONED) return 'cold-boot';
+    const what = outcome === PROVISIONING_FAILED ? 'failed in the guest'
+      : Date.now() >= deadline ? `did not finish within ${record.readiness.timeout_ms} ms` : 'ended with the VM stopping';
+    throw new CloudletError('PROVISIONING_FAILED', `provisioning ${service.id} from base ${service.base.name} ${what}`, { details: { recipe_id: service.id } });
+  }
+}

@@ -1,0 +1,206 @@
+/**
+ * Telemetry on MQTT: the only module that speaks MQTT. It embeds an aedes broker (TCP, and MQTT over WebSocket
+ * through the HTTP server's stream endpoint) and publishes the cloudlet's state there as retained JSON, so any MQTT
+ * dashboard that subscribes sees the current state at once and every change after it. Optionally it mirrors every
+ * publication to an external broker (fleet dashboards). The topic tree is documented in docs/telemetry.md.
+ */
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { Aedes } from 'aedes';
+import mqtt, { type MqttClient } from 'mqtt';
+import { eventJson, instanceJson } from '../api/v1';
+import type { AgentConfig } from '../config';
+import type { CloudletEvent } from '../core/events';
+import type { CloudletApi, Service } from '../core/types';
+import { CloudletError } from '../errors';
+import type { Logger } from '../log';
+
+/** How long the external client waits between reconnection attempts. */
+const EXTERNAL_RECONNECT_MS = 2000;
+
+export interface TelemetryOptions {
+  config: AgentConfig['mqtt'];
+  api: CloudletApi;
+  hostname: string;
+  agentVersion: string;
+  log: Logger;
+}
+
+/** The agent's topic tree under `root` (docs/telemetry.md). */
+export class TopicTree {
+  constructor(readonly root: string) {}
+
+  get status(): string { return `${this.root}/status`; }
+  get metrics(): string { return `${this.root}/metrics`; }
+  instance(id: string): string { return `${this.root}/instances/${id}`; }
+  progress(id: string): string { return `${this.root}/instances/${id}/progress`; }
+  service(id: string): string { return `${this.root}/services/${id}`; }
+
+  /** True for the root and anything below it: topics only the agent may publish to. */
+  owns(topic: string): boolean {
+    return topic === this.root || topic.startsWith(`${this.root}/`);
+  }
+}
+
+export class Telemetry {
+  /** Retained payloads as last published, so an external broker gets the full state again after a reconnect. */
+  private readonly retained = new Map<string, string>();
+  private readonly unsubscribe: () => void;
+  private readonly metricsTimer: NodeJS.Timeout;
+  private closed = false;
+
+  private constructor(
+    private readonly options: TelemetryOptions,
+    readonly topics: TopicTree,
+    private readonly broker: Aedes,
+    private readonly server: net.Server,
+    private readonly external: MqttClient | null,
+  ) {
+    this.unsubscribe = options.api.subscribe((event) => this.onEvent(event));
+    this.metricsTimer = setInterval(() => void this.publishMetrics(), options.config.metricsIntervalMs);
+    this.metricsTimer.unref();
+  }
+
+  static async start(options: TelemetryOptions): Promise<Telemetry> {
+    const topics = new TopicTree(options.config.topicRoot ?? `cloudlet/${options.hostname}`);
+    const broker = await Aedes.createBroker({
+      id: `cloudlet-agent-${options.hostname}`,
+      // Subscribers are welcome anywhere; only the agent itself (which publishes through the broker object, not as a
+      // client) writes under its tree, so no phone can fake a VM's state.
+      authorizePublish: (_client, packet, callback) => {
+        callback(topics.owns(packet.topic) ? new Error(`${packet.topic} is published by the cloudlet agent only`) : null);
+      },
+    });
+    const server = net.createServer((socket) => broker.handle(socket));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (err) => reject(new CloudletError('INTERNAL', `MQTT broker cannot listen on ${options.config.host}:${options.config.port}: ${err.message}`, { cause: err })));
+      server.listen(options.config.port, options.config.host, resolve);
+    });
+    options.log(`MQTT broker listening on ${options.config.host}:${(server.address() as net.AddressInfo).port}, topics under ${topics.root}/`);
+    const external = options.config.externalUrl ? connectExternal(options, topics) : null;
+    const telemetry = new Telemetry(options, topics, broker, server, external);
+    external?.on('connect', () => telemetry.republishToExternal());
+    telemetry.publishRetained(topics.status, telemetry.statusJson('online'));
+    for (const instance of options.api.listInstances()) telemetry.publishRetained(topics.instance(instance.id), JSON.stringify(instanceJson(instance)));
+    telemetry.publishServices();
+    await telemetry.publishMetrics();
+    return telemetry;
+  }
+
+  get port(): number {
+    return (this.server.address() as net.AddressInfo).port;
+  }
+
+  /** Serve one MQTT connection arriving over another transport (the WebSocket endpoint). */
+  handle(stream: Duplex): void {
+    this.broker.handle(stream);
+  }
+
+  /** Says offline (retained), then stops the broker. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.unsubscribe();
+    clearInterval(this.metricsTimer);
+    this.publishRetained(this.topics.status, this.statusJson('offline'));
+    await new Promise<void>((resolve) => (this.external ? this.external.end(false, {}, () => resolve()) : resolve()));
+    await new Promise<void>((resolve) => this.broker.close(() => resolve()));
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
+  private statusJson(state: 'online' | 'offline'): string {
+    return JSON.stringify({ state, hostname: this.options.hostname, agent_version: this.options.agentVersion, at: new Date().toISOString() });
+  }
+
+  private onEvent(event: CloudletEvent): void {
+    if (event.type === 'progress') {
+      this.publish(this.topics.progress(event.instanceId), JSON.stringify(eventJson(event)), false);
+      return;
+    }
+    const topic = this.topics.instance(event.instance.id);
+    const payload = JSON.stringify({ ...instanceJson(event.instance), state: event.state, ...(event.reason ? { reason: event.reason } : {}), at: event.at });
+    if (event.state === 'stopped' || event.state === 'crashed') {
+      // The final state reaches current subscribers; then the retained topic is cleared (an empty retained message).
+      this.publish(topic, payload, false);
+      this.publishRetained(topic, '');
+    } else {
+      this.publishRetained(topic, payload);
+    }
+    this.publishServices();
+  }
+
+  /** One retained topic per service, with its instance count; publishes only what changed, and clears removed services. */
+  private publishServices(): void {
+    const counts = new Map<string, number>();
+    for (const instance of this.options.api.listInstances()) counts.set(instance.serviceId, (counts.get(instance.serviceId) ?? 0) + 1);
+    const current = new Set<string>();
+    for (const service of this.options.api.listServices()) {
+      const topic = this.topics.service(service.id);
+      current.add(topic);
+      this.publishRetained(topic, JSON.stringify(serviceSummaryJson(service, counts.get(service.id) ?? 0)));
+    }
+    for (const topic of this.retained.keys()) {
+      if (topic.startsWith(this.topics.service('')) && !current.has(topic)) this.publishRetained(topic, '');
+    }
+  }
+
+  private async publishMetrics(): Promise<void> {
+    try {
+      const info = await this.options.api.systemInfo();
+      this.publishRetained(this.topics.metrics, JSON.stringify({
+        cpu_cores: info.cpu.cores, cpu_usage_percent: info.cpu.usagePercent, memory_total_bytes: info.memory.totalBytes,
+        memory_free_bytes: info.memory.freeBytes, instances: info.instances, at: new Date().toISOString(),
+      }));
+      // Services imported or removed between events show up here.
+      this.publishServices();
+    } catch (err) {
+      this.options.log(`host metrics unavailable: ${(err as Error).message}`);
+    }
+  }
+
+  /** Retained state: skipped when unchanged (subscribers see changes, not repeats); '' clears the topic. */
+  private publishRetained(topic: string, payload: string): void {
+    if (this.retained.get(topic) === payload || (payload === '' && !this.retained.has(topic))) return;
+    if (payload === '') this.retained.delete(topic);
+    else this.retained.set(topic, payload);
+    this.publish(topic, payload, true);
+  }
+
+  private publish(topic: string, payload: string, retain: boolean): void {
+    if (this.closed && topic !== this.topics.status) return;
+    this.broker.publish({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 0, retain, dup: false }, (err) => {
+      if (err) this.options.log(`MQTT publish to ${topic} failed: ${err.message}`);
+    });
+    if (this.external?.connected) this.external.publish(topic, payload, { qos: 0, retain });
+  }
+
+  private republishToExternal(): void {
+    this.options.log(`connected to the external MQTT broker ${this.options.config.externalUrl}`);
+    for (const [topic, payload] of this.retained) this.external?.publish(topic, payload, { qos: 0, retain: true });
+  }
+}
+
+/**
+ * The external broker gets the same tree. Its last will marks the cloudlet offline if the agent dies without a
+ * goodbye; while it is unreachable nothing is queued (the retained state is sent again on reconnect).
+ */
+function connectExternal(options: TelemetryOptions, topics: TopicTree): MqttClient {
+  const url = options.config.externalUrl!;
+  const client = mqtt.connect(url, {
+    clientId: `cloudlet-agent-${options.hostname}`,
+    reconnectPeriod: EXTERNAL_RECONNECT_MS,
+    queueQoSZero: false,
+    will: { topic: topics.status, payload: Buffer.from(JSON.stringify({ state: 'offline', hostname: options.hostname, agent_version: options.agentVersion })), qos: 1, retain: true },
+  });
+  let reported = '';
+  client.on('error', (err) => {
+    if (err.message !== reported) options.log(`external MQTT broker ${url}: ${(reported = err.message)}`);
+  });
+  client.on('offline', () => options.log(`external MQTT broker ${url} unreachable; retrying every ${EXTERNAL_RECONNECT_MS} ms`));
+  return client;
+}
+
+function serviceSummaryJson(service: Service, instances: number) {
+  const m = service.manifest;
+  return { id: service.id, version: m.version, description: m.description, tags: m.tags, shareable: m.shareable, memory_state: m.state !== null, instances };
+}

@@ -1,0 +1,27 @@
+// Runs the real `cloudlet` CLI as a child process, the way a person or a script would, and keeps what it printed.
+import { execFile } from 'node:child_process';
+import path from 'node:path';
+import { ROOT } from './agent';
+
+export const CLI = path.join(ROOT, 'dist', 'agent', 'src', 'cli', 'main.js');
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+  /** stdout parsed as JSON when it is JSON (every --json run), else undefined. */
+  json: any;
+}
+
+/** `cloudlet ...args`; `via` prefixes the command (e.g. nsenter into a test's network namespace). */
+export function cli(args: string[], options: { via?: string[]; cwd?: string } = {}): Promise<CliResult> {
+  const [command, ...argv] = [...(options.via ?? []), process.execPath, CLI, ...args];
+  return new Promise((resolve) => {
+    execFile(command!, argv, { timeout: 120000, cwd: options.cwd }, (err, stdout, stderr) => {
+      let json: unknown;
+      try { json = JSON.parse(stdout); } catch { json = undefined; }
+      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : -1) : 0;
+      resolve({ code, stdout, stderr, json });
+    });
+  });
+}

@@ -1,0 +1,100 @@
+// The phone web page in a real browser: Debian's headless Chromium driven by playwright-core, against the real agent
+// on loopback, booting one real Service VM. What a person on a phone does: open the page, start the demo service,
+// watch it become ready, follow its endpoint, download an app, stop the service.
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import type { BrowserContext, Page } from 'playwright-core';
+import t from 'tap';
+import { AgentProcess, ROOT, domainsUnder, testGuestDir } from './support/agent';
+import { countTransferredBytes, launchChromium } from './support/browser';
+import { cli } from './support/cli';
+
+const SERVICE = 'org.cloudlet.demo.http';
+const SCREENSHOT = path.join(ROOT, 'docs', 'web-page.png');
+
+let agent: AgentProcess;
+let scratch: string;
+let browser: BrowserContext;
+let page: Page;
+const apk = randomBytes(512 * 1024);
+
+t.before(async () => {
+  agent = await AgentProcess.start({ portRange: '22020-22029', env: { CLOUDLET_DISCOVERY: '0', CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0' } });
+  scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-web-'));
+  const imported = await agent.post('/v1/services', { path: testGuestDir() });
+  if (imported.status !== 201) throw new Error(imported.body);
+  await writeFile(path.join(scratch, 'demo-client.apk'), apk);
+  const added = await cli(['add-app', path.join(scratch, 'demo-client.apk'), '--service', SERVICE, '--name', 'Demo client', '--version', '1.0',
+    '--cloudlet', `127.0.0.1:${agent.apiPort}`]);
+  if (added.code !== 0) throw new Error(added.stderr);
+  browser = await launchChromium(path.join(scratch, 'profile'));
+  page = browser.pages()[0] ?? (await browser.newPage());
+});
+t.teardown(async () => {
+  await browser?.close();
+  await agent.dispose();
+  await rm(scratch, { recursive: true, force: true });
+});
+
+t.test('the page lists what the cloudlet offers, small and without a framework', async (tt) => {
+  const transferred = await countTransferredBytes(browser, page);
+  await page.goto(`http://127.0.0.1:${agent.apiPort}/`, { waitUntil: 'networkidle' });
+  const card = page.locator(`li[data-service="${SERVICE}"]`);
+  await card.waitFor();
+  tt.equal(await page.title(), 'Cloudlet');
+  tt.equal(await page.getByRole('heading', { level: 2 }).allTextContents().then((h) => h.join(',')), 'Services,Apps');
+  tt.ok(await card.getByRole('button', { name: 'Start' }).isEnabled(), 'a Start button per service');
+  tt.ok(await page.getByRole('link', { name: /Download Demo client/ }).isVisible(), 'the app, with an accessible download link');
+  tt.ok(transferred.bytes > 8000 && transferred.bytes < 100 * 1024, `everything loaded weighs ${transferred.bytes} bytes (< 100 KB)`);
+});
+
+t.test('starting the demo service shows progress, then the endpoint, which serves the guest', async (tt) => {
+  const card = page.locator(`li[data-service="${SERVICE}"]`);
+  await card.getByRole('button', { name: 'Start' }).click();
+  tt.ok(await card.getByRole('button', { name: 'Start' }).isDisabled(), 'Start is disabled while starting');
+  // Launch progress arrives on the /v1/events WebSocket: the bar gets a value and the status names the phase.
+  await card.locator('progress[value]:not([hidden])').waitFor({ timeout: 120000 });
+  tt.match(await card.locator('.status').textContent(), /^(cloning|restoring|booting|waiting ready|ready)… \d+%$/, 'the phase and how far along');
+  await card.locator('.status.ready').waitFor({ timeout: 180000 });
+  tt.ok(await card.getByRole('button', { name: 'Start' }).isHidden(), 'a ready service offers Stop instead of Start');
+  const instances = (await agent.get('/v1/instances')).json.instances;
+  tt.equal(instances.length, 1, 'one instance runs');
+  tt.equal(instances[0].state, 'ready');
+  const endpoint = `127.0.0.1:${instances[0].host_port}`;
+  tt.equal(await card.locator('.endpoint').first().textContent(), endpoint, 'the endpoint to connect to');
+  await page.screenshot({ path: SCREENSHOT, fullPage: true });
+
+  // A second client (the CLI) joins the shareable instance instead of booting another VM, then leaves.
+  const joined = await cli(['start', SERVICE, '--cloudlet', `127.0.0.1:${agent.apiPort}`, '--json']);
+  tt.equal(joined.code, 0, joined.stderr);
+  tt.match(joined.json, { joined: true, instance: { id: instances[0].id }, endpoint: { port: instances[0].host_port } });
+  const listed = await cli(['instances', '--cloudlet', `127.0.0.1:${agent.apiPort}`]);
+  tt.match(listed.stdout, new RegExp(`${instances[0].id}\\s+${SERVICE.replace(/\./g, '\\.')}\\s+ready\\s+${instances[0].host_port}\\s+2`));
+  const left = await cli(['stop', instances[0].id, '--cloudlet', `127.0.0.1:${agent.apiPort}`]);
+  tt.equal(left.stdout.trim(), `released ${instances[0].id} (1 user(s) left)`);
+
+  await card.getByRole('link', { name: `Open http://${endpoint}/` }).click();
+  await page.waitForURL(`http://${endpoint}/`);
+  tt.match(await page.textContent('body'), /hello from the cloudlet demo service/, 'the endpoint serves the Service VM');
+  await page.goBack();
+  await card.locator('.status.ready').waitFor();
+});
+
+t.test('an app downloads from the page with its exact bytes', async (tt) => {
+  const [download] = await Promise.all([page.waitForEvent('download'), page.getByRole('link', { name: /Download Demo client/ }).click()]);
+  tt.equal(download.suggestedFilename(), 'demo-client.apk');
+  const saved = path.join(scratch, 'downloaded.apk');
+  await download.saveAs(saved);
+  tt.equal(createHash('sha256').update(await readFile(saved)).digest('hex'), createHash('sha256').update(apk).digest('hex'));
+});
+
+t.test('stopping from the page destroys the Service VM', async (tt) => {
+  const card = page.locator(`li[data-service="${SERVICE}"]`);
+  await card.getByRole('button', { name: 'Stop' }).click();
+  await card.locator('button:not([disabled]):not([hidden])', { hasText: 'Start' }).waitFor({ timeout: 30000 });
+  tt.equal(await card.locator('.status').textContent(), 'Stopped');
+  tt.same((await agent.get('/v1/instances')).json.instances, []);
+  tt.same(await domainsUnder(agent.dataDir), [], 'no domain left in libvirt');
+});
