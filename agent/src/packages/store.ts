@@ -16,7 +16,10 @@ import path from 'node:path';
 import { Duplex, Transform, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
-import { Parser, Unpack, type ReadEntry } from 'tar';
+import type { Parser, ReadEntry } from 'tar';
+
+/** Loaded on the first import: the agent mostly runs without touching a tarball. */
+const tar = () => require('tar') as typeof import('tar');
 import { CloudletError, isErrno } from '../errors';
 import type { Logger } from '../log';
 import type { Package, PackageSource } from '../core/types';
@@ -146,7 +149,7 @@ export class PackageStore {
     const hash = createHash('sha256');
     const checks = new EntryChecks(this.limits);
     const abort = new AbortController();
-    const parser = new Parser({
+    const parser = new (tar().Parser)({
       strict: true,
       filter: (_path: string, entry: ReadEntry | Stats) => {
         const problem = checks.admit(entry as ReadEntry);
@@ -156,7 +159,7 @@ export class PackageStore {
     });
     await this.readTar(tarball, compression, parser, abort, hash);
     if (checks.entries === 0) throw invalid('not-a-tarball', 'the package holds no files');
-    await this.readTar(tarball, compression, new Unpack({ cwd: dest, strict: true, preserveOwner: false, noMtime: true }), new AbortController());
+    await this.readTar(tarball, compression, new (tar().Unpack)({ cwd: dest, strict: true, preserveOwner: false, noMtime: true }), new AbortController());
     return hash.digest('hex');
   }
 

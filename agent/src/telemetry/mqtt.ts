@@ -7,7 +7,7 @@
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { Aedes } from 'aedes';
-import mqtt, { type MqttClient } from 'mqtt';
+import type { MqttClient } from 'mqtt';
 import { eventJson, instanceJson } from '../api/v1';
 import type { AgentConfig } from '../config';
 import type { CloudletEvent } from '../core/events';
@@ -186,7 +186,9 @@ export class Telemetry {
  */
 function connectExternal(options: TelemetryOptions, topics: TopicTree): MqttClient {
   const url = options.config.externalUrl!;
-  const client = mqtt.connect(url, {
+  // Loaded only when an external broker is configured: the client library costs ~2 MB of resident memory.
+  const { connect } = require('mqtt') as typeof import('mqtt');
+  const client = connect(url, {
     clientId: `cloudlet-agent-${options.hostname}`,
     reconnectPeriod: EXTERNAL_RECONNECT_MS,
     queueQoSZero: false,
