@@ -159,3 +159,14 @@ t.test('the external broker gets the tree, and the last will says offline when t
     'offline', 'last will: offline');
   await agent.launch();
 });
+
+t.test('an agent whose MQTT port is taken still serves, and says why MQTT over TCP is off', async (tt) => {
+  const squatter = net.createServer();
+  const port = await freePort();
+  await new Promise<void>((resolve) => squatter.listen(port, '127.0.0.1', resolve));
+  tt.teardown(() => new Promise<void>((resolve) => squatter.close(() => resolve())));
+  const second = await AgentProcess.start({ portRange: '21290-21299', env: { CLOUDLET_MQTT_PORT: String(port) } });
+  tt.teardown(() => second.dispose());
+  tt.equal((await second.get('/v1/health')).status, 200, 'the API answers');
+  tt.match(second.log, /MQTT over TCP is off: cannot listen on 127\.0\.0\.1:\d+/);
+});

@@ -12,7 +12,6 @@ import { eventJson, instanceJson } from '../api/v1';
 import type { AgentConfig } from '../config';
 import type { CloudletEvent } from '../core/events';
 import type { CloudletApi, Service } from '../core/types';
-import { CloudletError } from '../errors';
 import type { Logger } from '../log';
 
 /** How long the external client waits between reconnection attempts. */
@@ -53,7 +52,8 @@ export class Telemetry {
     private readonly options: TelemetryOptions,
     readonly topics: TopicTree,
     private readonly broker: Aedes,
-    private readonly server: net.Server,
+    /** The TCP listener; null when its port was taken. */
+    private readonly server: net.Server | null,
     private readonly external: MqttClient | null,
   ) {
     this.unsubscribe = options.api.subscribe((event) => this.onEvent(event));
@@ -72,23 +72,24 @@ export class Telemetry {
       },
     });
     const server = net.createServer((socket) => broker.handle(socket));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', (err) => reject(new CloudletError('INTERNAL', `MQTT broker cannot listen on ${options.config.host}:${options.config.port}: ${err.message}`, { cause: err })));
-      server.listen(options.config.port, options.config.host, resolve);
+    // A box that cannot have its MQTT port (another broker holds it) must still serve phones: telemetry goes on over
+    // the API port's /mqtt WebSocket, and the log says why TCP is missing.
+    const listening = await new Promise<boolean>((resolve) => {
+      server.once('error', (err) => {
+        options.log(`MQTT over TCP is off: cannot listen on ${options.config.host}:${options.config.port}: ${err.message}; MQTT over WebSocket (/mqtt) still serves`);
+        resolve(false);
+      });
+      server.listen(options.config.port, options.config.host, () => resolve(true));
     });
-    options.log(`MQTT broker listening on ${options.config.host}:${(server.address() as net.AddressInfo).port}, topics under ${topics.root}/`);
+    if (listening) options.log(`MQTT broker listening on ${options.config.host}:${(server.address() as net.AddressInfo).port}, topics under ${topics.root}/`);
     const external = options.config.externalUrl ? connectExternal(options, topics) : null;
-    const telemetry = new Telemetry(options, topics, broker, server, external);
+    const telemetry = new Telemetry(options, topics, broker, listening ? server : null, external);
     external?.on('connect', () => telemetry.republishToExternal());
     telemetry.publishRetained(topics.status, telemetry.statusJson('online'));
     for (const instance of options.api.listInstances()) telemetry.publishRetained(topics.instance(instance.id), JSON.stringify(instanceJson(instance)));
     telemetry.publishServices();
     await telemetry.publishMetrics();
     return telemetry;
-  }
-
-  get port(): number {
-    return (this.server.address() as net.AddressInfo).port;
   }
 
   /** Serve one MQTT connection arriving over another transport (the WebSocket endpoint). */
@@ -105,7 +106,7 @@ export class Telemetry {
     this.publishRetained(this.topics.status, this.statusJson('offline'));
     await new Promise<void>((resolve) => (this.external ? this.external.end(false, {}, () => resolve()) : resolve()));
     await new Promise<void>((resolve) => this.broker.close(() => resolve()));
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
   }
 
   private statusJson(state: 'online' | 'offline'): string {
