@@ -67,10 +67,10 @@ LOOPBACK.addAddress('::1', 'ipv6');
 LOOPBACK.addSubnet('::ffff:127.0.0.0', 104, 'ipv6');
 
 /** The operator's routes: only a client on this machine (the CLI on the box, or through an SSH tunnel). */
-function requireLocalClient(request: ApiRequest): void {
+export function requireLocalClient(request: ApiRequest): void {
   const address = request.remoteAddress;
   if (!LOOPBACK.check(address, isIPv6(address) ? 'ipv6' : 'ipv4')) {
-    throw new CloudletError('FORBIDDEN', `Adding and removing apps is allowed from this cloudlet only, not from ${address}`);
+    throw new CloudletError('FORBIDDEN', `${request.method} ${request.path} is allowed from this cloudlet only, not from ${address}`);
   }
 }
 

@@ -7,7 +7,7 @@ import { RECIPE_LIMITS, recipeDigest, recipeJson, type Recipe } from '../core/re
 import type { ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
 import { emptyReply, hostOf, jsonReply, textReply, type ApiRequest, type Route } from './routing';
-import { endpointJson, instanceJson, jsonObject, optionalBoolean, requiredString, serviceJson, timingsJson } from './v1';
+import { jsonObject, optionalBoolean, requiredString, serviceJson, startResultJson } from './v1';
 
 const CONSOLE_DEFAULT_BYTES = 64 << 10;
 const CONSOLE_MAX_BYTES = 1 << 20;
@@ -55,12 +55,7 @@ export function provisioningRoutes(api: ProvisioningApi): Route[] {
 async function provision(api: ProvisioningApi, request: ApiRequest) {
   const body = request.body === undefined ? {} : jsonObject(request.body);
   const result = await api.provision(request.params.id!, { join: optionalBoolean(body, 'join') ?? false, clientHost: hostOf(request.header('host')) });
-  return jsonReply(201, {
-    instance: instanceJson(result.instance),
-    endpoint: endpointJson(result.endpoint),
-    joined: result.joined,
-    ...(result.timings ? { timings: timingsJson(result.timings) } : {}),
-  });
+  return jsonReply(201, startResultJson(result));
 }
 
 function consoleBytes(value: string | null): number {

@@ -5,16 +5,17 @@
  */
 import type { CloudletEvent } from '../core/events';
 import type { ProvisioningApi } from '../core/types';
-import type { CloudletApi, Endpoint, HealthReport, Instance, Package, PackageSource, Peer, Service, StopResult, SystemInfo } from '../core/types';
+import type { CloudletApi, Endpoint, HealthReport, Instance, Package, PackageSource, Peer, Service, StartResult, StopResult, SystemInfo } from '../core/types';
 import type { LaunchTimings } from '../core/timing';
 import { CloudletError } from '../errors';
 import { emptyReply, hostOf, jsonReply, type ApiRequest, type Face, type Route } from './routing';
 import { appRoutes } from './v1-apps';
 import { provisioningRoutes } from './v1-provisioning';
+import { synthesisRoutes } from './v1-synthesis';
 
 export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi): Face {
   const routes: Route[] = [
-    ...(provisioning ? provisioningRoutes(provisioning) : []),
+    ...(provisioning ? [...provisioningRoutes(provisioning), ...synthesisRoutes(provisioning)] : []),
     {
       method: 'GET',
       path: '/v1/health',
@@ -94,12 +95,7 @@ async function startInstance(api: CloudletApi, request: ApiRequest) {
     clientHost: hostOf(request.header('host')),
     deviceId: request.header('x-device-id'),
   });
-  return jsonReply(201, {
-    instance: instanceJson(result.instance),
-    endpoint: endpointJson(result.endpoint),
-    joined: result.joined,
-    ...(result.timings ? { timings: timingsJson(result.timings) } : {}),
-  });
+  return jsonReply(201, startResultJson(result));
 }
 
 // ---- request bodies --------------------------------------------------------------------------------------------
@@ -176,6 +172,15 @@ export function instanceJson(instance: Instance) {
     launch: instance.launch,
     created_at: instance.createdAt,
     ready_at: instance.readyAt,
+  };
+}
+
+export function startResultJson(result: StartResult) {
+  return {
+    instance: instanceJson(result.instance),
+    endpoint: endpointJson(result.endpoint),
+    joined: result.joined,
+    ...(result.timings ? { timings: timingsJson(result.timings) } : {}),
   };
 }
 

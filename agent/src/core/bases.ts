@@ -107,7 +107,7 @@ async function readJson(file: string): Promise<unknown> {
   }
 }
 
-async function digestOf(dir: string, manifest: ServiceManifest): Promise<string> {
+export async function digestOf(dir: string, manifest: ServiceManifest): Promise<string> {
   const hash = createHash('sha256').update(JSON.stringify(manifest));
   for (const file of manifestFiles(manifest)) {
     for await (const chunk of createReadStream(path.join(dir, file))) hash.update(chunk as Buffer);

@@ -1,5 +1,6 @@
 import { constants as fsConstants } from 'node:fs';
-import { access, chmod, mkdir, rm } from 'node:fs/promises';
+import { access, chmod, mkdir, rm, stat } from 'node:fs/promises';
+import { createReadStream } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
@@ -12,6 +13,11 @@ import { AppVirtMechanism } from '../mechanisms/app-virt';
 import { CachedVmMechanism } from '../mechanisms/cached-vm';
 import type { Mechanism } from '../mechanisms/mechanism';
 import { OnDemandMechanism, recipeService } from '../mechanisms/on-demand';
+import { SynthesisMechanism, synthesisService } from '../mechanisms/synthesis';
+import { openOverlay } from '../synthesis/apply';
+import { trustedOverlayKeys } from '../synthesis/keys';
+import { OVERLAY_LIMITS } from '../synthesis/overlay-format';
+import { UploadSessions, type AppendOutcome, type UploadView } from '../synthesis/uploads';
 import { PackageStore } from '../packages/store';
 import { SandboxRuntime } from '../sandbox/sandbox-runtime';
 import { Hypervisor } from '../vm/hypervisor';
@@ -36,6 +42,9 @@ import type { CloudletApi, DiscoveryView, Endpoint, HealthCheck, HealthReport, I
 export const AGENT_VERSION: string = (require('../../../../package.json') as { version: string }).version;
 
 const WILDCARD = new Set(['0.0.0.0', '::', '']);
+/** An overlay upload that gets no bytes for this long is abandoned; a finished one is remembered this long. */
+const OVERLAY_UPLOAD_IDLE_MS = 10 * 60_000;
+const OVERLAY_UPLOAD_KEEP_MS = 10 * 60_000;
 
 /**
  * The core: the catalog of cached services, the registry of running instances and the mechanisms that launch
@@ -46,6 +55,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   private discovery: DiscoveryView | null = null;
   /** Recipe results being cached, so concurrent requests share one capture. */
   private readonly caching = new Map<string, Promise<Service>>();
+  private readonly overlayUploads = new UploadSessions<StartResult>(OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS);
 
   private constructor(
     private readonly config: AgentConfig,
@@ -62,6 +72,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     private readonly bases: BaseStore,
     private readonly recipes: RecipeStore,
     private readonly onDemand: OnDemandMechanism,
+    private readonly synthesis: SynthesisMechanism,
   ) {}
 
   static async open(config: AgentConfig, log: Logger): Promise<Cloudlet> {
@@ -84,7 +95,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
       return asCloudletError(err);
     });
     const onDemand = new OnDemandMechanism(hypervisor);
-    const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand], ports, instancesDir, staging, config.forward.bindAddress, log);
+    const synthesis = new SynthesisMechanism(hypervisor);
+    const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand, synthesis], ports, instancesDir, staging, config.forward.bindAddress, log);
     await registry.adopt();
     registry.startReconciling(config.reconcileIntervalMs, config.libvirtEvents);
     const apps = new AppStore(path.join(config.dataDir, 'apps'), staging, config.apps.maxUploadBytes, log);
@@ -93,7 +105,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     await bases.load();
     const recipes = new RecipeStore(path.join(config.dataDir, 'recipes'), log);
     await recipes.load();
-    return new Cloudlet(config, hypervisor, catalog, ports, registry, cachedVm, log, apps, packages, appVirt, bases, recipes, onDemand);
+    return new Cloudlet(config, hypervisor, catalog, ports, registry, cachedVm, log, apps, packages, appVirt, bases, recipes, onDemand, synthesis);
   }
 
   /** Stop watching and disconnect. Running instances keep running: the next agent adopts them. */
@@ -300,6 +312,46 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     }).finally(() => this.caching.delete(id));
     this.caching.set(id, caching);
     return caching;
+  }
+
+  async synthesizeFile(file: string, clientHost?: string): Promise<StartResult> {
+    if (!path.isAbsolute(file)) throw new CloudletError('INVALID_PARAMETER', `overlay path must be absolute: ${file}`, { details: { parameter: 'path' } });
+    const { size } = await stat(file).catch((err: Error) => {
+      throw new CloudletError('INVALID_PARAMETER', `cannot read overlay ${file}: ${err.message}`, { details: { parameter: 'path' } });
+    });
+    return this.synthesize(createReadStream(file), size, clientHost);
+  }
+
+  createOverlayUpload(bytes: number, clientHost?: string): UploadView {
+    if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new CloudletError('INVALID_PARAMETER', 'bytes must be a positive integer', { details: { parameter: 'bytes' } });
+    if (bytes > OVERLAY_LIMITS.overlayBytes) {
+      throw new CloudletError('PAYLOAD_TOO_LARGE', `an overlay may have at most ${OVERLAY_LIMITS.overlayBytes} bytes`, { details: { limit: OVERLAY_LIMITS.overlayBytes } });
+    }
+    return this.overlayUploads.create(bytes, (stream) => this.synthesize(stream, bytes, clientHost));
+  }
+
+  overlayUpload(id: string): UploadView {
+    return this.overlayUploads.get(id);
+  }
+
+  appendOverlayUpload(id: string, offset: number, body: Readable): Promise<AppendOutcome<StartResult>> {
+    return this.overlayUploads.append(id, offset, body);
+  }
+
+  /**
+   * VM Synthesis: check the overlay's header, manifest and signature and find its base before anything is made,
+   * then launch it as an instance (the registry cleans up everything if applying or starting it fails).
+   */
+  private async synthesize(stream: Readable, bytes: number, clientHost?: string): Promise<StartResult> {
+    const overlay = await openOverlay(stream, bytes, await trustedOverlayKeys(path.join(this.config.dataDir, 'overlay-keys'), this.log));
+    try {
+      const service = synthesisService(overlay, this.bases.get(overlay.manifest.base));
+      const started = await this.registry.start(service, false, this.synthesis);
+      this.log(`synthesized ${service.id} from a ${bytes}-byte overlay on base ${service.base.name}`);
+      return { ...started, endpoint: this.endpointFor(started.instance, clientHost) };
+    } finally {
+      await overlay.reader.close();
+    }
   }
 
   /** The end of an instance's console output, while it starts and while it runs. */

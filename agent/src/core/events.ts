@@ -26,8 +26,9 @@ export interface InstanceStateEvent {
   at: string;
 }
 
-/** Launch phases in order; restoring (from a memory state) and booting are alternatives. */
-export type LaunchPhase = 'cloning' | 'restoring' | 'booting' | 'provisioning' | 'waiting-ready' | 'ready';
+/** Launch phases in order; restoring (from a memory state) and booting are alternatives; synthesizing (applying a VM
+ *  overlay as it arrives) comes first for a synthesis. */
+export type LaunchPhase = 'synthesizing' | 'cloning' | 'restoring' | 'booting' | 'provisioning' | 'waiting-ready' | 'ready';
 
 export interface LaunchProgressEvent {
   type: 'progress';
@@ -36,7 +37,7 @@ export interface LaunchProgressEvent {
   phase: LaunchPhase;
   /** 0–100: a rough share of the launch, refined by bytes where they are known. */
   percent: number;
-  /** Bytes of the memory state streamed into the VM so far, and in all (restores only). */
+  /** Bytes of the memory state streamed into the VM so far, and in all (restores); of the overlay applied (synthesis). */
   bytes?: { done: number; total: number };
   at: string;
 }

@@ -352,12 +352,16 @@ export async function withConsoleTail(error: CloudletError, runtime: InstanceRun
   return tail ? withDetails(error, { console_tail: tail }) : error;
 }
 
-/** Where each phase starts in the launch's 0–100; streaming a memory state fills the restoring share by bytes. */
-const PHASE_PERCENT: Record<LaunchPhase, number> = { cloning: 0, restoring: 10, booting: 10, provisioning: 30, 'waiting-ready': 70, ready: 100 };
+/**
+ * Where each phase starts in the launch's 0–100; streaming a memory state fills the restoring share by bytes, and
+ * applying an overlay fills the share before restoring.
+ */
+const PHASE_PERCENT: Record<LaunchPhase, number> = { synthesizing: 0, cloning: 0, restoring: 10, booting: 10, provisioning: 30, 'waiting-ready': 70, ready: 100 };
 
 function launchPercent(phase: LaunchPhase, bytes?: { done: number; total: number }): number {
   if (!bytes || bytes.total === 0) return PHASE_PERCENT[phase];
-  return Math.round(PHASE_PERCENT[phase] + (PHASE_PERCENT['waiting-ready'] - PHASE_PERCENT[phase]) * (bytes.done / bytes.total));
+  const end = phase === 'synthesizing' ? PHASE_PERCENT.restoring : PHASE_PERCENT['waiting-ready'];
+  return Math.round(PHASE_PERCENT[phase] + (end - PHASE_PERCENT[phase]) * (bytes.done / bytes.total));
 }
 
 const isInside = (dir: string, file: string) => file.startsWith(dir + path.sep);

@@ -81,7 +81,7 @@ export interface Workload {
   manifest: { port: number; shareable: boolean; readiness: ReadinessProbe; state?: string | null };
 }
 
-export type MechanismName = 'cached-vm' | 'app-virt' | 'on-demand';
+export type MechanismName = 'cached-vm' | 'app-virt' | 'on-demand' | 'synthesis';
 
 export type InstanceState = 'starting' | 'ready' | 'stopping';
 
@@ -246,6 +246,13 @@ export interface ProvisioningApi {
   /** Provision the recipe on a throwaway VM and keep the result as a Cached VM service. */
   cacheRecipe(recipeId: string): Promise<Service>;
   consoleTail(instanceId: string, maxBytes: number): Promise<string>;
+  /** VM Synthesis from an overlay file on this machine: returns once the synthesized VM is ready. */
+  synthesizeFile(path: string, clientHost?: string): Promise<StartResult>;
+  /** A resumable upload of an overlay of `bytes` bytes; the synthesis runs as its bytes arrive. */
+  createOverlayUpload(bytes: number, clientHost?: string): import('../synthesis/uploads').UploadView;
+  overlayUpload(id: string): import('../synthesis/uploads').UploadView;
+  /** Bytes of the upload from `offset`; the synthesis' result once the last byte is in. */
+  appendOverlayUpload(id: string, offset: number, body: import('node:stream').Readable): Promise<import('../synthesis/uploads').AppendOutcome<StartResult>>;
 }
 
 /** What the HTTP faces (and later the CLI) call. One implementation: core/cloudlet.ts. */

@@ -76,6 +76,27 @@ export async function imageInfo(path: string): Promise<ImageInfo> {
   };
 }
 
+/** A range of an image's guest-visible bytes and where they are in the file (`hostOffset`, null when not stored). */
+export interface ImageExtent {
+  start: number;
+  length: number;
+  /** Reads as zeros (unallocated, or a zero cluster). */
+  zero: boolean;
+  /** Offset of the bytes in the image file itself; null for zeros and for compressed or backing-file data. */
+  hostOffset: number | null;
+}
+
+/** Where each range of a standalone image's content lives in its file (qemu-img map). */
+export async function imageMap(path: string): Promise<ImageExtent[]> {
+  const stdout = await runOrThrow(['map', '--output=json', '-U', '--', path], 'INVALID_IMAGE', `cannot map image ${path}`);
+  return (JSON.parse(stdout) as { start: number; length: number; zero: boolean; data: boolean; depth: number; offset?: number }[]).map((e) => ({
+    start: e.start,
+    length: e.length,
+    zero: e.zero || !e.data,
+    hostOffset: e.data && e.depth === 0 && typeof e.offset === 'number' ? e.offset : null,
+  }));
+}
+
 /**
  * Rejects a corrupt image with INVALID_IMAGE and qemu-img's first error line. Pass `format` when it is known: a
  * qcow2 whose magic is garbled would otherwise be probed as raw, which has nothing to check.

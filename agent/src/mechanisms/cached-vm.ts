@@ -1,6 +1,7 @@
 import path from 'node:path';
 import { createLinkedClone } from '../images/qemu-img';
-import { buildDomainXml, retargetSavedDomainXml } from '../vm/domain-xml';
+import type { PhaseTimer } from '../core/timing';
+import { buildDomainXml, retargetSavedDomainXml, type DomainSpec } from '../vm/domain-xml';
 import type { Hypervisor } from '../vm/hypervisor';
 import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
 import { readSaveImageHeader } from '../vm/save-image';
@@ -25,18 +26,26 @@ export class CachedVmMechanism implements Mechanism {
     // The catalog only holds qcow2 disks (a raw one is converted at import).
     await createLinkedClone(path.join(service.dir, m.disk), instanceFiles(record.dir).disk, 'qcow2');
     const spec = instanceDomainSpec(service, domainName, record, this.hypervisor.domainType);
-    if (m.state) {
-      const statePath = path.join(service.dir, m.state);
-      const header = await readSaveImageHeader(statePath);
-      const xml = retargetSavedDomainXml(header.xml, spec);
-      progress('restoring');
-      await timer.time('libvirt', () => this.hypervisor.restore({ path: statePath, header }, xml, record.dir,
-        (done, total) => progress('restoring', { done, total })));
-      return 'memory-state';
-    }
-    const xml = buildDomainXml(spec);
-    progress('booting');
-    await timer.time('libvirt', () => this.hypervisor.boot(xml));
-    return 'cold-boot';
+    return restoreOrBoot(this.hypervisor, spec, m.state && path.join(service.dir, m.state), record.dir, timer, progress);
   }
+}
+
+/**
+ * Bring an instance's domain to life: restored from a saved memory state (its embedded XML retargeted to this
+ * instance, devices untouched) when there is one, else cold-booted. Shared by the VM mechanisms.
+ */
+export async function restoreOrBoot(hypervisor: Hypervisor, spec: DomainSpec, statePath: string | null, instanceDir: string, timer: PhaseTimer,
+  progress: LaunchPlan['progress']): Promise<'memory-state' | 'cold-boot'> {
+  if (statePath) {
+    const header = await readSaveImageHeader(statePath);
+    const xml = retargetSavedDomainXml(header.xml, spec);
+    progress('restoring');
+    await timer.time('libvirt', () => hypervisor.restore({ path: statePath, header }, xml, instanceDir,
+      (done, total) => progress('restoring', { done, total })));
+    return 'memory-state';
+  }
+  const xml = buildDomainXml(spec);
+  progress('booting');
+  await timer.time('libvirt', () => hypervisor.boot(xml));
+  return 'cold-boot';
 }

@@ -8,12 +8,11 @@
  * or `..` paths, bounded size and entry count. The decompressed stream is bounded too (gzip/zstd bombs). `tar`
  * additionally refuses to write through symlinks. zstd is decoded by the zstd tool: Node 20's zlib has no zstd.
  */
-import { spawn } from 'node:child_process';
 import { createHash, randomUUID, type Hash } from 'node:crypto';
 import { createReadStream, createWriteStream, type Stats } from 'node:fs';
 import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { Duplex, Transform, type Readable, type TransformCallback } from 'node:stream';
+import { Transform, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
 import type { Parser, ReadEntry } from 'tar';
@@ -21,6 +20,7 @@ import type { Parser, ReadEntry } from 'tar';
 /** Loaded on the first import: the agent mostly runs without touching a tarball. */
 const tar = () => require('tar') as typeof import('tar');
 import { CloudletError, isErrno } from '../errors';
+import { zstdDecodeStream } from '../images/zstd';
 import type { Logger } from '../log';
 import type { Package, PackageSource } from '../core/types';
 import { parsePackageManifest } from './manifest';
@@ -172,7 +172,7 @@ export class PackageStore {
       await pipeline(
         createReadStream(tarball),
         tap((chunk) => hash?.update(chunk)),
-        compression === 'gzip' ? createGunzip() : zstdDecoder(),
+        compression === 'gzip' ? createGunzip() : zstdDecodeStream(),
         byteLimit(streamLimit, tooLarge),
         sink as unknown as NodeJS.WritableStream,
         { signal: abort.signal },
@@ -287,17 +287,6 @@ function sniff(magic: Buffer): Compression | null {
   if (magic[0] === 0x1f && magic[1] === 0x8b) return 'gzip';
   if (magic.equals(Buffer.from([0x28, 0xb5, 0x2f, 0xfd]))) return 'zstd';
   return null;
-}
-
-/** `zstd -dc` as a stream stage; a non-zero exit (not zstd, truncated) fails the pipeline. */
-function zstdDecoder(): Duplex {
-  const zstd = spawn('zstd', ['-dcq'], { stdio: ['pipe', 'pipe', 'ignore'] });
-  const duplex = Duplex.from({ writable: zstd.stdin, readable: zstd.stdout });
-  zstd.on('exit', (code, signal) => {
-    if (code !== 0 && signal === null) duplex.destroy(new Error(`zstd exited with ${code}: not a valid zstd stream`));
-  });
-  duplex.on('close', () => zstd.kill());
-  return duplex;
 }
 
 function tap(observe: (chunk: Buffer) => void): Transform {

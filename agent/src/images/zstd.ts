@@ -1,0 +1,120 @@
+/**
+ * The only caller of the zstd CLI (Debian package zstd): Node 20's zlib has no zstd. Child processes fed through
+ * pipes, so nothing blocks the event loop: one per frame to compress (frames are independent, so several run at
+ * once), one streaming process to decompress a whole sequence of frames (overlays) or one stream (app packages).
+ */
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { Duplex } from 'node:stream';
+import { CloudletError } from '../errors';
+import { ByteReader } from '../synthesis/byte-reader';
+
+/** `zstd -dc` as a stream stage; a non-zero exit (not zstd, truncated) fails the pipeline. */
+export function zstdDecodeStream(): Duplex {
+  const zstd = spawn('zstd', ['-dcq'], { stdio: ['pipe', 'pipe', 'ignore'] });
+  const duplex = Duplex.from({ writable: zstd.stdin, readable: zstd.stdout });
+  zstd.on('exit', (code, signal) => {
+    if (code !== 0 && signal === null) duplex.destroy(new Error(`zstd exited with ${code}: not a valid zstd stream`));
+  });
+  duplex.on('close', () => zstd.kill());
+  return duplex;
+}
+
+/** Runs zstd with `args`, `input` on stdin; resolves with stdout. Output beyond `maxOutputBytes` is a failure. */
+function run(args: string[], input: Buffer, maxOutputBytes: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('zstd', args, { stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    let outBytes = 0;
+    let stderr = '';
+    let settled = false;
+    const fail = (err: CloudletError) => {
+      if (settled) return;
+      settled = true;
+      child.kill();
+      reject(err);
+    };
+    child.on('error', (err: NodeJS.ErrnoException) => fail(err.code === 'ENOENT'
+      ? new CloudletError('IMAGE_TOOL_FAILED', 'zstd not found: install the Debian package zstd', { cause: err })
+      : new CloudletError('IMAGE_TOOL_FAILED', `zstd: ${err.message}`, { cause: err })));
+    child.stdout.on('data', (chunk: Buffer) => {
+      outBytes += chunk.length;
+      if (outBytes > maxOutputBytes) return fail(new CloudletError('IMAGE_TOOL_FAILED', `zstd output exceeds ${maxOutputBytes} bytes`));
+      out.push(chunk);
+    });
+    child.stderr.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
+    child.stdin.on('error', () => {}); // an early exit (bad input) is reported through the exit code
+    child.on('close', (code) => {
+      if (code === 0 && !settled) {
+        settled = true;
+        resolve(Buffer.concat(out, outBytes));
+      } else {
+        fail(new CloudletError('IMAGE_TOOL_FAILED', `zstd ${args[0]} failed: ${stderr.trim().split('\n').pop() || `exit code ${code}`}`));
+      }
+    });
+    child.stdin.end(input);
+  });
+}
+
+/** One zstd frame holding `data`. */
+export function compressFrame(data: Buffer, level: number): Promise<Buffer> {
+  return run([`-${level}`, '-q', '-c', '--no-progress'], data, Math.max(data.length * 2, 1 << 16));
+}
+
+/**
+ * One `zstd -d` for a sequence of frames: frames are written in order as they arrive, and each one's content is read
+ * back by its size. One process for all frames: spawning one per frame costs more than decoding them.
+ */
+export class StreamDecoder {
+  private readonly child: ChildProcessWithoutNullStreams;
+  private readonly out: ByteReader;
+  private stderr = '';
+  private failed: CloudletError | null = null;
+
+  constructor() {
+    this.child = spawn('zstd', ['-d', '-q', '-c', '--no-progress'], { stdio: ['pipe', 'pipe', 'pipe'] });
+    this.child.on('error', (err: NodeJS.ErrnoException) => {
+      this.failed = err.code === 'ENOENT'
+        ? new CloudletError('IMAGE_TOOL_FAILED', 'zstd not found: install the Debian package zstd', { cause: err })
+        : new CloudletError('IMAGE_TOOL_FAILED', `zstd: ${err.message}`, { cause: err });
+    });
+    this.child.stderr.on('data', (chunk: Buffer) => { this.stderr += chunk.toString(); });
+    this.child.stdin.on('error', () => {}); // an early exit is reported through its output ending
+    this.out = new ByteReader(this.child.stdout, (endsAt) => this.failed ?? new CloudletError('OVERLAY_INVALID',
+      `overlay: its frames decompress to ${endsAt} bytes, fewer than its manifest says${this.stderr ? ` (zstd: ${this.stderr.trim()})` : ''}`));
+  }
+
+  /** Resolves when zstd took the frame (or is gone: then reading its content fails). */
+  write(frame: Buffer): Promise<void> {
+    if (this.child.stdin.write(frame)) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        this.child.stdin.off('drain', done);
+        this.child.stdin.off('close', done);
+        resolve();
+      };
+      this.child.stdin.once('drain', done);
+      this.child.stdin.once('close', done);
+    });
+  }
+
+  /** The next `rawBytes` bytes of content: exactly one frame's, as its manifest entry says. */
+  read(rawBytes: number): Promise<Buffer> {
+    return this.out.read(rawBytes);
+  }
+
+  /** No more frames. */
+  end(): void {
+    this.child.stdin.end();
+  }
+
+  /** After the last read: the content must end there, and zstd must have succeeded. */
+  async finish(): Promise<void> {
+    if (!(await this.out.atEnd())) throw new CloudletError('OVERLAY_INVALID', 'overlay: its frames decompress to more bytes than its manifest says');
+    const code = this.child.exitCode ?? (await new Promise<number | null>((resolve) => this.child.once('exit', resolve)));
+    if (code !== 0) throw this.failed ?? new CloudletError('OVERLAY_INVALID', `overlay: zstd failed: ${this.stderr.trim() || `exit code ${code}`}`);
+  }
+
+  close(): void {
+    if (this.child.exitCode === null) this.child.kill();
+  }
+}

@@ -1,0 +1,262 @@
+/**
+ * VM Synthesis on the cloudlet: read an overlay as its bytes arrive, check it, and rebuild the Service VM's disk (a
+ * qcow2 overlay on the base's disk, never a copy) and saved memory state in an instance directory. Frames are
+ * checked against their SHA-256 and fed to a streaming decompressor as they arrive, while the content of the earlier
+ * ones is applied. Every record is bounds-checked: a copy may only read the base or what is already final.
+ */
+import type { KeyObject } from 'node:crypto';
+import { open, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import type { Readable } from 'node:stream';
+import type { BaseVm } from '../core/bases';
+import { ImageReader, Qcow2OverlayWriter } from '../images/qcow2-overlay';
+import {
+  BLOCK_BYTES, decodeHeader, decodeManifest, decodeRecords, HEADER_BYTES, invalid, overlayBytes, sha256, Source, Target,
+  type OverlayManifest, type OverlayRecord,
+} from './overlay-format';
+import { ByteReader } from './byte-reader';
+import { StreamDecoder } from '../images/zstd';
+
+const MEMORY_WRITE_BUFFER = 1 << 20;
+/** Copies being read ahead of the record being stored. */
+const READS_IN_FLIGHT = 64;
+/** Copies mostly read forward through a source (a file's pages in order, pages in address order): read in windows. */
+const READ_WINDOW_BYTES = 1 << 20;
+const READ_WINDOWS = 8;
+
+export interface OpenedOverlay {
+  manifest: OverlayManifest;
+  /** Size of the whole overlay. */
+  bytes: number;
+  /** Positioned at the first frame. */
+  reader: ByteReader;
+}
+
+/**
+ * Reads and checks the header, manifest and signature. `declaredBytes` (an upload's announced size, a file's size)
+ * must be the size the manifest describes: a truncated or padded overlay is refused before anything is made.
+ */
+export async function openOverlay(stream: Readable, declaredBytes: number, trustedKeys: KeyObject[]): Promise<OpenedOverlay> {
+  const reader = new ByteReader(stream, (endsAt) => invalid(`truncated: it ends after ${endsAt} bytes`));
+  try {
+    const header = decodeHeader(await reader.read(Math.min(HEADER_BYTES, declaredBytes)));
+    const manifestBytes = await reader.read(header.manifestBytes);
+    const signature = await reader.read(header.signatureBytes);
+    const manifest = decodeManifest(header, manifestBytes, signature, trustedKeys);
+    const bytes = overlayBytes(header, manifest);
+    if (bytes !== declaredBytes) throw invalid(`its manifest describes ${bytes} bytes, but ${declaredBytes} were sent${declaredBytes < bytes ? ' (truncated)' : ''}`);
+    return { manifest, bytes, reader };
+  } catch (err) {
+    await reader.close();
+    throw err;
+  }
+}
+
+/**
+ * Rebuild the overlay's disk (a qcow2 on the base's disk) and memory state (when it has one) at `to`, new files.
+ * `progress` gets the overlay bytes applied so far. On failure the files are left for the caller to remove.
+ */
+export async function applyOverlay(overlay: OpenedOverlay, base: BaseVm, to: { disk: string; memory: string | null },
+  progress: (done: number, total: number) => void): Promise<void> {
+  const { manifest, reader } = overlay;
+  const baseDiskPath = path.join(base.dir, base.manifest.disk);
+  const baseDisk = await ImageReader.open(baseDiskPath);
+  let baseMemory: FileHandle | null = null;
+  let disk: Qcow2OverlayWriter | null = null;
+  let memory: FileHandle | null = null;
+  let decoder: StreamDecoder | null = null;
+  try {
+    baseMemory = base.manifest.state ? await open(path.join(base.dir, base.manifest.state), 'r') : null;
+    decoder = new StreamDecoder();
+    const frames = decoder;
+    disk = await Qcow2OverlayWriter.create(to.disk, baseDiskPath, baseDisk, manifest.disk.virtual_size);
+    if (!manifest.memory !== !to.memory) throw invalid('the overlay and its service disagree on a memory state');
+    memory = to.memory ? await open(to.memory, 'wx+', 0o600) : null;
+    const applier = new RecordApplier(manifest, baseDisk, baseMemory ? (await baseMemory.stat()).size : 0, baseMemory, disk, memory);
+    // The frames are checked and fed to one streaming zstd as they arrive, while their content is applied.
+    const feeding = (async () => {
+      for (const [i, entry] of manifest.frames.entries()) {
+        const frame = await reader.read(entry.bytes);
+        if (sha256(frame) !== entry.sha256) throw invalid(`frame ${i} does not match its SHA-256 (corrupted)`);
+        await frames.write(frame);
+      }
+      if (!(await reader.atEnd())) throw invalid('trailing bytes after the last frame');
+      frames.end();
+    })();
+    const fed = feeding.then(() => new Promise<never>(() => {}));
+    fed.catch(() => {}); // observed through the race below
+    let applied = overlay.bytes - manifest.frames.reduce((sum, f) => sum + f.bytes, 0);
+    for (const entry of manifest.frames) {
+      const frame = await Promise.race([decoder.read(entry.raw_bytes), fed]);
+      for (const record of decodeRecords(frame)) await applier.apply(record);
+      applied += entry.bytes;
+      progress(applied, overlay.bytes);
+    }
+    await feeding;
+    await decoder.finish();
+    await applier.finish();
+    await disk.finish();
+    disk = null;
+  } finally {
+    decoder?.close();
+    await reader.close();
+    await disk?.abort();
+    await memory?.close();
+    await baseMemory?.close();
+    await baseDisk.close();
+  }
+}
+
+/**
+ * Applies records in order, checking that each one writes forward and reads only what is final. The reads of the
+ * copies are started up to READS_IN_FLIGHT records ahead (most read the base or the finished disk); a record that
+ * reads what earlier records write first waits until they are stored.
+ */
+class RecordApplier {
+  private readonly baseDiskWindows: ReadWindows;
+  private readonly baseMemoryWindows: ReadWindows;
+  /** For memory records only: the disk is final by then. */
+  private readonly finalDiskWindows: ReadWindows;
+  private diskEnd = 0;
+  private memoryEnd = 0;
+  private lastTarget: Target | null = null;
+  private readonly inFlight: { record: OverlayRecord; data: Promise<Buffer> }[] = [];
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
+  private memoryFlushed = 0;
+
+  constructor(private readonly manifest: OverlayManifest, private readonly baseDisk: ImageReader, private readonly baseMemoryBytes: number,
+    baseMemory: FileHandle | null, private readonly disk: Qcow2OverlayWriter, private readonly memory: FileHandle | null) {
+    this.baseDiskWindows = new ReadWindows((offset, length) => baseDisk.read(offset, length), baseDisk.size);
+    this.baseMemoryWindows = new ReadWindows((offset, length) => readAt(baseMemory!, offset, length), baseMemoryBytes);
+    this.finalDiskWindows = new ReadWindows((offset, length) => disk.read(offset, length), manifest.disk.virtual_size);
+  }
+
+  async apply(r: OverlayRecord): Promise<void> {
+    this.check(r);
+    const readsOwnWrites = r.source === Source.TargetMemory || (r.source === Source.TargetDisk && r.target === Target.Disk) || r.target !== this.lastTarget;
+    this.lastTarget = r.target;
+    if (readsOwnWrites) await this.drain();
+    const data = this.bytes(r);
+    data.catch(() => {}); // observed in store order
+    this.inFlight.push({ record: r, data });
+    if (this.inFlight.length >= READS_IN_FLIGHT) await this.storeOldest();
+  }
+
+  private check(r: OverlayRecord): void {
+    if (r.target === Target.Disk) {
+      if (this.memoryEnd > 0) throw invalid('a disk record after the memory records');
+      if (r.offset % BLOCK_BYTES !== 0 || r.length % BLOCK_BYTES !== 0 || r.length === 0 || r.offset < this.diskEnd
+        || r.offset + r.length > this.manifest.disk.virtual_size) throw invalid(`a disk record out of order or bounds at ${r.offset}`);
+      this.diskEnd = r.offset + r.length;
+    } else {
+      if (!this.memory || r.offset !== this.memoryEnd || r.offset + r.length > this.manifest.memory!.bytes) {
+        throw invalid(`a memory record out of order or bounds at ${r.offset}`);
+      }
+      this.memoryEnd += r.length;
+    }
+    const within = (limit: number) => {
+      if (r.sourceOffset + r.length > limit) throw invalid(`a record copies from beyond what it may read (source ${r.source} at ${r.sourceOffset})`);
+    };
+    switch (r.source) {
+      case Source.BaseDisk: case Source.XorBaseDisk: return within(this.baseDisk.size);
+      case Source.BaseMemory: case Source.XorBaseMemory: return within(this.baseMemoryBytes);
+      // Memory records come after every disk record, so the whole disk is final for them.
+      case Source.TargetDisk: return within(r.target === Target.Disk ? r.offset : this.manifest.disk.virtual_size);
+      case Source.TargetMemory: return within(r.offset);
+      default: return undefined;
+    }
+  }
+
+  private async bytes(r: OverlayRecord): Promise<Buffer> {
+    switch (r.source) {
+      case Source.Literal: return r.data!;
+      case Source.Zero: return Buffer.alloc(r.length);
+      case Source.BaseDisk: return this.baseDiskWindows.read(r.sourceOffset, r.length);
+      case Source.BaseMemory: return this.baseMemoryWindows.read(r.sourceOffset, r.length);
+      case Source.TargetDisk: return r.target === Target.Memory ? this.finalDiskWindows.read(r.sourceOffset, r.length) : this.disk.read(r.sourceOffset, r.length);
+      case Source.TargetMemory: return readAt(this.memory!, r.sourceOffset, r.length);
+      case Source.XorBaseDisk:
+      case Source.XorBaseMemory: {
+        const old = await (r.source === Source.XorBaseDisk ? this.baseDiskWindows : this.baseMemoryWindows).read(r.sourceOffset, r.length);
+        return xor(old, r.data!);
+      }
+    }
+  }
+
+  private async storeOldest(): Promise<void> {
+    const { record, data } = this.inFlight.shift()!;
+    const bytes = await data;
+    if (record.target === Target.Disk) {
+      if (record.source === Source.Zero) this.disk.zero(record.offset, record.length);
+      else await this.disk.write(record.offset, bytes);
+      return;
+    }
+    this.pending.push(bytes);
+    this.pendingBytes += bytes.length;
+    if (this.pendingBytes >= MEMORY_WRITE_BUFFER) await this.flushMemory();
+  }
+
+  /** Stores every record started so far. */
+  private async drain(): Promise<void> {
+    while (this.inFlight.length > 0) await this.storeOldest();
+    await this.flushMemory();
+  }
+
+  private async flushMemory(): Promise<void> {
+    if (this.pendingBytes === 0) return;
+    const buffers = this.pending;
+    const bytes = this.pendingBytes;
+    this.pending = [];
+    this.pendingBytes = 0;
+    await this.memory!.writev(buffers, this.memoryFlushed);
+    this.memoryFlushed += bytes;
+  }
+
+  async finish(): Promise<void> {
+    await this.drain();
+    if (this.manifest.memory && this.memoryFlushed !== this.manifest.memory.bytes) {
+      throw invalid(`the memory state is ${this.memoryFlushed} bytes, not the ${this.manifest.memory.bytes} of the manifest`);
+    }
+  }
+}
+
+/** a XOR b, in 32-bit words: both are copied to fresh (aligned) buffers first, which costs far less than bytewise XOR. */
+function xor(a: Buffer, b: Buffer): Buffer {
+  const out = Buffer.from(new ArrayBuffer(a.length));
+  a.copy(out);
+  const other = Buffer.from(new ArrayBuffer(b.length));
+  b.copy(other);
+  const words = a.length >> 2;
+  const x = new Uint32Array(out.buffer, 0, words);
+  const y = new Uint32Array(other.buffer, 0, words);
+  for (let i = 0; i < words; i++) x[i]! ^= y[i]!;
+  for (let i = words << 2; i < a.length; i++) out[i]! ^= other[i]!;
+  return out;
+}
+
+/** Reads of a file that does not change, served from the last few 1 MiB windows read from it. */
+class ReadWindows {
+  private windows: { start: number; end: number; data: Promise<Buffer> }[] = [];
+
+  constructor(private readonly readDirect: (offset: number, length: number) => Promise<Buffer>, private readonly size: number) {}
+
+  /** A view of the bytes: callers must not change it. */
+  async read(offset: number, length: number): Promise<Buffer> {
+    if (length > READ_WINDOW_BYTES) return this.readDirect(offset, length);
+    let window = this.windows.find((w) => offset >= w.start && offset + length <= w.end);
+    if (!window) {
+      const end = Math.min(this.size, offset + READ_WINDOW_BYTES);
+      window = { start: offset, end, data: this.readDirect(offset, end - offset) };
+      this.windows = [window, ...this.windows.slice(0, READ_WINDOWS - 1)];
+    }
+    const data = await window.data;
+    return data.subarray(offset - window.start, offset - window.start + length);
+  }
+}
+
+async function readAt(file: FileHandle, offset: number, length: number): Promise<Buffer> {
+  const out = Buffer.alloc(length);
+  await file.read(out, 0, length, offset);
+  return out;
+}

@@ -1,0 +1,68 @@
+// The pieces of VM Synthesis that need no VM: the overlay records, the qcow2 overlay writer (checked by qemu-img),
+// and the migration-stream walker's refusal of streams it does not know.
+import t from 'tap';
+import { execFile } from 'node:child_process';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { ImageReader, Qcow2OverlayWriter } from '../agent/src/images/qcow2-overlay';
+import { findRamPages } from '../agent/src/synthesis/migration-stream';
+import { decodeRecords, encodeRecord, Source, Target } from '../agent/src/synthesis/overlay-format';
+
+const run = promisify(execFile);
+const BLOCK = 4096;
+let dir: string;
+
+t.before(async () => { dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-synthesis-units-')); });
+t.teardown(() => rm(dir, { recursive: true, force: true }));
+
+t.test('records round-trip, and a frame cut inside a record or with an unknown type is refused', async (tt) => {
+  const records = [
+    { target: Target.Disk, source: Source.Literal, offset: 8192, length: 4, sourceOffset: 0, data: Buffer.from('abcd') },
+    { target: Target.Disk, source: Source.Zero, offset: 12288, length: BLOCK, sourceOffset: 0 },
+    { target: Target.Memory, source: Source.BaseMemory, offset: 0, length: BLOCK, sourceOffset: 123456 },
+    { target: Target.Memory, source: Source.XorBaseDisk, offset: BLOCK, length: 2, sourceOffset: 1024, data: Buffer.from([1, 2]) },
+  ];
+  const frame = Buffer.concat(records.map(encodeRecord));
+  tt.same([...decodeRecords(frame)].map((r) => ({ ...r, data: r.data && Buffer.from(r.data) })), records);
+  tt.throws(() => [...decodeRecords(frame.subarray(0, frame.length - 1))], { code: 'OVERLAY_INVALID' });
+  const unknown = Buffer.from(frame);
+  unknown[1] = 9;
+  tt.throws(() => [...decodeRecords(unknown)], { code: 'OVERLAY_INVALID' });
+});
+
+t.test('the qcow2 overlay writer makes an image qemu-img finds clean, with written, zeroed and backing blocks', async (tt) => {
+  const size = 4 << 20; // two L2 tables' worth
+  const backingRaw = Buffer.alloc(size, 0x5a);
+  await writeFile(path.join(dir, 'backing.raw'), backingRaw);
+  const backing = path.join(dir, 'backing.qcow2');
+  await run('qemu-img', ['convert', '-O', 'qcow2', path.join(dir, 'backing.raw'), backing]);
+  const expected = Buffer.from(backingRaw);
+  const reader = await ImageReader.open(backing);
+  const overlay = path.join(dir, 'overlay.qcow2');
+  const writer = await Qcow2OverlayWriter.create(overlay, backing, reader, size);
+  const written = Buffer.alloc(3 * BLOCK, 0xc3);
+  await writer.write(BLOCK, written);
+  written.copy(expected, BLOCK);
+  writer.zero(5 * BLOCK, 2 * BLOCK);
+  expected.fill(0, 5 * BLOCK, 7 * BLOCK);
+  const far = Buffer.alloc(BLOCK, 0x11);
+  await writer.write(size - BLOCK, far);
+  far.copy(expected, size - BLOCK);
+  tt.same(await writer.read(BLOCK - 1024, 8 * BLOCK), expected.subarray(BLOCK - 1024, 9 * BLOCK - 1024), 'reads span written, zero and backing blocks');
+  await writer.finish();
+  await reader.close();
+  await run('qemu-img', ['check', overlay]);
+  const info = JSON.parse((await run('qemu-img', ['info', '--output=json', overlay])).stdout);
+  tt.equal(info['full-backing-filename'], backing);
+  tt.equal(info['cluster-size'], BLOCK);
+  await run('qemu-img', ['convert', '-O', 'raw', overlay, path.join(dir, 'out.raw')]);
+  tt.ok((await readFile(path.join(dir, 'out.raw'))).equals(expected), 'the guest sees exactly the expected bytes');
+});
+
+t.test('a stream that is not a QEMU migration stream has no RAM pages to find', async (tt) => {
+  tt.equal(findRamPages(Buffer.alloc(1 << 16), 0), null);
+  const fake = Buffer.concat([Buffer.from('QEVM'), Buffer.alloc(100)]);
+  tt.equal(findRamPages(fake, 0), null);
+});

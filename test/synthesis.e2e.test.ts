@@ -1,0 +1,258 @@
+// VM Synthesis, end to end: a Base VM and a customized VM (another www disk, each with a captured memory state) made
+// by the real agent, an overlay made by the developer's CLI, synthesized by the agent from an HTTP upload (also one
+// cut in the middle and resumed) and from a file; bad overlays are refused and leave nothing behind.
+import t, { Test } from 'tap';
+import { execFile } from 'node:child_process';
+import { createHash, createPrivateKey, sign } from 'node:crypto';
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile, copyFile } from 'node:fs/promises';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { decodeHeader, encodeHeader, HEADER_BYTES } from '../agent/src/synthesis/overlay-format';
+import { AgentProcess, domainsUnder, fetchText, request, ROOT, testGuestDir } from './support/agent';
+import { EventsSocket } from './support/listeners';
+
+const run = promisify(execFile);
+const OVERLAY_CLI = path.join(ROOT, 'dist', 'agent', 'src', 'synthesis', 'cli.js');
+const BASE_SERVICE = 'org.cloudlet.demo.http';
+const SERVICE = 'org.cloudlet.test.synthesized';
+const CONTENT = 'hello from a synthesized service';
+
+let agent: AgentProcess;
+let scratch: string;
+let overlay: Buffer;
+let baseDisk: string;
+/** A signing key the agent trusts, and one it does not. */
+let trustedKey: string;
+let strangerKey: string;
+
+/** The customized VM's extra file: 1 MiB of deterministic, incompressible bytes (what its page cache also holds). */
+function dataFile(): Buffer {
+  const blocks: Buffer[] = [];
+  for (let i = 0; i < 1 << 15; i++) blocks.push(createHash('sha256').update(`block ${i}`).digest());
+  return Buffer.concat(blocks);
+}
+
+t.before(async () => {
+  scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-synthesis-'));
+  agent = await AgentProcess.start({ portRange: '22400-22449' });
+  const keys = path.join(scratch, 'keys');
+  await mkdir(keys);
+  for (const name of ['trusted', 'stranger']) await run('node', [OVERLAY_CLI, 'keygen', path.join(keys, `${name}.key`), path.join(keys, `${name}.pem`)]);
+  trustedKey = path.join(keys, 'trusted.key');
+  strangerKey = path.join(keys, 'stranger.key');
+  await mkdir(path.join(agent.dataDir, 'overlay-keys'));
+  await copyFile(path.join(keys, 'trusted.pem'), path.join(agent.dataDir, 'overlay-keys', 'developer.pem'));
+
+  // The base: the test guest with a captured memory state.
+  const imported = await agent.post('/v1/services', { path: testGuestDir() });
+  if (imported.status !== 201) throw new Error(imported.body);
+  const captured = await agent.post(`/v1/services/${BASE_SERVICE}/state`);
+  if (captured.status !== 200) throw new Error(captured.body);
+  const base = await agent.post('/v1/bases', { path: path.join(agent.dataDir, 'services', BASE_SERVICE), name: 'test-base' });
+  if (base.status !== 201) throw new Error(base.body);
+  baseDisk = path.join(base.json.dir, base.json.disk);
+  await agent.delete(`/v1/services/${BASE_SERVICE}`);
+
+  // The customized VM: its own www disk (a page and a data file), and a memory state captured while it serves.
+  const www = path.join(scratch, 'www');
+  await mkdir(www);
+  await writeFile(path.join(www, 'index.html'), `${CONTENT}\n`);
+  await writeFile(path.join(www, 'data.bin'), dataFile());
+  await run('bash', [path.join(ROOT, 'rootfs', 'guest', 'build-guest.sh'), path.join(scratch, 'custom'), '--www', www, '--service-id', SERVICE]);
+  // Its readiness probe reads the data file, so the captured memory holds it in the page cache, as a service's own
+  // files are after it started.
+  const customManifest = path.join(scratch, 'custom', 'manifest.json');
+  const m = JSON.parse(await readFile(customManifest, 'utf8'));
+  await writeFile(customManifest, JSON.stringify({ ...m, readiness: { ...m.readiness, path: '/data.bin' } }));
+  const custom = await agent.post('/v1/services', { path: path.join(scratch, 'custom') });
+  if (custom.status !== 201) throw new Error(custom.body);
+  const customState = await agent.post(`/v1/services/${SERVICE}/state`);
+  if (customState.status !== 200) throw new Error(customState.body);
+  await copyDir(path.join(agent.dataDir, 'services', SERVICE), path.join(scratch, 'customized-vm'));
+  await agent.delete(`/v1/services/${SERVICE}`);
+});
+
+t.teardown(async () => {
+  await agent.dispose();
+  await rm(scratch, { recursive: true, force: true });
+});
+
+async function copyDir(from: string, to: string): Promise<void> {
+  await mkdir(to);
+  for (const entry of await readdir(from)) await copyFile(path.join(from, entry), path.join(to, entry));
+}
+
+async function createOverlay(out: string, key: string | null): Promise<Record<string, number>> {
+  const vm = path.join(scratch, 'customized-vm');
+  const manifest = JSON.parse(await readFile(path.join(vm, 'manifest.json'), 'utf8'));
+  const { stdout } = await run('node', [OVERLAY_CLI, 'create', '--base', path.dirname(baseDisk), '--disk', path.join(vm, manifest.disk),
+    '--state', path.join(vm, manifest.state), '--service', path.join(vm, 'manifest.json'), '--out', out, ...(key ? ['--key', key] : [])]);
+  return JSON.parse(stdout);
+}
+
+async function assertNothingLeft(tt: Test, what: string) {
+  tt.same(await domainsUnder(agent.dataDir), [], `${what}: no domain left in libvirt`);
+  tt.same(await readdir(path.join(agent.dataDir, 'instances')), [], `${what}: no instance files left`);
+  tt.same(await readdir(path.join(agent.dataDir, 'tmp')).catch(() => []), [], `${what}: nothing left in the staging area`);
+  tt.same((await agent.get('/v1/instances')).json.instances, [], `${what}: no instance (and so no port) left`);
+}
+
+async function stopAndCheck(tt: Test, id: string) {
+  const stop = await agent.delete(`/v1/instances/${id}`);
+  tt.equal(stop.status, 200, stop.body);
+  await assertNothingLeft(tt, 'after stop');
+}
+
+/** POST the bytes to an upload from `offset` over a raw socket; `cutAfter` bytes in, the connection is cut. */
+function sendBytes(id: string, offset: number, bytes: Buffer, cutAfter?: number): Promise<{ status: number; json: any } | null> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(agent.apiPort, '127.0.0.1');
+    let response = '';
+    socket.on('data', (d) => { response += d.toString(); });
+    socket.on('error', (err) => (cutAfter === undefined ? reject(err) : resolve(null)));
+    socket.on('close', () => {
+      if (cutAfter !== undefined) return resolve(null);
+      const [head, body] = response.split('\r\n\r\n');
+      resolve({ status: Number(/^HTTP\/1\.1 (\d+)/.exec(head ?? '')?.[1]), json: JSON.parse(body ?? 'null') });
+    });
+    socket.write(`POST /v1/synthesis/uploads/${id}?offset=${offset} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n`
+      + `Content-Length: ${bytes.length}\r\nConnection: close\r\n\r\n`);
+    if (cutAfter === undefined) {
+      socket.write(bytes);
+    } else {
+      socket.write(bytes.subarray(0, cutAfter), () => setTimeout(() => socket.destroy(), 200));
+    }
+  });
+}
+
+t.test('the overlay CLI writes a signed overlay far smaller than the VM and says what it saved', async (tt) => {
+  const out = path.join(scratch, 'overlay.bin');
+  const stats = await createOverlay(out, trustedKey);
+  overlay = await readFile(out);
+  tt.equal(stats.overlay_bytes, overlay.length);
+  tt.ok(stats.disk_changed_blocks > 256, 'the data file is among the changed disk blocks');
+  tt.ok(stats.from_base_memory > 1000, 'most of the memory state is the base\'s memory');
+  tt.ok(stats.from_overlay >= 200, 'the data file\'s pages in the page cache are copies of its disk blocks');
+  const vm = path.join(scratch, 'customized-vm');
+  const manifest = JSON.parse(await readFile(path.join(vm, 'manifest.json'), 'utf8'));
+  const vmBytes = (await readFile(path.join(vm, manifest.state))).length;
+  tt.ok(overlay.length < vmBytes / 4, `overlay ${overlay.length} B vs a ${vmBytes} B memory state alone`);
+});
+
+t.test('an overlay uploaded over HTTP becomes a ready instance with the customized content, on a disk backed by the base', async (tt) => {
+  const events = await EventsSocket.connect(agent.apiPort);
+  tt.teardown(() => events.close());
+  const upload = await agent.post('/v1/synthesis/uploads', { bytes: overlay.length });
+  tt.equal(upload.status, 201, upload.body);
+  tt.match(upload.json, { bytes: overlay.length, received: 0, state: 'receiving' });
+  const done = await sendBytes(upload.json.id, 0, overlay);
+  tt.equal(done?.status, 201, JSON.stringify(done?.json));
+  const instance = done!.json.instance;
+  tt.match(instance, { service_id: SERVICE, mechanism: 'synthesis', launch: 'memory-state', state: 'ready' });
+  tt.equal((await fetchText(done!.json.endpoint.port)).trim(), CONTENT, 'the synthesized VM serves the customized page');
+  tt.ok((await fetchText(done!.json.endpoint.port, '/data.bin')).length > 0, 'and its data file');
+
+  const info = JSON.parse((await run('qemu-img', ['info', '-U', '--output=json', path.join(agent.dataDir, 'instances', instance.id, 'disk.qcow2')])).stdout);
+  tt.equal(info['full-backing-filename'], baseDisk, 'the disk is a qcow2 overlay on the base disk');
+  tt.ok(info['actual-size'] < 8 << 20, 'holding only the changed blocks');
+  const phases = events.inbox.items.filter((i) => i.value.type === 'progress' && i.value.instance_id === instance.id);
+  tt.ok(phases.some((i) => i.value.phase === 'synthesizing' && i.value.bytes_done === overlay.length && i.value.bytes_total === overlay.length), 'progress reports the overlay bytes applied');
+  tt.same((await agent.get(`/v1/synthesis/uploads/${upload.json.id}`)).json.state, 'done');
+  await stopAndCheck(tt, instance.id);
+});
+
+t.test('a cut upload resumes from the last byte the cloudlet received', async (tt) => {
+  const upload = await agent.post('/v1/synthesis/uploads', { bytes: overlay.length });
+  const id = upload.json.id;
+  await sendBytes(id, 0, overlay, Math.floor(overlay.length / 2));
+  let status = (await agent.get(`/v1/synthesis/uploads/${id}`)).json;
+  for (let i = 0; i < 50 && status.received === 0; i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    status = (await agent.get(`/v1/synthesis/uploads/${id}`)).json;
+  }
+  tt.ok(status.received > 0 && status.received <= overlay.length / 2, `received ${status.received} bytes before the cut`);
+  tt.equal(status.state, 'receiving');
+  const wrongOffset = await sendBytes(id, status.received + 1, overlay.subarray(status.received + 1));
+  tt.equal(wrongOffset?.status, 409, 'bytes from any other offset are refused');
+  tt.equal(wrongOffset?.json.details.received, status.received, 'with where to continue');
+  const done = await sendBytes(id, status.received, overlay.subarray(status.received));
+  tt.equal(done?.status, 201, JSON.stringify(done?.json));
+  tt.equal((await fetchText(done!.json.endpoint.port)).trim(), CONTENT);
+  await stopAndCheck(tt, done!.json.instance.id);
+});
+
+t.test('a synthesized instance survives an agent restart like any other', async (tt) => {
+  const file = path.join(scratch, 'good.bin');
+  await writeFile(file, overlay);
+  const started = await agent.post('/v1/synthesis', { path: file });
+  tt.equal(started.status, 201, started.body);
+  await agent.kill();
+  await agent.launch();
+  const listed = (await agent.get('/v1/instances')).json.instances;
+  tt.match(listed, [{ id: started.json.instance.id, mechanism: 'synthesis', state: 'ready' }]);
+  tt.equal((await fetchText(started.json.endpoint.port)).trim(), CONTENT);
+  await stopAndCheck(tt, started.json.instance.id);
+});
+
+/** The overlay with its manifest changed by `edit` and signed again by `key` (or unsigned). */
+async function remade(edit: (manifest: any) => void, key: string | null): Promise<Buffer> {
+  const header = decodeHeader(overlay.subarray(0, HEADER_BYTES));
+  const manifest = JSON.parse(overlay.subarray(HEADER_BYTES, HEADER_BYTES + header.manifestBytes).toString());
+  edit(manifest);
+  const manifestBytes = Buffer.from(JSON.stringify(manifest));
+  const signature = key ? sign(null, manifestBytes, createPrivateKey(await readFile(key))) : null;
+  return Buffer.concat([encodeHeader(manifestBytes, signature), overlay.subarray(HEADER_BYTES + header.manifestBytes + header.signatureBytes)]);
+}
+
+const BAD_OVERLAYS: { name: string; status: number; code: string; make: () => Promise<Buffer> }[] = [
+  { name: 'truncated', status: 422, code: 'OVERLAY_INVALID', make: async () => overlay.subarray(0, overlay.length - 1000) },
+  {
+    name: 'bit-flipped inside a frame', status: 422, code: 'OVERLAY_INVALID', make: async () => {
+      const flipped = Buffer.from(overlay);
+      flipped[flipped.length - 5000]! ^= 0x10;
+      return flipped;
+    },
+  },
+  { name: 'for a base this cloudlet lacks', status: 404, code: 'BASE_NOT_FOUND', make: () => remade((m) => { m.base = 'f'.repeat(64); }, trustedKey) },
+  { name: 'oversized', status: 413, code: 'OVERLAY_TOO_LARGE', make: () => remade((m) => { m.disk.virtual_size = 2 ** 50; }, trustedKey) },
+  {
+    name: 'of another format version', status: 422, code: 'OVERLAY_UNSUPPORTED', make: async () => {
+      const other = Buffer.from(overlay);
+      other.writeUInt32BE(2, 8);
+      return other;
+    },
+  },
+  { name: 'signed by a key this cloudlet does not trust', status: 403, code: 'OVERLAY_UNTRUSTED', make: () => remade(() => {}, strangerKey) },
+  { name: 'unsigned, while this cloudlet trusts keys', status: 403, code: 'OVERLAY_UNTRUSTED', make: () => remade(() => {}, null) },
+];
+
+for (const bad of BAD_OVERLAYS) {
+  t.test(`an overlay ${bad.name} is refused (${bad.code}) and leaves nothing behind`, async (tt) => {
+    const file = path.join(scratch, 'bad.bin');
+    await writeFile(file, await bad.make());
+    const r = await agent.post('/v1/synthesis', { path: file });
+    tt.equal(r.status, bad.status, r.body);
+    tt.equal(r.json.code, bad.code, r.json.message);
+    await assertNothingLeft(tt, bad.name);
+  });
+}
+
+t.test('a bad overlay refused during an upload ends the upload and leaves nothing behind', async (tt) => {
+  const flipped = Buffer.from(overlay);
+  flipped[flipped.length - 5000]! ^= 0x10;
+  const upload = await agent.post('/v1/synthesis/uploads', { bytes: flipped.length });
+  const r = await sendBytes(upload.json.id, 0, flipped);
+  tt.equal(r?.status, 422);
+  tt.equal(r?.json.code, 'OVERLAY_INVALID');
+  tt.equal((await agent.get(`/v1/synthesis/uploads/${upload.json.id}`)).json.state, 'failed');
+  await assertNothingLeft(tt, 'after the failed upload');
+});
+
+t.test('an upload must announce a positive size, and an unknown upload is not found', async (tt) => {
+  const r = await request(agent.apiPort, 'POST', '/v1/synthesis/uploads', { bytes: 0 });
+  tt.equal(r.status, 400);
+  tt.equal(r.json.code, 'INVALID_PARAMETER');
+  tt.equal((await agent.get('/v1/synthesis/uploads/nope')).json.code, 'NOT_FOUND');
+});
