@@ -146,9 +146,10 @@ t.test('save and restore a domain', async (t) => {
 
 t.test('an unknown domain uuid is a typed VIR_ERR_NO_DOMAIN error carrying libvirt\'s message', async (t) => {
   const conn = await openTestDriver(t);
-  for (const call of [conn.startDomain(UNKNOWN_UUID), conn.domainState(UNKNOWN_UUID), conn.domainXml(UNKNOWN_UUID),
-    conn.getMetadata(UNKNOWN_UUID, METADATA_URI), conn.destroyDomain(UNKNOWN_UUID)]) {
-    const err = await rejection(call);
+  // Every rejection gets its handler at once: the calls run in parallel and may fail in any order.
+  const errors = await Promise.all([conn.startDomain(UNKNOWN_UUID), conn.domainState(UNKNOWN_UUID), conn.domainXml(UNKNOWN_UUID),
+    conn.getMetadata(UNKNOWN_UUID, METADATA_URI), conn.destroyDomain(UNKNOWN_UUID)].map((call) => rejection(call)));
+  for (const err of errors) {
     t.equal(err.code, 'VIR_ERR_NO_DOMAIN');
     t.equal(err.virCode, 42);
     t.equal(err.virDomain, 12 /* VIR_FROM_TEST */);
