@@ -33,10 +33,10 @@ import { RecipeStore } from './recipes';
 import { HostMonitor } from './system-info';
 import { PhaseTimer } from './timing';
 import type { EventListener } from './events';
-import type { App, AppFilter, NewApp } from './types';
-import type { Package, PackageSource } from './types';
-import type { ProvisioningApi } from './types';
-import type { CloudletApi, DiscoveryView, Endpoint, HealthCheck, HealthReport, Instance, InstanceRecord, Peer, Service, StartRequest, StartResult, StopResult, SystemInfo } from './types';
+import type {
+  App, AppFilter, CloudletApi, DiscoveryView, Endpoint, HealthCheck, HealthReport, Instance, InstanceRecord, NewApp, Package,
+  PackageSource, Peer, ProvisioningApi, Service, StartRequest, StartResult, StopResult, SystemInfo,
+} from './types';
 
 // From dist/agent/src/core/ up to the repository (or installed package) root.
 export const AGENT_VERSION: string = (require('../../../../package.json') as { version: string }).version;

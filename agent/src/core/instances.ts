@@ -35,9 +35,10 @@ class KeyedQueue {
  */
 export class InstanceRegistry {
   private readonly instances = new Map<string, InstanceRecord>();
-  /** Instances being launched (not yet in libvirt's list): the reconciler must not take them for dead. */
-  private readonly launching = new Set<string>();
-  /** The records of instances being launched by this agent, so their console can be read while they start. */
+  /**
+   * Instances being launched (by this agent, or adopted while starting): the reconciler must not take them for dead
+   * before their runtime lists them, and their console can be read while they start.
+   */
   private readonly starting = new Map<string, InstanceRecord>();
   /** Launches in flight per shareable service, so concurrent joiners share one VM instead of each starting one. */
   private readonly pendingShared = new Map<string, Promise<InstanceRecord>>();
@@ -169,7 +170,7 @@ export class InstanceRegistry {
   private endIfGone(id: string, ending: InstanceEnding): Promise<void> {
     return this.queue.run(id, async () => {
       const meta = this.instances.get(id);
-      if (!meta || this.launching.has(id) || (await this.isRunning(meta))) return;
+      if (!meta || this.starting.has(id) || (await this.isRunning(meta))) return;
       this.log(`instance ${id} of ${meta.serviceId} ended outside the agent (${ending.reason}); releasing its port and files`);
       await this.forget(meta, ending);
     });
@@ -219,7 +220,6 @@ export class InstanceRegistry {
   private async launch<W extends Workload>(service: W, mechanism: Mechanism<W>, timer: PhaseTimer): Promise<InstanceRecord> {
     const id = randomUUID();
     const dir = path.join(this.instancesDir, id);
-    this.launching.add(id);
     let meta: InstanceRecord = {
       id,
       serviceId: service.id,
@@ -250,7 +250,6 @@ export class InstanceRegistry {
       await this.forget(meta, { state: 'stopped', reason: 'launch-failed' }).catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
       throw error;
     } finally {
-      this.launching.delete(id);
       this.starting.delete(id);
     }
   }
@@ -293,14 +292,14 @@ export class InstanceRegistry {
 
   /** An instance adopted while it was starting: finish the wait, or clean it up if it never becomes ready. */
   private async finishAdoptedLaunch(meta: InstanceRecord): Promise<void> {
-    this.launching.add(meta.id);
+    this.starting.set(meta.id, meta);
     try {
       await this.waitReady(meta);
     } catch (err) {
       this.log(`adopted instance ${meta.id} did not become ready (${(err as Error).message}); removing it`);
       await this.forget(meta, { state: 'stopped', reason: 'not-ready' }).catch(() => {});
     } finally {
-      this.launching.delete(meta.id);
+      this.starting.delete(meta.id);
     }
   }
 
