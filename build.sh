@@ -6,6 +6,7 @@
 #   build          compile the native shim and the TypeScript
 #   deps           install missing Debian and npm packages
 #   guest DIR      build the demo/test Service VM directory into DIR
+#   libvirtd stop|start   stop or start the system libvirtd the daemons way (the libvirtd-restart test; VMs keep running)
 #   image          build the appliance's bootable disk image into .build/appliance/ (docs/appliance.md)
 #   image-test     boot that image under QEMU (TCG, user-mode network) and check the agent serves
 #   bundle         build a signed agent bundle for cloudlet-update into .build/
@@ -17,7 +18,7 @@ BUILD="$ROOT/.build"
 # Debian packages the agent and its tests need (libvirt-dev only for the native shim's headers).
 PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
   linux-image-cloud-amd64 busybox-static cpio kmod e2fsprogs dbus avahi-daemon avahi-utils bubblewrap passt gcc make
-  iproute2 procps zstd genisoimage systemd socat tini chromium curl nodejs npm
+  iproute2 procps zstd genisoimage systemd socat tini chromium curl nodejs npm openssl
   xdelta3 xz-utils) # xdelta3 and xz: only the VM Synthesis benchmark's Elijah-style baseline
 # Only for image and image-test (WITH_IMAGE_TOOLS=1).
 IMAGE_PACKAGES=(mmdebstrap syslinux syslinux-common mtools dosfstools fdisk)
@@ -63,12 +64,30 @@ daemons() {
     # libvirtd daemonizes QEMU, which is then reaped by the nearest subreaper; until a killed QEMU is reaped, libvirtd
     # does not report its domain stopped. tini -s reaps at once, as systemd does on an appliance.
     as_root setsid tini -s -- libvirtd </dev/null >/dev/null 2>&1 &
-    for _ in $(seq 50); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
+    # Until it answers: a libvirtd that was killed leaves its socket file behind.
+    for _ in $(seq 100); do virsh -q -c qemu:///system uri >/dev/null 2>&1 && break; sleep 0.1; done
   fi
 }
 
 guest() {
   bash rootfs/guest/build-guest.sh "$@"
+}
+
+# Stopping libvirtd leaves its QEMU processes running; a started libvirtd reattaches to them.
+libvirtd_ctl() {
+  local systemd=; [ "$(ps -o comm= -p 1 2>/dev/null)" = systemd ] && systemd=1
+  case "${1:-}" in
+    stop)
+      if [ -n "$systemd" ]; then as_root systemctl stop libvirtd libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket; return; fi
+      local pid; pid=$(pgrep -x libvirtd) || return 0
+      as_root kill -TERM $pid
+      for _ in $(seq 100); do pgrep -x libvirtd >/dev/null || return 0; sleep 0.1; done
+      as_root kill -KILL $pid 2>/dev/null || true
+      while pgrep -x libvirtd >/dev/null; do sleep 0.1; done
+      ;;
+    start) daemons ;;
+    *) die "usage: ./build.sh libvirtd stop|start" ;;
+  esac
 }
 
 # The update signing key pair: CLOUDLET_UPDATE_KEYS names a directory with update.key and update.pub.pem; else a
@@ -96,6 +115,7 @@ case "${1:-}" in
   deps) deps ;;
   build) deps; build ;;
   guest) shift; guest "$@" ;;
+  libvirtd) libvirtd_ctl "${2:-}" ;;
   run)
     deps; build; daemons
     seed="$BUILD/seed"

@@ -109,7 +109,8 @@ async function main() {
   if (spawnSync('bash', [path.join(ROOT, 'rootfs/guest/build-guest.sh'), guest], { stdio: 'inherit' }).status !== 0) throw new Error('guest build failed');
   const scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-bench-telemetry-'));
   const config = path.join(scratch, 'agent.json');
-  await writeFile(config, JSON.stringify({ mqtt: { topicRoot: ROOT_TOPIC } }));
+  // Subscribers without credentials: the latency measured is the broker's, not a login's.
+  await writeFile(config, JSON.stringify({ mqtt: { topicRoot: ROOT_TOPIC, access: 'anonymous-read' } }));
 
   let agent = await AgentProcess.start({ portRange: PORT_RANGE, env: { CLOUDLET_CONFIG: config } });
   try {

@@ -8,7 +8,7 @@ import { mkdir, mkdtemp, open, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { AgentProcess, ROOT } from '../test/support/agent';
+import { AgentProcess, ROOT, request } from '../test/support/agent';
 import { countTransferredBytes, launchChromium } from '../test/support/browser';
 import { cli } from '../test/support/cli';
 
@@ -51,6 +51,10 @@ async function main() {
     await writeRandomFile(appFile, APP_MIB);
     const added = await cli(['add-app', appFile, '--service', 'org.cloudlet.demo.http', '--name', 'Big app', '--cloudlet', `127.0.0.1:${agent.apiPort}`, '--json']);
     if (added.code !== 0) throw new Error(`add-app: ${added.stderr}`);
+    // The page shows services to a paired phone: one is paired here and its token put where the page keeps it.
+    const window = await agent.post('/v1/pairing', {});
+    const paired = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'bench phone' }, { authorization: '' });
+    if (paired.status !== 201) throw new Error(`pairing: ${paired.body}`);
 
     // The page, cold each time: a fresh profile per run, so nothing comes from a cache.
     const pageBytes: number[] = [];
@@ -60,6 +64,7 @@ async function main() {
       const browser = await launchChromium(profile);
       try {
         const page = browser.pages()[0] ?? (await browser.newPage());
+        await page.addInitScript(`localStorage.setItem('cloudlet.token', ${JSON.stringify(paired.json.token)})`);
         const transferred = await countTransferredBytes(browser, page);
         await page.goto(`http://127.0.0.1:${agent.apiPort}/`, { waitUntil: 'networkidle' });
         await page.locator('li[data-service]').first().waitFor();

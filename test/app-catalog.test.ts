@@ -6,7 +6,7 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
-import { AgentProcess, testGuestDir } from './support/agent';
+import { AgentProcess, adminHeaders, testGuestDir } from './support/agent';
 import { cli } from './support/cli';
 
 const SERVICE = 'org.cloudlet.demo.http';
@@ -34,7 +34,7 @@ async function leftovers(): Promise<string[]> {
  */
 function rawUpload(query: string, body: Buffer, announce?: number): Promise<{ status: number; json: any }> {
   return new Promise((resolve, reject) => {
-    const headers = { 'content-type': 'application/octet-stream', 'content-length': String(announce ?? body.length) };
+    const headers = { 'content-type': 'application/octet-stream', 'content-length': String(announce ?? body.length), ...adminHeaders(agent.apiPort) };
     let answered = false;
     const req = http.request({ host: '127.0.0.1', port: agent.apiPort, method: 'POST', path: `/v1/apps?${query}`, headers, agent: false }, (res) => {
       answered = true;
@@ -218,6 +218,8 @@ t.test('bad uploads are refused with clear errors and leave nothing behind', asy
   tt.match(missingName.json, { code: 'MISSING_PARAMETER', details: { parameter: 'name' } });
   const unknownKind = await rawUpload(query({ kind: 'exe' }), bytes);
   tt.match(unknownKind.json, { code: 'INVALID_PARAMETER', details: { parameter: 'kind' } });
+  // An inherited property of the kinds table is no kind either (it was stored, and every listing then failed).
+  for (const kind of ['toString', '__proto__']) tt.match((await rawUpload(query({ kind }), bytes)).json, { code: 'INVALID_PARAMETER', details: { parameter: 'kind' } });
 
   // Announced as 100 GiB: refused from the headers alone, not a byte stored; an uploader that keeps sending anyway is
   // cut off once the agent has dropped 16 MiB of it.
@@ -257,7 +259,7 @@ t.test('every verb answers --help; usage errors exit 2; an unreachable cloudlet 
   tt.equal(main.code, 0);
   const verbList = main.stdout.slice(main.stdout.indexOf('Verbs:'), main.stdout.indexOf('Common options:'));
   const verbs = [...verbList.matchAll(/^ {2}([a-z-]+) {2,}/gm)].map((m) => m[1]!);
-  tt.same(verbs, ['discover', 'system', 'services', 'apps', 'instances', 'start', 'stop', 'download', 'add-app', 'remove-app']);
+  tt.same(verbs, ['discover', 'system', 'services', 'apps', 'instances', 'start', 'stop', 'download', 'add-app', 'synthesize', 'base', 'remove-app', 'pair', 'devices']);
   for (const verb of verbs) {
     const help = await cli([verb, '--help']);
     tt.equal(help.code, 0, `${verb} --help`);

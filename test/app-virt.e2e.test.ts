@@ -4,7 +4,7 @@ import { readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import t, { type Test } from 'tap';
-import { AgentProcess, fetchText, request } from './support/agent';
+import { AgentProcess, adminHeaders, fetchText, request } from './support/agent';
 import { PAGE, buildHttpdPackage, cgroupExists, destroySandboxesUnder, sandboxesUnder, tempDir } from './support/app-package';
 
 const PORTS = '21400-21499';
@@ -95,7 +95,7 @@ t.test('an app over its memory limit is killed by the cgroup and its instance en
     import('node:http').then(async (http) => {
       const body = await readFile(tarball);
       const req = http.request({ host: '127.0.0.1', port: agent.apiPort, method: 'POST', path: '/v1/packages',
-        headers: { 'content-type': 'application/zstd', 'content-length': body.length } }, (res) => {
+        headers: { 'content-type': 'application/zstd', 'content-length': body.length, ...adminHeaders(agent.apiPort) } }, (res) => {
         let text = '';
         res.on('data', (c: Buffer) => { text += c; });
         res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));

@@ -48,7 +48,7 @@ function agentEnv(dir: string): Record<string, string> {
   return {
     CLOUDLET_PORT: String(API_PORT), CLOUDLET_API_HOST: '0.0.0.0', CLOUDLET_DATA_DIR: path.join(dir, 'data'),
     CLOUDLET_FORWARD_ADDRESS: '127.0.0.1', CLOUDLET_PORT_RANGE: '22090-22099', CLOUDLET_SEED_DIR: '',
-    CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'), CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0',
+    CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'), CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0', CLOUDLET_TLS_PORT: '0',
   };
 }
 
@@ -102,17 +102,18 @@ t.test('discover finds the cloudlets on the chosen interface and ranks them as c
 });
 
 t.test('without --cloudlet, a verb talks to the best-ranked cloudlet discovered', async (tt) => {
-  const r = await phoneCli('services', '--interface', PHONE_IP, '--json');
+  // The app catalog is open to unpaired phones (docs/security.md).
+  const r = await phoneCli('apps', '--interface', PHONE_IP, '--json');
   tt.equal(r.code, 0, r.stderr);
-  tt.same(r.json, { services: [] });
+  tt.same(r.json, { apps: [] });
 });
 
-t.test('adding apps is refused to a client that is not on the cloudlet itself', async (tt) => {
+t.test('adding apps is refused to a client without the operator\'s credential', async (tt) => {
   const apk = path.join(dataDir, 'tiny.apk');
   await writeFile(apk, 'not really an apk');
   const r = await phoneCli('add-app', apk, '--service', 'any.service', '--name', 'Tiny', '--cloudlet', `${CLOUDLET_IP}:${API_PORT}`, '--json');
   tt.equal(r.code, 1);
-  tt.equal(r.json.error.code, 'FORBIDDEN');
+  tt.equal(r.json.error.code, 'UNAUTHENTICATED');
 });
 
 t.test('with nobody answering, discover says so and a verb without --cloudlet exits 4', async (tt) => {

@@ -72,9 +72,30 @@ t.test('telemetry, discovery and libvirt events are configured from the file and
     CLOUDLET_CONFIG: file, CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0', CLOUDLET_MQTT_URL: 'mqtt://fleet.example:1883',
     CLOUDLET_LIBVIRT_EVENTS: 'off',
   });
-  t.same(config.mqtt, { host: '127.0.0.1', port: 0, topicRoot: 'fleet/site-7', metricsIntervalMs: 2000, externalUrl: 'mqtt://fleet.example:1883' });
+  t.same(config.mqtt, { host: '127.0.0.1', port: 0, topicRoot: 'fleet/site-7', metricsIntervalMs: 2000, externalUrl: 'mqtt://fleet.example:1883', access: 'devices' });
   t.equal(config.discovery.enabled, false);
   t.equal(config.libvirtEvents, false);
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_DISCOVERY: 'maybe' }), { code: 'INVALID_PARAMETER', message: /discovery\.enabled must be true or false/ });
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_MQTT_PORT: '70000' }), { code: 'INVALID_PARAMETER', message: /mqtt\.port must be a port number/ });
+});
+
+t.test('the KD face mode, MQTT access and the limits come from the file and the environment, checked', async (t) => {
+  t.match(await loadConfig({ ...NO_FILE }), {
+    kdApi: 'plain', mqtt: { access: 'devices' }, packages: { maxUploadBytes: 1024 ** 3 },
+    limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 65536, bodyIdleMs: 8000 },
+  }, 'defaults: KD plain (as KD), MQTT for paired devices, two launches at once');
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'agent.json');
+  await writeFile(file, JSON.stringify({ kdApi: 'encrypted', mqtt: { access: 'anonymous-read' }, limits: { concurrentLaunches: 4, requestBurst: 10 } }));
+  const config = await loadConfig({ CLOUDLET_CONFIG: file, CLOUDLET_LAUNCH_QUEUE: '0', CLOUDLET_BODY_IDLE_MS: '2000', CLOUDLET_PACKAGE_MAX_BYTES: '1000000' });
+  t.equal(config.kdApi, 'encrypted');
+  t.equal(config.mqtt.access, 'anonymous-read');
+  t.same(config.limits, { concurrentLaunches: 4, queuedLaunches: 0, requestsPerSecond: 20, requestBurst: 10, jsonBodyBytes: 65536, bodyIdleMs: 2000 });
+  t.equal(config.packages.maxUploadBytes, 1000000);
+  t.equal((await loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'off' })).kdApi, 'off');
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'secret' }), { code: 'INVALID_PARAMETER', message: /kdApi must be plain, encrypted, off/ });
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_MQTT_ACCESS: 'open' }), { code: 'INVALID_PARAMETER', message: /mqtt\.access/ });
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_MAX_LAUNCHES: '0' }), { code: 'INVALID_PARAMETER', message: /limits\.concurrentLaunches/ });
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_BODY_IDLE_MS: '30000' }), { code: 'INVALID_PARAMETER', message: /limits\.bodyIdleMs must be a whole number from 100 to 10000/ });
 });

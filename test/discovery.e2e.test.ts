@@ -4,6 +4,7 @@ import os from 'node:os';
 import t from 'tap';
 import { AgentProcess } from './support/agent';
 import { AvahiNetwork } from './support/avahi-netns';
+import { until } from './support/poll';
 
 const HOSTNAME = os.hostname();
 
@@ -24,16 +25,6 @@ t.teardown(async () => {
 
 async function discoveryStatus() {
   return (await agent.get('/v1/system')).json.discovery;
-}
-
-async function until<T>(read: () => Promise<T>, ok: (value: T) => boolean, timeoutMs = 15000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let value = await read();
-  while (!ok(value) && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 100));
-    value = await read();
-  }
-  return value;
 }
 
 t.test('the cloudlet is browsable as _cloudlet._tcp: host name, API port, and exactly the TXT encryption=disabled', async (tt) => {

@@ -5,7 +5,7 @@ import type { InstanceRecord } from '../agent/src/core/types';
 
 const record = (id: string, hostPort: number): InstanceRecord => ({
   id, serviceId: 'org.example.svc', mechanism: 'cached-vm', state: 'starting', bindAddress: '127.0.0.1', hostPort, guestPort: 8080,
-  shareable: true, users: 1, launch: 'memory-state', createdAt: '2026-11-25T00:00:00.000Z', readyAt: null,
+  shareable: true, users: 1, owners: [], launch: 'memory-state', createdAt: '2026-11-25T00:00:00.000Z', readyAt: null,
   dir: `/data/instances/${id}`, readiness: { type: 'http', path: '/', timeout_ms: 60000 },
 });
 

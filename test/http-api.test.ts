@@ -6,6 +6,7 @@
 import http from 'node:http';
 import t, { type Test } from 'tap';
 import { startHttpServer, type HttpServer } from '../agent/src/api/http-server';
+import type { AccessGate } from '../agent/src/trust/access';
 import type {
   Package,
   App,
@@ -150,6 +151,7 @@ class FakeCloudlet implements CloudletApi {
       guestPort: service.manifest.port,
       shareable: service.manifest.shareable,
       users: 1,
+      owners: [],
       launch: 'memory-state',
       createdAt: '2026-01-02T03:04:05.000Z',
       readyAt: '2026-01-02T03:04:06.000Z',
@@ -229,11 +231,13 @@ interface RawResponse {
 
 let server: HttpServer;
 let cloudlet: FakeCloudlet;
+/** This file tests the HTTP layer alone: every caller is the operator (access control is test/trust.e2e.test.ts). */
+const OPERATOR: AccessGate = { authorize: () => ({ kind: 'admin' }) };
 const logLines: string[] = [];
 
 t.before(async () => {
   cloudlet = new FakeCloudlet();
-  server = await startHttpServer({ api: cloudlet, host: '127.0.0.1', port: 0, logger: (line) => logLines.push(line), maxBodyBytes: MAX_BODY_BYTES });
+  server = await startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: 0, logger: (line) => logLines.push(line), maxBodyBytes: MAX_BODY_BYTES });
 });
 t.teardown(() => server.close());
 
@@ -307,7 +311,8 @@ t.test('KD-Cloudlet face', async (t) => {
     t.match(svm, { service_id: SPEECH, running: true, ip_address: '192.0.2.7', vnc_address: null, ssh_port: null, fqdn: null });
     t.ok(Number.isInteger(svm.port) && svm.port > 0, 'port is an integer');
     t.equal(svm._id, cloudlet.instances.at(-1)!.id);
-    t.match(cloudlet.startRequests.at(-1), { serviceId: SPEECH, join: false, clientHost: '192.0.2.7', deviceId: 'android-42' });
+    t.match(cloudlet.startRequests.at(-1), { serviceId: SPEECH, join: false, clientHost: '192.0.2.7' });
+    t.equal(cloudlet.startRequests.at(-1)!.deviceId, undefined, 'an unauthenticated X-Device-ID names no owner');
 
     await send('GET', `/api/servicevm/start?serviceId=${SPEECH}`, { headers: { Host: '[fe80::1]:9999' } });
     t.equal(cloudlet.startRequests.at(-1)!.clientHost, 'fe80::1', 'IPv6 Host header');
@@ -456,9 +461,10 @@ t.test('/v1 face', async (t) => {
     t.equal(started.joined, false);
     t.same(started.endpoint, { address: '198.51.100.3', port: started.instance.host_port });
     t.same(sorted(started.instance), [
-      'bind_address', 'created_at', 'guest_port', 'host_port', 'id', 'launch', 'mechanism', 'ready_at', 'service_id', 'shareable', 'state', 'users',
+      'bind_address', 'created_at', 'guest_port', 'host_port', 'id', 'launch', 'mechanism', 'owners', 'ready_at', 'service_id', 'shareable', 'state', 'users',
     ]);
-    t.match(cloudlet.startRequests.at(-1), { serviceId: SPEECH, join: false, clientHost: '198.51.100.3', deviceId: 'cli' });
+    t.match(cloudlet.startRequests.at(-1), { serviceId: SPEECH, join: false, clientHost: '198.51.100.3' });
+    t.equal(cloudlet.startRequests.at(-1)!.deviceId, undefined, 'the owner comes from the credential, never from X-Device-ID');
 
     const joined = json(t, await send('POST', '/v1/instances', { body: JSON.stringify({ service_id: SPEECH, join: true }) }), 201);
     t.equal(joined.joined, true);
@@ -526,7 +532,7 @@ t.test('/v1 face', async (t) => {
 t.test('/v1/events WebSocket', async (t) => {
   const instance: Instance = {
     id: '3f0c1c52-8a0e-4a59-9a57-0c7e52f3f1a4', serviceId: ECHO, mechanism: 'cached-vm', state: 'starting', bindAddress: '0.0.0.0',
-    hostPort: 20001, guestPort: 10000, shareable: false, users: 1, launch: 'cold-boot', createdAt: '2026-01-02T03:04:05.000Z', readyAt: null,
+    hostPort: 20001, guestPort: 10000, shareable: false, users: 1, owners: [], launch: 'cold-boot', createdAt: '2026-01-02T03:04:05.000Z', readyAt: null,
   };
 
   t.test('opens with a snapshot of the instances, then sends each event as one JSON message', async (t) => {
@@ -561,8 +567,8 @@ t.test('/v1/events WebSocket', async (t) => {
 });
 
 t.test('a port already in use rejects the start and close() is idempotent', async (t) => {
-  await t.rejects(startHttpServer({ api: cloudlet, host: '127.0.0.1', port: server.port }), { code: 'INTERNAL', message: /Cannot listen/ });
-  const other = await startHttpServer({ api: cloudlet, host: '127.0.0.1', port: 0 });
+  await t.rejects(startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: server.port }), { code: 'INTERNAL', message: /Cannot listen/ });
+  const other = await startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: 0 });
   t.not(other.port, server.port);
   await other.close();
   await other.close();
@@ -608,6 +614,33 @@ t.test('a client that aborts never crashes the server', async (t) => {
     await until(() => logLines.some((line) => line.startsWith('POST /v1/services aborted')));
     json(t, await send('GET', '/v1/health'), 200);
   });
+
+  t.test('while its upload waits for a route that has not started reading the body', async (t) => {
+    let release!: () => void;
+    const busy = new Promise<void>((resolve) => (release = resolve));
+    let called = false;
+    cloudlet.importPackage = async () => {
+      called = true;
+      await busy;
+      throw new CloudletError('INVALID_PACKAGE', 'refused after a while');
+    };
+    t.teardown(() => { delete (cloudlet as Partial<FakeCloudlet>).importPackage; });
+    const headers = { 'Content-Length': '1000', 'Content-Type': 'application/gzip' };
+    const req = http.request({ host: '127.0.0.1', port: server.port, method: 'POST', path: '/v1/packages', agent: false, headers });
+    req.on('error', () => {});
+    req.write('x'.repeat(10));
+    await until(() => called);
+    req.destroy();
+    // The abort reaches the server while nothing listens on the body stream yet: it must not be an unhandled 'error'.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    release();
+    await until(() => logLines.some((line) => line.startsWith('POST /v1/packages aborted')));
+    json(t, await send('GET', '/v1/health'), 200);
+  });
+});
+
+t.test('page assets are looked up by their own names: /ui/toString is 404, not a 500 for a missing file', async (t) => {
+  for (const name of ['toString', 'constructor', '__proto__', 'hasOwnProperty']) expectStatus(t, await send('GET', `/ui/${name}`), 404);
 });
 
 /** Polls `condition` every 10 ms for up to 3 s. */

@@ -18,22 +18,37 @@ if (spawnSync('bash', [builder, guestDir], { stdio: 'inherit' }).status !== 0) {
 const only = process.argv.slice(2);
 const files = (only.length ? only : readdirSync(path.join(root, 'dist', 'test')).filter((f) => f.endsWith('.test.js')).sort())
   .map((f) => path.join('dist', 'test', path.basename(f).replace(/\.ts$/, '.js')));
+// Files named *.exclusive.test.* disturb the whole host (they restart the system libvirtd): they run alone, after the rest.
+const exclusive = files.filter((f) => f.endsWith('.exclusive.test.js'));
+const parallel = files.filter((f) => !exclusive.includes(f));
 
-// VM tests bound their own concurrency; two files at a time matches the two cores of these machines.
-const tap = spawn('npx', ['tap', '--disable-coverage', '--reporter=tap', '--jobs=2', '--timeout=900', ...files], {
-  cwd: root,
-  env: { ...process.env, CLOUDLET_TEST_GUEST: guestDir },
-  stdio: ['ignore', 'pipe', 'inherit'],
-});
-let tail = '';
-tap.stdout.on('data', (chunk: Buffer) => {
-  process.stdout.write(chunk);
-  tail = (tail + chunk.toString()).slice(-4096);
-});
-tap.on('close', (code) => {
-  const summary = /# \{ total: (\d+), pass: (\d+)(?:, fail: (\d+))?/.exec(tail);
-  const passed = summary ? Number(summary[2]) : 0;
-  const failed = summary ? Number(summary[3] ?? 0) : 1;
+interface TapOutcome { passed: number; failed: number; ok: boolean }
+
+/** One tap run over `list`, its output passed through; the counts come from tap's closing summary comment. */
+function runTap(list: string[], jobs: number): Promise<TapOutcome> {
+  if (!list.length) return Promise.resolve({ passed: 0, failed: 0, ok: true });
+  const tap = spawn('npx', ['tap', '--disable-coverage', '--reporter=tap', `--jobs=${jobs}`, '--timeout=900', ...list], {
+    cwd: root,
+    env: { ...process.env, CLOUDLET_TEST_GUEST: guestDir },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let tail = '';
+  tap.stdout.on('data', (chunk: Buffer) => {
+    process.stdout.write(chunk);
+    tail = (tail + chunk.toString()).slice(-4096);
+  });
+  return new Promise((resolve) => tap.on('close', (code) => {
+    const summary = /# \{ total: (\d+), pass: (\d+)(?:, fail: (\d+))?/.exec(tail);
+    const failed = summary ? Number(summary[3] ?? 0) : 1;
+    resolve({ passed: summary ? Number(summary[2]) : 0, failed, ok: code === 0 && failed === 0 && summary !== null });
+  }));
+}
+
+void (async () => {
+  // VM tests bound their own concurrency; two files at a time matches the two cores of these machines.
+  const runs = [await runTap(parallel, 2), await runTap(exclusive, 1)];
+  const passed = runs.reduce((n, r) => n + r.passed, 0);
+  const failed = runs.reduce((n, r) => n + r.failed, 0);
   process.stdout.write(`${passed} passed, ${failed} failed\n`);
-  process.exit(code === 0 && failed === 0 && summary ? 0 : 1);
-});
+  process.exit(runs.every((r) => r.ok) ? 0 : 1);
+})();

@@ -1,12 +1,14 @@
-// The pieces of VM Synthesis that need no VM: the overlay records, the qcow2 overlay writer (checked by qemu-img),
-// and the migration-stream walker's refusal of streams it does not know.
+// The pieces of VM Synthesis that need no VM: the overlay records, frames compressed against a reference, the qcow2
+// overlay writer (checked by qemu-img), and the migration-stream walker's refusal of streams it does not know.
 import t from 'tap';
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { ImageReader, Qcow2OverlayWriter } from '../agent/src/images/qcow2-overlay';
+import { compressFrame, StreamDecoder, zstdReference } from '../agent/src/images/zstd';
 import { findRamPages } from '../agent/src/synthesis/migration-stream';
 import { decodeRecords, encodeRecord, Source, Target } from '../agent/src/synthesis/overlay-format';
 
@@ -32,6 +34,41 @@ t.test('records round-trip, and a frame cut inside a record or with an unknown t
   tt.throws(() => [...decodeRecords(unknown)], { code: 'OVERLAY_INVALID' });
 });
 
+t.test('a frame compressed against a reference file is tiny when its bytes are in the file at any offset, and decodes with it', async (tt) => {
+  const referenceBytes = randomBytes(4 << 20);
+  const referencePath = path.join(dir, 'reference.bin');
+  await writeFile(referencePath, referenceBytes);
+  const reference = zstdReference(referencePath, referenceBytes.length, 1 << 20)!;
+  // Moved data: runs of the reference at odd offsets, as kernel objects that moved between two boots.
+  const moved = Buffer.concat([referenceBytes.subarray(12345, 12345 + 300_000), referenceBytes.subarray(3_000_001, 3_000_001 + 300_000)]);
+  const plain = randomBytes(100_000);
+  const withReference = await compressFrame(moved, 19, reference);
+  tt.ok(withReference.length < moved.length / 50, `${moved.length} bytes → ${withReference.length}`);
+  const stored = await compressFrame(plain, 19);
+  tt.ok(stored.length < plain.length * 1.01, 'random bytes are stored, not recompressed at length');
+
+  // One decoder for the sequence, frames with and without the reference mixed.
+  const decoder = new StreamDecoder(reference);
+  try {
+    await decoder.write(withReference);
+    await decoder.write(stored);
+    decoder.end();
+    tt.ok((await decoder.read(moved.length)).equals(moved));
+    tt.ok((await decoder.read(plain.length)).equals(plain));
+    await decoder.finish();
+  } finally {
+    decoder.close();
+  }
+  const without = new StreamDecoder();
+  try {
+    await without.write(withReference);
+    without.end();
+    await tt.rejects(without.read(moved.length), { code: 'OVERLAY_INVALID' }, 'without the reference, it does not decode');
+  } finally {
+    without.close();
+  }
+});
+
 t.test('the qcow2 overlay writer makes an image qemu-img finds clean, with written, zeroed and backing blocks', async (tt) => {
   const size = 4 << 20; // two L2 tables' worth
   const backingRaw = Buffer.alloc(size, 0x5a);
@@ -52,6 +89,7 @@ t.test('the qcow2 overlay writer makes an image qemu-img finds clean, with writt
   far.copy(expected, size - BLOCK);
   tt.same(await writer.read(BLOCK - 1024, 8 * BLOCK), expected.subarray(BLOCK - 1024, 9 * BLOCK - 1024), 'reads span written, zero and backing blocks');
   await writer.finish();
+  await writer.close();
   await reader.close();
   await run('qemu-img', ['check', overlay]);
   const info = JSON.parse((await run('qemu-img', ['info', '--output=json', overlay])).stdout);

@@ -2,37 +2,27 @@
 // by the real agent, an overlay made by the developer's CLI, synthesized by the agent from an HTTP upload (also one
 // cut in the middle and resumed) and from a file; bad overlays are refused and leave nothing behind.
 import t, { Test } from 'tap';
-import { execFile } from 'node:child_process';
-import { createHash, createPrivateKey, sign } from 'node:crypto';
+import { createPrivateKey, sign } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile, copyFile } from 'node:fs/promises';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
-import { decodeHeader, encodeHeader, HEADER_BYTES } from '../agent/src/synthesis/overlay-format';
-import { AgentProcess, domainsUnder, fetchText, request, ROOT, testGuestDir } from './support/agent';
+import { decodeHeader, encodeHeader, HEADER_BYTES, OVERLAY_FORMAT } from '../agent/src/synthesis/overlay-format';
+import { AgentProcess, domainsUnder, fetchText, request } from './support/agent';
 import { EventsSocket } from './support/listeners';
+import { until } from './support/poll';
+import { createOverlay, OVERLAY_CLI, prepareSynthesis, run, sendUploadBytes, type SynthesisFixture } from './support/synthesis-fixture';
 
-const run = promisify(execFile);
-const OVERLAY_CLI = path.join(ROOT, 'dist', 'agent', 'src', 'synthesis', 'cli.js');
-const BASE_SERVICE = 'org.cloudlet.demo.http';
 const SERVICE = 'org.cloudlet.test.synthesized';
 const CONTENT = 'hello from a synthesized service';
 
 let agent: AgentProcess;
 let scratch: string;
 let overlay: Buffer;
+let fixture: SynthesisFixture;
 let baseDisk: string;
 /** A signing key the agent trusts, and one it does not. */
 let trustedKey: string;
 let strangerKey: string;
-
-/** The customized VM's extra file: 1 MiB of deterministic, incompressible bytes (what its page cache also holds). */
-function dataFile(): Buffer {
-  const blocks: Buffer[] = [];
-  for (let i = 0; i < 1 << 15; i++) blocks.push(createHash('sha256').update(`block ${i}`).digest());
-  return Buffer.concat(blocks);
-}
 
 t.before(async () => {
   scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-synthesis-'));
@@ -45,52 +35,14 @@ t.before(async () => {
   await mkdir(path.join(agent.dataDir, 'overlay-keys'));
   await copyFile(path.join(keys, 'trusted.pem'), path.join(agent.dataDir, 'overlay-keys', 'developer.pem'));
 
-  // The base: the test guest with a captured memory state.
-  const imported = await agent.post('/v1/services', { path: testGuestDir() });
-  if (imported.status !== 201) throw new Error(imported.body);
-  const captured = await agent.post(`/v1/services/${BASE_SERVICE}/state`);
-  if (captured.status !== 200) throw new Error(captured.body);
-  const base = await agent.post('/v1/bases', { path: path.join(agent.dataDir, 'services', BASE_SERVICE), name: 'test-base' });
-  if (base.status !== 201) throw new Error(base.body);
-  baseDisk = path.join(base.json.dir, base.json.disk);
-  await agent.delete(`/v1/services/${BASE_SERVICE}`);
-
-  // The customized VM: its own www disk (a page and a data file), and a memory state captured while it serves.
-  const www = path.join(scratch, 'www');
-  await mkdir(www);
-  await writeFile(path.join(www, 'index.html'), `${CONTENT}\n`);
-  await writeFile(path.join(www, 'data.bin'), dataFile());
-  await run('bash', [path.join(ROOT, 'rootfs', 'guest', 'build-guest.sh'), path.join(scratch, 'custom'), '--www', www, '--service-id', SERVICE]);
-  // Its readiness probe reads the data file, so the captured memory holds it in the page cache, as a service's own
-  // files are after it started.
-  const customManifest = path.join(scratch, 'custom', 'manifest.json');
-  const m = JSON.parse(await readFile(customManifest, 'utf8'));
-  await writeFile(customManifest, JSON.stringify({ ...m, readiness: { ...m.readiness, path: '/data.bin' } }));
-  const custom = await agent.post('/v1/services', { path: path.join(scratch, 'custom') });
-  if (custom.status !== 201) throw new Error(custom.body);
-  const customState = await agent.post(`/v1/services/${SERVICE}/state`);
-  if (customState.status !== 200) throw new Error(customState.body);
-  await copyDir(path.join(agent.dataDir, 'services', SERVICE), path.join(scratch, 'customized-vm'));
-  await agent.delete(`/v1/services/${SERVICE}`);
+  fixture = await prepareSynthesis(agent, scratch, { baseName: 'test-base', serviceId: SERVICE, content: CONTENT });
+  baseDisk = fixture.baseDisk;
 });
 
 t.teardown(async () => {
   await agent.dispose();
   await rm(scratch, { recursive: true, force: true });
 });
-
-async function copyDir(from: string, to: string): Promise<void> {
-  await mkdir(to);
-  for (const entry of await readdir(from)) await copyFile(path.join(from, entry), path.join(to, entry));
-}
-
-async function createOverlay(out: string, key: string | null): Promise<Record<string, number>> {
-  const vm = path.join(scratch, 'customized-vm');
-  const manifest = JSON.parse(await readFile(path.join(vm, 'manifest.json'), 'utf8'));
-  const { stdout } = await run('node', [OVERLAY_CLI, 'create', '--base', path.dirname(baseDisk), '--disk', path.join(vm, manifest.disk),
-    '--state', path.join(vm, manifest.state), '--service', path.join(vm, 'manifest.json'), '--out', out, ...(key ? ['--key', key] : [])]);
-  return JSON.parse(stdout);
-}
 
 async function assertNothingLeft(tt: Test, what: string) {
   tt.same(await domainsUnder(agent.dataDir), [], `${what}: no domain left in libvirt`);
@@ -105,37 +57,17 @@ async function stopAndCheck(tt: Test, id: string) {
   await assertNothingLeft(tt, 'after stop');
 }
 
-/** POST the bytes to an upload from `offset` over a raw socket; `cutAfter` bytes in, the connection is cut. */
-function sendBytes(id: string, offset: number, bytes: Buffer, cutAfter?: number): Promise<{ status: number; json: any } | null> {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect(agent.apiPort, '127.0.0.1');
-    let response = '';
-    socket.on('data', (d) => { response += d.toString(); });
-    socket.on('error', (err) => (cutAfter === undefined ? reject(err) : resolve(null)));
-    socket.on('close', () => {
-      if (cutAfter !== undefined) return resolve(null);
-      const [head, body] = response.split('\r\n\r\n');
-      resolve({ status: Number(/^HTTP\/1\.1 (\d+)/.exec(head ?? '')?.[1]), json: JSON.parse(body ?? 'null') });
-    });
-    socket.write(`POST /v1/synthesis/uploads/${id}?offset=${offset} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n`
-      + `Content-Length: ${bytes.length}\r\nConnection: close\r\n\r\n`);
-    if (cutAfter === undefined) {
-      socket.write(bytes);
-    } else {
-      socket.write(bytes.subarray(0, cutAfter), () => setTimeout(() => socket.destroy(), 200));
-    }
-  });
-}
+const sendBytes = (id: string, offset: number, bytes: Buffer, cutAfter?: number) => sendUploadBytes(agent.apiPort, id, offset, bytes, cutAfter);
 
 t.test('the overlay CLI writes a signed overlay far smaller than the VM and says what it saved', async (tt) => {
   const out = path.join(scratch, 'overlay.bin');
-  const stats = await createOverlay(out, trustedKey);
+  const stats = await createOverlay(fixture, fixture.baseDir, out, trustedKey);
   overlay = await readFile(out);
   tt.equal(stats.overlay_bytes, overlay.length);
   tt.ok(stats.disk_changed_blocks > 256, 'the data file is among the changed disk blocks');
   tt.ok(stats.from_base_memory > 1000, 'most of the memory state is the base\'s memory');
   tt.ok(stats.from_overlay >= 200, 'the data file\'s pages in the page cache are copies of its disk blocks');
-  const vm = path.join(scratch, 'customized-vm');
+  const vm = fixture.customizedVm;
   const manifest = JSON.parse(await readFile(path.join(vm, 'manifest.json'), 'utf8'));
   const vmBytes = (await readFile(path.join(vm, manifest.state))).length;
   tt.ok(overlay.length < vmBytes / 4, `overlay ${overlay.length} B vs a ${vmBytes} B memory state alone`);
@@ -174,6 +106,10 @@ t.test('a cut upload resumes from the last byte the cloudlet received', async (t
   }
   tt.ok(status.received > 0 && status.received <= overlay.length / 2, `received ${status.received} bytes before the cut`);
   tt.equal(status.state, 'receiving');
+  // While no request sends bytes the upload holds nothing: its synthesis stopped, and its launch was cleaned up.
+  const paused = await until(async () => agent.log, (log) => log.includes(`upload ${id} paused at byte`), 30_000);
+  tt.ok(paused.includes(`upload ${id} paused at byte`), 'the synthesis of the cut upload was stopped');
+  await assertNothingLeft(tt, 'while the cut upload waits');
   const wrongOffset = await sendBytes(id, status.received + 1, overlay.subarray(status.received + 1));
   tt.equal(wrongOffset?.status, 409, 'bytes from any other offset are refused');
   tt.equal(wrongOffset?.json.details.received, status.received, 'with where to continue');
@@ -220,7 +156,7 @@ const BAD_OVERLAYS: { name: string; status: number; code: string; make: () => Pr
   {
     name: 'of another format version', status: 422, code: 'OVERLAY_UNSUPPORTED', make: async () => {
       const other = Buffer.from(overlay);
-      other.writeUInt32BE(2, 8);
+      other.writeUInt32BE(OVERLAY_FORMAT + 1, 8);
       return other;
     },
   },

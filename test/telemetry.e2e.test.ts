@@ -33,7 +33,8 @@ t.before(async () => {
   scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-telemetry-'));
   external = await startExternalBroker();
   const config = path.join(scratch, 'agent.json');
-  await writeFile(config, JSON.stringify({ reconcileIntervalMs: 60000, mqtt: { topicRoot: ROOT_TOPIC, metricsIntervalMs: 500 } }));
+  // Anonymous subscribers: logging in as a paired device is test/mqtt-access.e2e.test.ts's subject.
+  await writeFile(config, JSON.stringify({ reconcileIntervalMs: 60000, mqtt: { topicRoot: ROOT_TOPIC, metricsIntervalMs: 500, access: 'anonymous-read' } }));
   agent = await AgentProcess.start({
     portRange: '21200-21299',
     env: { CLOUDLET_CONFIG: config, CLOUDLET_MQTT_URL: `mqtt://127.0.0.1:${external.port}` },
@@ -124,21 +125,25 @@ t.test('a Service VM killed outside the agent shows up as crashed on MQTT and We
   await agent.delete(`/v1/instances/${again.json.instance.id}`);
 });
 
-t.test('only the agent publishes under its tree: a foreign publish there is refused, elsewhere it is delivered', async (tt) => {
+t.test('clients only read: a publish anywhere is refused and its client disconnected; nobody sees it', async (tt) => {
   const watcher = await MqttWatcher.connect(mqttUrl(), '#');
   tt.teardown(() => watcher.close());
-  const intruder = await mqtt.connectAsync(mqttUrl(), { reconnectPeriod: 0 });
-  const closed = new Promise<void>((resolve) => intruder.once('close', () => resolve()));
-  intruder.publish('phones/hello', '{"from":"a phone"}');
-  tt.ok(await watcher.next((m) => m.topic === 'phones/hello'), 'a topic outside the tree is open to clients');
-  intruder.publish(`${ROOT_TOPIC}/status`, JSON.stringify({ state: 'offline' }), { retain: true });
-  await closed;
-  tt.pass('the intruder was disconnected');
-  await intruder.endAsync(true);
+  const publishAs = async (topic: string, payload: string) => {
+    const intruder = await mqtt.connectAsync(mqttUrl(), { reconnectPeriod: 0 });
+    const closed = new Promise<void>((resolve) => intruder.once('close', () => resolve()));
+    intruder.publish(topic, payload, { retain: true });
+    await closed;
+    await intruder.endAsync(true);
+  };
+  await publishAs('phones/hello', '{"from":"a phone"}');
+  tt.pass('a client publishing outside the agent\'s tree was disconnected');
+  await publishAs(`${ROOT_TOPIC}/status`, JSON.stringify({ state: 'offline' }));
+  tt.pass('a client publishing into the agent\'s tree was disconnected');
 
   const fresh = await MqttWatcher.connect(mqttUrl(), `${ROOT_TOPIC}/status`);
   tt.teardown(() => fresh.close());
   tt.equal((await fresh.next(() => true)).value.json.state, 'online', 'the retained status was not overwritten');
+  tt.notOk(watcher.inbox.items.some((i) => i.value.topic === 'phones/hello'), 'nobody saw the phone\'s message');
   tt.notOk(watcher.inbox.items.some((i) => i.value.topic === `${ROOT_TOPIC}/status` && i.value.json?.state === 'offline'), 'nobody saw the fake');
 });
 

@@ -38,8 +38,24 @@ t.teardown(async () => {
   await rm(scratch, { recursive: true, force: true });
 });
 
+t.test('an unpaired phone is asked to pair; with the operator\'s code it is', async (tt) => {
+  await page.goto(`http://127.0.0.1:${agent.apiPort}/`, { waitUntil: 'networkidle' });
+  tt.ok(await page.getByRole('heading', { name: 'Pair this phone' }).isVisible(), 'the pairing form shows');
+  tt.match(await page.locator('#services-empty').textContent(), /Pair this phone/, 'services wait for pairing');
+  tt.ok(await page.getByRole('link', { name: /Download Demo client/ }).isVisible(), 'the (open) app catalog shows before pairing');
+  const window = await agent.post('/v1/pairing', {});
+  await page.getByLabel('Pairing code').fill(window.json.code);
+  await page.getByLabel('Name of this phone').fill('test phone');
+  await page.getByRole('button', { name: 'Pair' }).click();
+  await page.locator(`li[data-service="${SERVICE}"]`).waitFor();
+  tt.ok(await page.getByRole('heading', { name: 'Pair this phone' }).isHidden(), 'the form goes once paired');
+  const devices = (await agent.get('/v1/devices')).json.devices;
+  tt.match(devices, [{ name: 'test phone', standing: 'active' }], 'the operator sees the phone');
+});
+
 t.test('the page lists what the cloudlet offers, small and without a framework', async (tt) => {
   const transferred = await countTransferredBytes(browser, page);
+  // Paired: the token is in the browser's storage, so a reload goes straight to the services.
   await page.goto(`http://127.0.0.1:${agent.apiPort}/`, { waitUntil: 'networkidle' });
   const card = page.locator(`li[data-service="${SERVICE}"]`);
   await card.waitFor();

@@ -6,7 +6,8 @@ import { CloudletError, isErrno } from './errors';
  * /etc/cloudlet/agent.json when present) overrides them, and environment variables override the file.
  */
 export interface AgentConfig {
-  api: { host: string; port: number };
+  /** `tlsPort`: the HTTPS listener (same host; 0 picks a free port), where devices send their credentials. */
+  api: { host: string; port: number; tlsPort: number };
   dataDir: string;
   libvirtUri: string;
   /** 'auto' picks kvm only when KVM really works on this host, else qemu (TCG). */
@@ -31,15 +32,36 @@ export interface AgentConfig {
     metricsIntervalMs: number;
     /** Also publish everything to this broker (mqtt://, mqtts://, ws://), reconnecting as needed; null: none. */
     externalUrl: string | null;
+    /**
+     * Who may subscribe: 'devices' (username = a paired device's id and password = its token, or `admin` and the
+     * admin token) or 'anonymous-read' (anyone). Either way clients only read: the agent alone publishes.
+     */
+    access: 'devices' | 'anonymous-read';
   };
   /** Publish the cloudlet over mDNS/DNS-SD through Avahi's D-Bus API and browse for peers. */
   discovery: { enabled: boolean };
   /** Cloudlet Push: the largest app file an operator may upload. */
   apps: { maxUploadBytes: number };
+  /** App packages: the largest tarball accepted, and the most its files may unpack to. */
+  packages: { maxUploadBytes: number };
+  /** The KD-Cloudlet face under /api: 'plain' (KD's default), 'encrypted' (only POST /api/command, per device key), 'off'. */
+  kdApi: 'plain' | 'encrypted' | 'off';
+  limits: {
+    /** Launches (first libvirt call to ready) running at once; more wait in a queue of `queuedLaunches`, then BUSY. */
+    concurrentLaunches: number;
+    queuedLaunches: number;
+    /** Per client (a paired device, else the remote IP): requests per second sustained, and the burst allowed. */
+    requestsPerSecond: number;
+    requestBurst: number;
+    /** The largest JSON (or form) request body; uploads have their own limits. */
+    jsonBodyBytes: number;
+    /** A request body that brings no byte for this long is cut off (uWS cuts any connection idle for ~10 s). */
+    bodyIdleMs: number;
+  };
 }
 
 export const DEFAULT_CONFIG: AgentConfig = {
-  api: { host: '0.0.0.0', port: 9999 },
+  api: { host: '0.0.0.0', port: 9999, tlsPort: 9443 },
   dataDir: '/var/lib/cloudlet',
   libvirtUri: 'qemu:///system',
   domainType: 'auto',
@@ -47,9 +69,12 @@ export const DEFAULT_CONFIG: AgentConfig = {
   seedDir: '/usr/share/cloudlet/services',
   reconcileIntervalMs: 1000,
   libvirtEvents: true,
-  mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null },
+  mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null, access: 'devices' },
   discovery: { enabled: true },
   apps: { maxUploadBytes: 512 * 1024 * 1024 },
+  packages: { maxUploadBytes: 1024 ** 3 },
+  kdApi: 'plain',
+  limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000 },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
@@ -91,13 +116,24 @@ function orNull(value: unknown, what: string): string | null {
   return value === null || value === '' ? null : text(value, what);
 }
 
+function oneOf<T extends string>(value: unknown, what: string, allowed: readonly T[]): T {
+  if (typeof value === 'string' && (allowed as readonly string[]).includes(value)) return value as T;
+  throw invalid(`${what} must be ${allowed.join(', ')}, got ${JSON.stringify(value)}`);
+}
+
+function count(value: unknown, what: string, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  const n = typeof value === 'string' && /^\d+$/.test(value) ? Number(value) : value;
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < min || n > max) throw invalid(`${what} must be a whole number from ${min} to ${max}`);
+  return n;
+}
+
 function domainType(value: unknown): AgentConfig['domainType'] {
   if (value === 'auto' || value === 'kvm' || value === 'qemu') return value;
   throw invalid(`domainType must be auto, kvm or qemu, got ${JSON.stringify(value)}`);
 }
 
 type Overrides = {
-  api?: { host?: unknown; port?: unknown };
+  api?: { host?: unknown; port?: unknown; tlsPort?: unknown };
   dataDir?: unknown;
   libvirtUri?: unknown;
   domainType?: unknown;
@@ -105,9 +141,12 @@ type Overrides = {
   seedDir?: unknown;
   reconcileIntervalMs?: unknown;
   libvirtEvents?: unknown;
-  mqtt?: { host?: unknown; port?: unknown; topicRoot?: unknown; metricsIntervalMs?: unknown; externalUrl?: unknown };
+  mqtt?: { host?: unknown; port?: unknown; topicRoot?: unknown; metricsIntervalMs?: unknown; externalUrl?: unknown; access?: unknown };
   discovery?: { enabled?: unknown };
   apps?: { maxUploadBytes?: unknown };
+  packages?: { maxUploadBytes?: unknown };
+  kdApi?: unknown;
+  limits?: { [K in keyof AgentConfig['limits']]?: unknown };
 };
 
 /** Merge overrides (from the file or the environment) over a base, validating each field it touches. */
@@ -115,6 +154,7 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   const c: AgentConfig = structuredClone(base);
   if (o.api?.host !== undefined) c.api.host = text(o.api.host, 'api.host');
   if (o.api?.port !== undefined) c.api.port = port(o.api.port, 'api.port', true);
+  if (o.api?.tlsPort !== undefined) c.api.tlsPort = port(o.api.tlsPort, 'api.tlsPort', true);
   if (o.dataDir !== undefined) c.dataDir = text(o.dataDir, 'dataDir');
   if (o.libvirtUri !== undefined) c.libvirtUri = text(o.libvirtUri, 'libvirtUri');
   if (o.domainType !== undefined) c.domainType = domainType(o.domainType);
@@ -142,21 +182,41 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
     if (typeof bytes !== 'number' || !Number.isSafeInteger(bytes) || bytes < 1) throw invalid('apps.maxUploadBytes must be a positive number of bytes');
     c.apps.maxUploadBytes = bytes;
   }
+  if (o.mqtt?.access !== undefined) c.mqtt.access = oneOf(o.mqtt.access, 'mqtt.access', ['devices', 'anonymous-read'] as const);
+  if (o.packages?.maxUploadBytes !== undefined) c.packages.maxUploadBytes = count(o.packages.maxUploadBytes, 'packages.maxUploadBytes', 1);
+  if (o.kdApi !== undefined) c.kdApi = oneOf(o.kdApi, 'kdApi', ['plain', 'encrypted', 'off'] as const);
+  const limits = o.limits ?? {};
+  if (limits.concurrentLaunches !== undefined) c.limits.concurrentLaunches = count(limits.concurrentLaunches, 'limits.concurrentLaunches', 1);
+  if (limits.queuedLaunches !== undefined) c.limits.queuedLaunches = count(limits.queuedLaunches, 'limits.queuedLaunches', 0);
+  if (limits.requestsPerSecond !== undefined) c.limits.requestsPerSecond = count(limits.requestsPerSecond, 'limits.requestsPerSecond', 1);
+  if (limits.requestBurst !== undefined) c.limits.requestBurst = count(limits.requestBurst, 'limits.requestBurst', 1);
+  if (limits.jsonBodyBytes !== undefined) c.limits.jsonBodyBytes = count(limits.jsonBodyBytes, 'limits.jsonBodyBytes', 1024);
+  if (limits.bodyIdleMs !== undefined) c.limits.bodyIdleMs = count(limits.bodyIdleMs, 'limits.bodyIdleMs', 100, 10000);
   return c;
 }
 
 function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
   return {
-    api: { host: env.CLOUDLET_API_HOST, port: env.CLOUDLET_PORT },
+    api: { host: env.CLOUDLET_API_HOST, port: env.CLOUDLET_PORT, tlsPort: env.CLOUDLET_TLS_PORT },
     dataDir: env.CLOUDLET_DATA_DIR,
     libvirtUri: env.CLOUDLET_LIBVIRT_URI,
     domainType: env.CLOUDLET_DOMAIN_TYPE,
     forward: { bindAddress: env.CLOUDLET_FORWARD_ADDRESS, portRange: env.CLOUDLET_PORT_RANGE },
     seedDir: env.CLOUDLET_SEED_DIR,
     libvirtEvents: env.CLOUDLET_LIBVIRT_EVENTS,
-    mqtt: { host: env.CLOUDLET_MQTT_HOST, port: env.CLOUDLET_MQTT_PORT, externalUrl: env.CLOUDLET_MQTT_URL },
+    mqtt: { host: env.CLOUDLET_MQTT_HOST, port: env.CLOUDLET_MQTT_PORT, externalUrl: env.CLOUDLET_MQTT_URL, access: env.CLOUDLET_MQTT_ACCESS },
     discovery: { enabled: env.CLOUDLET_DISCOVERY },
     apps: { maxUploadBytes: env.CLOUDLET_APP_MAX_BYTES },
+    packages: { maxUploadBytes: env.CLOUDLET_PACKAGE_MAX_BYTES },
+    kdApi: env.CLOUDLET_KD_API,
+    limits: {
+      concurrentLaunches: env.CLOUDLET_MAX_LAUNCHES,
+      queuedLaunches: env.CLOUDLET_LAUNCH_QUEUE,
+      requestsPerSecond: env.CLOUDLET_RATE_PER_SECOND,
+      requestBurst: env.CLOUDLET_RATE_BURST,
+      jsonBodyBytes: env.CLOUDLET_MAX_BODY_BYTES,
+      bodyIdleMs: env.CLOUDLET_BODY_IDLE_MS,
+    },
   };
 }
 

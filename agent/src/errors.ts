@@ -32,8 +32,19 @@ export type ErrorCode =
   | 'OVERLAY_UNSUPPORTED'
   | 'OVERLAY_UNTRUSTED'
   | 'OVERLAY_TOO_LARGE'
+  | 'RATE_LIMITED'
+  | 'REQUEST_TIMEOUT'
+  | 'UNAUTHENTICATED'
+  | 'DEVICE_REVOKED'
+  | 'DEVICE_EXPIRED'
+  | 'DEVICE_NOT_FOUND'
+  | 'ADMIN_ONLY'
+  | 'TLS_REQUIRED'
+  | 'PAIRING_CLOSED'
+  | 'PAIRING_CODE_INVALID'
   // the cloudlet could not do it (5xx)
   | 'NO_FREE_PORT'
+  | 'BUSY'
   | 'READINESS_TIMEOUT'
   | 'LAUNCH_FAILED'
   | 'PROVISIONING_FAILED'
@@ -43,6 +54,7 @@ export type ErrorCode =
   | 'SANDBOX_UNAVAILABLE'
   | 'UPDATE_ROLLED_BACK'
   | 'ROLLBACK_FAILED'
+  | 'NO_SPACE'
   | 'INTERNAL';
 
 const STATUS: Record<ErrorCode, number> = {
@@ -74,7 +86,18 @@ const STATUS: Record<ErrorCode, number> = {
   OVERLAY_UNSUPPORTED: 422,
   OVERLAY_UNTRUSTED: 403,
   OVERLAY_TOO_LARGE: 413,
+  RATE_LIMITED: 429,
+  REQUEST_TIMEOUT: 408,
+  UNAUTHENTICATED: 401,
+  DEVICE_REVOKED: 401,
+  DEVICE_EXPIRED: 401,
+  DEVICE_NOT_FOUND: 404,
+  ADMIN_ONLY: 403,
+  TLS_REQUIRED: 403,
+  PAIRING_CLOSED: 403,
+  PAIRING_CODE_INVALID: 403,
   NO_FREE_PORT: 503,
+  BUSY: 503,
   READINESS_TIMEOUT: 504,
   LAUNCH_FAILED: 500,
   PROVISIONING_FAILED: 500,
@@ -84,6 +107,7 @@ const STATUS: Record<ErrorCode, number> = {
   SANDBOX_UNAVAILABLE: 503,
   UPDATE_ROLLED_BACK: 500,
   ROLLBACK_FAILED: 500,
+  NO_SPACE: 507,
   INTERNAL: 500,
 };
 
@@ -115,9 +139,21 @@ export function withDetails(err: CloudletError, details: Record<string, unknown>
 export function asCloudletError(err: unknown): CloudletError {
   if (err instanceof CloudletError) return err;
   const message = err instanceof Error ? err.message : String(err);
+  // A full disk is the operator's to fix, not a bug: the one errno worth telling apart wherever it surfaces.
+  if (isNoSpace(err)) return new CloudletError('NO_SPACE', `No space left in the cloudlet's data directory: ${message}`, { cause: err });
   return new CloudletError('INTERNAL', message, { cause: err });
 }
 
 export function isErrno(err: unknown, code: string): boolean {
   return typeof err === 'object' && err !== null && (err as NodeJS.ErrnoException).code === code;
+}
+
+/**
+ * A write failed because the file system is full (ENOSPC) or the quota is used up (EDQUOT): a Node error's errno, or
+ * the same condition in a tool's own words (qemu-img, genisoimage, libvirt report strerror's text).
+ */
+export function isNoSpace(err: unknown): boolean {
+  if (isErrno(err, 'ENOSPC') || isErrno(err, 'EDQUOT')) return true;
+  const text = typeof err === 'string' ? err : err instanceof Error ? err.message : '';
+  return /No space left on device|Disk quota exceeded/i.test(text);
 }

@@ -13,22 +13,48 @@ import { createLogger } from './log';
 import { agentUrl } from './system/agent-probe';
 import { announceReady } from './system/systemd';
 import { Telemetry } from './telemetry/mqtt';
+import { TokenGate } from './trust/access';
+import { loadOrCreateAdminToken } from './trust/admin-token';
+import { DeviceRegistry } from './trust/devices';
+import { Pairing } from './trust/pairing';
+import { ensureTlsIdentity } from './trust/tls';
 
 async function main(): Promise<void> {
   const log = createLogger('cloudlet-agent');
   const config = await loadConfig();
   const cloudlet = await Cloudlet.open(config, log);
-  const telemetry = await Telemetry.start({ config: config.mqtt, api: cloudlet, hostname: os.hostname(), agentVersion: AGENT_VERSION, log: createLogger('mqtt') });
+  const devices = await DeviceRegistry.open(config.dataDir);
+  const tls = await ensureTlsIdentity(config.dataDir, os.hostname());
+  const gate = new TokenGate(devices, await loadOrCreateAdminToken(config.dataDir));
+  const telemetry = await Telemetry.start({
+    config: config.mqtt, api: cloudlet, hostname: os.hostname(), agentVersion: AGENT_VERSION, log: createLogger('mqtt'), credentials: { gate, devices },
+  });
+  let tlsPort: number | null = null;
   const server = await startHttpServer({
     api: cloudlet, provisioning: cloudlet, host: config.api.host, port: config.api.port, logger: createLogger('http'),
-    streamEndpoints: [{ path: '/mqtt', protocol: 'mqtt', accept: (stream) => telemetry.handle(stream) }],
+    gate, trust: { devices, pairing: new Pairing(devices), tls: { fingerprint: tls.fingerprint, port: () => tlsPort } },
+    tls: { port: config.api.tlsPort, keyFile: tls.keyFile, certFile: tls.certFile },
+    streamEndpoints: [{ path: '/mqtt', protocol: 'mqtt', accept: (stream, transport) => telemetry.handle(stream, transport) }],
+    kdApi: config.kdApi === 'encrypted' ? { mode: 'encrypted', devices } : { mode: config.kdApi },
+    maxBodyBytes: config.limits.jsonBodyBytes,
+    bodyIdleMs: config.limits.bodyIdleMs,
+    rateLimit: { perSecond: config.limits.requestsPerSecond, burst: config.limits.requestBurst },
   });
+  tlsPort = server.tlsPort;
+  // A device whose authorization ends loses its instances; armed after adoption, so one that expired while the agent
+  // was down is handled now.
+  devices.on('device-ended', (device, reason) => {
+    log(`device ${device.id} (${device.name}) ${reason}; releasing its instances`);
+    void cloudlet.releaseDevice(device.id);
+  });
+  devices.startExpiryTimers();
   // Published only once the port is bound, so the advertised port is the one actually served.
   const discovery = config.discovery.enabled
-    ? AvahiDiscovery.start({ api: cloudlet, port: server.port, agentVersion: AGENT_VERSION, log: createLogger('discovery') })
+    ? AvahiDiscovery.start({ api: cloudlet, port: server.port, agentVersion: AGENT_VERSION, log: createLogger('discovery'), kdEncrypted: config.kdApi === 'encrypted' })
     : null;
   if (discovery) cloudlet.attachDiscovery(discovery);
   // performance.now() counts from the process's start: the start-to-listening time includes Node's own boot.
+  if (server.tlsPort !== null) log(`HTTPS on ${config.api.host}:${server.tlsPort}, certificate SHA-256 ${tls.fingerprint}`);
   log(`listening on ${config.api.host}:${server.port} after ${Math.round(performance.now())} ms; data in ${config.dataDir}`);
   const watchdog = await announceReady(agentUrl(config.api.host, server.port), () => cloudlet.health(), createLogger('systemd'));
 
@@ -39,6 +65,7 @@ async function main(): Promise<void> {
     watchdog?.stop();
     log(`${signal}: stopping; running instances keep running and are adopted at the next start`);
     await discovery?.close();
+    devices.close();
     await server.close();
     await telemetry.close();
     await cloudlet.close();

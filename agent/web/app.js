@@ -17,16 +17,52 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// This phone's device token from pairing; kept in the browser (docs/security.md says what that means).
+const TOKEN_KEY = 'cloudlet.token';
+const token = () => localStorage.getItem(TOKEN_KEY);
+
+class ApiError extends Error {
+  constructor(status, json) {
+    super((json && json.message) || `HTTP ${status}`);
+    this.status = status;
+    this.code = json && json.code;
+  }
+}
+
 async function api(method, path, body) {
-  const res = await fetch(path, {
-    method,
-    headers: body ? { 'Content-Type': 'application/json' } : {},
-    body: body ? JSON.stringify(body) : undefined,
-  });
+  const headers = body ? { 'Content-Type': 'application/json' } : {};
+  if (token()) headers.Authorization = `Bearer ${token()}`;
+  const res = await fetch(path, { method, headers, body: body ? JSON.stringify(body) : undefined });
   const json = res.status === 204 ? null : await res.json().catch(() => null);
-  if (!res.ok) throw new Error((json && json.message) || `${res.status} ${res.statusText}`);
+  if (!res.ok) throw new ApiError(res.status, json);
   return json;
 }
+
+/** Not (or no longer) paired: a revoked or expired token is forgotten, and the pairing form shown. */
+function showPairing(reason) {
+  localStorage.removeItem(TOKEN_KEY);
+  $('pairing').hidden = false;
+  $('services-empty').className = 'empty';
+  $('services-empty').textContent = 'Pair this phone to see and start services.';
+  if (reason) $('pair-status').textContent = reason;
+}
+
+$('pair-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  $('pair-status').className = 'status';
+  $('pair-status').textContent = 'Pairing…';
+  try {
+    const paired = await api('POST', '/v1/pairing/claim', { code: $('pair-code').value.trim(), name: $('pair-name').value.trim() });
+    localStorage.setItem(TOKEN_KEY, paired.token);
+    $('pairing').hidden = true;
+    $('pair-status').textContent = '';
+    announce(`Paired as ${paired.device_id}`);
+    await loadServices();
+  } catch (err) {
+    $('pair-status').className = 'status error';
+    $('pair-status').textContent = `Could not pair: ${err.message}`;
+  }
+});
 
 function announce(text) {
   $('live').textContent = text;
@@ -169,8 +205,10 @@ async function stop(serviceId, instanceId) {
 /** Live state from /v1/events; without it (an old agent, a proxy) the page still works from the start replies. */
 function followEvents(retryMs) {
   let ws;
+  if (!token()) return;
   try {
-    ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/v1/events`);
+    // A browser cannot set headers on a WebSocket: the token goes as a subprotocol entry.
+    ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/v1/events`, ['cloudlet.events', `bearer.${token()}`]);
   } catch {
     return;
   }
@@ -192,14 +230,40 @@ function followEvents(retryMs) {
   ws.onclose = () => setTimeout(() => followEvents(Math.min(retryMs * 2, 30000)), retryMs);
 }
 
-async function load() {
-  const [services, apps] = await Promise.all([api('GET', '/v1/services'), api('GET', '/v1/apps')]);
-  renderServices(services.services);
-  renderApps(apps.apps);
-  followEvents(1000);
+const LOOPBACK = /^(127\.\d+\.\d+\.\d+|localhost|\[::1\])$/;
+
+/**
+ * Over plain HTTP from another machine the cloudlet refuses tokens and pairing codes (they would cross the network in
+ * clear): the page sends the phone to the HTTPS address, with the certificate's fingerprint to compare.
+ */
+async function showHttpsRequired() {
+  // Without the token: it must not travel here.
+  const system = await (await fetch('/v1/system')).json();
+  const url = `https://${location.hostname}:${system.tls_port}/`;
+  $('services-empty').className = 'empty';
+  $('services-empty').replaceChildren('This connection is not encrypted. To pair this phone and use services, open ',
+    el('a', { href: url }, url), ` and accept the cloudlet's certificate if its SHA-256 fingerprint is ${system.tls_fingerprint}.`);
 }
 
-load().catch((err) => {
-  $('services-empty').textContent = `The cloudlet did not answer: ${err.message}`;
-  $('services-empty').className = 'error';
-});
+/** Services need this phone to be paired; the apps are open to anyone. */
+async function loadServices() {
+  if (location.protocol === 'http:' && !LOOPBACK.test(location.hostname)) return showHttpsRequired();
+  if (!token()) return showPairing();
+  try {
+    renderServices((await api('GET', '/v1/services')).services);
+    followEvents(1000);
+  } catch (err) {
+    if (err.status === 401) return showPairing(err.code === 'UNAUTHENTICATED' ? '' : `${err.message}: pair again.`);
+    throw err;
+  }
+}
+
+function failed(what) {
+  return (err) => {
+    $(what).textContent = `The cloudlet did not answer: ${err.message}`;
+    $(what).className = 'error';
+  };
+}
+
+loadServices().catch(failed('services-empty'));
+api('GET', '/v1/apps').then((apps) => renderApps(apps.apps), failed('apps-empty'));

@@ -1,6 +1,7 @@
 // Starts the real agent as a child process on loopback, with its own data directory and forward port range,
 // and talks to it over real sockets. Every test that starts one stops it (and whatever VMs it left) in teardown.
 import { ChildProcess, spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { mkdtemp, rm, chmod } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
@@ -25,9 +26,40 @@ export interface HttpResult {
   json: any;
 }
 
+/** The data directory of each agent the tests started, by API port: where its admin token is. */
+const agentDataDirs = new Map<number, string>();
+
+/** Requests to this port carry the admin token of the agent using `dataDir` (read afresh: a restart may make one). */
+export function registerAgent(port: number, dataDir: string): void {
+  agentDataDirs.set(port, dataDir);
+}
+
+/** The data directory of the agent the tests started on `port`, if any. */
+export function agentDataDir(port: number): string | undefined {
+  return agentDataDirs.get(port);
+}
+
+/** `Authorization: Bearer <admin token>` of the agent on `port`, if the tests started one there; else nothing. */
+export function adminHeaders(port: number): Record<string, string> {
+  const dataDir = agentDataDirs.get(port);
+  if (!dataDir) return {};
+  try {
+    return { authorization: `Bearer ${readFileSync(path.join(dataDir, 'trust', 'admin-token'), 'utf8').trim()}` };
+  } catch {
+    return {};
+  }
+}
+
+/**
+ * An HTTP request to 127.0.0.1:port. To an agent the tests started it carries that agent's admin token unless the
+ * caller passes its own `authorization` header; `authorization: ''` sends none.
+ */
 export function request(port: number, method: string, urlPath: string, body?: unknown, headers: Record<string, string> = {}): Promise<HttpResult> {
+  const explicit = Object.keys(headers).find((name) => name.toLowerCase() === 'authorization');
+  if (explicit === undefined) headers = { ...adminHeaders(port), ...headers };
+  else if (headers[explicit] === '') headers = Object.fromEntries(Object.entries(headers).filter(([name]) => name !== explicit));
   return new Promise((resolve, reject) => {
-    const payload = body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body);
+    const payload = body === undefined ? undefined : typeof body === 'string' || Buffer.isBuffer(body) ? body : JSON.stringify(body);
     const req = http.request({ host: '127.0.0.1', port, method, path: urlPath, agent: false, headers: {
       ...(payload !== undefined ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {}),
       ...headers,
@@ -79,12 +111,13 @@ export class AgentProcess {
     const dataDir = options.dataDir ?? (await mkdtemp(path.join(os.tmpdir(), 'cloudlet-test-')));
     await chmod(dataDir, 0o755);
     const agent = new AgentProcess(await freePort(), dataDir, options, await freePort());
+    registerAgent(agent.apiPort, dataDir);
     await agent.launch();
     return agent;
   }
 
-  /** Start (or restart) the agent process and wait until its API answers. */
-  async launch(): Promise<void> {
+  /** Start (or restart) the agent process and wait until its API answers; `env` adds to (or overrides) the options' env. */
+  async launch(env: Record<string, string> = {}): Promise<void> {
     this.proc = spawn(process.execPath, [AGENT_MAIN], {
       env: {
         ...process.env,
@@ -99,7 +132,10 @@ export class AgentProcess {
         CLOUDLET_DISCOVERY: 'off',
         CLOUDLET_MQTT_HOST: '127.0.0.1',
         CLOUDLET_MQTT_PORT: String(this.mqttPort),
+        // HTTPS on a free port (tests read it from /v1/system's tls_port).
+        CLOUDLET_TLS_PORT: '0',
         ...this.options.env,
+        ...env,
       },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -120,6 +156,20 @@ export class AgentProcess {
 
   get pid(): number | undefined {
     return this.proc?.pid;
+  }
+
+  /** Resolves with the signal that ended the agent process (null when it exited by itself), or rejects after timeoutMs. */
+  exited(timeoutMs: number): Promise<NodeJS.Signals | null> {
+    const proc = this.proc;
+    if (!proc) return Promise.resolve(null);
+    if (proc.exitCode !== null || proc.signalCode !== null) return Promise.resolve(proc.signalCode);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`the agent did not exit within ${timeoutMs} ms`)), timeoutMs);
+      proc.once('exit', (_code, signal) => {
+        clearTimeout(timer);
+        resolve(signal);
+      });
+    });
   }
 
   get(urlPath: string, headers?: Record<string, string>) { return request(this.apiPort, 'GET', urlPath, undefined, headers); }

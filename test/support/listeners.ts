@@ -3,6 +3,7 @@
 import mqtt, { type MqttClient } from 'mqtt';
 import { performance } from 'node:perf_hooks';
 import WebSocket from 'ws';
+import { adminHeaders } from './agent';
 
 export interface Received<T> {
   value: T;
@@ -72,8 +73,10 @@ export class EventsSocket {
     socket.on('message', (data) => this.inbox.add(JSON.parse(data.toString())));
   }
 
-  static async connect(apiPort: number): Promise<EventsSocket> {
-    const socket = new WebSocket(`ws://127.0.0.1:${apiPort}/v1/events`);
+  /** To an agent the tests started, with its admin token unless `headers` say otherwise (as `request` does). */
+  static async connect(apiPort: number, options: { headers?: Record<string, string>; protocols?: string[]; query?: string } = {}): Promise<EventsSocket> {
+    const socket = new WebSocket(`ws://127.0.0.1:${apiPort}/v1/events${options.query ?? ''}`, options.protocols ?? [],
+      { headers: options.headers ?? adminHeaders(apiPort) });
     const events = new EventsSocket(socket);
     await new Promise<void>((resolve, reject) => {
       socket.once('open', () => resolve());

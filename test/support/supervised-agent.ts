@@ -3,7 +3,7 @@
 import { ChildProcess, spawn } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { freePort, ROOT } from './agent';
+import { freePort, registerAgent, ROOT } from './agent';
 
 const RESTART_DELAY_MS = 300;
 
@@ -34,9 +34,11 @@ export class SupervisedAgent {
       CLOUDLET_DISCOVERY: 'off',
       CLOUDLET_MQTT_HOST: '127.0.0.1',
       CLOUDLET_MQTT_PORT: String(await freePort()),
+      CLOUDLET_TLS_PORT: '0',
       // Test releases carry no node_modules of their own: the tree's serves them all.
       NODE_PATH: path.join(ROOT, 'node_modules'),
     });
+    registerAgent(apiPort, dataDir);
     await agent.spawn();
     return agent;
   }

@@ -4,12 +4,16 @@
  * chunked replies), abort safety, size-limited JSON bodies, 404/405 and turning every exception into a reply. It
  * also streams files from disk (with HTTP Range) and hands large uploads to routes as streams, both with backpressure,
  * so neither a big download nor a big upload is ever held in memory; and it serves the phone page's face at `/`.
+ * The same faces are served on a plain listener and, with `tls`, an HTTPS one; every request passes the access gate
+ * (trust/access.ts) for its route's access level before its body is read, and draws on its client's request bucket
+ * (rate-limit.ts); a request body that stalls is answered 408 and cut off.
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { STATUS_CODES } from 'node:http';
 import { Duplex, Readable } from 'node:stream';
 import {
   App,
+  SSLApp,
   us_listen_socket_close,
   us_socket_local_port,
   type HttpRequest,
@@ -22,9 +26,13 @@ import {
 } from 'uWebSockets.js';
 import type { CloudletApi, ProvisioningApi } from '../core/types';
 import { CloudletError, asCloudletError } from '../errors';
+import { bearerToken, type AccessGate, type Caller, type Transport } from '../trust/access';
 import { kdCloudletFace } from './kd-cloudlet';
+import { kdEncryptedFace, type DeviceKeys } from './kd-encrypted';
+import { RateLimiter, type RateLimit } from './rate-limit';
 import { matchPath, type ApiRequest, type Face, type Reply, type Route } from './routing';
 import { eventJson, eventsSnapshotJson, v1Face } from './v1';
+import type { TrustView } from './v1-trust';
 import { webFace } from './web';
 
 export interface HttpServerOptions {
@@ -35,25 +43,42 @@ export interface HttpServerOptions {
   logger?: (line: string) => void;
   /** Largest accepted request body in bytes (413 PAYLOAD_TOO_LARGE above it). JSON bodies here are tiny. */
   maxBodyBytes?: number;
+  /** The KD-Cloudlet face under /api: plain (the default), encrypted with each paired device's key, or none. */
+  kdApi?: { mode: 'plain' | 'off' } | { mode: 'encrypted'; devices: DeviceKeys };
+  /** Requests per client: a paired device, else the remote IP; the admin is not limited (absent: no limit). */
+  rateLimit?: RateLimit;
+  /** A request body that brings no byte for this long is answered 408 and cut off (default 8 s). */
+  bodyIdleMs?: number;
   /** On-Demand VM Provisioning routes under /v1 (absent: not offered). */
   provisioning?: ProvisioningApi;
   /** WebSocket endpoints carrying a byte stream (MQTT over WebSocket): each connection is handed over as a Duplex. */
   streamEndpoints?: StreamEndpoint[];
+  /** Who may call which route (trust/access.ts). */
+  gate: AccessGate;
+  /** Pairing and device routes under /v1, and the TLS facts /v1/system shows (absent: not offered). */
+  trust?: TrustView;
+  /** Also serve HTTPS on this port (0 picks a free one) of the same host, with this key and certificate. */
+  tls?: { port: number; keyFile: string; certFile: string };
 }
 
 export interface StreamEndpoint {
   path: string;
   /** The WebSocket subprotocol to agree to when the client offers it (MQTT clients offer `mqtt`). */
   protocol: string;
-  accept(stream: Duplex): void;
+  /** `transport`: who connected and whether over TLS (the stream's own protocol may carry credentials). */
+  accept(stream: Duplex, transport: Transport): void;
 }
 
 export interface HttpServer {
   readonly port: number;
+  /** The HTTPS listener's port, when there is one. */
+  readonly tlsPort: number | null;
   close(): Promise<void>;
 }
 
 const DEFAULT_MAX_BODY_BYTES = 64 * 1024;
+/** Below uWS's own cut of a connection idle for ~10 s, so that the client gets a 408 rather than a reset. */
+const DEFAULT_BODY_IDLE_MS = 8000;
 /** Files are streamed in chunks of this size: large enough for loopback-speed throughput, small per slow client. */
 const FILE_CHUNK_BYTES = 1024 * 1024;
 /** How much of a refused upload is read (and dropped) so its uploader still gets the answer; past it, it is cut off. */
@@ -69,48 +94,83 @@ const MAX_WS_MESSAGE_BYTES = 256 * 1024;
 /** `close()` exists on the v20.30 App but is missing from its d.ts; it also drops idle keep-alive connections. */
 type ClosableApp = TemplatedApp & { close(): void };
 
-export function startHttpServer(options: HttpServerOptions): Promise<HttpServer> {
+export async function startHttpServer(options: HttpServerOptions): Promise<HttpServer> {
   const log = options.logger ?? (() => {});
   const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
-  const kdFace = kdCloudletFace(options.api);
-  const ownFace = v1Face(options.api, options.provisioning);
+  const kdApi = options.kdApi ?? { mode: 'plain' };
+  const kdFace = kdApi.mode === 'encrypted' ? kdEncryptedFace(kdCloudletFace(options.api), kdApi.devices) : kdCloudletFace(options.api);
+  const limiter = options.rateLimit ? new RateLimiter(options.rateLimit) : null;
+  const bodyIdleMs = options.bodyIdleMs ?? DEFAULT_BODY_IDLE_MS;
+  const ownFace = v1Face(options.api, options.provisioning, options.trust);
   const pageFace = webFace();
   // The phone page owns `/` and its assets' prefix; paths under no face's prefix get our own face's JSON 404.
-  const faceFor = (path: string): Face => [kdFace, pageFace].find((face) => ownsPath(face, path)) ?? (path === '/' ? pageFace : ownFace);
+  // With the KD face off, /api paths are just unknown paths.
+  const faceFor = (path: string): Face =>
+    [...(kdApi.mode === 'off' ? [] : [kdFace]), pageFace].find((face) => ownsPath(face, path)) ?? (path === '/' ? pageFace : ownFace);
 
-  const app = App() as ClosableApp;
-  serveEvents(app, options.api, log);
-  for (const endpoint of options.streamEndpoints ?? []) serveStream(app, endpoint, log);
-  app.any('/*', (res, req) => {
-    const exchange = new Exchange(res);
-    try {
-      const incoming = readIncoming(req, res);
-      const started = Date.now();
-      serve(faceFor(incoming.path), incoming, exchange, maxBodyBytes, log)
-        .then((status) => log(`${incoming.method} ${incoming.url} ${status} ${Date.now() - started}ms`))
-        .catch((err: unknown) => log(`${incoming.method} ${incoming.url} failed to answer: ${describe(err)}`));
-    } catch (err) {
-      // Only a misuse of uWS can land here; an exception escaping to uWS would take the process down.
-      log(`HTTP request handler failed: ${describe(err)}`);
-      res.close();
-    }
-  });
+  // One request pipeline, mounted on each listener's app; only whether the transport is TLS differs.
+  const mount = (app: ClosableApp, secure: boolean): ClosableApp => {
+    serveEvents(app, options.api, options.gate, secure, log);
+    for (const endpoint of options.streamEndpoints ?? []) serveStream(app, endpoint, secure, log);
+    app.any('/*', (res, req) => {
+      const exchange = new Exchange(res, bodyIdleMs);
+      try {
+        const incoming = readIncoming(req, res, secure);
+        const started = Date.now();
+        serve(faceFor(incoming.path), incoming, exchange, options.gate, limiter, maxBodyBytes, log)
+          .then((status) => log(`${incoming.method} ${incoming.url} ${status} ${Date.now() - started}ms`))
+          .catch((err: unknown) => log(`${incoming.method} ${incoming.url} failed to answer: ${describe(err)}`));
+      } catch (err) {
+        // Only a misuse of uWS can land here; an exception escaping to uWS would take the process down.
+        log(`HTTP request handler failed: ${describe(err)}`);
+        res.close();
+      }
+    });
+    return app;
+  };
 
+  const plain = await listen(mount(App() as ClosableApp, false), options.host, options.port, 'HTTP', log);
+  let secure: Listener | null = null;
+  if (options.tls) {
+    const tlsApp = SSLApp({ key_file_name: options.tls.keyFile, cert_file_name: options.tls.certFile }) as ClosableApp;
+    // Without its HTTPS port the agent still serves loopback and the open routes (as with a taken MQTT port): phones
+    // cannot send credentials until it is back, which /v1/system shows (tls_port null).
+    secure = await listen(mount(tlsApp, true), options.host, options.tls.port, 'HTTPS', log).catch((err: Error) => {
+      log(`no HTTPS listener: ${err.message}; devices cannot authenticate from other machines`);
+      return null;
+    });
+  }
+  let open = true;
+  return {
+    port: plain.port,
+    tlsPort: secure?.port ?? null,
+    close: async () => {
+      if (!open) return;
+      open = false;
+      plain.close();
+      secure?.close();
+    },
+  };
+}
+
+interface Listener {
+  port: number;
+  close(): void;
+}
+
+function listen(app: ClosableApp, host: string, port: number, what: string, log: (line: string) => void): Promise<Listener> {
   return new Promise((resolve, reject) => {
-    app.listen(options.host, options.port, (listenSocket: us_listen_socket | false) => {
+    app.listen(host, port, (listenSocket: us_listen_socket | false) => {
       if (!listenSocket) {
         app.close();
-        reject(new CloudletError('INTERNAL', `Cannot listen on ${options.host}:${options.port}`));
+        reject(new CloudletError('INTERNAL', `Cannot listen on ${host}:${port}`));
         return;
       }
-      const port = us_socket_local_port(listenSocket as unknown as us_socket);
-      log(`HTTP API listening on ${options.host}:${port}`);
-      let open = true;
+      const bound = us_socket_local_port(listenSocket as unknown as us_socket);
+      log(`${what} API listening on ${host}:${bound}`);
       resolve({
-        port,
-        close: async () => {
-          if (!open) return;
-          open = false;
+        port: bound,
+        close: () => {
           us_listen_socket_close(listenSocket);
           app.close();
         },
@@ -121,9 +181,11 @@ export function startHttpServer(options: HttpServerOptions): Promise<HttpServer>
 
 /**
  * GET /v1/events (WebSocket): a snapshot of the instances, then every event as one JSON text message each. A client
- * that reads too slowly is closed rather than buffered for (see EVENTS_MAX_BUFFERED_BYTES).
+ * that reads too slowly is closed rather than buffered for (see EVENTS_MAX_BUFFERED_BYTES). It needs a device
+ * credential, checked at the upgrade: in the Authorization header, or (browsers cannot set headers on a WebSocket)
+ * as `?access_token=` or a `bearer.<token>` subprotocol entry.
  */
-function serveEvents(app: TemplatedApp, api: CloudletApi, log: (line: string) => void): void {
+function serveEvents(app: TemplatedApp, api: CloudletApi, gate: AccessGate, secure: boolean, log: (line: string) => void): void {
   interface EventsClient { unsubscribe?: () => void; closed: boolean }
   app.ws<EventsClient>('/v1/events', {
     maxPayloadLength: 1024,
@@ -131,7 +193,26 @@ function serveEvents(app: TemplatedApp, api: CloudletApi, log: (line: string) =>
     sendPingsAutomatically: true,
     // uWS's own backstop; the check below closes well before it.
     maxBackpressure: 2 * EVENTS_MAX_BUFFERED_BYTES,
-    upgrade: (res, req, context) => upgradeTo(res, req, context, { closed: false }, ''),
+    upgrade: (res, req, context) => {
+      const offered = offeredProtocols(req);
+      const bearerEntry = offered.find((p) => p.startsWith(EVENTS_BEARER_PROTOCOL_PREFIX));
+      const token = bearerToken(req.getHeader('authorization') || undefined) ?? (new URLSearchParams(req.getQuery() ?? '').get('access_token') || undefined)
+        ?? bearerEntry?.slice(EVENTS_BEARER_PROTOCOL_PREFIX.length);
+      try {
+        gate.authorize('device', token, { remoteAddress: Buffer.from(res.getRemoteAddressAsText()).toString(), secure });
+      } catch (err) {
+        const error = asCloudletError(err);
+        res.cork(() => {
+          res.writeStatus(`${error.status} ${STATUS_CODES[error.status] ?? ''}`);
+          for (const [name, value] of Object.entries(authHeaders(error))) res.writeHeader(name, value);
+          res.writeHeader('Content-Type', 'application/json; charset=utf-8').end(JSON.stringify(error.toJSON()), true);
+        });
+        return;
+      }
+      // A browser that offered subprotocols fails the connection unless one is agreed to: the named one, else the
+      // bearer entry it sent (it already holds that token).
+      upgradeTo(res, req, context, { closed: false }, offered.includes(EVENTS_PROTOCOL) ? EVENTS_PROTOCOL : bearerEntry ?? '');
+    },
     open: (ws) => {
       const client = ws.getUserData();
       const send = (message: string) => {
@@ -157,7 +238,7 @@ function serveEvents(app: TemplatedApp, api: CloudletApi, log: (line: string) =>
 }
 
 /** A WebSocket endpoint whose binary messages are a byte stream in both directions, handed over as a Duplex. */
-function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, log: (line: string) => void): void {
+function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, secure: boolean, log: (line: string) => void): void {
   interface StreamClient { stream?: Duplex; closed: boolean; drained?: () => void }
   app.ws<StreamClient>(endpoint.path, {
     maxPayloadLength: MAX_WS_MESSAGE_BYTES,
@@ -183,7 +264,7 @@ function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, log: (line: st
         },
       });
       client.stream.on('error', (err) => log(`${endpoint.path} stream: ${err.message}`));
-      endpoint.accept(client.stream);
+      endpoint.accept(client.stream, { remoteAddress: Buffer.from(ws.getRemoteAddressAsText()).toString(), secure });
     },
     message: (ws, message) => {
       // Copy: uWS neuters the ArrayBuffer when this callback returns.
@@ -207,9 +288,22 @@ function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, log: (line: st
 
 /** Completes a WebSocket upgrade, agreeing to `protocol` when the client offers it. */
 function upgradeTo<T>(res: HttpResponse, req: HttpRequest, context: us_socket_context_t, userData: T, protocol: string): void {
-  const offered = req.getHeader('sec-websocket-protocol').split(',').map((p) => p.trim());
-  res.upgrade(userData, req.getHeader('sec-websocket-key'), protocol && offered.includes(protocol) ? protocol : '',
+  res.upgrade(userData, req.getHeader('sec-websocket-key'), protocol && offeredProtocols(req).includes(protocol) ? protocol : '',
     req.getHeader('sec-websocket-extensions'), context);
+}
+
+function offeredProtocols(req: HttpRequest): string[] {
+  return req.getHeader('sec-websocket-protocol').split(',').map((p) => p.trim()).filter((p) => p !== '');
+}
+
+/** The /v1/events subprotocol a browser may offer next to its `bearer.<token>` entry. */
+const EVENTS_PROTOCOL = 'cloudlet.events';
+const EVENTS_BEARER_PROTOCOL_PREFIX = 'bearer.';
+
+/** A 401 tells the client how to authenticate (RFC 6750). */
+function authHeaders(error: CloudletError): Record<string, string> {
+  if (error.status !== 401) return {};
+  return { 'WWW-Authenticate': error.code === 'UNAUTHENTICATED' ? 'Bearer realm="cloudlet"' : 'Bearer realm="cloudlet", error="invalid_token"' };
 }
 
 interface Incoming {
@@ -219,17 +313,18 @@ interface Incoming {
   query: string;
   headers: Map<string, string>;
   remoteAddress: string;
+  secure: boolean;
 }
 
 /** Copies what we need: uWS's HttpRequest is stack-allocated and invalid once the handler returns. */
-function readIncoming(req: HttpRequest, res: HttpResponse): Incoming {
+function readIncoming(req: HttpRequest, res: HttpResponse, secure: boolean): Incoming {
   const headers = new Map<string, string>();
   req.forEach((name, value) => headers.set(name, value));
   const path = req.getUrl();
   // getQuery() returns undefined, not '', when the URL has no query.
   const query = (req.getQuery() as string | undefined) ?? '';
   const remoteAddress = Buffer.from(res.getRemoteAddressAsText()).toString();
-  return { method: req.getMethod().toUpperCase(), url: query ? `${path}?${query}` : path, path, query, headers, remoteAddress };
+  return { method: req.getMethod().toUpperCase(), url: query ? `${path}?${query}` : path, path, query, headers, remoteAddress, secure };
 }
 
 function ownsPath(face: Face, path: string): boolean {
@@ -245,6 +340,8 @@ async function serve(
   face: Face,
   incoming: Incoming,
   exchange: Exchange,
+  gate: AccessGate,
+  limiter: RateLimiter | null,
   maxBodyBytes: number,
   log: (line: string) => void,
 ): Promise<number | 'aborted'> {
@@ -252,7 +349,10 @@ async function serve(
   let file: OpenedFile | undefined;
   try {
     const { route, params } = resolveRoute(face, incoming);
+    const transport: Transport = { remoteAddress: incoming.remoteAddress, secure: incoming.secure };
+    const caller = authorizeWithinRate(gate, limiter, route, incoming, transport);
     const body = route.jsonBody ? exchange.readBody(incoming.headers, route.maxBodyBytes ?? maxBodyBytes) : undefined;
+    const form = route.formBody ? exchange.readBody(incoming.headers, maxBodyBytes) : undefined;
     const bodyStream = route.streamBody ? exchange.streamBody(incoming.headers) : undefined;
     const request: ApiRequest = {
       method: incoming.method,
@@ -261,7 +361,10 @@ async function serve(
       query: new URLSearchParams(incoming.query),
       header: (name) => incoming.headers.get(name) || undefined,
       body: body === undefined ? undefined : parseJson(await body),
+      ...(form ? { form: new URLSearchParams((await form).toString('utf8')) } : {}),
       remoteAddress: incoming.remoteAddress,
+      secure: incoming.secure,
+      caller,
       ...(bodyStream ? { bodyStream } : {}),
     };
     reply = await route.handle(request);
@@ -271,9 +374,34 @@ async function serve(
     // Unexpected errors keep their stack for the operator's log only; the client gets code and message.
     if (error.code === 'INTERNAL') log(`${incoming.method} ${incoming.url}: ${describe(error.cause ?? error)}`);
     reply = face.errorReply(error);
+    Object.assign(reply.headers, authHeaders(error));
+    // RATE_LIMITED and BUSY say when to come back.
+    if (typeof error.details?.retry_after_s === 'number') reply.headers['Retry-After'] = String(error.details.retry_after_s);
   }
   if (file) return (await exchange.sendFile(reply, file, incoming.method === 'HEAD')) ? reply.status : 'aborted';
   return exchange.send(reply, incoming.method === 'HEAD') ? reply.status : 'aborted';
+}
+
+/**
+ * The route's caller, once the client's rate allows the request. The bucket is the credential's, whatever the route
+ * needs: a paired device draws on its own, anyone else (no credential, or one that fails, so guessing tokens is
+ * throttled too) on its IP address's; the admin on the box is not limited.
+ */
+function authorizeWithinRate(gate: AccessGate, limiter: RateLimiter | null, route: Route, incoming: Incoming, transport: Transport): Caller {
+  const token = bearerToken(incoming.headers.get('authorization'));
+  if (limiter) {
+    let bucket: string | null = `address ${incoming.remoteAddress}`;
+    if (token !== undefined) {
+      try {
+        const holder = gate.authorize('device', token, transport);
+        bucket = holder.kind === 'device' ? `device ${holder.device.id}` : holder.kind === 'admin' ? null : bucket;
+      } catch {
+        // Counted against the address; the route's own check below says what is wrong with the credential.
+      }
+    }
+    if (bucket) limiter.take(bucket);
+  }
+  return gate.authorize(route.access, token, transport);
 }
 
 /** A file opened for a reply, and the part of it to send. */
@@ -354,11 +482,30 @@ class Exchange {
   /** While an upload's body is still arriving: stop handing it on, discard the rest, then call `then`. */
   private discardBody: ((then: () => void) => void) | undefined;
 
-  constructor(private readonly res: HttpResponse) {
+  /** Cuts a request body that stalls; touched by every chunk, stopped while uWS is paused by us or the body is in. */
+  private idleTimer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly res: HttpResponse, private readonly bodyIdleMs: number) {
     res.onAborted(() => {
       this.aborted = true;
+      clearTimeout(this.idleTimer);
       this.abortListener?.();
     });
+  }
+
+  /** (Re)starts the stall timer: `onStall` runs when no body byte came for bodyIdleMs. */
+  private watchIdle(onStall: (error: CloudletError) => void): void {
+    clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => {
+      // Answered now, with the connection closed: the rest of the body is not waited for (nor discarded) any more.
+      this.discardBody = undefined;
+      onStall(new CloudletError('REQUEST_TIMEOUT', `The request body stalled: no byte for ${this.bodyIdleMs} ms`, { details: { idle_ms: this.bodyIdleMs } }));
+    }, this.bodyIdleMs);
+  }
+
+  private stopWatchingIdle(): void {
+    clearTimeout(this.idleTimer);
+    this.idleTimer = undefined;
   }
 
   readBody(headers: Map<string, string>, limit: number): Promise<Buffer> {
@@ -375,11 +522,15 @@ class Exchange {
       let settled = false;
       const settle = (outcome: () => void) => {
         settled = true;
+        this.stopWatchingIdle();
         outcome();
       };
       this.abortListener = () => settle(() => reject(new CloudletError('BAD_REQUEST', 'The client aborted the request')));
+      const onStall = (error: CloudletError) => settle(() => reject(error));
+      this.watchIdle(onStall);
       this.res.onData((chunk, isLast) => {
         if (settled) return;
+        this.watchIdle(onStall);
         size += chunk.byteLength;
         if (size > limit) return settle(() => reject(tooLarge()));
         // Copy: uWS neuters the ArrayBuffer when this callback returns.
@@ -402,25 +553,35 @@ class Exchange {
     if (declared === undefined || !/^\d+$/.test(declared)) throw new CloudletError('LENGTH_REQUIRED', 'Uploads must be sent with Content-Length');
     this.bodyUnread = true;
     let paused = false;
+    let discarding: { bytes: number; then: () => void } | undefined;
+    // A stalled upload fails its consumer (whose error is then answered), or, once refused, is answered at once.
+    const onStall = (error: CloudletError) => (discarding ? discarding.then() : stream.destroy(error));
     const stream = new Readable({
       read: () => {
         if (paused && !this.aborted) {
           paused = false;
+          this.watchIdle(onStall);
           this.res.resume();
         }
       },
     });
     this.abortListener = () => stream.destroy(new CloudletError('BAD_REQUEST', 'The client aborted the upload'));
-    let discarding: { bytes: number; then: () => void } | undefined;
+    // A route may answer without reading the body (refused, unknown id): an abort then has no consumer to hear it,
+    // and an 'error' nobody listens to would end the process. Consumers still get it through their own listeners.
+    stream.on('error', () => {});
     this.discardBody = (then) => {
       discarding = { bytes: 0, then };
       stream.destroy();
       if (paused) {
         paused = false;
+        this.watchIdle(onStall);
         this.res.resume();
       }
     };
+    this.watchIdle(onStall);
     this.res.onData((chunk, isLast) => {
+      if (isLast) this.stopWatchingIdle();
+      else this.watchIdle(onStall);
       if (discarding) {
         discarding.bytes += chunk.byteLength;
         if (isLast) {
@@ -434,7 +595,9 @@ class Exchange {
       }
       // Copy: uWS neuters the ArrayBuffer when this callback returns.
       if (!stream.push(Buffer.from(new Uint8Array(chunk))) && !isLast) {
+        // Waiting on our consumer, not on the client: no stall to watch for until it reads again.
         paused = true;
+        this.stopWatchingIdle();
         this.res.pause();
       }
       if (isLast) {

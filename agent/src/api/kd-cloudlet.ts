@@ -10,15 +10,15 @@ import { emptyReply, fileReply, hostOf, jsonReply, textReply, type ApiRequest, t
 
 export function kdCloudletFace(api: CloudletApi): Face {
   const routes: Route[] = [
-    { method: 'GET', path: '/api/services', handle: () => jsonReply(200, { services: startableServices(api).map(serviceJson) }) },
-    { method: 'GET', path: '/api/services/get', handle: (request) => findService(api, request) },
-    { method: 'GET', path: '/api/servicevm/start', handle: (request) => startServiceVm(api, request) },
-    { method: 'GET', path: '/api/servicevm/stop', handle: (request) => stopServiceVm(api, request) },
-    { method: 'GET', path: '/api/system', handle: (request) => systemMetadata(api, request) },
+    { method: 'GET', path: '/api/services', access: 'open', handle: () => jsonReply(200, { services: startableServices(api).map(serviceJson) }) },
+    { method: 'GET', path: '/api/services/get', access: 'open', handle: (request) => findService(api, request) },
+    { method: 'GET', path: '/api/servicevm/start', access: 'open', handle: (request) => startServiceVm(api, request) },
+    { method: 'GET', path: '/api/servicevm/stop', access: 'open', handle: (request) => stopServiceVm(api, request) },
+    { method: 'GET', path: '/api/system', access: 'open', handle: (request) => systemMetadata(api, request) },
     // Device mailboxes are not implemented yet: every device has an empty one.
-    { method: 'GET', path: '/api/system/get_messages', handle: () => jsonReply(200, { messages: [] }) },
-    { method: 'GET', path: '/api/apps', handle: ({ query }) => jsonReply(200, { apps: androidApps(api, query).map(appJson) }) },
-    { method: 'GET', path: '/api/apps/get', handle: (request) => getApp(api, request) },
+    { method: 'GET', path: '/api/system/get_messages', access: 'open', handle: () => jsonReply(200, { messages: [] }) },
+    { method: 'GET', path: '/api/apps', access: 'open', handle: ({ query }) => jsonReply(200, { apps: androidApps(api, query).map(appJson) }) },
+    { method: 'GET', path: '/api/apps/get', access: 'open', handle: (request) => getApp(api, request) },
   ];
   return {
     prefix: '/api',
@@ -27,6 +27,8 @@ export function kdCloudletFace(api: CloudletApi): Face {
     wrongMethod: 'not-found',
     errorReply: (error) => {
       const status = error.status in WEBOB_ERRORS ? error.status : 500;
+      // client-lib reads a 401/403 body as "<anything>#<message>" (a CredentialsException); KD's security errors say so.
+      if (status === 401 || status === 403) return webobError(status, `#${error.message}`);
       return webobError(status, `${status} ${WEBOB_ERRORS[status]!.title} - ${error.message}`);
     },
   };
@@ -50,7 +52,8 @@ async function startServiceVm(api: CloudletApi, request: ApiRequest): Promise<Re
       serviceId,
       join: parseFlag(request.query.get('join')),
       clientHost: hostOf(request.header('host')),
-      deviceId: request.header('x-device-id'),
+      // The owner is an authenticated device (the encrypted face's caller); plain mode's X-Device-ID proves nothing.
+      ...(request.caller.kind === 'device' ? { deviceId: request.caller.device.id } : {}),
     });
     return jsonReply(200, serviceVmJson(instance, endpoint));
   } catch (err) {
@@ -161,7 +164,16 @@ function failureReply(err: unknown, notFound: { code: ErrorCode; status: number;
 /** WebOb 1.3's explanations, after its HTML-to-text pass (which leaves the trailing spaces). */
 const WEBOB_ERRORS: Record<number, { title: string; explanation: string }> = {
   400: { title: 'Bad Request', explanation: 'The server could not comply with the request since it is either malformed or otherwise incorrect. ' },
+  401: {
+    title: 'Unauthorized',
+    explanation: 'This server could not verify that you are authorized to access the document you requested.  Either you supplied the wrong credentials (e.g., bad password), or your browser does not understand how to supply the credentials required.',
+  },
+  403: { title: 'Forbidden', explanation: 'Access was denied to this resource.' },
   404: { title: 'Not Found', explanation: 'The resource could not be found.' },
+  408: { title: 'Request Timeout', explanation: 'The server has waited too long for the request to be sent by the client.' },
+  413: { title: 'Request Entity Too Large', explanation: 'The body of your request was too large for this server.' },
+  429: { title: 'Too Many Requests', explanation: 'The client has sent too many requests in a given amount of time.' },
+  503: { title: 'Service Unavailable', explanation: 'The server is currently unavailable. Please try again at a later time.' },
   500: { title: 'Internal Server Error', explanation: 'The server has either erred or is incapable of performing the requested operation. ' },
 };
 
@@ -170,7 +182,7 @@ const WEBOB_ERRORS: Record<number, { title: string; explanation: string }> = {
  * WebOb renders an HTML template and strips the tags, which is where the stray spaces and the flattened newlines come
  * from; client-lib shows the whole body as the error message.
  */
-function webobError(status: number, detail: string): Reply {
+export function webobError(status: number, detail: string): Reply {
   const { title, explanation } = WEBOB_ERRORS[status] ?? WEBOB_ERRORS[500]!;
   const flatDetail = detail.replace(/\r/g, '').replace(/\n/g, ' ');
   return textReply(status, `${status} ${title}\n\n${explanation}\n\n ${flatDetail}  `);

@@ -4,6 +4,7 @@
  */
 import type { Readable } from 'node:stream';
 import { CloudletError } from '../errors';
+import type { Access, Caller } from '../trust/access';
 
 export type RouteMethod = 'GET' | 'POST' | 'DELETE';
 
@@ -20,8 +21,14 @@ export interface ApiRequest {
   body: unknown;
   /** The client's IP address as text (IPv4 dotted, IPv6 full form). */
   remoteAddress: string;
+  /** Whether it came over the TLS listener. */
+  secure: boolean;
+  /** Who the request's credential names (anonymous on open routes). */
+  caller: Caller;
   /** For routes with `streamBody`: the raw body as it arrives, `length` bytes as its Content-Length announced. */
   bodyStream?: { stream: Readable; length: number };
+  /** For routes with `formBody`: the application/x-www-form-urlencoded body's fields. */
+  form?: URLSearchParams;
 }
 
 export interface Reply {
@@ -40,10 +47,14 @@ export interface Route {
   method: RouteMethod;
   /** Literal segments and `:name` captures of exactly one segment, e.g. `/v1/services/:id`. */
   path: string;
+  /** Who may call it (trust/access.ts); the open ones are a deliberate, documented list (docs/security.md). */
+  access: Access;
   /** Read the request body (size-limited) and parse it as JSON before calling `handle`. */
   jsonBody?: boolean;
   /** A larger limit than the server's default for this route's JSON body (e.g. recipes). */
   maxBodyBytes?: number;
+  /** Read the request body (size-limited) as an HTML form (application/x-www-form-urlencoded) into `form`. */
+  formBody?: boolean;
   /** Hand the body to `handle` as a stream (large uploads) instead of reading it; it must come with Content-Length. */
   streamBody?: boolean;
   handle(request: ApiRequest): Reply | Promise<Reply>;

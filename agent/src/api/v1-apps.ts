@@ -1,8 +1,7 @@
 /**
  * Cloudlet Push on our own face: the app catalog under /v1/apps, with SHA-256 and resumable (Range) downloads.
- * Adding and removing apps is for the operator on the box: those routes answer loopback clients only.
+ * Adding and removing apps is for the operator on the box (admin access); the catalog and downloads are open.
  */
-import { BlockList, isIPv6 } from 'node:net';
 import { APP_KINDS } from '../core/apps';
 import type { App, AppKind, CloudletApi } from '../core/types';
 import { CloudletError } from '../errors';
@@ -10,16 +9,16 @@ import { emptyReply, fileReply, jsonReply, type ApiRequest, type Route } from '.
 
 export function appRoutes(api: CloudletApi): Route[] {
   return [
-    { method: 'GET', path: '/v1/apps', handle: ({ query }) => jsonReply(200, { apps: api.listApps(appFilter(query)).map(appJson) }) },
-    { method: 'GET', path: '/v1/apps/:id', handle: ({ params }) => jsonReply(200, appJson(api.getApp(params.id!))) },
-    { method: 'GET', path: '/v1/apps/:id/file', handle: ({ params }) => appDownload(api, params.id!) },
-    { method: 'POST', path: '/v1/apps', streamBody: true, handle: (request) => addApp(api, request) },
+    { method: 'GET', path: '/v1/apps', access: 'open', handle: ({ query }) => jsonReply(200, { apps: api.listApps(appFilter(query)).map(appJson) }) },
+    { method: 'GET', path: '/v1/apps/:id', access: 'open', handle: ({ params }) => jsonReply(200, appJson(api.getApp(params.id!))) },
+    { method: 'GET', path: '/v1/apps/:id/file', access: 'open', handle: ({ params }) => appDownload(api, params.id!) },
+    { method: 'POST', path: '/v1/apps', access: 'admin', streamBody: true, handle: (request) => addApp(api, request) },
     {
       method: 'DELETE',
       path: '/v1/apps/:id',
-      handle: async (request) => {
-        requireLocalClient(request);
-        await api.removeApp(request.params.id!);
+      access: 'admin',
+      handle: async ({ params }) => {
+        await api.removeApp(params.id!);
         return emptyReply(204);
       },
     },
@@ -39,7 +38,6 @@ function appDownload(api: CloudletApi, id: string) {
 
 /** The file is the request body; what describes it comes in the query, so the body stays the raw bytes. */
 async function addApp(api: CloudletApi, request: ApiRequest) {
-  requireLocalClient(request);
   const q = request.query;
   const required = (name: string) => {
     const value = q.get(name);
@@ -59,19 +57,6 @@ async function addApp(api: CloudletApi, request: ApiRequest) {
     ...(q.get('sha256') ? { sha256: q.get('sha256')! } : {}),
   }, request.bodyStream!.stream, request.bodyStream!.length);
   return jsonReply(201, appJson(app));
-}
-
-const LOOPBACK = new BlockList();
-LOOPBACK.addSubnet('127.0.0.0', 8, 'ipv4');
-LOOPBACK.addAddress('::1', 'ipv6');
-LOOPBACK.addSubnet('::ffff:127.0.0.0', 104, 'ipv6');
-
-/** The operator's routes: only a client on this machine (the CLI on the box, or through an SSH tunnel). */
-export function requireLocalClient(request: ApiRequest): void {
-  const address = request.remoteAddress;
-  if (!LOOPBACK.check(address, isIPv6(address) ? 'ipv6' : 'ipv4')) {
-    throw new CloudletError('FORBIDDEN', `${request.method} ${request.path} is allowed from this cloudlet only, not from ${address}`);
-  }
 }
 
 export function splitTags(tags: string | null): string[] {

@@ -6,7 +6,7 @@ import type { BaseVm } from '../core/bases';
 import { RECIPE_LIMITS, recipeDigest, recipeJson, type Recipe } from '../core/recipe';
 import type { ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
-import { emptyReply, hostOf, jsonReply, textReply, type ApiRequest, type Route } from './routing';
+import { emptyReply, fileReply, hostOf, jsonReply, textReply, type ApiRequest, type Route } from './routing';
 import { jsonObject, optionalBoolean, requiredString, serviceJson, startResultJson } from './v1';
 
 const CONSOLE_DEFAULT_BYTES = 64 << 10;
@@ -14,22 +14,25 @@ const CONSOLE_MAX_BYTES = 1 << 20;
 
 export function provisioningRoutes(api: ProvisioningApi): Route[] {
   return [
-    { method: 'GET', path: '/v1/bases', handle: () => jsonReply(200, { bases: api.listBases().map(baseJson) }) },
-    { method: 'GET', path: '/v1/bases/:ref', handle: ({ params }) => jsonReply(200, baseJson(api.getBase(params.ref!))) },
+    { method: 'GET', path: '/v1/bases', access: 'device', handle: () => jsonReply(200, { bases: api.listBases().map(baseJson) }) },
+    { method: 'GET', path: '/v1/bases/:ref', access: 'device', handle: ({ params }) => jsonReply(200, baseJson(api.getBase(params.ref!))) },
+    { method: 'GET', path: '/v1/bases/:ref/files/:name', access: 'device', handle: ({ params }) => baseFileDownload(api, params.ref!, params.name!) },
     {
       method: 'POST',
       path: '/v1/bases',
+      access: 'admin',
       jsonBody: true,
       handle: async ({ body }) => {
         const fields = jsonObject(body);
         return jsonReply(201, baseJson(await api.importBase(requiredString(fields, 'path'), requiredString(fields, 'name'))));
       },
     },
-    { method: 'GET', path: '/v1/recipes', handle: () => jsonReply(200, { recipes: api.listRecipes().map(recipeSummaryJson) }) },
-    { method: 'GET', path: '/v1/recipes/:id', handle: ({ params }) => jsonReply(200, { ...recipeSummaryJson(api.getRecipe(params.id!)), recipe: recipeJson(api.getRecipe(params.id!)) }) },
+    { method: 'GET', path: '/v1/recipes', access: 'device', handle: () => jsonReply(200, { recipes: api.listRecipes().map(recipeSummaryJson) }) },
+    { method: 'GET', path: '/v1/recipes/:id', access: 'device', handle: ({ params }) => jsonReply(200, { ...recipeSummaryJson(api.getRecipe(params.id!)), recipe: recipeJson(api.getRecipe(params.id!)) }) },
     {
       method: 'POST',
       path: '/v1/recipes',
+      access: 'admin',
       jsonBody: true,
       maxBodyBytes: RECIPE_LIMITS.bodyBytes,
       handle: async ({ body }) => jsonReply(201, recipeSummaryJson(await api.storeRecipe(body))),
@@ -37,16 +40,18 @@ export function provisioningRoutes(api: ProvisioningApi): Route[] {
     {
       method: 'DELETE',
       path: '/v1/recipes/:id',
+      access: 'admin',
       handle: async ({ params }) => {
         await api.removeRecipe(params.id!);
         return emptyReply(204);
       },
     },
-    { method: 'POST', path: '/v1/recipes/:id/instances', jsonBody: true, handle: (request) => provision(api, request) },
-    { method: 'POST', path: '/v1/recipes/:id/cache', handle: async ({ params }) => jsonReply(200, serviceJson(await api.cacheRecipe(params.id!))) },
+    { method: 'POST', path: '/v1/recipes/:id/instances', access: 'device', jsonBody: true, handle: (request) => provision(api, request) },
+    { method: 'POST', path: '/v1/recipes/:id/cache', access: 'admin', handle: async ({ params }) => jsonReply(200, serviceJson(await api.cacheRecipe(params.id!))) },
     {
       method: 'GET',
       path: '/v1/instances/:id/console',
+      access: 'admin',
       handle: async ({ params, query }) => textReply(200, await api.consoleTail(params.id!, consoleBytes(query.get('bytes')))),
     },
   ];
@@ -54,7 +59,10 @@ export function provisioningRoutes(api: ProvisioningApi): Route[] {
 
 async function provision(api: ProvisioningApi, request: ApiRequest) {
   const body = request.body === undefined ? {} : jsonObject(request.body);
-  const result = await api.provision(request.params.id!, { join: optionalBoolean(body, 'join') ?? false, clientHost: hostOf(request.header('host')) });
+  const result = await api.provision(request.params.id!, {
+    join: optionalBoolean(body, 'join') ?? false, clientHost: hostOf(request.header('host')),
+    ...(request.caller.kind === 'device' ? { deviceId: request.caller.device.id } : {}),
+  });
   return jsonReply(201, startResultJson(result));
 }
 
@@ -69,7 +77,21 @@ function consoleBytes(value: string | null): number {
 
 function baseJson(base: BaseVm) {
   const m = base.manifest;
-  return { digest: base.digest, name: base.name, dir: base.dir, memory_mib: m.memory_mib, vcpus: m.vcpus, disk: m.disk, state: m.state, boot: m.boot };
+  return {
+    digest: base.digest, name: base.name, dir: base.dir, memory_mib: m.memory_mib, vcpus: m.vcpus, disk: m.disk, state: m.state, boot: m.boot,
+    manifest: m, files: base.files.map((f) => ({ name: f.name, bytes: f.bytes, sha256: f.sha256, download: `/v1/bases/${base.digest}/files/${encodeURIComponent(f.name)}` })),
+  };
+}
+
+/** A base's file for an export: resumable (Range), its SHA-256 as the ETag so a resumed download can be checked. */
+function baseFileDownload(api: ProvisioningApi, ref: string, name: string) {
+  const { file, path } = api.baseFile(ref, name);
+  return fileReply(path, {
+    'Content-Type': 'application/octet-stream',
+    'Content-Disposition': `attachment; filename="${file.name}"`,
+    ETag: `"${file.sha256}"`,
+    'Cache-Control': 'public, max-age=31536000, immutable',
+  }, true);
 }
 
 function recipeSummaryJson(recipe: Recipe) {

@@ -1,35 +1,40 @@
 /**
  * The /v1 routes of VM Synthesis (docs/api.md): an overlay from a file on this cloudlet (operator only), or uploaded
  * in a resumable upload: announce its size, send its bytes from wherever the cloudlet stands, get the synthesized
- * instance when the last byte is in. Same conventions as v1.ts.
+ * instance when the last byte is in. Either can keep the VM as a Cached VM service (`keep_as`, admin only). Same
+ * conventions as v1.ts.
  */
-import type { ProvisioningApi } from '../core/types';
+import type { ProvisioningApi, SynthesisOptions, SynthesisResult } from '../core/types';
 import { CloudletError } from '../errors';
 import type { UploadView } from '../synthesis/uploads';
 import { hostOf, jsonReply, type ApiRequest, type Route } from './routing';
-import { jsonObject, requiredString, startResultJson } from './v1';
-import { requireLocalClient } from './v1-apps';
+import { jsonObject, requiredString, serviceJson, startResultJson } from './v1';
 
 export function synthesisRoutes(api: ProvisioningApi): Route[] {
   return [
     {
       method: 'POST',
       path: '/v1/synthesis',
+      access: 'admin',
       jsonBody: true,
       handle: async (request) => {
-        requireLocalClient(request);
-        const result = await api.synthesizeFile(requiredString(jsonObject(request.body), 'path'), hostOf(request.header('host')));
-        return jsonReply(201, startResultJson(result));
+        const body = jsonObject(request.body);
+        const result = await api.synthesizeFile(requiredString(body, 'path'), synthesisOptions(request, body));
+        return jsonReply(201, synthesisResultJson(result));
       },
     },
     {
       method: 'POST',
       path: '/v1/synthesis/uploads',
+      access: 'device',
       jsonBody: true,
-      handle: (request) => jsonReply(201, uploadJson(api.createOverlayUpload(requiredCount(jsonObject(request.body).bytes, 'bytes'), hostOf(request.header('host'))))),
+      handle: async (request) => {
+        const body = jsonObject(request.body);
+        return jsonReply(201, uploadJson(await api.createOverlayUpload(requiredCount(body.bytes, 'bytes'), synthesisOptions(request, body))));
+      },
     },
-    { method: 'GET', path: '/v1/synthesis/uploads/:id', handle: ({ params }) => jsonReply(200, uploadJson(api.overlayUpload(params.id!))) },
-    { method: 'POST', path: '/v1/synthesis/uploads/:id', streamBody: true, handle: (request) => appendUpload(api, request) },
+    { method: 'GET', path: '/v1/synthesis/uploads/:id', access: 'device', handle: ({ params }) => jsonReply(200, uploadJson(api.overlayUpload(params.id!))) },
+    { method: 'POST', path: '/v1/synthesis/uploads/:id', access: 'device', streamBody: true, handle: (request) => appendUpload(api, request) },
   ];
 }
 
@@ -37,7 +42,20 @@ export function synthesisRoutes(api: ProvisioningApi): Route[] {
 async function appendUpload(api: ProvisioningApi, request: ApiRequest) {
   const offset = requiredCount(Number(request.query.get('offset') ?? NaN), 'offset');
   const outcome = await api.appendOverlayUpload(request.params.id!, offset, request.bodyStream!.stream);
-  return outcome.complete ? jsonReply(201, startResultJson(outcome.result)) : jsonReply(202, uploadJson(outcome.upload));
+  return outcome.complete ? jsonReply(201, synthesisResultJson(outcome.result)) : jsonReply(202, uploadJson(outcome.upload));
+}
+
+function synthesisOptions(request: ApiRequest, body: Record<string, unknown>): SynthesisOptions {
+  const keepAs = body.keep_as;
+  if (keepAs !== undefined && keepAs !== null && typeof keepAs !== 'string') {
+    throw new CloudletError('INVALID_PARAMETER', 'keep_as must be a service id', { details: { parameter: 'keep_as' } });
+  }
+  // Keeping adds a service to the catalog: the operator's to decide, like importing one.
+  if (keepAs !== undefined && keepAs !== null && request.caller.kind !== 'admin') {
+    throw new CloudletError('ADMIN_ONLY', 'keep_as adds a service to the catalog: it needs the admin credential', { details: { parameter: 'keep_as' } });
+  }
+  const clientHost = hostOf(request.header('host'));
+  return { ...(clientHost ? { clientHost } : {}), ...(typeof keepAs === 'string' ? { keepAs } : {}) };
 }
 
 function requiredCount(value: unknown, name: string): number {
@@ -47,6 +65,19 @@ function requiredCount(value: unknown, name: string): number {
   return value;
 }
 
-function uploadJson(upload: UploadView) {
-  return { id: upload.id, bytes: upload.bytes, received: upload.received, state: upload.state, upload: `/v1/synthesis/uploads/${upload.id}` };
+/** A start result, plus the service the VM was kept as (`kept_as`) or why keeping it failed (`keep_error`). */
+function synthesisResultJson(result: SynthesisResult) {
+  return {
+    ...startResultJson(result),
+    ...(result.keptAs ? { kept_as: serviceJson(result.keptAs) } : {}),
+    ...(result.keepError ? { keep_error: { code: result.keepError.code, message: result.keepError.message } } : {}),
+  };
+}
+
+function uploadJson(upload: UploadView<SynthesisResult>) {
+  return {
+    id: upload.id, bytes: upload.bytes, received: upload.received, state: upload.state, upload: `/v1/synthesis/uploads/${upload.id}`,
+    ...(upload.result ? { result: synthesisResultJson(upload.result) } : {}),
+    ...(upload.error ? { error: { code: upload.error.code, message: upload.error.message } } : {}),
+  };
 }

@@ -12,30 +12,35 @@ import { emptyReply, hostOf, jsonReply, type ApiRequest, type Face, type Route }
 import { appRoutes } from './v1-apps';
 import { provisioningRoutes } from './v1-provisioning';
 import { synthesisRoutes } from './v1-synthesis';
+import { tlsJson, trustRoutes, type TrustView } from './v1-trust';
 
-export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi): Face {
+export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?: TrustView): Face {
   const routes: Route[] = [
     ...(provisioning ? [...provisioningRoutes(provisioning), ...synthesisRoutes(provisioning)] : []),
+    ...(trust ? trustRoutes(trust) : []),
     {
       method: 'GET',
       path: '/v1/health',
+      access: 'open',
       handle: async () => {
         const report = await api.health();
         return jsonReply(report.ok ? 200 : 503, healthJson(report));
       },
     },
-    { method: 'GET', path: '/v1/system', handle: async () => jsonReply(200, systemJson(await api.systemInfo())) },
-    { method: 'GET', path: '/v1/services', handle: () => jsonReply(200, { services: api.listServices().map(serviceJson) }) },
-    { method: 'GET', path: '/v1/services/:id', handle: ({ params }) => jsonReply(200, serviceJson(api.getService(params.id!))) },
+    { method: 'GET', path: '/v1/system', access: 'open', handle: async () => jsonReply(200, { ...systemJson(await api.systemInfo()), ...(trust ? tlsJson(trust) : {}) }) },
+    { method: 'GET', path: '/v1/services', access: 'device', handle: () => jsonReply(200, { services: api.listServices().map(serviceJson) }) },
+    { method: 'GET', path: '/v1/services/:id', access: 'device', handle: ({ params }) => jsonReply(200, serviceJson(api.getService(params.id!))) },
     {
       method: 'POST',
       path: '/v1/services',
+      access: 'admin',
       jsonBody: true,
       handle: async ({ body }) => jsonReply(201, serviceJson(await api.importService(requiredString(jsonObject(body), 'path')))),
     },
     {
       method: 'DELETE',
       path: '/v1/services/:id',
+      access: 'admin',
       handle: async ({ params }) => {
         await api.removeService(params.id!);
         return emptyReply(204);
@@ -44,33 +49,37 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi): Face {
     {
       method: 'POST',
       path: '/v1/services/:id/state',
+      access: 'admin',
       handle: async ({ params }) => jsonReply(200, serviceJson(await api.captureServiceState(params.id!))),
     },
-    { method: 'GET', path: '/v1/packages', handle: () => jsonReply(200, { packages: api.listPackages().map(packageJson) }) },
-    { method: 'GET', path: '/v1/packages/:id', handle: ({ params }) => jsonReply(200, packageJson(api.getPackage(params.id!))) },
+    { method: 'GET', path: '/v1/packages', access: 'device', handle: () => jsonReply(200, { packages: api.listPackages().map(packageJson) }) },
+    { method: 'GET', path: '/v1/packages/:id', access: 'device', handle: ({ params }) => jsonReply(200, packageJson(api.getPackage(params.id!))) },
     {
       method: 'POST',
       path: '/v1/packages',
+      access: 'admin',
       streamBody: true,
       handle: async (request) => jsonReply(201, packageJson(await api.importPackage(await packageSource(request)))),
     },
     {
       method: 'DELETE',
       path: '/v1/packages/:id',
+      access: 'admin',
       handle: async ({ params }) => {
         await api.removePackage(params.id!);
         return emptyReply(204);
       },
     },
-    { method: 'GET', path: '/v1/peers', handle: () => jsonReply(200, { peers: api.peers().map(peerJson) }) },
+    { method: 'GET', path: '/v1/peers', access: 'device', handle: () => jsonReply(200, { peers: api.peers().map(peerJson) }) },
     ...appRoutes(api),
-    { method: 'GET', path: '/v1/instances', handle: () => jsonReply(200, { instances: api.listInstances().map(instanceJson) }) },
-    { method: 'GET', path: '/v1/instances/:id', handle: ({ params }) => jsonReply(200, instanceJson(api.getInstance(params.id!))) },
-    { method: 'POST', path: '/v1/instances', jsonBody: true, handle: (request) => startInstance(api, request) },
+    { method: 'GET', path: '/v1/instances', access: 'device', handle: () => jsonReply(200, { instances: api.listInstances().map(instanceJson) }) },
+    { method: 'GET', path: '/v1/instances/:id', access: 'device', handle: ({ params }) => jsonReply(200, instanceJson(api.getInstance(params.id!))) },
+    { method: 'POST', path: '/v1/instances', access: 'device', jsonBody: true, handle: (request) => startInstance(api, request, trust) },
     {
       method: 'DELETE',
       path: '/v1/instances/:id',
-      handle: async ({ params }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!))),
+      access: 'device',
+      handle: async ({ params, caller }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!, caller.kind === 'device' ? caller.device.id : undefined))),
     },
   ];
   return {
@@ -87,14 +96,24 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi): Face {
   };
 }
 
-async function startInstance(api: CloudletApi, request: ApiRequest) {
+async function startInstance(api: CloudletApi, request: ApiRequest, trust?: TrustView) {
   const body = jsonObject(request.body);
+  const deviceId = request.caller.kind === 'device' ? request.caller.device.id : undefined;
   const result = await api.startInstance({
     serviceId: requiredString(body, 'service_id'),
     join: optionalBoolean(body, 'join') ?? false,
     clientHost: hostOf(request.header('host')),
-    deviceId: request.header('x-device-id'),
+    ...(deviceId !== undefined ? { deviceId } : {}),
   });
+  // The device's authorization may have ended while its VM was launching, possibly before the registry listed the
+  // instance for releasing: its use is given back now.
+  const standing = deviceId === undefined ? null : trust?.devices.standing(deviceId);
+  if (deviceId !== undefined && standing) {
+    // Already released (the registry listed it in time) is as good.
+    await api.stopInstance(result.instance.id, deviceId).catch(() => {});
+    throw new CloudletError(standing === 'expired' ? 'DEVICE_EXPIRED' : standing === 'revoked' ? 'DEVICE_REVOKED' : 'UNAUTHENTICATED',
+      `the authorization of device ${deviceId} ended while its instance was starting`, { details: { device_id: deviceId } });
+  }
   return jsonReply(201, startResultJson(result));
 }
 
@@ -106,7 +125,7 @@ const PATH_BODY_MAX_BYTES = 64 * 1024;
 async function packageSource(request: ApiRequest): Promise<PackageSource> {
   const upload = request.bodyStream;
   if (!upload) throw new CloudletError('BAD_REQUEST', 'POST a package tarball, or JSON {"path": ...} naming one on the cloudlet');
-  if (!request.header('content-type')?.startsWith('application/json')) return { stream: upload.stream };
+  if (!request.header('content-type')?.startsWith('application/json')) return { stream: upload.stream, length: upload.length };
   if (upload.length > PATH_BODY_MAX_BYTES) throw new CloudletError('PAYLOAD_TOO_LARGE', `a JSON body must be at most ${PATH_BODY_MAX_BYTES} bytes`);
   const chunks: Buffer[] = [];
   for await (const chunk of upload.stream) chunks.push(chunk as Buffer);
@@ -169,6 +188,7 @@ export function instanceJson(instance: Instance) {
     guest_port: instance.guestPort,
     shareable: instance.shareable,
     users: instance.users,
+    owners: instance.owners,
     launch: instance.launch,
     created_at: instance.createdAt,
     ready_at: instance.readyAt,

@@ -17,7 +17,8 @@ const ASSETS: Record<string, string> = {
 };
 
 function asset(name: string) {
-  const contentType = ASSETS[name];
+  // Own keys only: `toString` and friends are not assets.
+  const contentType = Object.hasOwn(ASSETS, name) ? ASSETS[name] : undefined;
   if (!contentType) throw new CloudletError('NOT_FOUND', `No page asset named ${name}`);
   // no-cache: phones revalidate, so an agent upgrade is seen at once; the files are small.
   return fileReply(path.join(WEB_DIR, name), { 'Content-Type': contentType, 'Cache-Control': 'no-cache', 'X-Content-Type-Options': 'nosniff' }, false);
@@ -27,8 +28,8 @@ export function webFace(): Face {
   return {
     prefix: '/ui',
     routes: [
-      { method: 'GET', path: '/', handle: () => asset('index.html') },
-      { method: 'GET', path: '/ui/:name', handle: ({ params }) => asset(params.name!) },
+      { method: 'GET', path: '/', access: 'open', handle: () => asset('index.html') },
+      { method: 'GET', path: '/ui/:name', access: 'open', handle: ({ params }) => asset(params.name!) },
     ],
     headAsGet: true,
     wrongMethod: 'method-not-allowed',

@@ -6,6 +6,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import { rename, rm, stat } from 'node:fs/promises';
 import http from 'node:http';
+import https from 'node:https';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { CliError } from './errors';
@@ -22,6 +23,12 @@ export function parseCloudlet(spec: string): { host: string; port: number } {
   return { host: match[1] ?? match[2]!, port };
 }
 
+/** A credential: a bearer token, and for a paired device the cloudlet's pinned certificate and HTTPS port. */
+export interface ClientAuth {
+  token?: string;
+  tls?: { port: number; ca: string; fingerprint: string };
+}
+
 interface Answer {
   status: number;
   headers: http.IncomingHttpHeaders;
@@ -29,7 +36,23 @@ interface Answer {
 }
 
 export class CloudletClient {
-  constructor(readonly host: string, readonly port: number, private readonly timeoutMs = 15000) {}
+  constructor(readonly host: string, readonly port: number, private readonly timeoutMs = 15000, private readonly auth?: ClientAuth) {}
+
+  /**
+   * Every request goes through here: with a pinned certificate over HTTPS to its port (refused unless the server
+   * presents exactly that certificate), else plain HTTP; with the token as a bearer credential.
+   */
+  private open(options: http.RequestOptions & { headers: Record<string, string> }, onResponse: (res: http.IncomingMessage) => void): http.ClientRequest {
+    const headers = this.auth?.token ? { ...options.headers, authorization: `Bearer ${this.auth.token}` } : options.headers;
+    const pin = this.auth?.tls;
+    if (!pin) return http.request({ ...options, host: this.host, port: this.port, headers, agent: false }, onResponse);
+    return https.request({
+      ...options, host: this.host, port: pin.port, headers, agent: false, ca: pin.ca,
+      // The pin stands in for the host name check: a cloudlet on a LAN is reached by whatever address it has.
+      checkServerIdentity: (_host, cert) => (cert.fingerprint256 === pin.fingerprint ? undefined
+        : new Error(`the cloudlet's certificate ${cert.fingerprint256} is not the pinned ${pin.fingerprint}`)),
+    }, onResponse);
+  }
 
   get label(): string {
     return `${this.host.includes(':') ? `[${this.host}]` : this.host}:${this.port}`;
@@ -49,16 +72,21 @@ export class CloudletClient {
     return JSON.parse(answer.body.toString()) as KdSystemInfo;
   }
 
-  /** POST a file as the raw body, streamed from disk; `onProgress` gets the bytes sent so far. */
-  async upload<T>(path: string, file: string, size: number, contentType: string, onProgress: (sent: number) => void): Promise<T> {
+  /**
+   * POST a file of `size` bytes as the raw body, from byte `from` on, streamed from disk; `onProgress` gets the bytes
+   * of the file sent so far. A connection lost after it was made is a CONNECTION_CUT error. `timeoutMs`: how long the
+   * cloudlet may stay silent (an answer that comes only once a VM is ready takes a while).
+   */
+  async upload<T>(path: string, file: string, size: number, contentType: string, onProgress: (sent: number) => void,
+    { from = 0, timeoutMs = this.timeoutMs }: { from?: number; timeoutMs?: number } = {}): Promise<T> {
     const answer = await new Promise<Answer>((resolve, reject) => {
       let connected = false;
       const cutOff = (err: Error) => reject(connected
-        ? new CliError('FAILED', `the cloudlet cut the upload off (${(err as NodeJS.ErrnoException).code ?? err.message}); is the file larger than it accepts?`)
+        ? new CliError('CONNECTION_CUT', `the cloudlet cut the upload off (${(err as NodeJS.ErrnoException).code ?? err.message}); is the file larger than it accepts?`)
         : this.unreachable(err));
-      const req = this.request('POST', path, { 'content-type': contentType, 'content-length': String(size) }, resolve, cutOff);
+      const req = this.request('POST', path, { 'content-type': contentType, 'content-length': String(size - from) }, resolve, cutOff, timeoutMs);
       req.on('socket', (socket) => socket.once('connect', () => { connected = true; }));
-      let sent = 0;
+      let sent = from;
       const counting = new Transform({
         transform(chunk: Buffer, _encoding, callback) {
           sent += chunk.length;
@@ -67,7 +95,7 @@ export class CloudletClient {
         },
       });
       // The cloudlet may refuse before reading it all (too large, forbidden): its answer matters, not the pipe's end.
-      pipeline(createReadStream(file), counting, req).catch(() => {});
+      pipeline(createReadStream(file, { start: from }), counting, req).catch(() => {});
     });
     return this.parse<T>(answer);
   }
@@ -83,8 +111,8 @@ export class CloudletClient {
     const from = have > 0 && have < expected.size ? have : 0;
     const res = await new Promise<http.IncomingMessage>((resolve, reject) => {
       // If-Range: should the app's content differ from what the part came from, the server sends it all (200).
-      const headers = from > 0 ? { range: `bytes=${from}-`, 'if-range': `"${expected.sha256}"` } : {};
-      const req = http.request({ host: this.host, port: this.port, method: 'GET', path, agent: false, headers }, resolve);
+      const headers: Record<string, string> = from > 0 ? { range: `bytes=${from}-`, 'if-range': `"${expected.sha256}"` } : {};
+      const req = this.open({ method: 'GET', path, headers }, resolve);
       req.setTimeout(this.timeoutMs, () => req.destroy(new Error(`no answer within ${this.timeoutMs} ms`)));
       req.on('error', (err) => reject(this.unreachable(err)));
       req.end();
@@ -138,14 +166,15 @@ export class CloudletClient {
     });
   }
 
-  private request(method: string, path: string, headers: Record<string, string>, resolve: (answer: Answer) => void, reject: (err: Error) => void): http.ClientRequest {
-    const req = http.request({ host: this.host, port: this.port, method, path, headers, agent: false }, (res) => {
+  private request(method: string, path: string, headers: Record<string, string>, resolve: (answer: Answer) => void, reject: (err: Error) => void,
+    timeoutMs = this.timeoutMs): http.ClientRequest {
+    const req = this.open({ method, path, headers }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (chunk: Buffer) => chunks.push(chunk));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
       res.on('error', (err) => reject(this.unreachable(err)));
     });
-    req.setTimeout(this.timeoutMs, () => req.destroy(new Error(`no answer within ${this.timeoutMs} ms`)));
+    req.setTimeout(timeoutMs, () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
     req.on('error', (err) => reject(this.unreachable(err)));
     return req;
   }

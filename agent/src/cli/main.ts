@@ -7,11 +7,15 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { exportBase, type BaseJson } from './base-export';
 import { CloudletClient, parseCloudlet } from './client';
+import { authFor, pairWith } from './credentials';
 import { discoverCloudlets, type DiscoveredCloudlet } from './discovery';
 import { CliError, EXIT } from './errors';
+import { synthesizeOverlay } from './overlay-upload';
 import { ProgressBar, formatBytes } from './progress';
 import { rankCloudlets, type Ranked } from './ranking';
 
@@ -172,6 +176,83 @@ const VERBS: Record<string, Verb> = {
       return { json: app, text: `added ${app.id} ${app.name} (${formatBytes(app.size)}, sha256 ${app.sha256})` };
     },
   },
+  synthesize: {
+    summary: 'upload a VM overlay, resuming after a cut connection; prints the endpoint once the synthesized VM is ready',
+    usage: 'cloudlet synthesize OVERLAY [--keep-as SERVICE_ID] [--resume UPLOAD_ID] [--reconnect-for MS]',
+    options: { 'keep-as': { type: 'string' }, resume: { type: 'string' }, 'reconnect-for': { type: 'string' } },
+    optionHelp: [
+      '--keep-as ID       once it is ready, also keep the VM as the Cached VM service ID (operator: admin credential)',
+      '--resume UPLOAD_ID continue an upload an earlier run started (its id is printed when it starts)',
+      '--reconnect-for MS keep trying to reach a cloudlet that went away for this long (default 120000)',
+      'A cut connection, or a cloudlet restarting meanwhile, costs only a reconnect: the upload goes on from the last byte it kept.',
+    ],
+    args: [1, 1],
+    run: async ({ cloudlet, args, values }) => {
+      const file = path.resolve(args[0]!);
+      const reconnectForMs = typeof values['reconnect-for'] === 'string' ? Number(values['reconnect-for']) : 120_000;
+      if (!(reconnectForMs >= 0)) throw new CliError('USAGE', '--reconnect-for must be a number of milliseconds');
+      let bar: ProgressBar | undefined;
+      const { upload, result, reconnects } = await synthesizeOverlay(await cloudlet(), file, {
+        ...(typeof values['keep-as'] === 'string' ? { keepAs: values['keep-as'] } : {}),
+        ...(typeof values.resume === 'string' ? { resume: values.resume } : {}),
+        reconnectForMs,
+        onUpload: (u, reconnected) => {
+          bar?.finish();
+          process.stderr.write(reconnected ? `reconnected: the cloudlet has ${formatBytes(u.received)}, continuing\n` : `upload ${u.id}\n`);
+          bar = new ProgressBar(process.stderr, u.bytes, path.basename(file), u.received);
+        },
+        onProgress: (sent) => bar?.update(sent),
+      });
+      bar?.finish();
+      return {
+        json: { upload_id: upload.id, reconnects, ...result },
+        text: [`synthesized ${result.instance.id} (${result.instance.service_id}, ${result.instance.launch})`, `endpoint ${result.endpoint.address}:${result.endpoint.port}`,
+          ...(result.kept_as ? [`kept as the service ${result.kept_as.id}`] : []),
+          ...(result.keep_error ? [`not kept: ${result.keep_error.message}`] : [])].join('\n'),
+      };
+    },
+  },
+  base: {
+    summary: 'Base VMs: list them, import one (operator, on the cloudlet), export one to make overlays against',
+    usage: 'cloudlet base list | base import DIR|--from-service ID --name NAME | base export BASE OUT_DIR',
+    options: { name: { type: 'string' }, 'from-service': { type: 'string' } },
+    optionHelp: [
+      'list                         the bases: name, digest, memory, files',
+      'import DIR --name NAME       import the base in DIR (on the cloudlet: manifest.json and the files it names)',
+      'import --from-service ID ... import a service of the catalog (its disk and memory state) as a base',
+      'export BASE OUT_DIR          download a base (by name or digest) with its chunk index, resumably, for cloudlet-overlay create',
+    ],
+    args: [1, 3],
+    run: async ({ cloudlet, args, values }) => {
+      const [action, ...rest] = args;
+      const client = await cloudlet();
+      if (action === 'list' && rest.length === 0) {
+        const { bases } = await client.call<{ bases: BaseJson[] }>('GET', '/v1/bases');
+        return listing('bases', bases, ['BASE', 'DIGEST', 'MEMORY', 'STATE', 'SIZE'],
+          (b) => [b.name, b.digest.slice(0, 12), `${b.memory_mib} MiB`, b.state ? 'yes' : 'no', formatBytes(b.files.reduce((sum, f) => sum + f.bytes, 0))]);
+      }
+      if (action === 'import' && rest.length <= 1 && typeof values.name === 'string' && (rest.length === 1) !== (typeof values['from-service'] === 'string')) {
+        const dir = rest.length === 1 ? path.resolve(rest[0]!)
+          : (await client.call<{ dir: string }>('GET', `/v1/services/${encodeURIComponent(values['from-service'] as string)}`)).dir;
+        const base = await client.call<BaseJson>('POST', '/v1/bases', { path: dir, name: values.name });
+        return { json: base, text: `imported ${base.name} (${base.digest})` };
+      }
+      if (action === 'export' && rest.length === 2) {
+        const outDir = path.resolve(rest[1]!);
+        let bar: ProgressBar | undefined;
+        const { base, fetched, resumedFrom } = await exportBase(client, rest[0]!, outDir, (done, total) => {
+          bar ??= new ProgressBar(process.stderr, total, rest[0]!, done);
+          bar.update(done);
+        });
+        bar?.finish();
+        return {
+          json: { base: base.digest, name: base.name, dir: outDir, files: base.files.map((f) => f.name), fetched, resumed_from: resumedFrom },
+          text: `exported ${base.name} (${base.digest}) to ${outDir}: ${formatBytes(fetched)} fetched, SHA-256 verified`,
+        };
+      }
+      throw new CliError('USAGE', 'usage: cloudlet base list | base import DIR|--from-service ID --name NAME | base export BASE OUT_DIR');
+    },
+  },
   'remove-app': {
     summary: 'remove an app from the cloudlet (operator, on the cloudlet itself)',
     usage: 'cloudlet remove-app APP_ID',
@@ -179,6 +260,60 @@ const VERBS: Record<string, Verb> = {
     run: async ({ cloudlet, args }) => {
       await (await cloudlet()).call('DELETE', `/v1/apps/${encodeURIComponent(args[0]!)}`);
       return { json: { removed: args[0] }, text: `removed ${args[0]}` };
+    },
+  },
+  pair: {
+    summary: 'pairing: `pair open` (operator, on the cloudlet) prints a one-time code; `pair CODE` pairs this machine with it',
+    usage: 'cloudlet pair open [--ttl SECONDS] [--expires-in MINUTES] | cloudlet pair CODE --cloudlet HOST[:PORT] [--name NAME] [--device-id ID]',
+    options: { ttl: { type: 'string' }, 'expires-in': { type: 'string' }, name: { type: 'string' }, 'device-id': { type: 'string' } },
+    optionHelp: [
+      'open                the operator opens a pairing window (admin credential, on the cloudlet) and reads the code out',
+      '--ttl SECONDS       how long the window stays open (default 300)',
+      '--expires-in MIN    the paired device\'s authorization ends after this many minutes (default: until revoked)',
+      'CODE                pair this machine: its token and the cloudlet\'s pinned certificate are stored in',
+      '                    ~/.config/cloudlet/credentials.json; compare the fingerprint printed with the operator\'s',
+      '--name NAME         how the device is listed (default: this host name)',
+      '--device-id ID      the id to pair under (default: one the cloudlet picks)',
+    ],
+    args: [1, 1],
+    run: async ({ cloudlet, args, values }) => {
+      const number = (option: string) => (typeof values[option] === 'string' ? Number(values[option]) : undefined);
+      if (args[0] === 'open') {
+        const window = await (await cloudlet()).call<{ code: string; expires_at: string; tls_fingerprint: string; tls_port: number }>('POST', '/v1/pairing', {
+          ...(number('ttl') !== undefined ? { ttl_seconds: number('ttl') } : {}), ...(number('expires-in') !== undefined ? { expires_in_minutes: number('expires-in') } : {}),
+        });
+        return { json: window, text: [`pairing code: ${window.code} (until ${window.expires_at})`, `certificate SHA-256: ${window.tls_fingerprint}`].join('\n') };
+      }
+      const named = typeof values.cloudlet === 'string' ? values.cloudlet : process.env.CLOUDLET;
+      if (!named) throw new CliError('USAGE', 'pair CODE needs --cloudlet HOST[:PORT] (the cloudlet whose operator gave the code)');
+      const { host, port } = parseCloudlet(named);
+      const paired = await pairWith(host, port, args[0]!, { name: typeof values.name === 'string' ? values.name : os.hostname(),
+        ...(typeof values['device-id'] === 'string' ? { id: values['device-id'] } : {}) });
+      const { token: _token, certificate: _certificate, ...shown } = paired;
+      return { json: shown, text: [`paired with ${paired.cloudlet} as ${paired.device_id}`, `certificate SHA-256: ${paired.tls_fingerprint}`,
+        'compare it with the one the operator sees; later calls use HTTPS pinned to it'].join('\n') };
+    },
+  },
+  devices: {
+    summary: 'paired devices (operator, on the cloudlet): list, `revoke ID` (its instances are released) or `remove ID`',
+    usage: 'cloudlet devices [revoke ID | remove ID]',
+    args: [0, 2],
+    run: async ({ cloudlet, args }) => {
+      const client = await cloudlet();
+      const [action, id] = args;
+      if (action === undefined) {
+        const { devices } = await client.call<{ devices: Array<{ id: string; name: string; paired_at: string; expires_at: string | null; standing: string }> }>('GET', '/v1/devices');
+        return listing('devices', devices, ['DEVICE', 'NAME', 'STANDING', 'PAIRED', 'EXPIRES'], (d) => [d.id, d.name, d.standing, d.paired_at, d.expires_at ?? 'never']);
+      }
+      if (action === 'revoke' && id) {
+        const device = await client.call<{ id: string }>('POST', `/v1/devices/${encodeURIComponent(id)}/revoke`);
+        return { json: device, text: `revoked ${id}` };
+      }
+      if (action === 'remove' && id) {
+        await client.call('DELETE', `/v1/devices/${encodeURIComponent(id)}`);
+        return { json: { removed: id }, text: `removed ${id}` };
+      }
+      throw new CliError('USAGE', 'usage: cloudlet devices [revoke ID | remove ID]');
     },
   },
 };
@@ -288,11 +423,11 @@ async function chooseCloudlet(values: Values): Promise<CloudletClient> {
   const named = typeof values.cloudlet === 'string' ? values.cloudlet : process.env.CLOUDLET;
   if (named) {
     const { host, port } = parseCloudlet(named);
-    return new CloudletClient(host, port);
+    return new CloudletClient(host, port, undefined, await authFor(host, port));
   }
   const best = (await discoverRanked(values)).find((r) => r.eligible);
   if (!best) throw new CliError('NO_CLOUDLET', 'no cloudlet found on the network; name one with --cloudlet HOST[:PORT]');
-  return new CloudletClient(best.cloudlet.address, best.cloudlet.port);
+  return new CloudletClient(best.cloudlet.address, best.cloudlet.port, undefined, await authFor(best.cloudlet.address, best.cloudlet.port));
 }
 
 if (require.main === module) {

@@ -11,7 +11,9 @@ import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { CloudletError, asCloudletError, isErrno } from '../errors';
+import { noSpaceError, requireFreeSpace } from './disk-space';
 import type { App, AppDescription, AppFilter, AppKind, NewApp } from './types';
+import { faultPoint } from '../system/fault-points';
 
 const RECORD = 'app.json';
 
@@ -81,10 +83,11 @@ export class AppStore {
     if (length > this.maxBytes) {
       throw new CloudletError('PAYLOAD_TOO_LARGE', `The app file has ${length} bytes; at most ${this.maxBytes} are accepted`, { details: { limit: this.maxBytes } });
     }
+    await requireFreeSpace(this.staging, length, `store the app ${checked.name}`);
     const id = randomBytes(12).toString('hex');
     const work = path.join(this.staging, `app-${id}`);
-    await mkdir(work, { recursive: true, mode: 0o755 });
     try {
+      await mkdir(work, { recursive: true, mode: 0o755 });
       const md5 = createHash('md5');
       const sha256 = createHash('sha256');
       let size = 0;
@@ -107,13 +110,15 @@ export class AppStore {
       await rename(upload, path.join(work, storedFileName(app)));
       await writeFile(path.join(work, RECORD), JSON.stringify(app, null, 2) + '\n', { mode: 0o644 });
       // The record is written before the rename: the app appears in the catalog complete, in one step.
+      faultPoint('apps:before-rename');
       await rename(work, path.join(this.root, id));
       this.apps.set(id, app);
       return app;
     } catch (err) {
       const error = asCloudletError(err);
       // A client that went away mid-upload surfaces as a premature close of the body stream.
-      throw error.code === 'INTERNAL' && isErrno(err, 'ERR_STREAM_PREMATURE_CLOSE') ? new CloudletError('BAD_REQUEST', 'The upload was interrupted') : err;
+      if (error.code === 'INTERNAL' && isErrno(err, 'ERR_STREAM_PREMATURE_CLOSE')) throw new CloudletError('BAD_REQUEST', 'The upload was interrupted');
+      throw await noSpaceError(err, this.staging, `store the app ${checked.name}`, length);
     } finally {
       await rm(work, { recursive: true, force: true });
     }
@@ -157,7 +162,7 @@ export function compareVersions(a: string, b: string): number {
 
 function validateNewApp(meta: NewApp): AppDescription {
   const invalid = (field: string, why: string) => new CloudletError('INVALID_PARAMETER', `${field} ${why}`, { details: { parameter: field } });
-  if (!(meta.kind in APP_KINDS)) throw invalid('kind', `must be one of ${Object.keys(APP_KINDS).join(', ')}`);
+  if (!Object.hasOwn(APP_KINDS, meta.kind)) throw invalid('kind', `must be one of ${Object.keys(APP_KINDS).join(', ')}`);
   if (!SERVICE_ID.test(meta.serviceId)) throw invalid('service_id', 'must be 1–100 of A-Z a-z 0-9 . _ -, starting with a letter or digit');
   if (!meta.name.trim() || meta.name.length > 200) throw invalid('name', 'must be 1–200 characters');
   if (!FILE_NAME.test(meta.fileName) || meta.fileName.includes('..')) {

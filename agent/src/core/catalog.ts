@@ -4,6 +4,8 @@ import { chmod, copyFile, lstat, mkdir, readdir, readFile, rename, rm, writeFile
 import path from 'node:path';
 import { CloudletError, isErrno } from '../errors';
 import { checkImage, convertImage, imageInfo } from '../images/qemu-img';
+import { noSpaceError, requireFreeSpace } from './disk-space';
+import { faultPoint } from '../system/fault-points';
 import { readSaveImageHeader } from '../vm/save-image';
 import { manifestFiles, parseManifest } from './manifest';
 import type { Service, ServiceManifest } from './types';
@@ -77,21 +79,28 @@ export class Catalog {
     if (this.services.has(manifest.service_id)) {
       throw new CloudletError('SERVICE_EXISTS', `service ${manifest.service_id} is already in the catalog`, { details: { service_id: manifest.service_id } });
     }
-    const work = await this.workDir();
+    const what = `import service ${manifest.service_id}`;
+    const bytes = await sourceBytes(sourceDir, manifestFiles(manifest));
+    await requireFreeSpace(this.staging, bytes, what);
+    const work = await this.workDir().catch(async (err) => { throw await noSpaceError(err, this.staging, what, bytes); });
     try {
       for (const name of manifestFiles(manifest)) await copyRegularFile(sourceDir, name, work);
       const imported = await normalizeDisk(work, manifest);
       await verifyFiles(work, imported);
       await writeManifest(work, imported);
       const dir = path.join(this.root, imported.service_id);
+      faultPoint('catalog:before-rename');
       await rename(work, dir).catch((err) => {
         throw isErrno(err, 'ENOTEMPTY') || isErrno(err, 'EEXIST')
           ? new CloudletError('SERVICE_EXISTS', `service ${imported.service_id} is already in the catalog`)
           : err;
       });
+      faultPoint('catalog:after-rename');
       const service: Service = { id: imported.service_id, manifest: imported, dir, importedAt: new Date().toISOString() };
       this.services.set(service.id, service);
       return service;
+    } catch (err) {
+      throw await noSpaceError(err, this.staging, what, bytes);
     } finally {
       await rm(work, { recursive: true, force: true });
     }
@@ -119,6 +128,7 @@ export class Catalog {
     await rename(captured.state, path.join(service.dir, stateName));
     await chmod(path.join(service.dir, diskName), 0o644);
     await chmod(path.join(service.dir, stateName), 0o644);
+    faultPoint('capture:before-commit');
     const manifest: ServiceManifest = { ...service.manifest, disk: diskName, state: stateName };
     await writeManifest(service.dir, manifest);
     const updated: Service = { ...service, manifest };
@@ -158,6 +168,12 @@ export async function writeManifest(dir: string, manifest: object): Promise<void
   const tmp = path.join(dir, `.${MANIFEST}.tmp`);
   await writeFile(tmp, JSON.stringify(manifest, null, 2) + '\n', { mode: 0o644 });
   await rename(tmp, path.join(dir, MANIFEST));
+}
+
+/** What copying the named files takes: their sizes (a copy is not sparse); unreadable ones are left to the copy to report. */
+async function sourceBytes(sourceDir: string, names: string[]): Promise<number> {
+  const sizes = await Promise.all(names.map((name) => lstat(path.join(sourceDir, name)).then((s) => s.size, () => 0)));
+  return sizes.reduce((sum, size) => sum + size, 0);
 }
 
 /** Copy one file named by the manifest; links and special files are refused (they could point anywhere). */

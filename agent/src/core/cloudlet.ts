@@ -1,5 +1,5 @@
 import { constants as fsConstants } from 'node:fs';
-import { access, chmod, mkdir, rm, stat } from 'node:fs/promises';
+import { access, chmod, copyFile, mkdir, rm, stat } from 'node:fs/promises';
 import { createReadStream } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import os from 'node:os';
@@ -13,21 +13,25 @@ import { AppVirtMechanism } from '../mechanisms/app-virt';
 import { CachedVmMechanism } from '../mechanisms/cached-vm';
 import type { Mechanism } from '../mechanisms/mechanism';
 import { OnDemandMechanism, recipeService } from '../mechanisms/on-demand';
-import { SynthesisMechanism, synthesisService } from '../mechanisms/synthesis';
+import { SynthesisMechanism, synthesisService, synthesizedFiles, type SynthesisService } from '../mechanisms/synthesis';
 import { openOverlay } from '../synthesis/apply';
 import { trustedOverlayKeys } from '../synthesis/keys';
 import { OVERLAY_LIMITS } from '../synthesis/overlay-format';
 import { UploadSessions, type AppendOutcome, type UploadView } from '../synthesis/uploads';
-import { PackageStore } from '../packages/store';
+import { DEFAULT_PACKAGE_LIMITS, PackageStore } from '../packages/store';
 import { SandboxRuntime } from '../sandbox/sandbox-runtime';
 import { Hypervisor } from '../vm/hypervisor';
+import { faultPoint } from '../system/fault-points';
 import { instanceFiles } from '../vm/instance-domain';
 import { AppStore } from './apps';
-import { BaseStore, type BaseVm } from './bases';
+import { BaseStore, type BaseFile, type BaseVm } from './bases';
 import { Catalog, copyRegularFile, writeManifest } from './catalog';
+import { noSpaceError, requireFreeSpace } from './disk-space';
 import { InstanceRegistry, withConsoleTail } from './instances';
+import { LaunchGate } from './launch-gate';
 import { PortAllocator } from './ports';
 import { waitUntilReady } from './readiness';
+import { SERVICE_ID } from './manifest';
 import { RECIPE_TAG_PREFIX, parseRecipe, recipeTag, type Recipe } from './recipe';
 import { RecipeStore } from './recipes';
 import { HostMonitor } from './system-info';
@@ -35,7 +39,7 @@ import { PhaseTimer } from './timing';
 import type { EventListener } from './events';
 import type {
   App, AppFilter, CloudletApi, DiscoveryView, Endpoint, HealthCheck, HealthReport, Instance, InstanceRecord, NewApp, Package,
-  PackageSource, Peer, ProvisioningApi, Service, StartRequest, StartResult, StopResult, SystemInfo,
+  PackageSource, Peer, ProvisioningApi, Service, ServiceManifest, StartRequest, StartResult, StopResult, SynthesisOptions, SynthesisResult, SystemInfo,
 } from './types';
 
 // From dist/agent/src/core/ up to the repository (or installed package) root.
@@ -55,7 +59,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   private discovery: DiscoveryView | null = null;
   /** Recipe results being cached, so concurrent requests share one capture. */
   private readonly caching = new Map<string, Promise<Service>>();
-  private readonly overlayUploads = new UploadSessions<StartResult>(OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS);
+  private readonly overlayUploads: UploadSessions<SynthesisResult, SynthesisOptions>;
 
   private constructor(
     private readonly config: AgentConfig,
@@ -73,7 +77,10 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     private readonly recipes: RecipeStore,
     private readonly onDemand: OnDemandMechanism,
     private readonly synthesis: SynthesisMechanism,
-  ) {}
+  ) {
+    this.overlayUploads = new UploadSessions(path.join(config.dataDir, 'uploads'), (stream, bytes, options) => this.synthesize(stream, bytes, options),
+      OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS, log);
+  }
 
   static async open(config: AgentConfig, log: Logger): Promise<Cloudlet> {
     // QEMU runs as its own user and must reach the images below the data directory.
@@ -86,7 +93,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     if (config.seedDir) await catalog.importSeeds(config.seedDir);
     const ports = new PortAllocator(config.forward.bindAddress, config.forward.portRange);
     const cachedVm = new CachedVmMechanism(hypervisor);
-    const packages = new PackageStore(path.join(config.dataDir, 'packages'), staging, (id) => catalog.has(id), log);
+    const packages = new PackageStore(path.join(config.dataDir, 'packages'), staging, (id) => catalog.has(id), log,
+      { ...DEFAULT_PACKAGE_LIMITS, maxBytes: config.packages.maxUploadBytes });
     await packages.load();
     const instancesDir = path.join(config.dataDir, 'instances');
     // Without cgroups (a container, a private mount namespace) the agent still serves VMs; packages just cannot start.
@@ -96,7 +104,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     });
     const onDemand = new OnDemandMechanism(hypervisor);
     const synthesis = new SynthesisMechanism(hypervisor);
-    const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand, synthesis], ports, instancesDir, staging, config.forward.bindAddress, log);
+    const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand, synthesis], ports, instancesDir, staging, config.forward.bindAddress, log,
+      new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches }));
     await registry.adopt();
     registry.startReconciling(config.reconcileIntervalMs, config.libvirtEvents);
     const apps = new AppStore(path.join(config.dataDir, 'apps'), staging, config.apps.maxUploadBytes, log);
@@ -105,7 +114,10 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     await bases.load();
     const recipes = new RecipeStore(path.join(config.dataDir, 'recipes'), log);
     await recipes.load();
-    return new Cloudlet(config, hypervisor, catalog, ports, registry, cachedVm, log, apps, packages, appVirt, bases, recipes, onDemand, synthesis);
+    const cloudlet = new Cloudlet(config, hypervisor, catalog, ports, registry, cachedVm, log, apps, packages, appVirt, bases, recipes, onDemand, synthesis);
+    // After adopt(): an upload's synthesis cut by the restart left an instance directory, swept by now; it starts over.
+    await cloudlet.overlayUploads.load();
+    return cloudlet;
   }
 
   /** Stop watching and disconnect. Running instances keep running: the next agent adopts them. */
@@ -167,8 +179,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   async startInstance(req: StartRequest): Promise<StartResult> {
     const appPackage = this.packages.find(req.serviceId);
     const started = appPackage
-      ? await this.registry.start(appPackage, req.join, this.runnableAppVirt())
-      : await this.registry.start(this.catalog.get(req.serviceId), req.join, this.cachedVm);
+      ? await this.registry.start(appPackage, req.join, this.runnableAppVirt(), req.deviceId)
+      : await this.registry.start(this.catalog.get(req.serviceId), req.join, this.cachedVm, req.deviceId);
     return { ...started, endpoint: this.endpointFor(started.instance, req.clientHost) };
   }
 
@@ -177,8 +189,13 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     return this.appVirt;
   }
 
-  stopInstance(id: string): Promise<StopResult> {
-    return this.registry.stop(id);
+  stopInstance(id: string, deviceId?: string): Promise<StopResult> {
+    return this.registry.stop(id, deviceId);
+  }
+
+  /** A device's authorization ended: release every use it holds (instances nobody else uses are stopped). */
+  releaseDevice(deviceId: string): Promise<void> {
+    return this.registry.releaseOwner(deviceId);
   }
 
   /** The address a client should connect to: the forward's own address, or the one the client reached us on. */
@@ -197,7 +214,10 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     this.refuseWhileInUse(id, 'captured');
     // A cold boot even if the service already has a state: the new state must come from the current disk.
     const coldService: Service = { ...service, manifest: { ...service.manifest, state: null } };
-    const captured = await this.captureRunning(coldService, this.cachedVm, ({ disk, state }) => this.catalog.replaceDiskAndState(id, { disk, state }));
+    // The memory state takes up to the VM's memory, the flattened disk about what the service's disk does.
+    const diskBytes = (await stat(path.join(service.dir, service.manifest.disk))).size;
+    await requireFreeSpace(service.dir, service.manifest.memory_mib * 2 ** 20 + diskBytes, `capture the state of ${id}`);
+    const captured = await this.registry.admit(() => this.captureRunning(coldService, this.cachedVm, ({ disk, state }) => this.catalog.replaceDiskAndState(id, { disk, state })));
     this.log(`captured the memory state of ${id}`);
     return captured;
   }
@@ -213,7 +233,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     const hostPort = await this.ports.reserve();
     const meta: InstanceRecord = {
       id: randomUUID(), serviceId: service.id, mechanism: mechanism.name, state: 'starting', bindAddress: this.config.forward.bindAddress,
-      hostPort, guestPort: service.manifest.port, shareable: false, users: 0, launch: 'cold-boot',
+      hostPort, guestPort: service.manifest.port, shareable: false, users: 0, owners: [], launch: 'cold-boot',
       createdAt: new Date().toISOString(), readyAt: null, dir: work, readiness: service.manifest.readiness,
     };
     try {
@@ -222,14 +242,19 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
         stillAlive: async () => (await this.hypervisor.running()).has(meta.id),
       });
       const state = path.join(work, 'state.sav');
-      await this.hypervisor.save(meta.id, state);
+      // The save goes on in libvirtd: a kill right after it was asked for stops the agent mid-save.
+      const saving = this.hypervisor.save(meta.id, state);
+      faultPoint('capture:mid-save');
+      await saving;
       const disk = path.join(work, 'captured.qcow2');
       await convertImage(instanceFiles(work).disk, disk, 'qcow2');
       return await keep({ dir: work, disk, state });
     } catch (err) {
-      throw await withConsoleTail(asCloudletError(err), this.hypervisor, work);
+      throw await withConsoleTail(asCloudletError(await noSpaceError(err, work, `capture the state of ${service.id}`)), this.hypervisor, work);
     } finally {
-      await this.hypervisor.destroy(meta.id);
+      // With libvirt away the VM cannot be ended now: its files and port still go, and the reconnect ends the VM
+      // (a capture domain whose directory is gone is over).
+      await this.hypervisor.destroy(meta.id).catch((err: Error) => this.log(`capture VM ${meta.id} is not ended yet: ${err.message}`));
       await rm(work, { recursive: true, force: true });
       this.ports.release(hostPort);
     }
@@ -245,6 +270,10 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
 
   importBase(dir: string, name: string): Promise<BaseVm> {
     return this.bases.import(dir, name);
+  }
+
+  baseFile(ref: string, name: string): { file: BaseFile; path: string } {
+    return this.bases.filePath(ref, name);
   }
 
   listRecipes(): Recipe[] {
@@ -270,10 +299,10 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
    * Start the recipe's service: from its cached result (a Cached VM start) when that was made from this very
    * recipe, else provisioned on demand from its base (and then cached too under the `after-first-use` policy).
    */
-  async provision(id: string, req: { join: boolean; clientHost?: string }): Promise<StartResult> {
+  async provision(id: string, req: { join: boolean; clientHost?: string; deviceId?: string }): Promise<StartResult> {
     const recipe = this.recipes.get(id);
-    if (this.cachedResultOf(recipe)) return this.startInstance({ serviceId: id, join: req.join, clientHost: req.clientHost });
-    const started = await this.registry.start(recipeService(recipe, this.bases.get(recipe.base)), req.join, this.onDemand);
+    if (this.cachedResultOf(recipe)) return this.startInstance({ ...req, serviceId: id });
+    const started = await this.registry.start(recipeService(recipe, this.bases.get(recipe.base)), req.join, this.onDemand, req.deviceId);
     if (recipe.cache === 'after-first-use') {
       this.cacheRecipe(id).catch((err: Error) => this.log(`caching the result of recipe ${id} failed: ${err.message}`));
     }
@@ -298,43 +327,63 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
       return Promise.reject(new CloudletError('SERVICE_EXISTS', `service ${id} exists and was not made from a recipe; it is not replaced`, { details: { service_id: id } }));
     }
     const service = recipeService(recipe, this.bases.get(recipe.base));
-    const caching = this.captureRunning(service, this.onDemand, async ({ dir, disk, state }) => {
-      const base = service.base.manifest;
-      for (const file of [base.boot?.kernel, base.boot?.initrd]) if (file) await copyRegularFile(service.base.dir, file, dir);
-      await writeManifest(dir, { ...service.manifest, disk: path.basename(disk), state: path.basename(state), boot: base.boot });
+    const caching = this.registry.admit(() => this.captureRunning(service, this.onDemand, async ({ dir, disk, state }) => {
       if (this.catalog.has(id)) {
         this.refuseWhileInUse(id, 'replaced by a new cached result');
         await this.catalog.remove(id);
       }
-      const cached = await this.catalog.import(dir);
+      const cached = await this.importCaptured({ dir, disk, state }, service.manifest, service.base);
       this.log(`cached the result of recipe ${id}`);
       return cached;
-    }).finally(() => this.caching.delete(id));
+    })).finally(() => this.caching.delete(id));
     this.caching.set(id, caching);
     return caching;
   }
 
-  async synthesizeFile(file: string, clientHost?: string): Promise<StartResult> {
-    if (!path.isAbsolute(file)) throw new CloudletError('INVALID_PARAMETER', `overlay path must be absolute: ${file}`, { details: { parameter: 'path' } });
-    const { size } = await stat(file).catch((err: Error) => {
-      throw new CloudletError('INVALID_PARAMETER', `cannot read overlay ${file}: ${err.message}`, { details: { parameter: 'path' } });
-    });
-    return this.synthesize(createReadStream(file), size, clientHost);
+  /**
+   * A captured disk and memory state in the work directory `dir`, with the base's kernel and initrd, imported as the
+   * Cached VM service `manifest` describes: how a recipe's result and a kept synthesis become services.
+   */
+  private async importCaptured({ dir, disk, state }: { dir: string; disk: string; state: string | null }, manifest: ServiceManifest, base: BaseVm): Promise<Service> {
+    const boot = base.manifest.boot;
+    for (const file of [boot?.kernel, boot?.initrd]) if (file) await copyRegularFile(base.dir, file, dir);
+    await writeManifest(dir, { ...manifest, disk: path.basename(disk), state: state && path.basename(state), boot });
+    return this.catalog.import(dir);
   }
 
-  createOverlayUpload(bytes: number, clientHost?: string): UploadView {
+  async synthesizeFile(file: string, options: SynthesisOptions): Promise<SynthesisResult> {
+    if (!path.isAbsolute(file)) throw new CloudletError('INVALID_PARAMETER', `overlay path must be absolute: ${file}`, { details: { parameter: 'path' } });
+    const overlayFile = await stat(file).catch((err: Error) => {
+      throw new CloudletError('INVALID_PARAMETER', `cannot read overlay ${file}: ${err.message}`, { details: { parameter: 'path' } });
+    });
+    // A directory or a device would fail only once read (EISDIR), or never end (/dev/zero).
+    if (!overlayFile.isFile()) throw new CloudletError('INVALID_PARAMETER', `overlay ${file} is not a regular file`, { details: { parameter: 'path' } });
+    const { size } = overlayFile;
+    this.refuseKeepingAs(options.keepAs);
+    return this.synthesize(createReadStream(file), size, options);
+  }
+
+  async createOverlayUpload(bytes: number, options: SynthesisOptions): Promise<UploadView<SynthesisResult>> {
     if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new CloudletError('INVALID_PARAMETER', 'bytes must be a positive integer', { details: { parameter: 'bytes' } });
     if (bytes > OVERLAY_LIMITS.overlayBytes) {
       throw new CloudletError('PAYLOAD_TOO_LARGE', `an overlay may have at most ${OVERLAY_LIMITS.overlayBytes} bytes`, { details: { limit: OVERLAY_LIMITS.overlayBytes } });
     }
-    return this.overlayUploads.create(bytes, (stream) => this.synthesize(stream, bytes, clientHost));
+    this.refuseKeepingAs(options.keepAs);
+    return this.overlayUploads.create(bytes, options);
   }
 
-  overlayUpload(id: string): UploadView {
+  /** A synthesis is kept only as a new service: refused before any byte is sent, rather than after the VM runs. */
+  private refuseKeepingAs(serviceId: string | undefined): void {
+    if (serviceId === undefined) return;
+    if (!SERVICE_ID.test(serviceId)) throw new CloudletError('INVALID_PARAMETER', `invalid service id ${JSON.stringify(serviceId)}`, { details: { parameter: 'keep_as' } });
+    if (this.catalog.has(serviceId)) throw new CloudletError('SERVICE_EXISTS', `service ${serviceId} is already in the catalog`, { details: { service_id: serviceId } });
+  }
+
+  overlayUpload(id: string): UploadView<SynthesisResult> {
     return this.overlayUploads.get(id);
   }
 
-  appendOverlayUpload(id: string, offset: number, body: Readable): Promise<AppendOutcome<StartResult>> {
+  appendOverlayUpload(id: string, offset: number, body: Readable): Promise<AppendOutcome<SynthesisResult>> {
     return this.overlayUploads.append(id, offset, body);
   }
 
@@ -342,15 +391,42 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
    * VM Synthesis: check the overlay's header, manifest and signature and find its base before anything is made,
    * then launch it as an instance (the registry cleans up everything if applying or starting it fails).
    */
-  private async synthesize(stream: Readable, bytes: number, clientHost?: string): Promise<StartResult> {
+  private async synthesize(stream: Readable, bytes: number, options: SynthesisOptions): Promise<SynthesisResult> {
     const overlay = await openOverlay(stream, bytes, await trustedOverlayKeys(path.join(this.config.dataDir, 'overlay-keys'), this.log));
     try {
-      const service = synthesisService(overlay, this.bases.get(overlay.manifest.base));
+      const service = synthesisService(overlay, this.bases.get(overlay.manifest.base), options.keepAs !== undefined);
       const started = await this.registry.start(service, false, this.synthesis);
       this.log(`synthesized ${service.id} from a ${bytes}-byte overlay on base ${service.base.name}`);
-      return { ...started, endpoint: this.endpointFor(started.instance, clientHost) };
+      const result = { ...started, endpoint: this.endpointFor(started.instance, options.clientHost) };
+      return options.keepAs === undefined ? result : { ...result, ...(await this.keepSynthesized(service, started.instance.id, options.keepAs)) };
     } finally {
       await overlay.reader.close();
+    }
+  }
+
+  /**
+   * Keep a synthesized VM, once it is ready, as the Cached VM service `serviceId`: its disk as synthesized (flattened)
+   * and the memory state it was restored from, through the same import as a recipe's cached result. The instance
+   * keeps running; a failure loses only the keeping, and is reported with the start result.
+   */
+  private async keepSynthesized(service: SynthesisService, instanceId: string, serviceId: string): Promise<Pick<SynthesisResult, 'keptAs' | 'keepError'>> {
+    const synthesized = synthesizedFiles(this.registry.dirOf(instanceId), service);
+    const work = await this.catalog.workDir();
+    try {
+      this.refuseKeepingAs(serviceId);
+      const disk = path.join(work, 'captured.qcow2');
+      await convertImage(synthesized.disk, disk, 'qcow2');
+      const state = synthesized.memory && path.join(work, 'state.sav');
+      if (synthesized.memory && state) await copyFile(synthesized.memory, state);
+      const keptAs = await this.importCaptured({ dir: work, disk, state }, { ...service.manifest, service_id: serviceId }, service.base);
+      this.log(`kept the synthesized ${service.id} as the service ${serviceId}`);
+      return { keptAs };
+    } catch (err) {
+      const keepError = asCloudletError(err);
+      this.log(`keeping the synthesized ${service.id} as ${serviceId} failed: ${keepError.message}`);
+      return { keepError };
+    } finally {
+      await rm(work, { recursive: true, force: true });
     }
   }
 

@@ -10,12 +10,13 @@ export type InstanceLifecycleState = Instance['state'] | 'stopped' | 'crashed';
 
 /**
  * Why an instance reached a final state: `requested` (its last user stopped it), `launch-failed`,
- * `not-ready` (adopted while starting, never became ready), `out-of-memory` (a sandbox's memory limit), or what libvirt reported for a VM that ended outside
+ * `not-ready` (adopted while starting, never became ready), `out-of-memory` (a sandbox's memory limit), `authorization-ended`
+ * (its last user was a device whose authorization was revoked or expired), or what libvirt reported for a VM that ended outside
  * the agent: `shutdown`, `destroyed`, `crashed`, `failed` (QEMU died, e.g. killed), `saved`, `migrated`,
  * or `vanished` when it was only noticed missing.
  */
 export type EndReason = 'requested' | 'launch-failed' | 'not-ready' | 'out-of-memory' | 'shutdown' | 'destroyed' | 'crashed' | 'failed'
-  | 'saved' | 'migrated' | 'vanished';
+  | 'saved' | 'migrated' | 'vanished' | 'authorization-ended';
 
 export interface InstanceStateEvent {
   type: 'instance';

@@ -1,12 +1,15 @@
 import { randomUUID } from 'node:crypto';
-import { mkdir, readdir, rm } from 'node:fs/promises';
+import { access, mkdir, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError, asCloudletError, withDetails } from '../errors';
+import { noSpaceError } from './disk-space';
+import { faultPoint } from '../system/fault-points';
 import type { Logger } from '../log';
 import type { InstanceEnding, InstanceRuntime, Mechanism } from '../mechanisms/mechanism';
 import { EventBus, type InstanceLifecycleState, type LaunchPhase } from './events';
 import type { PortAllocator } from './ports';
 import { waitUntilReady } from './readiness';
+import type { LaunchGate } from './launch-gate';
 import { PhaseTimer } from './timing';
 import type { Instance, InstanceRecord, MechanismName, StartResult, StopResult, Workload } from './types';
 
@@ -57,6 +60,8 @@ export class InstanceRegistry {
     private readonly stagingDir: string,
     private readonly bindAddress: string,
     private readonly log: Logger,
+    /** Bounds the launches in flight, whatever the mechanism (captures go through it too: `admit`). */
+    private readonly gate: LaunchGate,
   ) {
     this.mechanisms = new Map(mechanisms.map((m) => [m.name, m]));
   }
@@ -91,6 +96,11 @@ export class InstanceRegistry {
     return runtime.consoleTail(record.dir, maxBytes);
   }
 
+  /** The instance's own directory: its disk, console log and whatever files its mechanism keeps there. */
+  dirOf(id: string): string {
+    return this.record(id).dir;
+  }
+
   countFor(serviceId: string): number {
     return [...this.instances.values()].filter((i) => i.serviceId === serviceId).length;
   }
@@ -107,7 +117,8 @@ export class InstanceRegistry {
     for (const runtime of this.runtimes) {
       for (const meta of await runtime.listInstances()) {
         if (isInside(this.instancesDir, meta.dir) && this.mechanisms.has(meta.mechanism)) {
-          this.adoptOne(meta);
+          // Records written before instances had owners have none.
+          this.adoptOne({ ...meta, owners: meta.owners ?? [] });
         } else if (isInside(this.stagingDir, meta.dir)) {
           // Work that never finished (a state capture cut by a restart): its files went with the staging area.
           this.log(`ending unfinished instance ${meta.id} (${meta.serviceId})`);
@@ -134,6 +145,11 @@ export class InstanceRegistry {
    * `intervalMs` as the safety net for anything an event could not tell (a lost connection, an agent restart).
    */
   startReconciling(intervalMs: number, useEvents = true): void {
+    for (const runtime of this.runtimes) {
+      runtime.onReconnected?.(() => {
+        this.resync(runtime).catch((err: Error) => this.log(`converging with the runtime after reconnecting failed: ${err.message}`));
+      });
+    }
     if (useEvents) {
       for (const runtime of this.runtimes) {
         runtime.watchEnded?.((id, ending) => {
@@ -141,11 +157,15 @@ export class InstanceRegistry {
         }).catch((err: Error) => this.log(`no lifecycle events, polling only: ${err.message}`));
       }
     }
+    let lastProblem: string | null = null;
     const tick = async () => {
       try {
         await this.reconcile();
+        lastProblem = null;
       } catch (err) {
-        this.log(`reconcile failed: ${(err as Error).message}`);
+        // Once per distinct problem: a hypervisor that is down fails every poll the same way until it is back.
+        if ((err as Error).message !== lastProblem) this.log(`reconcile failed: ${(err as Error).message}`);
+        lastProblem = (err as Error).message;
       }
       this.reconcileTimer = setTimeout(tick, intervalMs);
       this.reconcileTimer.unref();
@@ -166,6 +186,27 @@ export class InstanceRegistry {
     }
   }
 
+  /**
+   * After a runtime's connection came back: release the instances that ended while it was away (with their events),
+   * end domains of ours that nobody tracks any more (a launch that failed while the runtime was unreachable could not
+   * end its own), and delete instance directories that belong to no instance.
+   */
+  async resync(runtime: InstanceRuntime): Promise<void> {
+    for (const meta of await runtime.listInstances()) {
+      const untracked = isInside(this.instancesDir, meta.dir) && !this.instances.has(meta.id) && !this.starting.has(meta.id);
+      // A capture in the staging area owns its directory until it is done; one whose directory is gone is over.
+      const abandonedCapture = isInside(this.stagingDir, meta.dir) && !(await exists(meta.dir));
+      if (!untracked && !abandonedCapture) continue;
+      this.log(`ending instance ${meta.id} of ${meta.serviceId}, which no launch or capture owns any more`);
+      await runtime.destroy(meta.id);
+      if (untracked) await rm(meta.dir, { recursive: true, force: true });
+    }
+    await this.reconcile();
+    for (const entry of await readdir(this.instancesDir)) {
+      if (!this.instances.has(entry) && !this.starting.has(entry)) await rm(path.join(this.instancesDir, entry), { recursive: true, force: true });
+    }
+  }
+
   /** An instance that is no longer running (and not being launched) is released: its port, files and record. */
   private endIfGone(id: string, ending: InstanceEnding): Promise<void> {
     return this.queue.run(id, async () => {
@@ -176,20 +217,22 @@ export class InstanceRegistry {
     });
   }
 
-  async start<W extends Workload>(service: W, join: boolean, mechanism: Mechanism<W>): Promise<Omit<StartResult, 'endpoint'>> {
+  /** `owner`: the paired device starting or joining it, recorded as one of its users (see releaseOwner). */
+  async start<W extends Workload>(service: W, join: boolean, mechanism: Mechanism<W>, owner?: string): Promise<Omit<StartResult, 'endpoint'>> {
     const shareable = service.manifest.shareable;
     if (join && shareable) {
-      const joined = await this.tryJoin(service.id);
+      const joined = await this.tryJoin(service.id, owner);
       if (joined) return { instance: joined, joined: true };
       const pending = this.pendingShared.get(service.id);
       if (pending) {
         const shared = await pending.catch(() => null);
-        const rejoined = shared && (await this.tryJoin(service.id));
+        const rejoined = shared && (await this.tryJoin(service.id, owner));
         if (rejoined) return { instance: rejoined, joined: true };
       }
     }
-    const timer = new PhaseTimer();
-    const launch = this.launch(service, mechanism, timer);
+    // Timed from admission: the timings describe the launch, not the wait for a slot.
+    let timer = new PhaseTimer();
+    const launch = this.gate.run(() => this.launch(service, mechanism, (timer = new PhaseTimer()), owner));
     if (shareable) {
       this.pendingShared.set(service.id, launch);
       void launch.catch(() => {}).then(() => { if (this.pendingShared.get(service.id) === launch) this.pendingShared.delete(service.id); });
@@ -197,8 +240,13 @@ export class InstanceRegistry {
     return { instance: publicView(await launch), joined: false, timings: timer.summary() };
   }
 
+  /** Runs a VM launch made outside the registry (a state capture) under the same bound as the registry's own. */
+  admit<T>(launch: () => Promise<T>): Promise<T> {
+    return this.gate.run(launch);
+  }
+
   /** Add a user to the least-shared ready instance of the service, if there is one. */
-  private async tryJoin(serviceId: string): Promise<Instance | null> {
+  private async tryJoin(serviceId: string, owner: string | undefined): Promise<Instance | null> {
     const candidates = [...this.instances.values()]
       .filter((i) => i.serviceId === serviceId && i.state === 'ready' && i.shareable)
       .sort((a, b) => a.users - b.users);
@@ -206,7 +254,7 @@ export class InstanceRegistry {
       const joined = await this.queue.run(candidate.id, async () => {
         const current = this.instances.get(candidate.id);
         if (!current || current.state !== 'ready') return null;
-        const updated = { ...current, users: current.users + 1 };
+        const updated = { ...current, users: current.users + 1, owners: owner === undefined ? current.owners : [...current.owners, owner] };
         await this.runtimeOf(updated).writeRecord(updated);
         this.instances.set(updated.id, updated);
         this.announce(updated, 'ready');
@@ -217,7 +265,7 @@ export class InstanceRegistry {
     return null;
   }
 
-  private async launch<W extends Workload>(service: W, mechanism: Mechanism<W>, timer: PhaseTimer): Promise<InstanceRecord> {
+  private async launch<W extends Workload>(service: W, mechanism: Mechanism<W>, timer: PhaseTimer, owner: string | undefined): Promise<InstanceRecord> {
     const id = randomUUID();
     const dir = path.join(this.instancesDir, id);
     let meta: InstanceRecord = {
@@ -230,6 +278,7 @@ export class InstanceRegistry {
       guestPort: service.manifest.port,
       shareable: service.manifest.shareable,
       users: 1,
+      owners: owner === undefined ? [] : [owner],
       launch: service.manifest.state ? 'memory-state' : 'cold-boot',
       createdAt: new Date().toISOString(),
       readyAt: null,
@@ -246,8 +295,8 @@ export class InstanceRegistry {
       return this.instances.get(id) ?? meta;
     } catch (err) {
       // Read before the files go: what the guest printed is often the only clue to why it failed.
-      const error = await withConsoleTail(asCloudletError(err), mechanism.runtime, dir);
-      await this.forget(meta, { state: 'stopped', reason: 'launch-failed' }).catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
+      const error = await withConsoleTail(asCloudletError(await noSpaceError(err, this.instancesDir, `start an instance of ${service.id}`)), mechanism.runtime, dir);
+      await this.forget(meta, { state: 'stopped', reason: 'launch-failed' }, { evenIfUnreachable: true }).catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
       throw error;
     } finally {
       this.starting.delete(id);
@@ -257,14 +306,15 @@ export class InstanceRegistry {
   /** Reserve a port and launch; a port some other program grabbed in the meantime costs one more attempt. */
   private async launchWithFreePort<W extends Workload>(service: W, mechanism: Mechanism<W>, base: InstanceRecord, timer: PhaseTimer): Promise<InstanceRecord> {
     for (let attempt = 1; ; attempt++) {
+      faultPoint('launch:before-port');
       const meta: InstanceRecord = { ...base, hostPort: await this.ports.reserve() };
+      faultPoint('launch:after-port');
       try {
         const progress = (phase: LaunchPhase, bytes?: { done: number; total: number }) => this.progress(meta, phase, bytes);
         const launch = await mechanism.launch({ service, domainName: domainName(service.id, meta.id), record: meta, timer, progress });
         return { ...meta, launch };
       } catch (err) {
-        await mechanism.runtime.destroy(meta.id);
-        this.ports.release(meta.hostPort);
+        await mechanism.runtime.destroy(meta.id).finally(() => this.ports.release(meta.hostPort));
         if (!(err instanceof CloudletError && err.code === 'NO_FREE_PORT') || attempt >= LAUNCH_ATTEMPTS) throw err;
         this.log(`port ${meta.hostPort} was taken meanwhile; retrying ${service.id} on another port`);
         await rm(meta.dir, { recursive: true, force: true });
@@ -278,12 +328,15 @@ export class InstanceRegistry {
     this.progress(meta, 'waiting-ready');
     await timer.time('guest', () => waitUntilReady(meta.readiness, probeHost(meta.bindAddress), meta.hostPort, {
       timeoutMs: Math.max(remaining, 0),
-      stillAlive: () => this.isRunning(meta),
+      // While the runtime is unreachable the VM is presumed alive: the probe itself still tells when it serves.
+      stillAlive: () => this.isRunning(meta).catch((err: unknown) => err instanceof CloudletError && err.code === 'HYPERVISOR_UNAVAILABLE'),
     }));
+    faultPoint('launch:before-ready-record');
     await this.queue.run(meta.id, async () => {
       const current = this.instances.get(meta.id) ?? meta;
       const ready: InstanceRecord = { ...current, state: 'ready', readyAt: new Date().toISOString() };
       await timer.time('libvirt', () => this.runtimeOf(ready).writeRecord(ready));
+      faultPoint('launch:after-ready-record');
       this.instances.set(meta.id, ready);
       this.progress(ready, 'ready');
       this.announce(ready, 'ready');
@@ -297,33 +350,79 @@ export class InstanceRegistry {
       await this.waitReady(meta);
     } catch (err) {
       this.log(`adopted instance ${meta.id} did not become ready (${(err as Error).message}); removing it`);
-      await this.forget(meta, { state: 'stopped', reason: 'not-ready' }).catch(() => {});
+      await this.forget(meta, { state: 'stopped', reason: 'not-ready' }, { evenIfUnreachable: true }).catch(() => {});
     } finally {
       this.starting.delete(meta.id);
     }
   }
 
-  async stop(id: string): Promise<StopResult> {
+  /**
+   * Release one use of an instance; the last one ends it. With `owner` (a paired device), it must be one of the
+   * instance's users: a device stops only what it started or joined.
+   */
+  async stop(id: string, owner?: string): Promise<StopResult> {
     return this.queue.run(id, async () => {
       const meta = this.record(id);
-      if (meta.users > 1) {
-        const updated = { ...meta, users: meta.users - 1 };
-        await this.runtimeOf(updated).writeRecord(updated);
-        this.instances.set(id, updated);
-        this.announce(updated, 'ready');
-        return { destroyed: false, users: updated.users };
+      // Without an owner (the operator, the plain KD face): an owner-less use, else (all uses owned) the last one.
+      const at = owner !== undefined ? meta.owners.indexOf(owner) : meta.owners.length >= meta.users ? meta.owners.length - 1 : -1;
+      if (owner !== undefined && at < 0) {
+        throw new CloudletError('FORBIDDEN', `instance ${id} is not used by device ${owner}`, { details: { instance_id: id } });
       }
-      const stopping: InstanceRecord = { ...meta, state: 'stopping' };
-      this.instances.set(id, stopping);
-      this.announce(stopping, 'stopping');
-      await this.forget(stopping, { state: 'stopped', reason: 'requested' });
-      return { destroyed: true, users: 0 };
+      return this.release(meta, 1, meta.owners.filter((_, i) => i !== at), 'requested');
     });
   }
 
-  /** Destroy the domain (if any), delete the instance's files, release its port, drop it from the registry. */
-  private async forget(meta: InstanceRecord, ending: InstanceEnding): Promise<void> {
-    await this.runtimeOf(meta).destroy(meta.id);
+  /**
+   * A device's authorization ended (revoked, removed, expired): every use it holds is released, and the instances
+   * nobody else uses are stopped.
+   */
+  async releaseOwner(owner: string): Promise<void> {
+    for (const candidate of [...this.instances.values()].filter((i) => i.owners.includes(owner))) {
+      await this.queue.run(candidate.id, async () => {
+        const meta = this.instances.get(candidate.id);
+        if (!meta || meta.state === 'stopping') return;
+        const kept = meta.owners.filter((o) => o !== owner);
+        if (kept.length === meta.owners.length) return;
+        this.log(`device ${owner} may no longer use instance ${meta.id} of ${meta.serviceId}; releasing its ${meta.owners.length - kept.length} use(s)`);
+        await this.release(meta, meta.owners.length - kept.length, kept, 'authorization-ended');
+      }).catch((err: Error) => this.log(`releasing device ${owner}'s use of ${candidate.id} failed: ${err.message}`));
+    }
+  }
+
+  /** Drop `uses` users (leaving `owners`); an instance left with none is ended. Runs in the instance's queue. */
+  private async release(meta: InstanceRecord, uses: number, owners: string[], reason: 'requested' | 'authorization-ended'): Promise<StopResult> {
+    const id = meta.id;
+    if (meta.users > uses) {
+      const updated = { ...meta, users: meta.users - uses, owners };
+      await this.runtimeOf(updated).writeRecord(updated);
+      this.instances.set(id, updated);
+      this.announce(updated, 'ready');
+      return { destroyed: false, users: updated.users };
+    }
+    const stopping: InstanceRecord = { ...meta, state: 'stopping' };
+    this.instances.set(id, stopping);
+    this.announce(stopping, 'stopping');
+    await this.forget(stopping, { state: 'stopped', reason }).catch((err: unknown) => {
+      // Not ended (libvirt unreachable): it still runs and serves, so it stays as it was.
+      this.instances.set(id, meta);
+      this.announce(meta, meta.state === 'ready' ? 'ready' : 'starting');
+      throw err;
+    });
+    return { destroyed: true, users: 0 };
+  }
+
+  /**
+   * Destroy the domain (if any), delete the instance's files, release its port, drop it from the registry. A launch
+   * cleaning up after itself (`evenIfUnreachable`) goes on when the runtime cannot be reached: the domain, if it
+   * survived, is ended when the runtime is back (resync), and a port it may still hold fails the allocator's test bind.
+   */
+  private async forget(meta: InstanceRecord, ending: InstanceEnding, { evenIfUnreachable = false } = {}): Promise<void> {
+    try {
+      await this.runtimeOf(meta).destroy(meta.id);
+    } catch (err) {
+      if (!(evenIfUnreachable && err instanceof CloudletError && err.code === 'HYPERVISOR_UNAVAILABLE')) throw err;
+      this.log(`instance ${meta.id} is released without ending its domain (${err.message}); it is ended on reconnect`);
+    }
     await rm(meta.dir, { recursive: true, force: true });
     if (meta.hostPort) this.ports.release(meta.hostPort);
     this.instances.delete(meta.id);
@@ -364,6 +463,8 @@ function launchPercent(phase: LaunchPhase, bytes?: { done: number; total: number
 }
 
 const isInside = (dir: string, file: string) => file.startsWith(dir + path.sep);
+
+const exists = (file: string) => access(file).then(() => true, () => false);
 
 /** libvirt domain names must be unique; the service id keeps them readable in `virsh list`. */
 function domainName(serviceId: string, id: string): string {

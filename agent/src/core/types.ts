@@ -73,7 +73,8 @@ export interface Package {
 }
 
 /** Where an app package comes from: a tarball on this machine, or one uploaded in the request. */
-export type PackageSource = { path: string } | { stream: import('node:stream').Readable };
+/** An uploaded tarball comes with its length (Content-Length), so a full data directory refuses it before reading. */
+export type PackageSource = { path: string } | { stream: import('node:stream').Readable; length: number };
 
 /** What the registry needs of anything it launches: a cached service (Service) or an app package (Package). */
 export interface Workload {
@@ -98,6 +99,8 @@ export interface Instance {
   shareable: boolean;
   /** Clients currently sharing the instance; the instance is destroyed when the last one stops it. */
   users: number;
+  /** The paired devices among those users, one entry per use (users without a device, e.g. the operator, are not listed). */
+  owners: string[];
   /** 'memory-state' when restored from the service's saved state, 'cold-boot' otherwise. */
   launch: 'memory-state' | 'cold-boot';
   createdAt: string;
@@ -120,6 +123,7 @@ export interface StartRequest {
   join: boolean;
   /** The host the client used to reach the API (from the Host header); the endpoint address when bound to all. */
   clientHost?: string;
+  /** The authenticated device starting or joining it: recorded as an owner, whose end releases its use. */
   deviceId?: string;
 }
 
@@ -236,23 +240,39 @@ export interface ProvisioningApi {
   /** By digest or name. */
   getBase(ref: string): import('./bases').BaseVm;
   importBase(dir: string, name: string): Promise<import('./bases').BaseVm>;
+  /** One of the files a base consists of (to export it), by base reference and file name. */
+  baseFile(ref: string, name: string): { file: import('./bases').BaseFile; path: string };
   listRecipes(): import('./recipe').Recipe[];
   getRecipe(id: string): import('./recipe').Recipe;
   /** Validate and store (or replace) a recipe sent by a client. */
   storeRecipe(json: unknown): Promise<import('./recipe').Recipe>;
   removeRecipe(id: string): Promise<void>;
   /** Start the recipe's service: from its cached result when there is one, else provisioned on demand. */
-  provision(recipeId: string, req: { join: boolean; clientHost?: string }): Promise<StartResult>;
+  /** `deviceId`: the device asking, recorded as the instance's owner (StartRequest). */
+  provision(recipeId: string, req: { join: boolean; clientHost?: string; deviceId?: string }): Promise<StartResult>;
   /** Provision the recipe on a throwaway VM and keep the result as a Cached VM service. */
   cacheRecipe(recipeId: string): Promise<Service>;
   consoleTail(instanceId: string, maxBytes: number): Promise<string>;
   /** VM Synthesis from an overlay file on this machine: returns once the synthesized VM is ready. */
-  synthesizeFile(path: string, clientHost?: string): Promise<StartResult>;
+  synthesizeFile(path: string, options: SynthesisOptions): Promise<SynthesisResult>;
   /** A resumable upload of an overlay of `bytes` bytes; the synthesis runs as its bytes arrive. */
-  createOverlayUpload(bytes: number, clientHost?: string): import('../synthesis/uploads').UploadView;
-  overlayUpload(id: string): import('../synthesis/uploads').UploadView;
+  createOverlayUpload(bytes: number, options: SynthesisOptions): Promise<import('../synthesis/uploads').UploadView<SynthesisResult>>;
+  overlayUpload(id: string): import('../synthesis/uploads').UploadView<SynthesisResult>;
   /** Bytes of the upload from `offset`; the synthesis' result once the last byte is in. */
-  appendOverlayUpload(id: string, offset: number, body: import('node:stream').Readable): Promise<import('../synthesis/uploads').AppendOutcome<StartResult>>;
+  appendOverlayUpload(id: string, offset: number, body: import('node:stream').Readable): Promise<import('../synthesis/uploads').AppendOutcome<SynthesisResult>>;
+}
+
+/** How a synthesis is asked for: the client's host (for the endpoint), and a service id to keep the VM as. */
+export interface SynthesisOptions {
+  clientHost?: string;
+  /** After the VM is ready, keep it as the Cached VM service of this id (disk and memory state as synthesized). */
+  keepAs?: string;
+}
+
+/** A synthesis' start result, and the Cached VM service its VM was kept as, or why keeping it failed. */
+export interface SynthesisResult extends StartResult {
+  keptAs?: Service;
+  keepError?: import('../errors').CloudletError;
 }
 
 /** What the HTTP faces (and later the CLI) call. One implementation: core/cloudlet.ts. */
@@ -271,7 +291,8 @@ export interface CloudletApi {
   listInstances(): Instance[];
   getInstance(id: string): Instance;
   startInstance(req: StartRequest): Promise<StartResult>;
-  stopInstance(id: string): Promise<StopResult>;
+  /** With `deviceId`, only a use that device holds is released (FORBIDDEN otherwise). */
+  stopInstance(id: string, deviceId?: string): Promise<StopResult>;
   endpointFor(instance: Instance, clientHost?: string): Endpoint;
   systemInfo(): Promise<SystemInfo>;
   health(): Promise<HealthReport>;

@@ -48,6 +48,13 @@ export interface DiscoveryOptions {
   port: number;
   agentVersion: string;
   log: Logger;
+  /** The KD face is the encrypted one (`kdApi: encrypted`): KD clients choose how to call from the TXT. */
+  kdEncrypted?: boolean;
+}
+
+/** The `_cloudlet._tcp` TXT: KD-Cloudlet's single entry, which client-lib reads to pick plain or encrypted calls. */
+function kdCloudletTxt(encrypted: boolean): string[] {
+  return [`encryption=${encrypted ? 'enabled' : 'disabled'}`];
 }
 
 export class AvahiDiscovery implements DiscoveryView {
@@ -227,7 +234,7 @@ export class AvahiDiscovery implements DiscoveryView {
     }
     const name = this.instanceName();
     this.setStatus('registering');
-    await this.addService(name, CLOUDLET_SERVICE_TYPE, ['encryption=disabled']);
+    await this.addService(name, CLOUDLET_SERVICE_TYPE, kdCloudletTxt(this.options.kdEncrypted ?? false));
     await this.addService(name, AGENT_SERVICE_TYPE, await this.agentTxt());
     await this.avahi(this.group, ENTRY_GROUP, 'Commit');
   }

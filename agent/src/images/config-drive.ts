@@ -7,7 +7,7 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { CloudletError } from '../errors';
+import { CloudletError, isNoSpace } from '../errors';
 
 export interface ConfigDriveContent {
   /** What cloud-init runs: here always a `#!` script (NoCloud accepts scripts as user-data). */
@@ -37,7 +37,7 @@ function genisoimage(args: string[]): Promise<void> {
     execFile('genisoimage', args, { encoding: 'utf8', env: { ...process.env, LC_ALL: 'C' } }, (err, _stdout, stderr) => {
       if (!err) return resolve();
       const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-      reject(new CloudletError('IMAGE_TOOL_FAILED', missing ? 'genisoimage not found: install the Debian package genisoimage'
+      reject(new CloudletError(isNoSpace(stderr) ? 'NO_SPACE' : 'IMAGE_TOOL_FAILED', missing ? 'genisoimage not found: install the Debian package genisoimage'
         : `cannot build the config drive: ${stderr.trim().split('\n').slice(-2).join(' / ') || err.message}`, { cause: err }));
     });
   });

@@ -109,7 +109,7 @@ export class Qcow2OverlayWriter {
     return out;
   }
 
-  /** Writes the tables and the header, and closes the file. */
+  /** Writes the tables and the header: the image is complete. It can still be read through read() until close(). */
   async finish(): Promise<void> {
     const l1Size = Math.ceil(this.size / (CLUSTER * L2_ENTRIES));
     const l2Tables = new Map<number, Buffer>();
@@ -150,7 +150,6 @@ export class Qcow2OverlayWriter {
 
     await this.file.write(Buffer.concat([l2, l1, refcounts, refcountTable]), 0, undefined, l2Start);
     await this.file.write(this.header(l1Size, l1Offset, refcountTableOffset, tableClusters), 0, undefined, 0);
-    await this.file.close();
   }
 
   private header(l1Size: number, l1Offset: number, refcountTableOffset: number, refcountTableClusters: number): Buffer {
@@ -177,8 +176,8 @@ export class Qcow2OverlayWriter {
     return h;
   }
 
-  /** Closes without writing the tables (the caller removes the file). */
-  async abort(): Promise<void> {
+  /** Closes the file; before finish(), the image is incomplete and the caller removes it. */
+  async close(): Promise<void> {
     await this.file.close().catch(() => {});
   }
 }

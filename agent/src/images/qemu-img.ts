@@ -7,7 +7,7 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { rename, rm } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { CloudletError, type ErrorCode } from '../errors';
+import { CloudletError, isNoSpace, type ErrorCode } from '../errors';
 
 export interface ImageInfo {
   format: string;
@@ -57,7 +57,8 @@ async function runOrThrow(args: string[], code: ErrorCode, what: string): Promis
     return await run(args);
   } catch (err) {
     if (err instanceof CloudletError) throw err;
-    throw new CloudletError(code, `${what}: ${(err as QemuImgFailure).detail}`);
+    const { detail } = err as QemuImgFailure;
+    throw new CloudletError(isNoSpace(detail) ? 'NO_SPACE' : code, `${what}: ${detail}`);
   }
 }
 

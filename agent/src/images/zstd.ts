@@ -2,6 +2,11 @@
  * The only caller of the zstd CLI (Debian package zstd): Node 20's zlib has no zstd. Child processes fed through
  * pipes, so nothing blocks the event loop: one per frame to compress (frames are independent, so several run at
  * once), one streaming process to decompress a whole sequence of frames (overlays) or one stream (app packages).
+ *
+ * A frame may be compressed against a reference file both sides have (`--patch-from`: the file is a raw prefix the
+ * frame's matches may point into; the decoder attaches it to every frame again). Kernel data that moved in guest
+ * memory, and so matches the base's memory state only at byte offsets no 4 KiB dedup sees, costs almost nothing
+ * that way.
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { Duplex } from 'node:stream';
@@ -55,9 +60,45 @@ function run(args: string[], input: Buffer, maxOutputBytes: number): Promise<Buf
   });
 }
 
-/** One zstd frame holding `data`. */
-export function compressFrame(data: Buffer, level: number): Promise<Buffer> {
-  return run([`-${level}`, '-q', '-c', '--no-progress'], data, Math.max(data.length * 2, 1 << 16));
+/** A file a frame is compressed against, and the window (log2 bytes) that reaches all of it plus the frame. */
+export interface ZstdReference {
+  path: string;
+  windowLog: number;
+}
+
+/**
+ * `path` (of `bytes`) as the reference of frames of up to `frameBytes`, with the window that covers both; null when
+ * that window would be over 1 GiB (what a decoder must be allowed to allocate).
+ */
+export function zstdReference(path: string, bytes: number, frameBytes: number): ZstdReference | null {
+  const windowLog = Math.max(MIN_WINDOW_LOG, Math.ceil(Math.log2(bytes + frameBytes)));
+  return windowLog <= MAX_WINDOW_LOG ? { path, windowLog } : null;
+}
+
+const MIN_WINDOW_LOG = 20;
+const MAX_WINDOW_LOG = 30;
+/** Hash chains longer than 2^27 entries (512 MiB of tables) are not worth their memory: older matches are lost. */
+const MAX_CHAIN_LOG = 27;
+/** Below this, level 1 stored the frame nearly as it is: random bytes, where high levels only burn seconds. */
+const INCOMPRESSIBLE_RATIO = 0.97;
+
+/**
+ * One zstd frame holding `data`. Without a reference: a quick level-1 pass first, and only a frame that it shrinks
+ * is compressed again at `level` (the optimal parser of the high levels spends seconds per MiB on random bytes).
+ * With one: level-12 hash chains (lazy2) whose tables span the whole reference; binary-tree levels find no more
+ * there and take 10-30 s per 4 MiB frame at such a window.
+ */
+export async function compressFrame(data: Buffer, level: number, reference?: ZstdReference): Promise<Buffer> {
+  const limit = Math.max(data.length * 2, 1 << 16);
+  const args = ['-q', '-c', '--no-progress'];
+  if (reference) {
+    const chainLog = Math.min(reference.windowLog, MAX_CHAIN_LOG);
+    return run([...args, '-12', `--long=${reference.windowLog}`, `--zstd=wlog=${reference.windowLog},clog=${chainLog},hlog=${chainLog - 1},slog=6`,
+      `--patch-from=${reference.path}`, `--stream-size=${data.length}`], data, limit);
+  }
+  const quick = await run([...args, '-1'], data, limit);
+  if (level <= 1 || quick.length >= data.length * INCOMPRESSIBLE_RATIO) return quick;
+  return run([...args, `-${level}`], data, limit);
 }
 
 /**
@@ -70,8 +111,10 @@ export class StreamDecoder {
   private stderr = '';
   private failed: CloudletError | null = null;
 
-  constructor() {
-    this.child = spawn('zstd', ['-d', '-q', '-c', '--no-progress'], { stdio: ['pipe', 'pipe', 'pipe'] });
+  /** `reference`: the file the frames may have been compressed against (frames compressed without one decode too). */
+  constructor(reference?: ZstdReference) {
+    const withReference = reference ? [`--long=${reference.windowLog}`, `--patch-from=${reference.path}`] : [];
+    this.child = spawn('zstd', ['-d', '-q', '-c', '--no-progress', ...withReference], { stdio: ['pipe', 'pipe', 'pipe'] });
     this.child.on('error', (err: NodeJS.ErrnoException) => {
       this.failed = err.code === 'ENOENT'
         ? new CloudletError('IMAGE_TOOL_FAILED', 'zstd not found: install the Debian package zstd', { cause: err })

@@ -4,8 +4,9 @@ import type { PhaseTimer } from '../core/timing';
 import { buildDomainXml, retargetSavedDomainXml, type DomainSpec } from '../vm/domain-xml';
 import type { Hypervisor } from '../vm/hypervisor';
 import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
-import { readSaveImageHeader } from '../vm/save-image';
+import { readSaveImageHeader, type LiveMigrationStream, type SaveImageHeader } from '../vm/save-image';
 import type { LaunchPlan, Mechanism } from './mechanism';
+import { faultPoint } from '../system/fault-points';
 
 /**
  * Cached VM: the service's VM is already on the cloudlet. Each instance runs on a linked clone of the cached disk
@@ -25,23 +26,31 @@ export class CachedVmMechanism implements Mechanism {
     progress('cloning');
     // The catalog only holds qcow2 disks (a raw one is converted at import).
     await createLinkedClone(path.join(service.dir, m.disk), instanceFiles(record.dir).disk, 'qcow2');
+    faultPoint('cached-vm:after-clone');
     const spec = instanceDomainSpec(service, domainName, record, this.hypervisor.domainType);
-    return restoreOrBoot(this.hypervisor, spec, m.state && path.join(service.dir, m.state), record.dir, timer, progress);
+    const launched = await restoreOrBoot(this.hypervisor, spec, m.state && path.join(service.dir, m.state), record.dir, timer, progress);
+    faultPoint('cached-vm:after-domain');
+    return launched;
   }
 }
 
 /**
- * Bring an instance's domain to life: restored from a saved memory state (its embedded XML retargeted to this
- * instance, devices untouched) when there is one, else cold-booted. Shared by the VM mechanisms.
+ * Bring an instance's domain to life: restored from a saved memory state (a save image, or one being synthesized
+ * while it is read; its embedded XML retargeted to this instance, devices untouched) when there is one, else
+ * cold-booted. Shared by the VM mechanisms.
  */
-export async function restoreOrBoot(hypervisor: Hypervisor, spec: DomainSpec, statePath: string | null, instanceDir: string, timer: PhaseTimer,
+export async function restoreOrBoot(hypervisor: Hypervisor, spec: DomainSpec,
+  state: string | { header: SaveImageHeader; stream: LiveMigrationStream } | null, instanceDir: string, timer: PhaseTimer,
   progress: LaunchPlan['progress']): Promise<'memory-state' | 'cold-boot'> {
-  if (statePath) {
-    const header = await readSaveImageHeader(statePath);
+  if (state) {
+    const header = typeof state === 'string' ? await readSaveImageHeader(state) : state.header;
     const xml = retargetSavedDomainXml(header.xml, spec);
     progress('restoring');
-    await timer.time('libvirt', () => hypervisor.restore({ path: statePath, header }, xml, instanceDir,
-      (done, total) => progress('restoring', { done, total })));
+    await timer.time('libvirt', () => hypervisor.restore({ image: typeof state === 'string' ? state : state.stream, header }, xml, instanceDir,
+      (done, total) => {
+        if (done * 2 >= total) faultPoint('vm:mid-restore');
+        progress('restoring', { done, total });
+      }));
     return 'memory-state';
   }
   const xml = buildDomainXml(spec);

@@ -41,6 +41,8 @@ export interface InstanceRuntime {
    * Resolves once watching; rejects when the runtime cannot deliver such events (then the registry only polls).
    */
   watchEnded?(listener: (id: string, ending: InstanceEnding) => void): Promise<void>;
+  /** Call listener each time the runtime is reachable again after it was lost (runtimes that can lose it). */
+  onReconnected?(listener: () => void): void;
   /** The last `maxBytes` of the console output of the instance whose directory is `dir` (runtimes that have one). */
   consoleTail?(dir: string, maxBytes: number): Promise<string>;
 }

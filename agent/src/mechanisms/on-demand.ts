@@ -10,6 +10,7 @@ import { buildDomainXml } from '../vm/domain-xml';
 import type { Hypervisor } from '../vm/hypervisor';
 import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
 import type { LaunchPlan, Mechanism } from './mechanism';
+import { faultPoint } from '../system/fault-points';
 
 /** The service a recipe makes, still on its base: what an on-demand launch is planned with. */
 export interface RecipeService extends Service {
@@ -66,10 +67,12 @@ export class OnDemandMechanism implements Mechanism<RecipeService> {
     progress('cloning');
     await createLinkedClone(path.join(service.dir, service.manifest.disk), files.disk, 'qcow2');
     await buildConfigDrive(files.configDrive, { userData: userDataScript(service.recipe), instanceId: record.id, hostname: service.id.replace(/[^A-Za-z0-9-]/g, '-') });
+    faultPoint('on-demand:after-cidata');
     progress('booting');
     const spec = { ...instanceDomainSpec(service, domainName, record, this.hypervisor.domainType), cdrom: files.configDrive };
     await timer.time('libvirt', () => this.hypervisor.boot(buildDomainXml(spec)));
     progress('provisioning');
+    faultPoint('on-demand:first-boot');
     // The recipe's readiness timeout bounds the whole launch, provisioning included.
     const deadline = Date.parse(record.createdAt) + record.readiness.timeout_ms;
     const outcome = await timer.time('guest', () => waitForConsoleMarker(files.consoleLog, [PROVISIONED, PROVISIONING_FAILED], deadline,

@@ -2,34 +2,50 @@ import path from 'node:path';
 import type { BaseVm } from '../core/bases';
 import type { Service } from '../core/types';
 import { CloudletError } from '../errors';
+import { createLinkedClone } from '../images/qemu-img';
 import { applyOverlay, type OpenedOverlay } from '../synthesis/apply';
 import { invalid } from '../synthesis/overlay-format';
 import type { Hypervisor } from '../vm/hypervisor';
 import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
 import { restoreOrBoot } from './cached-vm';
 import type { LaunchPlan, Mechanism } from './mechanism';
+import { faultPoint } from '../system/fault-points';
 
 /** The synthesized memory state, next to the instance's disk. */
 const MEMORY_STATE = 'memory.sav';
+/** The disk as synthesized, when the instance runs on a linked clone of it (a synthesis that is kept). */
+const SYNTHESIZED_DISK = 'synthesized.qcow2';
 
 /** What a synthesis launches: the overlay's service, on its base's files, with the overlay still to be read. */
 export interface SynthesisService extends Service {
   overlay: OpenedOverlay;
   base: BaseVm;
+  /** Leave the disk as synthesized (the instance runs on a linked clone of it), so it can be kept as a service. */
+  keep: boolean;
 }
 
 /** The service an opened overlay describes, on `base` (the base the overlay names). */
-export function synthesisService(overlay: OpenedOverlay, base: BaseVm): SynthesisService {
+export function synthesisService(overlay: OpenedOverlay, base: BaseVm, keep: boolean): SynthesisService {
   const manifest = overlay.manifest.service;
   // The VM boots or resumes on the base's kernel and initrd: the overlay can only change the disk and memory.
   if (JSON.stringify(manifest.boot) !== JSON.stringify(base.manifest.boot)) throw invalid('the service does not boot the way its base does');
-  return { id: manifest.service_id, dir: base.dir, importedAt: new Date().toISOString(), manifest, overlay, base };
+  return { id: manifest.service_id, dir: base.dir, importedAt: new Date().toISOString(), manifest, overlay, base, keep };
+}
+
+/**
+ * The files of a kept synthesis as synthesized, in its instance directory: the disk (a qcow2 on the base's disk) and
+ * the memory state it was restored from. The VM never writes to either.
+ */
+export function synthesizedFiles(instanceDir: string, service: SynthesisService): { disk: string; memory: string | null } {
+  return { disk: path.join(instanceDir, SYNTHESIZED_DISK), memory: service.manifest.state ? path.join(instanceDir, MEMORY_STATE) : null };
 }
 
 /**
  * VM Synthesis: the Service VM is rebuilt from an overlay on a Base VM while the overlay arrives. The instance's disk
  * is a qcow2 overlay on the base's disk holding only the changed blocks; its memory state is rebuilt next to it and
- * restored with the instance's own identity (name, UUID, port forward), like a Cached VM start.
+ * restored with the instance's own identity (name, UUID, port forward), like a Cached VM start. The restore starts
+ * once the disk is complete and reads the memory state while it is being rebuilt (synthesis/apply.ts says why that
+ * is safe).
  */
 export class SynthesisMechanism implements Mechanism<SynthesisService> {
   readonly name = 'synthesis' as const;
@@ -41,13 +57,17 @@ export class SynthesisMechanism implements Mechanism<SynthesisService> {
   }
 
   async launch({ service, domainName, record, timer, progress }: LaunchPlan<SynthesisService>): Promise<'memory-state' | 'cold-boot'> {
-    const disk = instanceFiles(record.dir).disk;
-    const memory = service.manifest.state ? path.join(record.dir, MEMORY_STATE) : null;
+    const { disk: synthesizedDisk, memory } = synthesizedFiles(record.dir, service);
+    const disk = service.keep ? synthesizedDisk : instanceFiles(record.dir).disk;
     progress('synthesizing', { done: 0, total: service.overlay.bytes });
-    await applyOverlay(service.overlay, service.base, { disk, memory }, (done, total) => progress('synthesizing', { done, total }));
     const spec = instanceDomainSpec(service, domainName, record, this.hypervisor.domainType);
     try {
-      return await restoreOrBoot(this.hypervisor, spec, memory, record.dir, timer, progress);
+      return await applyOverlay(service.overlay, service.base, { disk, memory }, (done, total) => progress('synthesizing', { done, total }),
+        async (liveMemory) => {
+          if (service.keep) await createLinkedClone(disk, instanceFiles(record.dir).disk, 'qcow2');
+          faultPoint('synthesis:after-apply');
+          return restoreOrBoot(this.hypervisor, spec, liveMemory, record.dir, timer, progress);
+        });
     } catch (err) {
       // The overlay was read once and is gone: a port taken meanwhile cannot be retried with another like other launches.
       if (err instanceof CloudletError && err.code === 'NO_FREE_PORT') throw new CloudletError('LAUNCH_FAILED', err.message, { cause: err });

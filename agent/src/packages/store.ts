@@ -19,11 +19,13 @@ import type { Parser, ReadEntry } from 'tar';
 
 /** Loaded on the first import: the agent mostly runs without touching a tarball. */
 const tar = () => require('tar') as typeof import('tar');
-import { CloudletError, isErrno } from '../errors';
+import { CloudletError, isErrno, isNoSpace } from '../errors';
+import { noSpaceError, requireFreeSpace } from '../core/disk-space';
 import { zstdDecodeStream } from '../images/zstd';
 import type { Logger } from '../log';
 import type { Package, PackageSource } from '../core/types';
 import { parsePackageManifest } from './manifest';
+import { faultPoint } from '../system/fault-points';
 
 const MANIFEST = 'manifest.json';
 const APP = 'app';
@@ -96,11 +98,17 @@ export class PackageStore {
 
   /** Import a tarball. The same tarball again is a no-op; another one for an app id in use is refused. */
   async import(source: PackageSource): Promise<Package> {
+    if ('stream' in source && source.length > this.limits.maxBytes) {
+      throw new CloudletError('PAYLOAD_TOO_LARGE', `The package has ${source.length} bytes; at most ${this.limits.maxBytes} are accepted`, { details: { limit: this.limits.maxBytes } });
+    }
+    // The tarball is written once and unpacked to at least as many bytes again.
+    const needed = 'stream' in source ? 2 * source.length : undefined;
+    if (needed !== undefined) await requireFreeSpace(this.staging, needed, 'import the package');
     const work = path.join(this.staging, `package-${randomUUID()}`);
     const unpacked = path.join(work, 'package');
-    await mkdir(unpacked, { recursive: true, mode: 0o755 });
     let reserved: string | undefined;
     try {
+      await mkdir(unpacked, { recursive: true, mode: 0o755 });
       const tarball = 'path' in source ? source.path : await this.receive(source.stream, path.join(work, 'upload'));
       const sha256 = await this.unpack(tarball, unpacked);
       const manifest = parsePackageManifest(await readManifest(unpacked));
@@ -112,11 +120,15 @@ export class PackageStore {
       this.importing.add((reserved = manifest.app_id));
       await checkTree(path.join(unpacked, APP));
       const dir = path.join(this.root, sha256);
+      faultPoint('package:before-rename');
       await rename(unpacked, dir);
       const imported: Package = { id: manifest.app_id, sha256, manifest, dir, importedAt: new Date().toISOString() };
       this.packages.set(imported.id, imported);
       this.log(`packages: imported ${imported.id} ${manifest.version} (${sha256.slice(0, 12)})`);
       return imported;
+    } catch (err) {
+      // No size: how much the unpacked files need is not known (the pre-check's estimate is a lower bound).
+      throw await noSpaceError(err, this.staging, 'import the package');
     } finally {
       if (reserved) this.importing.delete(reserved);
       await rm(work, { recursive: true, force: true });
@@ -179,7 +191,8 @@ export class PackageStore {
       );
     } catch (err) {
       if (abort.signal.aborted) throw abort.signal.reason;
-      if (err instanceof CloudletError) throw err;
+      // Unpacking into a full disk is not a broken tarball.
+      if (err instanceof CloudletError || isNoSpace(err)) throw err;
       throw invalid('not-a-tarball', `the package cannot be unpacked: ${(err as Error).message}`);
     }
   }

@@ -20,6 +20,7 @@ import { CloudletError, isErrno } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';
 import type { InstanceEnding, InstanceRuntime } from '../mechanisms/mechanism';
+import { faultPoint } from '../system/fault-points';
 import { SandboxCgroup, openCgroups, type CgroupLayout, type SandboxLimits } from './cgroups';
 
 /** The unprivileged host user every sandbox (and its pasta) runs as: nobody. */
@@ -97,9 +98,11 @@ export class SandboxRuntime implements InstanceRuntime {
       child.on('error', () => { exited = -1; });
       child.unref();
       if (child.pid === undefined) throw new CloudletError('LAUNCH_FAILED', `cannot start the sandbox of ${record.serviceId}`);
+      faultPoint('app-virt:after-spawn');
       state.pid = child.pid;
       state.startTime = await processStartTime(child.pid);
       await writeState(record.dir, state);
+      faultPoint('app-virt:after-state');
     } finally {
       await logFile.close();
     }

@@ -3,21 +3,30 @@
  * qcow2 overlay on the base's disk, never a copy) and saved memory state in an instance directory. Frames are
  * checked against their SHA-256 and fed to a streaming decompressor as they arrive, while the content of the earlier
  * ones is applied. Every record is bounds-checked: a copy may only read the base or what is already final.
+ *
+ * The memory state is restored while it is rebuilt. Its records come after every disk record, so the disk is
+ * complete (tables and header written) before the first memory byte is handed to the restore, that is before QEMU
+ * even starts. QEMU resumes the guest only after the whole migration stream was read, and the last batch of it is
+ * held back until every frame was checked and decoded to its exact size: a VM never runs on a partial overlay. If
+ * anything fails, the stream breaks off, the restore fails, and the caller cleans up the domain and the files.
  */
 import type { KeyObject } from 'node:crypto';
 import { open, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import type { BaseVm } from '../core/bases';
+import { readSaveImageHeaderFrom, type LiveMigrationStream, type SaveImageHeader } from '../vm/save-image';
 import { ImageReader, Qcow2OverlayWriter } from '../images/qcow2-overlay';
 import {
-  BLOCK_BYTES, decodeHeader, decodeManifest, decodeRecords, HEADER_BYTES, invalid, overlayBytes, sha256, Source, Target,
+  BLOCK_BYTES, decodeHeader, decodeManifest, decodeRecords, HEADER_BYTES, invalid, OVERLAY_LIMITS, overlayBytes, sha256, Source, Target,
   type OverlayManifest, type OverlayRecord,
 } from './overlay-format';
 import { ByteReader } from './byte-reader';
-import { StreamDecoder } from '../images/zstd';
+import { StreamDecoder, zstdReference } from '../images/zstd';
 
 const MEMORY_WRITE_BUFFER = 1 << 20;
+/** Memory state bytes rebuilt ahead of the restore reading them, before the applying waits. */
+const MEMORY_PIPE_BYTES = 8 << 20;
 /** Copies being read ahead of the record being stored. */
 const READS_IN_FLIGHT = 64;
 /** Copies mostly read forward through a source (a file's pages in order, pages in address order): read in windows. */
@@ -52,12 +61,21 @@ export async function openOverlay(stream: Readable, declaredBytes: number, trust
   }
 }
 
+/** A memory state being rebuilt: its header, then its migration stream as the overlay is applied. */
+export interface LiveMemoryState {
+  header: SaveImageHeader;
+  stream: LiveMigrationStream;
+}
+
 /**
  * Rebuild the overlay's disk (a qcow2 on the base's disk) and memory state (when it has one) at `to`, new files.
- * `progress` gets the overlay bytes applied so far. On failure the files are left for the caller to remove.
+ * `launch` is called once the disk is complete: with the memory state as it is being rebuilt, to restore it while the
+ * rest is applied, or with null for a service that cold-boots (then after everything was applied). Resolves with what
+ * `launch` resolved with. `progress` gets the overlay bytes applied so far. On failure the files are left for the
+ * caller to remove.
  */
-export async function applyOverlay(overlay: OpenedOverlay, base: BaseVm, to: { disk: string; memory: string | null },
-  progress: (done: number, total: number) => void): Promise<void> {
+export async function applyOverlay<T>(overlay: OpenedOverlay, base: BaseVm, to: { disk: string; memory: string | null },
+  progress: (done: number, total: number) => void, launch: (memory: LiveMemoryState | null) => Promise<T>): Promise<T> {
   const { manifest, reader } = overlay;
   const baseDiskPath = path.join(base.dir, base.manifest.disk);
   const baseDisk = await ImageReader.open(baseDiskPath);
@@ -65,14 +83,24 @@ export async function applyOverlay(overlay: OpenedOverlay, base: BaseVm, to: { d
   let disk: Qcow2OverlayWriter | null = null;
   let memory: FileHandle | null = null;
   let decoder: StreamDecoder | null = null;
+  const pipe = to.memory ? new MemoryPipe() : null;
+  let launching: Promise<T> | null = null;
+  const startLaunch = () => {
+    launching = pipe ? restoreWhileApplying(pipe, manifest.memory!.bytes, launch) : launch(null);
+    launching.catch((err: unknown) => pipe?.fail(err)); // a failed launch stops the applying
+  };
   try {
-    baseMemory = base.manifest.state ? await open(path.join(base.dir, base.manifest.state), 'r') : null;
-    decoder = new StreamDecoder();
+    const baseMemoryPath = base.manifest.state && path.join(base.dir, base.manifest.state);
+    baseMemory = baseMemoryPath ? await open(baseMemoryPath, 'r') : null;
+    const baseMemoryBytes = baseMemory ? (await baseMemory.stat()).size : 0;
+    const reference = manifest.reference === 'base-memory' && baseMemoryPath ? zstdReference(baseMemoryPath, baseMemoryBytes, OVERLAY_LIMITS.frameRawBytes) : null;
+    if (manifest.reference && !reference) throw invalid('its frames are compressed against a base memory state this base does not have or is too large for');
+    decoder = new StreamDecoder(reference ?? undefined);
     const frames = decoder;
     disk = await Qcow2OverlayWriter.create(to.disk, baseDiskPath, baseDisk, manifest.disk.virtual_size);
     if (!manifest.memory !== !to.memory) throw invalid('the overlay and its service disagree on a memory state');
     memory = to.memory ? await open(to.memory, 'wx+', 0o600) : null;
-    const applier = new RecordApplier(manifest, baseDisk, baseMemory ? (await baseMemory.stat()).size : 0, baseMemory, disk, memory);
+    const applier = new RecordApplier(manifest, baseDisk, baseMemoryBytes, baseMemory, disk, memory, pipe, startLaunch);
     // The frames are checked and fed to one streaming zstd as they arrive, while their content is applied.
     const feeding = (async () => {
       for (const [i, entry] of manifest.frames.entries()) {
@@ -95,12 +123,15 @@ export async function applyOverlay(overlay: OpenedOverlay, base: BaseVm, to: { d
     await feeding;
     await decoder.finish();
     await applier.finish();
-    await disk.finish();
-    disk = null;
+    return await launching!;
+  } catch (err) {
+    pipe?.fail(err);
+    await (launching as Promise<T> | null)?.catch(() => {}); // it fails too: the stream broke off
+    throw err;
   } finally {
     decoder?.close();
     await reader.close();
-    await disk?.abort();
+    await disk?.close();
     await memory?.close();
     await baseMemory?.close();
     await baseDisk.close();
@@ -124,9 +155,14 @@ class RecordApplier {
   private pending: Buffer[] = [];
   private pendingBytes = 0;
   private memoryFlushed = 0;
+  private memoryStarted = false;
+  private diskComplete = false;
+  /** The last batch of memory written to the file, not yet handed to the restore. */
+  private heldBack: Buffer | null = null;
 
   constructor(private readonly manifest: OverlayManifest, private readonly baseDisk: ImageReader, private readonly baseMemoryBytes: number,
-    baseMemory: FileHandle | null, private readonly disk: Qcow2OverlayWriter, private readonly memory: FileHandle | null) {
+    baseMemory: FileHandle | null, private readonly disk: Qcow2OverlayWriter, private readonly memory: FileHandle | null,
+    private readonly pipe: MemoryPipe | null, private readonly onDiskComplete: () => void) {
     this.baseDiskWindows = new ReadWindows((offset, length) => baseDisk.read(offset, length), baseDisk.size);
     this.baseMemoryWindows = new ReadWindows((offset, length) => readAt(baseMemory!, offset, length), baseMemoryBytes);
     this.finalDiskWindows = new ReadWindows((offset, length) => disk.read(offset, length), manifest.disk.virtual_size);
@@ -137,6 +173,7 @@ class RecordApplier {
     const readsOwnWrites = r.source === Source.TargetMemory || (r.source === Source.TargetDisk && r.target === Target.Disk) || r.target !== this.lastTarget;
     this.lastTarget = r.target;
     if (readsOwnWrites) await this.drain();
+    if (r.target === Target.Memory && !this.diskComplete) await this.completeDisk();
     const data = this.bytes(r);
     data.catch(() => {}); // observed in store order
     this.inFlight.push({ record: r, data });
@@ -145,7 +182,7 @@ class RecordApplier {
 
   private check(r: OverlayRecord): void {
     if (r.target === Target.Disk) {
-      if (this.memoryEnd > 0) throw invalid('a disk record after the memory records');
+      if (this.memoryStarted) throw invalid('a disk record after the memory records');
       if (r.offset % BLOCK_BYTES !== 0 || r.length % BLOCK_BYTES !== 0 || r.length === 0 || r.offset < this.diskEnd
         || r.offset + r.length > this.manifest.disk.virtual_size) throw invalid(`a disk record out of order or bounds at ${r.offset}`);
       this.diskEnd = r.offset + r.length;
@@ -153,6 +190,7 @@ class RecordApplier {
       if (!this.memory || r.offset !== this.memoryEnd || r.offset + r.length > this.manifest.memory!.bytes) {
         throw invalid(`a memory record out of order or bounds at ${r.offset}`);
       }
+      this.memoryStarted = true;
       this.memoryEnd += r.length;
     }
     const within = (limit: number) => {
@@ -203,21 +241,100 @@ class RecordApplier {
     await this.flushMemory();
   }
 
+  /** Writes the pending memory to its file and hands the batch before it to the restore (one batch stays held back). */
   private async flushMemory(): Promise<void> {
     if (this.pendingBytes === 0) return;
-    const buffers = this.pending;
-    const bytes = this.pendingBytes;
+    const batch = this.pending.length === 1 ? this.pending[0]! : Buffer.concat(this.pending, this.pendingBytes);
     this.pending = [];
     this.pendingBytes = 0;
-    await this.memory!.writev(buffers, this.memoryFlushed);
-    this.memoryFlushed += bytes;
+    const released = this.heldBack;
+    this.heldBack = batch;
+    await Promise.all([this.memory!.write(batch, 0, batch.length, this.memoryFlushed), released && this.pipe!.write(released)]);
+    this.memoryFlushed += batch.length;
   }
 
+  /** The disk's tables and header are written: the image is complete, and the launch can start. */
+  private async completeDisk(): Promise<void> {
+    this.diskComplete = true;
+    await this.disk.finish();
+    this.onDiskComplete();
+  }
+
+  /** After every frame was checked and decoded: the rest is stored, and the restore gets the last of the memory. */
   async finish(): Promise<void> {
     await this.drain();
+    if (!this.diskComplete) await this.completeDisk();
     if (this.manifest.memory && this.memoryFlushed !== this.manifest.memory.bytes) {
       throw invalid(`the memory state is ${this.memoryFlushed} bytes, not the ${this.manifest.memory.bytes} of the manifest`);
     }
+    if (this.heldBack) await this.pipe!.write(this.heldBack);
+    this.pipe?.end();
+  }
+}
+
+/** Reads the rebuilt memory state's header from the pipe, then launches with the rest of it as a live stream. */
+async function restoreWhileApplying<T>(pipe: MemoryPipe, bytes: number, launch: (memory: LiveMemoryState) => Promise<T>): Promise<T> {
+  const reader = new ByteReader(pipe, () => invalid('the memory state ends inside its header'));
+  const header = await readSaveImageHeaderFrom((n) => reader.read(n));
+  return launch({ header, stream: { chunks: reader.rest(), bytes: bytes - header.streamOffset } });
+}
+
+/** Memory state bytes from the applier to the restore. write() waits while more than MEMORY_PIPE_BYTES are unread. */
+class MemoryPipe implements AsyncIterable<Buffer> {
+  private readonly queue: Buffer[] = [];
+  private queuedBytes = 0;
+  private ended = false;
+  private failure: { error: unknown } | null = null;
+  private waiters: (() => void)[] = [];
+
+  async write(chunk: Buffer): Promise<void> {
+    this.throwIfFailed();
+    this.queue.push(chunk);
+    this.queuedBytes += chunk.length;
+    this.notify();
+    while (this.queuedBytes > MEMORY_PIPE_BYTES && !this.failure) await this.change();
+    this.throwIfFailed();
+  }
+
+  end(): void {
+    this.ended = true;
+    this.notify();
+  }
+
+  /** Both sides see `error` from now on: the reader instead of more bytes, the writer on its next write. */
+  fail(error: unknown): void {
+    this.failure ??= { error };
+    this.notify();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<Buffer> {
+    for (;;) {
+      this.throwIfFailed();
+      const chunk = this.queue.shift();
+      if (chunk) {
+        this.queuedBytes -= chunk.length;
+        this.notify();
+        yield chunk;
+      } else if (this.ended) {
+        return;
+      } else {
+        await this.change();
+      }
+    }
+  }
+
+  private throwIfFailed(): void {
+    if (this.failure) throw this.failure.error;
+  }
+
+  private change(): Promise<void> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
+
+  private notify(): void {
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const wake of waiters) wake();
   }
 }
 

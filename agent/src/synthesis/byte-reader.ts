@@ -1,4 +1,3 @@
-import type { Readable } from 'node:stream';
 import type { CloudletError } from '../errors';
 
 /** Exact reads from a byte stream, as its chunks come; `short` is the error for a stream that ends too early. */
@@ -9,8 +8,8 @@ export class ByteReader {
   /** Bytes handed out so far. */
   position = 0;
 
-  constructor(stream: Readable, private readonly short: (endsAt: number) => CloudletError) {
-    this.iterator = (stream as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
+  constructor(stream: AsyncIterable<Buffer>, private readonly short: (endsAt: number) => CloudletError) {
+    this.iterator = stream[Symbol.asyncIterator]();
   }
 
   async read(n: number): Promise<Buffer> {
@@ -25,6 +24,19 @@ export class ByteReader {
     this.bufferedBytes = all.length - n;
     this.position += n;
     return all.subarray(0, n);
+  }
+
+  /** Everything after what was read, as it comes. */
+  async *rest(): AsyncGenerator<Buffer> {
+    const buffered = this.buffered;
+    this.buffered = [];
+    this.bufferedBytes = 0;
+    yield* buffered;
+    for (;;) {
+      const next = await this.iterator.next();
+      if (next.done) return;
+      yield next.value;
+    }
   }
 
   /** Whether the stream ends here (reads one more chunk to tell). */

@@ -20,7 +20,7 @@ import { createOverlay } from './create';
 const USAGE = `usage:
   cloudlet-overlay create --base DIR --disk FILE [--state FILE] --service MANIFEST --out FILE [--key PEM] [--level N]
   cloudlet-overlay keygen PRIVATE.pem PUBLIC.pem`;
-const DEFAULT_LEVEL = 9;
+const DEFAULT_LEVEL = 19;
 
 async function create(args: string[]): Promise<void> {
   const { values } = parseArgs({

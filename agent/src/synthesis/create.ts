@@ -8,7 +8,7 @@
  * 1 KiB steps too: a guest's page cache holds the files its disk gained at 4 KiB file offsets, which a 1 KiB-block
  * ext4 places at 1 KiB-aligned disk offsets.
  */
-import { createHash, createPrivateKey, sign } from 'node:crypto';
+import { createPrivateKey, sign } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdtemp, readFile, rename, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
@@ -19,13 +19,15 @@ import { parseManifest } from '../core/manifest';
 import type { ServiceManifest } from '../core/types';
 import { CloudletError } from '../errors';
 import { convertImage } from '../images/qemu-img';
-import { readSaveImageHeader } from '../vm/save-image';
-import { findRamPages, type RamPage } from './migration-stream';
-import { BLOCK_BYTES, encodeHeader, encodeRecord, hasData, OVERLAY_FORMAT, sha256, Source, Target, type FrameEntry, type OverlayManifest, type OverlayRecord } from './overlay-format';
-import { compressFrame } from '../images/zstd';
+import { CHUNK_INDEX_FILE, chunkHash, readChunkIndex, readSaveImageChunks } from './chunk-index';
+import type { RamPage } from './migration-stream';
+import {
+  BLOCK_BYTES, encodeHeader, encodeRecord, hasData, OVERLAY_FORMAT, OVERLAY_LIMITS, sha256, Source, Target, type FrameEntry, type OverlayManifest, type OverlayRecord,
+} from './overlay-format';
+import { compressFrame, zstdReference, type ZstdReference } from '../images/zstd';
 
-/** Raw bytes per frame: large enough to compress well, small enough to decode in parallel and in step with upload. */
-const FRAME_RAW_BYTES = 4 << 20;
+/** Raw bytes per frame: large enough to compress well, small enough to decode in step with the upload. */
+const FRAME_RAW_BYTES = 8 << 20;
 const MAX_LITERAL_RECORD = 1 << 20;
 /** Filesystem block size the target disk is also indexed at (see above). */
 const DISK_INDEX_STEP = 1024;
@@ -67,28 +69,35 @@ export interface CreateStats {
 
 interface Location { source: Source; offset: number }
 
-/** Content → where those 4 KiB first are, verified byte for byte on a hit (the key is only a hash). */
-class ChunkIndex {
+/**
+ * Content → where those 4 KiB first are, verified byte for byte on a hit (the key is only a hash, and a base's stored
+ * index could be stale: a wrong entry costs a copy, never correctness).
+ */
+class ContentIndex {
   private readonly map = new Map<string, Location>();
 
   constructor(private readonly bytesAt: (loc: Location) => Buffer) {}
 
-  private static key(chunk: Buffer): string {
-    return createHash('md5').update(chunk).digest('base64');
+  add(chunk: Buffer, loc: Location): void {
+    this.addHash(chunkHash(chunk), loc);
   }
 
-  add(chunk: Buffer, loc: Location): void {
-    const key = ChunkIndex.key(chunk);
+  /** A chunk known by its hash (from the base's chunk index). */
+  addHash(hash: Buffer, loc: Location): void {
+    const key = hash.toString('base64');
     if (!this.map.has(key)) this.map.set(key, loc);
   }
 
   find(chunk: Buffer): Location | undefined {
-    const loc = this.map.get(ChunkIndex.key(chunk));
+    const loc = this.map.get(chunkHash(chunk).toString('base64'));
     return loc && this.bytesAt(loc).equals(chunk) ? loc : undefined;
   }
 }
 
-/** Records → frames: merges adjacent records, cuts frames, compresses them in parallel and writes them in order. */
+/**
+ * Records → frames: merges adjacent records, cuts frames (also where the memory records begin), compresses them in
+ * parallel and writes them in order. Memory frames are compressed against the base's memory state when there is one.
+ */
 class FrameWriter {
   private records: Buffer[] = [];
   private rawBytes = 0;
@@ -96,9 +105,17 @@ class FrameWriter {
   private readonly inFlight: { raw: number; frame: Promise<Buffer> }[] = [];
   readonly frames: FrameEntry[] = [];
 
-  constructor(private readonly out: NodeJS.WritableStream, private readonly level: number, private readonly parallelism: number) {}
+  private frameTarget: Target | null = null;
+
+  constructor(private readonly out: NodeJS.WritableStream, private readonly level: number, private readonly parallelism: number,
+    private readonly memoryReference: ZstdReference | undefined) {}
 
   async add(r: OverlayRecord): Promise<void> {
+    if (r.target !== this.frameTarget) {
+      await this.flushRecord();
+      await this.cutFrame();
+      this.frameTarget = r.target;
+    }
     const p = this.pendingRecord;
     if (p && p.target === r.target && p.source === r.source && p.offset + p.length === r.offset) {
       if (r.source === Source.Zero || (!hasData(r.source) && p.sourceOffset + p.length === r.sourceOffset)) {
@@ -129,7 +146,8 @@ class FrameWriter {
     const raw = Buffer.concat(this.records);
     this.records = [];
     this.rawBytes = 0;
-    this.inFlight.push({ raw: raw.length, frame: compressFrame(raw, this.level) });
+    const reference = this.frameTarget === Target.Memory ? this.memoryReference : undefined;
+    this.inFlight.push({ raw: raw.length, frame: compressFrame(raw, this.level, reference) });
     if (this.inFlight.length >= this.parallelism) await this.writeOldest();
   }
 
@@ -154,14 +172,6 @@ async function readBase(baseDir: string): Promise<{ manifest: ServiceManifest; d
   return { manifest, digest: await digestOf(baseDir, manifest) };
 }
 
-/** The save image's 4 KiB chunks: its RAM pages, or fixed blocks of the file when its stream is not understood. */
-async function memoryChunks(file: string): Promise<{ image: Buffer; chunks: RamPage[] }> {
-  const header = await readSaveImageHeader(file);
-  const image = await readFile(file);
-  const pages = findRamPages(image, header.streamOffset);
-  const chunks = pages ?? Array.from({ length: Math.floor(image.length / BLOCK_BYTES) }, (_, i) => ({ offset: i * BLOCK_BYTES, guestAddress: `file@${i}` }));
-  return { image, chunks };
-}
 
 /** `bytes` XOR `old`, if that keeps at least XOR_MIN_UNCHANGED zero bytes. */
 function xorIfSimilar(bytes: Buffer, old: Buffer): Buffer | null {
@@ -186,22 +196,32 @@ export async function createOverlay(options: CreateOptions): Promise<CreateStats
     await rm(path.join(work, 'base.raw'));
     await rm(path.join(work, 'target.raw'));
     if (targetDisk.length % BLOCK_BYTES !== 0) throw new CloudletError('INVALID_IMAGE', `${options.disk}: the disk size is not a multiple of 4 KiB`);
-    const baseMemory = base.manifest.state ? await memoryChunks(path.join(options.baseDir, base.manifest.state)) : null;
-    const targetMemory = options.state ? await memoryChunks(options.state) : null;
+    // A base exported from a cloudlet comes with its chunk index: its hashes need not be computed again.
+    const stored = await readChunkIndex(path.join(options.baseDir, CHUNK_INDEX_FILE)).catch(() => null);
+    const baseState = base.manifest.state && path.join(options.baseDir, base.manifest.state);
+    const baseMemory: { image: Buffer; chunks: (RamPage & { hash?: Buffer })[] } | null = !baseState ? null
+      : stored?.memory ? { image: await readFile(baseState), chunks: stored.memory } : await readSaveImageChunks(baseState);
+    const targetMemory = options.state ? await readSaveImageChunks(options.state) : null;
 
     const files: Record<number, Buffer> = {
       [Source.BaseDisk]: baseDisk, [Source.BaseMemory]: baseMemory?.image ?? Buffer.alloc(0),
       [Source.TargetDisk]: targetDisk, [Source.TargetMemory]: targetMemory?.image ?? Buffer.alloc(0),
     };
-    const index = new ChunkIndex((loc) => files[loc.source]!.subarray(loc.offset, loc.offset + BLOCK_BYTES));
+    const index = new ContentIndex((loc) => files[loc.source]!.subarray(loc.offset, loc.offset + BLOCK_BYTES));
     const baseByAddress = new Map<string, number>();
-    for (const { offset, guestAddress } of baseMemory?.chunks ?? []) {
-      index.add(baseMemory!.image.subarray(offset, offset + BLOCK_BYTES), { source: Source.BaseMemory, offset });
-      baseByAddress.set(guestAddress, offset);
+    for (const chunk of baseMemory?.chunks ?? []) {
+      const loc = { source: Source.BaseMemory, offset: chunk.offset };
+      if (chunk.hash) index.addHash(chunk.hash, loc);
+      else index.add(baseMemory!.image.subarray(chunk.offset, chunk.offset + BLOCK_BYTES), loc);
+      baseByAddress.set(chunk.guestAddress, chunk.offset);
     }
-    for (let offset = 0; offset + BLOCK_BYTES <= baseDisk.length; offset += BLOCK_BYTES) {
-      const block = baseDisk.subarray(offset, offset + BLOCK_BYTES);
-      if (!block.equals(ZERO_BLOCK)) index.add(block, { source: Source.BaseDisk, offset });
+    if (stored) {
+      for (const { offset, hash } of stored.disk) index.addHash(hash, { source: Source.BaseDisk, offset });
+    } else {
+      for (let offset = 0; offset + BLOCK_BYTES <= baseDisk.length; offset += BLOCK_BYTES) {
+        const block = baseDisk.subarray(offset, offset + BLOCK_BYTES);
+        if (!block.equals(ZERO_BLOCK)) index.add(block, { source: Source.BaseDisk, offset });
+      }
     }
 
     const stats: CreateStats = {
@@ -209,7 +229,9 @@ export async function createOverlay(options: CreateOptions): Promise<CreateStats
       xor: 0, literal: 0, literal_bytes: 0, raw_frame_bytes: 0, frames: 0,
     };
     const out = createWriteStream(framesFile);
-    const writer = new FrameWriter(out, options.level, options.parallelism);
+    // Kernel data that moved in guest memory matches the base's memory state at byte offsets only: zstd finds it there.
+    const memoryReference = (baseState && targetMemory && zstdReference(baseState, baseMemory!.image.length, OVERLAY_LIMITS.frameRawBytes)) || undefined;
+    const writer = new FrameWriter(out, options.level, options.parallelism, memoryReference);
     /**
      * One 4 KiB chunk of the target: elided if zero, a copy if known, an XOR with its `old` version (the base's at
      * the same place) if similar, else literal (and known from now on).
@@ -281,6 +303,7 @@ export async function createOverlay(options: CreateOptions): Promise<CreateStats
       disk: { virtual_size: targetDisk.length },
       memory: targetMemory ? { bytes: targetMemory.image.length } : null,
       service: { ...options.service, disk: 'disk.qcow2', state: targetMemory ? 'memory.sav' : null, boot: base.manifest.boot },
+      reference: memoryReference ? 'base-memory' : null,
       frames: writer.frames,
     };
     const manifestBytes = Buffer.from(JSON.stringify(manifest));

@@ -1,6 +1,6 @@
 /**
- * The VM overlay format, version 1 (docs/overlay-format.md): a fixed header, a JSON manifest, an optional ed25519
- * signature over the manifest, then independent zstd frames. Each frame holds records that write bytes of the
+ * The VM overlay format, version 2 (docs/overlay-format.md): a fixed header, a JSON manifest, an optional ed25519
+ * signature over the manifest, then independent zstd frames (optionally compressed against the base's memory state). Each frame holds records that write bytes of the
  * target disk or the target memory state, from the frame itself (literal), as zeros, or copied from the base disk,
  * the base memory state, or what the overlay already wrote. This module only encodes and decodes; it does no I/O.
  */
@@ -10,7 +10,7 @@ import { parseManifest } from '../core/manifest';
 import type { ServiceManifest } from '../core/types';
 
 export const OVERLAY_MAGIC = 'CLOVRLAY';
-export const OVERLAY_FORMAT = 1;
+export const OVERLAY_FORMAT = 2;
 /** magic[8], u32 format, u32 manifest bytes, u32 signature bytes, sha256(manifest)[32]; big-endian. */
 export const HEADER_BYTES = 52;
 /** Disk records are whole 4 KiB blocks: the synthesized qcow2 has 4 KiB clusters. */
@@ -26,6 +26,9 @@ export const OVERLAY_LIMITS = {
   /** A save image holds at most the guest's RAM plus device state and headers. */
   memorySlackBytes: 64 << 20,
 };
+
+/** What the frames may have been compressed against (zstd --patch-from): null, or the base's memory state file. */
+export type FrameReference = 'base-memory' | null;
 
 export interface FrameEntry {
   /** Compressed bytes in the overlay. */
@@ -43,6 +46,7 @@ export interface OverlayManifest {
   memory: { bytes: number } | null;
   /** The Service VM's manifest: disk `disk.qcow2`, state `memory.sav` (or null), boot files of the base. */
   service: ServiceManifest;
+  reference: FrameReference;
   frames: FrameEntry[];
 }
 
@@ -184,13 +188,15 @@ function checkManifest(json: Record<string, unknown>): OverlayManifest {
   if (memory && (memory.bytes as number) > service.memory_mib * 2 ** 20 + OVERLAY_LIMITS.memorySlackBytes) {
     throw tooLarge(`a memory state of ${memory.bytes} bytes for a ${service.memory_mib} MiB guest`);
   }
+  const reference = json.reference;
+  if (reference !== null && reference !== 'base-memory') throw invalid('manifest: reference must be null or "base-memory"');
   const frames = json.frames;
   if (!Array.isArray(frames) || frames.length > OVERLAY_LIMITS.frames) throw invalid('manifest: frames must be a list');
   for (const f of frames as FrameEntry[]) {
     if (!isCount(f?.bytes) || !isCount(f.raw_bytes) || typeof f.sha256 !== 'string' || !/^[0-9a-f]{64}$/.test(f.sha256)) throw invalid('manifest: bad frame entry');
     if (f.raw_bytes > OVERLAY_LIMITS.frameRawBytes) throw tooLarge(`a frame of ${f.raw_bytes} bytes`);
   }
-  return { format: OVERLAY_FORMAT, base, disk: { virtual_size: diskSize }, memory: memory ? { bytes: memory.bytes as number } : null, service, frames: frames as FrameEntry[] };
+  return { format: OVERLAY_FORMAT, base, disk: { virtual_size: diskSize }, memory: memory ? { bytes: memory.bytes as number } : null, service, reference, frames: frames as FrameEntry[] };
 }
 
 /** Bytes of the whole overlay file its header and manifest describe. */

@@ -3,16 +3,20 @@
  * through the HTTP server's stream endpoint) and publishes the cloudlet's state there as retained JSON, so any MQTT
  * dashboard that subscribes sees the current state at once and every change after it. Optionally it mirrors every
  * publication to an external broker (fleet dashboards). The topic tree is documented in docs/telemetry.md.
+ * Clients only subscribe: with `mqtt.access: devices` they log in as a paired device (its id and token) or as
+ * `admin`, checked by the HTTP API's own access gate, and a device whose authorization ends is disconnected.
  */
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
-import { Aedes } from 'aedes';
+import { Aedes, type AuthenticateError, type Client } from 'aedes';
 import type { MqttClient } from 'mqtt';
 import { eventJson, instanceJson } from '../api/v1';
 import type { AgentConfig } from '../config';
 import type { CloudletEvent } from '../core/events';
 import type { CloudletApi, Service } from '../core/types';
 import type { Logger } from '../log';
+import type { AccessGate, Transport } from '../trust/access';
+import type { DeviceRegistry } from '../trust/devices';
 
 /** How long the external client waits between reconnection attempts. */
 const EXTERNAL_RECONNECT_MS = 2000;
@@ -23,6 +27,8 @@ export interface TelemetryOptions {
   hostname: string;
   agentVersion: string;
   log: Logger;
+  /** How `mqtt.access: devices` checks a CONNECT's credentials, and learns that a device's authorization ended. */
+  credentials: { gate: AccessGate; devices: Pick<DeviceRegistry, 'on' | 'off'> };
 }
 
 /** The agent's topic tree under `root` (docs/telemetry.md). */
@@ -47,6 +53,10 @@ export class Telemetry {
   private readonly unsubscribe: () => void;
   private readonly metricsTimer: NodeJS.Timeout;
   private closed = false;
+  /** How each connection reached the broker (the credential check needs it), and which device logged in on it. */
+  private readonly transports = new WeakMap<Client, Transport>();
+  private readonly deviceOf = new Map<Client, string>();
+  private readonly onDeviceEnded = (device: { id: string }) => this.disconnectDevice(device.id);
 
   private constructor(
     private readonly options: TelemetryOptions,
@@ -57,21 +67,30 @@ export class Telemetry {
     private readonly external: MqttClient | null,
   ) {
     this.unsubscribe = options.api.subscribe((event) => this.onEvent(event));
+    options.credentials.devices.on('device-ended', this.onDeviceEnded);
     this.metricsTimer = setInterval(() => void this.publishMetrics(), options.config.metricsIntervalMs);
     this.metricsTimer.unref();
   }
 
   static async start(options: TelemetryOptions): Promise<Telemetry> {
     const topics = new TopicTree(options.config.topicRoot ?? `cloudlet/${options.hostname}`);
+    let telemetry: Telemetry | undefined;
     const broker = await Aedes.createBroker({
       id: `cloudlet-agent-${options.hostname}`,
-      // Subscribers are welcome anywhere; only the agent itself (which publishes through the broker object, not as a
-      // client) writes under its tree, so no phone can fake a VM's state.
-      authorizePublish: (_client, packet, callback) => {
-        callback(topics.owns(packet.topic) ? new Error(`${packet.topic} is published by the cloudlet agent only`) : null);
+      authenticate: (client, username, password, done) => {
+        if (options.config.access === 'anonymous-read') return done(null, true);
+        const refused = telemetry!.login(client, username, password);
+        done(refused, refused === null);
+      },
+      // Clients only read: the agent publishes through the broker object, not as a client, so no phone can fake a
+      // VM's state or use the cloudlet as its own message bus.
+      authorizePublish: (client, packet, callback) => {
+        callback(client ? new Error(`${packet.topic}: clients of the cloudlet's broker may only subscribe`) : null);
       },
     });
-    const server = net.createServer((socket) => broker.handle(socket));
+    broker.on('clientDisconnect', (client) => telemetry?.deviceOf.delete(client));
+    // A connection in the moment before the broker is ready is turned away (the client reconnects).
+    const server = net.createServer((socket) => telemetry ? telemetry.handle(socket, { remoteAddress: socket.remoteAddress ?? '', secure: false }) : socket.destroy());
     // A box that cannot have its MQTT port (another broker holds it) must still serve phones: telemetry goes on over
     // the API port's /mqtt WebSocket, and the log says why TCP is missing.
     const listening = await new Promise<boolean>((resolve) => {
@@ -83,7 +102,7 @@ export class Telemetry {
     });
     if (listening) options.log(`MQTT broker listening on ${options.config.host}:${(server.address() as net.AddressInfo).port}, topics under ${topics.root}/`);
     const external = options.config.externalUrl ? connectExternal(options, topics) : null;
-    const telemetry = new Telemetry(options, topics, broker, listening ? server : null, external);
+    telemetry = new Telemetry(options, topics, broker, listening ? server : null, external);
     external?.on('connect', () => telemetry.republishToExternal());
     telemetry.publishRetained(topics.status, telemetry.statusJson('online'));
     for (const instance of options.api.listInstances()) telemetry.publishRetained(topics.instance(instance.id), JSON.stringify(instanceJson(instance)));
@@ -92,9 +111,37 @@ export class Telemetry {
     return telemetry;
   }
 
-  /** Serve one MQTT connection arriving over another transport (the WebSocket endpoint). */
-  handle(stream: Duplex): void {
-    this.broker.handle(stream);
+  /** Serve one MQTT connection (a TCP socket, or a WebSocket stream from the HTTP server). */
+  handle(stream: Duplex, transport: Transport): void {
+    this.transports.set(this.broker.handle(stream), transport);
+  }
+
+  /**
+   * `mqtt.access: devices`: username = a paired device's id and password = its token, or `admin` and the admin token,
+   * under the HTTP API's rules (a token crosses a network only inside TLS). Returns why a CONNECT is refused, or null.
+   */
+  private login(client: Client, username: string | undefined, password: Buffer | undefined): AuthenticateError | null {
+    const refuse = (message: string) => Object.assign(new Error(message), { returnCode: 4 as AuthenticateError['returnCode'] });
+    if (!username || !password) return refuse('a username (device id) and password (its token) are required');
+    try {
+      const caller = this.options.credentials.gate.authorize('device', password.toString('utf8'), this.transports.get(client) ?? { remoteAddress: '', secure: false });
+      const name = caller.kind === 'admin' ? 'admin' : caller.kind === 'device' ? caller.device.id : null;
+      if (name !== username) return refuse(`the token does not belong to ${username}`);
+      if (caller.kind === 'device') this.deviceOf.set(client, caller.device.id);
+      return null;
+    } catch (err) {
+      return refuse((err as Error).message);
+    }
+  }
+
+  /** A device whose authorization ended (revoked, removed, expired) loses its subscriptions at once. */
+  private disconnectDevice(deviceId: string): void {
+    for (const [client, id] of this.deviceOf) {
+      if (id !== deviceId) continue;
+      this.options.log(`MQTT: disconnecting ${client.id}: device ${deviceId} may no longer subscribe`);
+      this.deviceOf.delete(client);
+      client.close();
+    }
   }
 
   /** Says offline (retained), then stops the broker. */
@@ -102,6 +149,7 @@ export class Telemetry {
     if (this.closed) return;
     this.closed = true;
     this.unsubscribe();
+    this.options.credentials.devices.off('device-ended', this.onDeviceEnded);
     clearInterval(this.metricsTimer);
     this.publishRetained(this.topics.status, this.statusJson('offline'));
     await new Promise<void>((resolve) => (this.external ? this.external.end(false, {}, () => resolve()) : resolve()));

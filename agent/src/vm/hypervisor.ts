@@ -1,14 +1,15 @@
 import { constants as fsc } from 'node:fs';
 import { access, readFile } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Connection, DomainEvent, DomainFlags, LibvirtError, StoppedDetail, libvirtInfo } from '../../../native/libvirt';
-import { CloudletError } from '../errors';
+import { CloudletError, isNoSpace } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';
 import type { InstanceEnding, InstanceRuntime } from '../mechanisms/mechanism';
 import { readConsoleTail } from './console-log';
 import { METADATA_KEY, METADATA_URI, metadataElement, parseMetadataElement } from './domain-xml';
 import { instanceFiles } from './instance-domain';
-import { prepareRestoreSource, type SaveImageHeader, type StreamProgress } from './save-image';
+import { prepareRestoreSource, type LiveMigrationStream, type SaveImageHeader, type StreamProgress } from './save-image';
 
 /**
  * libvirt failures become HYPERVISOR_ERROR carrying libvirt's own code and message; QEMU refusing a forward whose
@@ -17,9 +18,16 @@ import { prepareRestoreSource, type SaveImageHeader, type StreamProgress } from 
 function hypervisorError(err: unknown): unknown {
   if (!(err instanceof LibvirtError)) return err;
   if (/Could not set up host forwarding rule/i.test(err.message)) return new CloudletError('NO_FREE_PORT', err.message, { cause: err });
+  // Saving a memory state or writing a console log into a full data directory.
+  if (isNoSpace(err)) return new CloudletError('NO_SPACE', err.message, { cause: err, details: { libvirt_code: err.code } });
   const code = err.code === 'LIBVIRT_UNAVAILABLE' || err.code === 'LIBVIRT_UNSUPPORTED' || err.code === 'NATIVE_SHIM_MISSING' || err.code === 'CONNECTION_CLOSED'
     ? 'HYPERVISOR_UNAVAILABLE' : 'HYPERVISOR_ERROR';
   return new CloudletError(code, err.message, { cause: err, details: { libvirt_code: err.code } });
+}
+
+/** libvirt's own error code behind a mapped error, if there is one. */
+function libvirtCodeOf(err: unknown): string | undefined {
+  return err instanceof CloudletError ? (err.details as { libvirt_code?: string } | undefined)?.libvirt_code : undefined;
 }
 
 async function mapped<T>(call: Promise<T>): Promise<T> {
@@ -45,37 +53,65 @@ async function kvmWorks(conn: Connection): Promise<boolean> {
   }
 }
 
-/** The agent's view of libvirt: Service VM domains identified by our <metadata>. Only this module uses native/. */
+/** libvirt errors that can mean the connection itself is gone (then its liveness decides). */
+const CONNECTION_ERRORS = new Set(['VIR_ERR_INTERNAL_ERROR', 'VIR_ERR_NO_CONNECT', 'VIR_ERR_INVALID_CONN', 'VIR_ERR_SYSTEM_ERROR', 'VIR_ERR_RPC']);
+/** How often the connection's liveness is checked (a local check in libvirt's client, no round trip). */
+const LIVENESS_INTERVAL_MS = 1000;
+/** Reconnect attempts back off from the first delay to the last, then keep trying at the last. */
+const RECONNECT_DELAYS_MS = [250, 500, 1000, 2000, 5000];
+
+/**
+ * The agent's view of libvirt: Service VM domains identified by our <metadata>. Only this module uses native/.
+ *
+ * The connection is watched (liveness every second, and at once when a call fails the way a dead connection makes
+ * calls fail). When it is lost (libvirtd restarted or killed), calls fail fast with HYPERVISOR_UNAVAILABLE while the
+ * connection is reopened with backoff; then lifecycle events are registered again and the reconnect listeners (the
+ * registry, which converges with libvirt's view) are told.
+ */
 export class Hypervisor implements InstanceRuntime {
+  /** null while disconnected. */
+  private conn: Connection | null;
+  private readonly reconnectListeners: Array<() => void> = [];
+  private endedListener: ((id: string, ending: InstanceEnding) => void) | undefined;
+  private livenessTimer: NodeJS.Timeout | undefined;
+  private reconnecting: Promise<void> | undefined;
+  private closed = false;
+
   private constructor(
-    private readonly conn: Connection,
+    conn: Connection,
+    readonly uri: string,
     readonly domainType: 'kvm' | 'qemu',
     readonly libvirtVersion: string,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.conn = conn;
+    this.watchLiveness();
+  }
 
   static async connect(uri: string, requested: 'auto' | 'kvm' | 'qemu', log: Logger): Promise<Hypervisor> {
     const libvirtVersion = mappedSync(() => libvirtInfo().libraryVersion);
     const conn = await mapped(Connection.open(uri));
     const domainType = requested === 'auto' ? ((await kvmWorks(conn)) ? 'kvm' : 'qemu') : requested;
     log(`connected to ${uri} (libvirt ${libvirtVersion}); Service VMs run as domain type ${domainType}`);
-    return new Hypervisor(conn, domainType, libvirtVersion, log);
+    return new Hypervisor(conn, uri, domainType, libvirtVersion, log);
   }
 
-  get uri(): string {
-    return this.conn.uri;
+  /** Call listener each time the connection is back after it was lost. */
+  onReconnected(listener: () => void): void {
+    this.reconnectListeners.push(listener);
   }
 
   /** Start a transient domain: it disappears from libvirt when it stops, so nothing is left defined. */
   async boot(xml: string): Promise<void> {
-    await mapped(this.conn.createDomain(xml));
+    await this.call((c) => c.createDomain(xml));
   }
 
   /** Restore a new transient domain from a service's saved memory state, with the instance's own XML. */
-  async restore(state: { path: string; header: SaveImageHeader }, xml: string, workDir: string, onProgress?: StreamProgress): Promise<void> {
-    const source = await prepareRestoreSource(state.path, state.header, xml, workDir, onProgress);
+  async restore(state: { image: string | LiveMigrationStream; header: SaveImageHeader }, xml: string, workDir: string, onProgress?: StreamProgress): Promise<void> {
+    const conn = this.connection();
+    const source = await prepareRestoreSource(state.image, state.header, xml, workDir, onProgress);
     try {
-      await Promise.all([mapped(this.conn.restoreDomain(source.path, null, DomainFlags.VIR_DOMAIN_SAVE_RUNNING)), source.done()]);
+      await Promise.all([this.call(() => conn.restoreDomain(source.path, null, DomainFlags.VIR_DOMAIN_SAVE_RUNNING)), source.done()]);
     } finally {
       await source.dispose();
     }
@@ -83,27 +119,28 @@ export class Hypervisor implements InstanceRuntime {
 
   /** Save the domain's memory state to `path`; the domain stops. */
   async save(uuid: string, path: string): Promise<void> {
-    await mapped(this.conn.saveDomain(uuid, path, null, 0));
+    await this.call((c) => c.saveDomain(uuid, path, null, 0));
   }
 
   /** Destroy a domain; one that is already gone counts as destroyed. */
   async destroy(uuid: string): Promise<void> {
     try {
-      await this.conn.destroyDomain(uuid);
+      await this.call((c) => c.destroyDomain(uuid));
     } catch (err) {
-      if (err instanceof LibvirtError && (err.code === 'VIR_ERR_NO_DOMAIN' || err.code === 'VIR_ERR_OPERATION_INVALID')) return;
-      throw hypervisorError(err);
+      const code = libvirtCodeOf(err);
+      if (code === 'VIR_ERR_NO_DOMAIN' || code === 'VIR_ERR_OPERATION_INVALID') return;
+      throw err;
     }
   }
 
   /** UUIDs of every running domain: the cheap call the registry polls to notice VMs that ended outside the agent. */
   async running(): Promise<Set<string>> {
-    const domains = await mapped(this.conn.listDomains(DomainFlags.VIR_CONNECT_LIST_DOMAINS_ACTIVE));
+    const domains = await this.call((c) => c.listDomains(DomainFlags.VIR_CONNECT_LIST_DOMAINS_ACTIVE));
     return new Set(domains.map((d) => d.uuid));
   }
 
   async writeRecord(meta: InstanceRecord): Promise<void> {
-    await mapped(this.conn.setMetadata(meta.id, metadataElement(meta), METADATA_KEY, METADATA_URI, DomainFlags.VIR_DOMAIN_AFFECT_LIVE));
+    await this.call((c) => c.setMetadata(meta.id, metadataElement(meta), METADATA_KEY, METADATA_URI, DomainFlags.VIR_DOMAIN_AFFECT_LIVE));
   }
 
   /** Every running domain that carries our metadata: the instances to adopt after an agent restart. */
@@ -111,20 +148,27 @@ export class Hypervisor implements InstanceRuntime {
     const found: InstanceRecord[] = [];
     for (const uuid of await this.running()) {
       try {
-        const element = await this.conn.getMetadata(uuid, METADATA_URI, DomainFlags.VIR_DOMAIN_AFFECT_LIVE);
+        const element = await this.call((c) => c.getMetadata(uuid, METADATA_URI, DomainFlags.VIR_DOMAIN_AFFECT_LIVE));
         const meta = element ? parseMetadataElement(element) : null;
         if (meta) found.push(meta);
       } catch (err) {
         // A domain that vanished between the list and the read is simply not ours to adopt.
-        if (!(err instanceof LibvirtError && err.code === 'VIR_ERR_NO_DOMAIN')) this.log(`cannot read metadata of ${uuid}: ${(err as Error).message}`);
+        if (libvirtCodeOf(err) !== 'VIR_ERR_NO_DOMAIN') this.log(`cannot read metadata of ${uuid}: ${(err as Error).message}`);
       }
     }
     return found;
   }
 
-  /** libvirt's lifecycle events, reduced to the one the registry needs: a domain stopped, and why. */
+  /** libvirt's lifecycle events, reduced to the one the registry needs: a domain stopped, and why. Kept across reconnects. */
   async watchEnded(listener: (id: string, ending: InstanceEnding) => void): Promise<void> {
-    await mapped(this.conn.watchLifecycle((events) => {
+    this.endedListener = listener;
+    await this.registerLifecycle(this.connection());
+  }
+
+  private async registerLifecycle(conn: Connection): Promise<void> {
+    const listener = this.endedListener;
+    if (!listener) return;
+    await this.call(() => conn.watchLifecycle((events) => {
       for (const e of events) {
         if (e.event === DomainEvent.Stopped) listener(e.uuid, STOPPED_ENDINGS[e.detail as StoppedDetail] ?? { state: 'stopped', reason: 'vanished' });
       }
@@ -137,11 +181,83 @@ export class Hypervisor implements InstanceRuntime {
   }
 
   async isAlive(): Promise<boolean> {
-    return this.conn.isAlive().catch(() => false);
+    return this.conn ? this.conn.isAlive().catch(() => false) : false;
   }
 
   async close(): Promise<void> {
-    await this.conn.close();
+    this.closed = true;
+    clearTimeout(this.livenessTimer);
+    await this.conn?.close();
+  }
+
+  private connection(): Connection {
+    if (!this.conn) throw new CloudletError('HYPERVISOR_UNAVAILABLE', `the connection to ${this.uri} is lost; reconnecting`);
+    return this.conn;
+  }
+
+  /**
+   * One libvirt call on the current connection, its failure mapped to a CloudletError. A failure that came from a
+   * dead connection starts the reconnect and is reported as HYPERVISOR_UNAVAILABLE.
+   */
+  private async call<T>(operation: (conn: Connection) => Promise<T>): Promise<T> {
+    const conn = this.connection();
+    try {
+      return await operation(conn);
+    } catch (err) {
+      if (err instanceof LibvirtError && CONNECTION_ERRORS.has(err.code) && !(await conn.isAlive().catch(() => false))) {
+        this.lost(conn, err.message);
+        throw new CloudletError('HYPERVISOR_UNAVAILABLE', `the connection to ${this.uri} was lost: ${err.message}`, { cause: err, details: { libvirt_code: err.code } });
+      }
+      throw hypervisorError(err);
+    }
+  }
+
+  private watchLiveness(): void {
+    const tick = async () => {
+      const conn = this.conn;
+      if (conn && !(await conn.isAlive().catch(() => false))) this.lost(conn, 'the connection is no longer alive');
+      if (!this.closed) {
+        this.livenessTimer = setTimeout(() => void tick(), LIVENESS_INTERVAL_MS);
+        this.livenessTimer.unref();
+      }
+    };
+    this.livenessTimer = setTimeout(() => void tick(), LIVENESS_INTERVAL_MS);
+    this.livenessTimer.unref();
+  }
+
+  /** The connection `conn` is dead: drop it and reconnect (once, however many calls noticed). */
+  private lost(conn: Connection, why: string): void {
+    if (this.conn !== conn || this.closed) return;
+    this.conn = null;
+    this.log(`lost the connection to ${this.uri} (${why}); reconnecting`);
+    void conn.close().catch(() => {});
+    this.reconnecting ??= this.reconnect().finally(() => { this.reconnecting = undefined; });
+  }
+
+  private async reconnect(): Promise<void> {
+    const lostAt = Date.now();
+    let lastProblem = '';
+    for (let attempt = 0; !this.closed; attempt++) {
+      await sleep(RECONNECT_DELAYS_MS[Math.min(attempt, RECONNECT_DELAYS_MS.length - 1)]!);
+      let conn: Connection;
+      try {
+        conn = await Connection.open(this.uri);
+      } catch (err) {
+        // Logged when the reason changes, not on every attempt.
+        if ((err as Error).message !== lastProblem) this.log(`cannot reconnect to ${this.uri} yet: ${(err as Error).message}`);
+        lastProblem = (err as Error).message;
+        continue;
+      }
+      if (this.closed) {
+        await conn.close();
+        return;
+      }
+      this.conn = conn;
+      await this.registerLifecycle(conn).catch((err: Error) => this.log(`no lifecycle events after reconnecting, polling only: ${err.message}`));
+      this.log(`reconnected to ${this.uri} after ${Date.now() - lostAt} ms`);
+      for (const listener of this.reconnectListeners) listener();
+      return;
+    }
   }
 }
 

@@ -137,6 +137,13 @@ export async function readSaveImageHeader(path: string): Promise<SaveImageHeader
   }
 }
 
+/** The header at the start of a save image that is being read as a stream: `read(n)` gives exactly the next n bytes. */
+export async function readSaveImageHeaderFrom(read: (bytes: number) => Promise<Buffer>): Promise<SaveImageHeader> {
+  const fixed = await read(FIXED_HEADER_BYTES);
+  const { dataLength } = decodeFixedHeader(fixed);
+  return decodeSaveImageHeader(Buffer.concat([fixed, await read(dataLength)]));
+}
+
 const execFileAsync = promisify(execFile);
 const openFd = promisify(openCallback);
 const closeFd = promisify(closeCallback);
@@ -150,7 +157,14 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
 /** Bytes of the image written to the reader so far, and in all. */
 export type StreamProgress = (done: number, total: number) => void;
 
-export async function prepareRestoreSource(templatePath: string, template: SaveImageHeader, xml: string, instanceDir: string,
+/** A migration stream that is being produced while it is restored (VM Synthesis), and how long it will be. */
+export interface LiveMigrationStream {
+  chunks: AsyncIterable<Buffer>;
+  bytes: number;
+}
+
+/** `templatePath`: the save image whose migration stream is streamed, or a live migration stream; `template` is its header. */
+export async function prepareRestoreSource(templatePath: string | LiveMigrationStream, template: SaveImageHeader, xml: string, instanceDir: string,
   onProgress: StreamProgress = () => {}): Promise<RestoreSource> {
   const header = encodeSaveImageHeader({ xml, cookie: template.cookie, wasRunning: template.wasRunning, compressed: template.compressed });
   const path = join(instanceDir, 'memory-state.fifo');
@@ -176,9 +190,9 @@ export async function prepareRestoreSource(templatePath: string, template: SaveI
   };
 }
 
-async function feed(path: string, templatePath: string, streamOffset: number, header: Buffer, signal: AbortSignal,
+async function feed(path: string, templatePath: string | LiveMigrationStream, streamOffset: number, header: Buffer, signal: AbortSignal,
   onProgress: StreamProgress): Promise<void> {
-  const total = header.length + (await stat(templatePath)).size - streamOffset;
+  const total = header.length + (typeof templatePath === 'string' ? (await stat(templatePath)).size - streamOffset : templatePath.bytes);
   const fd = await openWhenReaderArrives(path, signal);
   const sink = new Socket({ fd, readable: false, writable: true }); // a pipe fd: libuv writes it non-blocking
   try {
@@ -186,7 +200,9 @@ async function feed(path: string, templatePath: string, streamOffset: number, he
       async function* () {
         let done = header.length;
         yield header;
-        for await (const chunk of createReadStream(templatePath, { start: streamOffset, highWaterMark: STREAM_CHUNK_BYTES })) {
+        const chunks = typeof templatePath === 'string'
+          ? createReadStream(templatePath, { start: streamOffset, highWaterMark: STREAM_CHUNK_BYTES }) : templatePath.chunks;
+        for await (const chunk of chunks) {
           yield chunk;
           done += (chunk as Buffer).length;
           onProgress(done, total);

@@ -1,0 +1,81 @@
+/**
+ * Who may call what. Every /v1 route has an access level: `open` (no credential: health, discovery-level info,
+ * pairing claims, public downloads), `device` (a paired device's bearer token, or the admin token) or `admin` (the
+ * admin token, from loopback only). The HTTP server asks `authorize` before it reads a body (docs/security.md).
+ */
+import net from 'node:net';
+import { timingSafeEqual } from 'node:crypto';
+import { CloudletError } from '../errors';
+import { sha256, type DeviceRegistry, type PairedDevice } from './devices';
+
+export type Access = 'open' | 'device' | 'admin';
+
+export type Caller = { kind: 'admin' } | { kind: 'device'; device: PairedDevice } | { kind: 'anonymous' };
+
+/** How a request reached the agent. */
+export interface Transport {
+  remoteAddress: string;
+  /** Over the TLS listener. */
+  secure: boolean;
+}
+
+export interface AccessGate {
+  /** The caller a request's credential names, if the route's access level lets it in; else throws the reason. */
+  authorize(access: Access, token: string | undefined, transport: Transport): Caller;
+}
+
+const LOOPBACK = new net.BlockList();
+LOOPBACK.addSubnet('127.0.0.0', 8, 'ipv4');
+LOOPBACK.addAddress('::1', 'ipv6');
+
+/** 127.0.0.0/8, ::1, and IPv4-mapped loopback, in any textual form. */
+export function isLoopback(address: string): boolean {
+  const family = net.isIP(address);
+  return family !== 0 && LOOPBACK.check(address, family === 6 ? 'ipv6' : 'ipv4');
+}
+
+/**
+ * Secrets (tokens, pairing codes) cross a network only inside TLS: in clear they are accepted from loopback alone,
+ * where there is no wire to sniff. Throws TLS_REQUIRED otherwise.
+ */
+export function requireConfidential(transport: Transport): void {
+  if (!transport.secure && !isLoopback(transport.remoteAddress)) {
+    throw new CloudletError('TLS_REQUIRED', 'credentials are only accepted over HTTPS (the TLS port) from another machine');
+  }
+}
+
+/** The token of an `Authorization: Bearer <token>` header (the scheme in any case); undefined for any other form. */
+export function bearerToken(authorization: string | undefined): string | undefined {
+  const match = authorization === undefined ? null : /^bearer[ \t]+(\S+)[ \t]*$/i.exec(authorization);
+  return match ? match[1] : undefined;
+}
+
+export class TokenGate implements AccessGate {
+  private readonly adminTokenSha256: Buffer;
+
+  constructor(private readonly devices: DeviceRegistry, adminToken: string) {
+    this.adminTokenSha256 = sha256(adminToken);
+  }
+
+  authorize(access: Access, token: string | undefined, transport: Transport): Caller {
+    if (token !== undefined) requireConfidential(transport);
+    if (access === 'open') {
+      // Open to all, but a valid credential still says who calls (the operator is not rate-limited; a device's KD
+      // start records it as the owner); an invalid one is no reason to refuse what anyone may do.
+      if (token === undefined) return { kind: 'anonymous' };
+      try {
+        return this.authorize('device', token, transport);
+      } catch {
+        return { kind: 'anonymous' };
+      }
+    }
+    if (token === undefined) throw new CloudletError('UNAUTHENTICATED', 'this route needs a credential: Authorization: Bearer <token> (pair this device first)');
+    if (timingSafeEqual(sha256(token), this.adminTokenSha256)) {
+      if (!isLoopback(transport.remoteAddress)) throw new CloudletError('ADMIN_ONLY', 'the admin credential is only accepted on the cloudlet itself (loopback)');
+      return { kind: 'admin' };
+    }
+    const device = this.devices.authenticate(token);
+    if (access === 'admin') throw new CloudletError('ADMIN_ONLY', 'this route is for the operator on the cloudlet (the admin credential, from loopback)');
+    return { kind: 'device', device };
+  }
+}

@@ -1,0 +1,222 @@
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { CloudletError, isErrno } from '../errors';
+import { writeSecretFile } from './secret-file';
+
+/**
+ * The devices (phones, laptops) paired with this cloudlet, persisted in `<dataDir>/trust/devices.json` (0600).
+ * Each device has its own random bearer token, of which only the SHA-256 is stored, and its own random password for
+ * the legacy KD-Cloudlet encrypted face: nothing is derived from a shared secret, so one leaked phone exposes
+ * nothing of another (KD-Cloudlet derives every device's key from one master secret).
+ */
+export interface PairedDevice {
+  id: string;
+  name: string;
+  pairedAt: string;
+  expiresAt: string | null;
+  revokedAt: string | null;
+}
+
+/** Why a device may not act now (null: it may). */
+export type DeviceStanding = 'not-paired' | 'revoked' | 'expired' | null;
+
+/** How a device's authorization ended; its instances are then released. */
+export type DeviceEndReason = 'revoked' | 'removed' | 'expired';
+
+interface StoredDevice extends PairedDevice {
+  tokenSha256: string;
+  legacyPassword: string;
+}
+
+interface DevicesFile {
+  version: 1;
+  devices: StoredDevice[];
+}
+
+export const DEVICE_TOKEN_PREFIX = 'cld_';
+/** Client-chosen device ids (e.g. the KD-Cloudlet device id the phone already uses). */
+const DEVICE_ID = /^[A-Za-z0-9._:-]{1,64}$/;
+/** setTimeout's limit; a longer wait is re-armed when it fires. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+export interface DeviceRegistryEvents {
+  'device-ended': [device: PairedDevice, reason: DeviceEndReason];
+}
+
+export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
+  private readonly devices = new Map<string, StoredDevice>();
+  private readonly expiryTimers = new Map<string, NodeJS.Timeout>();
+  private expiryArmed = false;
+  /** Writes of devices.json, one after another. */
+  private saving: Promise<void> = Promise.resolve();
+
+  private constructor(private readonly file: string) {
+    super();
+  }
+
+  static async open(dataDir: string): Promise<DeviceRegistry> {
+    const registry = new DeviceRegistry(path.join(dataDir, 'trust', 'devices.json'));
+    try {
+      const stored = JSON.parse(await readFile(registry.file, 'utf8')) as DevicesFile;
+      for (const device of stored.devices) registry.devices.set(device.id, device);
+    } catch (err) {
+      if (!isErrno(err, 'ENOENT')) throw err;
+    }
+    return registry;
+  }
+
+  list(): PairedDevice[] {
+    return [...this.devices.values()].sort((a, b) => a.pairedAt.localeCompare(b.pairedAt) || a.id.localeCompare(b.id)).map(publicView);
+  }
+
+  get(id: string): PairedDevice | undefined {
+    const device = this.devices.get(id);
+    return device && publicView(device);
+  }
+
+  /** The device a bearer token belongs to; throws UNAUTHENTICATED / DEVICE_REVOKED / DEVICE_EXPIRED. */
+  authenticate(token: string): PairedDevice {
+    const presented = sha256(token);
+    let found: StoredDevice | undefined;
+    // Every stored hash is compared, in constant time, so timing says nothing about which one matched.
+    for (const device of this.devices.values()) {
+      if (timingSafeEqual(presented, Buffer.from(device.tokenSha256, 'hex'))) found = device;
+    }
+    if (!found) throw new CloudletError('UNAUTHENTICATED', 'the credential is not valid for this cloudlet');
+    const standing = this.standingOf(found);
+    if (standing === 'revoked') throw new CloudletError('DEVICE_REVOKED', `device ${found.id} was revoked`, { details: { device_id: found.id } });
+    if (standing === 'expired') throw new CloudletError('DEVICE_EXPIRED', `the authorization of device ${found.id} expired`, { details: { device_id: found.id } });
+    return publicView(found);
+  }
+
+  /** The device's own legacy KD-Cloudlet encryption password (for /api/command); throws DEVICE_NOT_FOUND. */
+  legacyPassword(id: string): string {
+    return this.stored(id).legacyPassword;
+  }
+
+  standing(id: string): DeviceStanding {
+    const device = this.devices.get(id);
+    return device ? this.standingOf(device) : 'not-paired';
+  }
+
+  /**
+   * Pair a new device: it gets a fresh random token, returned here once and never stored in clear. A client-chosen
+   * id must not be in use (re-pairing a phone means removing its old entry first, so a pairing code never takes
+   * over another device's instances).
+   */
+  async add(options: { id?: string; name: string; expiresInMinutes?: number }): Promise<{ device: PairedDevice; token: string }> {
+    const id = options.id ?? `dev-${randomBytes(8).toString('hex')}`;
+    checkDeviceId(id);
+    if (this.devices.has(id)) throw new CloudletError('CONFLICT', `device ${id} is already paired; remove it first to pair it again`, { details: { device_id: id } });
+    const now = Date.now();
+    const token = DEVICE_TOKEN_PREFIX + randomBytes(32).toString('base64url');
+    const device: StoredDevice = {
+      id,
+      name: options.name,
+      pairedAt: new Date(now).toISOString(),
+      expiresAt: options.expiresInMinutes === undefined ? null : new Date(now + options.expiresInMinutes * 60_000).toISOString(),
+      revokedAt: null,
+      tokenSha256: sha256(token).toString('hex'),
+      legacyPassword: randomBytes(32).toString('hex'),
+    };
+    this.devices.set(id, device);
+    try {
+      await this.save();
+    } catch (err) {
+      this.devices.delete(id);
+      throw err;
+    }
+    if (this.expiryArmed) this.armExpiry(device);
+    return { device: publicView(device), token };
+  }
+
+  /** Revoke a device: its token is refused from now on and its instances are released. Revoking again is a no-op. */
+  async revoke(id: string): Promise<void> {
+    const device = this.stored(id);
+    if (device.revokedAt !== null) return;
+    device.revokedAt = new Date().toISOString();
+    this.disarmExpiry(id);
+    await this.save();
+    this.emit('device-ended', publicView(device), 'revoked');
+  }
+
+  /** Forget a device altogether (its id may then be paired again); its instances are released. */
+  async remove(id: string): Promise<void> {
+    const device = this.stored(id);
+    this.devices.delete(id);
+    this.disarmExpiry(id);
+    await this.save();
+    if (this.standingOf(device) === null) this.emit('device-ended', publicView(device), 'removed');
+  }
+
+  /**
+   * Start watching expiry dates: call once the 'device-ended' listeners are in place (after the instances were
+   * adopted at start), so an authorization that expired while the agent was down ends at once, and every later
+   * one when it is due — timers survive a restart because they are re-armed from the stored dates.
+   */
+  startExpiryTimers(): void {
+    this.expiryArmed = true;
+    for (const device of this.devices.values()) this.armExpiry(device);
+  }
+
+  /** Stop every expiry timer (agent shutdown). */
+  close(): void {
+    this.expiryArmed = false;
+    for (const id of [...this.expiryTimers.keys()]) this.disarmExpiry(id);
+  }
+
+  private armExpiry(device: StoredDevice): void {
+    if (device.expiresAt === null || device.revokedAt !== null) return;
+    this.disarmExpiry(device.id);
+    const due = Date.parse(device.expiresAt) - Date.now();
+    const timer = setTimeout(() => {
+      this.expiryTimers.delete(device.id);
+      if (this.devices.get(device.id) !== device || device.revokedAt !== null) return;
+      if (Date.parse(device.expiresAt!) > Date.now()) return this.armExpiry(device);
+      this.emit('device-ended', publicView(device), 'expired');
+    }, Math.min(Math.max(due, 0), MAX_TIMER_MS));
+    timer.unref();
+    this.expiryTimers.set(device.id, timer);
+  }
+
+  private disarmExpiry(id: string): void {
+    clearTimeout(this.expiryTimers.get(id));
+    this.expiryTimers.delete(id);
+  }
+
+  private standingOf(device: StoredDevice): DeviceStanding {
+    if (device.revokedAt !== null) return 'revoked';
+    if (device.expiresAt !== null && Date.parse(device.expiresAt) <= Date.now()) return 'expired';
+    return null;
+  }
+
+  private stored(id: string): StoredDevice {
+    const device = this.devices.get(id);
+    if (!device) throw new CloudletError('DEVICE_NOT_FOUND', `no paired device ${id}`, { details: { device_id: id } });
+    return device;
+  }
+
+  private save(): Promise<void> {
+    const content: DevicesFile = { version: 1, devices: [...this.devices.values()] };
+    const text = JSON.stringify(content, null, 2) + '\n';
+    this.saving = this.saving.catch(() => {}).then(() => writeSecretFile(this.file, text));
+    return this.saving;
+  }
+}
+
+/** Throws INVALID_PARAMETER unless `id` can name a device. */
+export function checkDeviceId(id: string): void {
+  if (!DEVICE_ID.test(id)) {
+    throw new CloudletError('INVALID_PARAMETER', 'device_id must be 1-64 characters of A-Z a-z 0-9 . _ : -', { details: { parameter: 'device_id' } });
+  }
+}
+
+function publicView(device: StoredDevice): PairedDevice {
+  return { id: device.id, name: device.name, pairedAt: device.pairedAt, expiresAt: device.expiresAt, revokedAt: device.revokedAt };
+}
+
+export function sha256(text: string): Buffer {
+  return createHash('sha256').update(text).digest();
+}

@@ -1,0 +1,84 @@
+import { randomInt, timingSafeEqual } from 'node:crypto';
+import { CloudletError } from '../errors';
+import { checkDeviceId, type DeviceRegistry, type PairedDevice } from './devices';
+
+/**
+ * Pairing windows: the operator on the box opens a short window and reads a one-time code to the phone's user; the
+ * phone presents it once and gets its own credential. One window at a time (a new one replaces the last); a window
+ * closes when its code is used, when it times out, or after MAX_WRONG_CODES wrong codes (a guesser gets a handful of
+ * tries at 31^8 codes, then the operator must open a new window).
+ */
+export const CODE_ALPHABET = '23456789ABCDEFGHJKMNPQRSTUVWXYZ'; // no 0/O, 1/I/L
+export const CODE_LENGTH = 8;
+export const MAX_WRONG_CODES = 5;
+export const MAX_WINDOW_SECONDS = 3600;
+
+export interface PairingWindow {
+  code: string;
+  expiresAt: string;
+  /** How long the authorization of a device paired through this window lasts; null: until revoked. */
+  deviceExpiresInMinutes: number | null;
+}
+
+interface OpenWindow extends PairingWindow {
+  wrongCodes: number;
+}
+
+export class Pairing {
+  private window: OpenWindow | null = null;
+
+  constructor(private readonly devices: DeviceRegistry) {}
+
+  open(options: { ttlSeconds: number; expiresInMinutes?: number }): PairingWindow {
+    let code = '';
+    for (let i = 0; i < CODE_LENGTH; i++) code += CODE_ALPHABET[randomInt(CODE_ALPHABET.length)];
+    this.window = {
+      code,
+      expiresAt: new Date(Date.now() + options.ttlSeconds * 1000).toISOString(),
+      deviceExpiresInMinutes: options.expiresInMinutes ?? null,
+      wrongCodes: 0,
+    };
+    const { wrongCodes: _wrongCodes, ...view } = this.window;
+    return view;
+  }
+
+  /** Close the open window, if any (the operator changed their mind). */
+  close(): void {
+    this.window = null;
+  }
+
+  /** Pair a device with the window's code; the token in the answer exists nowhere else. */
+  async claim(code: string, request: { deviceId?: string; name: string }): Promise<{ device: PairedDevice; token: string }> {
+    const window = this.window;
+    if (!window || Date.parse(window.expiresAt) <= Date.now()) {
+      this.window = null;
+      throw new CloudletError('PAIRING_CLOSED', 'no pairing window is open; ask the operator to open one on the cloudlet');
+    }
+    if (!sameCode(code, window.code)) {
+      window.wrongCodes += 1;
+      const left = MAX_WRONG_CODES - window.wrongCodes;
+      if (left <= 0) this.window = null;
+      throw new CloudletError('PAIRING_CODE_INVALID', left > 0 ? 'wrong pairing code' : 'wrong pairing code; the pairing window is now closed',
+        { details: { attempts_left: Math.max(left, 0) } });
+    }
+    // A request the registry would refuse (a bad or taken device id) does not use the code up.
+    if (request.deviceId !== undefined) checkDeviceId(request.deviceId);
+    if (request.deviceId !== undefined && this.devices.get(request.deviceId)) {
+      throw new CloudletError('CONFLICT', `device ${request.deviceId} is already paired; remove it first to pair it again`, { details: { device_id: request.deviceId } });
+    }
+    // Used up before the first await: two claims racing with the same code cannot both pair.
+    this.window = null;
+    return this.devices.add({
+      name: request.name,
+      ...(request.deviceId !== undefined ? { id: request.deviceId } : {}),
+      ...(window.deviceExpiresInMinutes !== null ? { expiresInMinutes: window.deviceExpiresInMinutes } : {}),
+    });
+  }
+}
+
+/** Codes compare without case, spaces or dashes (read aloud as "ABCD-EFGH"), in constant time. */
+function sameCode(presented: string, expected: string): boolean {
+  const a = Buffer.from(presented.toUpperCase().replace(/[\s-]/g, ''));
+  const b = Buffer.from(expected);
+  return a.length === b.length && timingSafeEqual(a, b);
+}
