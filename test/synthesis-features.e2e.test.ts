@@ -8,7 +8,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { readChunkIndex } from '../agent/src/synthesis/chunk-index';
-import { AgentProcess, domainsUnder, fetchText, registerAgent } from './support/agent';
+import { AgentProcess, domainsUnder, fetchText, registerAgent, request } from './support/agent';
 import { cli } from './support/cli';
 import { createOverlay, prepareSynthesis, run, sendUploadBytes, type SynthesisFixture } from './support/synthesis-fixture';
 
@@ -94,6 +94,30 @@ t.test('cloudlet base export fetches the base resumably, and an overlay made aga
   const started = await agent.post('/v1/synthesis', { path: overlayFile });
   tt.equal(started.status, 201, started.body);
   tt.equal((await fetchText(started.json.endpoint.port)).trim(), CONTENT, 'the overlay made against the export synthesizes on the cloudlet');
+  await stopAll();
+});
+
+t.test('a phone\'s synthesis is its own: another phone neither sees nor continues its upload, nor stops its VM', async (tt) => {
+  const pair = async (name: string) => {
+    const window = await agent.post('/v1/pairing', {});
+    const claim = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name }, { authorization: '' });
+    tt.equal(claim.status, 201, claim.body);
+    return { id: claim.json.device_id as string, as: { authorization: `Bearer ${claim.json.token}` } };
+  };
+  const alice = await pair('alice');
+  const bob = await pair('bob');
+  const created = await request(agent.apiPort, 'POST', '/v1/synthesis/uploads', { bytes: overlay.length }, alice.as);
+  tt.equal(created.status, 201, created.body);
+  const upload = `/v1/synthesis/uploads/${created.json.id}`;
+  tt.equal((await request(agent.apiPort, 'GET', upload, undefined, bob.as)).json?.code, 'NOT_FOUND', 'bob does not see alice\'s upload');
+  const bobSends = await request(agent.apiPort, 'POST', `${upload}?offset=0`, overlay.subarray(0, 4096), { ...bob.as, 'content-type': 'application/octet-stream' });
+  tt.equal(bobSends.json?.code, 'NOT_FOUND', 'nor can he add bytes to it');
+  const done = await request(agent.apiPort, 'POST', `${upload}?offset=0`, overlay, { ...alice.as, 'content-type': 'application/octet-stream' });
+  tt.equal(done.status, 201, done.body);
+  tt.same(done.json.instance.owners, [alice.id], 'the synthesized instance is alice\'s');
+  const instance = `/v1/instances/${done.json.instance.id}`;
+  tt.equal((await request(agent.apiPort, 'DELETE', instance, undefined, bob.as)).json?.code, 'FORBIDDEN', 'bob cannot stop it');
+  tt.equal((await request(agent.apiPort, 'DELETE', instance, undefined, alice.as)).status, 200, 'alice can');
   await stopAll();
 });
 

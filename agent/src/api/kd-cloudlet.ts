@@ -2,6 +2,7 @@
  * The KD-Cloudlet face: SEI pycloud's plain-mode API under /api, as the Android client-lib in the field reads it
  * (routes, JSON keys and wrappers, statuses, WebOb text error bodies). docs/api.md lists the quirks kept on purpose.
  */
+import { deviceIdOf } from '../trust/access';
 import { APP_KINDS } from '../core/apps';
 import type { App, CloudletApi, Endpoint, Instance, Package, Service } from '../core/types';
 import { asCloudletError, type ErrorCode } from '../errors';
@@ -53,7 +54,7 @@ async function startServiceVm(api: CloudletApi, request: ApiRequest): Promise<Re
       join: parseFlag(request.query.get('join')),
       clientHost: hostOf(request.header('host')),
       // The owner is an authenticated device (the encrypted face's caller); plain mode's X-Device-ID proves nothing.
-      ...(request.caller.kind === 'device' ? { deviceId: request.caller.device.id } : {}),
+      deviceId: deviceIdOf(request.caller),
     });
     return jsonReply(200, serviceVmJson(instance, endpoint));
   } catch (err) {

@@ -2,6 +2,7 @@
  * The /v1 routes of On-Demand VM Provisioning: Base VMs, recipes, provisioning and caching a recipe's result, and
  * an instance's console. Same conventions as v1.ts (snake_case JSON, `{code, message, details?}` errors).
  */
+import { deviceIdOf } from '../trust/access';
 import type { BaseVm } from '../core/bases';
 import { RECIPE_LIMITS, recipeDigest, recipeJson, type Recipe } from '../core/recipe';
 import type { ProvisioningApi } from '../core/types';
@@ -61,7 +62,7 @@ async function provision(api: ProvisioningApi, request: ApiRequest) {
   const body = request.body === undefined ? {} : jsonObject(request.body);
   const result = await api.provision(request.params.id!, {
     join: optionalBoolean(body, 'join') ?? false, clientHost: hostOf(request.header('host')),
-    ...(request.caller.kind === 'device' ? { deviceId: request.caller.device.id } : {}),
+    deviceId: deviceIdOf(request.caller),
   });
   return jsonReply(201, startResultJson(result));
 }

@@ -4,6 +4,7 @@
  * instance when the last byte is in. Either can keep the VM as a Cached VM service (`keep_as`, admin only). Same
  * conventions as v1.ts.
  */
+import { deviceIdOf } from '../trust/access';
 import type { ProvisioningApi, SynthesisOptions, SynthesisResult } from '../core/types';
 import { CloudletError } from '../errors';
 import type { UploadView } from '../synthesis/uploads';
@@ -33,7 +34,12 @@ export function synthesisRoutes(api: ProvisioningApi): Route[] {
         return jsonReply(201, uploadJson(await api.createOverlayUpload(requiredCount(body.bytes, 'bytes'), synthesisOptions(request, body))));
       },
     },
-    { method: 'GET', path: '/v1/synthesis/uploads/:id', access: 'device', handle: ({ params }) => jsonReply(200, uploadJson(api.overlayUpload(params.id!))) },
+    {
+      method: 'GET',
+      path: '/v1/synthesis/uploads/:id',
+      access: 'device',
+      handle: (request) => jsonReply(200, uploadJson(api.overlayUpload(request.params.id!, deviceIdOf(request.caller)))),
+    },
     { method: 'POST', path: '/v1/synthesis/uploads/:id', access: 'device', streamBody: true, handle: (request) => appendUpload(api, request) },
   ];
 }
@@ -41,7 +47,7 @@ export function synthesisRoutes(api: ProvisioningApi): Route[] {
 /** 201 with the instance once the upload is complete and the VM ready; 202 with where the upload stands if not. */
 async function appendUpload(api: ProvisioningApi, request: ApiRequest) {
   const offset = requiredCount(Number(request.query.get('offset') ?? NaN), 'offset');
-  const outcome = await api.appendOverlayUpload(request.params.id!, offset, request.bodyStream!.stream);
+  const outcome = await api.appendOverlayUpload(request.params.id!, offset, request.bodyStream!.stream, deviceIdOf(request.caller));
   return outcome.complete ? jsonReply(201, synthesisResultJson(outcome.result)) : jsonReply(202, uploadJson(outcome.upload));
 }
 
@@ -55,8 +61,10 @@ function synthesisOptions(request: ApiRequest, body: Record<string, unknown>): S
     throw new CloudletError('ADMIN_ONLY', 'keep_as adds a service to the catalog: it needs the admin credential', { details: { parameter: 'keep_as' } });
   }
   const clientHost = hostOf(request.header('host'));
-  return { ...(clientHost ? { clientHost } : {}), ...(typeof keepAs === 'string' ? { keepAs } : {}) };
+  const deviceId = deviceIdOf(request.caller);
+  return { ...(clientHost ? { clientHost } : {}), ...(deviceId ? { deviceId } : {}), ...(typeof keepAs === 'string' ? { keepAs } : {}) };
 }
+
 
 function requiredCount(value: unknown, name: string): number {
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {

@@ -3,6 +3,7 @@
  * lives in the "wire shapes" section below and nowhere else. Errors are `{code, message, details?}` with the
  * CloudletError's status.
  */
+import { deviceIdOf } from '../trust/access';
 import type { CloudletEvent } from '../core/events';
 import type { ProvisioningApi } from '../core/types';
 import type { CloudletApi, Endpoint, HealthReport, Instance, Package, PackageSource, Peer, Service, StartResult, StopResult, SystemInfo } from '../core/types';
@@ -79,7 +80,7 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
       method: 'DELETE',
       path: '/v1/instances/:id',
       access: 'device',
-      handle: async ({ params, caller }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!, caller.kind === 'device' ? caller.device.id : undefined))),
+      handle: async ({ params, caller }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!, deviceIdOf(caller)))),
     },
   ];
   return {
@@ -98,7 +99,7 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
 
 async function startInstance(api: CloudletApi, request: ApiRequest, trust?: TrustView) {
   const body = jsonObject(request.body);
-  const deviceId = request.caller.kind === 'device' ? request.caller.device.id : undefined;
+  const deviceId = deviceIdOf(request.caller);
   const result = await api.startInstance({
     serviceId: requiredString(body, 'service_id'),
     join: optionalBoolean(body, 'join') ?? false,

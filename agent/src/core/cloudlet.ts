@@ -379,12 +379,12 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     if (this.catalog.has(serviceId)) throw new CloudletError('SERVICE_EXISTS', `service ${serviceId} is already in the catalog`, { details: { service_id: serviceId } });
   }
 
-  overlayUpload(id: string): UploadView<SynthesisResult> {
-    return this.overlayUploads.get(id);
+  overlayUpload(id: string, deviceId?: string): UploadView<SynthesisResult> {
+    return this.overlayUploads.get(id, uploadOf(deviceId));
   }
 
-  appendOverlayUpload(id: string, offset: number, body: Readable): Promise<AppendOutcome<SynthesisResult>> {
-    return this.overlayUploads.append(id, offset, body);
+  appendOverlayUpload(id: string, offset: number, body: Readable, deviceId?: string): Promise<AppendOutcome<SynthesisResult>> {
+    return this.overlayUploads.append(id, offset, body, uploadOf(deviceId));
   }
 
   /**
@@ -395,7 +395,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     const overlay = await openOverlay(stream, bytes, await trustedOverlayKeys(path.join(this.config.dataDir, 'overlay-keys'), this.log));
     try {
       const service = synthesisService(overlay, this.bases.get(overlay.manifest.base), options.keepAs !== undefined);
-      const started = await this.registry.start(service, false, this.synthesis);
+      const started = await this.registry.start(service, false, this.synthesis, options.deviceId);
       this.log(`synthesized ${service.id} from a ${bytes}-byte overlay on base ${service.base.name}`);
       const result = { ...started, endpoint: this.endpointFor(started.instance, options.clientHost) };
       return options.keepAs === undefined ? result : { ...result, ...(await this.keepSynthesized(service, started.instance.id, options.keepAs)) };
@@ -498,4 +498,9 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     }
     return { ok: checks.every((c) => c.ok || c.optional), checks };
   }
+}
+
+/** Which uploads a caller may see and continue: a device only its own; the operator (no device) every one. */
+function uploadOf(deviceId: string | undefined): (options: SynthesisOptions) => boolean {
+  return (options) => deviceId === undefined || options.deviceId === deviceId;
 }

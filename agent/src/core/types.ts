@@ -257,14 +257,17 @@ export interface ProvisioningApi {
   synthesizeFile(path: string, options: SynthesisOptions): Promise<SynthesisResult>;
   /** A resumable upload of an overlay of `bytes` bytes; the synthesis runs as its bytes arrive. */
   createOverlayUpload(bytes: number, options: SynthesisOptions): Promise<import('../synthesis/uploads').UploadView<SynthesisResult>>;
-  overlayUpload(id: string): import('../synthesis/uploads').UploadView<SynthesisResult>;
+  /** `deviceId`: the device asking; another device's upload is NOT_FOUND to it. */
+  overlayUpload(id: string, deviceId?: string): import('../synthesis/uploads').UploadView<SynthesisResult>;
   /** Bytes of the upload from `offset`; the synthesis' result once the last byte is in. */
-  appendOverlayUpload(id: string, offset: number, body: import('node:stream').Readable): Promise<import('../synthesis/uploads').AppendOutcome<SynthesisResult>>;
+  appendOverlayUpload(id: string, offset: number, body: import('node:stream').Readable, deviceId?: string): Promise<import('../synthesis/uploads').AppendOutcome<SynthesisResult>>;
 }
 
-/** How a synthesis is asked for: the client's host (for the endpoint), and a service id to keep the VM as. */
+/** How a synthesis is asked for: the client's host (for the endpoint), who asks, and a service id to keep the VM as. */
 export interface SynthesisOptions {
   clientHost?: string;
+  /** The paired device asking: it owns the instance (and the upload: no other device sees or continues it). */
+  deviceId?: string;
   /** After the VM is ready, keep it as the Cached VM service of this id (disk and memory state as synthesized). */
   keepAs?: string;
 }

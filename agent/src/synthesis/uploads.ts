@@ -154,16 +154,17 @@ export class UploadSessions<T, M extends object> {
     }
   }
 
-  get(id: string): UploadView<T> {
-    return view(this.upload(id));
+  /** `visible`: whether the asker may see this upload (whose `meta` it is); one it may not is NOT_FOUND to it. */
+  get(id: string, visible?: (meta: M) => boolean): UploadView<T> {
+    return view(this.upload(id, visible));
   }
 
   /**
    * Bytes of the upload from `offset`, which must be where it stands. Resolves with the synthesis' result once the
    * last byte is in, or with the upload's state when `body` ended (or broke off) before that.
    */
-  async append(id: string, offset: number, body: Readable): Promise<AppendOutcome<T>> {
-    const upload = this.upload(id);
+  async append(id: string, offset: number, body: Readable, visible?: (meta: M) => boolean): Promise<AppendOutcome<T>> {
+    const upload = this.upload(id, visible);
     if (upload.outcome && !upload.outcome.ok) throw upload.outcome.error;
     if (upload.abandoned) throw upload.abandoned;
     if (upload.sending) throw new CloudletError('CONFLICT', `upload ${id} is receiving bytes on another request`, { details: { received: upload.received } });
@@ -340,9 +341,9 @@ export class UploadSessions<T, M extends object> {
     setTimeout(() => this.uploads.delete(upload.id), this.keepMs).unref();
   }
 
-  private upload(id: string): Upload<T, M> {
+  private upload(id: string, visible: (meta: M) => boolean = () => true): Upload<T, M> {
     const upload = this.uploads.get(id);
-    if (!upload) throw new CloudletError('NOT_FOUND', `no overlay upload ${id}`, { details: { upload_id: id } });
+    if (!upload || !visible(upload.meta)) throw new CloudletError('NOT_FOUND', `no overlay upload ${id}`, { details: { upload_id: id } });
     return upload;
   }
 

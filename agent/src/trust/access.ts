@@ -12,6 +12,11 @@ export type Access = 'open' | 'device' | 'admin';
 
 export type Caller = { kind: 'admin' } | { kind: 'device'; device: PairedDevice } | { kind: 'anonymous' };
 
+/** The paired device a caller is; undefined for the operator and anonymous callers. */
+export function deviceIdOf(caller: Caller): string | undefined {
+  return caller.kind === 'device' ? caller.device.id : undefined;
+}
+
 /** How a request reached the agent. */
 export interface Transport {
   remoteAddress: string;
