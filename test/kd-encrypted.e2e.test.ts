@@ -147,6 +147,10 @@ t.test('a paired device starts a Cached VM (it owns it), reaches the guest, and 
   tt.match(await fetchText(vm.port), GUEST_CONTENT, 'the guest answers on the returned port');
   tt.same((await agent.get(`/v1/instances/${vm._id}`)).json.owners, [phone.id], 'the instance is bound to the device');
 
+  const other = await command(await pair('phone-other'), `/servicevm/stop&instanceId=${vm._id}`);
+  tt.equal(other.status, 404, 'another device cannot stop it: to that device it does not exist');
+  tt.equal((await agent.get(`/v1/instances/${vm._id}`)).json.state, 'ready', 'and it keeps running');
+
   const stop = await command(phone, `/servicevm/stop&instanceId=${vm._id}`);
   tt.equal(stop.status, 200, 'stop answers 200 (pycloud answered 500 after stopping)');
   tt.equal(stop.plain!.length, 0, 'with an encrypted empty body');

@@ -5,7 +5,7 @@
 import { deviceIdOf } from '../trust/access';
 import { APP_KINDS } from '../core/apps';
 import type { App, CloudletApi, Endpoint, Instance, Package, Service } from '../core/types';
-import { asCloudletError, type ErrorCode } from '../errors';
+import { asCloudletError, CloudletError, type ErrorCode } from '../errors';
 import { splitTags } from './v1-apps';
 import { emptyReply, fileReply, hostOf, jsonReply, textReply, type ApiRequest, type Face, type Reply, type Route } from './routing';
 
@@ -67,11 +67,15 @@ async function stopServiceVm(api: CloudletApi, request: ApiRequest): Promise<Rep
   const instanceId = request.query.get('instanceId');
   if (!instanceId) return webobError(400, '400 Bad Request - must provide instance id');
   try {
-    await api.stopInstance(instanceId);
+    // A device of the encrypted face stops only its own uses; plain mode's caller is anonymous, as in pycloud.
+    await api.stopInstance(instanceId, deviceIdOf(request.caller));
     // pycloud's stop handler has no JSON serializer and returns {} as an empty WSGI body.
     return emptyReply(200);
   } catch (err) {
-    return failureReply(err, { code: 'INSTANCE_NOT_FOUND', status: 404, detail: `404 Not Found - service vm for ${instanceId} not found` });
+    // Another device's instance is, to this device, one that does not exist.
+    const error = asCloudletError(err);
+    const unknown = error.code === 'FORBIDDEN' ? new CloudletError('INSTANCE_NOT_FOUND', error.message) : error;
+    return failureReply(unknown, { code: 'INSTANCE_NOT_FOUND', status: 404, detail: `404 Not Found - service vm for ${instanceId} not found` });
   }
 }
 
