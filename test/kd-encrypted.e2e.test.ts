@@ -31,7 +31,7 @@ t.before(async () => {
   }));
   await writeFile(path.join(dataDir, 'trust', 'devices.json'), JSON.stringify({ version: 1, devices: stored }), { mode: 0o600 });
   await chmod(dataDir, 0o755);
-  agent = await AgentProcess.start({ dataDir, portRange: '22750-22799', env: { CLOUDLET_KD_API: 'encrypted' } });
+  agent = await AgentProcess.start({ dataDir, portRange: '22750-22799', env: { CLOUDLET_KD_API: 'encrypted', CLOUDLET_RATE_PER_SECOND: '1000', CLOUDLET_RATE_BURST: '1000' } });
   const imported = await agent.post('/v1/services', { path: testGuestDir() });
   if (imported.status !== 201) throw new Error(`import failed: ${imported.body}`);
   const app = await request(agent.apiPort, 'POST', `/v1/apps?service_id=${SERVICE}&name=Demo&file_name=demo.apk&kind=android&package_name=org.demo`, APK,
@@ -174,6 +174,20 @@ t.test('revoking a device stops the VM it started and refuses it with 403 #Autho
   tt.notMatch(refused.body, /service_id/, 'and gets nothing of the answer');
 });
 
+t.test('a device revoked while its VM launches gets 403 #Authorization has been revoked, and the VM does not outlive it', async (tt) => {
+  const phone = await pair('phone-revoked-mid-start');
+  const pending = command(phone, `/servicevm/start&serviceId=${SERVICE}&join=false`);
+  // The instance's directory is made before the VM is launched: the revocation lands while it starts.
+  await until(() => readdir(path.join(agent.dataDir, 'instances')).catch(() => []), (entries) => entries.length > 0);
+  tt.equal((await agent.post(`/v1/devices/${phone.id}/revoke`)).status, 200, 'the operator revokes the device mid-start');
+  const start = await pending;
+  tt.equal(start.status, 403, 'the start is refused', { body: start.body });
+  tt.equal(start.body.split('#')[1]!.trim(), `Authorization has been revoked for device with id ${phone.id}`);
+  const left = await until(() => agent.get('/v1/instances'), (r) => r.json.instances.length === 0);
+  tt.same(left.json.instances, [], 'no instance is left');
+  tt.same(await domainsUnder(agent.dataDir), [], 'no domain is left');
+});
+
 t.test('security errors are cleartext with KD statuses: not paired 401, revoked 403, expired 403', async (tt) => {
   const stranger = await command({ id: 'phone-unknown', password: 'whatever' }, '/services');
   tt.equal(stranger.status, 401);
@@ -191,21 +205,48 @@ t.test('security errors are cleartext with KD statuses: not paired 401, revoked 
   tt.match(gone.body, `#Authorization has been revoked for device with id ${revoked!.id}`);
 });
 
-t.test('an unknown command is 404; garbage or a wrong key is a clean 4xx, never a 500', async (tt) => {
+/** `blocks` encrypted as they are, without PKCS#7 padding (the caller pads, or pads wrongly on purpose). */
+function encryptRaw(blocks: Buffer, password: string): string {
+  const iv = randomBytes(16);
+  const cipher = createCipheriv('aes-256-cbc', keyOf(password), iv).setAutoPadding(false);
+  return Buffer.concat([iv, cipher.update(blocks), cipher.final()]).toString('base64');
+}
+
+t.test('no padding oracle: whatever does not decrypt or is no known command gets one byte-identical 404, never a 500', async (tt) => {
   const phone = await pair('phone-garbage');
-  for (const text of ['/servicevm/migration_svm_resume&id=x', '/nothing', '/services/delete&serviceId=x', 'services']) {
-    const reply = await command(phone, text);
-    tt.equal(reply.status, 404, `${text}: 404`);
-    tt.match(reply.body, /#Command .*not found/);
+  const reference = await command(phone, '/servicevm/migration_svm_resume&id=x');
+  tt.equal(reference.status, 404, 'an unknown command: 404');
+  tt.equal(reference.body.split('#')[1]!.trim(), 'Command not found', 'which echoes nothing of the command');
+  const cases: [string, string][] = [
+    ['unknown controller', encrypt('/nothing', phone.password)],
+    ['unknown action', encrypt('/services/delete&serviceId=x', phone.password)],
+    ['no leading slash', encrypt('services', phone.password)],
+    ['bad padding (last byte 0)', encryptRaw(Buffer.alloc(16, 0), phone.password)],
+    ['bad padding (last byte 17)', encryptRaw(Buffer.concat([Buffer.from('/services'), Buffer.alloc(7, 17)]), phone.password)],
+    ['well padded garbage', encryptRaw(Buffer.concat([randomBytes(15), Buffer.from([1])]), phone.password)],
+    ['well padded, not UTF-8', encryptRaw(Buffer.concat([Buffer.from('/services&x='), Buffer.from([0xff, 0xfe]), Buffer.alloc(2, 2)]), phone.password)],
+    ['not base64', 'this is not base64 at all!'],
+    ['not IV + whole blocks', randomBytes(20).toString('base64')],
+  ];
+  for (const [what, formValue] of cases) {
+    const reply = await postCommand(phone.id, formValue);
+    tt.equal(reply.status, reference.status, `${what}: the same status`);
+    tt.equal(reply.body, reference.body, `${what}: the same body`);
   }
-  const garbage = await postCommand(phone.id, 'this is not base64 at all!');
-  tt.equal(garbage.status, 400, 'not base64: 400');
-  tt.match(garbage.body, /400 Bad Request/);
-  const short = await postCommand(phone.id, randomBytes(20).toString('base64'));
-  tt.equal(short.status, 400, 'not IV + whole blocks: 400');
+  // The IV's last byte walks the first block's last plaintext byte through every value: valid padding or not, the
+  // answer is the same.
+  const raw = Buffer.from(encrypt('/servicevm/nothing', phone.password), 'base64').subarray(0, 32);
+  const answers = new Set<string>();
+  for (let b = 0; b < 256; b += 1) {
+    const forged = Buffer.from(raw);
+    forged[15] = b;
+    const reply = await postCommand(phone.id, forged.toString('base64'));
+    answers.add(`${reply.status} ${reply.body}`);
+  }
+  tt.same([...answers], [`${reference.status} ${reference.body}`], 'all 256 IV variants get the one answer');
   for (let i = 0; i < 5; i++) {
     const wrongKey = await command({ id: phone.id, password: `not-${phone.password}` }, '/services');
-    tt.ok(wrongKey.status === 400 || wrongKey.status === 404, `a wrong key: a 4xx (${wrongKey.status})`);
+    tt.equal(wrongKey.body, reference.body, 'a wrong key: the same answer');
   }
   const empty = await request(agent.apiPort, 'POST', '/api/command', '', { 'content-type': 'application/x-www-form-urlencoded', 'x-device-id': phone.id, authorization: '' });
   tt.equal(empty.status, 400, 'no command field: 400');

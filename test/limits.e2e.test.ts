@@ -6,6 +6,7 @@ import { readdir } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import t from 'tap';
+import WebSocket from 'ws';
 import { AgentProcess, adminHeaders, domainsUnder, request, testGuestDir, type HttpResult } from './support/agent';
 
 const SERVICE = 'org.cloudlet.demo.http';
@@ -97,6 +98,9 @@ t.test('each client has its own request bucket: past the burst, 429 RATE_LIMITED
   tt.match(kd.body, /^429 Too Many Requests/, 'answered in the KD face\'s text form');
   const guessed = await agent.get('/v1/instances', { authorization: 'Bearer cld_guessed' });
   tt.equal(guessed.status, 429, 'a failing credential draws on the address\'s bucket too (guessing tokens is throttled)');
+  tt.equal(await upgradeStatus('/v1/events', { authorization: 'Bearer cld_guessed' }), 429, 'so does a /v1/events WebSocket upgrade');
+  tt.equal(await upgradeStatus('/mqtt', {}, 'mqtt'), 429, 'and an MQTT-over-WebSocket upgrade');
+  tt.equal(await tcpFate(agent.mqttPort), 'dropped', 'and an MQTT connection over TCP, which is dropped unanswered');
 
   const window = await agent.post('/v1/pairing', {});
   const claim = await agent.post('/v1/pairing/claim', { code: window.json.code, device_id: 'phone-rate', name: 'Rate phone' });
@@ -111,6 +115,26 @@ t.test('each client has its own request bucket: past the burst, 429 RATE_LIMITED
   await sleep(1100);
   tt.equal((await agent.get('/v1/health', anonymous)).status, 200, 'a token comes back each second');
 });
+
+/** The HTTP status a WebSocket upgrade on `path` is answered with (101 when it opens). */
+function upgradeStatus(path: string, headers: Record<string, string>, protocol?: string): Promise<number> {
+  return new Promise((resolve) => {
+    const socket = new WebSocket(`ws://127.0.0.1:${agent.apiPort}${path}`, protocol ? [protocol] : [], { headers });
+    socket.on('unexpected-response', (_req, res) => { resolve(res.statusCode ?? 0); socket.terminate(); });
+    socket.on('open', () => { resolve(101); socket.close(); });
+    socket.on('error', () => {});
+  });
+}
+
+/** Whether a TCP connection to `port` is dropped at once or still open after 2 s. */
+function tcpFate(port: number): Promise<'dropped' | 'open'> {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1');
+    const timer = setTimeout(() => { resolve('open'); socket.destroy(); }, 2000);
+    socket.on('error', () => {});
+    socket.on('close', () => { clearTimeout(timer); resolve('dropped'); });
+  });
+}
 
 /** Opens a raw connection, sends `head` and part of a body, then nothing; resolves with what came back and when. */
 function stall(head: string, partialBody: Buffer): Promise<{ reply: string; closedAfterMs: number }> {

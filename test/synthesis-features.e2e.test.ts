@@ -119,6 +119,23 @@ t.test('a phone\'s synthesis is its own: another phone neither sees nor continue
   tt.equal((await request(agent.apiPort, 'DELETE', instance, undefined, bob.as)).json?.code, 'FORBIDDEN', 'bob cannot stop it');
   tt.equal((await request(agent.apiPort, 'DELETE', instance, undefined, alice.as)).status, 200, 'alice can');
   await stopAll();
+
+  // A phone may have two unfinished uploads at a time; a third is refused, another phone's is not.
+  const create = (who: { as: Record<string, string> }) => request(agent.apiPort, 'POST', '/v1/synthesis/uploads', { bytes: 10 }, who.as);
+  const open = [await create(alice), await create(alice)];
+  tt.same(open.map((r) => r.status), [201, 201]);
+  const third = await create(alice);
+  tt.equal(third.status, 429, third.body);
+  tt.equal(third.json.code, 'TOO_MANY_UPLOADS');
+  const bobs = await create(bob);
+  tt.equal(bobs.status, 201, 'bob still may');
+  // Once one of them ends (here: ten bytes that are no overlay), alice may create another.
+  const end = (who: { as: Record<string, string> }, id: string) =>
+    request(agent.apiPort, 'POST', `/v1/synthesis/uploads/${id}?offset=0`, Buffer.alloc(10), { ...who.as, 'content-type': 'application/octet-stream' });
+  tt.equal((await end(alice, open[0].json.id)).json.code, 'OVERLAY_INVALID');
+  const again = await create(alice);
+  tt.equal(again.status, 201, again.body);
+  for (const [who, id] of [[alice, open[1].json.id], [alice, again.json.id], [bob, bobs.json.id]] as const) await end(who, id);
 });
 
 t.test('cloudlet synthesize uploads an overlay and prints the endpoint of the ready VM', async (tt) => {

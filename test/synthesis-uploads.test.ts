@@ -23,14 +23,14 @@ t.beforeEach(async () => {
 t.afterEach(() => rm(root, { recursive: true, force: true }));
 
 /** Sessions whose "synthesis" reads every byte and answers with its SHA-256 (and the session's tag). */
-function sessions(idleMs = 60_000) {
-  return new UploadSessions<string, { tag: string }>(root, async (stream, bytes, meta) => {
+function sessions(idleMs = 60_000, perOwner?: number) {
+  return new UploadSessions<string, { tag: string; owner?: string }>(root, async (stream, bytes, meta) => {
     const chunks: Buffer[] = [];
     for await (const chunk of stream) chunks.push(chunk as Buffer);
     const all = Buffer.concat(chunks);
     if (all.length !== bytes) throw new Error(`read ${all.length} of ${bytes} bytes`);
     return `${meta.tag}:${sha(all)}`;
-  }, idleMs, 60_000, () => {});
+  }, idleMs, 60_000, () => {}, perOwner === undefined ? undefined : { ownerOf: (meta) => meta.owner, max: perOwner });
 }
 
 /** A request body that delivers `bytes` and then breaks off, as a cut connection does. */
@@ -196,6 +196,39 @@ t.test('more bytes than announced fail the upload', async (tt) => {
   const upload = await uploads.create(10, { tag: 'a' });
   await tt.rejects(uploads.append(upload.id, 0, Readable.from([Buffer.alloc(11)])), { code: 'OVERLAY_INVALID' });
   tt.equal(uploads.get(upload.id).state, 'failed');
+});
+
+t.test('an owner may have only so many unfinished uploads; another owner, and one without an owner, still may create', async (tt) => {
+  const uploads = sessions(60_000, 2);
+  const first = await uploads.create(OVERLAY.length, { tag: 'a', owner: 'alice' });
+  const second = await uploads.create(10, { tag: 'a', owner: 'alice' });
+  await tt.rejects(uploads.create(10, { tag: 'a', owner: 'alice' }), { code: 'TOO_MANY_UPLOADS', details: { limit: 2 } });
+  await uploads.create(10, { tag: 'b', owner: 'bob' });
+  for (let i = 0; i < 3; i += 1) await uploads.create(10, { tag: 'operator' });
+  // Creates racing each other count against the limit too.
+  const racing = await Promise.allSettled([1, 2, 3].map(() => uploads.create(10, { tag: 'c', owner: 'carol' })));
+  tt.same(racing.map((r) => r.status).sort(), ['fulfilled', 'fulfilled', 'rejected']);
+
+  // A finished upload and a failed one no longer count.
+  await uploads.append(first.id, 0, Readable.from([OVERLAY]));
+  const third = await uploads.create(10, { tag: 'a', owner: 'alice' });
+  await tt.rejects(uploads.create(10, { tag: 'a', owner: 'alice' }), { code: 'TOO_MANY_UPLOADS' });
+  await tt.rejects(uploads.append(second.id, 0, Readable.from([Buffer.alloc(11)])), { code: 'OVERLAY_INVALID' });
+  await uploads.create(10, { tag: 'a', owner: 'alice' });
+  tt.equal(uploads.get(third.id).state, 'receiving');
+});
+
+t.test('an idle upload holds no open file: only a request sending bytes or a synthesis reading them does', async (tt) => {
+  const uploads = sessions();
+  const openFiles = async () => (await readdir('/proc/self/fd')).length;
+  const before = await openFiles();
+  for (let i = 0; i < 20; i += 1) {
+    const upload = await uploads.create(OVERLAY.length, { tag: 'a' });
+    await uploads.append(upload.id, 0, cutBody(OVERLAY.subarray(0, 1000)));
+  }
+  // The paused syntheses close their readers as they end.
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  tt.ok(await openFiles() < before + 5, 'twenty idle uploads hold no file descriptors');
 });
 
 t.test('a base disk\'s chunk index, built in a worker, lists every non-zero 4 KiB block with its MD5', async (tt) => {

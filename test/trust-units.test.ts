@@ -1,11 +1,14 @@
 // The trust module's parts on their own: the device registry's persistence, expiry timers and events, and how
-// credentials are read from a request. (test/trust.e2e.test.ts drives the same through the real agent.)
-import { mkdtemp, rm } from 'node:fs/promises';
+// credentials are read from a request, pairing's wrong-code limits, and how clients are counted (rate limits).
+// (test/trust.e2e.test.ts drives the same through the real agent.)
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
-import { bearerToken } from '../agent/src/trust/access';
+import { RateLimiter } from '../agent/src/api/rate-limit';
+import { addressKey, bearerToken } from '../agent/src/trust/access';
 import { DeviceRegistry, type DeviceEndReason, type PairedDevice } from '../agent/src/trust/devices';
+import { MAX_WRONG_CODES, MAX_WRONG_CODES_PER_ADDRESS, Pairing } from '../agent/src/trust/pairing';
 
 let dataDir: string;
 t.beforeEach(async () => {
@@ -79,4 +82,75 @@ t.test('a bearer token is read from "Bearer <token>" only', async (tt) => {
   tt.equal(bearerToken('Bearer cld_abc'), 'cld_abc');
   tt.equal(bearerToken('bearer \tcld_abc '), 'cld_abc', 'the scheme in any case, spaces around');
   for (const header of [undefined, '', 'Bearer', 'Bearer a b', 'Basic dXNlcjpwYXNz', 'cld_abc']) tt.equal(bearerToken(header), undefined, JSON.stringify(header));
+});
+
+t.test('a revocation or removal that cannot be saved changes nothing, and can be retried', async (tt) => {
+  const registry = await DeviceRegistry.open(dataDir);
+  const seen = endings(registry);
+  const { token } = await registry.add({ name: 'phone', id: 'p' });
+  // devices.json becomes a non-empty directory: the new file cannot be renamed over it (not even by root).
+  const file = path.join(dataDir, 'trust', 'devices.json');
+  await rm(file);
+  await mkdir(path.join(file, 'in-the-way'), { recursive: true });
+  await tt.rejects(registry.revoke('p'), 'the failed save reaches the caller');
+  tt.equal(registry.authenticate(token).id, 'p', 'the device is still active');
+  await tt.rejects(registry.remove('p'));
+  tt.ok(registry.get('p'), 'and still paired');
+  tt.same(seen, [], 'nothing ended');
+  await rm(file, { recursive: true });
+  await registry.revoke('p');
+  tt.throws(() => registry.authenticate(token), { code: 'DEVICE_REVOKED' });
+  tt.same(seen, [['p', 'revoked']], 'the retry revokes it');
+  tt.equal((await DeviceRegistry.open(dataDir)).standing('p'), 'revoked', 'on disk too');
+});
+
+t.test('pairing: each address gets a few wrong codes; the window closes for all after MAX_WRONG_CODES', async (tt) => {
+  const registry = await DeviceRegistry.open(dataDir);
+  const pairing = new Pairing(registry);
+  const { code } = pairing.open({ ttlSeconds: 60 });
+  const wrong = code === '22222222' ? '33333333' : '22222222';
+  for (let i = 1; i <= MAX_WRONG_CODES_PER_ADDRESS; i++) {
+    await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '192.0.2.1' }), { code: 'PAIRING_CODE_INVALID' });
+  }
+  await tt.rejects(pairing.claim(code, { name: 'x', remoteAddress: '192.0.2.1' }), { code: 'PAIRING_CLOSED' }, 'that address is cut off');
+  await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '2001:db8:1:2::7' }), { code: 'PAIRING_CODE_INVALID' });
+  await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '2001:db8:1:2::8' }), { code: 'PAIRING_CODE_INVALID' });
+  await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '2001:db8:1:2:ffff::9' }), { code: 'PAIRING_CODE_INVALID', details: { attempts_left: 0 } },
+    'an IPv6 /64 counts as one address');
+  // Many addresses, each under its own limit, until the ceiling.
+  let sent = 2 * MAX_WRONG_CODES_PER_ADDRESS;
+  for (let host = 1; sent < MAX_WRONG_CODES - 1; host++) {
+    for (let i = 0; i < MAX_WRONG_CODES_PER_ADDRESS && sent < MAX_WRONG_CODES - 1; i++, sent++) {
+      await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: `198.51.100.${host}` }), { code: 'PAIRING_CODE_INVALID' });
+    }
+  }
+  await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '203.0.113.1' }), { code: 'PAIRING_CODE_INVALID', message: /now closed/ },
+    `wrong code #${MAX_WRONG_CODES} closes the window`);
+  await tt.rejects(pairing.claim(code, { name: 'x', remoteAddress: '203.0.113.2' }), { code: 'PAIRING_CLOSED' }, 'for everyone');
+  const next = pairing.open({ ttlSeconds: 60 });
+  tt.equal((await pairing.claim(next.code, { name: 'phone', remoteAddress: '192.0.2.1' })).device.name, 'phone', 'a new window forgets the counts');
+});
+
+t.test('clients are counted by IPv4 address, IPv4-mapped as IPv4, and IPv6 by /64', async (tt) => {
+  tt.equal(addressKey('192.0.2.7'), '192.0.2.7');
+  tt.equal(addressKey('::ffff:192.0.2.7'), '192.0.2.7');
+  tt.equal(addressKey('0000:0000:0000:0000:0000:ffff:c000:0207'), '192.0.2.7');
+  tt.equal(addressKey('2001:db8:0:1::1'), '2001:db8:0:1::/64');
+  tt.equal(addressKey('2001:0db8:0000:0001:abcd:ef01:2345:6789'), '2001:db8:0:1::/64');
+  tt.equal(addressKey('::1'), '0:0:0:0::/64');
+  tt.not(addressKey('2001:db8:0:2::1'), addressKey('2001:db8:0:1::1'));
+});
+
+t.test('the rate limiter tracks a bounded number of clients: when full, idle ones make room, else new ones wait', async (tt) => {
+  let now = 0;
+  const limiter = new RateLimiter({ perSecond: 1, burst: 2 }, () => now, 3);
+  for (const key of ['a', 'b', 'c']) limiter.take(key);
+  tt.throws(() => limiter.take('d'), { code: 'RATE_LIMITED', details: { retry_after_s: 1 } }, 'a fourth client while three are active');
+  limiter.take('a');
+  now = 1000;
+  limiter.take('c'); // still active
+  now = 2000; // 'a' and 'b' (last seen at 0) are full again
+  limiter.take('d');
+  limiter.take('e');
+  tt.throws(() => limiter.take('f'), { code: 'RATE_LIMITED' }, 'full again: c, d, e are active');
 });

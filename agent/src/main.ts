@@ -6,6 +6,7 @@ process.env.UV_THREADPOOL_SIZE ??= '16';
 import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { startHttpServer } from './api/http-server';
+import { RateLimiter } from './api/rate-limit';
 import { loadConfig } from './config';
 import { AGENT_VERSION, Cloudlet } from './core/cloudlet';
 import { AvahiDiscovery } from './discovery/avahi';
@@ -26,8 +27,10 @@ async function main(): Promise<void> {
   const devices = await DeviceRegistry.open(config.dataDir);
   const tls = await ensureTlsIdentity(config.dataDir, os.hostname());
   const gate = new TokenGate(devices, await loadOrCreateAdminToken(config.dataDir));
+  // One set of request buckets for the API and the MQTT broker's TCP connections.
+  const rateLimiter = new RateLimiter({ perSecond: config.limits.requestsPerSecond, burst: config.limits.requestBurst });
   const telemetry = await Telemetry.start({
-    config: config.mqtt, api: cloudlet, hostname: os.hostname(), agentVersion: AGENT_VERSION, log: createLogger('mqtt'), credentials: { gate, devices },
+    config: config.mqtt, api: cloudlet, hostname: os.hostname(), agentVersion: AGENT_VERSION, log: createLogger('mqtt'), credentials: { gate, devices }, rateLimiter,
   });
   let tlsPort: number | null = null;
   const server = await startHttpServer({
@@ -38,11 +41,12 @@ async function main(): Promise<void> {
     kdApi: config.kdApi === 'encrypted' ? { mode: 'encrypted', devices } : { mode: config.kdApi },
     maxBodyBytes: config.limits.jsonBodyBytes,
     bodyIdleMs: config.limits.bodyIdleMs,
-    rateLimit: { perSecond: config.limits.requestsPerSecond, burst: config.limits.requestBurst },
+    rateLimiter,
   });
   tlsPort = server.tlsPort;
   // A device whose authorization ends loses its instances; armed after adoption, so one that expired while the agent
   // was down is handled now.
+  cloudlet.attachDeviceStanding((id) => devices.standing(id));
   devices.on('device-ended', (device, reason) => {
     log(`device ${device.id} (${device.name}) ${reason}; releasing its instances`);
     void cloudlet.releaseDevice(device.id);

@@ -26,10 +26,10 @@ import {
 } from 'uWebSockets.js';
 import type { CloudletApi, ProvisioningApi } from '../core/types';
 import { CloudletError, asCloudletError } from '../errors';
-import { bearerToken, type AccessGate, type Caller, type Transport } from '../trust/access';
+import { bearerToken, type Access, type AccessGate, type Caller, type Transport } from '../trust/access';
 import { kdCloudletFace } from './kd-cloudlet';
 import { kdEncryptedFace, type DeviceKeys } from './kd-encrypted';
-import { RateLimiter, type RateLimit } from './rate-limit';
+import type { RateLimiter } from './rate-limit';
 import { matchPath, type ApiRequest, type Face, type Reply, type Route } from './routing';
 import { eventJson, eventsSnapshotJson, v1Face } from './v1';
 import type { TrustView } from './v1-trust';
@@ -46,7 +46,7 @@ export interface HttpServerOptions {
   /** The KD-Cloudlet face under /api: plain (the default), encrypted with each paired device's key, or none. */
   kdApi?: { mode: 'plain' | 'off' } | { mode: 'encrypted'; devices: DeviceKeys };
   /** Requests per client: a paired device, else the remote IP; the admin is not limited (absent: no limit). */
-  rateLimit?: RateLimit;
+  rateLimiter?: RateLimiter;
   /** A request body that brings no byte for this long is answered 408 and cut off (default 8 s). */
   bodyIdleMs?: number;
   /** On-Demand VM Provisioning routes under /v1 (absent: not offered). */
@@ -99,10 +99,13 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
   const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
   const kdApi = options.kdApi ?? { mode: 'plain' };
   const kdFace = kdApi.mode === 'encrypted' ? kdEncryptedFace(kdCloudletFace(options.api), kdApi.devices) : kdCloudletFace(options.api);
-  const limiter = options.rateLimit ? new RateLimiter(options.rateLimit) : null;
+  const limiter = options.rateLimiter ?? null;
   const bodyIdleMs = options.bodyIdleMs ?? DEFAULT_BODY_IDLE_MS;
   const ownFace = v1Face(options.api, options.provisioning, options.trust);
   const pageFace = webFace();
+  const eventClients = new EventClients();
+  const endEvents = (device: { id: string }) => eventClients.endDevice(device.id, log);
+  options.trust?.devices.on('device-ended', endEvents);
   // The phone page owns `/` and its assets' prefix; paths under no face's prefix get our own face's JSON 404.
   // With the KD face off, /api paths are just unknown paths.
   const faceFor = (path: string): Face =>
@@ -110,8 +113,8 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
 
   // One request pipeline, mounted on each listener's app; only whether the transport is TLS differs.
   const mount = (app: ClosableApp, secure: boolean): ClosableApp => {
-    serveEvents(app, options.api, options.gate, secure, log);
-    for (const endpoint of options.streamEndpoints ?? []) serveStream(app, endpoint, secure, log);
+    serveEvents(app, options.api, options.gate, limiter, eventClients, secure, log);
+    for (const endpoint of options.streamEndpoints ?? []) serveStream(app, endpoint, limiter, secure, log);
     app.any('/*', (res, req) => {
       const exchange = new Exchange(res, bodyIdleMs);
       try {
@@ -147,6 +150,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     close: async () => {
       if (!open) return;
       open = false;
+      options.trust?.devices.off('device-ended', endEvents);
       plain.close();
       secure?.close();
     },
@@ -185,8 +189,9 @@ function listen(app: ClosableApp, host: string, port: number, what: string, log:
  * credential, checked at the upgrade: in the Authorization header, or (browsers cannot set headers on a WebSocket)
  * as `?access_token=` or a `bearer.<token>` subprotocol entry.
  */
-function serveEvents(app: TemplatedApp, api: CloudletApi, gate: AccessGate, secure: boolean, log: (line: string) => void): void {
-  interface EventsClient { unsubscribe?: () => void; closed: boolean }
+function serveEvents(
+  app: TemplatedApp, api: CloudletApi, gate: AccessGate, limiter: RateLimiter | null, clients: EventClients, secure: boolean, log: (line: string) => void,
+): void {
   app.ws<EventsClient>('/v1/events', {
     maxPayloadLength: 1024,
     idleTimeout: 120,
@@ -198,23 +203,21 @@ function serveEvents(app: TemplatedApp, api: CloudletApi, gate: AccessGate, secu
       const bearerEntry = offered.find((p) => p.startsWith(EVENTS_BEARER_PROTOCOL_PREFIX));
       const token = bearerToken(req.getHeader('authorization') || undefined) ?? (new URLSearchParams(req.getQuery() ?? '').get('access_token') || undefined)
         ?? bearerEntry?.slice(EVENTS_BEARER_PROTOCOL_PREFIX.length);
+      let caller: Caller;
       try {
-        gate.authorize('device', token, { remoteAddress: Buffer.from(res.getRemoteAddressAsText()).toString(), secure });
+        caller = authorizeWithinRate(gate, limiter, 'device', token, { remoteAddress: Buffer.from(res.getRemoteAddressAsText()).toString(), secure });
       } catch (err) {
-        const error = asCloudletError(err);
-        res.cork(() => {
-          res.writeStatus(`${error.status} ${STATUS_CODES[error.status] ?? ''}`);
-          for (const [name, value] of Object.entries(authHeaders(error))) res.writeHeader(name, value);
-          res.writeHeader('Content-Type', 'application/json; charset=utf-8').end(JSON.stringify(error.toJSON()), true);
-        });
+        refuseUpgrade(res, asCloudletError(err));
         return;
       }
       // A browser that offered subprotocols fails the connection unless one is agreed to: the named one, else the
       // bearer entry it sent (it already holds that token).
-      upgradeTo(res, req, context, { closed: false }, offered.includes(EVENTS_PROTOCOL) ? EVENTS_PROTOCOL : bearerEntry ?? '');
+      const client: EventsClient = { closed: false, ...(caller.kind === 'device' ? { deviceId: caller.device.id } : {}) };
+      upgradeTo(res, req, context, client, offered.includes(EVENTS_PROTOCOL) ? EVENTS_PROTOCOL : bearerEntry ?? '');
     },
     open: (ws) => {
       const client = ws.getUserData();
+      clients.add(ws);
       const send = (message: string) => {
         if (client.closed) return;
         if (ws.getBufferedAmount() > EVENTS_MAX_BUFFERED_BYTES) {
@@ -233,18 +236,62 @@ function serveEvents(app: TemplatedApp, api: CloudletApi, gate: AccessGate, secu
       const client = ws.getUserData();
       client.closed = true;
       client.unsubscribe?.();
+      clients.delete(ws);
     },
   });
 }
 
+interface EventsClient { unsubscribe?: () => void; closed: boolean; deviceId?: string }
+
+/** The open /v1/events sockets of each device: a device whose authorization ends loses them at once. */
+class EventClients {
+  private readonly byDevice = new Map<string, Set<WebSocket<EventsClient>>>();
+
+  add(ws: WebSocket<EventsClient>): void {
+    const { deviceId } = ws.getUserData();
+    if (deviceId === undefined) return;
+    const sockets = this.byDevice.get(deviceId) ?? new Set();
+    this.byDevice.set(deviceId, sockets.add(ws));
+  }
+
+  delete(ws: WebSocket<EventsClient>): void {
+    const { deviceId } = ws.getUserData();
+    const sockets = deviceId === undefined ? undefined : this.byDevice.get(deviceId);
+    sockets?.delete(ws);
+    if (sockets?.size === 0) this.byDevice.delete(deviceId!);
+  }
+
+  endDevice(deviceId: string, log: (line: string) => void): void {
+    for (const ws of this.byDevice.get(deviceId) ?? []) {
+      const client = ws.getUserData();
+      if (client.closed) continue;
+      log(`closing a /v1/events client: device ${deviceId} may no longer watch`);
+      client.closed = true;
+      client.unsubscribe?.();
+      // 1008: policy violation; the credential is no longer valid, so reconnecting is refused.
+      ws.end(1008, 'device authorization ended');
+    }
+    this.byDevice.delete(deviceId);
+  }
+}
+
 /** A WebSocket endpoint whose binary messages are a byte stream in both directions, handed over as a Duplex. */
-function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, secure: boolean, log: (line: string) => void): void {
+function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, limiter: RateLimiter | null, secure: boolean, log: (line: string) => void): void {
   interface StreamClient { stream?: Duplex; closed: boolean; drained?: () => void }
   app.ws<StreamClient>(endpoint.path, {
     maxPayloadLength: MAX_WS_MESSAGE_BYTES,
     idleTimeout: 0, // the protocol inside has its own keep-alive
     maxBackpressure: 4 * MAX_WS_MESSAGE_BYTES,
-    upgrade: (res, req, context) => upgradeTo(res, req, context, { closed: false }, endpoint.protocol),
+    upgrade: (res, req, context) => {
+      // The credentials come later, inside the stream: the connection draws on its address's bucket.
+      try {
+        limiter?.takeForAddress(Buffer.from(res.getRemoteAddressAsText()).toString());
+      } catch (err) {
+        refuseUpgrade(res, asCloudletError(err));
+        return;
+      }
+      upgradeTo(res, req, context, { closed: false }, endpoint.protocol);
+    },
     open: (ws: WebSocket<StreamClient>) => {
       const client = ws.getUserData();
       client.stream = new Duplex({
@@ -286,6 +333,16 @@ function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, secure: boolea
   });
 }
 
+/** Answers a WebSocket upgrade with the error instead, as a /v1 error reply. */
+function refuseUpgrade(res: HttpResponse, error: CloudletError): void {
+  res.cork(() => {
+    res.writeStatus(`${error.status} ${STATUS_CODES[error.status] ?? ''}`);
+    for (const [name, value] of Object.entries(authHeaders(error))) res.writeHeader(name, value);
+    if (typeof error.details?.retry_after_s === 'number') res.writeHeader('Retry-After', String(error.details.retry_after_s));
+    res.writeHeader('Content-Type', 'application/json; charset=utf-8').end(JSON.stringify(error.toJSON()), true);
+  });
+}
+
 /** Completes a WebSocket upgrade, agreeing to `protocol` when the client offers it. */
 function upgradeTo<T>(res: HttpResponse, req: HttpRequest, context: us_socket_context_t, userData: T, protocol: string): void {
   res.upgrade(userData, req.getHeader('sec-websocket-key'), protocol && offeredProtocols(req).includes(protocol) ? protocol : '',
@@ -308,6 +365,7 @@ function authHeaders(error: CloudletError): Record<string, string> {
 
 interface Incoming {
   method: string;
+  /** For the log: the path and query, with any `access_token` value replaced (the real query is `query`). */
   url: string;
   path: string;
   query: string;
@@ -324,7 +382,16 @@ function readIncoming(req: HttpRequest, res: HttpResponse, secure: boolean): Inc
   // getQuery() returns undefined, not '', when the URL has no query.
   const query = (req.getQuery() as string | undefined) ?? '';
   const remoteAddress = Buffer.from(res.getRemoteAddressAsText()).toString();
-  return { method: req.getMethod().toUpperCase(), url: query ? `${path}?${query}` : path, path, query, headers, remoteAddress, secure };
+  const logged = redactedQuery(query);
+  return { method: req.getMethod().toUpperCase(), url: query ? `${path}?${logged}` : path, path, query, headers, remoteAddress, secure };
+}
+
+/** A query as logged: `access_token` values (browsers' /v1/events credential) never reach the log. */
+function redactedQuery(query: string): string {
+  const params = new URLSearchParams(query);
+  if (!params.has('access_token')) return query;
+  params.set('access_token', 'REDACTED');
+  return params.toString();
 }
 
 function ownsPath(face: Face, path: string): boolean {
@@ -350,7 +417,7 @@ async function serve(
   try {
     const { route, params } = resolveRoute(face, incoming);
     const transport: Transport = { remoteAddress: incoming.remoteAddress, secure: incoming.secure };
-    const caller = authorizeWithinRate(gate, limiter, route, incoming, transport);
+    const caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport);
     const body = route.jsonBody ? exchange.readBody(incoming.headers, route.maxBodyBytes ?? maxBodyBytes) : undefined;
     const form = route.formBody ? exchange.readBody(incoming.headers, maxBodyBytes) : undefined;
     const bodyStream = route.streamBody ? exchange.streamBody(incoming.headers) : undefined;
@@ -385,23 +452,22 @@ async function serve(
 /**
  * The route's caller, once the client's rate allows the request. The bucket is the credential's, whatever the route
  * needs: a paired device draws on its own, anyone else (no credential, or one that fails, so guessing tokens is
- * throttled too) on its IP address's; the admin on the box is not limited.
+ * throttled too) on its address's (an IPv6 /64's); the admin on the box is not limited.
  */
-function authorizeWithinRate(gate: AccessGate, limiter: RateLimiter | null, route: Route, incoming: Incoming, transport: Transport): Caller {
-  const token = bearerToken(incoming.headers.get('authorization'));
+function authorizeWithinRate(gate: AccessGate, limiter: RateLimiter | null, access: Access, token: string | undefined, transport: Transport): Caller {
   if (limiter) {
-    let bucket: string | null = `address ${incoming.remoteAddress}`;
+    let holder: Caller | null = null;
     if (token !== undefined) {
       try {
-        const holder = gate.authorize('device', token, transport);
-        bucket = holder.kind === 'device' ? `device ${holder.device.id}` : holder.kind === 'admin' ? null : bucket;
+        holder = gate.authorize('device', token, transport);
       } catch {
         // Counted against the address; the route's own check below says what is wrong with the credential.
       }
     }
-    if (bucket) limiter.take(bucket);
+    if (holder?.kind === 'device') limiter.take(`device ${holder.device.id}`);
+    else if (holder?.kind !== 'admin') limiter.takeForAddress(transport.remoteAddress);
   }
-  return gate.authorize(route.access, token, transport);
+  return gate.authorize(access, token, transport);
 }
 
 /** A file opened for a reply, and the part of it to send. */

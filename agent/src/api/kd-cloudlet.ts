@@ -2,7 +2,7 @@
  * The KD-Cloudlet face: SEI pycloud's plain-mode API under /api, as the Android client-lib in the field reads it
  * (routes, JSON keys and wrappers, statuses, WebOb text error bodies). docs/api.md lists the quirks kept on purpose.
  */
-import { deviceIdOf } from '../trust/access';
+import { deviceIdOf, stopperOf } from '../trust/access';
 import { APP_KINDS } from '../core/apps';
 import type { App, CloudletApi, Endpoint, Instance, Package, Service } from '../core/types';
 import { asCloudletError, CloudletError, type ErrorCode } from '../errors';
@@ -67,8 +67,9 @@ async function stopServiceVm(api: CloudletApi, request: ApiRequest): Promise<Rep
   const instanceId = request.query.get('instanceId');
   if (!instanceId) return webobError(400, '400 Bad Request - must provide instance id');
   try {
-    // A device of the encrypted face stops only its own uses; plain mode's caller is anonymous, as in pycloud.
-    await api.stopInstance(instanceId, deviceIdOf(request.caller));
+    // A device of the encrypted face stops only its own uses; plain mode's caller is anonymous and stops only an
+    // owner-less use (never a paired device's).
+    await api.stopInstance(instanceId, stopperOf(request.caller));
     // pycloud's stop handler has no JSON serializer and returns {} as an empty WSGI body.
     return emptyReply(200);
   } catch (err) {

@@ -46,12 +46,14 @@ async function runCommand(plain: Face, devices: DeviceKeys, request: ApiRequest)
   const password = devices.legacyPassword(deviceId);
   const encrypted = request.form?.get('command');
   if (!encrypted) return webobError(400, '400 Bad Request - must provide command');
-  const command = parseCommand(kdDecrypt(encrypted, password).toString('utf8'));
+  const plaintext = kdDecrypt(encrypted, password);
+  const command = plaintext && parseCommand(plaintext);
   const route = command && COMMANDS[command.controller]?.includes(command.action)
     ? plain.routes.find((r) => r.method === 'GET' && matchPath(r.path, command.path) !== null)
     : undefined;
-  // A command that does not parse (the noise a wrong key can decrypt to) is not echoed back.
-  if (!command || !route) return webobError(404, command ? `#Command ${command.path.slice(plain.prefix.length)} not found` : '#Command not found');
+  // Whatever does not decrypt, or decrypts to no known command, gets one and the same answer, which echoes nothing:
+  // with no MAC, any difference (bad padding vs. an unknown command) is a padding oracle on the device's commands.
+  if (!command || !route) return UNKNOWN_COMMAND();
 
   const inner: ApiRequest = {
     ...request,
@@ -71,6 +73,9 @@ async function runCommand(plain: Face, devices: DeviceKeys, request: ApiRequest)
   } catch (err) {
     reply = plain.errorReply(asCloudletError(err));
   }
+  // An authorization that ended while the command ran (a start the core then undid) is refused as KD refuses it.
+  const ended = securityRefusal(deviceId, devices.standing(deviceId));
+  if (ended) return ended;
   // Errors stay in clear, as pycloud sends them (client-lib reads only a 200 body as ciphertext).
   if (reply.status !== 200) return reply;
   const body = reply.file ? await readSmallFile(reply.file.path) : Buffer.from(command.controller === 'apps' && command.action === '' ? withoutMd5(reply.body) : reply.body);
@@ -92,11 +97,22 @@ interface Command {
   query: URLSearchParams;
 }
 
+/** The one answer to a command that does not decrypt or is not a known one. */
+const UNKNOWN_COMMAND = (): Reply => webobError(404, '#Command not found');
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+
 /**
- * `/<controller>[/<action>]&k=v&...`, values not URL-encoded (split on '&', then on the first '='), as client-lib
- * builds it; null for anything else.
+ * `/<controller>[/<action>]&k=v&...` in UTF-8, values not URL-encoded (split on '&', then on the first '='), as
+ * client-lib builds it; null for anything else.
  */
-function parseCommand(text: string): Command | null {
+function parseCommand(plaintext: Buffer): Command | null {
+  let text: string;
+  try {
+    text = UTF8.decode(plaintext);
+  } catch {
+    return null;
+  }
   const [target = '', ...pairs] = text.split('&');
   const match = /^\/([a-z_]+)(?:\/([a-z_]*))?$/.exec(target);
   if (!match) return null;

@@ -4,6 +4,7 @@
  * others. A request takes a token; an empty bucket refuses it with RATE_LIMITED and how long until the next token.
  */
 import { CloudletError } from '../errors';
+import { addressKey } from '../trust/access';
 
 export interface RateLimit {
   /** Tokens added per second: the sustained rate. */
@@ -19,12 +20,14 @@ interface Bucket {
 
 /** Buckets idle this long are full again and dropped, so the map holds only recent clients. */
 const SWEEP_EVERY_MS = 60_000;
+/** At most this many clients are tracked at once: a flood of new addresses cannot grow the map without bound. */
+export const MAX_BUCKETS = 10_000;
 
 export class RateLimiter {
   private readonly buckets = new Map<string, Bucket>();
   private lastSweep: number;
 
-  constructor(private readonly limit: RateLimit, private readonly now: () => number = Date.now) {
+  constructor(private readonly limit: RateLimit, private readonly now: () => number = Date.now, private readonly maxBuckets = MAX_BUCKETS) {
     this.lastSweep = now();
   }
 
@@ -32,6 +35,13 @@ export class RateLimiter {
   take(key: string): void {
     const now = this.now();
     this.sweep(now);
+    if (!this.buckets.has(key) && this.buckets.size >= this.maxBuckets) {
+      // Full: drop the buckets that are full again now; a new client waits while every tracked one is still active.
+      this.sweep(now, true);
+      if (this.buckets.size >= this.maxBuckets) {
+        throw new CloudletError('RATE_LIMITED', 'Too many clients at once; retry in 1 s', { details: { retry_after_s: 1 } });
+      }
+    }
     const bucket = this.buckets.get(key) ?? { tokens: this.limit.burst, at: now };
     bucket.tokens = Math.min(this.limit.burst, bucket.tokens + ((now - bucket.at) / 1000) * this.limit.perSecond);
     bucket.at = now;
@@ -44,8 +54,13 @@ export class RateLimiter {
     throw new CloudletError('RATE_LIMITED', `Too many requests from ${key}; retry in ${retryAfter} s`, { details: { retry_after_s: retryAfter } });
   }
 
-  private sweep(now: number): void {
-    if (now - this.lastSweep < SWEEP_EVERY_MS) return;
+  /** take() for a client known only by its address (an IPv6 one by its /64). */
+  takeForAddress(remoteAddress: string): void {
+    this.take(`address ${addressKey(remoteAddress)}`);
+  }
+
+  private sweep(now: number, force = false): void {
+    if (!force && now - this.lastSweep < SWEEP_EVERY_MS) return;
     this.lastSweep = now;
     const refillMs = (this.limit.burst / this.limit.perSecond) * 1000;
     for (const [key, bucket] of this.buckets) if (now - bucket.at >= refillMs) this.buckets.delete(key);

@@ -62,7 +62,9 @@ export function trustRoutes(trust: TrustView): Route[] {
           throw new CloudletError('INVALID_PARAMETER', `name must be at most ${MAX_NAME_LENGTH} characters`, { details: { parameter: 'name' } });
         }
         const deviceId = fields.device_id === undefined ? undefined : requiredString(fields, 'device_id');
-        const { device, token } = await trust.pairing.claim(requiredString(fields, 'code'), { name, ...(deviceId !== undefined ? { deviceId } : {}) });
+        const { device, token } = await trust.pairing.claim(requiredString(fields, 'code'), {
+          name, remoteAddress: request.remoteAddress, ...(deviceId !== undefined ? { deviceId } : {}),
+        });
         return jsonReply(201, {
           device_id: device.id, name: device.name, paired_at: device.pairedAt, expires_at: device.expiresAt, token,
           legacy_password: trust.devices.legacyPassword(device.id), ...tlsJson(trust),

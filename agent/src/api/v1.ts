@@ -3,7 +3,7 @@
  * lives in the "wire shapes" section below and nowhere else. Errors are `{code, message, details?}` with the
  * CloudletError's status.
  */
-import { deviceIdOf } from '../trust/access';
+import { deviceIdOf, stopperOf } from '../trust/access';
 import type { CloudletEvent } from '../core/events';
 import type { ProvisioningApi } from '../core/types';
 import type { CloudletApi, Endpoint, HealthReport, Instance, Package, PackageSource, Peer, Service, StartResult, StopResult, SystemInfo } from '../core/types';
@@ -75,12 +75,12 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
     ...appRoutes(api),
     { method: 'GET', path: '/v1/instances', access: 'device', handle: () => jsonReply(200, { instances: api.listInstances().map(instanceJson) }) },
     { method: 'GET', path: '/v1/instances/:id', access: 'device', handle: ({ params }) => jsonReply(200, instanceJson(api.getInstance(params.id!))) },
-    { method: 'POST', path: '/v1/instances', access: 'device', jsonBody: true, handle: (request) => startInstance(api, request, trust) },
+    { method: 'POST', path: '/v1/instances', access: 'device', jsonBody: true, handle: (request) => startInstance(api, request) },
     {
       method: 'DELETE',
       path: '/v1/instances/:id',
       access: 'device',
-      handle: async ({ params, caller }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!, deviceIdOf(caller)))),
+      handle: async ({ params, caller }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!, stopperOf(caller)))),
     },
   ];
   return {
@@ -97,24 +97,16 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
   };
 }
 
-async function startInstance(api: CloudletApi, request: ApiRequest, trust?: TrustView) {
+async function startInstance(api: CloudletApi, request: ApiRequest) {
   const body = jsonObject(request.body);
   const deviceId = deviceIdOf(request.caller);
+  // A device whose authorization ends while its VM launches gets an error, its use given back (the core's start).
   const result = await api.startInstance({
     serviceId: requiredString(body, 'service_id'),
     join: optionalBoolean(body, 'join') ?? false,
     clientHost: hostOf(request.header('host')),
     ...(deviceId !== undefined ? { deviceId } : {}),
   });
-  // The device's authorization may have ended while its VM was launching, possibly before the registry listed the
-  // instance for releasing: its use is given back now.
-  const standing = deviceId === undefined ? null : trust?.devices.standing(deviceId);
-  if (deviceId !== undefined && standing) {
-    // Already released (the registry listed it in time) is as good.
-    await api.stopInstance(result.instance.id, deviceId).catch(() => {});
-    throw new CloudletError(standing === 'expired' ? 'DEVICE_EXPIRED' : standing === 'revoked' ? 'DEVICE_REVOKED' : 'UNAUTHENTICATED',
-      `the authorization of device ${deviceId} ended while its instance was starting`, { details: { device_id: deviceId } });
-  }
   return jsonReply(201, startResultJson(result));
 }
 

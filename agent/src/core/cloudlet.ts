@@ -39,7 +39,7 @@ import { PhaseTimer } from './timing';
 import type { EventListener } from './events';
 import type {
   App, AppFilter, CloudletApi, DiscoveryView, Endpoint, HealthCheck, HealthReport, Instance, InstanceRecord, NewApp, Package,
-  PackageSource, Peer, ProvisioningApi, Service, ServiceManifest, StartRequest, StartResult, StopResult, SynthesisOptions, SynthesisResult, SystemInfo,
+  PackageSource, Peer, ProvisioningApi, Service, ServiceManifest, StartRequest, StartResult, StopResult, Stopper, SynthesisOptions, SynthesisResult, SystemInfo, Workload,
 } from './types';
 
 // From dist/agent/src/core/ up to the repository (or installed package) root.
@@ -49,6 +49,11 @@ const WILDCARD = new Set(['0.0.0.0', '::', '']);
 /** An overlay upload that gets no bytes for this long is abandoned; a finished one is remembered this long. */
 const OVERLAY_UPLOAD_IDLE_MS = 10 * 60_000;
 const OVERLAY_UPLOAD_KEEP_MS = 10 * 60_000;
+/** Unfinished overlay uploads one device may have at a time (the operator's are not limited). */
+const OVERLAY_UPLOADS_PER_DEVICE = 2;
+
+/** How a device's authorization stands: null while it may act, else how it ended (trust/devices.ts). */
+type DeviceStanding = 'not-paired' | 'revoked' | 'expired' | null;
 
 /**
  * The core: the catalog of cached services, the registry of running instances and the mechanisms that launch
@@ -60,6 +65,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   /** Recipe results being cached, so concurrent requests share one capture. */
   private readonly caching = new Map<string, Promise<Service>>();
   private readonly overlayUploads: UploadSessions<SynthesisResult, SynthesisOptions>;
+  /** See attachDeviceStanding; every device is in good standing until told otherwise. */
+  private deviceStanding: (deviceId: string) => DeviceStanding = () => null;
 
   private constructor(
     private readonly config: AgentConfig,
@@ -79,7 +86,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     private readonly synthesis: SynthesisMechanism,
   ) {
     this.overlayUploads = new UploadSessions(path.join(config.dataDir, 'uploads'), (stream, bytes, options) => this.synthesize(stream, bytes, options),
-      OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS, log);
+      OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS, log, { ownerOf: (options) => options.deviceId, max: OVERLAY_UPLOADS_PER_DEVICE });
   }
 
   static async open(config: AgentConfig, log: Logger): Promise<Cloudlet> {
@@ -179,8 +186,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   async startInstance(req: StartRequest): Promise<StartResult> {
     const appPackage = this.packages.find(req.serviceId);
     const started = appPackage
-      ? await this.registry.start(appPackage, req.join, this.runnableAppVirt(), req.deviceId)
-      : await this.registry.start(this.catalog.get(req.serviceId), req.join, this.cachedVm, req.deviceId);
+      ? await this.startFor(appPackage, req.join, this.runnableAppVirt(), req.deviceId)
+      : await this.startFor(this.catalog.get(req.serviceId), req.join, this.cachedVm, req.deviceId);
     return { ...started, endpoint: this.endpointFor(started.instance, req.clientHost) };
   }
 
@@ -189,13 +196,40 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     return this.appVirt;
   }
 
-  stopInstance(id: string, deviceId?: string): Promise<StopResult> {
-    return this.registry.stop(id, deviceId);
+  stopInstance(id: string, by: Stopper): Promise<StopResult> {
+    return this.registry.stop(id, by);
   }
 
   /** A device's authorization ended: release every use it holds (instances nobody else uses are stopped). */
   releaseDevice(deviceId: string): Promise<void> {
     return this.registry.releaseOwner(deviceId);
+  }
+
+  /**
+   * Which devices may still hold instances (null: in good standing, else how its authorization ended): the reconciler
+   * releases the uses of any other (a release that failed at the device's end, libvirt being unreachable, is retried
+   * until it succeeds), and a start for a device whose authorization ended while it launched is undone.
+   */
+  attachDeviceStanding(standing: (deviceId: string) => DeviceStanding): void {
+    this.deviceStanding = standing;
+    this.registry.setOwnerStanding((id) => standing(id) === null);
+  }
+
+  /**
+   * Every start on a device's behalf (Cached VM, app package, on-demand, synthesis): the device's authorization may
+   * have ended while its VM was launching, possibly before the registry listed the instance for releasing; its use is
+   * then given back, and the start fails as the device's next request would.
+   */
+  private async startFor<W extends Workload>(workload: W, join: boolean, mechanism: Mechanism<W>, deviceId?: string): Promise<Omit<StartResult, 'endpoint'>> {
+    const started = await this.registry.start(workload, join, mechanism, deviceId);
+    const standing = deviceId === undefined ? null : this.deviceStanding(deviceId);
+    if (deviceId !== undefined && standing) {
+      // Already released (the registry listed it in time) is as good.
+      await this.registry.stop(started.instance.id, { device: deviceId }).catch(() => {});
+      throw new CloudletError(standing === 'expired' ? 'DEVICE_EXPIRED' : standing === 'revoked' ? 'DEVICE_REVOKED' : 'UNAUTHENTICATED',
+        `the authorization of device ${deviceId} ended while its instance was starting`, { details: { device_id: deviceId } });
+    }
+    return started;
   }
 
   /** The address a client should connect to: the forward's own address, or the one the client reached us on. */
@@ -302,7 +336,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   async provision(id: string, req: { join: boolean; clientHost?: string; deviceId?: string }): Promise<StartResult> {
     const recipe = this.recipes.get(id);
     if (this.cachedResultOf(recipe)) return this.startInstance({ ...req, serviceId: id });
-    const started = await this.registry.start(recipeService(recipe, this.bases.get(recipe.base)), req.join, this.onDemand, req.deviceId);
+    const started = await this.startFor(recipeService(recipe, this.bases.get(recipe.base)), req.join, this.onDemand, req.deviceId);
     if (recipe.cache === 'after-first-use') {
       this.cacheRecipe(id).catch((err: Error) => this.log(`caching the result of recipe ${id} failed: ${err.message}`));
     }
@@ -369,6 +403,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
       throw new CloudletError('PAYLOAD_TOO_LARGE', `an overlay may have at most ${OVERLAY_LIMITS.overlayBytes} bytes`, { details: { limit: OVERLAY_LIMITS.overlayBytes } });
     }
     this.refuseKeepingAs(options.keepAs);
+    // Room for this upload and for what the unfinished ones still announce, before anything is written.
+    await requireFreeSpace(this.config.dataDir, bytes + this.overlayUploads.outstandingBytes(), `receive an overlay upload of ${bytes} bytes`);
     return this.overlayUploads.create(bytes, options);
   }
 
@@ -395,7 +431,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     const overlay = await openOverlay(stream, bytes, await trustedOverlayKeys(path.join(this.config.dataDir, 'overlay-keys'), this.log));
     try {
       const service = synthesisService(overlay, this.bases.get(overlay.manifest.base), options.keepAs !== undefined);
-      const started = await this.registry.start(service, false, this.synthesis, options.deviceId);
+      const started = await this.startFor(service, false, this.synthesis, options.deviceId);
       this.log(`synthesized ${service.id} from a ${bytes}-byte overlay on base ${service.base.name}`);
       const result = { ...started, endpoint: this.endpointFor(started.instance, options.clientHost) };
       return options.keepAs === undefined ? result : { ...result, ...(await this.keepSynthesized(service, started.instance.id, options.keepAs)) };

@@ -11,7 +11,7 @@ import type { PortAllocator } from './ports';
 import { waitUntilReady } from './readiness';
 import type { LaunchGate } from './launch-gate';
 import { PhaseTimer } from './timing';
-import type { Instance, InstanceRecord, MechanismName, StartResult, StopResult, Workload } from './types';
+import type { Instance, InstanceRecord, MechanismName, StartResult, StopResult, Stopper, Workload } from './types';
 
 const LAUNCH_ATTEMPTS = 3;
 
@@ -47,6 +47,13 @@ export class InstanceRegistry {
   private readonly pendingShared = new Map<string, Promise<InstanceRecord>>();
   private readonly queue = new KeyedQueue();
   private reconcileTimer: NodeJS.Timeout | undefined;
+  /**
+   * Uses of devices whose authorization ended that could not be released yet (the runtime was unreachable): instance
+   * id → owner → uses. The reconciler retries them, so the VM does not keep serving a revoked device.
+   */
+  private readonly unreleased = new Map<string, Map<string, number>>();
+  /** Whether a device may still hold its uses (see setOwnerStanding); every owner may until told otherwise. */
+  private ownerInGoodStanding: (owner: string) => boolean = () => true;
   /** Every state change and launch progress of the instances, for the API's event stream and telemetry. */
   readonly events = new EventBus();
 
@@ -183,6 +190,25 @@ export class InstanceRegistry {
     for (const runtime of this.runtimes) for (const id of await runtime.running()) running.add(id);
     for (const meta of [...this.instances.values()]) {
       if (!running.has(meta.id)) await this.endIfGone(meta.id, { state: 'stopped', reason: 'vanished' });
+    }
+    await this.releaseEndedOwners();
+  }
+
+  /**
+   * How the reconciler tells a device whose authorization ended (revoked, expired, removed): its uses are released at
+   * the next reconcile even when the release at its end was missed (an agent restart between the two).
+   */
+  setOwnerStanding(inGoodStanding: (owner: string) => boolean): void {
+    this.ownerInGoodStanding = inGoodStanding;
+  }
+
+  /** Retry the releases that failed, and release every use still held by an owner no longer in good standing. */
+  private async releaseEndedOwners(): Promise<void> {
+    for (const [id, owners] of [...this.unreleased]) {
+      for (const [owner, uses] of [...owners]) await this.releaseUses(id, owner, uses);
+    }
+    for (const owner of new Set([...this.instances.values()].flatMap((meta) => meta.owners))) {
+      if (!this.ownerInGoodStanding(owner)) await this.releaseOwner(owner);
     }
   }
 
@@ -357,17 +383,21 @@ export class InstanceRegistry {
   }
 
   /**
-   * Release one use of an instance; the last one ends it. With `owner` (a paired device), it must be one of the
-   * instance's users: a device stops only what it started or joined.
+   * Release one use of an instance; the last one ends it. A paired device stops only what it started or joined; an
+   * anonymous caller (the plain KD face) only an owner-less use, so it cannot touch a device's instance; the operator
+   * an owner-less use, else (all uses owned) the last one.
    */
-  async stop(id: string, owner?: string): Promise<StopResult> {
+  async stop(id: string, by: Stopper): Promise<StopResult> {
     return this.queue.run(id, async () => {
       const meta = this.record(id);
-      // Without an owner (the operator, the plain KD face): an owner-less use, else (all uses owned) the last one.
-      const at = owner !== undefined ? meta.owners.indexOf(owner) : meta.owners.length >= meta.users ? meta.owners.length - 1 : -1;
-      if (owner !== undefined && at < 0) {
-        throw new CloudletError('FORBIDDEN', `instance ${id} is not used by device ${owner}`, { details: { instance_id: id } });
+      const ownerless = meta.owners.length < meta.users;
+      // The index in owners of the use released; -1 is an owner-less one.
+      const at = typeof by === 'object' ? meta.owners.indexOf(by.device) : ownerless ? -1 : by === 'operator' ? meta.owners.length - 1 : null;
+      if (typeof by === 'object' && at === -1) {
+        throw new CloudletError('FORBIDDEN', `instance ${id} is not used by device ${by.device}`, { details: { instance_id: id } });
       }
+      // Every use is a device's: to an anonymous caller the instance is one that does not exist.
+      if (at === null) throw new CloudletError('INSTANCE_NOT_FOUND', `no instance with id ${id}`, { details: { instance_id: id } });
       return this.release(meta, 1, meta.owners.filter((_, i) => i !== at), 'requested');
     });
   }
@@ -378,14 +408,29 @@ export class InstanceRegistry {
    */
   async releaseOwner(owner: string): Promise<void> {
     for (const candidate of [...this.instances.values()].filter((i) => i.owners.includes(owner))) {
-      await this.queue.run(candidate.id, async () => {
-        const meta = this.instances.get(candidate.id);
+      await this.releaseUses(candidate.id, owner, candidate.owners.filter((o) => o === owner).length);
+    }
+  }
+
+  /**
+   * Release `uses` of `owner`'s uses of instance `id`. One that fails is kept and retried by the reconciler: counted,
+   * so a device paired again under the same id meanwhile loses only the old device's uses, not ones of its own.
+   */
+  private async releaseUses(id: string, owner: string, uses: number): Promise<void> {
+    try {
+      await this.queue.run(id, async () => {
+        const meta = this.instances.get(id);
         if (!meta || meta.state === 'stopping') return;
-        const kept = meta.owners.filter((o) => o !== owner);
+        const kept = withoutUses(meta.owners, owner, uses);
         if (kept.length === meta.owners.length) return;
         this.log(`device ${owner} may no longer use instance ${meta.id} of ${meta.serviceId}; releasing its ${meta.owners.length - kept.length} use(s)`);
         await this.release(meta, meta.owners.length - kept.length, kept, 'authorization-ended');
-      }).catch((err: Error) => this.log(`releasing device ${owner}'s use of ${candidate.id} failed: ${err.message}`));
+      });
+      this.unreleased.get(id)?.delete(owner);
+      if (this.unreleased.get(id)?.size === 0) this.unreleased.delete(id);
+    } catch (err) {
+      this.log(`releasing device ${owner}'s use of ${id} failed (retried by the reconciler): ${(err as Error).message}`);
+      this.unreleased.set(id, (this.unreleased.get(id) ?? new Map<string, number>()).set(owner, uses));
     }
   }
 
@@ -474,4 +519,10 @@ function domainName(serviceId: string, id: string): string {
 function publicView(meta: InstanceRecord): Instance {
   const { dir: _dir, readiness: _readiness, ...instance } = meta;
   return instance;
+}
+
+/** `owners` without the first `uses` entries of `owner`. */
+function withoutUses(owners: string[], owner: string, uses: number): string[] {
+  let left = uses;
+  return owners.filter((o) => o !== owner || left-- <= 0);
 }

@@ -140,6 +140,12 @@ export interface StartResult {
   timings?: import('./timing').LaunchTimings;
 }
 
+/**
+ * Who releases a use of an instance: a paired device (only a use it holds), the operator (any use: an owner-less one
+ * first), or an anonymous caller of the plain KD face (only an owner-less use).
+ */
+export type Stopper = { device: string } | 'operator' | 'anonymous';
+
 export interface StopResult {
   /** True when the VM was destroyed; false when other users still share it. */
   destroyed: boolean;
@@ -294,8 +300,11 @@ export interface CloudletApi {
   listInstances(): Instance[];
   getInstance(id: string): Instance;
   startInstance(req: StartRequest): Promise<StartResult>;
-  /** With `deviceId`, only a use that device holds is released (FORBIDDEN otherwise). */
-  stopInstance(id: string, deviceId?: string): Promise<StopResult>;
+  /**
+   * A device releases only a use it holds (FORBIDDEN otherwise); an anonymous caller only an owner-less use
+   * (INSTANCE_NOT_FOUND otherwise); the operator any.
+   */
+  stopInstance(id: string, by: Stopper): Promise<StopResult>;
   endpointFor(instance: Instance, clientHost?: string): Endpoint;
   systemInfo(): Promise<SystemInfo>;
   health(): Promise<HealthReport>;

@@ -5,8 +5,10 @@
  *
  * Each upload is a directory `<root>/<id>/`: `overlay.part`, the bytes so far, and `session.json`, the commit point.
  * The record's `received` is raised only after the bytes up to there are on disk (fdatasync), and the record is
- * replaced atomically (written aside, renamed). The synthesis reads the bytes back from the part file as they arrive,
- * so checking and applying still run while the upload does.
+ * replaced atomically (written aside, synced, renamed). The synthesis reads the bytes back from the part file as they
+ * arrive, so checking and applying still run while the upload does. The part file is open only while a request writes
+ * or a synthesis reads it: an idle session holds no file descriptor, and one owner may have only so many unfinished
+ * sessions (`OwnerLimit`).
  *
  * A synthesis runs only while a request delivers bytes, or once all of them are in: it holds a launch slot, a port
  * and perhaps a half-restored domain, which a client that stalls or is cut off must not keep for the idle limit. So
@@ -24,9 +26,10 @@
  * the second between the two is lost, never doubled.
  */
 import { randomUUID } from 'node:crypto';
-import { mkdir, open, readdir, readFile, rename, rm, writeFile, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { Readable } from 'node:stream';
+import { replaceFile } from '../core/atomic-file';
 import { CloudletError, asCloudletError } from '../errors';
 import { faultPoint } from '../system/fault-points';
 
@@ -61,7 +64,6 @@ interface Upload<T, M> {
   /** Bytes the record commits. */
   committed: number;
   updatedAt: number;
-  file: FileHandle;
   /** The upload's outcome: the result of the synthesis that read every byte, or why the upload failed. */
   result: Promise<T>;
   conclude: (outcome: Outcome<T>) => void;
@@ -95,8 +97,17 @@ const COMMIT_BYTES = 8 << 20;
 const READ_BYTES = 1 << 20;
 const ID = /^[0-9a-f-]{36}$/;
 
+/** Who an upload belongs to, and how many unfinished uploads one owner may have at a time. */
+export interface OwnerLimit<M> {
+  /** The owner of an upload; undefined for one no limit applies to (the operator's). */
+  ownerOf: (meta: M) => string | undefined;
+  max: number;
+}
+
 export class UploadSessions<T, M extends object> {
   private readonly uploads = new Map<string, Upload<T, M>>();
+  /** Uploads being created, per owner: counted against the limit before they are in `uploads`. */
+  private readonly creating = new Map<string, number>();
 
   constructor(
     private readonly root: string,
@@ -107,6 +118,11 @@ export class UploadSessions<T, M extends object> {
     /** How long a finished upload stays visible, so a client whose last response was lost can learn the outcome. */
     private readonly keepMs: number,
     private readonly log: (line: string) => void,
+    /**
+     * Each unfinished upload holds disk space and a timer for up to the idle limit: one device must not be able to
+     * make them without end.
+     */
+    private readonly ownerLimit?: OwnerLimit<M>,
   ) {}
 
   /** Reload the sessions an earlier agent left: continue the fresh ones, delete the stale and the broken. */
@@ -124,8 +140,8 @@ export class UploadSessions<T, M extends object> {
         }
         const file = await open(path.join(dir, PART), 'r+');
         // Bytes past the commit point may be torn; the client sends them again.
-        await file.truncate(record.received);
-        const upload = this.begin({ ...record, dir, file, updatedAt: Date.parse(record.updated_at) });
+        await file.truncate(record.received).finally(() => file.close());
+        const upload = this.begin({ ...record, dir, updatedAt: Date.parse(record.updated_at) });
         // Its last request was cut by the restart, but nothing more is needed: the synthesis need not wait for one.
         if (upload.received === upload.bytes) this.synthesize(upload);
         this.log(`uploads: continuing upload ${entry} at byte ${record.received} of ${record.bytes}`);
@@ -136,22 +152,52 @@ export class UploadSessions<T, M extends object> {
     }
   }
 
-  /** Start an upload of `bytes`; its synthesis starts with the first request that sends bytes. */
+  /**
+   * Start an upload of `bytes`; its synthesis starts with the first request that sends bytes. An owner with as many
+   * unfinished uploads as its limit allows gets TOO_MANY_UPLOADS.
+   */
   async create(bytes: number, meta: M): Promise<UploadView<T>> {
-    const id = randomUUID();
-    const dir = path.join(this.root, id);
-    await mkdir(dir, { mode: 0o700 });
+    const limit = this.ownerLimit;
+    const owner = limit?.ownerOf(meta);
+    if (limit && owner !== undefined) this.reserve(owner, limit);
     try {
-      const file = await open(path.join(dir, PART), 'wx+', 0o600);
-      await writeRecord(dir, { id, bytes, received: 0, meta, updated_at: new Date().toISOString() }).catch(async (err) => {
-        await file.close();
-        throw err;
-      });
-      return view(this.begin({ id, bytes, received: 0, meta, dir, file, updatedAt: Date.now() }));
-    } catch (err) {
-      await rm(dir, { recursive: true, force: true });
-      throw asCloudletError(err);
+      const id = randomUUID();
+      const dir = path.join(this.root, id);
+      await mkdir(dir, { mode: 0o700 });
+      try {
+        await writeFile(path.join(dir, PART), '', { flag: 'wx', mode: 0o600 });
+        await writeRecord(dir, { id, bytes, received: 0, meta, updated_at: new Date().toISOString() });
+        return view(this.begin({ id, bytes, received: 0, meta, dir, updatedAt: Date.now() }));
+      } catch (err) {
+        await rm(dir, { recursive: true, force: true });
+        throw asCloudletError(err);
+      }
+    } finally {
+      if (owner !== undefined) this.unreserve(owner);
     }
+  }
+
+  /** Bytes announced by unfinished uploads and not yet received: the disk space they may still fill. */
+  outstandingBytes(): number {
+    let bytes = 0;
+    for (const upload of this.uploads.values()) if (!upload.outcome && !upload.abandoned) bytes += upload.bytes - upload.received;
+    return bytes;
+  }
+
+  /** Count an upload about to be created against its owner's limit (synchronously, so concurrent creates count too). */
+  private reserve(owner: string, { ownerOf, max }: OwnerLimit<M>): void {
+    let live = this.creating.get(owner) ?? 0;
+    for (const upload of this.uploads.values()) if (!upload.outcome && ownerOf(upload.meta) === owner) live += 1;
+    if (live >= max) {
+      throw new CloudletError('TOO_MANY_UPLOADS', `at most ${max} overlay uploads may be unfinished at a time; finish or wait for one first`, { details: { limit: max } });
+    }
+    this.creating.set(owner, (this.creating.get(owner) ?? 0) + 1);
+  }
+
+  private unreserve(owner: string): void {
+    const left = (this.creating.get(owner) ?? 1) - 1;
+    if (left > 0) this.creating.set(owner, left);
+    else this.creating.delete(owner);
   }
 
   /** `visible`: whether the asker may see this upload (whose `meta` it is); one it may not is NOT_FOUND to it. */
@@ -173,17 +219,26 @@ export class UploadSessions<T, M extends object> {
     }
     upload.sending = true;
     clearTimeout(upload.idle);
+    // Opened per request, not held by the session: an idle upload holds no file descriptor.
+    let file: FileHandle;
+    try {
+      file = await open(path.join(upload.dir, PART), 'r+');
+    } catch (err) {
+      upload.sending = false;
+      this.armIdle(upload);
+      throw asCloudletError(err);
+    }
     // A synthesis still running continues; one still cleaning up after its pause starts again once done (settle).
     if (!upload.synthesis) this.synthesize(upload);
     try {
-      await this.receive(upload, body);
+      await this.receive(upload, file, body);
     } finally {
       // Not through the commit: a client that reconnects at once continues while it is made (commits are serialized).
       upload.sending = false;
       // A synthesis waiting for bytes that no request sends any more stops (see follow).
       this.wake(upload);
     }
-    await this.commit(upload).catch((err: unknown) => this.abandon(upload, asCloudletError(err)));
+    await this.commit(upload, file).catch((err: unknown) => this.abandon(upload, asCloudletError(err))).finally(() => file.close().catch(() => {}));
     if (upload.abandoned || upload.outcome) return { complete: true, result: await upload.result };
     if (upload.received < upload.bytes) {
       this.armIdle(upload);
@@ -192,17 +247,17 @@ export class UploadSessions<T, M extends object> {
     return { complete: true, result: await upload.result };
   }
 
-  private async receive(upload: Upload<T, M>, body: Readable): Promise<void> {
+  private async receive(upload: Upload<T, M>, file: FileHandle, body: Readable): Promise<void> {
     try {
       for await (const chunk of body as AsyncIterable<Buffer>) {
         if (upload.received + chunk.length > upload.bytes) {
           return this.abandon(upload, new CloudletError('OVERLAY_INVALID', `overlay: more than the announced ${upload.bytes} bytes were sent`));
         }
         try {
-          await upload.file.write(chunk, 0, chunk.length, upload.received);
+          await file.write(chunk, 0, chunk.length, upload.received);
           upload.received += chunk.length;
           this.wake(upload);
-          if (upload.received - upload.committed >= COMMIT_BYTES) await this.commit(upload);
+          if (upload.received - upload.committed >= COMMIT_BYTES) await this.commit(upload, file);
           if (upload.received * 2 >= upload.bytes) faultPoint('synthesis:mid-upload');
         } catch (err) {
           return this.abandon(upload, asCloudletError(err));
@@ -215,12 +270,12 @@ export class UploadSessions<T, M extends object> {
     return undefined;
   }
 
-  /** Make the bytes received so far durable, then say so in the record. */
-  private commit(upload: Upload<T, M>): Promise<void> {
+  /** Make the bytes received so far durable (through `file`, the part file as the writing request opened it), then record it. */
+  private commit(upload: Upload<T, M>, file: FileHandle): Promise<void> {
     return this.onFiles(upload, async () => {
       if (upload.removed || upload.received === upload.committed) return;
       const received = upload.received;
-      await upload.file.datasync();
+      await file.datasync();
       upload.updatedAt = Date.now();
       await writeRecord(upload.dir, { id: upload.id, bytes: upload.bytes, received, meta: upload.meta, updated_at: new Date(upload.updatedAt).toISOString() });
       upload.committed = received;
@@ -232,7 +287,6 @@ export class UploadSessions<T, M extends object> {
     return this.onFiles(upload, async () => {
       if (upload.removed) return;
       upload.removed = true;
-      await upload.file.close().catch(() => {});
       await rm(upload.dir, { recursive: true, force: true }).catch((err: Error) => this.log(`uploads: cannot delete ${upload.dir}: ${err.message}`));
     });
   }
@@ -244,7 +298,7 @@ export class UploadSessions<T, M extends object> {
   }
 
   /** `updatedAt`: the last activity, from which the idle limit counts (also across a restart). */
-  private begin(session: { id: string; bytes: number; received: number; meta: M; dir: string; file: FileHandle; updatedAt: number }): Upload<T, M> {
+  private begin(session: { id: string; bytes: number; received: number; meta: M; dir: string; updatedAt: number }): Upload<T, M> {
     let conclude!: (outcome: Outcome<T>) => void;
     const result = new Promise<T>((resolve, reject) => {
       conclude = (outcome) => (outcome.ok ? resolve(outcome.value) : reject(outcome.error));
@@ -366,11 +420,9 @@ function view<T>(upload: Upload<T, object>): UploadView<T> {
   };
 }
 
-/** Written aside and renamed over the old one: a crash leaves either record whole, never a torn one. */
-async function writeRecord<M>(dir: string, record: SessionRecord<M>): Promise<void> {
-  const tmp = path.join(dir, `${SESSION}.tmp`);
-  await writeFile(tmp, JSON.stringify(record), { mode: 0o600 });
-  await rename(tmp, path.join(dir, SESSION));
+/** Written aside, synced and renamed over the old one: a crash, even a power loss, leaves either record whole. */
+function writeRecord<M>(dir: string, record: SessionRecord<M>): Promise<void> {
+  return replaceFile(path.join(dir, SESSION), JSON.stringify(record));
 }
 
 function parseRecord<M>(text: string, id: string): SessionRecord<M> {

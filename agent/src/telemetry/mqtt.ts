@@ -10,6 +10,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { Aedes, type AuthenticateError, type Client } from 'aedes';
 import type { MqttClient } from 'mqtt';
+import type { RateLimiter } from '../api/rate-limit';
 import { eventJson, instanceJson } from '../api/v1';
 import type { AgentConfig } from '../config';
 import type { CloudletEvent } from '../core/events';
@@ -29,6 +30,8 @@ export interface TelemetryOptions {
   log: Logger;
   /** How `mqtt.access: devices` checks a CONNECT's credentials, and learns that a device's authorization ended. */
   credentials: { gate: AccessGate; devices: Pick<DeviceRegistry, 'on' | 'off'> };
+  /** The HTTP API's request buckets: a TCP connection draws on its address's (WebSocket ones did at the upgrade). */
+  rateLimiter?: Pick<RateLimiter, 'takeForAddress'>;
 }
 
 /** The agent's topic tree under `root` (docs/telemetry.md). */
@@ -90,7 +93,11 @@ export class Telemetry {
     });
     broker.on('clientDisconnect', (client) => telemetry?.deviceOf.delete(client));
     // A connection in the moment before the broker is ready is turned away (the client reconnects).
-    const server = net.createServer((socket) => telemetry ? telemetry.handle(socket, { remoteAddress: socket.remoteAddress ?? '', secure: false }) : socket.destroy());
+    const server = net.createServer((socket) => {
+      const remoteAddress = socket.remoteAddress ?? '';
+      if (!telemetry || !telemetry.admits(remoteAddress)) return socket.destroy();
+      telemetry.handle(socket, { remoteAddress, secure: false });
+    });
     // A box that cannot have its MQTT port (another broker holds it) must still serve phones: telemetry goes on over
     // the API port's /mqtt WebSocket, and the log says why TCP is missing.
     const listening = await new Promise<boolean>((resolve) => {
@@ -109,6 +116,16 @@ export class Telemetry {
     telemetry.publishServices();
     await telemetry.publishMetrics();
     return telemetry;
+  }
+
+  /** Whether a new TCP connection from this address is within its rate; one that is not is dropped unanswered. */
+  private admits(remoteAddress: string): boolean {
+    try {
+      this.options.rateLimiter?.takeForAddress(remoteAddress);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   /** Serve one MQTT connection (a TCP socket, or a WebSocket stream from the HTTP server). */

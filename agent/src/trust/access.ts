@@ -6,6 +6,7 @@
 import net from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
 import { CloudletError } from '../errors';
+import type { Stopper } from '../core/types';
 import { sha256, type DeviceRegistry, type PairedDevice } from './devices';
 
 export type Access = 'open' | 'device' | 'admin';
@@ -15,6 +16,11 @@ export type Caller = { kind: 'admin' } | { kind: 'device'; device: PairedDevice 
 /** The paired device a caller is; undefined for the operator and anonymous callers. */
 export function deviceIdOf(caller: Caller): string | undefined {
   return caller.kind === 'device' ? caller.device.id : undefined;
+}
+
+/** Who a caller is when it releases a use of an instance. */
+export function stopperOf(caller: Caller): Stopper {
+  return caller.kind === 'device' ? { device: caller.device.id } : caller.kind === 'admin' ? 'operator' : 'anonymous';
 }
 
 /** How a request reached the agent. */
@@ -37,6 +43,28 @@ LOOPBACK.addAddress('::1', 'ipv6');
 export function isLoopback(address: string): boolean {
   const family = net.isIP(address);
   return family !== 0 && LOOPBACK.check(address, family === 6 ? 'ipv6' : 'ipv4');
+}
+
+/**
+ * The client an address stands for, when counting what it does (rate limits, wrong pairing codes): an IPv4 address
+ * (also IPv4-mapped) as itself, an IPv6 address by its /64, which one host holds whole and can pick addresses in.
+ */
+export function addressKey(address: string): string {
+  if (!net.isIPv6(address)) return address;
+  const halves = address.split('::');
+  const groupsOf = (text: string | undefined) => (text ? text.split(':').flatMap((g) => (g.includes('.') ? ipv4Groups(g) : [g])) : []);
+  const head = groupsOf(halves[0]);
+  const tail = groupsOf(halves[1]);
+  const groups = [...head, ...Array<string>(8 - head.length - tail.length).fill('0'), ...tail].map((g) => parseInt(g, 16));
+  if (groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff) {
+    return [groups[6]! >> 8, groups[6]! & 0xff, groups[7]! >> 8, groups[7]! & 0xff].join('.');
+  }
+  return `${groups.slice(0, 4).map((g) => g.toString(16)).join(':')}::/64`;
+}
+
+function ipv4Groups(dotted: string): string[] {
+  const [a, b, c, d] = dotted.split('.').map(Number) as [number, number, number, number];
+  return [((a << 8) | b).toString(16), ((c << 8) | d).toString(16)];
 }
 
 /**

@@ -134,20 +134,20 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
 
   /** Revoke a device: its token is refused from now on and its instances are released. Revoking again is a no-op. */
   async revoke(id: string): Promise<void> {
-    const device = this.stored(id);
-    if (device.revokedAt !== null) return;
-    device.revokedAt = new Date().toISOString();
+    this.stored(id);
+    const revokedAt = new Date().toISOString();
+    const before = await this.update(id, (device) => (device.revokedAt === null ? { ...device, revokedAt } : undefined));
+    if (!before) return;
     this.disarmExpiry(id);
-    await this.save();
-    this.emit('device-ended', publicView(device), 'revoked');
+    this.emit('device-ended', publicView({ ...before, revokedAt }), 'revoked');
   }
 
   /** Forget a device altogether (its id may then be paired again); its instances are released. */
   async remove(id: string): Promise<void> {
-    const device = this.stored(id);
-    this.devices.delete(id);
+    this.stored(id);
+    const device = await this.update(id, () => null);
+    if (!device) return;
     this.disarmExpiry(id);
-    await this.save();
     if (this.standingOf(device) === null) this.emit('device-ended', publicView(device), 'removed');
   }
 
@@ -199,11 +199,37 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
   }
 
   private save(): Promise<void> {
-    const content: DevicesFile = { version: 1, devices: [...this.devices.values()] };
-    const text = JSON.stringify(content, null, 2) + '\n';
+    const text = devicesFileText(this.devices.values());
     this.saving = this.saving.catch(() => {}).then(() => writeSecretFile(this.file, text));
     return this.saving;
   }
+
+  /**
+   * Replaces device `id` with what `change` makes of it (null: deletes it; undefined: nothing to do) on disk first,
+   * then in memory, so a failed write changes nothing and its error reaches the caller. Runs after the writes before
+   * it, on the devices as they left them. Resolves to the device as it was, or undefined when nothing changed.
+   */
+  private update(id: string, change: (device: StoredDevice) => StoredDevice | null | undefined): Promise<StoredDevice | undefined> {
+    const updated = this.saving.catch(() => {}).then(async () => {
+      const device = this.devices.get(id);
+      const next = device && change(device);
+      if (!device || next === undefined) return undefined;
+      const devices = new Map(this.devices);
+      if (next === null) devices.delete(id);
+      else devices.set(id, next);
+      await writeSecretFile(this.file, devicesFileText(devices.values()));
+      if (next === null) this.devices.delete(id);
+      else this.devices.set(id, next);
+      return device;
+    });
+    this.saving = updated.then(() => {}, () => {});
+    return updated;
+  }
+}
+
+function devicesFileText(devices: Iterable<StoredDevice>): string {
+  const content: DevicesFile = { version: 1, devices: [...devices] };
+  return JSON.stringify(content, null, 2) + '\n';
 }
 
 /** Throws INVALID_PARAMETER unless `id` can name a device. */

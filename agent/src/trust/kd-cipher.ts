@@ -4,7 +4,6 @@
  * no replay protection; it is kept only for KD clients in the field (docs/security.md, "Legacy encrypted KD API").
  */
 import { createCipheriv, createDecipheriv, createHash, randomBytes } from 'node:crypto';
-import { CloudletError } from '../errors';
 
 const IV_BYTES = 16;
 const BLOCK_BYTES = 16;
@@ -21,23 +20,21 @@ export function kdEncrypt(message: Buffer, password: string): string {
 }
 
 /**
- * Decrypts a base64 message; BAD_REQUEST when it is not one (bad base64, wrong length, bad padding). A wrong key
- * usually fails the padding check, but not always: the caller must treat the plaintext as untrusted text.
+ * Decrypts a base64 message; null when it is not one (bad base64, wrong length, bad padding), without saying which:
+ * with no MAC, telling bad padding apart from anything else is a padding oracle that decrypts any captured command.
+ * A wrong key usually fails the padding check, but not always: the caller must treat the plaintext as untrusted text
+ * and answer what does not parse exactly as it answers null.
  */
-export function kdDecrypt(text: string, password: string): Buffer {
+export function kdDecrypt(text: string, password: string): Buffer | null {
   // A form decoder turns an unencoded '+' into a space; base64 has no spaces, so they are put back.
   const compact = text.trim().replace(/ /g, '+');
-  if (!/^[A-Za-z0-9+/\r\n]+={0,2}$/.test(compact)) throw malformed('it is not base64');
+  if (!/^[A-Za-z0-9+/\r\n]+={0,2}$/.test(compact)) return null;
   const raw = Buffer.from(compact, 'base64');
-  if (raw.length < IV_BYTES + BLOCK_BYTES || (raw.length - IV_BYTES) % BLOCK_BYTES !== 0) throw malformed('its length is not IV + whole AES blocks');
+  if (raw.length < IV_BYTES + BLOCK_BYTES || (raw.length - IV_BYTES) % BLOCK_BYTES !== 0) return null;
   const decipher = createDecipheriv('aes-256-cbc', keyOf(password), raw.subarray(0, IV_BYTES));
   try {
     return Buffer.concat([decipher.update(raw.subarray(IV_BYTES)), decipher.final()]);
   } catch {
-    throw malformed('it does not decrypt with this device\'s key');
+    return null;
   }
-}
-
-function malformed(why: string): CloudletError {
-  return new CloudletError('BAD_REQUEST', `The command cannot be decrypted: ${why}`);
 }

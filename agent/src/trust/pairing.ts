@@ -1,16 +1,19 @@
 import { randomInt, timingSafeEqual } from 'node:crypto';
 import { CloudletError } from '../errors';
+import { addressKey } from './access';
 import { checkDeviceId, type DeviceRegistry, type PairedDevice } from './devices';
 
 /**
  * Pairing windows: the operator on the box opens a short window and reads a one-time code to the phone's user; the
  * phone presents it once and gets its own credential. One window at a time (a new one replaces the last); a window
- * closes when its code is used, when it times out, or after MAX_WRONG_CODES wrong codes (a guesser gets a handful of
- * tries at 31^8 codes, then the operator must open a new window).
+ * closes when its code is used, when it times out, or after MAX_WRONG_CODES wrong codes in all. One address (an IPv6
+ * /64) gets MAX_WRONG_CODES_PER_ADDRESS tries per window, then is refused, so a stranger on the LAN cannot close the
+ * window on the phone being paired by guessing; at most 100 guesses at 31^8 codes leave the odds negligible.
  */
 export const CODE_ALPHABET = '23456789ABCDEFGHJKMNPQRSTUVWXYZ'; // no 0/O, 1/I/L
 export const CODE_LENGTH = 8;
-export const MAX_WRONG_CODES = 5;
+export const MAX_WRONG_CODES = 100;
+export const MAX_WRONG_CODES_PER_ADDRESS = 3;
 export const MAX_WINDOW_SECONDS = 3600;
 
 export interface PairingWindow {
@@ -22,6 +25,8 @@ export interface PairingWindow {
 
 interface OpenWindow extends PairingWindow {
   wrongCodes: number;
+  /** Wrong codes per addressKey(); at most MAX_WRONG_CODES entries. */
+  wrongCodesFrom: Map<string, number>;
 }
 
 export class Pairing {
@@ -37,8 +42,9 @@ export class Pairing {
       expiresAt: new Date(Date.now() + options.ttlSeconds * 1000).toISOString(),
       deviceExpiresInMinutes: options.expiresInMinutes ?? null,
       wrongCodes: 0,
+      wrongCodesFrom: new Map(),
     };
-    const { wrongCodes: _wrongCodes, ...view } = this.window;
+    const { wrongCodes: _wrongCodes, wrongCodesFrom: _wrongCodesFrom, ...view } = this.window;
     return view;
   }
 
@@ -48,18 +54,25 @@ export class Pairing {
   }
 
   /** Pair a device with the window's code; the token in the answer exists nowhere else. */
-  async claim(code: string, request: { deviceId?: string; name: string }): Promise<{ device: PairedDevice; token: string }> {
+  async claim(code: string, request: { deviceId?: string; name: string; remoteAddress: string }): Promise<{ device: PairedDevice; token: string }> {
     const window = this.window;
     if (!window || Date.parse(window.expiresAt) <= Date.now()) {
       this.window = null;
       throw new CloudletError('PAIRING_CLOSED', 'no pairing window is open; ask the operator to open one on the cloudlet');
     }
+    const from = addressKey(request.remoteAddress);
+    const wrongFrom = window.wrongCodesFrom.get(from) ?? 0;
+    if (wrongFrom >= MAX_WRONG_CODES_PER_ADDRESS) {
+      throw new CloudletError('PAIRING_CLOSED', 'too many wrong codes from this address; ask the operator to open a new pairing window');
+    }
     if (!sameCode(code, window.code)) {
       window.wrongCodes += 1;
-      const left = MAX_WRONG_CODES - window.wrongCodes;
-      if (left <= 0) this.window = null;
-      throw new CloudletError('PAIRING_CODE_INVALID', left > 0 ? 'wrong pairing code' : 'wrong pairing code; the pairing window is now closed',
-        { details: { attempts_left: Math.max(left, 0) } });
+      window.wrongCodesFrom.set(from, wrongFrom + 1);
+      if (window.wrongCodes >= MAX_WRONG_CODES) this.window = null;
+      const left = this.window ? Math.min(MAX_WRONG_CODES_PER_ADDRESS - wrongFrom - 1, MAX_WRONG_CODES - window.wrongCodes) : 0;
+      const message = !this.window ? 'wrong pairing code; the pairing window is now closed'
+        : left === 0 ? 'wrong pairing code; no more tries from this address in this window' : 'wrong pairing code';
+      throw new CloudletError('PAIRING_CODE_INVALID', message, { details: { attempts_left: left } });
     }
     // A request the registry would refuse (a bad or taken device id) does not use the code up.
     if (request.deviceId !== undefined) checkDeviceId(request.deviceId);
