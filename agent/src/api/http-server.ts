@@ -205,7 +205,7 @@ function serveEvents(
         ?? bearerEntry?.slice(EVENTS_BEARER_PROTOCOL_PREFIX.length);
       let caller: Caller;
       try {
-        caller = authorizeWithinRate(gate, limiter, 'device', token, { remoteAddress: Buffer.from(res.getRemoteAddressAsText()).toString(), secure });
+        caller = authorizeWithinRate(gate, limiter, 'device', token, { remoteAddress: remoteAddressOf(res), secure });
       } catch (err) {
         refuseUpgrade(res, asCloudletError(err));
         return;
@@ -222,9 +222,7 @@ function serveEvents(
         if (client.closed) return;
         if (ws.getBufferedAmount() > EVENTS_MAX_BUFFERED_BYTES) {
           log('closing a /v1/events client that does not keep up');
-          client.closed = true;
-          client.unsubscribe?.();
-          ws.end(1013, 'too slow: events were dropped; reconnect');
+          endEventsClient(ws, 1013, 'too slow: events were dropped; reconnect');
           return;
         }
         ws.send(message, false);
@@ -242,6 +240,19 @@ function serveEvents(
 }
 
 interface EventsClient { unsubscribe?: () => void; closed: boolean; deviceId?: string }
+
+/** Stop sending to an events client and close it (once: `closed` makes the other paths skip it). */
+function endEventsClient(ws: WebSocket<EventsClient>, code: number, reason: string): void {
+  const client = ws.getUserData();
+  client.closed = true;
+  client.unsubscribe?.();
+  ws.end(code, reason);
+}
+
+/** The peer's IP address as text (uWS hands it over as bytes of text). */
+function remoteAddressOf(socket: { getRemoteAddressAsText(): ArrayBuffer }): string {
+  return Buffer.from(socket.getRemoteAddressAsText()).toString();
+}
 
 /** The open /v1/events sockets of each device: a device whose authorization ends loses them at once. */
 class EventClients {
@@ -263,13 +274,10 @@ class EventClients {
 
   endDevice(deviceId: string, log: (line: string) => void): void {
     for (const ws of this.byDevice.get(deviceId) ?? []) {
-      const client = ws.getUserData();
-      if (client.closed) continue;
+      if (ws.getUserData().closed) continue;
       log(`closing a /v1/events client: device ${deviceId} may no longer watch`);
-      client.closed = true;
-      client.unsubscribe?.();
       // 1008: policy violation; the credential is no longer valid, so reconnecting is refused.
-      ws.end(1008, 'device authorization ended');
+      endEventsClient(ws, 1008, 'device authorization ended');
     }
     this.byDevice.delete(deviceId);
   }
@@ -285,7 +293,7 @@ function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, limiter: RateL
     upgrade: (res, req, context) => {
       // The credentials come later, inside the stream: the connection draws on its address's bucket.
       try {
-        limiter?.takeForAddress(Buffer.from(res.getRemoteAddressAsText()).toString());
+        limiter?.takeForAddress(remoteAddressOf(res));
       } catch (err) {
         refuseUpgrade(res, asCloudletError(err));
         return;
@@ -311,7 +319,7 @@ function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, limiter: RateL
         },
       });
       client.stream.on('error', (err) => log(`${endpoint.path} stream: ${err.message}`));
-      endpoint.accept(client.stream, { remoteAddress: Buffer.from(ws.getRemoteAddressAsText()).toString(), secure });
+      endpoint.accept(client.stream, { remoteAddress: remoteAddressOf(ws), secure });
     },
     message: (ws, message) => {
       // Copy: uWS neuters the ArrayBuffer when this callback returns.
@@ -381,7 +389,7 @@ function readIncoming(req: HttpRequest, res: HttpResponse, secure: boolean): Inc
   const path = req.getUrl();
   // getQuery() returns undefined, not '', when the URL has no query.
   const query = (req.getQuery() as string | undefined) ?? '';
-  const remoteAddress = Buffer.from(res.getRemoteAddressAsText()).toString();
+  const remoteAddress = remoteAddressOf(res);
   const logged = redactedQuery(query);
   return { method: req.getMethod().toUpperCase(), url: query ? `${path}?${logged}` : path, path, query, headers, remoteAddress, secure };
 }

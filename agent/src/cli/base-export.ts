@@ -4,8 +4,9 @@
  * and manifest.json. Every file comes over HTTP (GET /v1/bases/:ref/files/:name), resumed from `FILE.part` after an
  * interruption and checked against its SHA-256; a file already complete in DIR is not fetched again.
  */
-import { mkdir, rename, stat, writeFile } from 'node:fs/promises';
+import { mkdir, stat } from 'node:fs/promises';
 import path from 'node:path';
+import { replaceFile } from '../core/atomic-file';
 import type { CloudletClient } from './client';
 
 export interface BaseJson {
@@ -41,7 +42,6 @@ export async function exportBase(client: CloudletClient, ref: string, outDir: st
   }
   // The same manifest.json as in the cloudlet's own base directory: `cloudlet-overlay create` reads either.
   const manifest = path.join(outDir, 'manifest.json');
-  await writeFile(`${manifest}.tmp`, `${JSON.stringify({ name: base.name, digest: base.digest, manifest: base.manifest }, null, 2)}\n`);
-  await rename(`${manifest}.tmp`, manifest);
+  await replaceFile(manifest, `${JSON.stringify({ name: base.name, digest: base.digest, manifest: base.manifest }, null, 2)}\n`, 0o644);
   return { base, fetched, resumedFrom };
 }

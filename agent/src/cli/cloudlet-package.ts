@@ -10,7 +10,6 @@
  * --readiness-timeout-ms N, --zstd (zstd instead of gzip; needs the zstd tool).
  * The manifest is checked with the agent's own rules before anything is written.
  */
-import { spawn } from 'node:child_process';
 import { cp, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createWriteStream } from 'node:fs';
 import os from 'node:os';
@@ -18,6 +17,7 @@ import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { parseArgs } from 'node:util';
 import { create } from 'tar';
+import { zstdEncodeStream } from '../images/zstd';
 import { parsePackageManifest } from '../packages/manifest';
 
 const USAGE = 'usage: cloudlet-package --app-id ID --port PORT (--dir DIR | --binary FILE) --output FILE [options] -- COMMAND [ARG...]';
@@ -67,12 +67,8 @@ async function main(argv: string[]): Promise<void> {
     else await cp(o.binary!, path.join(app, 'bin', path.basename(o.binary!)));
     await writeFile(path.join(staging, 'manifest.json'), JSON.stringify(manifest, null, 2) + '\n');
     const tarball = create({ cwd: staging, portable: true, gzip: !o.zstd }, ['manifest.json', 'app']);
-    if (o.zstd) {
-      const zstd = spawn('zstd', ['-q', '-c'], { stdio: ['pipe', 'pipe', 'inherit'] });
-      await Promise.all([pipeline(tarball, zstd.stdin), pipeline(zstd.stdout, createWriteStream(o.output))]);
-    } else {
-      await pipeline(tarball, createWriteStream(o.output));
-    }
+    if (o.zstd) await pipeline(tarball, zstdEncodeStream(), createWriteStream(o.output));
+    else await pipeline(tarball, createWriteStream(o.output));
     process.stdout.write(`${o.output}: ${manifest.app_id} ${manifest.version}\n`);
   } finally {
     await rm(staging, { recursive: true, force: true });

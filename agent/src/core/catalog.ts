@@ -1,9 +1,10 @@
 import { randomUUID } from 'node:crypto';
 import { constants as fsc } from 'node:fs';
-import { chmod, copyFile, lstat, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, lstat, mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError, isErrno } from '../errors';
 import { checkImage, convertImage, imageInfo } from '../images/qemu-img';
+import { replaceFile } from './atomic-file';
 import { noSpaceError, requireFreeSpace } from './disk-space';
 import { faultPoint } from '../system/fault-points';
 import { readSaveImageHeader } from '../vm/save-image';
@@ -165,9 +166,7 @@ async function readManifest(dir: string): Promise<ServiceManifest> {
 }
 
 export async function writeManifest(dir: string, manifest: object): Promise<void> {
-  const tmp = path.join(dir, `.${MANIFEST}.tmp`);
-  await writeFile(tmp, JSON.stringify(manifest, null, 2) + '\n', { mode: 0o644 });
-  await rename(tmp, path.join(dir, MANIFEST));
+  await replaceFile(path.join(dir, MANIFEST), JSON.stringify(manifest, null, 2) + '\n', 0o644);
 }
 
 /** What copying the named files takes: their sizes (a copy is not sparse); unreadable ones are left to the copy to report. */

@@ -1,6 +1,7 @@
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError } from '../errors';
+import { replaceFile } from './atomic-file';
 import { parseRecipe, recipeJson, type Recipe } from './recipe';
 
 /**
@@ -38,8 +39,7 @@ export class RecipeStore {
   /** Store (or replace) a validated recipe. */
   async put(recipe: Recipe): Promise<void> {
     const file = path.join(this.dir, `${recipe.service_id}.json`);
-    await writeFile(`${file}.tmp`, JSON.stringify(recipeJson(recipe), null, 2) + '\n', { mode: 0o600 });
-    await rename(`${file}.tmp`, file);
+    await replaceFile(file, JSON.stringify(recipeJson(recipe), null, 2) + '\n');
     this.recipes.set(recipe.service_id, recipe);
   }
 

@@ -1,7 +1,8 @@
 /**
  * The only caller of the zstd CLI (Debian package zstd): Node 20's zlib has no zstd. Child processes fed through
  * pipes, so nothing blocks the event loop: one per frame to compress (frames are independent, so several run at
- * once), one streaming process to decompress a whole sequence of frames (overlays) or one stream (app packages).
+ * once), one streaming process to decompress a whole sequence of frames (overlays) or one stream (app packages),
+ * and one to compress an app package (cloudlet-package).
  *
  * A frame may be compressed against a reference file both sides have (`--patch-from`: the file is a raw prefix the
  * frame's matches may point into; the decoder attaches it to every frame again). Kernel data that moved in guest
@@ -15,10 +16,19 @@ import { ByteReader } from '../synthesis/byte-reader';
 
 /** `zstd -dc` as a stream stage; a non-zero exit (not zstd, truncated) fails the pipeline. */
 export function zstdDecodeStream(): Duplex {
-  const zstd = spawn('zstd', ['-dcq'], { stdio: ['pipe', 'pipe', 'ignore'] });
+  return zstdStream(['-dcq'], 'not a valid zstd stream');
+}
+
+/** `zstd -c` as a stream stage (app packages made by cloudlet-package). */
+export function zstdEncodeStream(): Duplex {
+  return zstdStream(['-cq'], 'compression failed');
+}
+
+function zstdStream(args: string[], failure: string): Duplex {
+  const zstd = spawn('zstd', args, { stdio: ['pipe', 'pipe', 'ignore'] });
   const duplex = Duplex.from({ writable: zstd.stdin, readable: zstd.stdout });
   zstd.on('exit', (code, signal) => {
-    if (code !== 0 && signal === null) duplex.destroy(new Error(`zstd exited with ${code}: not a valid zstd stream`));
+    if (code !== 0 && signal === null) duplex.destroy(new Error(`zstd exited with ${code}: ${failure}`));
   });
   duplex.on('close', () => zstd.kill());
   return duplex;

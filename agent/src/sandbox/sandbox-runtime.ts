@@ -13,9 +13,10 @@
  * pid and start time, the cgroup), so a restarted agent finds and adopts its sandboxes, or cleans up dead ones.
  */
 import { spawn } from 'node:child_process';
-import { chown, mkdir, open, readdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { chown, mkdir, open, readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { replaceFile } from '../core/atomic-file';
 import { CloudletError, isErrno } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';
@@ -239,9 +240,7 @@ async function processStartTime(pid: number): Promise<number | null> {
 }
 
 async function writeState(dir: string, state: SandboxState): Promise<void> {
-  const tmp = path.join(dir, `.${STATE_FILE}.tmp`);
-  await writeFile(tmp, JSON.stringify(state) + '\n', { mode: 0o600 });
-  await rename(tmp, path.join(dir, STATE_FILE));
+  await replaceFile(path.join(dir, STATE_FILE), JSON.stringify(state) + '\n');
 }
 
 async function readState(dir: string): Promise<SandboxState | null> {
