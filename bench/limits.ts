@@ -131,6 +131,8 @@ async function main() {
       ...Object.fromEntries(bounds.flatMap((n) => [
         [`launches_${n}_each_ready_ms_median`, round(median(pick(n).each))],
         [`launches_${n}_all_ready_ms_median`, round(median(pick(n).all))],
+        // Against admitting one launch at a time (the baseline) in the same run.
+        [`launches_${n}_all_ready_vs_1`, round(median(pick(n).all) / median(pick(bounds[0]!).all), 2)],
       ])),
       kd_plain_call_ms_median: round(median(plainCall), 2),
       kd_encrypted_call_ms_median: round(median(encryptedCall), 2),
@@ -139,6 +141,8 @@ async function main() {
       kd_encrypted_download_ms_median: round(median(encryptedDownload)),
       health_rate_limited_ms_median: round(median(limited), 3),
       health_admin_ms_median: round(median(exempt), 3),
+      kd_encrypted_vs_plain_call: round(median(encryptedCall) / median(plainCall), 2),
+      rate_limited_vs_admin_call: round(median(limited) / median(exempt), 2),
     };
     process.stdout.write(JSON.stringify(result) + '\n');
   } finally {

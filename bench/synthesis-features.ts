@@ -6,15 +6,18 @@
 // - what overlay creation then does with the index (load it, make its lookup keys) against what it does without one
 //   (hash every non-zero 4 KiB block of the raw disk).
 // And 256 MiB through a persistent upload session (written, fdatasync'd every 8 MiB, read back by the consumer):
-// its throughput, to set against a link's.
+// its throughput, against spooling the same bytes to a file with one fsync at the end (the baseline: what keeping
+// the bytes on disk costs at least), and to set against a link's.
 // Ends with one line of JSON.
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { createWriteStream } from 'node:fs';
+import { mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { promisify } from 'node:util';
 import { buildChunkIndex, chunkHash, readChunkIndex } from '../agent/src/synthesis/chunk-index';
 import { UploadSessions } from '../agent/src/synthesis/uploads';
@@ -83,30 +86,46 @@ async function indexBench(scratch: string) {
 
 async function uploadBench(scratch: string) {
   const chunk = Buffer.alloc(64 << 10, 7);
+  const bytes = UPLOAD_MIB << 20;
+  const body = () => Readable.from((function* () { for (let sent = 0; sent < bytes; sent += chunk.length) yield chunk; })());
   const rates = [];
+  const spoolRates = [];
   for (let i = 0; i < RUNS; i++) {
+    const spool = path.join(scratch, `spool-${i}`);
+    spoolRates.push(UPLOAD_MIB / (await timed(async () => {
+      await pipeline(body(), createWriteStream(spool));
+      const file = await open(spool, 'r+');
+      await file.datasync();
+      await file.close();
+    }) / 1000));
+    await rm(spool);
     const sessions = new UploadSessions<number, object>(path.join(scratch, `uploads-${i}`), async (stream) => {
       let n = 0;
       for await (const c of stream) n += (c as Buffer).length;
       return n;
     }, 60_000, 1000, () => {});
     await sessions.load();
-    const bytes = UPLOAD_MIB << 20;
     const upload = await sessions.create(bytes, {});
-    const body = Readable.from((function* () { for (let sent = 0; sent < bytes; sent += chunk.length) yield chunk; })());
     const ms = await timed(async () => {
-      const outcome = await sessions.append(upload.id, 0, body);
+      const outcome = await sessions.append(upload.id, 0, body());
       if (!outcome.complete || outcome.result !== bytes) throw new Error('the upload did not complete');
     });
     rates.push(UPLOAD_MIB / (ms / 1000));
   }
-  return { upload_mib: UPLOAD_MIB, upload_mib_per_s: round(median(rates)) };
+  return {
+    upload_mib: UPLOAD_MIB, upload_mib_per_s: round(median(rates)), spool_mib_per_s: round(median(spoolRates)),
+    upload_vs_spool: round(median(rates) / median(spoolRates), 2),
+  };
 }
 
 void (async () => {
   const scratch = await mkdtemp(path.join(process.env.BENCH_DIR ?? os.tmpdir(), 'cloudlet-bench-synthesis-features-'));
   try {
-    const result = { ...(await indexBench(scratch)), ...(await uploadBench(scratch)), runs: RUNS };
+    const index = await indexBench(scratch);
+    const result = {
+      bench: 'synthesis-features', ...index, create_index_speedup: round(index.create_rehash_ms / index.create_with_index_ms, 1),
+      ...(await uploadBench(scratch)), runs: RUNS,
+    };
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
     await rm(scratch, { recursive: true, force: true });

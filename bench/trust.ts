@@ -1,6 +1,7 @@
 // What trust costs a request: the same small device route (GET /v1/instances) on the plain listener from loopback, over
 // HTTPS on a kept-alive connection, and over HTTPS with a new TLS handshake per request (a phone waking up), with
-// 1 and with BENCH_DEVICES paired devices (the token check compares against every stored hash). One JSON line.
+// 1 and with BENCH_DEVICES paired devices (the token check compares against every stored hash), against the open
+// GET /v1/apps (an empty list too, no credential) in the same run. One JSON line.
 import https from 'node:https';
 import http from 'node:http';
 import { performance } from 'node:perf_hooks';
@@ -55,7 +56,8 @@ async function main() {
       const tlsAgent = new https.Agent({ keepAlive: true, maxSockets: 1 });
       const base = { host: '127.0.0.1', path: '/v1/instances', headers };
       const secure = { ...base, port: system.tls_port, ca: pem, checkServerIdentity: (_h: string, c: tls.PeerCertificate) => pinned(c) };
-      const open = await timeRequests(() => get(http, { host: '127.0.0.1', port: agent.apiPort, path: '/v1/health', agent: plainAgent }));
+      // The baseline: an open route doing the same work (an empty list from memory) with no credential to check.
+      const open = await timeRequests(() => get(http, { host: '127.0.0.1', port: agent.apiPort, path: '/v1/apps', agent: plainAgent }));
       const plain = await timeRequests(() => get(http, { ...base, port: agent.apiPort, agent: plainAgent }));
       const kept = await timeRequests(() => get(https, { ...secure, agent: tlsAgent }));
       const fresh = await timeRequests(() => get(https, { ...secure, agent: false }));
@@ -71,6 +73,9 @@ async function main() {
       open_plain_ms: round(one.open, 3), device_plain_ms: round(one.plain, 3), device_https_keepalive_ms: round(one.kept, 3),
       device_https_handshake_ms: round(one.fresh, 3),
       many_devices_plain_ms: round(many.plain, 3), many_devices_https_keepalive_ms: round(many.kept, 3),
+      // Against the open (unauthenticated) request of the same run: what authentication and TLS cost.
+      device_vs_open: round(one.plain / one.open, 2), https_keepalive_vs_open: round(one.kept / one.open, 2),
+      many_devices_vs_open: round(many.plain / one.open, 2),
     };
     process.stdout.write(JSON.stringify(result) + '\n');
   } finally {
