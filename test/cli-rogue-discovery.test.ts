@@ -11,6 +11,7 @@ import { promisify } from 'node:util';
 import t from 'tap';
 import { ROOT } from './support/agent';
 import { cli, type CliResult } from './support/cli';
+import { deleteNamespaces, joinNamespaces, type NamespaceSide } from './support/netns-pair';
 import type { RogueRequest } from './support/rogue-cloudlet';
 
 const run = promisify(execFile);
@@ -20,6 +21,8 @@ const LAN_NS = `clt-lan-${process.pid}`;
 const PHONE_NS = `clt-phone-${process.pid}`;
 const LAN_IP = '10.77.8.1';
 const PHONE_IP = '10.77.8.2';
+const LAN_SIDE: NamespaceSide = { namespace: LAN_NS, link: 'cltl', address: LAN_IP };
+const PHONE_SIDE: NamespaceSide = { namespace: PHONE_NS, link: 'cltp', address: PHONE_IP };
 // The namespaces are ours: the ports KD clients and the HTTPS listener use are free there.
 const ROGUE_PORT = 9999;
 const ROGUE_TLS_PORT = 9443;
@@ -65,16 +68,7 @@ function phoneCli(args: string[], extraEnv: Record<string, string> = {}): Promis
 }
 
 t.before(async () => {
-  await run('ip', ['netns', 'add', LAN_NS]);
-  await run('ip', ['netns', 'add', PHONE_NS]);
-  // Created inside the LAN namespace with its peer moved straight to the phone's: never in the root namespace.
-  await run('ip', ['-n', LAN_NS, 'link', 'add', 'cltl', 'type', 'veth', 'peer', 'name', 'cltp', 'netns', PHONE_NS]);
-  await run('ip', ['-n', LAN_NS, 'addr', 'add', `${LAN_IP}/24`, 'dev', 'cltl']);
-  await run('ip', ['-n', PHONE_NS, 'addr', 'add', `${PHONE_IP}/24`, 'dev', 'cltp']);
-  for (const [ns, link] of [[LAN_NS, 'cltl'], [PHONE_NS, 'cltp']] as const) {
-    await run('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
-    await run('ip', ['-n', ns, 'link', 'set', link, 'up']);
-  }
+  await joinNamespaces(LAN_SIDE, PHONE_SIDE);
   scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-rogue-discovery-'));
   await mkdir(path.join(scratch, 'data', 'trust'), { recursive: true });
   await writeFile(path.join(scratch, 'data', 'trust', 'admin-token'), `${ADMIN_TOKEN}\n`);
@@ -94,8 +88,7 @@ t.before(async () => {
 t.teardown(async () => {
   for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
   await Promise.all(children.map((child) => (child.exitCode === null ? new Promise((r) => child.once('exit', r)) : null)));
-  await run('ip', ['netns', 'del', PHONE_NS]).catch(() => {});
-  await run('ip', ['netns', 'del', LAN_NS]).catch(() => {});
+  await deleteNamespaces(PHONE_SIDE, LAN_SIDE);
   if (scratch) await rm(scratch, { recursive: true, force: true });
 });
 

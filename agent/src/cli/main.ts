@@ -352,7 +352,8 @@ interface AppJson {
 
 const COMMON_HELP = [
   'Common options:',
-  '  --cloudlet HOST[:PORT]  the cloudlet to use (default: $CLOUDLET, else the best-ranked one mDNS finds)',
+  '  --cloudlet HOST[:PORT]  the cloudlet to use (default: $CLOUDLET, else the best-ranked one mDNS finds;',
+  '                          for a verb that acts, the best-ranked one this machine paired with)',
   '  --interface ADDR        discovery: IPv4 address of the interface to query mDNS on (default: all)',
   '  --timeout MS            discovery: how long to listen for answers (default 1500)',
   '  --json                  print JSON (errors too: {"error": {"code", "message"}})',
@@ -362,8 +363,8 @@ const COMMON_HELP = [
 function mainHelp(): string {
   const width = Math.max(...Object.keys(VERBS).map((v) => v.length));
   return ['usage: cloudlet VERB [options]', '', 'Verbs:', ...Object.entries(VERBS).map(([name, verb]) => `  ${name.padEnd(width)}  ${verb.summary}`), '',
-    ...COMMON_HELP, '', 'Run `cloudlet VERB --help` for a verb\'s options. Exit status: 0 ok, 1 refused or failed, 2 usage, 3 not found,',
-    '4 no cloudlet reachable, 5 checksum mismatch.'].join('\n');
+    ...COMMON_HELP, '', 'Run `cloudlet VERB --help` for a verb\'s options. Exit status: 0 ok, 1 refused or failed, 2 usage',
+    '(or a verb that acts with only unpaired cloudlets discovered), 3 not found, 4 no cloudlet reachable, 5 checksum mismatch.'].join('\n');
 }
 
 function verbHelp(name: string, verb: Verb): string {
