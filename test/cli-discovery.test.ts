@@ -2,23 +2,24 @@
 // is created inside them, so no multicast ever reaches the machine's own interfaces. The "cloudlet" namespace runs
 // the real agent and a DNS-SD responder answering as Avahi does for it; the "phone" namespace runs the CLI. Processes
 // enter a namespace with nsenter --net, which (unlike `ip netns exec`) leaves /sys and its cgroups mounted.
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import t from 'tap';
 import { AGENT_MAIN, ROOT, destroyDomainsUnder } from './support/agent';
 import { AvahiNetwork } from './support/avahi-netns';
 import { cli, type CliResult } from './support/cli';
+import { deleteNamespaces, joinNamespaces, type NamespaceSide } from './support/netns-pair';
 
-const run = promisify(execFile);
 const RESPONDER = path.join(ROOT, 'dist', 'test', 'support', 'mdns-responder.js');
 const CLOUDLET_NS = `cl7-cloudlet-${process.pid}`;
 const PHONE_NS = `cl7-phone-${process.pid}`;
 const CLOUDLET_IP = '10.77.7.1';
 const PHONE_IP = '10.77.7.2';
 const API_PORT = 9999; // the namespace is ours: the port KD clients expect is free there
+const CLOUDLET_SIDE: NamespaceSide = { namespace: CLOUDLET_NS, link: 'cl7c', address: CLOUDLET_IP };
+const PHONE_SIDE: NamespaceSide = { namespace: PHONE_NS, link: 'cl7p', address: PHONE_IP };
 
 const children: ChildProcess[] = [];
 let dataDir = '';
@@ -58,16 +59,7 @@ function phoneCli(...args: string[]): Promise<CliResult> {
 }
 
 t.before(async () => {
-  await run('ip', ['netns', 'add', CLOUDLET_NS]);
-  await run('ip', ['netns', 'add', PHONE_NS]);
-  // Created inside the cloudlet's namespace with its peer moved straight to the phone's: never in the root namespace.
-  await run('ip', ['-n', CLOUDLET_NS, 'link', 'add', 'cl7c', 'type', 'veth', 'peer', 'name', 'cl7p', 'netns', PHONE_NS]);
-  await run('ip', ['-n', CLOUDLET_NS, 'addr', 'add', `${CLOUDLET_IP}/24`, 'dev', 'cl7c']);
-  await run('ip', ['-n', PHONE_NS, 'addr', 'add', `${PHONE_IP}/24`, 'dev', 'cl7p']);
-  for (const [ns, link] of [[CLOUDLET_NS, 'cl7c'], [PHONE_NS, 'cl7p']] as const) {
-    await run('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
-    await run('ip', ['-n', ns, 'link', 'set', link, 'up']);
-  }
+  await joinNamespaces(CLOUDLET_SIDE, PHONE_SIDE);
 
   dataDir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-discovery-'));
   await chmod(dataDir, 0o755);
@@ -82,8 +74,7 @@ t.before(async () => {
 t.teardown(async () => {
   for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
   await Promise.all(children.map((child) => (child.exitCode === null ? new Promise((r) => child.once('exit', r)) : null)));
-  await run('ip', ['netns', 'del', PHONE_NS]).catch(() => {});
-  await run('ip', ['netns', 'del', CLOUDLET_NS]).catch(() => {});
+  await deleteNamespaces(PHONE_SIDE, CLOUDLET_SIDE);
   if (dataDir) {
     await destroyDomainsUnder(dataDir);
     await rm(dataDir, { recursive: true, force: true });

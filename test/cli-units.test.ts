@@ -28,6 +28,12 @@ t.test('ranking is client-lib\'s CpuBasedRanker: 100 × max_cores − usage, bes
   tt.equal(ranked[3]!.error, 'ECONNREFUSED');
 });
 
+t.test('a cloudlet whose /api/system gives no CPU figures is not ranked, and never eligible', async (tt) => {
+  const ranked = await rankCloudlets(['liar', 'idle'], async (name) => (name === 'liar'
+    ? { cpu_info: { max_cores: 'many', usage: null }, memory_info: {} } as unknown as KdSystemInfo : system(2, 10)));
+  tt.same(ranked.map((r) => [r.cloudlet, r.rank, r.eligible]), [['idle', 190, true], ['liar', null, false]]);
+});
+
 t.test('the progress line shows the bar, the share, the bytes and the rate', async (tt) => {
   tt.equal(formatBytes(512), '512 B');
   tt.equal(formatBytes(3 * 1024 * 1024 + 17), '3.0 MiB');

@@ -14,6 +14,9 @@ import type { KdSystemInfo } from './ranking';
 
 export const DEFAULT_PORT = 9999;
 
+/** The most of an answer the CLI reads into memory (JSON answers, error bodies); downloads stream to disk instead. */
+export const MAX_ANSWER_BYTES = 8 * 1024 * 1024;
+
 /** `host`, `host:port`, `[v6]`, `[v6]:port` or an http:// URL. */
 export function parseCloudlet(spec: string): { host: string; port: number } {
   const text = spec.replace(/^http:\/\//, '').replace(/\/.*$/, '');
@@ -65,9 +68,12 @@ export class CloudletClient {
     return this.parse<T>(answer);
   }
 
-  /** The KD face's system metadata, what client-lib ranks cloudlets by. */
-  async kdSystem(): Promise<KdSystemInfo> {
-    const answer = await this.exchange('GET', '/api/system', {});
+  /**
+   * The KD face's system metadata, what client-lib ranks cloudlets by. Asked of every cloudlet mDNS finds, so it has
+   * a hard deadline: a discovered server that drips its answer does not hold the CLI.
+   */
+  async kdSystem(deadlineMs: number): Promise<KdSystemInfo> {
+    const answer = await this.exchange('GET', '/api/system', {}, undefined, AbortSignal.timeout(deadlineMs));
     if (answer.status !== 200) throw new CliError('FAILED', `${this.label} answered /api/system with ${answer.status}`);
     return JSON.parse(answer.body.toString()) as KdSystemInfo;
   }
@@ -118,9 +124,7 @@ export class CloudletClient {
       req.end();
     });
     if (res.statusCode !== 200 && res.statusCode !== 206) {
-      const chunks: Buffer[] = [];
-      for await (const chunk of res) chunks.push(chunk as Buffer);
-      return this.parse({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) });
+      return this.parse(await new Promise<Answer>((resolve, reject) => this.collect(res, resolve, reject)));
     }
     const resumedFrom = res.statusCode === 206 ? from : 0;
     const hash = createHash('sha256');
@@ -129,12 +133,20 @@ export class CloudletClient {
     const counting = new Transform({
       transform(chunk: Buffer, _encoding, callback) {
         done += chunk.length;
+        // No more than the announced size is ever written: a server that keeps sending does not fill the disk.
+        if (done > expected.size) return callback(new CliError('RESPONSE_TOO_LARGE', `the cloudlet sent more than the ${expected.size} bytes it announced; the download was deleted`));
         hash.update(chunk);
         onProgress(done, resumedFrom);
         callback(null, chunk);
       },
     });
-    await pipeline(res, counting, createWriteStream(part, resumedFrom > 0 ? { flags: 'a' } : {}));
+    try {
+      await pipeline(res, counting, createWriteStream(part, resumedFrom > 0 ? { flags: 'a' } : {}));
+    } catch (err) {
+      if (!(err instanceof CliError)) throw err;
+      await rm(part, { force: true });
+      throw err;
+    }
     const sha256 = hash.digest('hex');
     if (sha256 !== expected.sha256 || done !== expected.size) {
       await rm(part, { force: true });
@@ -159,24 +171,36 @@ export class CloudletClient {
     return json as T;
   }
 
-  private exchange(method: string, path: string, headers: Record<string, string>, body?: Buffer): Promise<Answer> {
+  private exchange(method: string, path: string, headers: Record<string, string>, body?: Buffer, signal?: AbortSignal): Promise<Answer> {
     return new Promise((resolve, reject) => {
-      const req = this.request(method, path, headers, resolve, reject);
+      const req = this.request(method, path, headers, resolve, reject, this.timeoutMs, signal);
       req.end(body);
     });
   }
 
   private request(method: string, path: string, headers: Record<string, string>, resolve: (answer: Answer) => void, reject: (err: Error) => void,
-    timeoutMs = this.timeoutMs): http.ClientRequest {
-    const req = this.open({ method, path, headers }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (chunk: Buffer) => chunks.push(chunk));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
-      res.on('error', (err) => reject(this.unreachable(err)));
-    });
+    timeoutMs = this.timeoutMs, signal?: AbortSignal): http.ClientRequest {
+    const req = this.open({ method, path, headers, ...(signal ? { signal } : {}) }, (res) => this.collect(res, resolve, reject));
     req.setTimeout(timeoutMs, () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
     req.on('error', (err) => reject(this.unreachable(err)));
     return req;
+  }
+
+  /** Reads an answer into memory, up to MAX_ANSWER_BYTES: past that the connection is dropped. */
+  private collect(res: http.IncomingMessage, resolve: (answer: Answer) => void, reject: (err: Error) => void): void {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    res.on('data', (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > MAX_ANSWER_BYTES) {
+        res.destroy();
+        reject(new CliError('RESPONSE_TOO_LARGE', `${this.label} answered with more than ${MAX_ANSWER_BYTES} bytes; not reading the rest`));
+        return;
+      }
+      chunks.push(chunk);
+    });
+    res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+    res.on('error', (err) => reject(this.unreachable(err)));
   }
 
   private unreachable(err: Error): CliError {

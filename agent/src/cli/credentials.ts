@@ -1,22 +1,21 @@
 /**
- * The CLI's credentials. On the cloudlet itself (a loopback address) it is the operator and uses the admin token
- * from the agent's data directory ($CLOUDLET_DATA_DIR, else /var/lib/cloudlet). Elsewhere it is a paired device:
- * `cloudlet pair CODE` stores the device token and the cloudlet's certificate, pinned by its SHA-256 fingerprint, in
- * $XDG_CONFIG_HOME/cloudlet/credentials.json (0600; default ~/.config), and later calls go over HTTPS to that
- * certificate only.
+ * The CLI's credentials. To its own agent (a loopback address on the port the agent's configuration names, and only
+ * when the cloudlet was named, never when discovered) it is the operator and uses the admin token from the agent's
+ * data directory. Elsewhere it is a paired device: `cloudlet pair CODE` stores the device token and the cloudlet's
+ * certificate, pinned by its SHA-256 fingerprint, in $XDG_CONFIG_HOME/cloudlet/credentials.json (0600; default
+ * ~/.config), and later calls go over HTTPS to that certificate only.
  */
 import { readFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import tls from 'node:tls';
+import { loadConfig } from '../config';
 import { isErrno } from '../errors';
 import { isLoopback } from '../trust/access';
 import { readAdminToken } from '../trust/admin-token';
 import { writeSecretFile } from '../trust/secret-file';
 import { CloudletClient, type ClientAuth } from './client';
 import { CliError } from './errors';
-
-export const DEFAULT_DATA_DIR = '/var/lib/cloudlet';
 
 /** What pairing left for one cloudlet, by its `host:port`. */
 export interface StoredCredential {
@@ -45,14 +44,33 @@ async function readCredentials(): Promise<CredentialsFile> {
   }
 }
 
-/** How to talk to host:port: as the operator on the box, as a paired device, or (null) without a credential. */
-export async function authFor(host: string, port: number): Promise<ClientAuth | undefined> {
-  if (host === 'localhost' || isLoopback(host)) {
-    const token = await readAdminToken(process.env.CLOUDLET_DATA_DIR || DEFAULT_DATA_DIR);
+/** A cloudlet as the CLI found it: `named` on the command line (or $CLOUDLET), or discovered (then `names` has its mDNS host). */
+export interface Target {
+  host: string;
+  port: number;
+  named: boolean;
+  /** Other names the same cloudlet goes by, under which pairing may have stored its credential. */
+  names?: string[];
+}
+
+/**
+ * How to talk to a cloudlet: as the operator on the box, as a paired device, or (undefined) without a credential.
+ * The admin token goes only where the agent's own configuration (file and CLOUDLET_* environment, as the agent reads
+ * them) says the agent listens, on loopback, to a cloudlet named explicitly: any loopback port may be a forwarded
+ * instance or another local user's listener, and a discovered address is whatever mDNS said. A device token goes
+ * to any cloudlet pairing stored it for, safely: only over HTTPS, to the pinned certificate.
+ */
+export async function authFor(target: Target): Promise<ClientAuth | undefined> {
+  if (target.named && (target.host === 'localhost' || isLoopback(target.host))) {
+    const config = await loadConfig().catch((err: Error) => {
+      throw new CliError('FAILED', `cannot read the agent's configuration to tell whether ${keyOf(target.host, target.port)} is this box's agent: ${err.message}`);
+    });
+    const token = config.api.port === target.port ? await readAdminToken(config.dataDir) : null;
     if (token) return { token };
   }
-  const stored = (await readCredentials())[keyOf(host, port)];
-  return stored && { token: stored.token, tls: { port: stored.tls_port, ca: stored.certificate, fingerprint: stored.tls_fingerprint } };
+  const stored = await readCredentials();
+  const entry = [target.host, ...(target.names ?? [])].map((host) => stored[keyOf(host, target.port)]).find((c) => c !== undefined);
+  return entry && { token: entry.token, tls: { port: entry.tls_port, ca: entry.certificate, fingerprint: entry.tls_fingerprint } };
 }
 
 /**

@@ -26,6 +26,8 @@ const EXIT_FOR_CODE: Record<string, number> = {
   NO_CLOUDLET: EXIT.UNREACHABLE,
   UNAVAILABLE: EXIT.UNREACHABLE,
   CHECKSUM_MISMATCH: EXIT.INTEGRITY,
+  // An acting verb with a cloudlet only discovered, not named or paired: name one (a usage matter).
+  UNTRUSTED_CLOUDLET: EXIT.USAGE,
 };
 
 export class CliError extends Error {

@@ -2,7 +2,8 @@
 /**
  * `cloudlet`: the command line for people at a terminal (an app developer, an operator, a laptop playing the phone).
  * One verb per task; every verb has --help, prints a table (or JSON with --json) and exits with a status from
- * errors.ts. The cloudlet is the one named by --cloudlet or $CLOUDLET, else the best-ranked one found by mDNS.
+ * errors.ts. The cloudlet is the one named by --cloudlet or $CLOUDLET, else the best-ranked one found by mDNS (for a
+ * verb that acts, a paired one: which-cloudlet.ts). Whatever a cloudlet answers is printed escaped (terminal.ts).
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
@@ -10,14 +11,17 @@ import { stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { bareFileName, checkedDigest, serverPath } from './answers';
 import { exportBase, type BaseJson } from './base-export';
-import { CloudletClient, parseCloudlet } from './client';
-import { authFor, pairWith } from './credentials';
-import { discoverCloudlets, type DiscoveredCloudlet } from './discovery';
+import { parseCloudlet, type CloudletClient } from './client';
+import { pairWith } from './credentials';
+import type { DiscoveredCloudlet } from './discovery';
 import { CliError, EXIT } from './errors';
 import { synthesizeOverlay } from './overlay-upload';
 import { ProgressBar, formatBytes } from './progress';
-import { rankCloudlets, type Ranked } from './ranking';
+import type { Ranked } from './ranking';
+import { escaped, jsonLine, shown, table } from './terminal';
+import { chooseCloudlet, discoverRanked } from './which-cloudlet';
 
 type Options = NonNullable<ParseArgsConfig['options']>;
 type Values = Record<string, string | boolean | undefined>;
@@ -36,6 +40,11 @@ interface Verb {
   optionHelp?: string[];
   /** Positional arguments: their count must be within [min, max] (default none). */
   args?: [number, number];
+  /**
+   * Whether the verb acts on the cloudlet (starts, uploads, changes it) rather than reads: then a discovered
+   * cloudlet must be a paired one. A function of the arguments for a verb with both kinds of action.
+   */
+  acts?: boolean | ((args: string[]) => boolean);
   run(context: Context): Promise<{ json: unknown; text: string }>;
 }
 
@@ -64,10 +73,10 @@ const VERBS: Record<string, Verb> = {
       const info = await client.call<{ hostname: string; agent_version: string; cpu: { cores: number; usage_percent: number }; memory: { total_bytes: number; free_bytes: number }; instances: number }>('GET', '/v1/system');
       return {
         json: { cloudlet: client.label, ...info },
-        text: [`${info.hostname} (${client.label}), agent ${info.agent_version}`,
-          `cpu: ${info.cpu.cores} cores, ${info.cpu.usage_percent}% used`,
-          `memory: ${formatBytes(info.memory.free_bytes)} free of ${formatBytes(info.memory.total_bytes)}`,
-          `instances: ${info.instances}`].join('\n'),
+        text: [shown`${info.hostname} (${client.label}), agent ${info.agent_version}`,
+          shown`cpu: ${info.cpu.cores} cores, ${info.cpu.usage_percent}% used`,
+          shown`memory: ${formatBytes(info.memory.free_bytes)} free of ${formatBytes(info.memory.total_bytes)}`,
+          shown`instances: ${info.instances}`].join('\n'),
       };
     },
   },
@@ -108,12 +117,13 @@ const VERBS: Record<string, Verb> = {
     options: { 'no-join': { type: 'boolean' } },
     optionHelp: ['--no-join          always start a new instance, even of a shareable service that is running'],
     args: [1, 1],
+    acts: true,
     run: async ({ cloudlet, args, values }) => {
       const result = await (await cloudlet()).call<{ instance: { id: string }; endpoint: { address: string; port: number }; joined: boolean }>(
         'POST', '/v1/instances', { service_id: args[0], join: !values['no-join'] });
       return {
         json: result,
-        text: `${result.joined ? 'joined' : 'started'} ${result.instance.id}\nendpoint ${result.endpoint.address}:${result.endpoint.port}`,
+        text: [shown`${result.joined ? 'joined' : 'started'} ${result.instance.id}`, shown`endpoint ${result.endpoint.address}:${result.endpoint.port}`].join('\n'),
       };
     },
   },
@@ -121,30 +131,34 @@ const VERBS: Record<string, Verb> = {
     summary: 'stop (release) an instance',
     usage: 'cloudlet stop INSTANCE_ID',
     args: [1, 1],
+    acts: true,
     run: async ({ cloudlet, args }) => {
       const result = await (await cloudlet()).call<{ destroyed: boolean; users: number }>('DELETE', `/v1/instances/${encodeURIComponent(args[0]!)}`);
-      return { json: result, text: result.destroyed ? `stopped ${args[0]}` : `released ${args[0]} (${result.users} user(s) left)` };
+      return { json: result, text: result.destroyed ? shown`stopped ${args[0]}` : shown`released ${args[0]} (${result.users} user(s) left)` };
     },
   },
   download: {
     summary: 'download an app, resuming an interrupted download, and check its SHA-256',
     usage: 'cloudlet download APP_ID [--output FILE]',
     options: { output: { type: 'string', short: 'o' } },
-    optionHelp: ['-o, --output FILE  where to save it (default: the app\'s file name in the current directory)', 'An interrupted download leaves FILE.part; running the command again resumes it.'],
+    optionHelp: ['-o, --output FILE  where to save it (default: the app\'s file name in the current directory, if it is a plain name)',
+      'An interrupted download leaves FILE.part; running the command again resumes it.'],
     args: [1, 1],
     run: async ({ cloudlet, args, values }) => {
       const client = await cloudlet();
       const app = await client.call<AppJson>('GET', `/v1/apps/${encodeURIComponent(args[0]!)}`);
-      const output = path.resolve(typeof values.output === 'string' ? values.output : app.file_name);
+      // The cloudlet only proposes a name: a plain one, in the current directory, never a path it chose.
+      const output = path.resolve(typeof values.output === 'string' ? values.output : bareFileName(app.file_name, 'the app\'s file'));
+      const expected = checkedDigest({ bytes: app.size, sha256: app.sha256 }, 'the app');
       let bar: ProgressBar | undefined;
-      const result = await client.download(app.download, output, app, (done, resumedFrom) => {
-        bar ??= new ProgressBar(process.stderr, app.size, app.file_name, resumedFrom);
+      const result = await client.download(serverPath(app.download, 'the app'), output, expected, (done, resumedFrom) => {
+        bar ??= new ProgressBar(process.stderr, expected.size, path.basename(output), resumedFrom);
         bar.update(done);
       });
       bar?.finish();
       return {
         json: { app: app.id, file: output, size: app.size, sha256: app.sha256, resumed_from: result.resumedFrom, transferred: result.bytes },
-        text: `saved ${output} (${formatBytes(app.size)}${result.resumedFrom ? `, resumed at ${formatBytes(result.resumedFrom)}` : ''}), SHA-256 verified`,
+        text: shown`saved ${output} (${formatBytes(app.size)}${result.resumedFrom ? `, resumed at ${formatBytes(result.resumedFrom)}` : ''}), SHA-256 verified`,
       };
     },
   },
@@ -158,6 +172,7 @@ const VERBS: Record<string, Verb> = {
     optionHelp: ['--service ID       the service the app is a client of (required)', '--name NAME        shown to users (required)', '--kind KIND        android (an APK, the default) or web (a zip bundle)',
       '--package P        the Android package name', '--version V        the app\'s version', '--min-os V         lowest OS version it runs on', '--tags A,B         tags phones filter by', '--description TEXT'],
     args: [1, 1],
+    acts: true,
     run: async ({ cloudlet, args, values }) => {
       const file = path.resolve(args[0]!);
       if (typeof values.service !== 'string' || typeof values.name !== 'string') throw new CliError('USAGE', 'add-app needs --service and --name');
@@ -173,7 +188,7 @@ const VERBS: Record<string, Verb> = {
       const bar = new ProgressBar(process.stderr, size, path.basename(file));
       const app = await (await cloudlet()).upload<AppJson>(`/v1/apps?${query}`, file, size, 'application/octet-stream', (sent) => bar.update(sent));
       bar.finish();
-      return { json: app, text: `added ${app.id} ${app.name} (${formatBytes(app.size)}, sha256 ${app.sha256})` };
+      return { json: app, text: shown`added ${app.id} ${app.name} (${formatBytes(app.size)}, sha256 ${app.sha256})` };
     },
   },
   synthesize: {
@@ -187,6 +202,7 @@ const VERBS: Record<string, Verb> = {
       'A cut connection, or a cloudlet restarting meanwhile, costs only a reconnect: the upload goes on from the last byte it kept.',
     ],
     args: [1, 1],
+    acts: true,
     run: async ({ cloudlet, args, values }) => {
       const file = path.resolve(args[0]!);
       const reconnectForMs = typeof values['reconnect-for'] === 'string' ? Number(values['reconnect-for']) : 120_000;
@@ -198,7 +214,7 @@ const VERBS: Record<string, Verb> = {
         reconnectForMs,
         onUpload: (u, reconnected) => {
           bar?.finish();
-          process.stderr.write(reconnected ? `reconnected: the cloudlet has ${formatBytes(u.received)}, continuing\n` : `upload ${u.id}\n`);
+          process.stderr.write(`${reconnected ? shown`reconnected: the cloudlet has ${formatBytes(u.received)}, continuing` : shown`upload ${u.id}`}\n`);
           bar = new ProgressBar(process.stderr, u.bytes, path.basename(file), u.received);
         },
         onProgress: (sent) => bar?.update(sent),
@@ -206,9 +222,9 @@ const VERBS: Record<string, Verb> = {
       bar?.finish();
       return {
         json: { upload_id: upload.id, reconnects, ...result },
-        text: [`synthesized ${result.instance.id} (${result.instance.service_id}, ${result.instance.launch})`, `endpoint ${result.endpoint.address}:${result.endpoint.port}`,
-          ...(result.kept_as ? [`kept as the service ${result.kept_as.id}`] : []),
-          ...(result.keep_error ? [`not kept: ${result.keep_error.message}`] : [])].join('\n'),
+        text: [shown`synthesized ${result.instance.id} (${result.instance.service_id}, ${result.instance.launch})`, shown`endpoint ${result.endpoint.address}:${result.endpoint.port}`,
+          ...(result.kept_as ? [shown`kept as the service ${result.kept_as.id}`] : []),
+          ...(result.keep_error ? [shown`not kept: ${result.keep_error.message}`] : [])].join('\n'),
       };
     },
   },
@@ -223,6 +239,7 @@ const VERBS: Record<string, Verb> = {
       'export BASE OUT_DIR          download a base (by name or digest) with its chunk index, resumably, for cloudlet-overlay create',
     ],
     args: [1, 3],
+    acts: (args) => args[0] === 'import',
     run: async ({ cloudlet, args, values }) => {
       const [action, ...rest] = args;
       const client = await cloudlet();
@@ -235,7 +252,7 @@ const VERBS: Record<string, Verb> = {
         const dir = rest.length === 1 ? path.resolve(rest[0]!)
           : (await client.call<{ dir: string }>('GET', `/v1/services/${encodeURIComponent(values['from-service'] as string)}`)).dir;
         const base = await client.call<BaseJson>('POST', '/v1/bases', { path: dir, name: values.name });
-        return { json: base, text: `imported ${base.name} (${base.digest})` };
+        return { json: base, text: shown`imported ${base.name} (${base.digest})` };
       }
       if (action === 'export' && rest.length === 2) {
         const outDir = path.resolve(rest[1]!);
@@ -247,7 +264,7 @@ const VERBS: Record<string, Verb> = {
         bar?.finish();
         return {
           json: { base: base.digest, name: base.name, dir: outDir, files: base.files.map((f) => f.name), fetched, resumed_from: resumedFrom },
-          text: `exported ${base.name} (${base.digest}) to ${outDir}: ${formatBytes(fetched)} fetched, SHA-256 verified`,
+          text: shown`exported ${base.name} (${base.digest}) to ${outDir}: ${formatBytes(fetched)} fetched, SHA-256 verified`,
         };
       }
       throw new CliError('USAGE', 'usage: cloudlet base list | base import DIR|--from-service ID --name NAME | base export BASE OUT_DIR');
@@ -257,9 +274,10 @@ const VERBS: Record<string, Verb> = {
     summary: 'remove an app from the cloudlet (operator, on the cloudlet itself)',
     usage: 'cloudlet remove-app APP_ID',
     args: [1, 1],
+    acts: true,
     run: async ({ cloudlet, args }) => {
       await (await cloudlet()).call('DELETE', `/v1/apps/${encodeURIComponent(args[0]!)}`);
-      return { json: { removed: args[0] }, text: `removed ${args[0]}` };
+      return { json: { removed: args[0] }, text: shown`removed ${args[0]}` };
     },
   },
   pair: {
@@ -276,21 +294,22 @@ const VERBS: Record<string, Verb> = {
       '--device-id ID      the id to pair under (default: one the cloudlet picks)',
     ],
     args: [1, 1],
+    acts: true,
     run: async ({ cloudlet, args, values }) => {
       const number = (option: string) => (typeof values[option] === 'string' ? Number(values[option]) : undefined);
       if (args[0] === 'open') {
         const window = await (await cloudlet()).call<{ code: string; expires_at: string; tls_fingerprint: string; tls_port: number }>('POST', '/v1/pairing', {
           ...(number('ttl') !== undefined ? { ttl_seconds: number('ttl') } : {}), ...(number('expires-in') !== undefined ? { expires_in_minutes: number('expires-in') } : {}),
         });
-        return { json: window, text: [`pairing code: ${window.code} (until ${window.expires_at})`, `certificate SHA-256: ${window.tls_fingerprint}`].join('\n') };
+        return { json: window, text: [shown`pairing code: ${window.code} (until ${window.expires_at})`, shown`certificate SHA-256: ${window.tls_fingerprint}`].join('\n') };
       }
       const named = typeof values.cloudlet === 'string' ? values.cloudlet : process.env.CLOUDLET;
       if (!named) throw new CliError('USAGE', 'pair CODE needs --cloudlet HOST[:PORT] (the cloudlet whose operator gave the code)');
       const { host, port } = parseCloudlet(named);
       const paired = await pairWith(host, port, args[0]!, { name: typeof values.name === 'string' ? values.name : os.hostname(),
         ...(typeof values['device-id'] === 'string' ? { id: values['device-id'] } : {}) });
-      const { token: _token, certificate: _certificate, ...shown } = paired;
-      return { json: shown, text: [`paired with ${paired.cloudlet} as ${paired.device_id}`, `certificate SHA-256: ${paired.tls_fingerprint}`,
+      const { token: _token, certificate: _certificate, ...kept } = paired;
+      return { json: kept, text: [shown`paired with ${paired.cloudlet} as ${paired.device_id}`, shown`certificate SHA-256: ${paired.tls_fingerprint}`,
         'compare it with the one the operator sees; later calls use HTTPS pinned to it'].join('\n') };
     },
   },
@@ -298,6 +317,7 @@ const VERBS: Record<string, Verb> = {
     summary: 'paired devices (operator, on the cloudlet): list, `revoke ID` (its instances are released) or `remove ID`',
     usage: 'cloudlet devices [revoke ID | remove ID]',
     args: [0, 2],
+    acts: true,
     run: async ({ cloudlet, args }) => {
       const client = await cloudlet();
       const [action, id] = args;
@@ -307,11 +327,11 @@ const VERBS: Record<string, Verb> = {
       }
       if (action === 'revoke' && id) {
         const device = await client.call<{ id: string }>('POST', `/v1/devices/${encodeURIComponent(id)}/revoke`);
-        return { json: device, text: `revoked ${id}` };
+        return { json: device, text: shown`revoked ${id}` };
       }
       if (action === 'remove' && id) {
         await client.call('DELETE', `/v1/devices/${encodeURIComponent(id)}`);
-        return { json: { removed: id }, text: `removed ${id}` };
+        return { json: { removed: id }, text: shown`removed ${id}` };
       }
       throw new CliError('USAGE', 'usage: cloudlet devices [revoke ID | remove ID]');
     },
@@ -332,7 +352,8 @@ interface AppJson {
 
 const COMMON_HELP = [
   'Common options:',
-  '  --cloudlet HOST[:PORT]  the cloudlet to use (default: $CLOUDLET, else the best-ranked one mDNS finds)',
+  '  --cloudlet HOST[:PORT]  the cloudlet to use (default: $CLOUDLET, else the best-ranked one mDNS finds;',
+  '                          for a verb that acts, the best-ranked one this machine paired with)',
   '  --interface ADDR        discovery: IPv4 address of the interface to query mDNS on (default: all)',
   '  --timeout MS            discovery: how long to listen for answers (default 1500)',
   '  --json                  print JSON (errors too: {"error": {"code", "message"}})',
@@ -342,19 +363,12 @@ const COMMON_HELP = [
 function mainHelp(): string {
   const width = Math.max(...Object.keys(VERBS).map((v) => v.length));
   return ['usage: cloudlet VERB [options]', '', 'Verbs:', ...Object.entries(VERBS).map(([name, verb]) => `  ${name.padEnd(width)}  ${verb.summary}`), '',
-    ...COMMON_HELP, '', 'Run `cloudlet VERB --help` for a verb\'s options. Exit status: 0 ok, 1 refused or failed, 2 usage, 3 not found,',
-    '4 no cloudlet reachable, 5 checksum mismatch.'].join('\n');
+    ...COMMON_HELP, '', 'Run `cloudlet VERB --help` for a verb\'s options. Exit status: 0 ok, 1 refused or failed, 2 usage',
+    '(or a verb that acts with only unpaired cloudlets discovered), 3 not found, 4 no cloudlet reachable, 5 checksum mismatch.'].join('\n');
 }
 
 function verbHelp(name: string, verb: Verb): string {
   return [`usage: ${verb.usage}`, '', verb.summary, ...(verb.optionHelp ? ['', ...verb.optionHelp.map((l) => `  ${l}`)] : []), '', ...COMMON_HELP].join('\n').replace('VERB', name);
-}
-
-async function discoverRanked(values: Values): Promise<Ranked<DiscoveredCloudlet>[]> {
-  const timeoutMs = typeof values.timeout === 'string' ? Number(values.timeout) : 1500;
-  if (!(timeoutMs > 0)) throw new CliError('USAGE', '--timeout must be a number of milliseconds');
-  const found = await discoverCloudlets({ timeoutMs, ...(typeof values.interface === 'string' ? { interfaceAddress: values.interface } : {}) });
-  return rankCloudlets(found, (c) => new CloudletClient(c.address, c.port, timeoutMs * 2).kdSystem());
 }
 
 function rankedJson(r: Ranked<DiscoveredCloudlet>) {
@@ -365,11 +379,6 @@ function rankedJson(r: Ranked<DiscoveredCloudlet>) {
 /** A list verb's result: `{<what>: [...]}` for scripts, a table (or "no <what>") for people. */
 function listing<T>(what: string, items: T[], header: string[], row: (item: T) => string[]): { json: unknown; text: string } {
   return { json: { [what]: items }, text: items.length === 0 ? `no ${what}` : table(header, items.map(row)) };
-}
-
-function table(header: string[], rows: string[][]): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  return [header, ...rows].map((r) => r.map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i]!))).join('  ')).join('\n');
 }
 
 export async function run(argv: string[]): Promise<number> {
@@ -405,29 +414,18 @@ export async function run(argv: string[]): Promise<number> {
     const context: Context = {
       values,
       args: parsed.positionals,
-      cloudlet: () => (client ??= chooseCloudlet(values)),
+      cloudlet: () => (client ??= chooseCloudlet(values, name, typeof verb.acts === 'function' ? verb.acts(parsed.positionals) : verb.acts === true)),
     };
     const result = await verb.run(context);
-    process.stdout.write(`${json ? JSON.stringify(result.json) : result.text}\n`);
+    process.stdout.write(`${json ? jsonLine(result.json) : result.text}\n`);
     return EXIT.OK;
   } catch (err) {
     const error = err instanceof CliError ? err : new CliError('FAILED', (err as Error).message);
-    if (json) process.stdout.write(`${JSON.stringify({ error: { code: error.code, message: error.message } })}\n`);
-    process.stderr.write(`cloudlet: ${error.message}\n`);
+    if (json) process.stdout.write(`${jsonLine({ error: { code: error.code, message: error.message } })}\n`);
+    // One line, escaped: the message may carry a cloudlet's own text.
+    process.stderr.write(`cloudlet: ${escaped(error.message)}\n`);
     return error.exitCode;
   }
-}
-
-/** --cloudlet, then $CLOUDLET, then the best-ranked cloudlet on the LAN (what a KD app does). */
-async function chooseCloudlet(values: Values): Promise<CloudletClient> {
-  const named = typeof values.cloudlet === 'string' ? values.cloudlet : process.env.CLOUDLET;
-  if (named) {
-    const { host, port } = parseCloudlet(named);
-    return new CloudletClient(host, port, undefined, await authFor(host, port));
-  }
-  const best = (await discoverRanked(values)).find((r) => r.eligible);
-  if (!best) throw new CliError('NO_CLOUDLET', 'no cloudlet found on the network; name one with --cloudlet HOST[:PORT]');
-  return new CloudletClient(best.cloudlet.address, best.cloudlet.port, undefined, await authFor(best.cloudlet.address, best.cloudlet.port));
 }
 
 if (require.main === module) {

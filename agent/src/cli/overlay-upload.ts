@@ -55,7 +55,7 @@ export async function synthesizeOverlay(client: CloudletClient, file: string, op
     if (upload.state === 'failed') throw new CliError(upload.error?.code ?? 'FAILED', upload.error?.message ?? `upload ${upload.id} failed`);
     try {
       if (upload.state === 'receiving') {
-        const answer = await client.upload<UploadJson | SynthesisJson>(`/v1/synthesis/uploads/${upload.id}?offset=${upload.received}`, file, size,
+        const answer = await client.upload<UploadJson | SynthesisJson>(`/v1/synthesis/uploads/${encodeURIComponent(upload.id)}?offset=${upload.received}`, file, size,
           'application/octet-stream', (sent) => options.onProgress(sent, size), { from: upload.received, timeoutMs: SYNTHESIS_TIMEOUT_MS });
         if ('instance' in answer) return { upload: { ...upload, received: size, state: 'done', result: answer }, result: answer, reconnects };
         upload = answer;
@@ -63,7 +63,7 @@ export async function synthesizeOverlay(client: CloudletClient, file: string, op
       }
       // Every byte is in and the VM is being made (this run reconnected meanwhile): wait for the outcome.
       await new Promise((resolve) => setTimeout(resolve, RECONNECT_DELAY_MS));
-      upload = await client.call<UploadJson>('GET', `/v1/synthesis/uploads/${upload.id}`);
+      upload = await client.call<UploadJson>('GET', `/v1/synthesis/uploads/${encodeURIComponent(upload.id)}`);
     } catch (err) {
       if (!(err instanceof CliError) || !['CONNECTION_CUT', 'UNREACHABLE', 'CONFLICT'].includes(err.code) || reconnects >= MAX_RECONNECTS) throw err;
       upload = await reconnect(client, upload.id, options.reconnectForMs);

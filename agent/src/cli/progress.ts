@@ -1,4 +1,5 @@
 /** A one-line progress bar for long transfers, redrawn in place on a terminal and silent elsewhere (pipes, logs). */
+import { escaped } from './terminal';
 
 export function formatBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB'];
@@ -32,7 +33,7 @@ export class ProgressBar {
     if (now - this.lastDrawAt < 100 && done < this.total) return;
     this.lastDrawAt = now;
     const rate = ((done - this.initial) * 1000) / Math.max(1, now - this.startedAt);
-    this.out.write(`\r${this.label} ${progressLine(done, this.total, rate)}\x1b[K`);
+    this.out.write(`\r${escaped(this.label)} ${progressLine(done, this.total, rate)}\x1b[K`);
   }
 
   finish(): void {
