@@ -79,6 +79,8 @@ t.test('a saved domain XML is read with a parser: a DOCTYPE, an entity or a proc
   for (const [what, xml] of Object.entries(hostile)) {
     t.throws(() => retargetSavedDomainXml(xml, spec(B, 21001)), { code: 'INVALID_IMAGE' }, what);
   }
+  t.throws(() => retargetSavedDomainXml(hostile['an undeclared entity'], spec(B, 21001)),
+    { message: 'saved memory state: its domain XML is not well-formed XML (error: entity not found:&x;)' }, 'the refusal says why, once');
   t.equal(parseMetadataElement(`<!DOCTYPE x [<!ENTITY e "x">]><instance xmlns="${'urn:cloudlet:agent:instance:1'}">&e;</instance>`), null, 'nor is a metadata element with a DOCTYPE ours');
 });
 

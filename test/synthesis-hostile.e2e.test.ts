@@ -4,12 +4,12 @@
 // same overlay with the XML as saved synthesizes (so the refusals are the edits', not the path's). A phone's /v1
 // answers carry no host path it could aim such an edit at.
 import t, { Test } from 'tap';
-import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
-import net from 'node:net';
+import { copyFile, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { encodeSaveImageHeader, readSaveImageHeader } from '../agent/src/vm/save-image';
 import { AgentProcess, domainsUnder, fetchText, request } from './support/agent';
+import { portIsFree } from './support/invariants';
 import { createOverlay, prepareSynthesis, type SynthesisFixture } from './support/synthesis-fixture';
 
 const SERVICE = 'org.cloudlet.test.hostile';
@@ -57,12 +57,6 @@ async function synthesizeAsPhone(state?: string) {
   if (created.status !== 201) throw new Error(created.body);
   return request(agent.apiPort, 'POST', `/v1/synthesis/uploads/${created.json.id}?offset=0`, overlay, { ...phone, 'content-type': 'application/octet-stream' });
 }
-
-const portIsFree = (port: number) => new Promise<boolean>((resolve) => {
-  const server = net.createServer();
-  server.once('error', () => resolve(false));
-  server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
-});
 
 async function assertNothingLeft(tt: Test, what: string) {
   tt.same(await domainsUnder(agent.dataDir), [], `${what}: no domain left in libvirt`);
@@ -131,3 +125,29 @@ for (const hostile of HOSTILE) {
     await assertNothingLeft(tt, hostile.name);
   });
 }
+
+t.test('a launch the hypervisor refuses answers with libvirt\'s own error, which the agent also logs', async (tt) => {
+  // A cached service made by the operator from the base, whose memory state names a file the host does not have:
+  // libvirt reads the state's header, then fails to start QEMU, and the stream into it breaks (EPIPE) meanwhile.
+  const dir = path.join(scratch, 'broken-service');
+  const base = (await agent.get('/v1/bases')).json.bases[0];
+  await rm(dir, { recursive: true, force: true });
+  await mkdir(dir);
+  for (const name of [base.disk, base.boot.kernel, base.boot.initrd]) await copyFile(path.join(fixture.baseDir, name), path.join(dir, name));
+  const state = path.join(fixture.baseDir, base.state);
+  const header = await readSaveImageHeader(state);
+  const missing = '/nonexistent/cloudlet-test-missing.img';
+  const xml = header.xml.replace('</disk>', `</disk>\n<disk type='file' device='floppy'><source file='${missing}'/><target dev='fda' bus='fdc'/></disk>`);
+  await writeFile(path.join(dir, base.state), Buffer.concat([encodeSaveImageHeader({ ...header, xml }), (await readFile(state)).subarray(header.streamOffset)]));
+  await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...base.manifest, service_id: 'org.cloudlet.test.broken' }));
+  tt.equal((await agent.post('/v1/services', { path: dir })).status, 201);
+
+  const r = await agent.post('/v1/instances', { service_id: 'org.cloudlet.test.broken' });
+  tt.ok(r.status >= 500, r.body);
+  tt.equal(r.json.code, 'HYPERVISOR_ERROR', r.json.message);
+  tt.match(r.json.message, missing, 'the answer names what failed');
+  tt.notMatch(r.json.message, /EPIPE|restore stream/, 'not the broken stream that followed');
+  tt.match(agent.log, new RegExp(`starting org\\.cloudlet\\.test\\.broken \\([^)]*\\) failed: HYPERVISOR_ERROR: .*${missing}`), 'the agent\'s log says it too');
+  await assertNothingLeft(tt, 'after the failed launch');
+  await agent.delete('/v1/services/org.cloudlet.test.broken');
+});

@@ -21,25 +21,25 @@ export type XmlRefusal = (message: string) => CloudletError;
 
 export function parseXml(xml: string, refuse: XmlRefusal): Document {
   // The parser would keep a DTD's entity declarations unexpanded; nothing we read may have one at all.
-  if (/<!DOCTYPE|<!ENTITY/i.test(xml)) throw refuse('XML with a DOCTYPE or entity declarations is not accepted');
+  if (/<!DOCTYPE|<!ENTITY/i.test(xml)) throw refuse('has a DOCTYPE or entity declarations, which are not accepted');
   let doc: Document;
+  let refusal: CloudletError | null = null;
   try {
     doc = new DOMParser({
       locator: false,
-      onError: (level, message) => { throw refuse(`XML ${level}: ${message}`); },
+      onError: (level, message) => { throw (refusal = refuse(`is not well-formed XML (${level}: ${message})`)); },
     }).parseFromString(xml, 'text/xml');
   } catch (err) {
-    const cause = (err as { cause?: unknown }).cause ?? err;
-    throw (cause as CloudletError).code ? cause : refuse(`not well-formed XML: ${(err as Error).message}`);
+    throw refusal ?? refuse(`is not well-formed XML (${(err as Error).message})`);
   }
-  if (!doc.documentElement || doc.doctype) throw refuse('not an XML document with one root element');
+  if (!doc.documentElement || doc.doctype) throw refuse('is not an XML document with one root element');
   let elements = 0;
   const walk = (node: Node, depth: number) => {
-    if (depth > MAX_DEPTH) throw refuse(`XML nested deeper than ${MAX_DEPTH}`);
+    if (depth > MAX_DEPTH) throw refuse(`is nested deeper than ${MAX_DEPTH}`);
     for (let child = node.firstChild; child; child = child.nextSibling) {
-      if (child.nodeType === PROCESSING_INSTRUCTION_NODE) throw refuse('XML processing instructions are not accepted');
+      if (child.nodeType === PROCESSING_INSTRUCTION_NODE) throw refuse('has a processing instruction, which is not accepted');
       if (child.nodeType === ELEMENT_NODE) {
-        if (++elements > MAX_ELEMENTS) throw refuse(`XML with more than ${MAX_ELEMENTS} elements`);
+        if (++elements > MAX_ELEMENTS) throw refuse(`has more than ${MAX_ELEMENTS} elements`);
         walk(child, depth + 1);
       }
     }
