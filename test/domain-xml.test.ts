@@ -1,6 +1,7 @@
 // Domain XML of an instance: built fresh for a cold boot, or retargeted from the XML saved with a memory state.
 import t from 'tap';
-import { buildDomainXml, metadataElement, parseMetadataElement, retargetSavedDomainXml, type DomainSpec } from '../agent/src/vm/domain-xml';
+import { CloudletError } from '../agent/src/errors';
+import { buildDomainXml, metadataElement, parseMetadataElement, retargetSavedDomainXml, synthesizedDomainXml, type DomainSpec } from '../agent/src/vm/domain-xml';
 import type { InstanceRecord } from '../agent/src/core/types';
 
 const record = (id: string, hostPort: number): InstanceRecord => ({
@@ -24,7 +25,9 @@ function asLibvirtSavesIt(xml: string): string {
     .replace(/'/g, '"')
     .replace(/(<serial type="file">[\s\S]*?<\/serial>)/, (serial) => `${serial}\n    <console type="file">${/<source path="[^"]*"\/>/.exec(serial)![0]}<target type="serial" port="0"/></console>`)
     .replace(/<metadata>/, '<metadata>\n    ')
-    .replace(/<type arch="x86_64" machine="pc">/, '<type arch="x86_64" machine="pc-i440fx-7.2">');
+    .replace(/<type arch="x86_64" machine="pc">/, '<type arch="x86_64" machine="pc-i440fx-7.2">')
+    .replace(/<memory unit="MiB">(\d+)<\/memory>/, (_m, mib: string) => `<memory unit="KiB">${Number(mib) * 1024}</memory><currentMemory unit="KiB">${Number(mib) * 1024}</currentMemory>`)
+    .replace('<devices>', '<devices>\n    <emulator>/usr/bin/qemu-system-x86_64</emulator>');
 }
 
 t.test('a fresh domain carries the instance record in its metadata', async (t) => {
@@ -60,4 +63,60 @@ t.test('retargeting a saved domain changes identity, files, forward and record, 
 t.test('a saved state whose XML lacks our forward is refused as an image we did not make', async (t) => {
   const foreign = asLibvirtSavesIt(buildDomainXml(spec(A, 21000))).replace(/<qemu:commandline>[\s\S]*<\/qemu:commandline>/, '');
   t.throws(() => retargetSavedDomainXml(foreign, spec(B, 21001)), { code: 'INVALID_IMAGE', message: /user-mode netdev/ });
+});
+
+t.test('a saved domain XML is read with a parser: a DOCTYPE, an entity or a processing instruction is refused', async (t) => {
+  const saved = asLibvirtSavesIt(buildDomainXml(spec(A, 21000)));
+  const hostile = {
+    'a DOCTYPE declaring an entity': `<!DOCTYPE domain [<!ENTITY x SYSTEM "file:///etc/passwd">]>${saved}`.replace('<name>', '<name>&x;'),
+    'an undeclared entity': saved.replace('<on_crash>', '<description>&x;</description><on_crash>'),
+    'a processing instruction': saved.replace('<devices>', '<devices><?php echo 1; ?>'),
+    'text that is not XML': `${saved}<`,
+    'a second <metadata>': saved.replace('<memory', '<metadata><other/></metadata><memory'),
+    'a second disk': saved.replace('</disk>', `</disk><disk type="file" device="disk"><source file="/var/lib/cloudlet/trust/admin-token"/><target dev="vdb" bus="virtio"/></disk>`),
+    'a second user-mode netdev of ours': saved.replace('</qemu:commandline>', '<qemu:arg value="-netdev"/><qemu:arg value="user,id=cl0,restrict=off"/></qemu:commandline>'),
+  };
+  for (const [what, xml] of Object.entries(hostile)) {
+    t.throws(() => retargetSavedDomainXml(xml, spec(B, 21001)), { code: 'INVALID_IMAGE' }, what);
+  }
+  t.throws(() => retargetSavedDomainXml(hostile['an undeclared entity'], spec(B, 21001)),
+    { message: 'saved memory state: its domain XML is not well-formed XML (error: entity not found:&x;)' }, 'the refusal says why, once');
+  t.equal(parseMetadataElement(`<!DOCTYPE x [<!ENTITY e "x">]><instance xmlns="${'urn:cloudlet:agent:instance:1'}">&e;</instance>`), null, 'nor is a metadata element with a DOCTYPE ours');
+});
+
+const refuseOverlay = (message: string) => new CloudletError('OVERLAY_INVALID', `overlay: ${message}`);
+const synthesisSpec = (id: string, hostPort: number): DomainSpec => ({ ...spec(id, hostPort), memoryMib: 256 });
+
+t.test('a synthesized VM runs with its base\'s saved domain, the memory of its service, and the identity of its instance', async (t) => {
+  const base = asLibvirtSavesIt(buildDomainXml({ ...spec(A, 21000), memoryMib: 256 }));
+  // The developer's VM: the same devices, saved on another cloudlet with its own name, files and forward.
+  const overlay = asLibvirtSavesIt(buildDomainXml({ ...spec(B, 24000), memoryMib: 256, disk: '/elsewhere/disk.qcow2', consoleLog: '/elsewhere/console.log',
+    boot: { kernel: '/elsewhere/vmlinuz', initrd: '/elsewhere/initrd.img', cmdline: 'console=ttyS0' } }));
+  const C = '33333333-3333-4333-8333-333333333333';
+  const xml = synthesizedDomainXml(base, overlay, synthesisSpec(C, 21002), refuseOverlay);
+  t.match(xml, `<uuid>${C}</uuid>`);
+  t.match(xml, `/data/instances/${C}/disk.qcow2`);
+  t.match(xml, 'hostfwd=tcp:127.0.0.1:21002-:8080');
+  t.match(xml, '<memory unit="KiB">262144</memory>');
+  t.notMatch(xml, /elsewhere/, 'nothing of the developer\'s files');
+  t.same(parseMetadataElement(xml), record(C, 21002));
+});
+
+t.test('a synthesized memory state whose domain XML differs from the base\'s in any device is refused', async (t) => {
+  const base = asLibvirtSavesIt(buildDomainXml({ ...spec(A, 21000), memoryMib: 256 }));
+  const overlay = asLibvirtSavesIt(buildDomainXml({ ...spec(B, 24000), memoryMib: 256 }));
+  const hostile: Record<string, [string, RegExp]> = {
+    'a host file as a second disk': [overlay.replace('</disk>', '</disk><disk type="file" device="disk"><source file="/var/lib/cloudlet/trust/admin-token"/><target dev="vdb" bus="virtio"/></disk>'), /2 disks/],
+    'a host block device': [overlay.replace('</disk>', '</disk><disk type="block" device="lun"><source dev="/dev/sda"/><target dev="sdb" bus="scsi"/></disk>'), /extra <disk>|<disk> where/],
+    'a <hostdev>': [overlay.replace('</devices>', '<hostdev mode="subsystem" type="pci"><source><address domain="0" bus="0" slot="3" function="0"/></source></hostdev></devices>'), /extra <hostdev>/],
+    'a <filesystem>': [overlay.replace('</devices>', '<filesystem type="mount"><source dir="/"/><target dir="host"/></filesystem></devices>'), /extra <filesystem>/],
+    'another <emulator>': [overlay.replace('/usr/bin/qemu-system-x86_64', '/bin/sh'), /<emulator>/],
+    'a second netdev without restrict=on': [overlay.replace('</qemu:commandline>', '<qemu:arg value="-netdev"/><qemu:arg value="user,id=cl1,restrict=off,hostfwd=tcp:0.0.0.0:2222-:22"/></qemu:commandline>'), /qemu:commandline/],
+    'a second <metadata>': [overlay.replace('<memory', '<metadata><x/></metadata><memory'), /2 <metadata>/],
+    'more memory than its service': [overlay.replace(/262144/g, '524288'), /<memory>/],
+    'a DOCTYPE': [`<!DOCTYPE domain [<!ENTITY x "y">]>${overlay}`, /DOCTYPE/],
+  };
+  for (const [what, [xml, message]] of Object.entries(hostile)) {
+    t.throws(() => synthesizedDomainXml(base, xml, synthesisSpec(B, 21001), refuseOverlay), { code: 'OVERLAY_INVALID', message }, what);
+  }
 });

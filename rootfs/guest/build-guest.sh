@@ -70,10 +70,11 @@ mkdir -p "$out" "$work/initramfs" "$work/disk"
 
 # --- initrd.img: busybox + the virtio modules (with their dependencies, in load order) + /init --------------
 root=$work/initramfs
-mkdir -p "$root"/{bin,proc,sys,dev,tmp,mnt,www,lib/modules}
+mkdir -p "$root"/{bin,proc,sys,dev,tmp,mnt,www,lib/modules,probe/cgi-bin}
 cp "$busybox" "$root/bin/busybox"
 cp "$HERE/init" "$root/init"
-chmod 755 "$root/init"
+cp "$HERE/probe-connect" "$root/probe/cgi-bin/connect"
+chmod 755 "$root/init" "$root/probe/cgi-bin/connect"
 for module in "${MODULES[@]}"; do
   modprobe -S "$kernel_release" --show-depends "$module" | awk '$1 == "insmod" { print $2 }'
 done | awk '!seen[$0]++' > "$work/module-paths"

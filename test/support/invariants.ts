@@ -51,7 +51,7 @@ export async function sandboxProcessesUnder(dataDir: string): Promise<Map<string
   return found;
 }
 
-function portIsFree(port: number): Promise<boolean> {
+export function portIsFree(port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const server = net.createServer();
     server.once('error', () => resolve(false));

@@ -60,12 +60,15 @@ export async function prepareSynthesis(agent: AgentProcess, scratch: string, { b
   return { baseDir: base.json.dir, baseDisk: path.join(base.json.dir, base.json.disk), customizedVm };
 }
 
-/** `cloudlet-overlay create` of the customized VM against the base in `baseDir`, into `out`; its JSON statistics. */
-export async function createOverlay(fixture: SynthesisFixture, baseDir: string, out: string, key: string | null = null): Promise<Record<string, number>> {
+/**
+ * `cloudlet-overlay create` of the customized VM against the base in `baseDir`, into `out`; its JSON statistics.
+ * `state`: another memory state file to carry instead of the customized VM's own.
+ */
+export async function createOverlay(fixture: SynthesisFixture, baseDir: string, out: string, key: string | null = null, state?: string): Promise<Record<string, number>> {
   const vm = fixture.customizedVm;
   const manifest = JSON.parse(await readFile(path.join(vm, 'manifest.json'), 'utf8'));
   const { stdout } = await run('node', [OVERLAY_CLI, 'create', '--base', baseDir, '--disk', path.join(vm, manifest.disk),
-    '--state', path.join(vm, manifest.state), '--service', path.join(vm, 'manifest.json'), '--out', out, ...(key ? ['--key', key] : [])]);
+    '--state', state ?? path.join(vm, manifest.state), '--service', path.join(vm, 'manifest.json'), '--out', out, ...(key ? ['--key', key] : [])]);
   return JSON.parse(stdout);
 }
 

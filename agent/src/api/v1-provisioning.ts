@@ -2,30 +2,30 @@
  * The /v1 routes of On-Demand VM Provisioning: Base VMs, recipes, provisioning and caching a recipe's result, and
  * an instance's console. Same conventions as v1.ts (snake_case JSON, `{code, message, details?}` errors).
  */
-import { deviceIdOf } from '../trust/access';
+import { deviceIdOf, type Caller } from '../trust/access';
 import type { BaseVm } from '../core/bases';
 import { RECIPE_LIMITS, recipeDigest, recipeJson, type Recipe } from '../core/recipe';
 import type { ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
 import { emptyReply, fileReply, hostOf, jsonReply, textReply, type ApiRequest, type Route } from './routing';
-import { jsonObject, optionalBoolean, requiredString, serviceJson, startResultJson } from './v1';
+import { hostDir, jsonObject, optionalBoolean, requiredString, serviceJson, startResultJson } from './v1';
 
 const CONSOLE_DEFAULT_BYTES = 64 << 10;
 const CONSOLE_MAX_BYTES = 1 << 20;
 
 export function provisioningRoutes(api: ProvisioningApi): Route[] {
   return [
-    { method: 'GET', path: '/v1/bases', access: 'device', handle: () => jsonReply(200, { bases: api.listBases().map(baseJson) }) },
-    { method: 'GET', path: '/v1/bases/:ref', access: 'device', handle: ({ params }) => jsonReply(200, baseJson(api.getBase(params.ref!))) },
+    { method: 'GET', path: '/v1/bases', access: 'device', handle: ({ caller }) => jsonReply(200, { bases: api.listBases().map((b) => baseJson(b, caller)) }) },
+    { method: 'GET', path: '/v1/bases/:ref', access: 'device', handle: ({ params, caller }) => jsonReply(200, baseJson(api.getBase(params.ref!), caller)) },
     { method: 'GET', path: '/v1/bases/:ref/files/:name', access: 'device', handle: ({ params }) => baseFileDownload(api, params.ref!, params.name!) },
     {
       method: 'POST',
       path: '/v1/bases',
       access: 'admin',
       jsonBody: true,
-      handle: async ({ body }) => {
+      handle: async ({ body, caller }) => {
         const fields = jsonObject(body);
-        return jsonReply(201, baseJson(await api.importBase(requiredString(fields, 'path'), requiredString(fields, 'name'))));
+        return jsonReply(201, baseJson(await api.importBase(requiredString(fields, 'path'), requiredString(fields, 'name')), caller));
       },
     },
     { method: 'GET', path: '/v1/recipes', access: 'device', handle: () => jsonReply(200, { recipes: api.listRecipes().map(recipeSummaryJson) }) },
@@ -48,7 +48,7 @@ export function provisioningRoutes(api: ProvisioningApi): Route[] {
       },
     },
     { method: 'POST', path: '/v1/recipes/:id/instances', access: 'device', jsonBody: true, handle: (request) => provision(api, request) },
-    { method: 'POST', path: '/v1/recipes/:id/cache', access: 'admin', handle: async ({ params }) => jsonReply(200, serviceJson(await api.cacheRecipe(params.id!))) },
+    { method: 'POST', path: '/v1/recipes/:id/cache', access: 'admin', handle: async ({ params, caller }) => jsonReply(200, serviceJson(await api.cacheRecipe(params.id!), caller)) },
     {
       method: 'GET',
       path: '/v1/instances/:id/console',
@@ -76,10 +76,10 @@ function consoleBytes(value: string | null): number {
   return n;
 }
 
-function baseJson(base: BaseVm) {
+function baseJson(base: BaseVm, caller: Caller) {
   const m = base.manifest;
   return {
-    digest: base.digest, name: base.name, dir: base.dir, memory_mib: m.memory_mib, vcpus: m.vcpus, disk: m.disk, state: m.state, boot: m.boot,
+    digest: base.digest, name: base.name, ...hostDir(caller, base.dir), memory_mib: m.memory_mib, vcpus: m.vcpus, disk: m.disk, state: m.state, boot: m.boot,
     manifest: m, files: base.files.map((f) => ({ name: f.name, bytes: f.bytes, sha256: f.sha256, download: `/v1/bases/${base.digest}/files/${encodeURIComponent(f.name)}` })),
   };
 }

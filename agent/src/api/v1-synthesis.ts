@@ -77,7 +77,8 @@ function requiredCount(value: unknown, name: string): number {
 function synthesisResultJson(result: SynthesisResult) {
   return {
     ...startResultJson(result),
-    ...(result.keptAs ? { kept_as: serviceJson(result.keptAs) } : {}),
+    // Only the operator keeps a synthesis (keep_as is admin-only): the kept service's answer is the operator's.
+    ...(result.keptAs ? { kept_as: serviceJson(result.keptAs, { kind: 'admin' }) } : {}),
     ...(result.keepError ? { keep_error: { code: result.keepError.code, message: result.keepError.message } } : {}),
   };
 }

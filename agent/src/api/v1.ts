@@ -3,7 +3,7 @@
  * lives in the "wire shapes" section below and nowhere else. Errors are `{code, message, details?}` with the
  * CloudletError's status.
  */
-import { deviceIdOf, stopperOf } from '../trust/access';
+import { deviceIdOf, stopperOf, type Caller } from '../trust/access';
 import type { CloudletEvent } from '../core/events';
 import type { ProvisioningApi } from '../core/types';
 import type { CloudletApi, Endpoint, HealthReport, Instance, Package, PackageSource, Peer, Service, StartResult, StopResult, SystemInfo } from '../core/types';
@@ -29,14 +29,14 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
       },
     },
     { method: 'GET', path: '/v1/system', access: 'open', handle: async () => jsonReply(200, { ...systemJson(await api.systemInfo()), ...(trust ? tlsJson(trust) : {}) }) },
-    { method: 'GET', path: '/v1/services', access: 'device', handle: () => jsonReply(200, { services: api.listServices().map(serviceJson) }) },
-    { method: 'GET', path: '/v1/services/:id', access: 'device', handle: ({ params }) => jsonReply(200, serviceJson(api.getService(params.id!))) },
+    { method: 'GET', path: '/v1/services', access: 'device', handle: ({ caller }) => jsonReply(200, { services: api.listServices().map((s) => serviceJson(s, caller)) }) },
+    { method: 'GET', path: '/v1/services/:id', access: 'device', handle: ({ params, caller }) => jsonReply(200, serviceJson(api.getService(params.id!), caller)) },
     {
       method: 'POST',
       path: '/v1/services',
       access: 'admin',
       jsonBody: true,
-      handle: async ({ body }) => jsonReply(201, serviceJson(await api.importService(requiredString(jsonObject(body), 'path')))),
+      handle: async ({ body, caller }) => jsonReply(201, serviceJson(await api.importService(requiredString(jsonObject(body), 'path')), caller)),
     },
     {
       method: 'DELETE',
@@ -51,16 +51,16 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
       method: 'POST',
       path: '/v1/services/:id/state',
       access: 'admin',
-      handle: async ({ params }) => jsonReply(200, serviceJson(await api.captureServiceState(params.id!))),
+      handle: async ({ params, caller }) => jsonReply(200, serviceJson(await api.captureServiceState(params.id!), caller)),
     },
-    { method: 'GET', path: '/v1/packages', access: 'device', handle: () => jsonReply(200, { packages: api.listPackages().map(packageJson) }) },
-    { method: 'GET', path: '/v1/packages/:id', access: 'device', handle: ({ params }) => jsonReply(200, packageJson(api.getPackage(params.id!))) },
+    { method: 'GET', path: '/v1/packages', access: 'device', handle: ({ caller }) => jsonReply(200, { packages: api.listPackages().map((p) => packageJson(p, caller)) }) },
+    { method: 'GET', path: '/v1/packages/:id', access: 'device', handle: ({ params, caller }) => jsonReply(200, packageJson(api.getPackage(params.id!), caller)) },
     {
       method: 'POST',
       path: '/v1/packages',
       access: 'admin',
       streamBody: true,
-      handle: async (request) => jsonReply(201, packageJson(await api.importPackage(await packageSource(request)))),
+      handle: async (request) => jsonReply(201, packageJson(await api.importPackage(await packageSource(request)), request.caller)),
     },
     {
       method: 'DELETE',
@@ -160,14 +160,17 @@ export function optionalBoolean(body: Record<string, unknown>, field: string): b
 
 // ---- wire shapes -----------------------------------------------------------------------------------------------
 
-export function serviceJson(service: Service) {
+/** Where things are on the host is the operator's to know: a device's answers carry no host path. */
+export const hostDir = (caller: Caller, dir: string): { dir?: string } => (caller.kind === 'admin' ? { dir } : {});
+
+export function serviceJson(service: Service, caller: Caller) {
   // The manifest is already in its snake_case file format.
-  return { id: service.id, dir: service.dir, imported_at: service.importedAt, manifest: service.manifest };
+  return { id: service.id, ...hostDir(caller, service.dir), imported_at: service.importedAt, manifest: service.manifest };
 }
 
-export function packageJson(appPackage: Package) {
+export function packageJson(appPackage: Package, caller: Caller) {
   // The manifest is already in its snake_case file format.
-  return { id: appPackage.id, sha256: appPackage.sha256, dir: appPackage.dir, imported_at: appPackage.importedAt, manifest: appPackage.manifest };
+  return { id: appPackage.id, sha256: appPackage.sha256, ...hostDir(caller, appPackage.dir), imported_at: appPackage.importedAt, manifest: appPackage.manifest };
 }
 
 export function instanceJson(instance: Instance) {

@@ -322,6 +322,7 @@ export class InstanceRegistry {
     } catch (err) {
       // Read before the files go: what the guest printed is often the only clue to why it failed.
       const error = await withConsoleTail(asCloudletError(await noSpaceError(err, this.instancesDir, `start an instance of ${service.id}`)), mechanism.runtime, dir);
+      this.log(`starting ${service.id} (${id}) failed: ${error.code}: ${error.message}`);
       await this.forget(meta, { state: 'stopped', reason: 'launch-failed' }, { evenIfUnreachable: true }).catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
       throw error;
     } finally {

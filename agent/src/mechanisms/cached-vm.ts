@@ -35,16 +35,16 @@ export class CachedVmMechanism implements Mechanism {
 }
 
 /**
- * Bring an instance's domain to life: restored from a saved memory state (a save image, or one being synthesized
- * while it is read; its embedded XML retargeted to this instance, devices untouched) when there is one, else
- * cold-booted. Shared by the VM mechanisms.
+ * Bring an instance's domain to life: restored from a saved memory state when there is one, else cold-booted. The
+ * state is a save image (its embedded XML retargeted to this instance, devices untouched) or one being synthesized
+ * while it is read, with the domain XML the cloudlet chose for it. Shared by the VM mechanisms.
  */
 export async function restoreOrBoot(hypervisor: Hypervisor, spec: DomainSpec,
-  state: string | { header: SaveImageHeader; stream: LiveMigrationStream } | null, instanceDir: string, timer: PhaseTimer,
+  state: string | { header: SaveImageHeader; stream: LiveMigrationStream; xml: string } | null, instanceDir: string, timer: PhaseTimer,
   progress: LaunchPlan['progress']): Promise<'memory-state' | 'cold-boot'> {
   if (state) {
     const header = typeof state === 'string' ? await readSaveImageHeader(state) : state.header;
-    const xml = retargetSavedDomainXml(header.xml, spec);
+    const xml = typeof state === 'string' ? retargetSavedDomainXml(header.xml, spec) : state.xml;
     progress('restoring');
     await timer.time('libvirt', () => hypervisor.restore({ image: typeof state === 'string' ? state : state.stream, header }, xml, instanceDir,
       (done, total) => {

@@ -5,8 +5,10 @@ import { CloudletError } from '../errors';
 import { createLinkedClone } from '../images/qemu-img';
 import { applyOverlay, type OpenedOverlay } from '../synthesis/apply';
 import { invalid } from '../synthesis/overlay-format';
+import { synthesizedDomainXml, type DomainSpec } from '../vm/domain-xml';
 import type { Hypervisor } from '../vm/hypervisor';
 import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
+import { readSaveImageHeader } from '../vm/save-image';
 import { restoreOrBoot } from './cached-vm';
 import type { LaunchPlan, Mechanism } from './mechanism';
 import { faultPoint } from '../system/fault-points';
@@ -41,6 +43,16 @@ export function synthesizedFiles(instanceDir: string, service: SynthesisService)
 }
 
 /**
+ * The domain a synthesized memory state is restored with: the base's saved domain, never the XML in the overlay's
+ * memory state (the phone's bytes), which must match it device by device (vm/domain-xml.ts).
+ */
+async function synthesizedXml(base: BaseVm, overlayXml: string, spec: DomainSpec): Promise<string> {
+  if (!base.manifest.state) throw invalid('it has a memory state, but its base has none to take the VM\'s devices from');
+  const baseHeader = await readSaveImageHeader(path.join(base.dir, base.manifest.state));
+  return synthesizedDomainXml(baseHeader.xml, overlayXml, spec, (message) => invalid(`its memory state's domain XML ${message}`));
+}
+
+/**
  * VM Synthesis: the Service VM is rebuilt from an overlay on a Base VM while the overlay arrives. The instance's disk
  * is a qcow2 overlay on the base's disk holding only the changed blocks; its memory state is rebuilt next to it and
  * restored with the instance's own identity (name, UUID, port forward), like a Cached VM start. The restore starts
@@ -64,9 +76,10 @@ export class SynthesisMechanism implements Mechanism<SynthesisService> {
     try {
       return await applyOverlay(service.overlay, service.base, { disk, memory }, (done, total) => progress('synthesizing', { done, total }),
         async (liveMemory) => {
+          const state = liveMemory && { ...liveMemory, xml: await synthesizedXml(service.base, liveMemory.header.xml, spec) };
           if (service.keep) await createLinkedClone(disk, instanceFiles(record.dir).disk, 'qcow2');
           faultPoint('synthesis:after-apply');
-          return restoreOrBoot(this.hypervisor, spec, liveMemory, record.dir, timer, progress);
+          return restoreOrBoot(this.hypervisor, spec, state, record.dir, timer, progress);
         });
     } catch (err) {
       // The overlay was read once and is gone: a port taken meanwhile cannot be retried with another like other launches.

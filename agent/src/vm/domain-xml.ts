@@ -1,5 +1,7 @@
+import type { Document, Element } from '@xmldom/xmldom';
 import { CloudletError } from '../errors';
 import type { InstanceRecord } from '../core/types';
+import { canonicalXml, childElements, onlyChild, optionalChild, parseXml, serializeXml, setText, textOf, type XmlRefusal } from './xml-dom';
 
 /** Our <metadata> element: every fact an agent needs to adopt the instance after a restart lives in libvirt. */
 export const METADATA_URI = 'urn:cloudlet:agent:instance:1';
@@ -28,8 +30,6 @@ export interface DomainSpec {
 
 const escapeXml = (s: string) =>
   s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&apos;');
-const unescapeXml = (s: string) =>
-  s.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&quot;/g, '"').replace(/&apos;/g, "'").replace(/&amp;/g, '&');
 
 /** The element as virDomainSetMetadata takes it: unqualified, libvirt puts it in our namespace itself. */
 export function metadataElement(meta: InstanceRecord): string {
@@ -42,12 +42,16 @@ function metadataBlock(meta: InstanceRecord): string {
   return `<metadata><${ns}:instance xmlns:${ns}="${METADATA_URI}">${escapeXml(JSON.stringify(meta))}</${ns}:instance></metadata>`;
 }
 
-/** Parse the element libvirt hands back from virDomainGetMetadata; null when it is not ours or not readable. */
+/**
+ * Parse the element libvirt hands back from virDomainGetMetadata (or the one inside a whole domain's XML); null when
+ * it is not ours or not readable.
+ */
 export function parseMetadataElement(xml: string): InstanceRecord | null {
-  const m = /<(?:[\w-]+:)?instance\b[^>]*>([\s\S]*)<\/(?:[\w-]+:)?instance>/.exec(xml);
-  if (!m) return null;
   try {
-    const meta = JSON.parse(unescapeXml(m[1])) as InstanceRecord;
+    const root = parseXml(xml, (message) => new CloudletError('INVALID_IMAGE', message)).documentElement!;
+    const element = root.localName === 'instance' ? root : root.getElementsByTagNameNS(METADATA_URI, 'instance')[0];
+    if (!element) return null;
+    const meta = JSON.parse(textOf(element)) as InstanceRecord;
     return typeof meta.id === 'string' && typeof meta.serviceId === 'string' ? meta : null;
   } catch {
     return null;
@@ -106,10 +110,55 @@ export function buildDomainXml(s: DomainSpec): string {
   ].filter((l) => l !== '').join('\n');
 }
 
-/** Replace the first match; `replacement` gets the match's groups. Missing elements mean a state we did not make. */
-function replaceOnce(xml: string, pattern: RegExp, replacement: (...groups: string[]) => string, what: string): string {
-  if (!pattern.test(xml)) throw new CloudletError('INVALID_IMAGE', `saved memory state: its domain XML has no ${what}`);
-  return xml.replace(pattern, (...args: string[]) => replacement(...args));
+const QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0';
+
+const invalidImage: XmlRefusal = (message) => new CloudletError('INVALID_IMAGE', `saved memory state: its domain XML ${message}`);
+
+/** A saved domain XML parsed, refused unless it is one <domain>. */
+function parseDomain(xml: string, refuse: XmlRefusal): Document {
+  const doc = parseXml(xml, refuse);
+  if (doc.documentElement!.nodeName !== 'domain') throw refuse('is not a <domain>');
+  return doc;
+}
+
+/**
+ * Give a saved domain the identity and files of a new instance, in place: name, UUID, record, disk, console log,
+ * CD-ROM medium, forward and boot files. Every other element stays as it was saved, or QEMU cannot load the state.
+ * Each of those must be there exactly once (a second <metadata>, disk or user-mode netdev is not ours).
+ */
+function retargetDomain(doc: Document, s: DomainSpec, refuse: XmlRefusal): void {
+  const domain = doc.documentElement!;
+  setText(onlyChild(domain, 'name', refuse), s.name);
+  const uuid = onlyChild(domain, 'uuid', refuse);
+  setText(uuid, s.uuid);
+  const metadata = doc.importNode(parseXml(metadataBlock(s.metadata), refuse).documentElement!, true);
+  const saved = optionalChild(domain, 'metadata', refuse);
+  if (saved) domain.replaceChild(metadata, saved);
+  else domain.insertBefore(metadata, uuid.nextSibling);
+
+  const devices = onlyChild(domain, 'devices', refuse);
+  const disks = childElements(devices, 'disk');
+  const systemDisks = disks.filter((d) => d.getAttribute('device') === 'disk');
+  if (systemDisks.length !== 1 || systemDisks[0]!.getAttribute('type') !== 'file') throw refuse(`has ${systemDisks.length} disks, not one file disk`);
+  onlyChild(systemDisks[0]!, 'source', refuse).setAttribute('file', s.disk);
+  // A CD-ROM saved with the state (the config drive a provisioned VM booted with) comes back empty: its file was the
+  // provisioning's, and an ejected medium leaves the devices, and so the state, as they were.
+  for (const cdrom of disks.filter((d) => d.getAttribute('device') === 'cdrom')) {
+    for (const medium of [...childElements(cdrom, 'source'), ...childElements(cdrom, 'backingStore')]) cdrom.removeChild(medium);
+  }
+  // The serial port and libvirt's mirrored <console> both name the log file.
+  for (const port of [...childElements(devices, 'serial'), ...childElements(devices, 'console')]) {
+    if (port.getAttribute('type') === 'file') onlyChild(port, 'source', refuse).setAttribute('path', s.consoleLog);
+  }
+  const commandline = childElements(domain).filter((e) => e.namespaceURI === QEMU_NS && e.localName === 'commandline');
+  const netdevs = commandline.flatMap((c) => childElements(c)).filter((a) => a.localName === 'arg' && (a.getAttribute('value') ?? '').startsWith('user,id=cl0,'));
+  if (commandline.length !== 1 || netdevs.length !== 1) throw refuse('has no single user-mode netdev of ours');
+  netdevs[0]!.setAttribute('value', netdevArg(s.forward));
+  if (s.boot) {
+    const os = onlyChild(domain, 'os', refuse);
+    setText(onlyChild(os, 'kernel', refuse), s.boot.kernel);
+    if (s.boot.initrd) setText(onlyChild(os, 'initrd', refuse), s.boot.initrd);
+  }
 }
 
 /**
@@ -117,28 +166,50 @@ function replaceOnce(xml: string, pattern: RegExp, replacement: (...groups: stri
  * and files of a new instance. Only identity, paths, the forward and metadata change: the devices must stay exactly
  * as they were saved, or QEMU cannot load the state.
  */
-export function retargetSavedDomainXml(saved: string, s: DomainSpec): string {
-  let xml = saved;
-  xml = replaceOnce(xml, /<name>[^<]*<\/name>/, () => `<name>${escapeXml(s.name)}</name>`, '<name>');
-  xml = replaceOnce(xml, /<uuid>[^<]*<\/uuid>/, () => `<uuid>${s.uuid}</uuid>`, '<uuid>');
-  const metadata = metadataBlock(s.metadata);
-  xml = /<metadata>[\s\S]*?<\/metadata>/.test(xml)
-    ? xml.replace(/<metadata>[\s\S]*?<\/metadata>/, () => metadata)
-    : xml.replace(/(<uuid>[^<]*<\/uuid>)/, (u) => `${u}\n  ${metadata}`);
-  xml = replaceOnce(xml, /(<disk\b[^>]*device=['"]disk['"][^>]*>[\s\S]*?<source file=)(['"])[^'"]*\2/,
-    (_m, head) => `${head}'${escapeXml(s.disk)}'`, 'disk source');
-  // The serial port and libvirt's mirrored <console> both name the log file.
-  xml = xml.replace(/(<(?:serial|console) type=['"]file['"]>[\s\S]*?<source path=)(['"])[^'"]*\2/g,
-    (_m, head: string) => `${head}'${escapeXml(s.consoleLog)}'`);
-  // A CD-ROM saved with the state (the config drive a provisioned VM booted with) comes back empty: its file was the
-  // provisioning's, and an ejected medium leaves the devices, and so the state, as they were.
-  xml = xml.replace(/(<disk\b[^>]*device=['"]cdrom['"][^>]*>)([\s\S]*?)(<\/disk>)/g,
-    (_m, open: string, inner: string, close: string) => `${open}${inner.replace(/<source\b[^>]*\/>\s*|<backingStore\/>\s*/g, '')}${close}`);
-  xml = replaceOnce(xml, /<qemu:arg value=(['"])user,id=cl0,[^'"]*\1\s*\/>/, () => `<qemu:arg value='${netdevArg(s.forward)}'/>`, 'user-mode netdev');
-  if (s.boot) {
-    const { kernel, initrd } = s.boot;
-    xml = xml.replace(/<kernel>[^<]*<\/kernel>/, () => `<kernel>${escapeXml(kernel)}</kernel>`);
-    if (initrd) xml = xml.replace(/<initrd>[^<]*<\/initrd>/, () => `<initrd>${escapeXml(initrd)}</initrd>`);
+export function retargetSavedDomainXml(saved: string, s: DomainSpec, refuse: XmlRefusal = invalidImage): string {
+  const doc = parseDomain(saved, refuse);
+  retargetDomain(doc, s, refuse);
+  return serializeXml(doc);
+}
+
+/**
+ * The domain a synthesized memory state is restored with. It is the base's own saved domain (the cloudlet's, never
+ * the overlay's), retargeted to the instance, with the memory and vCPUs of the overlay's service. The domain XML the
+ * overlay's memory state carries (the phone's bytes) is only compared with it: retargeted the same way, it must be the
+ * same element by element and device by device, or the overlay is refused (`refuseOverlay` says how).
+ */
+export function synthesizedDomainXml(baseSaved: string, overlaySaved: string, s: DomainSpec, refuseOverlay: XmlRefusal): string {
+  const reference = parseDomain(baseSaved, invalidImage);
+  retargetDomain(reference, s, invalidImage);
+  const domain = reference.documentElement!;
+  for (const name of ['memory', 'currentMemory']) {
+    const element = optionalChild(domain, name, invalidImage);
+    if (!element) continue;
+    element.setAttribute('unit', 'KiB');
+    setText(element, String(s.memoryMib * 1024));
   }
-  return xml;
+  setText(onlyChild(domain, 'vcpu', invalidImage), String(s.vcpus));
+  const claimed = parseDomain(overlaySaved, refuseOverlay);
+  retargetDomain(claimed, s, refuseOverlay);
+  const difference = firstDifference(claimed.documentElement!, domain);
+  if (difference) throw refuseOverlay(`differs from the base's: ${difference}`);
+  return serializeXml(reference);
+}
+
+/** Where `claimed` first differs from `reference`: the element, and within <devices> the device; null if nowhere. */
+function firstDifference(claimed: Element, reference: Element): string | null {
+  if (canonicalXml(claimed) === canonicalXml(reference)) return null;
+  const where = `<${claimed.nodeName}>`;
+  const a = childElements(claimed);
+  const b = childElements(reference);
+  for (let i = 0; i < Math.max(a.length, b.length); i++) {
+    const x = a[i];
+    const y = b[i];
+    if (!y) return `an extra <${x!.nodeName}> in ${where}`;
+    if (!x) return `no <${y.nodeName}> in ${where}`;
+    if (canonicalXml(x) === canonicalXml(y)) continue;
+    if (x.nodeName === 'devices' && y.nodeName === 'devices') return firstDifference(x, y);
+    return x.nodeName === y.nodeName ? `${where} element ${i + 1}, <${x.nodeName}>` : `<${x.nodeName}> where the base has <${y.nodeName}> in ${where}`;
+  }
+  return `the attributes of ${where}`;
 }

@@ -110,8 +110,15 @@ export class Hypervisor implements InstanceRuntime {
   async restore(state: { image: string | LiveMigrationStream; header: SaveImageHeader }, xml: string, workDir: string, onProgress?: StreamProgress): Promise<void> {
     const conn = this.connection();
     const source = await prepareRestoreSource(state.image, state.header, xml, workDir, onProgress);
+    const restoring = this.call(() => conn.restoreDomain(source.path, null, DomainFlags.VIR_DOMAIN_SAVE_RUNNING));
+    restoring.catch(() => {}); // observed below
     try {
-      await Promise.all([this.call(() => conn.restoreDomain(source.path, null, DomainFlags.VIR_DOMAIN_SAVE_RUNNING)), source.done()]);
+      await Promise.all([restoring, source.done()]);
+    } catch (err) {
+      // When QEMU or libvirt fails, the stream breaks too (EPIPE), often first: libvirt's own error says what failed.
+      // Ending the source first lets a restore still waiting for it fail rather than hang.
+      await source.dispose();
+      throw (await restoring.then(() => null, (restoreErr: unknown) => restoreErr)) ?? err;
     } finally {
       await source.dispose();
     }
