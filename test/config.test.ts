@@ -83,7 +83,7 @@ t.test('the KD face mode, MQTT access and the limits come from the file and the 
   t.match(await loadConfig({ ...NO_FILE }), {
     kdApi: 'plain', mqtt: { access: 'devices' }, packages: { maxUploadBytes: 1024 ** 3 },
     limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 65536, bodyIdleMs: 8000,
-      bodyMinBytesPerSecond: 1024, bodyRateWindowMs: 10000, readinessTimeoutMs: 120000 },
+      bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 },
   }, 'defaults: KD plain (as KD), MQTT for paired devices, two launches at once');
   const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
@@ -93,7 +93,7 @@ t.test('the KD face mode, MQTT access and the limits come from the file and the 
   t.equal(config.kdApi, 'encrypted');
   t.equal(config.mqtt.access, 'anonymous-read');
   t.same(config.limits, { concurrentLaunches: 4, queuedLaunches: 0, requestsPerSecond: 20, requestBurst: 10, jsonBodyBytes: 65536, bodyIdleMs: 2000,
-    bodyMinBytesPerSecond: 1024, bodyRateWindowMs: 10000, readinessTimeoutMs: 120000 });
+    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 });
   t.equal(config.packages.maxUploadBytes, 1000000);
   t.equal((await loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'off' })).kdApi, 'off');
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'secret' }), { code: 'INVALID_PARAMETER', message: /kdApi must be plain, encrypted, off/ });

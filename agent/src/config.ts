@@ -57,7 +57,11 @@ export interface AgentConfig {
     jsonBodyBytes: number;
     /** A request body that brings no byte for this long is cut off (uWS cuts any connection idle for ~10 s). */
     bodyIdleMs: number;
-    /** A request body bringing fewer bytes than this per second, over any `bodyRateWindowMs`, is cut off (0: never). */
+    /**
+     * A request body bringing fewer bytes than this per second, over any `bodyRateWindowMs`, is answered 408 and cut
+     * off (0: never). uWS itself cuts one that brings under 16 KiB/s over its 10 s timeout, unanswered: the window is
+     * shorter by default, so that a slow client hears why.
+     */
     bodyMinBytesPerSecond: number;
     bodyRateWindowMs: number;
     /** The longest a launch (or capture) waits for its service to answer, whatever its readiness probe asks for. */
@@ -80,7 +84,7 @@ export const DEFAULT_CONFIG: AgentConfig = {
   packages: { maxUploadBytes: 1024 ** 3 },
   kdApi: 'plain',
   limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000,
-    bodyMinBytesPerSecond: 1024, bodyRateWindowMs: 10000, readinessTimeoutMs: 120000 },
+    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
