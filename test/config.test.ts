@@ -82,7 +82,8 @@ t.test('telemetry, discovery and libvirt events are configured from the file and
 t.test('the KD face mode, MQTT access and the limits come from the file and the environment, checked', async (t) => {
   t.match(await loadConfig({ ...NO_FILE }), {
     kdApi: 'plain', mqtt: { access: 'devices' }, packages: { maxUploadBytes: 1024 ** 3 },
-    limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 65536, bodyIdleMs: 8000 },
+    limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 65536, bodyIdleMs: 8000,
+      bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 },
   }, 'defaults: KD plain (as KD), MQTT for paired devices, two launches at once');
   const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
@@ -91,11 +92,19 @@ t.test('the KD face mode, MQTT access and the limits come from the file and the 
   const config = await loadConfig({ CLOUDLET_CONFIG: file, CLOUDLET_LAUNCH_QUEUE: '0', CLOUDLET_BODY_IDLE_MS: '2000', CLOUDLET_PACKAGE_MAX_BYTES: '1000000' });
   t.equal(config.kdApi, 'encrypted');
   t.equal(config.mqtt.access, 'anonymous-read');
-  t.same(config.limits, { concurrentLaunches: 4, queuedLaunches: 0, requestsPerSecond: 20, requestBurst: 10, jsonBodyBytes: 65536, bodyIdleMs: 2000 });
+  t.same(config.limits, { concurrentLaunches: 4, queuedLaunches: 0, requestsPerSecond: 20, requestBurst: 10, jsonBodyBytes: 65536, bodyIdleMs: 2000,
+    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 });
   t.equal(config.packages.maxUploadBytes, 1000000);
   t.equal((await loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'off' })).kdApi, 'off');
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'secret' }), { code: 'INVALID_PARAMETER', message: /kdApi must be plain, encrypted, off/ });
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_MQTT_ACCESS: 'open' }), { code: 'INVALID_PARAMETER', message: /mqtt\.access/ });
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_MAX_LAUNCHES: '0' }), { code: 'INVALID_PARAMETER', message: /limits\.concurrentLaunches/ });
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_BODY_IDLE_MS: '30000' }), { code: 'INVALID_PARAMETER', message: /limits\.bodyIdleMs must be a whole number from 100 to 10000/ });
+});
+
+t.test('the minimum pace of request bodies and the bound on readiness timeouts come from the environment, checked', async (t) => {
+  const config = await loadConfig({ ...NO_FILE, CLOUDLET_BODY_MIN_RATE: '0', CLOUDLET_BODY_RATE_WINDOW_MS: '5000', CLOUDLET_READINESS_TIMEOUT_MS: '30000' });
+  t.match(config.limits, { bodyMinBytesPerSecond: 0, bodyRateWindowMs: 5000, readinessTimeoutMs: 30000 }, '0 turns the minimum rate off');
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_BODY_RATE_WINDOW_MS: '100' }), { code: 'INVALID_PARAMETER', message: /limits\.bodyRateWindowMs must be a whole number from 1000 to 600000/ });
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_READINESS_TIMEOUT_MS: '3600000' }), { code: 'INVALID_PARAMETER', message: /limits\.readinessTimeoutMs must be a whole number from 1000 to 600000/ });
 });

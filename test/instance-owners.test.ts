@@ -39,7 +39,7 @@ async function registryOver(records: InstanceRecord[]) {
   const mechanism: Mechanism = { name: 'cached-vm', runtime: fake.runtime, launch: async () => 'cold-boot' };
   const registry = new InstanceRegistry([mechanism as Mechanism<never>],
     new PortAllocator('127.0.0.1', { first: 40000, last: 40010 }), path.join(root, 'instances'), path.join(root, 'tmp'), '127.0.0.1', () => {},
-    new LaunchGate({ concurrent: 1, queue: 1 }));
+    new LaunchGate({ concurrent: 1, queue: 1, readyWithinMs: 60000 }));
   await registry.adopt();
   return { registry, mechanism, ...fake };
 }

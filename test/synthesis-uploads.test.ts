@@ -10,6 +10,7 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { buildChunkIndex, readChunkIndex } from '../agent/src/synthesis/chunk-index';
+import { CloudletError } from '../agent/src/errors';
 import { UploadSessions } from '../agent/src/synthesis/uploads';
 
 const run = promisify(execFile);
@@ -180,6 +181,40 @@ t.test('a reloaded session starts no synthesis until bytes come; one with all it
   const done = await after.uploads.append(partial.id, 1 << 20, Readable.from([OVERLAY.subarray(1 << 20)]));
   tt.same(done, { complete: true, result: OVERLAY.length });
   tt.equal(after.seen.started, 2);
+});
+
+t.test('a synthesis waiting for every byte (before it takes a launch slot) is paused when no request sends them', async (tt) => {
+  const waits: string[] = [];
+  const uploads = new UploadSessions<string, object>(root, async (stream, _bytes, _meta, arrived) => {
+    // Reads nothing (as a synthesis whose applying is held up would), only waits for the rest of the upload.
+    await arrived().then(() => waits.push('arrived'), (err: Error) => { waits.push(err.message); throw err; });
+    let read = 0;
+    for await (const chunk of stream) read += (chunk as Buffer).length;
+    return `read ${read}`;
+  }, 60_000, 60_000, () => {});
+  const upload = await uploads.create(OVERLAY.length, {});
+  tt.match(await uploads.append(upload.id, 0, cutBody(OVERLAY.subarray(0, 5000))), { complete: false });
+  await settled();
+  tt.match(waits, [/paused at byte 5000/], 'the cut request ends the wait: nothing is held for a client that sends nothing');
+  tt.match(uploads.get(upload.id), { state: 'receiving', received: 5000, error: null }, 'and the upload stays open');
+  const done = await uploads.append(upload.id, 5000, Readable.from([OVERLAY.subarray(5000)]));
+  tt.same(done, { complete: true, result: `read ${OVERLAY.length}` });
+  tt.match(waits, [/paused/, 'arrived'], 'the next request\'s synthesis went on once every byte was in');
+});
+
+t.test('a request the server cuts off (too slow) is refused with where the upload stands; its bytes stay', async (tt) => {
+  const uploads = sessions();
+  const upload = await uploads.create(OVERLAY.length, { tag: 'a' });
+  const tooSlow = new Readable({
+    read() {
+      this.push(OVERLAY.subarray(0, 3000));
+      this.destroy(new CloudletError('REQUEST_TIMEOUT', 'The request body arrives too slowly'));
+    },
+  });
+  await tt.rejects(uploads.append(upload.id, 0, tooSlow), { code: 'REQUEST_TIMEOUT', details: { upload_id: upload.id, received: 3000 } });
+  tt.match(uploads.get(upload.id), { state: 'receiving', received: 3000 });
+  const done = await uploads.append(upload.id, 3000, Readable.from([OVERLAY.subarray(3000)]));
+  tt.same(done, { complete: true, result: `a:${sha(OVERLAY)}` });
 });
 
 t.test('an upload that stalls is abandoned: it fails and its files go', async (tt) => {

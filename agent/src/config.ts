@@ -57,6 +57,15 @@ export interface AgentConfig {
     jsonBodyBytes: number;
     /** A request body that brings no byte for this long is cut off (uWS cuts any connection idle for ~10 s). */
     bodyIdleMs: number;
+    /**
+     * A request body bringing fewer bytes than this per second, over any `bodyRateWindowMs`, is answered 408 and cut
+     * off (0: never). uWS itself cuts one that brings under 16 KiB/s over its 10 s timeout, unanswered: the window is
+     * shorter by default, so that a slow client hears why.
+     */
+    bodyMinBytesPerSecond: number;
+    bodyRateWindowMs: number;
+    /** The longest a launch (or capture) waits for its service to answer, whatever its readiness probe asks for. */
+    readinessTimeoutMs: number;
   };
 }
 
@@ -74,7 +83,8 @@ export const DEFAULT_CONFIG: AgentConfig = {
   apps: { maxUploadBytes: 512 * 1024 * 1024 },
   packages: { maxUploadBytes: 1024 ** 3 },
   kdApi: 'plain',
-  limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000 },
+  limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000,
+    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
@@ -192,6 +202,9 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   if (limits.requestBurst !== undefined) c.limits.requestBurst = count(limits.requestBurst, 'limits.requestBurst', 1);
   if (limits.jsonBodyBytes !== undefined) c.limits.jsonBodyBytes = count(limits.jsonBodyBytes, 'limits.jsonBodyBytes', 1024);
   if (limits.bodyIdleMs !== undefined) c.limits.bodyIdleMs = count(limits.bodyIdleMs, 'limits.bodyIdleMs', 100, 10000);
+  if (limits.bodyMinBytesPerSecond !== undefined) c.limits.bodyMinBytesPerSecond = count(limits.bodyMinBytesPerSecond, 'limits.bodyMinBytesPerSecond', 0);
+  if (limits.bodyRateWindowMs !== undefined) c.limits.bodyRateWindowMs = count(limits.bodyRateWindowMs, 'limits.bodyRateWindowMs', 1000, 600000);
+  if (limits.readinessTimeoutMs !== undefined) c.limits.readinessTimeoutMs = count(limits.readinessTimeoutMs, 'limits.readinessTimeoutMs', 1000, 600000);
   return c;
 }
 
@@ -216,6 +229,9 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
       requestBurst: env.CLOUDLET_RATE_BURST,
       jsonBodyBytes: env.CLOUDLET_MAX_BODY_BYTES,
       bodyIdleMs: env.CLOUDLET_BODY_IDLE_MS,
+      bodyMinBytesPerSecond: env.CLOUDLET_BODY_MIN_RATE,
+      bodyRateWindowMs: env.CLOUDLET_BODY_RATE_WINDOW_MS,
+      readinessTimeoutMs: env.CLOUDLET_READINESS_TIMEOUT_MS,
     },
   };
 }

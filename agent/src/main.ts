@@ -41,6 +41,8 @@ async function main(): Promise<void> {
     kdApi: config.kdApi === 'encrypted' ? { mode: 'encrypted', devices } : { mode: config.kdApi },
     maxBodyBytes: config.limits.jsonBodyBytes,
     bodyIdleMs: config.limits.bodyIdleMs,
+    bodyMinBytesPerSecond: config.limits.bodyMinBytesPerSecond,
+    bodyRateWindowMs: config.limits.bodyRateWindowMs,
     rateLimiter,
   });
   tlsPort = server.tlsPort;

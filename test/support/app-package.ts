@@ -16,9 +16,11 @@ const cgi = (body: string) => `#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n
 
 /**
  * Build a busybox httpd package into `scratch` and return its tarball. CGI scripts: /cgi-bin/probe reports what the
- * app can see and do (key=value lines), /cgi-bin/hog allocates memory without end.
+ * app can see and do (key=value lines), /cgi-bin/hog allocates memory without end, /cgi-bin/drip answers 200 and then
+ * a byte a second without end. `readiness` is the packaging CLI's --readiness (default http:/).
  */
-export async function buildHttpdPackage(scratch: string, options: { appId: string; hostSecret: string; memoryMib?: number; zstd?: boolean }): Promise<string> {
+export async function buildHttpdPackage(scratch: string, options: { appId: string; hostSecret: string; memoryMib?: number; zstd?: boolean;
+  readiness?: string; readinessTimeoutMs?: number }): Promise<string> {
   const dir = await mkdtemp(path.join(scratch, 'app-'));
   await mkdir(path.join(dir, 'bin'));
   await copyFile('/bin/busybox', path.join(dir, 'bin', 'busybox'));
@@ -38,9 +40,11 @@ export async function buildHttpdPackage(scratch: string, options: { appId: strin
   ].join('\n')), { mode: 0o755 });
   // tail keeps the whole "line" of an endless stream without newlines in memory.
   await writeFile(path.join(dir, 'www', 'cgi-bin', 'hog'), cgi('tail /dev/zero'), { mode: 0o755 });
+  await writeFile(path.join(dir, 'www', 'cgi-bin', 'drip'), cgi('while :; do printf .; sleep 1; done'), { mode: 0o755 });
   const tarball = path.join(scratch, `${options.appId}.tar.${options.zstd ? 'zst' : 'gz'}`);
   await run(process.execPath, [PACKAGE_CLI, '--app-id', options.appId, '--port', '8080', '--dir', dir, '--output', tarball,
-    '--memory-mib', String(options.memoryMib ?? 32), '--cpus', '0.5', '--readiness', 'http:/', '--description', 'busybox httpd',
+    '--memory-mib', String(options.memoryMib ?? 32), '--cpus', '0.5', '--readiness', options.readiness ?? 'http:/',
+    ...(options.readinessTimeoutMs ? ['--readiness-timeout-ms', String(options.readinessTimeoutMs)] : []), '--description', 'busybox httpd',
     ...(options.zstd ? ['--zstd'] : []), '--', '/app/bin/busybox', 'httpd', '-f', '-p', '8080', '-h', '/app/www']);
   return tarball;
 }

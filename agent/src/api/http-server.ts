@@ -27,6 +27,7 @@ import {
 import type { CloudletApi, ProvisioningApi } from '../core/types';
 import { CloudletError, asCloudletError } from '../errors';
 import { bearerToken, type Access, type AccessGate, type Caller, type Transport } from '../trust/access';
+import { BodyPace, type BodyPaceLimits } from './body-pace';
 import { kdCloudletFace } from './kd-cloudlet';
 import { kdEncryptedFace, type DeviceKeys } from './kd-encrypted';
 import type { RateLimiter } from './rate-limit';
@@ -49,6 +50,9 @@ export interface HttpServerOptions {
   rateLimiter?: RateLimiter;
   /** A request body that brings no byte for this long is answered 408 and cut off (default 8 s). */
   bodyIdleMs?: number;
+  /** A request body bringing fewer bytes per second than this over `bodyRateWindowMs` is answered 408 and cut off. */
+  bodyMinBytesPerSecond?: number;
+  bodyRateWindowMs?: number;
   /** On-Demand VM Provisioning routes under /v1 (absent: not offered). */
   provisioning?: ProvisioningApi;
   /** WebSocket endpoints carrying a byte stream (MQTT over WebSocket): each connection is handed over as a Duplex. */
@@ -100,7 +104,9 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
   const kdApi = options.kdApi ?? { mode: 'plain' };
   const kdFace = kdApi.mode === 'encrypted' ? kdEncryptedFace(kdCloudletFace(options.api), kdApi.devices) : kdCloudletFace(options.api);
   const limiter = options.rateLimiter ?? null;
-  const bodyIdleMs = options.bodyIdleMs ?? DEFAULT_BODY_IDLE_MS;
+  const bodyPace: BodyPaceLimits = {
+    idleMs: options.bodyIdleMs ?? DEFAULT_BODY_IDLE_MS, minBytesPerSecond: options.bodyMinBytesPerSecond ?? 0, windowMs: options.bodyRateWindowMs ?? 10000,
+  };
   const ownFace = v1Face(options.api, options.provisioning, options.trust);
   const pageFace = webFace();
   const eventClients = new EventClients();
@@ -116,7 +122,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     serveEvents(app, options.api, options.gate, limiter, eventClients, secure, log);
     for (const endpoint of options.streamEndpoints ?? []) serveStream(app, endpoint, limiter, secure, log);
     app.any('/*', (res, req) => {
-      const exchange = new Exchange(res, bodyIdleMs);
+      const exchange = new Exchange(res, bodyPace);
       try {
         const incoming = readIncoming(req, res, secure);
         const started = Date.now();
@@ -556,30 +562,26 @@ class Exchange {
   /** While an upload's body is still arriving: stop handing it on, discard the rest, then call `then`. */
   private discardBody: ((then: () => void) => void) | undefined;
 
-  /** Cuts a request body that stalls; touched by every chunk, stopped while uWS is paused by us or the body is in. */
-  private idleTimer: NodeJS.Timeout | undefined;
+  /** Cuts a request body that stalls or drips; paused while uWS is paused by us, ended once the body is in. */
+  private pace: BodyPace | undefined;
 
-  constructor(private readonly res: HttpResponse, private readonly bodyIdleMs: number) {
+  constructor(private readonly res: HttpResponse, private readonly paceLimits: BodyPaceLimits) {
     res.onAborted(() => {
       this.aborted = true;
-      clearTimeout(this.idleTimer);
+      this.pace?.end();
       this.abortListener?.();
     });
   }
 
-  /** (Re)starts the stall timer: `onStall` runs when no body byte came for bodyIdleMs. */
-  private watchIdle(onStall: (error: CloudletError) => void): void {
-    clearTimeout(this.idleTimer);
-    this.idleTimer = setTimeout(() => {
+  /** Starts watching the body's pace: `onStall` runs once when it stalls or drips (BodyPace). */
+  private watchPace(onStall: (error: CloudletError) => void): BodyPace {
+    this.pace = new BodyPace(this.paceLimits, (error) => {
       // Answered now, with the connection closed: the rest of the body is not waited for (nor discarded) any more.
       this.discardBody = undefined;
-      onStall(new CloudletError('REQUEST_TIMEOUT', `The request body stalled: no byte for ${this.bodyIdleMs} ms`, { details: { idle_ms: this.bodyIdleMs } }));
-    }, this.bodyIdleMs);
-  }
-
-  private stopWatchingIdle(): void {
-    clearTimeout(this.idleTimer);
-    this.idleTimer = undefined;
+      onStall(error);
+    });
+    this.pace.start();
+    return this.pace;
   }
 
   readBody(headers: Map<string, string>, limit: number): Promise<Buffer> {
@@ -596,15 +598,14 @@ class Exchange {
       let settled = false;
       const settle = (outcome: () => void) => {
         settled = true;
-        this.stopWatchingIdle();
+        pace.end();
         outcome();
       };
       this.abortListener = () => settle(() => reject(new CloudletError('BAD_REQUEST', 'The client aborted the request')));
-      const onStall = (error: CloudletError) => settle(() => reject(error));
-      this.watchIdle(onStall);
+      const pace = this.watchPace((error) => settle(() => reject(error)));
       this.res.onData((chunk, isLast) => {
         if (settled) return;
-        this.watchIdle(onStall);
+        pace.touch(chunk.byteLength);
         size += chunk.byteLength;
         if (size > limit) return settle(() => reject(tooLarge()));
         // Copy: uWS neuters the ArrayBuffer when this callback returns.
@@ -634,7 +635,7 @@ class Exchange {
       read: () => {
         if (paused && !this.aborted) {
           paused = false;
-          this.watchIdle(onStall);
+          pace.start();
           this.res.resume();
         }
       },
@@ -648,14 +649,14 @@ class Exchange {
       stream.destroy();
       if (paused) {
         paused = false;
-        this.watchIdle(onStall);
+        pace.start();
         this.res.resume();
       }
     };
-    this.watchIdle(onStall);
+    const pace = this.watchPace(onStall);
     this.res.onData((chunk, isLast) => {
-      if (isLast) this.stopWatchingIdle();
-      else this.watchIdle(onStall);
+      if (isLast) pace.end();
+      else pace.touch(chunk.byteLength);
       if (discarding) {
         discarding.bytes += chunk.byteLength;
         if (isLast) {
@@ -671,7 +672,7 @@ class Exchange {
       if (!stream.push(Buffer.from(new Uint8Array(chunk))) && !isLast) {
         // Waiting on our consumer, not on the client: no stall to watch for until it reads again.
         paused = true;
-        this.stopWatchingIdle();
+        pace.pause();
         this.res.pause();
       }
       if (isLast) {

@@ -30,7 +30,7 @@ import { noSpaceError, requireFreeSpace } from './disk-space';
 import { InstanceRegistry, withConsoleTail } from './instances';
 import { LaunchGate } from './launch-gate';
 import { PortAllocator } from './ports';
-import { waitUntilReady } from './readiness';
+import { boundedProbe, waitUntilReady } from './readiness';
 import { SERVICE_ID } from './manifest';
 import { RECIPE_TAG_PREFIX, parseRecipe, recipeTag, type Recipe } from './recipe';
 import { RecipeStore } from './recipes';
@@ -85,7 +85,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     private readonly onDemand: OnDemandMechanism,
     private readonly synthesis: SynthesisMechanism,
   ) {
-    this.overlayUploads = new UploadSessions(path.join(config.dataDir, 'uploads'), (stream, bytes, options) => this.synthesize(stream, bytes, options),
+    this.overlayUploads = new UploadSessions(path.join(config.dataDir, 'uploads'), (stream, bytes, options, arrived) => this.synthesize(stream, bytes, options, arrived),
       OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS, log, { ownerOf: (options) => options.deviceId, max: OVERLAY_UPLOADS_PER_DEVICE });
   }
 
@@ -112,7 +112,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     const onDemand = new OnDemandMechanism(hypervisor);
     const synthesis = new SynthesisMechanism(hypervisor);
     const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand, synthesis], ports, instancesDir, staging, config.forward.bindAddress, log,
-      new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches }));
+      new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches, readyWithinMs: config.limits.readinessTimeoutMs }));
     await registry.adopt();
     registry.startReconciling(config.reconcileIntervalMs, config.libvirtEvents);
     const apps = new AppStore(path.join(config.dataDir, 'apps'), staging, config.apps.maxUploadBytes, log);
@@ -265,14 +265,18 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     keep: (captured: { dir: string; disk: string; state: string }) => Promise<Service>): Promise<Service> {
     const work = await this.catalog.workDir();
     const hostPort = await this.ports.reserve();
+    const probe = boundedProbe(service.manifest.readiness, this.config.limits.readinessTimeoutMs);
     const meta: InstanceRecord = {
       id: randomUUID(), serviceId: service.id, mechanism: mechanism.name, state: 'starting', bindAddress: this.config.forward.bindAddress,
       hostPort, guestPort: service.manifest.port, shareable: false, users: 0, owners: [], launch: 'cold-boot',
-      createdAt: new Date().toISOString(), readyAt: null, dir: work, readiness: service.manifest.readiness,
+      createdAt: new Date().toISOString(), readyAt: null, dir: work, readiness: probe,
     };
     try {
-      await mechanism.launch({ service, domainName: `cloudlet-capture-${meta.id.slice(0, 8)}`, record: meta, timer: new PhaseTimer(), progress: () => {} });
-      await waitUntilReady(service.manifest.readiness, WILDCARD.has(meta.bindAddress) ? '127.0.0.1' : meta.bindAddress, hostPort, {
+      // Captures run inside registry.admit(): the slot is already held.
+      await mechanism.launch({ service, domainName: `cloudlet-capture-${meta.id.slice(0, 8)}`, record: meta, timer: new PhaseTimer(), progress: () => {},
+        admit: async () => {} });
+      await waitUntilReady(probe, WILDCARD.has(meta.bindAddress) ? '127.0.0.1' : meta.bindAddress, hostPort, {
+        timeoutMs: probe.timeout_ms,
         stillAlive: async () => (await this.hypervisor.running()).has(meta.id),
       });
       const state = path.join(work, 'state.sav');
@@ -425,12 +429,13 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
 
   /**
    * VM Synthesis: check the overlay's header, manifest and signature and find its base before anything is made,
-   * then launch it as an instance (the registry cleans up everything if applying or starting it fails).
+   * then launch it as an instance (the registry cleans up everything if applying or starting it fails). `arrived`
+   * resolves once every byte of the overlay is on the cloudlet (a file's at once, an upload's when its last byte is in).
    */
-  private async synthesize(stream: Readable, bytes: number, options: SynthesisOptions): Promise<SynthesisResult> {
+  private async synthesize(stream: Readable, bytes: number, options: SynthesisOptions, arrived = async () => {}): Promise<SynthesisResult> {
     const overlay = await openOverlay(stream, bytes, await trustedOverlayKeys(path.join(this.config.dataDir, 'overlay-keys'), this.log));
     try {
-      const service = synthesisService(overlay, this.bases.get(overlay.manifest.base), options.keepAs !== undefined);
+      const service = synthesisService(overlay, this.bases.get(overlay.manifest.base), options.keepAs !== undefined, arrived);
       const started = await this.startFor(service, false, this.synthesis, options.deviceId);
       this.log(`synthesized ${service.id} from a ${bytes}-byte overlay on base ${service.base.name}`);
       const result = { ...started, endpoint: this.endpointFor(started.instance, options.clientHost) };

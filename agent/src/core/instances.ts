@@ -8,7 +8,7 @@ import type { Logger } from '../log';
 import type { InstanceEnding, InstanceRuntime, Mechanism } from '../mechanisms/mechanism';
 import { EventBus, type InstanceLifecycleState, type LaunchPhase } from './events';
 import type { PortAllocator } from './ports';
-import { waitUntilReady } from './readiness';
+import { boundedProbe, waitUntilReady } from './readiness';
 import type { LaunchGate } from './launch-gate';
 import { PhaseTimer } from './timing';
 import type { Instance, InstanceRecord, MechanismName, StartResult, StopResult, Stopper, Workload } from './types';
@@ -256,9 +256,12 @@ export class InstanceRegistry {
         if (rejoined) return { instance: rejoined, joined: true };
       }
     }
-    // Timed from admission: the timings describe the launch, not the wait for a slot.
+    // Timed from admission: the timings describe the launch, not the wait for a slot (a mechanism that admits itself
+    // is timed from its start: its wait for bytes is part of it).
+    const slot = this.gate.slot();
     let timer = new PhaseTimer();
-    const launch = this.gate.run(() => this.launch(service, mechanism, (timer = new PhaseTimer()), owner));
+    const launch = (mechanism.admitsItself ? Promise.resolve() : slot.admit().then(() => { timer = new PhaseTimer(); }))
+      .then(() => this.launch(service, mechanism, timer, slot.admit, owner)).finally(slot.release);
     if (shareable) {
       this.pendingShared.set(service.id, launch);
       void launch.catch(() => {}).then(() => { if (this.pendingShared.get(service.id) === launch) this.pendingShared.delete(service.id); });
@@ -291,7 +294,7 @@ export class InstanceRegistry {
     return null;
   }
 
-  private async launch<W extends Workload>(service: W, mechanism: Mechanism<W>, timer: PhaseTimer, owner: string | undefined): Promise<InstanceRecord> {
+  private async launch<W extends Workload>(service: W, mechanism: Mechanism<W>, timer: PhaseTimer, admit: () => Promise<void>, owner: string | undefined): Promise<InstanceRecord> {
     const id = randomUUID();
     const dir = path.join(this.instancesDir, id);
     let meta: InstanceRecord = {
@@ -309,14 +312,16 @@ export class InstanceRegistry {
       createdAt: new Date().toISOString(),
       readyAt: null,
       dir,
-      readiness: service.manifest.readiness,
+      readiness: boundedProbe(service.manifest.readiness, this.gate.limits.readyWithinMs),
     };
     this.announce(meta, 'starting');
     this.starting.set(id, meta);
     try {
       await mkdir(dir, { mode: 0o755 });
-      meta = await this.launchWithFreePort(service, mechanism, meta, timer);
+      meta = await this.launchWithFreePort(service, mechanism, meta, timer, admit);
       this.instances.set(id, meta);
+      // Already taken, unless the mechanism admits itself and did not: waiting for readiness always holds a slot.
+      await admit();
       await this.waitReady(meta, timer);
       return this.instances.get(id) ?? meta;
     } catch (err) {
@@ -331,14 +336,15 @@ export class InstanceRegistry {
   }
 
   /** Reserve a port and launch; a port some other program grabbed in the meantime costs one more attempt. */
-  private async launchWithFreePort<W extends Workload>(service: W, mechanism: Mechanism<W>, base: InstanceRecord, timer: PhaseTimer): Promise<InstanceRecord> {
+  private async launchWithFreePort<W extends Workload>(service: W, mechanism: Mechanism<W>, base: InstanceRecord, timer: PhaseTimer,
+    admit: () => Promise<void>): Promise<InstanceRecord> {
     for (let attempt = 1; ; attempt++) {
       faultPoint('launch:before-port');
       const meta: InstanceRecord = { ...base, hostPort: await this.ports.reserve() };
       faultPoint('launch:after-port');
       try {
         const progress = (phase: LaunchPhase, bytes?: { done: number; total: number }) => this.progress(meta, phase, bytes);
-        const launch = await mechanism.launch({ service, domainName: domainName(service.id, meta.id), record: meta, timer, progress });
+        const launch = await mechanism.launch({ service, domainName: domainName(service.id, meta.id), record: meta, timer, progress, admit });
         return { ...meta, launch };
       } catch (err) {
         await mechanism.runtime.destroy(meta.id).finally(() => this.ports.release(meta.hostPort));
@@ -350,10 +356,12 @@ export class InstanceRegistry {
     }
   }
 
+  /** Also for an adopted launch, whose record may carry a timeout from before the bound was lowered. */
   private async waitReady(meta: InstanceRecord, timer = new PhaseTimer()): Promise<void> {
-    const remaining = Date.parse(meta.createdAt) + meta.readiness.timeout_ms - Date.now();
+    const probe = boundedProbe(meta.readiness, this.gate.limits.readyWithinMs);
+    const remaining = Date.parse(meta.createdAt) + probe.timeout_ms - Date.now();
     this.progress(meta, 'waiting-ready');
-    await timer.time('guest', () => waitUntilReady(meta.readiness, probeHost(meta.bindAddress), meta.hostPort, {
+    await timer.time('guest', () => waitUntilReady(probe, probeHost(meta.bindAddress), meta.hostPort, {
       timeoutMs: Math.max(remaining, 0),
       // While the runtime is unreachable the VM is presumed alive: the probe itself still tells when it serves.
       stillAlive: () => this.isRunning(meta).catch((err: unknown) => err instanceof CloudletError && err.code === 'HYPERVISOR_UNAVAILABLE'),

@@ -2,6 +2,8 @@
  * Admission control for launches: at most `concurrent` launches run at once (on a 2-core TCG box a third restore
  * only slows the other two down); the ones over the bound wait their turn in arrival order, and when `queue` of
  * them are already waiting a new one is refused with BUSY at once, so a phone learns to come back rather than hang.
+ * A slot is held from the launch's first hypervisor call to ready, and never for longer than `readyWithinMs` of
+ * waiting for the service to answer: no client-supplied timeout can make a slot last longer.
  */
 import { CloudletError } from '../errors';
 
@@ -10,6 +12,8 @@ export interface LaunchLimits {
   concurrent: number;
   /** Launches that may wait for a slot; one more is refused with BUSY. */
   queue: number;
+  /** The longest any launch waits for its service to answer, whatever its readiness probe asks for. */
+  readyWithinMs: number;
 }
 
 /** What a refused launch is told to wait before retrying (a Cached VM restore takes seconds here). */
@@ -19,10 +23,29 @@ export class LaunchGate {
   private running = 0;
   private readonly waiting: (() => void)[] = [];
 
-  constructor(private readonly limits: LaunchLimits) {}
+  constructor(readonly limits: LaunchLimits) {}
 
   /** Runs `launch` when a slot is free; throws BUSY without running it when the queue is full. */
   async run<T>(launch: () => Promise<T>): Promise<T> {
+    const release = await this.acquire();
+    try {
+      return await launch();
+    } finally {
+      release();
+    }
+  }
+
+  /** One launch's claim on a slot: taken at most once (`admit`), given back when the launch ends (`release`). */
+  slot(): { admit: () => Promise<void>; release: () => void } {
+    let taking: Promise<() => void> | null = null;
+    return {
+      admit: async () => { await (taking ??= this.acquire()); },
+      release: () => { void taking?.then((giveBack) => giveBack(), () => {}); },
+    };
+  }
+
+  /** Waits for a slot (BUSY when the queue is full) and returns what gives it back; calling that again does nothing. */
+  async acquire(): Promise<() => void> {
     if (this.running >= this.limits.concurrent) {
       if (this.waiting.length >= this.limits.queue) {
         throw new CloudletError('BUSY', `${this.running} launches are running and ${this.waiting.length} waiting; try again later`, {
@@ -34,12 +57,13 @@ export class LaunchGate {
     } else {
       this.running++;
     }
-    try {
-      return await launch();
-    } finally {
+    let held = true;
+    return () => {
+      if (!held) return;
+      held = false;
       const next = this.waiting.shift();
       if (next) next();
       else this.running--;
-    }
+    };
   }
 }

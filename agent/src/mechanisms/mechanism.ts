@@ -16,6 +16,11 @@ export interface LaunchPlan<W extends Workload = Service> {
   timer: PhaseTimer;
   /** Report reaching a phase of the launch (and the bytes of it done so far, where a mechanism knows them). */
   progress(phase: LaunchPhase, bytes?: { done: number; total: number }): void;
+  /**
+   * Take one of the box's launch slots (waiting in its queue; BUSY when that is full), held until the launch ends;
+   * once taken, calling it again does nothing. The registry takes it before `launch` unless the mechanism admits itself.
+   */
+  admit(): Promise<void>;
 }
 
 /** How an instance ended, as far as its runtime can tell. */
@@ -50,6 +55,11 @@ export interface InstanceRuntime {
 export interface Mechanism<W extends Workload = Service> {
   readonly name: MechanismName;
   readonly runtime: InstanceRuntime;
+  /**
+   * The mechanism calls `plan.admit()` itself, before its first hypervisor call: it first prepares from bytes a client
+   * may still be sending (VM Synthesis), and a launch slot is taken only once they are all there.
+   */
+  readonly admitsItself?: boolean;
   /**
    * Bring the workload up, serving on the plan's forward. Returns how it was started. Throws on failure; a
    * NO_FREE_PORT error means the reserved port was taken meanwhile and the registry retries with another.

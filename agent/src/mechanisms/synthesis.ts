@@ -24,14 +24,16 @@ export interface SynthesisService extends Service {
   base: BaseVm;
   /** Leave the disk as synthesized (the instance runs on a linked clone of it), so it can be kept as a service. */
   keep: boolean;
+  /** Resolves once every byte of the overlay is on the cloudlet; fails when they stop coming (a paused upload). */
+  arrived: () => Promise<void>;
 }
 
 /** The service an opened overlay describes, on `base` (the base the overlay names). */
-export function synthesisService(overlay: OpenedOverlay, base: BaseVm, keep: boolean): SynthesisService {
+export function synthesisService(overlay: OpenedOverlay, base: BaseVm, keep: boolean, arrived: () => Promise<void>): SynthesisService {
   const manifest = overlay.manifest.service;
   // The VM boots or resumes on the base's kernel and initrd: the overlay can only change the disk and memory.
   if (JSON.stringify(manifest.boot) !== JSON.stringify(base.manifest.boot)) throw invalid('the service does not boot the way its base does');
-  return { id: manifest.service_id, dir: base.dir, importedAt: new Date().toISOString(), manifest, overlay, base, keep };
+  return { id: manifest.service_id, dir: base.dir, importedAt: new Date().toISOString(), manifest, overlay, base, keep, arrived };
 }
 
 /**
@@ -57,10 +59,12 @@ async function synthesizedXml(base: BaseVm, overlayXml: string, spec: DomainSpec
  * is a qcow2 overlay on the base's disk holding only the changed blocks; its memory state is rebuilt next to it and
  * restored with the instance's own identity (name, UUID, port forward), like a Cached VM start. The restore starts
  * once the disk is complete and reads the memory state while it is being rebuilt (synthesis/apply.ts says why that
- * is safe).
+ * is safe). The disk is rebuilt as the overlay arrives, without a launch slot: one is taken only once every byte of
+ * the overlay is on the cloudlet, so a client that sends slowly holds no slot another launch could use.
  */
 export class SynthesisMechanism implements Mechanism<SynthesisService> {
   readonly name = 'synthesis' as const;
+  readonly admitsItself = true;
 
   constructor(private readonly hypervisor: Hypervisor) {}
 
@@ -68,7 +72,7 @@ export class SynthesisMechanism implements Mechanism<SynthesisService> {
     return this.hypervisor;
   }
 
-  async launch({ service, domainName, record, timer, progress }: LaunchPlan<SynthesisService>): Promise<'memory-state' | 'cold-boot'> {
+  async launch({ service, domainName, record, timer, progress, admit }: LaunchPlan<SynthesisService>): Promise<'memory-state' | 'cold-boot'> {
     const { disk: synthesizedDisk, memory } = synthesizedFiles(record.dir, service);
     const disk = service.keep ? synthesizedDisk : instanceFiles(record.dir).disk;
     progress('synthesizing', { done: 0, total: service.overlay.bytes });
@@ -78,6 +82,8 @@ export class SynthesisMechanism implements Mechanism<SynthesisService> {
         async (liveMemory) => {
           const state = liveMemory && { ...liveMemory, xml: await synthesizedXml(service.base, liveMemory.header.xml, spec) };
           if (service.keep) await createLinkedClone(disk, instanceFiles(record.dir).disk, 'qcow2');
+          await service.arrived();
+          await admit();
           faultPoint('synthesis:after-apply');
           return restoreOrBoot(this.hypervisor, spec, state, record.dir, timer, progress);
         });

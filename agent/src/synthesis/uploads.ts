@@ -30,7 +30,7 @@ import { mkdir, open, readdir, readFile, rm, writeFile, type FileHandle } from '
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { replaceFile } from '../core/atomic-file';
-import { CloudletError, asCloudletError } from '../errors';
+import { CloudletError, asCloudletError, withDetails } from '../errors';
 import { faultPoint } from '../system/fault-points';
 
 export interface UploadView<T> {
@@ -111,8 +111,11 @@ export class UploadSessions<T, M extends object> {
 
   constructor(
     private readonly root: string,
-    /** The synthesis of an upload: reads the overlay's `bytes` bytes from `stream` as they arrive. */
-    private readonly consume: (stream: Readable, bytes: number, meta: M) => Promise<T>,
+    /**
+     * The synthesis of an upload: reads the overlay's `bytes` bytes from `stream` as they arrive. `arrived` resolves
+     * once every byte is on the cloudlet (what it waits for before taking a launch slot), and fails as the stream does.
+     */
+    private readonly consume: (stream: Readable, bytes: number, meta: M, arrived: () => Promise<void>) => Promise<T>,
     /** An upload that gets no bytes for this long is abandoned (its files deleted). */
     private readonly idleMs: number,
     /** How long a finished upload stays visible, so a client whose last response was lost can learn the outcome. */
@@ -230,8 +233,9 @@ export class UploadSessions<T, M extends object> {
     }
     // A synthesis still running continues; one still cleaning up after its pause starts again once done (settle).
     if (!upload.synthesis) this.synthesize(upload);
+    let cut: CloudletError | null;
     try {
-      await this.receive(upload, file, body);
+      cut = await this.receive(upload, file, body);
     } finally {
       // Not through the commit: a client that reconnects at once continues while it is made (commits are serialized).
       upload.sending = false;
@@ -242,16 +246,20 @@ export class UploadSessions<T, M extends object> {
     if (upload.abandoned || upload.outcome) return { complete: true, result: await upload.result };
     if (upload.received < upload.bytes) {
       this.armIdle(upload);
+      // Cut by the server (it stalled or dripped): the client is told so, and where to continue.
+      if (cut) throw withDetails(cut, { upload_id: upload.id, received: upload.received });
       return { complete: false, upload: view(upload) };
     }
     return { complete: true, result: await upload.result };
   }
 
-  private async receive(upload: Upload<T, M>, file: FileHandle, body: Readable): Promise<void> {
+  /** Returns the server's own reason when it cut the body off (REQUEST_TIMEOUT); a client that broke off returns null. */
+  private async receive(upload: Upload<T, M>, file: FileHandle, body: Readable): Promise<CloudletError | null> {
     try {
       for await (const chunk of body as AsyncIterable<Buffer>) {
         if (upload.received + chunk.length > upload.bytes) {
-          return this.abandon(upload, new CloudletError('OVERLAY_INVALID', `overlay: more than the announced ${upload.bytes} bytes were sent`));
+          this.abandon(upload, new CloudletError('OVERLAY_INVALID', `overlay: more than the announced ${upload.bytes} bytes were sent`));
+          return null;
         }
         try {
           await file.write(chunk, 0, chunk.length, upload.received);
@@ -260,14 +268,16 @@ export class UploadSessions<T, M extends object> {
           if (upload.received - upload.committed >= COMMIT_BYTES) await this.commit(upload, file);
           if (upload.received * 2 >= upload.bytes) faultPoint('synthesis:mid-upload');
         } catch (err) {
-          return this.abandon(upload, asCloudletError(err));
+          this.abandon(upload, asCloudletError(err));
+          return null;
         }
-        if (upload.outcome) return undefined;
+        if (upload.outcome) return null;
       }
-    } catch {
-      // The client broke off: what arrived stays; it continues with another request.
+    } catch (err) {
+      // The client broke off, or was cut off: what arrived stays; it continues with another request.
+      if (err instanceof CloudletError && err.code === 'REQUEST_TIMEOUT') return err;
     }
-    return undefined;
+    return null;
   }
 
   /** Make the bytes received so far durable (through `file`, the part file as the writing request opened it), then record it. */
@@ -323,7 +333,8 @@ export class UploadSessions<T, M extends object> {
   private synthesize(upload: Upload<T, M>): void {
     const synthesis: Synthesis = { paused: false };
     upload.synthesis = synthesis;
-    new Promise<T>((resolve) => resolve(this.consume(this.follow(upload, synthesis), upload.bytes, upload.meta)))
+    const arrived = () => this.awaitBytes(upload, synthesis, () => upload.received === upload.bytes);
+    new Promise<T>((resolve) => resolve(this.consume(this.follow(upload, synthesis), upload.bytes, upload.meta, arrived)))
       .then((value) => this.settle(upload, synthesis, { ok: true, value }), (err: unknown) => this.settle(upload, synthesis, { ok: false, error: asCloudletError(err) }));
   }
 
@@ -343,11 +354,7 @@ export class UploadSessions<T, M extends object> {
     let file: Promise<FileHandle> | null = null;
     const next = async (): Promise<Buffer | null> => {
       file ??= open(path.join(upload.dir, PART), 'r');
-      while (at >= upload.received && at < upload.bytes) {
-        if (!upload.sending) synthesis.paused = true;
-        if (synthesis.paused) throw new CloudletError('CONFLICT', `upload ${upload.id} is paused at byte ${upload.received}: no request is sending bytes`);
-        await this.arrival(upload);
-      }
+      await this.awaitBytes(upload, synthesis, () => at < upload.received || at === upload.bytes);
       if (at === upload.bytes) {
         // Everything was read: the bytes are no longer needed (see the file's header).
         await this.remove(upload);
@@ -368,6 +375,18 @@ export class UploadSessions<T, M extends object> {
       },
     });
     return stream;
+  }
+
+  /**
+   * Waits until `enough()` holds, for as long as a request is sending bytes: once none is, the synthesis is paused
+   * (it fails, and settle leaves the upload open for the next request).
+   */
+  private async awaitBytes(upload: Upload<T, M>, synthesis: Synthesis, enough: () => boolean): Promise<void> {
+    while (!enough()) {
+      if (!upload.sending) synthesis.paused = true;
+      if (synthesis.paused) throw new CloudletError('CONFLICT', `upload ${upload.id} is paused at byte ${upload.received}: no request is sending bytes`);
+      await this.arrival(upload);
+    }
   }
 
   /** Resolves when more bytes arrived or the request sending them ended; rejects once the upload is abandoned. */
