@@ -17,7 +17,7 @@ BUILD="$ROOT/.build"
 
 # Debian packages the agent and its tests need (libvirt-dev only for the native shim's headers).
 PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
-  linux-image-cloud-amd64 busybox-static cpio kmod e2fsprogs dbus avahi-daemon avahi-utils bubblewrap passt gcc make
+  linux-image-cloud-amd64 busybox-static cpio kmod e2fsprogs dbus avahi-daemon avahi-utils bubblewrap passt nftables gcc make
   iproute2 procps zstd genisoimage systemd socat tini chromium curl nodejs npm openssl
   xdelta3 xz-utils) # xdelta3 and xz: only the VM Synthesis benchmark's Elijah-style baseline
 # Only for image and image-test (WITH_IMAGE_TOOLS=1).

@@ -17,7 +17,7 @@ release() {
   cp "$REPO/package.json" "$REPO/package-lock.json" "$tmp/"
   cp -a "$REPO/dist/agent" "$REPO/dist/native" "$tmp/dist/"
   find "$tmp/dist" -name '*.map' -delete
-  cp "$REPO/native/build/libcloudlet_virt.so" "$tmp/native/build/"
+  cp "$REPO/native/build/libcloudlet_virt.so" "$REPO/native/build/cloudlet-logcap" "$tmp/native/build/"
   cp "$REPO/docs/"*.md "$tmp/docs/"
   if [ -d "$REPO/agent/web" ]; then cp -a "$REPO/agent/web" "$tmp/agent/web"; fi
   (cd "$tmp" && npm ci --omit=dev --no-audit --no-fund --loglevel=error \

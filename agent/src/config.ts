@@ -42,8 +42,11 @@ export interface AgentConfig {
   discovery: { enabled: boolean };
   /** Cloudlet Push: the largest app file an operator may upload. */
   apps: { maxUploadBytes: number };
-  /** App packages: the largest tarball accepted, and the most its files may unpack to. */
-  packages: { maxUploadBytes: number };
+  /**
+   * App packages: the largest tarball accepted, and the most its files may unpack to; the most processes any sandbox
+   * may have (caps a manifest's `pids`); how long a sandbox's sandbox.log may grow.
+   */
+  packages: { maxUploadBytes: number; maxPids: number; logBytes: number };
   /** The KD-Cloudlet face under /api: 'plain' (KD's default), 'encrypted' (only POST /api/command, per device key), 'off'. */
   kdApi: 'plain' | 'encrypted' | 'off';
   limits: {
@@ -81,7 +84,7 @@ export const DEFAULT_CONFIG: AgentConfig = {
   mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null, access: 'devices' },
   discovery: { enabled: true },
   apps: { maxUploadBytes: 512 * 1024 * 1024 },
-  packages: { maxUploadBytes: 1024 ** 3 },
+  packages: { maxUploadBytes: 1024 ** 3, maxPids: 1024, logBytes: 1024 * 1024 },
   kdApi: 'plain',
   limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000,
     bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 },
@@ -154,7 +157,7 @@ type Overrides = {
   mqtt?: { host?: unknown; port?: unknown; topicRoot?: unknown; metricsIntervalMs?: unknown; externalUrl?: unknown; access?: unknown };
   discovery?: { enabled?: unknown };
   apps?: { maxUploadBytes?: unknown };
-  packages?: { maxUploadBytes?: unknown };
+  packages?: { maxUploadBytes?: unknown; maxPids?: unknown; logBytes?: unknown };
   kdApi?: unknown;
   limits?: { [K in keyof AgentConfig['limits']]?: unknown };
 };
@@ -194,6 +197,9 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   }
   if (o.mqtt?.access !== undefined) c.mqtt.access = oneOf(o.mqtt.access, 'mqtt.access', ['devices', 'anonymous-read'] as const);
   if (o.packages?.maxUploadBytes !== undefined) c.packages.maxUploadBytes = count(o.packages.maxUploadBytes, 'packages.maxUploadBytes', 1);
+  if (o.packages?.maxPids !== undefined) c.packages.maxPids = count(o.packages.maxPids, 'packages.maxPids', 8);
+  // cloudlet-logcap needs room for a few of its 64 KiB reads.
+  if (o.packages?.logBytes !== undefined) c.packages.logBytes = count(o.packages.logBytes, 'packages.logBytes', 256 * 1024);
   if (o.kdApi !== undefined) c.kdApi = oneOf(o.kdApi, 'kdApi', ['plain', 'encrypted', 'off'] as const);
   const limits = o.limits ?? {};
   if (limits.concurrentLaunches !== undefined) c.limits.concurrentLaunches = count(limits.concurrentLaunches, 'limits.concurrentLaunches', 1);

@@ -14,18 +14,34 @@ export const PAGE = 'hello from a sandbox\n';
 
 const cgi = (body: string) => `#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n${body}\n`;
 
+export interface HttpdPackageOptions {
+  appId: string;
+  hostSecret: string;
+  memoryMib?: number;
+  zstd?: boolean;
+  pids?: number;
+  dataMib?: number;
+  /** The packaging CLI's --readiness (default http:/) and --readiness-timeout-ms. */
+  readiness?: string;
+  readinessTimeoutMs?: number;
+  /** More CGI scripts (name → shell body), under /cgi-bin/. */
+  cgi?: Record<string, string>;
+  /** Shell run as the app's first process before it becomes httpd (`exec` is appended; "&" runs httpd daemonized). */
+  startup?: string;
+}
+
 /**
  * Build a busybox httpd package into `scratch` and return its tarball. CGI scripts: /cgi-bin/probe reports what the
  * app can see and do (key=value lines), /cgi-bin/hog allocates memory without end, /cgi-bin/drip answers 200 and then
  * a byte a second without end. `readiness` is the packaging CLI's --readiness (default http:/).
  */
-export async function buildHttpdPackage(scratch: string, options: { appId: string; hostSecret: string; memoryMib?: number; zstd?: boolean;
-  readiness?: string; readinessTimeoutMs?: number }): Promise<string> {
+export async function buildHttpdPackage(scratch: string, options: HttpdPackageOptions): Promise<string> {
   const dir = await mkdtemp(path.join(scratch, 'app-'));
   await mkdir(path.join(dir, 'bin'));
   await copyFile('/bin/busybox', path.join(dir, 'bin', 'busybox'));
   await chmod(path.join(dir, 'bin', 'busybox'), 0o755);
   await symlink('busybox', path.join(dir, 'bin', 'sh'));
+  await symlink('busybox', path.join(dir, 'bin', 'true'));
   await mkdir(path.join(dir, 'www', 'cgi-bin'), { recursive: true });
   await writeFile(path.join(dir, 'www', 'index.html'), PAGE);
   const attempt = (key: string, command: string) => `${command} 2>/dev/null && echo ${key}=yes || echo ${key}=no`;
@@ -41,11 +57,15 @@ export async function buildHttpdPackage(scratch: string, options: { appId: strin
   // tail keeps the whole "line" of an endless stream without newlines in memory.
   await writeFile(path.join(dir, 'www', 'cgi-bin', 'hog'), cgi('tail /dev/zero'), { mode: 0o755 });
   await writeFile(path.join(dir, 'www', 'cgi-bin', 'drip'), cgi('while :; do printf .; sleep 1; done'), { mode: 0o755 });
+  for (const [name, body] of Object.entries(options.cgi ?? {})) await writeFile(path.join(dir, 'www', 'cgi-bin', name), cgi(body), { mode: 0o755 });
+  const httpd = ['/app/bin/busybox', 'httpd', '-f', '-p', '8080', '-h', '/app/www'];
+  const command = options.startup ? ['/app/bin/sh', '-c', `${options.startup}\nexec ${httpd.join(' ')}`] : httpd;
   const tarball = path.join(scratch, `${options.appId}.tar.${options.zstd ? 'zst' : 'gz'}`);
   await run(process.execPath, [PACKAGE_CLI, '--app-id', options.appId, '--port', '8080', '--dir', dir, '--output', tarball,
     '--memory-mib', String(options.memoryMib ?? 32), '--cpus', '0.5', '--readiness', options.readiness ?? 'http:/',
     ...(options.readinessTimeoutMs ? ['--readiness-timeout-ms', String(options.readinessTimeoutMs)] : []), '--description', 'busybox httpd',
-    ...(options.zstd ? ['--zstd'] : []), '--', '/app/bin/busybox', 'httpd', '-f', '-p', '8080', '-h', '/app/www']);
+    ...(options.pids ? ['--pids', String(options.pids)] : []), ...(options.dataMib ? ['--data-mib', String(options.dataMib)] : []),
+    ...(options.zstd ? ['--zstd'] : []), '--', ...command]);
   return tarball;
 }
 

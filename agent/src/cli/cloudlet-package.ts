@@ -37,6 +37,7 @@ async function main(argv: string[]): Promise<void> {
       output: { type: 'string' }, version: { type: 'string', default: '1.0' }, description: { type: 'string' },
       tag: { type: 'string', multiple: true, default: [] }, env: { type: 'string', multiple: true, default: [] },
       'memory-mib': { type: 'string', default: '128' }, cpus: { type: 'string', default: '1' },
+      pids: { type: 'string' }, 'data-mib': { type: 'string' },
       shareable: { type: 'boolean', default: false }, readiness: { type: 'string' },
       'readiness-timeout-ms': { type: 'string', default: '30000' }, zstd: { type: 'boolean', default: false },
     },
@@ -57,6 +58,8 @@ async function main(argv: string[]): Promise<void> {
     })),
     memory_mib: Number(o['memory-mib']),
     cpus: Number(o.cpus),
+    ...(o.pids ? { pids: Number(o.pids) } : {}),
+    ...(o['data-mib'] ? { data_mib: Number(o['data-mib']) } : {}),
     shareable: o.shareable,
     readiness: readinessOption(o.readiness, Number(o['readiness-timeout-ms'])),
   });

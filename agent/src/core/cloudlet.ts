@@ -105,7 +105,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     await packages.load();
     const instancesDir = path.join(config.dataDir, 'instances');
     // Without cgroups (a container, a private mount namespace) the agent still serves VMs; packages just cannot start.
-    const appVirt = await SandboxRuntime.open(instancesDir, log).then((runtime) => new AppVirtMechanism(runtime), (err: unknown) => {
+    const appVirt = await SandboxRuntime.open(instancesDir, config.packages, log).then((runtime) => new AppVirtMechanism(runtime), (err: unknown) => {
       log(`app packages cannot run on this host: ${(err as Error).message}`);
       return asCloudletError(err);
     });

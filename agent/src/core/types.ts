@@ -58,6 +58,10 @@ export interface PackageManifest {
   memory_mib: number;
   /** CPU time as a number of CPUs (0.5 = half of one). */
   cpus: number;
+  /** Processes and threads at once (the cgroup pids limit; the agent's `packages.maxPids` caps it). */
+  pids: number;
+  /** Size of the private /data, a tmpfs that counts against memory_mib. */
+  data_mib: number;
   shareable: boolean;
   readiness: ReadinessProbe;
 }

@@ -20,7 +20,8 @@ export class AppVirtMechanism implements Mechanism<Package> {
       appDir: path.join(service.dir, 'app'),
       command: m.command,
       env: m.env,
-      limits: { memoryBytes: m.memory_mib * 1024 * 1024, cpus: m.cpus },
+      limits: { memoryBytes: m.memory_mib * 1024 * 1024, cpus: m.cpus, pids: m.pids },
+      dataBytes: m.data_mib * 1024 * 1024,
     });
     // A sandbox always starts its app afresh: there is no memory state to restore.
     return 'cold-boot';

@@ -1,7 +1,8 @@
 import { ManifestReader, SERVICE_ID, readiness } from '../core/manifest';
 import type { PackageManifest } from '../core/types';
 
-const LIMITS = { memoryMib: { min: 16, max: 65536 }, cpus: { min: 0.01, max: 64 }, args: 256, argLength: 4096, env: 128 };
+const LIMITS = { memoryMib: { min: 16, max: 65536 }, cpus: { min: 0.01, max: 64 }, pids: { min: 8, max: 65536 }, args: 256, argLength: 4096, env: 128 };
+const DEFAULTS = { pids: 128, dataMib: 8 };
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
 
 function command(r: ManifestReader): string[] {
@@ -34,10 +35,20 @@ function cpus(r: ManifestReader): number {
   return value;
 }
 
+function pids(r: ManifestReader): number {
+  return r.raw.pids === undefined ? DEFAULTS.pids : r.integer('pids', LIMITS.pids.min, LIMITS.pids.max);
+}
+
+/** /data is memory (a tmpfs): more of it than the memory limit would end in the OOM killer instead of ENOSPC. */
+function dataMib(r: ManifestReader, memoryMib: number): number {
+  return r.raw.data_mib === undefined ? Math.min(DEFAULTS.dataMib, memoryMib) : r.integer('data_mib', 1, memoryMib);
+}
+
 /** Validate a parsed package manifest.json; every problem names the field (INVALID_MANIFEST). */
 export function parsePackageManifest(json: unknown): PackageManifest {
   const r = ManifestReader.of(json);
   if (r.raw.format !== 1) r.fail('format', 'must be 1');
+  const memoryMib = r.integer('memory_mib', LIMITS.memoryMib.min, LIMITS.memoryMib.max);
   return {
     format: 1,
     app_id: r.string('app_id', r.raw.app_id, SERVICE_ID),
@@ -47,8 +58,10 @@ export function parsePackageManifest(json: unknown): PackageManifest {
     command: command(r),
     port: r.integer('port', 1, 65535),
     env: environment(r),
-    memory_mib: r.integer('memory_mib', LIMITS.memoryMib.min, LIMITS.memoryMib.max),
+    memory_mib: memoryMib,
     cpus: cpus(r),
+    pids: pids(r),
+    data_mib: dataMib(r, memoryMib),
     shareable: r.flag('shareable'),
     readiness: readiness(r, r.raw.readiness ?? { type: 'tcp' }),
   };

@@ -1,7 +1,7 @@
 /**
  * Cgroups for sandboxes, on cgroup v2 (the appliance) and v1 (older hosts, these test machines). Each sandbox gets
- * `cloudlet/<id>` with two leaves: `app` (the sandboxed processes, where the memory and CPU limits apply) and `net`
- * (its pasta forwarder, which must not eat the app's memory budget). The whole subtree is the unit of destruction:
+ * `cloudlet/<id>` with two leaves: `app` (the sandboxed processes, where the memory, CPU and pids limits apply) and
+ * `net` (its pasta forwarder and log cap, which must not eat the app's budget, under fixed limits of their own). The whole subtree is the unit of destruction:
  * killing everything in it ends the sandbox however its processes are related. Only agent/src/sandbox/ uses this.
  */
 import { access, chown, mkdir, readFile, rmdir, writeFile } from 'node:fs/promises';
@@ -12,12 +12,18 @@ import { CloudletError, isErrno } from '../errors';
 const CGROUP_ROOT = '/sys/fs/cgroup';
 const PARENT = 'cloudlet';
 const CPU_PERIOD_US = 100000;
+const CONTROLLERS = '+memory +cpu +pids';
+/**
+ * pasta and the log cap: pasta holds about 30 MiB; a few processes (the chain that starts the app passes through
+ * `net` on its way to `app`). Without these a flood of connections to the forward could grow pasta without bound.
+ */
+export const NET_LIMITS = { memoryBytes: 128 * 1024 * 1024, pids: 16 };
 
 export type SandboxPart = 'app' | 'net';
 
 export interface CgroupLayout {
   version: 1 | 2;
-  /** Where the per-sandbox cgroups live: one directory on v2, one per controller hierarchy (memory, cpu) on v1. */
+  /** Where the per-sandbox cgroups live: one directory on v2, one per controller hierarchy (memory, cpu, pids) on v1. */
   parents: string[];
 }
 
@@ -25,6 +31,8 @@ export interface SandboxLimits {
   memoryBytes: number;
   /** CPUs' worth of time per period (0.5 = half a CPU). */
   cpus: number;
+  /** Processes and threads at once: a fork bomb stops here instead of taking the host's pids from QEMU and libvirt. */
+  pids: number;
 }
 
 /** Find the cgroup hierarchy and prepare `cloudlet/` in it. */
@@ -33,17 +41,18 @@ export async function openCgroups(): Promise<CgroupLayout> {
     const parent = path.join(CGROUP_ROOT, PARENT);
     await mkdir(parent, { recursive: true });
     // Controllers reach a cgroup only when every ancestor delegates them.
-    await writeFile(path.join(CGROUP_ROOT, 'cgroup.subtree_control'), '+memory +cpu');
-    await writeFile(path.join(parent, 'cgroup.subtree_control'), '+memory +cpu');
+    await writeFile(path.join(CGROUP_ROOT, 'cgroup.subtree_control'), CONTROLLERS);
+    await writeFile(path.join(parent, 'cgroup.subtree_control'), CONTROLLERS);
     return { version: 2, parents: [parent] };
   }
   const mounts = await v1Mounts();
   const memory = mounts.get('memory');
   const cpu = mounts.get('cpu');
-  if (!memory || !cpu) {
-    throw new CloudletError('SANDBOX_UNAVAILABLE', 'sandboxes need the memory and cpu cgroup controllers (cgroup v2, or v1 hierarchies for both)');
+  const pids = mounts.get('pids');
+  if (!memory || !cpu || !pids) {
+    throw new CloudletError('SANDBOX_UNAVAILABLE', 'sandboxes need the memory, cpu and pids cgroup controllers (cgroup v2, or v1 hierarchies for each)');
   }
-  const parents = [...new Set([memory, cpu])].map((m) => path.join(m, PARENT));
+  const parents = [...new Set([memory, cpu, pids])].map((m) => path.join(m, PARENT));
   for (const parent of parents) await mkdir(parent, { recursive: true });
   return { version: 1, parents };
 }
@@ -83,31 +92,43 @@ export class SandboxCgroup {
    */
   async create(limits: SandboxLimits, uid: number): Promise<void> {
     for (const part of ['app', 'net'] as const) for (const dir of this.dirs(part)) await mkdir(dir, { recursive: true });
-    const [app] = this.dirs('app') as [string];
-    const quota = String(Math.max(1000, Math.round(limits.cpus * CPU_PERIOD_US)));
     if (this.layout.version === 2) {
       const [top] = this.dirs() as [string];
-      await writeFile(path.join(top, 'cgroup.subtree_control'), '+memory +cpu');
-      await writeFile(path.join(app, 'memory.max'), String(limits.memoryBytes));
-      await writeOptional(path.join(app, 'memory.swap.max'), '0');
-      // An OOM kill ends the whole sandbox, not just its largest process: the same outcome as on v1 (see oomKills).
-      await writeFile(path.join(app, 'memory.oom.group'), '1');
-      await writeFile(path.join(app, 'cpu.max'), `${quota} ${CPU_PERIOD_US}`);
+      await writeFile(path.join(top, 'cgroup.subtree_control'), CONTROLLERS);
       await chown(path.join(top, 'cgroup.procs'), uid, uid);
-    } else {
-      for (const dir of this.dirs('app')) {
-        if (await exists(path.join(dir, 'memory.limit_in_bytes'))) {
-          await writeFile(path.join(dir, 'memory.limit_in_bytes'), String(limits.memoryBytes));
-          // Without swap accounting this file is absent; with it, swap must not extend the limit.
-          await writeOptional(path.join(dir, 'memory.memsw.limit_in_bytes'), String(limits.memoryBytes));
-        }
-        if (await exists(path.join(dir, 'cpu.cfs_quota_us'))) {
-          await writeFile(path.join(dir, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
-          await writeFile(path.join(dir, 'cpu.cfs_quota_us'), quota);
-        }
+    }
+    await this.limit('app', limits);
+    await this.limit('net', NET_LIMITS);
+    for (const file of this.procsFiles('app')) await chown(file, uid, uid);
+  }
+
+  /** Write the limits of one part in every hierarchy (v1: each file only where its controller is mounted). */
+  private async limit(part: SandboxPart, limits: Omit<SandboxLimits, 'cpus'> & { cpus?: number }): Promise<void> {
+    const quota = limits.cpus === undefined ? undefined : String(Math.max(1000, Math.round(limits.cpus * CPU_PERIOD_US)));
+    const pids = String(limits.pids);
+    const memory = String(limits.memoryBytes);
+    if (this.layout.version === 2) {
+      const [dir] = this.dirs(part) as [string];
+      await writeFile(path.join(dir, 'memory.max'), memory);
+      await writeOptional(path.join(dir, 'memory.swap.max'), '0');
+      // An OOM kill ends the whole sandbox, not just its largest process: the same outcome as on v1 (see oomKills).
+      await writeFile(path.join(dir, 'memory.oom.group'), '1');
+      await writeFile(path.join(dir, 'pids.max'), pids);
+      if (quota) await writeFile(path.join(dir, 'cpu.max'), `${quota} ${CPU_PERIOD_US}`);
+      return;
+    }
+    for (const dir of this.dirs(part)) {
+      if (await exists(path.join(dir, 'memory.limit_in_bytes'))) {
+        await writeFile(path.join(dir, 'memory.limit_in_bytes'), memory);
+        // Without swap accounting this file is absent; with it, swap must not extend the limit.
+        await writeOptional(path.join(dir, 'memory.memsw.limit_in_bytes'), memory);
+      }
+      if (await exists(path.join(dir, 'pids.max'))) await writeFile(path.join(dir, 'pids.max'), pids);
+      if (quota && (await exists(path.join(dir, 'cpu.cfs_quota_us')))) {
+        await writeFile(path.join(dir, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
+        await writeFile(path.join(dir, 'cpu.cfs_quota_us'), quota);
       }
     }
-    for (const file of this.procsFiles('app')) await chown(file, uid, uid);
   }
 
   /** Processes in a part (the first hierarchy is enough: every process joins all of them). */

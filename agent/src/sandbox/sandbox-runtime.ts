@@ -6,14 +6,17 @@
  * Process tree of one sandbox, started detached (own session) so that it outlives the agent:
  *
  *   pasta (joins cgroup <id>/net, runs as the sandbox user, relays <bind>:<hostPort> → <guestPort>)
- *     └ bwrap (joins cgroup <id>/app: the limits) → the app, in its own user, mount, PID, IPC, UTS and cgroup
- *       namespaces, inside pasta's network namespace
+ *     ├ cloudlet-logcap (<id>/net, the sandbox user): everything the tree prints → sandbox.log, capped
+ *     └ bwrap (joins cgroup <id>/app: the limits; firewall set, inherited descriptors closed first) → the app, in
+ *       its own user, mount, PID, IPC, UTS and cgroup namespaces, inside pasta's network namespace, under the
+ *       seccomp filter (seccomp.ts) and unable to create user namespaces
  *
  * Each instance directory holds sandbox.json: the instance record plus what identifies the running tree (pasta's
  * pid and start time, the cgroup), so a restarted agent finds and adopts its sandboxes, or cleans up dead ones.
  */
 import { spawn } from 'node:child_process';
-import { chown, mkdir, open, readdir, readFile } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { access, open, readdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { replaceFile } from '../core/atomic-file';
@@ -23,11 +26,32 @@ import type { InstanceRecord } from '../core/types';
 import type { InstanceEnding, InstanceRuntime } from '../mechanisms/mechanism';
 import { faultPoint } from '../system/fault-points';
 import { SandboxCgroup, openCgroups, type CgroupLayout, type SandboxLimits } from './cgroups';
+import { sandboxSeccompFilter } from './seccomp';
 
 /** The unprivileged host user every sandbox (and its pasta) runs as: nobody. */
 const SANDBOX_UID = 65534;
 const STATE_FILE = 'sandbox.json';
 const LOG_FILE = 'sandbox.log';
+const SECCOMP_FILE = 'seccomp.bpf';
+const LOGCAP = path.resolve(__dirname, '../../../../native/build/cloudlet-logcap');
+const DROP_TO_SANDBOX_USER = ['setpriv', `--reuid=${SANDBOX_UID}`, `--regid=${SANDBOX_UID}`, '--clear-groups', '--inh-caps=-all'];
+/**
+ * The sandbox's firewall, set in its network namespace before the app starts (nft, as the namespace's owner): the
+ * app may answer connections that reach it through its forward and talk to itself on loopback, but opens nothing
+ * outward. pasta would otherwise relay its connections to any address the host can reach, the host's own included
+ * (the agent's API and MQTT on every address pasta did not copy, virbr0, docker0, second NICs): a sandbox now
+ * reaches only its own forward, as a VM with restrict=on does.
+ */
+export const SANDBOX_FIREWALL = [
+  'add table inet cloudlet',
+  'add chain inet cloudlet out { type filter hook output priority 0; policy drop; }',
+  'add rule inet cloudlet out oif lo accept',
+  'add rule inet cloudlet out ct state established,related accept',
+  // IPv6 replies need the neighbour's link address first.
+  'add rule inet cloudlet out icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept',
+  // Refused at once rather than dropped, so an app's attempt fails fast instead of hanging.
+  'add rule inet cloudlet out reject',
+].join('; ');
 const SPAWN_TIMEOUT_MS = 10000;
 const WATCH_INTERVAL_MS = 200;
 /** Directories of a CDE-style package that the sandbox also shows at the root, so its own /bin/sh, /lib... work. */
@@ -41,6 +65,15 @@ export interface SandboxSpec {
   command: string[];
   env: Record<string, string>;
   limits: SandboxLimits;
+  /** Size of the app's private /data: a tmpfs, so its pages count against the memory limit, never the disk. */
+  dataBytes: number;
+}
+
+export interface SandboxOptions {
+  /** sandbox.log stays at most this long (cloudlet-logcap keeps the newest half when it fills). */
+  logBytes: number;
+  /** The most processes a sandbox may have, whatever its manifest asks for. */
+  maxPids: number;
 }
 
 interface SandboxState {
@@ -57,12 +90,26 @@ export class SandboxRuntime implements InstanceRuntime {
   private readonly reported = new Set<string>();
   private endedListener: ((id: string, ending: InstanceEnding) => void) | undefined;
 
-  private constructor(private readonly layout: CgroupLayout, private readonly instancesDir: string, private readonly log: Logger) {}
+  private constructor(
+    private readonly layout: CgroupLayout,
+    private readonly seccomp: Buffer,
+    /** Whether bwrap can set user.max_user_namespaces (see open). */
+    private readonly disableUserns: boolean,
+    private readonly instancesDir: string,
+    private readonly options: SandboxOptions,
+    private readonly log: Logger,
+  ) {}
 
-  static async open(instancesDir: string, log: Logger): Promise<SandboxRuntime> {
+  static async open(instancesDir: string, options: SandboxOptions, log: Logger): Promise<SandboxRuntime> {
+    const seccomp = sandboxSeccompFilter();
     const layout = await openCgroups();
     log(`sandboxes use cgroup v${layout.version} under ${layout.parents.join(', ')}`);
-    return new SandboxRuntime(layout, instancesDir, log);
+    // bwrap --disable-userns writes the sysctl through the host's /proc, which a hardened service manager may
+    // mount read-only (systemd's ProtectKernelTunables=); the seccomp filter alone already refuses every way to
+    // create a user namespace (unshare, clone's namespace flags, clone3, setns), so it is a second lock, not the only.
+    const disableUserns = await access('/proc/sys/user/max_user_namespaces', constants.W_OK).then(() => true, () => false);
+    if (!disableUserns) log('sandboxes: /proc/sys is read-only here, so bwrap --disable-userns is off; the seccomp filter keeps user namespaces out');
+    return new SandboxRuntime(layout, seccomp, disableUserns, instancesDir, options, log);
   }
 
   private cgroup(id: string): SandboxCgroup {
@@ -72,22 +119,22 @@ export class SandboxRuntime implements InstanceRuntime {
   /** Start the sandbox and return once the app's process is inside its cgroup (forwarding is set up by then). */
   async start(spec: SandboxSpec): Promise<void> {
     const { record } = spec;
-    const dataDir = path.join(record.dir, 'data');
-    await mkdir(dataDir, { mode: 0o700 });
-    await chown(dataDir, SANDBOX_UID, SANDBOX_UID);
     const state: SandboxState = { record, pid: null, startTime: null };
     this.sandboxes.set(record.id, state);
     // Written before anything exists, so a crash from here on leaves a record that leads to the cleanup.
     await writeState(record.dir, state);
     const cgroup = this.cgroup(record.id);
-    await cgroup.create(spec.limits, SANDBOX_UID);
+    await cgroup.create({ ...spec.limits, pids: Math.min(spec.limits.pids, this.options.maxPids) }, SANDBOX_UID);
+    // Read by the (unprivileged) shell that starts bwrap, which hands it over as a descriptor.
+    const seccompFile = path.join(record.dir, SECCOMP_FILE);
+    await writeFile(seccompFile, this.seccomp, { mode: 0o644 });
 
-    const logFile = await open(path.join(record.dir, LOG_FILE), 'a', 0o600);
-    const argv = joinCgroupThenRun(cgroup.procsFiles('net'), [
+    // Read and write: cloudlet-logcap keeps the newest half of the log when it fills.
+    const logFile = await open(path.join(record.dir, LOG_FILE), 'a+', 0o600);
+    const argv = netChain(cgroup.procsFiles('net'), this.options.logBytes, [
       // No --no-new-privs here: it would stop bwrap from mapping the sandbox user; bwrap sets it for the app itself.
-      'setpriv', `--reuid=${SANDBOX_UID}`, `--regid=${SANDBOX_UID}`, '--clear-groups', '--inh-caps=-all',
-      'pasta', ...pastaArgs(record), '--',
-      ...joinCgroupThenRun(cgroup.procsFiles('app'), bwrapArgs(spec, dataDir)),
+      ...DROP_TO_SANDBOX_USER, 'pasta', ...pastaArgs(record), '--',
+      ...appChain(cgroup.procsFiles('app'), seccompFile, bwrapArgs(spec, this.disableUserns)),
     ]);
     let exited: number | null | undefined;
     try {
@@ -192,10 +239,25 @@ export class SandboxRuntime implements InstanceRuntime {
   }
 }
 
-/** `sh` joins the cgroup parts (one cgroup.procs per hierarchy) itself, then becomes the command: nothing escapes the cgroup. */
-function joinCgroupThenRun(procsFiles: string[], command: string[]): string[] {
-  return ['/bin/sh', '-c', 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift; exec "$@"',
-    'join-cgroup', ...procsFiles, '--', ...command];
+/** The shell joins the cgroup part (one cgroup.procs per hierarchy) itself first: nothing escapes the cgroup. */
+const JOIN_CGROUP = 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; shift; done; shift';
+
+/** Root's start of the tree: join `net`, send all output through the log cap (as the sandbox user), become pasta. */
+function netChain(procsFiles: string[], logBytes: number, command: string[]): string[] {
+  const script = `${JOIN_CGROUP}; exec > >(exec ${DROP_TO_SANDBOX_USER.join(' ')} "$1" "$2") 2>&1; shift 2; exec "$@"`;
+  return ['/bin/bash', '-c', script, 'sandbox-net', ...procsFiles, '--', LOGCAP, String(logBytes), ...command];
+}
+
+/**
+ * Inside pasta's namespaces: join `app`, set the firewall, close every inherited descriptor above 2 (pasta's
+ * host-side listening socket among them: the app could accept on it or cut its own forward), then become bwrap
+ * with the seccomp filter on descriptor 3, which bwrap consumes.
+ */
+function appChain(procsFiles: string[], seccompFile: string, command: string[]): string[] {
+  const script = `${JOIN_CGROUP}; nft "$1" || exit 125; filter=$2; shift 2; `
+    + 'for fd in /proc/self/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && [ -e "/proc/self/fd/$fd" ] && exec {fd}>&-; done; '
+    + 'exec "$@" 3<"$filter"';
+  return ['/bin/bash', '-c', script, 'sandbox-app', ...procsFiles, '--', SANDBOX_FIREWALL, seccompFile, ...command];
 }
 
 function pastaArgs(record: InstanceRecord): string[] {
@@ -209,16 +271,16 @@ function pastaArgs(record: InstanceRecord): string[] {
   ];
 }
 
-function bwrapArgs(spec: SandboxSpec, dataDir: string): string[] {
+function bwrapArgs(spec: SandboxSpec, disableUserns: boolean): string[] {
   const env = { PATH: '/app/bin:/app/sbin:/app/usr/bin:/app/usr/sbin', HOME: '/data', TMPDIR: '/tmp', ...spec.env };
   return [
     'bwrap',
     '--unshare-user', '--unshare-ipc', '--unshare-pid', '--unshare-uts', '--unshare-cgroup-try',
     '--uid', String(SANDBOX_UID), '--gid', String(SANDBOX_UID),
     '--hostname', spec.record.serviceId.slice(0, 63),
-    '--new-session', '--die-with-parent', '--cap-drop', 'ALL',
+    '--new-session', '--die-with-parent', '--cap-drop', 'ALL', '--seccomp', '3', ...(disableUserns ? ['--disable-userns'] : []),
     '--ro-bind', spec.appDir, '/app',
-    '--bind', dataDir, '/data',
+    '--size', String(spec.dataBytes), '--tmpfs', '/data',
     '--proc', '/proc', '--dev', '/dev', '--tmpfs', '/tmp',
     ...ROOT_LINKS.flatMap((dir) => ['--symlink', `/app/${dir}`, `/${dir}`]),
     // bwrap builds the root on a tmpfs; read-only, only /data (and the scratch /tmp) take writes.
