@@ -57,6 +57,9 @@ export interface AgentConfig {
     jsonBodyBytes: number;
     /** A request body that brings no byte for this long is cut off (uWS cuts any connection idle for ~10 s). */
     bodyIdleMs: number;
+    /** Instances (uses) the plain KD face's anonymous callers may hold: per address (an IPv6 /64), and in all. */
+    anonymousInstancesPerAddress: number;
+    anonymousInstances: number;
   };
 }
 
@@ -74,7 +77,8 @@ export const DEFAULT_CONFIG: AgentConfig = {
   apps: { maxUploadBytes: 512 * 1024 * 1024 },
   packages: { maxUploadBytes: 1024 ** 3 },
   kdApi: 'plain',
-  limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000 },
+  limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000,
+    anonymousInstancesPerAddress: 2, anonymousInstances: 8 },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
@@ -192,6 +196,10 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   if (limits.requestBurst !== undefined) c.limits.requestBurst = count(limits.requestBurst, 'limits.requestBurst', 1);
   if (limits.jsonBodyBytes !== undefined) c.limits.jsonBodyBytes = count(limits.jsonBodyBytes, 'limits.jsonBodyBytes', 1024);
   if (limits.bodyIdleMs !== undefined) c.limits.bodyIdleMs = count(limits.bodyIdleMs, 'limits.bodyIdleMs', 100, 10000);
+  if (limits.anonymousInstancesPerAddress !== undefined) {
+    c.limits.anonymousInstancesPerAddress = count(limits.anonymousInstancesPerAddress, 'limits.anonymousInstancesPerAddress', 0);
+  }
+  if (limits.anonymousInstances !== undefined) c.limits.anonymousInstances = count(limits.anonymousInstances, 'limits.anonymousInstances', 0);
   return c;
 }
 
@@ -216,6 +224,8 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
       requestBurst: env.CLOUDLET_RATE_BURST,
       jsonBodyBytes: env.CLOUDLET_MAX_BODY_BYTES,
       bodyIdleMs: env.CLOUDLET_BODY_IDLE_MS,
+      anonymousInstancesPerAddress: env.CLOUDLET_KD_INSTANCES_PER_ADDRESS,
+      anonymousInstances: env.CLOUDLET_KD_INSTANCES,
     },
   };
 }

@@ -112,7 +112,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     const onDemand = new OnDemandMechanism(hypervisor);
     const synthesis = new SynthesisMechanism(hypervisor);
     const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand, synthesis], ports, instancesDir, staging, config.forward.bindAddress, log,
-      new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches }));
+      new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches }),
+      { perAddress: config.limits.anonymousInstancesPerAddress, total: config.limits.anonymousInstances });
     await registry.adopt();
     registry.startReconciling(config.reconcileIntervalMs, config.libvirtEvents);
     const apps = new AppStore(path.join(config.dataDir, 'apps'), staging, config.apps.maxUploadBytes, log);
@@ -186,8 +187,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   async startInstance(req: StartRequest): Promise<StartResult> {
     const appPackage = this.packages.find(req.serviceId);
     const started = appPackage
-      ? await this.startFor(appPackage, req.join, this.runnableAppVirt(), req.deviceId)
-      : await this.startFor(this.catalog.get(req.serviceId), req.join, this.cachedVm, req.deviceId);
+      ? await this.startFor(appPackage, req.join, this.runnableAppVirt(), req.deviceId, req.anonymousFrom)
+      : await this.startFor(this.catalog.get(req.serviceId), req.join, this.cachedVm, req.deviceId, req.anonymousFrom);
     return { ...started, endpoint: this.endpointFor(started.instance, req.clientHost) };
   }
 
@@ -220,8 +221,9 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
    * have ended while its VM was launching, possibly before the registry listed the instance for releasing; its use is
    * then given back, and the start fails as the device's next request would.
    */
-  private async startFor<W extends Workload>(workload: W, join: boolean, mechanism: Mechanism<W>, deviceId?: string): Promise<Omit<StartResult, 'endpoint'>> {
-    const started = await this.registry.start(workload, join, mechanism, deviceId);
+  private async startFor<W extends Workload>(workload: W, join: boolean, mechanism: Mechanism<W>, deviceId?: string, anonymousFrom?: string): Promise<Omit<StartResult, 'endpoint'>> {
+    const user: Stopper = deviceId !== undefined ? { device: deviceId } : anonymousFrom !== undefined ? { anonymous: anonymousFrom } : 'operator';
+    const started = await this.registry.start(workload, join, mechanism, user);
     const standing = deviceId === undefined ? null : this.deviceStanding(deviceId);
     if (deviceId !== undefined && standing) {
       // Already released (the registry listed it in time) is as good.
