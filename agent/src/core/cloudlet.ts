@@ -1,5 +1,5 @@
 import { constants as fsConstants } from 'node:fs';
-import { access, chmod, copyFile, mkdir, rm, stat } from 'node:fs/promises';
+import { access, copyFile, rm, stat } from 'node:fs/promises';
 import { createReadStream } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import os from 'node:os';
@@ -22,6 +22,7 @@ import { DEFAULT_PACKAGE_LIMITS, PackageStore } from '../packages/store';
 import { SandboxRuntime } from '../sandbox/sandbox-runtime';
 import { Hypervisor } from '../vm/hypervisor';
 import { faultPoint } from '../system/fault-points';
+import { checkReachableByQemu, makeDataDir } from '../system/data-dir';
 import { instanceFiles } from '../vm/instance-domain';
 import { AppStore } from './apps';
 import { BaseStore, type BaseFile, type BaseVm } from './bases';
@@ -91,9 +92,9 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
 
   static async open(config: AgentConfig, log: Logger): Promise<Cloudlet> {
     // QEMU runs as its own user and must reach the images below the data directory.
-    await mkdir(config.dataDir, { recursive: true, mode: 0o755 });
-    await chmod(config.dataDir, 0o755);
+    await makeDataDir(config.dataDir);
     const hypervisor = await Hypervisor.connect(config.libvirtUri, config.domainType, log);
+    await checkReachableByQemu(config.dataDir, await hypervisor.qemuIdentity(), log);
     const staging = path.join(config.dataDir, 'tmp');
     const catalog = new Catalog(path.join(config.dataDir, 'services'), staging, log);
     await catalog.load();
