@@ -92,8 +92,12 @@ t.test('the KD face mode, MQTT access and the limits come from the file and the 
   const config = await loadConfig({ CLOUDLET_CONFIG: file, CLOUDLET_LAUNCH_QUEUE: '0', CLOUDLET_BODY_IDLE_MS: '2000', CLOUDLET_PACKAGE_MAX_BYTES: '1000000' });
   t.equal(config.kdApi, 'encrypted');
   t.equal(config.mqtt.access, 'anonymous-read');
-  t.same(config.limits, { concurrentLaunches: 4, queuedLaunches: 0, requestsPerSecond: 20, requestBurst: 10, jsonBodyBytes: 65536, bodyIdleMs: 2000,
-    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 });
+  t.same(config.limits, {
+    concurrentLaunches: 4, queuedLaunches: 0, requestsPerSecond: 20, requestBurst: 10, jsonBodyBytes: 65536, bodyIdleMs: 2000,
+    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000, anonymousInstancesPerAddress: 2, anonymousInstances: 8,
+  });
+  t.match((await loadConfig({ ...NO_FILE, CLOUDLET_KD_INSTANCES_PER_ADDRESS: '1', CLOUDLET_KD_INSTANCES: '0' })).limits,
+    { anonymousInstancesPerAddress: 1, anonymousInstances: 0 }, 'the open KD face\'s bounds (0: no anonymous start at all)');
   t.equal(config.packages.maxUploadBytes, 1000000);
   t.equal((await loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'off' })).kdApi, 'off');
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'secret' }), { code: 'INVALID_PARAMETER', message: /kdApi must be plain, encrypted, off/ });

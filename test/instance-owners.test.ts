@@ -73,7 +73,7 @@ t.test('a failed release is retried even after the device id was paired again, a
   await registry.releaseOwner('alice'); // removed: fails
   state.down = false;
   // 'alice' is paired again (in good standing, the default) and joins the same instance before the retry.
-  const { joined } = await registry.start({ id: 'svc', manifest: { shareable: true } } as never, true, mechanism, 'alice');
+  const { joined } = await registry.start({ id: 'svc', manifest: { shareable: true } } as never, true, mechanism, { device: 'alice' });
   tt.ok(joined);
   tt.same(registry.list().map((i) => i.owners), [['alice', 'bob', 'alice']]);
   await registry.reconcile();

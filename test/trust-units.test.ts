@@ -8,7 +8,7 @@ import t from 'tap';
 import { RateLimiter } from '../agent/src/api/rate-limit';
 import { addressKey, bearerToken } from '../agent/src/trust/access';
 import { DeviceRegistry, type DeviceEndReason, type PairedDevice } from '../agent/src/trust/devices';
-import { MAX_WRONG_CODES, MAX_WRONG_CODES_PER_ADDRESS, Pairing } from '../agent/src/trust/pairing';
+import { FREE_WRONG_CODES, MAX_PAUSE_SECONDS, MAX_WRONG_CODES_PER_ADDRESS, Pairing } from '../agent/src/trust/pairing';
 
 let dataDir: string;
 t.beforeEach(async () => {
@@ -104,11 +104,11 @@ t.test('a revocation or removal that cannot be saved changes nothing, and can be
   tt.equal((await DeviceRegistry.open(dataDir)).standing('p'), 'revoked', 'on disk too');
 });
 
-t.test('pairing: each address gets a few wrong codes; the window closes for all after MAX_WRONG_CODES', async (tt) => {
+t.test('pairing: each address gets a few wrong codes, then is refused for the rest of the window', async (tt) => {
   const registry = await DeviceRegistry.open(dataDir);
   const pairing = new Pairing(registry);
   const { code } = pairing.open({ ttlSeconds: 60 });
-  const wrong = code === '22222222' ? '33333333' : '22222222';
+  const wrong = wrongCodeFor(code);
   for (let i = 1; i <= MAX_WRONG_CODES_PER_ADDRESS; i++) {
     await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '192.0.2.1' }), { code: 'PAIRING_CODE_INVALID' });
   }
@@ -117,18 +117,63 @@ t.test('pairing: each address gets a few wrong codes; the window closes for all 
   await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '2001:db8:1:2::8' }), { code: 'PAIRING_CODE_INVALID' });
   await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '2001:db8:1:2:ffff::9' }), { code: 'PAIRING_CODE_INVALID', details: { attempts_left: 0 } },
     'an IPv6 /64 counts as one address');
-  // Many addresses, each under its own limit, until the ceiling.
-  let sent = 2 * MAX_WRONG_CODES_PER_ADDRESS;
-  for (let host = 1; sent < MAX_WRONG_CODES - 1; host++) {
-    for (let i = 0; i < MAX_WRONG_CODES_PER_ADDRESS && sent < MAX_WRONG_CODES - 1; i++, sent++) {
-      await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: `198.51.100.${host}` }), { code: 'PAIRING_CODE_INVALID' });
-    }
-  }
-  await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '203.0.113.1' }), { code: 'PAIRING_CODE_INVALID', message: /now closed/ },
-    `wrong code #${MAX_WRONG_CODES} closes the window`);
-  await tt.rejects(pairing.claim(code, { name: 'x', remoteAddress: '203.0.113.2' }), { code: 'PAIRING_CLOSED' }, 'for everyone');
   const next = pairing.open({ ttlSeconds: 60 });
   tt.equal((await pairing.claim(next.code, { name: 'phone', remoteAddress: '192.0.2.1' })).device.name, 'phone', 'a new window forgets the counts');
+});
+
+/** A code that is not `code`. */
+const wrongCodeFor = (code: string) => (code === '22222222' ? '33333333' : '22222222');
+
+/** Sends `count` wrong codes from fresh addresses (each within its own tries), as many hosts on the LAN would. */
+async function wrongCodesFromMany(pairing: Pairing, wrong: string, count: number, subnet: string): Promise<void> {
+  for (let i = 0; i < count; i++) {
+    await pairing.claim(wrong, { name: 'x', remoteAddress: `${subnet}.${Math.floor(i / MAX_WRONG_CODES_PER_ADDRESS) + 1}` }).catch((err: { code: string }) => {
+      if (err.code !== 'PAIRING_CODE_INVALID') throw err;
+    });
+  }
+}
+
+/** A window on a clock of the test's own that has had its FREE_WRONG_CODES wrong codes, from many addresses. */
+async function windowPastFreeWrongCodes(ttlSeconds: number) {
+  const clock = { now: Date.parse('2026-01-01T00:00:00Z') };
+  const pairing = new Pairing(await DeviceRegistry.open(dataDir), () => clock.now);
+  const { code } = pairing.open({ ttlSeconds });
+  const wrong = wrongCodeFor(code);
+  await wrongCodesFromMany(pairing, wrong, FREE_WRONG_CODES, '198.51.100');
+  return { clock, pairing, code, wrong };
+}
+
+t.test('pairing: wrong codes from many addresses slow the window down; a burst of guesses is refused unread', async (tt) => {
+  const { clock, pairing, code, wrong } = await windowPastFreeWrongCodes(600);
+  await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '203.0.113.1' }), { code: 'PAIRING_CODE_INVALID' }, 'the first wrong code past the free ones');
+  // 200 guesses from 200 more addresses during the pause: none is checked (the right code among them would not pair).
+  for (let host = 1; host <= 200; host++) {
+    await tt.rejects(pairing.claim(host === 100 ? code : wrong, { name: 'x', remoteAddress: `10.9.${host}.1` }), { code: 'RATE_LIMITED', details: { retry_after_s: 1 } });
+  }
+  tt.pass('during the pause every claim is refused with the time to wait, the right code too');
+  // The pauses grow with each wrong code: 1 s, 2 s, 4 s, ... up to MAX_PAUSE_SECONDS.
+  const pauses: number[] = [];
+  for (let host = 2; host <= 9; host++) {
+    clock.now += 60_000;
+    await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: `203.0.113.${host}` }), { code: 'PAIRING_CODE_INVALID' });
+    const refused = await pairing.claim(wrong, { name: 'x', remoteAddress: '203.0.113.200' }).catch((err: { details: { retry_after_s: number } }) => err);
+    pauses.push((refused as { details: { retry_after_s: number } }).details.retry_after_s);
+  }
+  tt.same(pauses, [2, 4, 8, 16, 32, 64, 128, 256].map((s) => Math.min(s, MAX_PAUSE_SECONDS)));
+});
+
+t.test('pairing: however many wrong codes from however many addresses, the window stays open and the right code pairs', async (tt) => {
+  const { clock, pairing, code, wrong } = await windowPastFreeWrongCodes(3600);
+  // Far more wrong codes than the window once closed at (100), from ever more addresses, each sent as a pause ends.
+  for (let i = 0; i < 110; i++) {
+    clock.now += MAX_PAUSE_SECONDS * 1000;
+    await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: `10.0.${i}.1` }), { code: 'PAIRING_CODE_INVALID' });
+  }
+  const paused = await pairing.claim(code, { name: 'phone', remoteAddress: '192.0.2.50' }).catch((err: { code: string; details: { retry_after_s: number } }) => err);
+  tt.match(paused, { code: 'RATE_LIMITED' }, 'the phone meets a pause');
+  clock.now += (paused as { details: { retry_after_s: number } }).details.retry_after_s * 1000;
+  const paired = await pairing.claim(code, { name: 'phone', remoteAddress: '192.0.2.50' });
+  tt.equal(paired.device.name, 'phone', 'after waiting as told, the phone pairs: the window was never closed');
 });
 
 t.test('clients are counted by IPv4 address, IPv4-mapped as IPv4, and IPv6 by /64', async (tt) => {

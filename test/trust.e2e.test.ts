@@ -133,7 +133,7 @@ t.test('pairing', async (tt) => {
     }
     const right = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'late' }, NONE);
     expectError(t2, right, 403, 'PAIRING_CLOSED', 'even the right code, from that address');
-    // (The window stays open for other addresses until 100 wrong codes in all: test/trust-units.test.ts.)
+    // (Other addresses keep the window; many wrong codes slow it down but never close it: test/trust-units.test.ts.)
   });
 
   tt.test('a window that timed out refuses its code', async (t2) => {

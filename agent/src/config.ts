@@ -69,6 +69,9 @@ export interface AgentConfig {
     bodyRateWindowMs: number;
     /** The longest a launch (or capture) waits for its service to answer, whatever its readiness probe asks for. */
     readinessTimeoutMs: number;
+    /** Instances (uses) the plain KD face's anonymous callers may hold: per address (an IPv6 /64), and in all. */
+    anonymousInstancesPerAddress: number;
+    anonymousInstances: number;
   };
 }
 
@@ -87,7 +90,8 @@ export const DEFAULT_CONFIG: AgentConfig = {
   packages: { maxUploadBytes: 1024 ** 3, maxPids: 1024, logBytes: 1024 * 1024 },
   kdApi: 'plain',
   limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000,
-    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 },
+    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000,
+    anonymousInstancesPerAddress: 2, anonymousInstances: 8 },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
@@ -211,6 +215,10 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   if (limits.bodyMinBytesPerSecond !== undefined) c.limits.bodyMinBytesPerSecond = count(limits.bodyMinBytesPerSecond, 'limits.bodyMinBytesPerSecond', 0);
   if (limits.bodyRateWindowMs !== undefined) c.limits.bodyRateWindowMs = count(limits.bodyRateWindowMs, 'limits.bodyRateWindowMs', 1000, 600000);
   if (limits.readinessTimeoutMs !== undefined) c.limits.readinessTimeoutMs = count(limits.readinessTimeoutMs, 'limits.readinessTimeoutMs', 1000, 600000);
+  if (limits.anonymousInstancesPerAddress !== undefined) {
+    c.limits.anonymousInstancesPerAddress = count(limits.anonymousInstancesPerAddress, 'limits.anonymousInstancesPerAddress', 0);
+  }
+  if (limits.anonymousInstances !== undefined) c.limits.anonymousInstances = count(limits.anonymousInstances, 'limits.anonymousInstances', 0);
   return c;
 }
 
@@ -238,6 +246,8 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
       bodyMinBytesPerSecond: env.CLOUDLET_BODY_MIN_RATE,
       bodyRateWindowMs: env.CLOUDLET_BODY_RATE_WINDOW_MS,
       readinessTimeoutMs: env.CLOUDLET_READINESS_TIMEOUT_MS,
+      anonymousInstancesPerAddress: env.CLOUDLET_KD_INSTANCES_PER_ADDRESS,
+      anonymousInstances: env.CLOUDLET_KD_INSTANCES,
     },
   };
 }

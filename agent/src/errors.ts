@@ -46,6 +46,8 @@ export type ErrorCode =
   // the cloudlet could not do it (5xx)
   | 'NO_FREE_PORT'
   | 'BUSY'
+  | 'QUOTA_EXCEEDED'
+  | 'DATA_DIR_UNREACHABLE'
   | 'READINESS_TIMEOUT'
   | 'LAUNCH_FAILED'
   | 'PROVISIONING_FAILED'
@@ -100,6 +102,8 @@ const STATUS: Record<ErrorCode, number> = {
   PAIRING_CODE_INVALID: 403,
   NO_FREE_PORT: 503,
   BUSY: 503,
+  QUOTA_EXCEEDED: 503,
+  DATA_DIR_UNREACHABLE: 500,
   READINESS_TIMEOUT: 504,
   LAUNCH_FAILED: 500,
   PROVISIONING_FAILED: 500,

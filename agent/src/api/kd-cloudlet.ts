@@ -2,7 +2,7 @@
  * The KD-Cloudlet face: SEI pycloud's plain-mode API under /api, as the Android client-lib in the field reads it
  * (routes, JSON keys and wrappers, statuses, WebOb text error bodies). docs/api.md lists the quirks kept on purpose.
  */
-import { deviceIdOf, stopperOf } from '../trust/access';
+import { addressKey, deviceIdOf, stopperOf } from '../trust/access';
 import { APP_KINDS } from '../core/apps';
 import type { App, CloudletApi, Endpoint, Instance, Package, Service } from '../core/types';
 import { asCloudletError, CloudletError, type ErrorCode } from '../errors';
@@ -55,6 +55,8 @@ async function startServiceVm(api: CloudletApi, request: ApiRequest): Promise<Re
       clientHost: hostOf(request.header('host')),
       // The owner is an authenticated device (the encrypted face's caller); plain mode's X-Device-ID proves nothing.
       deviceId: deviceIdOf(request.caller),
+      // Anyone may start through the plain face: such uses are bounded per address and in all, and kept apart.
+      ...(request.caller.kind === 'anonymous' ? { anonymousFrom: addressKey(request.remoteAddress) } : {}),
     });
     return jsonReply(200, serviceVmJson(instance, endpoint));
   } catch (err) {
@@ -67,9 +69,9 @@ async function stopServiceVm(api: CloudletApi, request: ApiRequest): Promise<Rep
   const instanceId = request.query.get('instanceId');
   if (!instanceId) return webobError(400, '400 Bad Request - must provide instance id');
   try {
-    // A device of the encrypted face stops only its own uses; plain mode's caller is anonymous and stops only an
-    // owner-less use (never a paired device's).
-    await api.stopInstance(instanceId, stopperOf(request.caller));
+    // A device of the encrypted face stops only its own uses; plain mode's caller is anonymous and stops only a use
+    // an anonymous caller holds (never the operator's, never a paired device's).
+    await api.stopInstance(instanceId, stopperOf(request.caller, request.remoteAddress));
     // pycloud's stop handler has no JSON serializer and returns {} as an empty WSGI body.
     return emptyReply(200);
   } catch (err) {
@@ -160,11 +162,19 @@ function parseFlag(value: string | null): boolean {
   return value !== null && ['T', 'TRUE', 'Y', 'YES'].includes(value.toUpperCase());
 }
 
-/** A failed core call, answered as pycloud does: the not-found case with its own status and text, anything else 500. */
+/**
+ * A failed core call, answered as pycloud does: the not-found case with its own status and text, anything else 500;
+ * but what pycloud never had to say, that the cloudlet is at a limit (BUSY, QUOTA_EXCEEDED, ...), is a 503 in KD's
+ * form, with Retry-After when the limit says when to come back.
+ */
 function failureReply(err: unknown, notFound: { code: ErrorCode; status: number; detail: string }): Reply {
   const error = asCloudletError(err);
   if (error.code === notFound.code) return webobError(notFound.status, notFound.detail);
-  return webobError(500, `500 Internal Server Error - ${error.message}`);
+  if (error.status !== 503) return webobError(500, `500 Internal Server Error - ${error.message}`);
+  const reply = webobError(503, `503 Service Unavailable - ${error.message}`);
+  const retryAfter = error.details?.retry_after_s;
+  if (typeof retryAfter === 'number') reply.headers['Retry-After'] = String(retryAfter);
+  return reply;
 }
 
 /** WebOb 1.3's explanations, after its HTML-to-text pass (which leaves the trailing spaces). */

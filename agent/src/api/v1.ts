@@ -80,7 +80,7 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
       method: 'DELETE',
       path: '/v1/instances/:id',
       access: 'device',
-      handle: async ({ params, caller }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!, stopperOf(caller)))),
+      handle: async ({ params, caller, remoteAddress }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!, stopperOf(caller, remoteAddress)))),
     },
   ];
   return {

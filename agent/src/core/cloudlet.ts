@@ -1,5 +1,5 @@
 import { constants as fsConstants } from 'node:fs';
-import { access, chmod, copyFile, mkdir, rm, stat } from 'node:fs/promises';
+import { access, copyFile, rm, stat } from 'node:fs/promises';
 import { createReadStream } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import os from 'node:os';
@@ -22,6 +22,7 @@ import { DEFAULT_PACKAGE_LIMITS, PackageStore } from '../packages/store';
 import { SandboxRuntime } from '../sandbox/sandbox-runtime';
 import { Hypervisor } from '../vm/hypervisor';
 import { faultPoint } from '../system/fault-points';
+import { checkReachableByQemu, makeDataDir } from '../system/data-dir';
 import { instanceFiles } from '../vm/instance-domain';
 import { AppStore } from './apps';
 import { BaseStore, type BaseFile, type BaseVm } from './bases';
@@ -91,9 +92,9 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
 
   static async open(config: AgentConfig, log: Logger): Promise<Cloudlet> {
     // QEMU runs as its own user and must reach the images below the data directory.
-    await mkdir(config.dataDir, { recursive: true, mode: 0o755 });
-    await chmod(config.dataDir, 0o755);
+    await makeDataDir(config.dataDir);
     const hypervisor = await Hypervisor.connect(config.libvirtUri, config.domainType, log);
+    await checkReachableByQemu(config.dataDir, await hypervisor.qemuIdentity(), log);
     const staging = path.join(config.dataDir, 'tmp');
     const catalog = new Catalog(path.join(config.dataDir, 'services'), staging, log);
     await catalog.load();
@@ -112,7 +113,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     const onDemand = new OnDemandMechanism(hypervisor);
     const synthesis = new SynthesisMechanism(hypervisor);
     const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand, synthesis], ports, instancesDir, staging, config.forward.bindAddress, log,
-      new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches, readyWithinMs: config.limits.readinessTimeoutMs }));
+      new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches, readyWithinMs: config.limits.readinessTimeoutMs }),
+      { perAddress: config.limits.anonymousInstancesPerAddress, total: config.limits.anonymousInstances });
     await registry.adopt();
     registry.startReconciling(config.reconcileIntervalMs, config.libvirtEvents);
     const apps = new AppStore(path.join(config.dataDir, 'apps'), staging, config.apps.maxUploadBytes, log);
@@ -186,8 +188,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   async startInstance(req: StartRequest): Promise<StartResult> {
     const appPackage = this.packages.find(req.serviceId);
     const started = appPackage
-      ? await this.startFor(appPackage, req.join, this.runnableAppVirt(), req.deviceId)
-      : await this.startFor(this.catalog.get(req.serviceId), req.join, this.cachedVm, req.deviceId);
+      ? await this.startFor(appPackage, req.join, this.runnableAppVirt(), req.deviceId, req.anonymousFrom)
+      : await this.startFor(this.catalog.get(req.serviceId), req.join, this.cachedVm, req.deviceId, req.anonymousFrom);
     return { ...started, endpoint: this.endpointFor(started.instance, req.clientHost) };
   }
 
@@ -220,8 +222,9 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
    * have ended while its VM was launching, possibly before the registry listed the instance for releasing; its use is
    * then given back, and the start fails as the device's next request would.
    */
-  private async startFor<W extends Workload>(workload: W, join: boolean, mechanism: Mechanism<W>, deviceId?: string): Promise<Omit<StartResult, 'endpoint'>> {
-    const started = await this.registry.start(workload, join, mechanism, deviceId);
+  private async startFor<W extends Workload>(workload: W, join: boolean, mechanism: Mechanism<W>, deviceId?: string, anonymousFrom?: string): Promise<Omit<StartResult, 'endpoint'>> {
+    const user: Stopper = deviceId !== undefined ? { device: deviceId } : anonymousFrom !== undefined ? { anonymous: anonymousFrom } : 'operator';
+    const started = await this.registry.start(workload, join, mechanism, user);
     const standing = deviceId === undefined ? null : this.deviceStanding(deviceId);
     if (deviceId !== undefined && standing) {
       // Already released (the registry listed it in time) is as good.

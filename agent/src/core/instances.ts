@@ -10,6 +10,7 @@ import { EventBus, type InstanceLifecycleState, type LaunchPhase } from './event
 import type { PortAllocator } from './ports';
 import { boundedProbe, waitUntilReady } from './readiness';
 import type { LaunchGate } from './launch-gate';
+import { AnonymousQuota, holdersOf, withUse, withoutOneUse, type AnonymousLimits, type UseHolders } from './instance-uses';
 import { PhaseTimer } from './timing';
 import type { Instance, InstanceRecord, MechanismName, StartResult, StopResult, Stopper, Workload } from './types';
 
@@ -56,6 +57,7 @@ export class InstanceRegistry {
   private ownerInGoodStanding: (owner: string) => boolean = () => true;
   /** Every state change and launch progress of the instances, for the API's event stream and telemetry. */
   readonly events = new EventBus();
+  private readonly anonymousQuota: AnonymousQuota;
 
   private readonly mechanisms: Map<MechanismName, Mechanism<Workload>>;
 
@@ -69,8 +71,10 @@ export class InstanceRegistry {
     private readonly log: Logger,
     /** Bounds the launches in flight, whatever the mechanism (captures go through it too: `admit`). */
     private readonly gate: LaunchGate,
+    anonymousLimits: AnonymousLimits = { perAddress: Infinity, total: Infinity },
   ) {
     this.mechanisms = new Map(mechanisms.map((m) => [m.name, m]));
+    this.anonymousQuota = new AnonymousQuota(anonymousLimits, () => [...this.instances.values()].filter((meta) => !this.starting.has(meta.id)));
   }
 
   private get runtimes(): InstanceRuntime[] {
@@ -243,8 +247,16 @@ export class InstanceRegistry {
     });
   }
 
-  /** `owner`: the paired device starting or joining it, recorded as one of its users (see releaseOwner). */
-  async start<W extends Workload>(service: W, join: boolean, mechanism: Mechanism<W>, owner?: string): Promise<Omit<StartResult, 'endpoint'>> {
+  /**
+   * `user`: who starts or joins it, recorded as the holder of the use (a device's ends with its authorization, see
+   * releaseOwner; an anonymous caller's counts against the anonymous limits).
+   */
+  start<W extends Workload>(service: W, join: boolean, mechanism: Mechanism<W>, user: Stopper = 'operator'): Promise<Omit<StartResult, 'endpoint'>> {
+    if (typeof user === 'object' && 'anonymous' in user) return this.anonymousQuota.run(user.anonymous, () => this.startFor(service, join, mechanism, user));
+    return this.startFor(service, join, mechanism, user);
+  }
+
+  private async startFor<W extends Workload>(service: W, join: boolean, mechanism: Mechanism<W>, owner: Stopper): Promise<Omit<StartResult, 'endpoint'>> {
     const shareable = service.manifest.shareable;
     if (join && shareable) {
       const joined = await this.tryJoin(service.id, owner);
@@ -275,7 +287,7 @@ export class InstanceRegistry {
   }
 
   /** Add a user to the least-shared ready instance of the service, if there is one. */
-  private async tryJoin(serviceId: string, owner: string | undefined): Promise<Instance | null> {
+  private async tryJoin(serviceId: string, owner: Stopper): Promise<Instance | null> {
     const candidates = [...this.instances.values()]
       .filter((i) => i.serviceId === serviceId && i.state === 'ready' && i.shareable)
       .sort((a, b) => a.users - b.users);
@@ -283,7 +295,7 @@ export class InstanceRegistry {
       const joined = await this.queue.run(candidate.id, async () => {
         const current = this.instances.get(candidate.id);
         if (!current || current.state !== 'ready') return null;
-        const updated = { ...current, users: current.users + 1, owners: owner === undefined ? current.owners : [...current.owners, owner] };
+        const updated = { ...current, users: current.users + 1, ...withUse(holdersOf(current), owner) };
         await this.runtimeOf(updated).writeRecord(updated);
         this.instances.set(updated.id, updated);
         this.announce(updated, 'ready');
@@ -294,7 +306,7 @@ export class InstanceRegistry {
     return null;
   }
 
-  private async launch<W extends Workload>(service: W, mechanism: Mechanism<W>, timer: PhaseTimer, admit: () => Promise<void>, owner: string | undefined): Promise<InstanceRecord> {
+  private async launch<W extends Workload>(service: W, mechanism: Mechanism<W>, timer: PhaseTimer, admit: () => Promise<void>, owner: Stopper): Promise<InstanceRecord> {
     const id = randomUUID();
     const dir = path.join(this.instancesDir, id);
     let meta: InstanceRecord = {
@@ -307,7 +319,7 @@ export class InstanceRegistry {
       guestPort: service.manifest.port,
       shareable: service.manifest.shareable,
       users: 1,
-      owners: owner === undefined ? [] : [owner],
+      ...withUse({ owners: [], anonymous: [] }, owner),
       launch: service.manifest.state ? 'memory-state' : 'cold-boot',
       createdAt: new Date().toISOString(),
       readyAt: null,
@@ -391,23 +403,17 @@ export class InstanceRegistry {
     }
   }
 
-  /**
-   * Release one use of an instance; the last one ends it. A paired device stops only what it started or joined; an
-   * anonymous caller (the plain KD face) only an owner-less use, so it cannot touch a device's instance; the operator
-   * an owner-less use, else (all uses owned) the last one.
-   */
+  /** Release one use of an instance (who may release which: instance-uses.ts); the last one ends it. */
   async stop(id: string, by: Stopper): Promise<StopResult> {
     return this.queue.run(id, async () => {
       const meta = this.record(id);
-      const ownerless = meta.owners.length < meta.users;
-      // The index in owners of the use released; -1 is an owner-less one.
-      const at = typeof by === 'object' ? meta.owners.indexOf(by.device) : ownerless ? -1 : by === 'operator' ? meta.owners.length - 1 : null;
-      if (typeof by === 'object' && at === -1) {
+      const left = withoutOneUse(meta, by);
+      if (left === null && typeof by === 'object' && 'device' in by) {
         throw new CloudletError('FORBIDDEN', `instance ${id} is not used by device ${by.device}`, { details: { instance_id: id } });
       }
-      // Every use is a device's: to an anonymous caller the instance is one that does not exist.
-      if (at === null) throw new CloudletError('INSTANCE_NOT_FOUND', `no instance with id ${id}`, { details: { instance_id: id } });
-      return this.release(meta, 1, meta.owners.filter((_, i) => i !== at), 'requested');
+      // No anonymous use: to an anonymous caller the instance (the operator's, a device's) is one that does not exist.
+      if (left === null) throw new CloudletError('INSTANCE_NOT_FOUND', `no instance with id ${id}`, { details: { instance_id: id } });
+      return this.release(meta, 1, left, 'requested');
     });
   }
 
@@ -433,7 +439,7 @@ export class InstanceRegistry {
         const kept = withoutUses(meta.owners, owner, uses);
         if (kept.length === meta.owners.length) return;
         this.log(`device ${owner} may no longer use instance ${meta.id} of ${meta.serviceId}; releasing its ${meta.owners.length - kept.length} use(s)`);
-        await this.release(meta, meta.owners.length - kept.length, kept, 'authorization-ended');
+        await this.release(meta, meta.owners.length - kept.length, { ...holdersOf(meta), owners: kept }, 'authorization-ended');
       });
       this.unreleased.get(id)?.delete(owner);
       if (this.unreleased.get(id)?.size === 0) this.unreleased.delete(id);
@@ -443,11 +449,11 @@ export class InstanceRegistry {
     }
   }
 
-  /** Drop `uses` users (leaving `owners`); an instance left with none is ended. Runs in the instance's queue. */
-  private async release(meta: InstanceRecord, uses: number, owners: string[], reason: 'requested' | 'authorization-ended'): Promise<StopResult> {
+  /** Drop `uses` users (leaving `holders`); an instance left with none is ended. Runs in the instance's queue. */
+  private async release(meta: InstanceRecord, uses: number, holders: UseHolders, reason: 'requested' | 'authorization-ended'): Promise<StopResult> {
     const id = meta.id;
     if (meta.users > uses) {
-      const updated = { ...meta, users: meta.users - uses, owners };
+      const updated = { ...meta, users: meta.users - uses, ...holders };
       await this.runtimeOf(updated).writeRecord(updated);
       this.instances.set(id, updated);
       this.announce(updated, 'ready');
@@ -526,7 +532,7 @@ function domainName(serviceId: string, id: string): string {
 }
 
 function publicView(meta: InstanceRecord): Instance {
-  const { dir: _dir, readiness: _readiness, ...instance } = meta;
+  const { dir: _dir, readiness: _readiness, anonymous: _anonymous, ...instance } = meta;
   return instance;
 }
 

@@ -119,6 +119,11 @@ export interface Instance {
 export interface InstanceRecord extends Instance {
   dir: string;
   readiness: ReadinessProbe;
+  /**
+   * The anonymous callers of the plain KD face among the users, by address (addressKey), one entry per use; the
+   * users neither listed here nor in `owners` are the operator's. Absent in records written before it existed.
+   */
+  anonymous?: string[];
 }
 
 export interface StartRequest {
@@ -129,6 +134,11 @@ export interface StartRequest {
   clientHost?: string;
   /** The authenticated device starting or joining it: recorded as an owner, whose end releases its use. */
   deviceId?: string;
+  /**
+   * An anonymous caller of the plain KD face (no device): its address (addressKey). Its use counts against the open
+   * face's quotas, and only an anonymous caller may release it.
+   */
+  anonymousFrom?: string;
 }
 
 export interface Endpoint {
@@ -145,10 +155,11 @@ export interface StartResult {
 }
 
 /**
- * Who releases a use of an instance: a paired device (only a use it holds), the operator (any use: an owner-less one
- * first), or an anonymous caller of the plain KD face (only an owner-less use).
+ * Who holds or releases a use of an instance: a paired device (releases only a use it holds), an anonymous caller of
+ * the plain KD face by its address (releases only a use an anonymous caller holds), or the operator (any use: its
+ * own first, then an anonymous one, then a device's).
  */
-export type Stopper = { device: string } | 'operator' | 'anonymous';
+export type Stopper = { device: string } | { anonymous: string } | 'operator';
 
 export interface StopResult {
   /** True when the VM was destroyed; false when other users still share it. */
@@ -305,8 +316,8 @@ export interface CloudletApi {
   getInstance(id: string): Instance;
   startInstance(req: StartRequest): Promise<StartResult>;
   /**
-   * A device releases only a use it holds (FORBIDDEN otherwise); an anonymous caller only an owner-less use
-   * (INSTANCE_NOT_FOUND otherwise); the operator any.
+   * A device releases only a use it holds (FORBIDDEN otherwise); an anonymous caller only a use an anonymous caller
+   * holds (INSTANCE_NOT_FOUND otherwise); the operator any.
    */
   stopInstance(id: string, by: Stopper): Promise<StopResult>;
   endpointFor(instance: Instance, clientHost?: string): Endpoint;

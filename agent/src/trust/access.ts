@@ -18,9 +18,9 @@ export function deviceIdOf(caller: Caller): string | undefined {
   return caller.kind === 'device' ? caller.device.id : undefined;
 }
 
-/** Who a caller is when it releases a use of an instance. */
-export function stopperOf(caller: Caller): Stopper {
-  return caller.kind === 'device' ? { device: caller.device.id } : caller.kind === 'admin' ? 'operator' : 'anonymous';
+/** Who a caller is when it holds or releases a use of an instance; an anonymous one by its address (addressKey). */
+export function stopperOf(caller: Caller, remoteAddress: string): Stopper {
+  return caller.kind === 'device' ? { device: caller.device.id } : caller.kind === 'admin' ? 'operator' : { anonymous: addressKey(remoteAddress) };
 }
 
 /** How a request reached the agent. */

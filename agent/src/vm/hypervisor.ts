@@ -18,6 +18,12 @@ import { prepareRestoreSource, type LiveMigrationStream, type SaveImageHeader, t
 function hypervisorError(err: unknown): unknown {
   if (!(err instanceof LibvirtError)) return err;
   if (/Could not set up host forwarding rule/i.test(err.message)) return new CloudletError('NO_FREE_PORT', err.message, { cause: err });
+  const unreachable = /Cannot access storage file '([^']+)' \(as uid:(\d+), gid:(\d+)\): Permission denied/.exec(err.message);
+  if (unreachable) {
+    const [, file, uid, gid] = unreachable;
+    return new CloudletError('DATA_DIR_UNREACHABLE', `QEMU (uid ${uid}, gid ${gid}) may not read ${file}: a directory above it is not searchable by that user (the agent checks this at start; was a mode changed since?)`,
+      { cause: err, details: { libvirt_code: err.code, path: file, uid: Number(uid), gid: Number(gid) } });
+  }
   // Saving a memory state or writing a console log into a full data directory.
   if (isNoSpace(err)) return new CloudletError('NO_SPACE', err.message, { cause: err, details: { libvirt_code: err.code } });
   const code = err.code === 'LIBVIRT_UNAVAILABLE' || err.code === 'LIBVIRT_UNSUPPORTED' || err.code === 'NATIVE_SHIM_MISSING' || err.code === 'CONNECTION_CLOSED'
@@ -94,6 +100,18 @@ export class Hypervisor implements InstanceRuntime {
     const domainType = requested === 'auto' ? ((await kvmWorks(conn)) ? 'kvm' : 'qemu') : requested;
     log(`connected to ${uri} (libvirt ${libvirtVersion}); Service VMs run as domain type ${domainType}`);
     return new Hypervisor(conn, uri, domainType, libvirtVersion, log);
+  }
+
+  /**
+   * The user and group QEMU runs as, from the DAC security model of libvirt's capabilities (`+64055:+64055` for
+   * Debian's libvirt-qemu, `+0:+0` when QEMU runs as root, the caller's own ids on a session URI); null when libvirt
+   * names none.
+   */
+  async qemuIdentity(): Promise<{ uid: number; gid: number } | null> {
+    const capabilities = await this.call((c) => c.capabilities());
+    const dac = /<secmodel>\s*<model>dac<\/model>[\s\S]*?<\/secmodel>/.exec(capabilities)?.[0] ?? '';
+    const label = new RegExp(`<baselabel type='${this.domainType}'>\\+(\\d+):\\+(\\d+)</baselabel>`).exec(dac);
+    return label ? { uid: Number(label[1]), gid: Number(label[2]) } : null;
   }
 
   /** Call listener each time the connection is back after it was lost. */
