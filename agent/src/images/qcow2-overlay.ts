@@ -47,9 +47,27 @@ export class ImageReader {
     return out;
   }
 
+  /** The parts of [start, end) that hold data, in order: the rest reads as zeros. */
+  *dataRanges(start: number, end: number): Generator<[number, number]> {
+    for (const e of this.extents) {
+      const from = Math.max(start, e.start);
+      const to = Math.min(end, e.start + e.length);
+      if (from < to && !e.zero) yield [from, to];
+    }
+  }
+
   close(): Promise<void> {
     return this.file.close();
   }
+}
+
+/**
+ * The most a Qcow2OverlayWriter's file of a `size`-byte disk can take: every cluster written, with its tables (an L2
+ * entry of 8 bytes and a refcount of 2 per 4 KiB cluster, the L1 table) and the header.
+ */
+export function qcow2OverlayMaxBytes(size: number): number {
+  const clusters = Math.ceil(size / CLUSTER);
+  return (clusters + Math.ceil(clusters / L2_ENTRIES) * 2 + Math.ceil(clusters / REFCOUNTS_PER_BLOCK) * 2 + 2) * CLUSTER;
 }
 
 export class Qcow2OverlayWriter {
@@ -74,8 +92,14 @@ export class Qcow2OverlayWriter {
     this.nextHost += data.length;
   }
 
+  /**
+   * Zeros at `offset` (whole clusters). Only clusters the backing file has data in need an entry: the rest read as
+   * zeros already, so a run of zeros over a huge, empty disk costs nothing.
+   */
   zero(offset: number, length: number): void {
-    for (let i = offset / CLUSTER; i < (offset + length) / CLUSTER; i++) this.clusters.set(i, ZERO);
+    for (const [from, to] of this.backingReader.dataRanges(offset, offset + length)) {
+      for (let i = Math.floor(from / CLUSTER); i < Math.ceil(to / CLUSTER); i++) this.clusters.set(i, ZERO);
+    }
   }
 
   /** The guest's view of any byte range: what was written here, else the backing file's bytes. */
