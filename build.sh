@@ -2,7 +2,8 @@
 # Cloudlet agent build entry point. Sub-commands:
 #   run            install what is missing, build, build the demo Service VM, run the agent on its embedded defaults
 #   test           install what is missing, build, start the daemons the tests need, run the whole suite
-#   bench NAME     run bench/NAME (one line of JSON at the end)
+#   bench NAME|all [--quick]   run bench/NAME, or every benchmark in turn (each ends with one line of JSON);
+#                  --quick: small sizes, one iteration (what CI runs, test/benchmarks.exclusive.test.ts)
 #   build          compile the native shim and the TypeScript
 #   deps           install missing Debian and npm packages
 #   guest DIR      build the demo/test Service VM directory into DIR
@@ -128,10 +129,15 @@ case "${1:-}" in
     exec node dist/test/run.js
     ;;
   bench)
-    [ -n "${2:-}" ] || die "usage: ./build.sh bench NAME (one of: $(ls bench | sed -n 's/\.ts$//p' | tr '\n' ' '))"
-    [ -f "bench/$2.ts" ] || die "no benchmark named $2"
+    benches=$(ls bench | sed -n 's/\.ts$//p')
+    [ -n "${2:-}" ] || die "usage: ./build.sh bench NAME|all [--quick] (NAME one of: $(echo $benches))"
+    [ "$2" = all ] || [ -f "bench/$2.ts" ] || die "no benchmark named $2"
+    [ -z "${3:-}" ] || [ "$3" = --quick ] || die "unknown option $3 (only --quick)"
     deps; build; daemons
-    exec node "dist/bench/$2.js"
+    [ "$2" = all ] || exec node "dist/bench/$2.js" "${@:3}"
+    failed=""
+    for name in $benches; do node "dist/bench/$name.js" "${@:3}" || failed="$failed $name"; done
+    [ -z "$failed" ] || die "benchmarks failed:$failed"
     ;;
   image) WITH_IMAGE_TOOLS=1 deps; build; image ;;
   image-test)
@@ -140,5 +146,5 @@ case "${1:-}" in
     exec node dist/test/image-boot.js "$BUILD/appliance/cloudlet-appliance.img"
     ;;
   bundle) deps; build; bundle ;;
-  *) die "usage: ./build.sh run | test | bench NAME | build | deps | guest DIR | image | image-test | bundle" ;;
+  *) die "usage: ./build.sh run | test | bench NAME|all [--quick] | build | deps | guest DIR | image | image-test | bundle" ;;
 esac

@@ -9,9 +9,9 @@ import { promisify } from 'node:util';
 import { SandboxCgroup, openCgroups } from '../agent/src/sandbox/cgroups';
 import { AgentProcess } from '../test/support/agent';
 import { buildHttpdPackage } from '../test/support/app-package';
-import { guestAs, median, readyTime, round, rssMb, startAndFetch, testGuest } from './support/measure';
+import { guestAs, median, readyTime, round, rssMb, runsOf, startAndFetch, testGuest } from './support/measure';
 
-const RUNS = Number(process.env.BENCH_RUNS ?? 5);
+const RUNS = runsOf(5);
 const APP = 'bench.appvirt';
 const VM = 'bench.vm';
 const run = promisify(execFile);

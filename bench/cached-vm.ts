@@ -5,9 +5,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentProcess } from '../test/support/agent';
-import { guestAs, median, readyTime, round, rssMb, testGuest } from './support/measure';
+import { guestAs, median, readyTime, round, rssMb, runsOf, testGuest } from './support/measure';
 
-const RUNS = Number(process.env.BENCH_RUNS ?? 5);
+const RUNS = runsOf(5);
 const COLD = 'bench.cold';
 const WARM = 'bench.restore';
 

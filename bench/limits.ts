@@ -10,12 +10,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { AgentProcess, request } from '../test/support/agent';
-import { guestAs, median, round, testGuest } from './support/measure';
+import { guestAs, median, round, runsOf, sized, testGuest } from './support/measure';
 
-const RUNS = Number(process.env.BENCH_RUNS ?? 3);
+const RUNS = runsOf(3);
 const BURST = 4;
-const CALLS = 300;
-const APK_MIB = Number(process.env.BENCH_APK_MIB ?? 32);
+const CALLS = sized(300, 30);
+const APK_MIB = Number(process.env.BENCH_APK_MIB ?? sized(32, 4));
 const SERVICE = 'bench.limits';
 
 const keyOf = (password: string) => createHash('sha256').update(password).digest();

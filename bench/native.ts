@@ -4,8 +4,9 @@
 import { DataType, load, open } from 'ffi-rs';
 import { performance } from 'node:perf_hooks';
 import { Connection } from '../native/libvirt';
+import { sized } from './support/measure';
 
-const CALLS = 5000;
+const CALLS = sized(5000, 500);
 const round = (x: number, digits = 1) => Math.round(x * 10 ** digits) / 10 ** digits;
 
 /** Largest gap between 1 ms timer ticks while `work` runs: how long the event loop was held. */

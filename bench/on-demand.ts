@@ -5,8 +5,9 @@ import { spawnSync } from 'node:child_process';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { AgentProcess, ROOT, request } from '../test/support/agent';
+import { runsOf } from './support/measure';
 
-const RUNS = Number(process.env.BENCH_RUNS ?? 5);
+const RUNS = runsOf(5);
 const RECIPE = 'bench.on-demand';
 
 const median = (xs: number[]) => {

@@ -21,13 +21,13 @@ import { pipeline } from 'node:stream/promises';
 import { promisify } from 'node:util';
 import { buildChunkIndex, chunkHash, readChunkIndex } from '../agent/src/synthesis/chunk-index';
 import { UploadSessions } from '../agent/src/synthesis/uploads';
-import { median, round } from './support/measure';
+import { median, round, runsOf, sized } from './support/measure';
 
 const run = promisify(execFile);
-const RUNS = Number(process.env.BENCH_RUNS ?? 3);
-const DATA_MIB = 300;
-const DISK_MIB = 384;
-const UPLOAD_MIB = 256;
+const RUNS = runsOf(3);
+const DATA_MIB = sized(300, 24);
+const DISK_MIB = sized(384, 32);
+const UPLOAD_MIB = sized(256, 16);
 const BLOCK = 4096;
 
 async function timed(work: () => Promise<unknown>): Promise<number> {

@@ -22,15 +22,17 @@ import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
 import { Connection } from '../native/libvirt';
 import { AgentProcess, adminHeaders, request, ROOT } from '../test/support/agent';
-import { median, round, testGuest } from './support/measure';
+import { median, round, runsOf, sized, testGuest } from './support/measure';
 
 const run = promisify(execFile);
-const RUNS = Number(process.env.BENCH_RUNS ?? 3);
-const MEMORY_MIB = 256;
-const MODEL_MIB = 48;
+const RUNS = runsOf(3);
+const MEMORY_MIB = sized(256, 128);
+const MODEL_MIB = sized(48, 4);
 const APP_PAGE = 'hello from the synthesized app';
 const CLI = path.join(ROOT, 'dist', 'agent', 'src', 'synthesis', 'cli.js');
-const BASE_CONTENT = ['/usr/share/doc', '/usr/lib/python3.11'];
+const BASE_CONTENT = sized(['/usr/share/doc', '/usr/lib/python3.11'], ['/usr/share/doc/libc6', '/usr/lib/python3.11/json']);
+/** The app's code: a package from node_modules, tarred. */
+const CODE_PACKAGE = sized('typescript', '@xmldom');
 
 async function sh(cmd: string, args: string[]): Promise<string> {
   return (await run(cmd, args, { maxBuffer: 64 << 20 })).stdout;
@@ -72,7 +74,7 @@ async function main() {
     // --- the customized VM: the base disk plus an app, written into its ext4 -----------------------------------
     const app = path.join(scratch, 'app');
     await mkdir(app);
-    await sh('tar', ['-C', path.join(ROOT, 'node_modules'), '-cf', path.join(app, 'code.tar'), 'typescript']);
+    await sh('tar', ['-C', path.join(ROOT, 'node_modules'), '-cf', path.join(app, 'code.tar'), CODE_PACKAGE]);
     await writeFile(path.join(app, 'model.bin'), randomBytes(MODEL_MIB << 20));
     await writeFile(path.join(app, 'index.html'), `${APP_PAGE}\n`);
     const customRaw = path.join(scratch, 'custom.raw');

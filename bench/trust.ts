@@ -7,10 +7,10 @@ import http from 'node:http';
 import { performance } from 'node:perf_hooks';
 import tls from 'node:tls';
 import { AgentProcess, request } from '../test/support/agent';
-import { median, round } from './support/measure';
+import { median, round, sized } from './support/measure';
 
-const REQUESTS = Number(process.env.BENCH_REQUESTS ?? 300);
-const DEVICES = Number(process.env.BENCH_DEVICES ?? 200);
+const REQUESTS = Number(process.env.BENCH_REQUESTS ?? sized(300, 30));
+const DEVICES = Number(process.env.BENCH_DEVICES ?? sized(200, 10));
 
 async function pair(agent: AgentProcess, name: string): Promise<string> {
   const window = await agent.post('/v1/pairing', {});

@@ -11,10 +11,11 @@ import { promisify } from 'node:util';
 import { AgentProcess, ROOT, request } from '../test/support/agent';
 import { countTransferredBytes, launchChromium } from '../test/support/browser';
 import { cli } from '../test/support/cli';
+import { runsOf, sized } from './support/measure';
 
 const run = promisify(execFile);
-const RUNS = Number(process.env.BENCH_RUNS ?? 5);
-const APP_MIB = Number(process.env.BENCH_APP_MIB ?? 256);
+const RUNS = runsOf(5);
+const APP_MIB = Number(process.env.BENCH_APP_MIB ?? sized(256, 8));
 const STATIC_PORT = 24090;
 
 const median = (xs: number[]) => {

@@ -6,8 +6,10 @@ import { createPrivateKey, sign } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile, copyFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { decodeHeader, encodeHeader, HEADER_BYTES, OVERLAY_FORMAT } from '../agent/src/synthesis/overlay-format';
+import { compressFrame } from '../agent/src/images/zstd';
+import { decodeHeader, encodeHeader, encodeRecord, HEADER_BYTES, OVERLAY_FORMAT, sha256, Source, Target } from '../agent/src/synthesis/overlay-format';
 import { AgentProcess, domainsUnder, fetchText, request } from './support/agent';
+import { rssMb } from '../bench/support/measure';
 import { EventsSocket } from './support/listeners';
 import { until } from './support/poll';
 import { createOverlay, OVERLAY_CLI, prepareSynthesis, run, sendUploadBytes, type SynthesisFixture } from './support/synthesis-fixture';
@@ -174,6 +176,33 @@ for (const bad of BAD_OVERLAYS) {
     await assertNothingLeft(tt, bad.name);
   });
 }
+
+t.test('a few-KB overlay that claims a 1 TiB disk is refused at once for want of room, and the agent memory stays flat', async (tt) => {
+  // One frame of zero records over the whole terabyte, 4 GiB each: what a few KB can claim to expand to.
+  const claim = 2 ** 40;
+  const step = 2 ** 32 - 4096;
+  const records: Buffer[] = [];
+  for (let at = 0; at < claim; at += step) records.push(encodeRecord({ target: Target.Disk, source: Source.Zero, offset: at, length: Math.min(step, claim - at), sourceOffset: 0 }));
+  const raw = Buffer.concat(records);
+  const frame = await compressFrame(raw, 19);
+  const header = decodeHeader(overlay.subarray(0, HEADER_BYTES));
+  const manifest = JSON.parse(overlay.subarray(HEADER_BYTES, HEADER_BYTES + header.manifestBytes).toString());
+  manifest.disk.virtual_size = claim;
+  manifest.frames = [{ bytes: frame.length, raw_bytes: raw.length, sha256: sha256(frame) }];
+  const manifestBytes = Buffer.from(JSON.stringify(manifest));
+  const signature = sign(null, manifestBytes, createPrivateKey(await readFile(trustedKey)));
+  const claiming = Buffer.concat([encodeHeader(manifestBytes, signature), frame]);
+  tt.ok(claiming.length < 8192, `the overlay is ${claiming.length} bytes`);
+  const file = path.join(scratch, 'terabyte.bin');
+  await writeFile(file, claiming);
+  const rssBefore = await rssMb(agent.pid!);
+  const r = await agent.post('/v1/synthesis', { path: file });
+  tt.equal(r.status, 507, r.body);
+  tt.equal(r.json.code, 'NO_SPACE');
+  tt.ok(r.json.details.needed_bytes > claim, 'the room needed is what the overlay expands to, not its size');
+  tt.ok(await rssMb(agent.pid!) - rssBefore < 50, 'the agent allocated nothing for the claim');
+  await assertNothingLeft(tt, 'after the terabyte claim');
+});
 
 t.test('a bad overlay refused during an upload ends the upload and leaves nothing behind', async (tt) => {
   const flipped = Buffer.from(overlay);

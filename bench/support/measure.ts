@@ -6,6 +6,18 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { ROOT, request, type AgentProcess } from '../../test/support/agent';
 
+/**
+ * `--quick` (CI's run of every benchmark, test/benchmarks.exclusive.test.ts): small sizes and one iteration, so all of
+ * them take a few minutes; the same code paths run, and the JSON line keeps its keys (its figures mean little).
+ */
+export const QUICK = process.argv.includes('--quick');
+
+/** `full` normally, `quick` with --quick. */
+export const sized = <T>(full: T, quick: T): T => (QUICK ? quick : full);
+
+/** Iterations: BENCH_RUNS when set, else `full`, or 1 with --quick. */
+export const runsOf = (full: number): number => Number(process.env.BENCH_RUNS ?? sized(full, 1));
+
 export const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;

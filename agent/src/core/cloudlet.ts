@@ -14,7 +14,7 @@ import { CachedVmMechanism } from '../mechanisms/cached-vm';
 import type { Mechanism } from '../mechanisms/mechanism';
 import { OnDemandMechanism, recipeService } from '../mechanisms/on-demand';
 import { SynthesisMechanism, synthesisService, synthesizedFiles, type SynthesisService } from '../mechanisms/synthesis';
-import { openOverlay } from '../synthesis/apply';
+import { expandedBytes, openOverlay } from '../synthesis/apply';
 import { trustedOverlayKeys } from '../synthesis/keys';
 import { OVERLAY_LIMITS } from '../synthesis/overlay-format';
 import { UploadSessions, type AppendOutcome, type UploadView } from '../synthesis/uploads';
@@ -439,6 +439,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     const overlay = await openOverlay(stream, bytes, await trustedOverlayKeys(path.join(this.config.dataDir, 'overlay-keys'), this.log));
     try {
       const service = synthesisService(overlay, this.bases.get(overlay.manifest.base), options.keepAs !== undefined, arrived);
+      // Room for all the overlay can expand to, not only for what was sent, before anything is written.
+      await requireFreeSpace(this.config.dataDir, expandedBytes(overlay.manifest) + this.overlayUploads.outstandingBytes(), `synthesize ${service.id}`);
       const started = await this.startFor(service, false, this.synthesis, options.deviceId);
       this.log(`synthesized ${service.id} from a ${bytes}-byte overlay on base ${service.base.name}`);
       const result = { ...started, endpoint: this.endpointFor(started.instance, options.clientHost) };

@@ -47,14 +47,35 @@ export class ImageReader {
     return out;
   }
 
+  /** The parts of [start, end) that hold data, in order: the rest reads as zeros. */
+  *dataRanges(start: number, end: number): Generator<[number, number]> {
+    for (const e of this.extents) {
+      const from = Math.max(start, e.start);
+      const to = Math.min(end, e.start + e.length);
+      if (from < to && !e.zero) yield [from, to];
+    }
+  }
+
   close(): Promise<void> {
     return this.file.close();
   }
 }
 
+/**
+ * The most a Qcow2OverlayWriter's file of a `size`-byte disk can take: every cluster written, with its tables (an L2
+ * entry of 8 bytes and a refcount of 2 per 4 KiB cluster, the L1 table) and the header.
+ */
+export function qcow2OverlayMaxBytes(size: number): number {
+  const clusters = Math.ceil(size / CLUSTER);
+  return (clusters + Math.ceil(clusters / L2_ENTRIES) * 2 + Math.ceil(clusters / REFCOUNTS_PER_BLOCK) * 2 + 2) * CLUSTER;
+}
+
 export class Qcow2OverlayWriter {
-  /** Guest cluster index → host offset of its data, or ZERO. */
-  private readonly clusters = new Map<number, number>();
+  /**
+   * Guest cluster → host offset of its data, or ZERO; 0 where unset. One array per L2 table (512 clusters), made when
+   * a cluster of it is set: 8 bytes a cluster, as the tables on disk, whatever the overlay writes.
+   */
+  private readonly tables = new Map<number, Float64Array>();
   private nextHost = CLUSTER; // cluster 0 is the header
 
   private constructor(private readonly file: FileHandle, private readonly backing: string, private readonly size: number,
@@ -69,13 +90,19 @@ export class Qcow2OverlayWriter {
   /** Guest bytes at `offset` (cluster-aligned, whole clusters), each cluster written at most once. */
   async write(offset: number, data: Buffer): Promise<void> {
     const first = offset / CLUSTER;
-    for (let i = 0; i < data.length / CLUSTER; i++) this.clusters.set(first + i, this.nextHost + i * CLUSTER);
+    for (let i = 0; i < data.length / CLUSTER; i++) this.set(first + i, this.nextHost + i * CLUSTER);
     await this.file.write(data, 0, data.length, this.nextHost);
     this.nextHost += data.length;
   }
 
+  /**
+   * Zeros at `offset` (whole clusters). Only clusters the backing file has data in need an entry: the rest read as
+   * zeros already, so a run of zeros over a huge, empty disk costs nothing.
+   */
   zero(offset: number, length: number): void {
-    for (let i = offset / CLUSTER; i < (offset + length) / CLUSTER; i++) this.clusters.set(i, ZERO);
+    for (const [from, to] of this.backingReader.dataRanges(offset, offset + length)) {
+      for (let i = Math.floor(from / CLUSTER); i < Math.ceil(to / CLUSTER); i++) this.set(i, ZERO);
+    }
   }
 
   /** The guest's view of any byte range: what was written here, else the backing file's bytes. */
@@ -97,7 +124,7 @@ export class Qcow2OverlayWriter {
     for (let at = offset; at < offset + length;) {
       const cluster = Math.floor(at / CLUSTER);
       const end = Math.min(offset + length, (cluster + 1) * CLUSTER);
-      const stored = this.clusters.get(cluster);
+      const stored = this.get(cluster);
       const host = stored === undefined || stored === ZERO ? stored : stored + (at - cluster * CLUSTER);
       const continues = at === runStart
         || (host === undefined ? runHost === undefined : host === ZERO ? runHost === ZERO : runHost !== undefined && runHost !== ZERO && runHost + (at - runStart) === host);
@@ -113,11 +140,10 @@ export class Qcow2OverlayWriter {
   async finish(): Promise<void> {
     const l1Size = Math.ceil(this.size / (CLUSTER * L2_ENTRIES));
     const l2Tables = new Map<number, Buffer>();
-    for (const [cluster, host] of this.clusters) {
-      const l1Index = Math.floor(cluster / L2_ENTRIES);
-      let table = l2Tables.get(l1Index);
-      if (!table) l2Tables.set(l1Index, (table = Buffer.alloc(CLUSTER)));
-      table.writeBigUInt64BE(host === ZERO ? ZERO_FLAG : BigInt(host) | COPIED, (cluster % L2_ENTRIES) * 8);
+    for (const [l1Index, hosts] of this.tables) {
+      const table = Buffer.alloc(CLUSTER);
+      hosts.forEach((host, i) => { if (host) table.writeBigUInt64BE(host === ZERO ? ZERO_FLAG : BigInt(host) | COPIED, i * 8); });
+      l2Tables.set(l1Index, table);
     }
     const l1Clusters = Math.ceil((l1Size * 8) / CLUSTER);
     const l2Start = this.nextHost;
@@ -150,6 +176,17 @@ export class Qcow2OverlayWriter {
 
     await this.file.write(Buffer.concat([l2, l1, refcounts, refcountTable]), 0, undefined, l2Start);
     await this.file.write(this.header(l1Size, l1Offset, refcountTableOffset, tableClusters), 0, undefined, 0);
+  }
+
+  private set(cluster: number, host: number): void {
+    const l1Index = Math.floor(cluster / L2_ENTRIES);
+    let table = this.tables.get(l1Index);
+    if (!table) this.tables.set(l1Index, (table = new Float64Array(L2_ENTRIES)));
+    table[cluster % L2_ENTRIES] = host;
+  }
+
+  private get(cluster: number): number | undefined {
+    return this.tables.get(Math.floor(cluster / L2_ENTRIES))?.[cluster % L2_ENTRIES] || undefined;
   }
 
   private header(l1Size: number, l1Offset: number, refcountTableOffset: number, refcountTableClusters: number): Buffer {

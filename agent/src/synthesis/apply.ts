@@ -16,9 +16,9 @@ import path from 'node:path';
 import type { Readable } from 'node:stream';
 import type { BaseVm } from '../core/bases';
 import { readSaveImageHeaderFrom, type LiveMigrationStream, type SaveImageHeader } from '../vm/save-image';
-import { ImageReader, Qcow2OverlayWriter } from '../images/qcow2-overlay';
+import { ImageReader, Qcow2OverlayWriter, qcow2OverlayMaxBytes } from '../images/qcow2-overlay';
 import {
-  BLOCK_BYTES, decodeHeader, decodeManifest, decodeRecords, HEADER_BYTES, invalid, OVERLAY_LIMITS, overlayBytes, sha256, Source, Target,
+  BLOCK_BYTES, decodeHeader, decodeManifest, decodeRecords, hasData, HEADER_BYTES, invalid, OVERLAY_LIMITS, overlayBytes, sha256, Source, Target,
   type OverlayManifest, type OverlayRecord,
 } from './overlay-format';
 import { ByteReader } from './byte-reader';
@@ -32,6 +32,11 @@ const READS_IN_FLIGHT = 64;
 /** Copies mostly read forward through a source (a file's pages in order, pages in address order): read in windows. */
 const READ_WINDOW_BYTES = 1 << 20;
 const READ_WINDOWS = 8;
+/**
+ * A copy or a run of zeros may claim up to 4 GiB in a 24-byte record: it is read and stored in pieces of at most this
+ * many bytes, so the buffers in flight stay within READS_IN_FLIGHT of them (16 MiB) whatever the overlay says.
+ */
+const PIECE_BYTES = 256 << 10;
 
 export interface OpenedOverlay {
   manifest: OverlayManifest;
@@ -59,6 +64,15 @@ export async function openOverlay(stream: Readable, declaredBytes: number, trust
     await reader.close();
     throw err;
   }
+}
+
+/**
+ * The most an overlay can expand to on disk: its disk with every cluster written, and its memory state. The records
+ * cannot write more (each one is checked against these sizes), so this is what the free space is checked against
+ * before anything is written: a few-KB overlay that claims a terabyte is refused at once.
+ */
+export function expandedBytes(manifest: OverlayManifest): number {
+  return qcow2OverlayMaxBytes(manifest.disk.virtual_size) + (manifest.memory?.bytes ?? 0);
 }
 
 /** A memory state being rebuilt: its header, then its migration stream as the overlay is applied. */
@@ -170,6 +184,14 @@ class RecordApplier {
 
   async apply(r: OverlayRecord): Promise<void> {
     this.check(r);
+    if (hasData(r.source) || r.length <= PIECE_BYTES) return this.start(r);
+    for (let at = 0; at < r.length; at += PIECE_BYTES) {
+      await this.start({ ...r, offset: r.offset + at, sourceOffset: r.sourceOffset + at, length: Math.min(PIECE_BYTES, r.length - at) });
+    }
+  }
+
+  /** Starts reading a checked record's bytes (a piece of it, for a long copy), storing the oldest when enough are in flight. */
+  private async start(r: OverlayRecord): Promise<void> {
     const readsOwnWrites = r.source === Source.TargetMemory || (r.source === Source.TargetDisk && r.target === Target.Disk) || r.target !== this.lastTarget;
     this.lastTarget = r.target;
     if (readsOwnWrites) await this.drain();
@@ -209,7 +231,7 @@ class RecordApplier {
   private async bytes(r: OverlayRecord): Promise<Buffer> {
     switch (r.source) {
       case Source.Literal: return r.data!;
-      case Source.Zero: return Buffer.alloc(r.length);
+      case Source.Zero: return Buffer.alloc(r.target === Target.Disk ? 0 : r.length); // the disk stores zeros as a flag
       case Source.BaseDisk: return this.baseDiskWindows.read(r.sourceOffset, r.length);
       case Source.BaseMemory: return this.baseMemoryWindows.read(r.sourceOffset, r.length);
       case Source.TargetDisk: return r.target === Target.Memory ? this.finalDiskWindows.read(r.sourceOffset, r.length) : this.disk.read(r.sourceOffset, r.length);
