@@ -57,6 +57,10 @@ export interface AgentConfig {
     jsonBodyBytes: number;
     /** A request body that brings no byte for this long is cut off (uWS cuts any connection idle for ~10 s). */
     bodyIdleMs: number;
+    /** MQTT connections (TCP and /mqtt WebSocket) open at once from one address, counted before any login. */
+    mqttConnectionsPerAddress: number;
+    /** Long-lived connections (MQTT and /v1/events) one paired device holds at once; the operator is not capped. */
+    connectionsPerDevice: number;
   };
 }
 
@@ -74,7 +78,8 @@ export const DEFAULT_CONFIG: AgentConfig = {
   apps: { maxUploadBytes: 512 * 1024 * 1024 },
   packages: { maxUploadBytes: 1024 ** 3 },
   kdApi: 'plain',
-  limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000 },
+  limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000,
+    mqttConnectionsPerAddress: 16, connectionsPerDevice: 8 },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
@@ -192,6 +197,8 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   if (limits.requestBurst !== undefined) c.limits.requestBurst = count(limits.requestBurst, 'limits.requestBurst', 1);
   if (limits.jsonBodyBytes !== undefined) c.limits.jsonBodyBytes = count(limits.jsonBodyBytes, 'limits.jsonBodyBytes', 1024);
   if (limits.bodyIdleMs !== undefined) c.limits.bodyIdleMs = count(limits.bodyIdleMs, 'limits.bodyIdleMs', 100, 10000);
+  if (limits.mqttConnectionsPerAddress !== undefined) c.limits.mqttConnectionsPerAddress = count(limits.mqttConnectionsPerAddress, 'limits.mqttConnectionsPerAddress', 1);
+  if (limits.connectionsPerDevice !== undefined) c.limits.connectionsPerDevice = count(limits.connectionsPerDevice, 'limits.connectionsPerDevice', 1);
   return c;
 }
 
@@ -216,6 +223,8 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
       requestBurst: env.CLOUDLET_RATE_BURST,
       jsonBodyBytes: env.CLOUDLET_MAX_BODY_BYTES,
       bodyIdleMs: env.CLOUDLET_BODY_IDLE_MS,
+      mqttConnectionsPerAddress: env.CLOUDLET_MQTT_CONNECTIONS_PER_ADDRESS,
+      connectionsPerDevice: env.CLOUDLET_CONNECTIONS_PER_DEVICE,
     },
   };
 }
