@@ -109,7 +109,8 @@ export class Telemetry {
         if (refused === null) telemetry!.guards.get(client)?.loggedInNow();
         done(refused, refused === null);
       },
-      authorizeForward: (client, packet) => telemetry?.forwardable(client, packet) ?? packet,
+      // null: not for this client.
+      authorizeForward: (client, packet) => (telemetry ? telemetry.forwardable(client, packet) : packet),
       // Clients only read: the agent publishes through the broker object, not as a client, so no phone can fake a
       // VM's state or use the cloudlet as its own message bus.
       authorizePublish: (client, packet, callback) => {
