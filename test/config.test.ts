@@ -95,6 +95,7 @@ t.test('the KD face mode, MQTT access and the limits come from the file and the 
   t.same(config.limits, {
     concurrentLaunches: 4, queuedLaunches: 0, requestsPerSecond: 20, requestBurst: 10, jsonBodyBytes: 65536, bodyIdleMs: 2000,
     bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000, anonymousInstancesPerAddress: 2, anonymousInstances: 8,
+    mqttConnectionsPerAddress: 16, connectionsPerDevice: 8,
   });
   t.match((await loadConfig({ ...NO_FILE, CLOUDLET_KD_INSTANCES_PER_ADDRESS: '1', CLOUDLET_KD_INSTANCES: '0' })).limits,
     { anonymousInstancesPerAddress: 1, anonymousInstances: 0 }, 'the open KD face\'s bounds (0: no anonymous start at all)');

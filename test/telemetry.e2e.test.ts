@@ -104,6 +104,13 @@ t.test('a start is seen on MQTT and on /v1/events; a later subscriber gets the r
   tt.match((await watcher.next((m) => m.topic === instanceTopic(id) && m.json?.state === 'stopped')).value.json, { reason: 'requested' });
   tt.ok(await watcher.next((m) => m.topic === instanceTopic(id) && m.json === null), 'the retained topic is cleared');
   await assertReleased(tt, id);
+
+  // The retained status comes after any retained instance (same SUBSCRIBE, topics in order): once it is here, the
+  // ended instance would have been too, had its topic not been cleared as retained.
+  const dashboard = await MqttWatcher.connect(mqttUrl(), [`${ROOT_TOPIC}/instances/+`, `${ROOT_TOPIC}/status`]);
+  tt.teardown(() => dashboard.close());
+  await dashboard.next((m) => m.topic === `${ROOT_TOPIC}/status`);
+  tt.notOk(dashboard.inbox.items.some((i) => i.value.topic === instanceTopic(id)), 'a dashboard connecting after the stop does not see the ended instance');
 });
 
 t.test('a Service VM killed outside the agent shows up as crashed on MQTT and WebSocket, and is released', async (tt) => {

@@ -72,6 +72,10 @@ export interface AgentConfig {
     /** Instances (uses) the plain KD face's anonymous callers may hold: per address (an IPv6 /64), and in all. */
     anonymousInstancesPerAddress: number;
     anonymousInstances: number;
+    /** MQTT connections (TCP and /mqtt WebSocket) open at once from one address, counted before any login. */
+    mqttConnectionsPerAddress: number;
+    /** Long-lived connections (MQTT and /v1/events) one paired device holds at once; the operator is not capped. */
+    connectionsPerDevice: number;
   };
 }
 
@@ -91,7 +95,8 @@ export const DEFAULT_CONFIG: AgentConfig = {
   kdApi: 'plain',
   limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000,
     bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000,
-    anonymousInstancesPerAddress: 2, anonymousInstances: 8 },
+    anonymousInstancesPerAddress: 2, anonymousInstances: 8,
+    mqttConnectionsPerAddress: 16, connectionsPerDevice: 8 },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
@@ -219,6 +224,8 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
     c.limits.anonymousInstancesPerAddress = count(limits.anonymousInstancesPerAddress, 'limits.anonymousInstancesPerAddress', 0);
   }
   if (limits.anonymousInstances !== undefined) c.limits.anonymousInstances = count(limits.anonymousInstances, 'limits.anonymousInstances', 0);
+  if (limits.mqttConnectionsPerAddress !== undefined) c.limits.mqttConnectionsPerAddress = count(limits.mqttConnectionsPerAddress, 'limits.mqttConnectionsPerAddress', 1);
+  if (limits.connectionsPerDevice !== undefined) c.limits.connectionsPerDevice = count(limits.connectionsPerDevice, 'limits.connectionsPerDevice', 1);
   return c;
 }
 
@@ -248,6 +255,8 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
       readinessTimeoutMs: env.CLOUDLET_READINESS_TIMEOUT_MS,
       anonymousInstancesPerAddress: env.CLOUDLET_KD_INSTANCES_PER_ADDRESS,
       anonymousInstances: env.CLOUDLET_KD_INSTANCES,
+      mqttConnectionsPerAddress: env.CLOUDLET_MQTT_CONNECTIONS_PER_ADDRESS,
+      connectionsPerDevice: env.CLOUDLET_CONNECTIONS_PER_DEVICE,
     },
   };
 }

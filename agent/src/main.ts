@@ -6,6 +6,7 @@ process.env.UV_THREADPOOL_SIZE ??= '16';
 import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { startHttpServer } from './api/http-server';
+import { ConnectionCaps } from './api/connection-caps';
 import { RateLimiter } from './api/rate-limit';
 import { loadConfig } from './config';
 import { AGENT_VERSION, Cloudlet } from './core/cloudlet';
@@ -29,21 +30,27 @@ async function main(): Promise<void> {
   const gate = new TokenGate(devices, await loadOrCreateAdminToken(config.dataDir));
   // One set of request buckets for the API and the MQTT broker's TCP connections.
   const rateLimiter = new RateLimiter({ perSecond: config.limits.requestsPerSecond, burst: config.limits.requestBurst });
+  // One count of long-lived connections (MQTT, /v1/events) per address and per device.
+  const connectionCaps = new ConnectionCaps({ mqttPerAddress: config.limits.mqttConnectionsPerAddress, perDevice: config.limits.connectionsPerDevice });
   const telemetry = await Telemetry.start({
     config: config.mqtt, api: cloudlet, hostname: os.hostname(), agentVersion: AGENT_VERSION, log: createLogger('mqtt'), credentials: { gate, devices }, rateLimiter,
+    connectionCaps,
   });
   let tlsPort: number | null = null;
   const server = await startHttpServer({
     api: cloudlet, provisioning: cloudlet, host: config.api.host, port: config.api.port, logger: createLogger('http'),
     gate, trust: { devices, pairing: new Pairing(devices), tls: { fingerprint: tls.fingerprint, port: () => tlsPort } },
     tls: { port: config.api.tlsPort, keyFile: tls.keyFile, certFile: tls.certFile },
-    streamEndpoints: [{ path: '/mqtt', protocol: 'mqtt', accept: (stream, transport) => telemetry.handle(stream, transport) }],
+    streamEndpoints: [{
+      path: '/mqtt', protocol: 'mqtt', admit: (transport) => telemetry.admit(transport), accept: (stream, transport) => telemetry.handle(stream, transport),
+    }],
     kdApi: config.kdApi === 'encrypted' ? { mode: 'encrypted', devices } : { mode: config.kdApi },
     maxBodyBytes: config.limits.jsonBodyBytes,
     bodyIdleMs: config.limits.bodyIdleMs,
     bodyMinBytesPerSecond: config.limits.bodyMinBytesPerSecond,
     bodyRateWindowMs: config.limits.bodyRateWindowMs,
     rateLimiter,
+    connectionCaps,
   });
   tlsPort = server.tlsPort;
   // A device whose authorization ends loses its instances; armed after adoption, so one that expired while the agent

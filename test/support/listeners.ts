@@ -49,9 +49,12 @@ export class MqttWatcher {
     });
   }
 
-  /** Connects (mqtt://host:port or ws://host:port/mqtt) and subscribes to `topic` before resolving. */
-  static async connect(url: string, topic: string): Promise<MqttWatcher> {
-    const client = await mqtt.connectAsync(url, { reconnectPeriod: 0 });
+  /**
+   * Connects (mqtt://host:port or ws://host:port/mqtt) and subscribes to `topic` (several: in one SUBSCRIBE, whose
+   * retained messages aedes sends topic by topic, in order) before resolving; `login` as username and password.
+   */
+  static async connect(url: string, topic: string | string[], login?: { username: string; password: string }): Promise<MqttWatcher> {
+    const client = await mqtt.connectAsync(url, { reconnectPeriod: 0, ...login });
     const watcher = new MqttWatcher(client);
     await client.subscribeAsync(topic);
     return watcher;

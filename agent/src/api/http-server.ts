@@ -30,6 +30,8 @@ import { bearerToken, type Access, type AccessGate, type Caller, type Transport 
 import { BodyPace, type BodyPaceLimits } from './body-pace';
 import { kdCloudletFace } from './kd-cloudlet';
 import { kdEncryptedFace, type DeviceKeys } from './kd-encrypted';
+import type { ConnectionCaps, Release } from './connection-caps';
+import { InstanceView } from './instance-view';
 import type { RateLimiter } from './rate-limit';
 import { matchPath, type ApiRequest, type Face, type Reply, type Route } from './routing';
 import { eventJson, eventsSnapshotJson, v1Face } from './v1';
@@ -48,6 +50,8 @@ export interface HttpServerOptions {
   kdApi?: { mode: 'plain' | 'off' } | { mode: 'encrypted'; devices: DeviceKeys };
   /** Requests per client: a paired device, else the remote IP; the admin is not limited (absent: no limit). */
   rateLimiter?: RateLimiter;
+  /** Long-lived connections per device, shared with the MQTT broker (absent: not capped). */
+  connectionCaps?: ConnectionCaps;
   /** A request body that brings no byte for this long is answered 408 and cut off (default 8 s). */
   bodyIdleMs?: number;
   /** A request body bringing fewer bytes per second than this over `bodyRateWindowMs` is answered 408 and cut off. */
@@ -69,6 +73,8 @@ export interface StreamEndpoint {
   path: string;
   /** The WebSocket subprotocol to agree to when the client offers it (MQTT clients offer `mqtt`). */
   protocol: string;
+  /** Counts a connection at its upgrade until it is released, or throws (the upgrade is then refused with the error). */
+  admit?(transport: Transport): Release;
   /** `transport`: who connected and whether over TLS (the stream's own protocol may carry credentials). */
   accept(stream: Duplex, transport: Transport): void;
 }
@@ -119,7 +125,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
 
   // One request pipeline, mounted on each listener's app; only whether the transport is TLS differs.
   const mount = (app: ClosableApp, secure: boolean): ClosableApp => {
-    serveEvents(app, options.api, options.gate, limiter, eventClients, secure, log);
+    serveEvents(app, options.api, options.gate, { limiter, caps: options.connectionCaps ?? null }, eventClients, secure, log);
     for (const endpoint of options.streamEndpoints ?? []) serveStream(app, endpoint, limiter, secure, log);
     app.any('/*', (res, req) => {
       const exchange = new Exchange(res, bodyPace);
@@ -190,13 +196,15 @@ function listen(app: ClosableApp, host: string, port: number, what: string, log:
 }
 
 /**
- * GET /v1/events (WebSocket): a snapshot of the instances, then every event as one JSON text message each. A client
- * that reads too slowly is closed rather than buffered for (see EVENTS_MAX_BUFFERED_BYTES). It needs a device
- * credential, checked at the upgrade: in the Authorization header, or (browsers cannot set headers on a WebSocket)
- * as `?access_token=` or a `bearer.<token>` subprotocol entry.
+ * GET /v1/events (WebSocket): a snapshot of the instances, then every event as one JSON text message each; a device
+ * sees only its own instances (instance-view.ts). A client that reads too slowly is closed rather than buffered for
+ * (see EVENTS_MAX_BUFFERED_BYTES). It needs a device credential, checked at the upgrade: in the Authorization header,
+ * or (browsers cannot set headers on a WebSocket) as `?access_token=` or a `bearer.<token>` subprotocol entry; each
+ * socket counts against its device's connection cap.
  */
 function serveEvents(
-  app: TemplatedApp, api: CloudletApi, gate: AccessGate, limiter: RateLimiter | null, clients: EventClients, secure: boolean, log: (line: string) => void,
+  app: TemplatedApp, api: CloudletApi, gate: AccessGate, bounds: { limiter: RateLimiter | null; caps: ConnectionCaps | null },
+  clients: EventClients, secure: boolean, log: (line: string) => void,
 ): void {
   app.ws<EventsClient>('/v1/events', {
     maxPayloadLength: 1024,
@@ -210,15 +218,19 @@ function serveEvents(
       const token = bearerToken(req.getHeader('authorization') || undefined) ?? (new URLSearchParams(req.getQuery() ?? '').get('access_token') || undefined)
         ?? bearerEntry?.slice(EVENTS_BEARER_PROTOCOL_PREFIX.length);
       let caller: Caller;
+      let release: Release | undefined;
       try {
-        caller = authorizeWithinRate(gate, limiter, 'device', token, { remoteAddress: remoteAddressOf(res), secure });
+        caller = authorizeWithinRate(gate, bounds.limiter, 'device', token, { remoteAddress: remoteAddressOf(res), secure });
+        if (caller.kind === 'device') release = bounds.caps?.holdForDevice(caller.device.id);
       } catch (err) {
         refuseUpgrade(res, asCloudletError(err));
         return;
       }
       // A browser that offered subprotocols fails the connection unless one is agreed to: the named one, else the
       // bearer entry it sent (it already holds that token).
-      const client: EventsClient = { closed: false, ...(caller.kind === 'device' ? { deviceId: caller.device.id } : {}) };
+      const client: EventsClient = {
+        closed: false, view: InstanceView.of(caller), ...(release ? { release } : {}), ...(caller.kind === 'device' ? { deviceId: caller.device.id } : {}),
+      };
       upgradeTo(res, req, context, client, offered.includes(EVENTS_PROTOCOL) ? EVENTS_PROTOCOL : bearerEntry ?? '');
     },
     open: (ws) => {
@@ -233,19 +245,23 @@ function serveEvents(
         }
         ws.send(message, false);
       };
-      send(JSON.stringify(eventsSnapshotJson(api.listInstances())));
-      client.unsubscribe = api.subscribe((event) => send(JSON.stringify(eventJson(event))));
+      send(JSON.stringify(eventsSnapshotJson(client.view.list(api.listInstances()))));
+      client.unsubscribe = api.subscribe((event) => {
+        const shown = client.view.event(event);
+        if (shown) send(JSON.stringify(eventJson(shown)));
+      });
     },
     close: (ws) => {
       const client = ws.getUserData();
       client.closed = true;
       client.unsubscribe?.();
+      client.release?.();
       clients.delete(ws);
     },
   });
 }
 
-interface EventsClient { unsubscribe?: () => void; closed: boolean; deviceId?: string }
+interface EventsClient { unsubscribe?: () => void; closed: boolean; view: InstanceView; deviceId?: string; release?: Release }
 
 /** Stop sending to an events client and close it (once: `closed` makes the other paths skip it). */
 function endEventsClient(ws: WebSocket<EventsClient>, code: number, reason: string): void {
@@ -291,20 +307,22 @@ class EventClients {
 
 /** A WebSocket endpoint whose binary messages are a byte stream in both directions, handed over as a Duplex. */
 function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, limiter: RateLimiter | null, secure: boolean, log: (line: string) => void): void {
-  interface StreamClient { stream?: Duplex; closed: boolean; drained?: () => void }
+  interface StreamClient { stream?: Duplex; closed: boolean; drained?: () => void; release?: Release }
   app.ws<StreamClient>(endpoint.path, {
     maxPayloadLength: MAX_WS_MESSAGE_BYTES,
     idleTimeout: 0, // the protocol inside has its own keep-alive
     maxBackpressure: 4 * MAX_WS_MESSAGE_BYTES,
     upgrade: (res, req, context) => {
-      // The credentials come later, inside the stream: the connection draws on its address's bucket.
+      // The credentials come later, inside the stream: the connection draws on its address's bucket and cap.
+      let release: Release | undefined;
       try {
         limiter?.takeForAddress(remoteAddressOf(res));
+        release = endpoint.admit?.({ remoteAddress: remoteAddressOf(res), secure });
       } catch (err) {
         refuseUpgrade(res, asCloudletError(err));
         return;
       }
-      upgradeTo(res, req, context, { closed: false }, endpoint.protocol);
+      upgradeTo(res, req, context, { closed: false, ...(release ? { release } : {}) }, endpoint.protocol);
     },
     open: (ws: WebSocket<StreamClient>) => {
       const client = ws.getUserData();
@@ -340,6 +358,7 @@ function serveStream(app: TemplatedApp, endpoint: StreamEndpoint, limiter: RateL
     close: (ws) => {
       const client = ws.getUserData();
       client.closed = true;
+      client.release?.();
       client.drained?.();
       client.stream?.push(null);
       client.stream?.destroy();

@@ -9,6 +9,7 @@ import type { ProvisioningApi } from '../core/types';
 import type { CloudletApi, Endpoint, HealthReport, Instance, Package, PackageSource, Peer, Service, StartResult, StopResult, SystemInfo } from '../core/types';
 import type { LaunchTimings } from '../core/timing';
 import { CloudletError } from '../errors';
+import { InstanceView } from './instance-view';
 import { emptyReply, hostOf, jsonReply, type ApiRequest, type Face, type Route } from './routing';
 import { appRoutes } from './v1-apps';
 import { provisioningRoutes } from './v1-provisioning';
@@ -73,8 +74,19 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
     },
     { method: 'GET', path: '/v1/peers', access: 'device', handle: () => jsonReply(200, { peers: api.peers().map(peerJson) }) },
     ...appRoutes(api),
-    { method: 'GET', path: '/v1/instances', access: 'device', handle: () => jsonReply(200, { instances: api.listInstances().map(instanceJson) }) },
-    { method: 'GET', path: '/v1/instances/:id', access: 'device', handle: ({ params }) => jsonReply(200, instanceJson(api.getInstance(params.id!))) },
+    // A device sees only its own instances (instance-view.ts); the operator all.
+    {
+      method: 'GET',
+      path: '/v1/instances',
+      access: 'device',
+      handle: ({ caller }) => jsonReply(200, { instances: InstanceView.of(caller).list(api.listInstances()).map(instanceJson) }),
+    },
+    {
+      method: 'GET',
+      path: '/v1/instances/:id',
+      access: 'device',
+      handle: ({ params, caller }) => jsonReply(200, instanceJson(InstanceView.of(caller).one(api.getInstance(params.id!)))),
+    },
     { method: 'POST', path: '/v1/instances', access: 'device', jsonBody: true, handle: (request) => startInstance(api, request) },
     {
       method: 'DELETE',
@@ -107,7 +119,8 @@ async function startInstance(api: CloudletApi, request: ApiRequest) {
     clientHost: hostOf(request.header('host')),
     ...(deviceId !== undefined ? { deviceId } : {}),
   });
-  return jsonReply(201, startResultJson(result));
+  // A device that joined a shared instance learns nothing of its other users' ids.
+  return jsonReply(201, startResultJson({ ...result, instance: InstanceView.of(request.caller).redacted(result.instance) }));
 }
 
 // ---- request bodies --------------------------------------------------------------------------------------------

@@ -4,12 +4,16 @@
  * dashboard that subscribes sees the current state at once and every change after it. Optionally it mirrors every
  * publication to an external broker (fleet dashboards). The topic tree is documented in docs/telemetry.md.
  * Clients only subscribe: with `mqtt.access: devices` they log in as a paired device (its id and token) or as
- * `admin`, checked by the HTTP API's own access gate, and a device whose authorization ends is disconnected.
+ * `admin`, checked by the HTTP API's own access gate, and a device whose authorization ends is disconnected. A device
+ * gets only its own instances' topics (instance-view.ts). Before login a connection is bounded in bytes, time and
+ * number per address; after it, in packet size and connections per device.
  */
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { Aedes, type AuthenticateError, type Client } from 'aedes';
 import type { MqttClient } from 'mqtt';
+import type { ConnectionCaps, Release } from '../api/connection-caps';
+import { InstanceView } from '../api/instance-view';
 import type { RateLimiter } from '../api/rate-limit';
 import { eventJson, instanceJson } from '../api/v1';
 import type { AgentConfig } from '../config';
@@ -18,9 +22,14 @@ import type { CloudletApi, Service } from '../core/types';
 import type { Logger } from '../log';
 import type { AccessGate, Transport } from '../trust/access';
 import type { DeviceRegistry } from '../trust/devices';
+import { PacketGuard } from './packet-guard';
 
 /** How long the external client waits between reconnection attempts. */
 const EXTERNAL_RECONNECT_MS = 2000;
+/** A connection whose CONNECT has not arrived (and been accepted) by then is closed; aedes's default is 30 s. */
+const CONNECT_TIMEOUT_MS = 5000;
+/** CONNACK return code 3, "server unavailable": the device already holds as many connections as it may. */
+const SERVER_UNAVAILABLE = 3;
 
 export interface TelemetryOptions {
   config: AgentConfig['mqtt'];
@@ -32,6 +41,8 @@ export interface TelemetryOptions {
   credentials: { gate: AccessGate; devices: Pick<DeviceRegistry, 'on' | 'off'> };
   /** The HTTP API's request buckets: a TCP connection draws on its address's (WebSocket ones did at the upgrade). */
   rateLimiter?: Pick<RateLimiter, 'takeForAddress'>;
+  /** Connections per address (counted before login) and per device (after it), shared with /v1/events. */
+  connectionCaps?: ConnectionCaps;
 }
 
 /** The agent's topic tree under `root` (docs/telemetry.md). */
@@ -43,6 +54,15 @@ export class TopicTree {
   instance(id: string): string { return `${this.root}/instances/${id}`; }
   progress(id: string): string { return `${this.root}/instances/${id}/progress`; }
   service(id: string): string { return `${this.root}/services/${id}`; }
+
+  /** The instance an instance or progress topic is about, or null for any other topic. */
+  instanceOf(topic: string): { id: string; progress: boolean } | null {
+    const prefix = `${this.root}/instances/`;
+    if (!topic.startsWith(prefix)) return null;
+    const [id, sub, ...rest] = topic.slice(prefix.length).split('/');
+    if (!id || rest.length > 0 || (sub !== undefined && sub !== 'progress')) return null;
+    return { id, progress: sub === 'progress' };
+  }
 
   /** True for the root and anything below it: topics only the agent may publish to. */
   owns(topic: string): boolean {
@@ -58,7 +78,10 @@ export class Telemetry {
   private closed = false;
   /** How each connection reached the broker (the credential check needs it), and which device logged in on it. */
   private readonly transports = new WeakMap<Client, Transport>();
+  private readonly guards = new WeakMap<Client, PacketGuard>();
   private readonly deviceOf = new Map<Client, string>();
+  /** What each device's connection may see; the operator's and anonymous ones have none (they see everything). */
+  private readonly views = new WeakMap<Client, InstanceView>();
   private readonly onDeviceEnded = (device: { id: string }) => this.disconnectDevice(device.id);
 
   private constructor(
@@ -80,11 +103,14 @@ export class Telemetry {
     let telemetry: Telemetry | undefined;
     const broker = await Aedes.createBroker({
       id: `cloudlet-agent-${options.hostname}`,
+      connectTimeout: CONNECT_TIMEOUT_MS,
       authenticate: (client, username, password, done) => {
-        if (options.config.access === 'anonymous-read') return done(null, true);
-        const refused = telemetry!.login(client, username, password);
+        const refused = options.config.access === 'anonymous-read' ? null : telemetry!.login(client, username, password);
+        if (refused === null) telemetry!.guards.get(client)?.loggedInNow();
         done(refused, refused === null);
       },
+      // null: not for this client.
+      authorizeForward: (client, packet) => (telemetry ? telemetry.forwardable(client, packet) : packet),
       // Clients only read: the agent publishes through the broker object, not as a client, so no phone can fake a
       // VM's state or use the cloudlet as its own message bus.
       authorizePublish: (client, packet, callback) => {
@@ -94,9 +120,17 @@ export class Telemetry {
     broker.on('clientDisconnect', (client) => telemetry?.deviceOf.delete(client));
     // A connection in the moment before the broker is ready is turned away (the client reconnects).
     const server = net.createServer((socket) => {
-      const remoteAddress = socket.remoteAddress ?? '';
-      if (!telemetry || !telemetry.admits(remoteAddress)) return socket.destroy();
-      telemetry.handle(socket, { remoteAddress, secure: false });
+      const transport = { remoteAddress: socket.remoteAddress ?? '', secure: false };
+      let release: Release;
+      try {
+        if (!telemetry) throw new Error('the broker is not ready yet');
+        options.rateLimiter?.takeForAddress(transport.remoteAddress);
+        release = telemetry.admit(transport);
+      } catch {
+        return socket.destroy();
+      }
+      whileOpen(socket, release);
+      telemetry.handle(socket, transport);
     });
     // A box that cannot have its MQTT port (another broker holds it) must still serve phones: telemetry goes on over
     // the API port's /mqtt WebSocket, and the log says why TCP is missing.
@@ -118,19 +152,35 @@ export class Telemetry {
     return telemetry;
   }
 
-  /** Whether a new TCP connection from this address is within its rate; one that is not is dropped unanswered. */
-  private admits(remoteAddress: string): boolean {
+  /**
+   * Counts a new connection (TCP, or a WebSocket upgrade) against its address's cap until the returned release is
+   * called, or throws TOO_MANY_CONNECTIONS (a TCP one is then dropped unanswered, a WebSocket upgrade answered 429).
+   */
+  admit(transport: Transport): Release {
     try {
-      this.options.rateLimiter?.takeForAddress(remoteAddress);
-      return true;
-    } catch {
-      return false;
+      return this.options.connectionCaps?.holdForAddress(transport.remoteAddress) ?? (() => {});
+    } catch (err) {
+      this.options.log(`MQTT: refusing a connection from ${transport.remoteAddress}: ${(err as Error).message}`);
+      throw err;
     }
   }
 
-  /** Serve one MQTT connection (a TCP socket, or a WebSocket stream from the HTTP server). */
+  /**
+   * Serve one admitted MQTT connection (a TCP socket, or a WebSocket stream from the HTTP server), cut as soon as it
+   * announces a packet over the bounds (packet-guard.ts).
+   */
   handle(stream: Duplex, transport: Transport): void {
-    this.transports.set(this.broker.handle(stream), transport);
+    const client = this.broker.handle(stream);
+    this.transports.set(client, transport);
+    const guard = new PacketGuard();
+    this.guards.set(client, guard);
+    // The broker reads the stream on 'readable'; a 'data' listener then sees each chunk as it is read, before parsing.
+    stream.on('data', (chunk: Buffer) => {
+      const refusal = guard.inspect(chunk);
+      if (refusal === null || stream.destroyed) return;
+      this.options.log(`MQTT: cutting the connection from ${transport.remoteAddress}: ${refusal}`);
+      stream.destroy();
+    });
   }
 
   /**
@@ -144,11 +194,39 @@ export class Telemetry {
       const caller = this.options.credentials.gate.authorize('device', password.toString('utf8'), this.transports.get(client) ?? { remoteAddress: '', secure: false });
       const name = caller.kind === 'admin' ? 'admin' : caller.kind === 'device' ? caller.device.id : null;
       if (name !== username) return refuse(`the token does not belong to ${username}`);
-      if (caller.kind === 'device') this.deviceOf.set(client, caller.device.id);
+      if (caller.kind === 'device') {
+        try {
+          const release = this.options.connectionCaps?.holdForDevice(caller.device.id);
+          if (release) whileOpen(client.conn, release);
+        } catch (err) {
+          return Object.assign(new Error((err as Error).message), { returnCode: SERVER_UNAVAILABLE as AuthenticateError['returnCode'] });
+        }
+        this.deviceOf.set(client, caller.device.id);
+        this.views.set(client, InstanceView.of(caller));
+      }
       return null;
     } catch (err) {
       return refuse((err as Error).message);
     }
+  }
+
+  /**
+   * What a message becomes for this client (aedes asks before each delivery, retained ones included): a device gets
+   * the agent's own tree only (no $SYS topics, which name other clients), and of the instances only its own, with
+   * no other device's id in them.
+   */
+  private forwardable<P extends { topic: string; payload: Buffer | string }>(client: Client, packet: P): P | null {
+    const view = this.views.get(client);
+    if (!view) return packet;
+    if (!this.topics.owns(packet.topic)) return null;
+    const about = this.topics.instanceOf(packet.topic);
+    if (!about) return packet;
+    if (about.progress) return view.follows(about.id, null, false) ? packet : null;
+    // The agent's own JSON (clients cannot publish); empty when the retained topic is cleared.
+    const text = packet.payload.toString();
+    const state = text === '' ? null : (JSON.parse(text) as { owners: string[] });
+    if (!view.follows(about.id, state?.owners ?? null, state === null)) return null;
+    return state ? { ...packet, payload: Buffer.from(JSON.stringify(view.redacted(state))) } : packet;
   }
 
   /** A device whose authorization ended (revoked, removed, expired) loses its subscriptions at once. */
@@ -266,6 +344,12 @@ function connectExternal(options: TelemetryOptions, topics: TopicTree): MqttClie
   });
   client.on('offline', () => options.log(`external MQTT broker ${url} unreachable; retrying every ${EXTERNAL_RECONNECT_MS} ms`));
   return client;
+}
+
+/** Calls `release` once the stream is closed (at once if it already is). */
+function whileOpen(stream: Duplex, release: Release): void {
+  if (stream.destroyed) release();
+  else stream.once('close', release);
 }
 
 function serviceSummaryJson(service: Service, instances: number) {
