@@ -22,9 +22,6 @@ const HEADLINES: Record<string, string[]> = {
   'web': ['page_bytes', 'first_render_ms'],
 };
 
-/** Until the rate limiter lets a benchmark's 101 MQTT connections from one address in (engineer mqtt-devices' fix). */
-const TODO: Record<string, string> = { telemetry: 'its 101 MQTT connections meet the rate limiter\'s burst (read ECONNRESET)' };
-
 interface Outcome { code: number | null; lastLine: string; stderr: string }
 
 function runBench(name: string): Promise<Outcome> {
@@ -46,7 +43,7 @@ t.test('every benchmark has its headline figures listed here', async (tt) => {
 });
 
 for (const name of benches) {
-  t.test(`benchmark ${name} runs in its quick mode and ends with its JSON line`, { todo: TODO[name] ?? false, timeout: 15 * 60_000 }, async (tt) => {
+  t.test(`benchmark ${name} runs in its quick mode and ends with its JSON line`, { timeout: 15 * 60_000 }, async (tt) => {
     const { code, lastLine, stderr } = await runBench(name);
     tt.equal(code, 0, `exit code; the end of its stderr:\n${stderr}`);
     let result: Record<string, unknown> = {};
