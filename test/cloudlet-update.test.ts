@@ -6,7 +6,7 @@
 import t from 'tap';
 import { execFile } from 'node:child_process';
 import { generateKeyPairSync, type KeyObject } from 'node:crypto';
-import { cp, mkdir, mkdtemp, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
+import { chmod, cp, mkdir, mkdtemp, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { createBundle } from '../agent/src/update/bundle';
@@ -50,6 +50,7 @@ async function servingVersion(agent: SupervisedAgent): Promise<string> {
 
 t.test('cloudlet-update', async (t) => {
   const work = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-update-'));
+  await chmod(work, 0o755); // the data directory below it must be reachable by QEMU's user, or the agent refuses to start
   t.teardown(() => rm(work, { recursive: true, force: true }));
   const home = path.join(work, 'home');
   const keysDir = path.join(work, 'trusted-keys');
