@@ -25,7 +25,7 @@ import {
   type WebSocket,
 } from 'uWebSockets.js';
 import type { CloudletApi, ProvisioningApi } from '../core/types';
-import { CloudletError, asCloudletError } from '../errors';
+import { CloudletError, asCloudletError, withoutDetail } from '../errors';
 import { bearerToken, type Access, type AccessGate, type Caller, type Transport } from '../trust/access';
 import { kdCloudletFace } from './kd-cloudlet';
 import { kdEncryptedFace, type DeviceKeys } from './kd-encrypted';
@@ -422,10 +422,11 @@ async function serve(
 ): Promise<number | 'aborted'> {
   let reply: Reply;
   let file: OpenedFile | undefined;
+  let caller: Caller | undefined;
   try {
     const { route, params } = resolveRoute(face, incoming);
     const transport: Transport = { remoteAddress: incoming.remoteAddress, secure: incoming.secure };
-    const caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport);
+    caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport);
     const body = route.jsonBody ? exchange.readBody(incoming.headers, route.maxBodyBytes ?? maxBodyBytes) : undefined;
     const form = route.formBody ? exchange.readBody(incoming.headers, maxBodyBytes) : undefined;
     const bodyStream = route.streamBody ? exchange.streamBody(incoming.headers) : undefined;
@@ -445,7 +446,7 @@ async function serve(
     reply = await route.handle(request);
     if (reply.file) ({ reply, file } = await openFileReply(reply, reply.file, incoming.headers));
   } catch (err) {
-    const error = asCloudletError(err);
+    const error = seenBy(asCloudletError(err), caller);
     // Unexpected errors keep their stack for the operator's log only; the client gets code and message.
     if (error.code === 'INTERNAL') log(`${incoming.method} ${incoming.url}: ${describe(error.cause ?? error)}`);
     reply = face.errorReply(error);
@@ -455,6 +456,14 @@ async function serve(
   }
   if (file) return (await exchange.sendFile(reply, file, incoming.method === 'HEAD')) ? reply.status : 'aborted';
   return exchange.send(reply, incoming.method === 'HEAD') ? reply.status : 'aborted';
+}
+
+/**
+ * An error as `caller` may see it: a failed launch's console tail is the instance's console, which only the operator
+ * may read (GET /v1/instances/:id/console); the guest may have printed anything there.
+ */
+function seenBy(error: CloudletError, caller: Caller | undefined): CloudletError {
+  return error.details?.console_tail === undefined || caller?.kind === 'admin' ? error : withoutDetail(error, 'console_tail');
 }
 
 /**
