@@ -25,8 +25,8 @@ import {
   type WebSocket,
 } from 'uWebSockets.js';
 import type { CloudletApi, ProvisioningApi } from '../core/types';
-import { CloudletError, asCloudletError, withoutDetail } from '../errors';
-import { bearerToken, type Access, type AccessGate, type Caller, type Transport } from '../trust/access';
+import { CloudletError, asCloudletError } from '../errors';
+import { bearerToken, seenBy, type Access, type AccessGate, type Caller, type Transport } from '../trust/access';
 import { kdCloudletFace } from './kd-cloudlet';
 import { kdEncryptedFace, type DeviceKeys } from './kd-encrypted';
 import type { RateLimiter } from './rate-limit';
@@ -456,14 +456,6 @@ async function serve(
   }
   if (file) return (await exchange.sendFile(reply, file, incoming.method === 'HEAD')) ? reply.status : 'aborted';
   return exchange.send(reply, incoming.method === 'HEAD') ? reply.status : 'aborted';
-}
-
-/**
- * An error as `caller` may see it: a failed launch's console tail is the instance's console, which only the operator
- * may read (GET /v1/instances/:id/console); the guest may have printed anything there.
- */
-function seenBy(error: CloudletError, caller: Caller | undefined): CloudletError {
-  return error.details?.console_tail === undefined || caller?.kind === 'admin' ? error : withoutDetail(error, 'console_tail');
 }
 
 /**
