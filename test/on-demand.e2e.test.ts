@@ -4,7 +4,7 @@
 import t, { Test } from 'tap';
 import { readdir } from 'node:fs/promises';
 import path from 'node:path';
-import { AgentProcess, domainsUnder, fetchText, testGuestDir } from './support/agent';
+import { AgentProcess, domainsUnder, fetchText, request, testGuestDir } from './support/agent';
 
 let agent: AgentProcess;
 
@@ -58,6 +58,7 @@ t.test('bad recipes are refused with a clear 4xx and leave nothing stored', asyn
     ['files over the size limit', hello({ files: [{ path: '/srv/big', content: 'x'.repeat(600 << 10) }] }), 422, 'INVALID_RECIPE'],
     ['an unknown base', hello({ base: 'no-such-base' }), 404, 'BASE_NOT_FOUND'],
     ['a body over the upload limit', hello({ description: 'x'.repeat(1100 << 10) }), 413, 'PAYLOAD_TOO_LARGE'],
+    ['a version carrying a newline and a shell command', hello({ version: '1\nreboot -f' }), 422, 'INVALID_RECIPE'],
   ];
   for (const [name, recipe, status, code] of cases) {
     const r = await agent.post('/v1/recipes', recipe);
@@ -130,6 +131,21 @@ t.test('a failing provisioning script fails cleanly, with the console tail in th
   tt.match(r.json.message, /failed in the guest/);
   tt.match(r.json.details.console_tail, /cannot configure the widget/, 'what the script said');
   tt.match(r.json.details.console_tail, /CLOUDLET-PROVISIONING-FAILED exit status 3/);
+  await assertNothingLeft(tt, 'after the failure');
+});
+
+t.test('a failed launch\'s console tail goes only to the operator, who may read consoles; a phone gets the error without it', async (tt) => {
+  const window = await agent.post('/v1/pairing');
+  const claim = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'provisioning phone' }, { authorization: '' });
+  tt.equal(claim.status, 201, claim.body);
+  const phone = { authorization: `Bearer ${claim.json.token}` };
+  const r = await request(agent.apiPort, 'POST', '/v1/recipes/org.example.broken/instances', {}, phone);
+  tt.equal(r.status, 500, r.body);
+  tt.equal(r.json.code, 'PROVISIONING_FAILED');
+  tt.match(r.json.message, /failed in the guest/);
+  tt.equal(r.json.details?.console_tail, undefined, 'no console output for a caller that may not read the console');
+  tt.same(r.json.details, { recipe_id: 'org.example.broken' }, 'the other details stay');
+  tt.notMatch(r.body, /cannot configure the widget/);
   await assertNothingLeft(tt, 'after the failure');
 });
 

@@ -143,6 +143,12 @@ export function withDetails(err: CloudletError, details: Record<string, unknown>
   return new CloudletError(err.code, err.message, { cause: err.cause ?? err, details: { ...err.details, ...details } });
 }
 
+/** The same error without one of its details (one the caller may not see). */
+export function withoutDetail(err: CloudletError, name: string): CloudletError {
+  const { [name]: _dropped, ...details } = err.details ?? {};
+  return new CloudletError(err.code, err.message, { cause: err.cause ?? err, ...(Object.keys(details).length ? { details } : {}) });
+}
+
 /** Anything thrown that is not a CloudletError becomes INTERNAL, keeping the original as the cause. */
 export function asCloudletError(err: unknown): CloudletError {
   if (err instanceof CloudletError) return err;

@@ -26,7 +26,7 @@ async function main(): Promise<void> {
   const config = await loadConfig();
   const cloudlet = await Cloudlet.open(config, log);
   const devices = await DeviceRegistry.open(config.dataDir);
-  const tls = await ensureTlsIdentity(config.dataDir, os.hostname());
+  const tls = await ensureTlsIdentity(config.dataDir, os.hostname(), createLogger('tls'));
   const gate = new TokenGate(devices, await loadOrCreateAdminToken(config.dataDir));
   // One set of request buckets for the API and the MQTT broker's TCP connections.
   const rateLimiter = new RateLimiter({ perSecond: config.limits.requestsPerSecond, burst: config.limits.requestBurst });

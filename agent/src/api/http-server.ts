@@ -26,7 +26,7 @@ import {
 } from 'uWebSockets.js';
 import type { CloudletApi, ProvisioningApi } from '../core/types';
 import { CloudletError, asCloudletError } from '../errors';
-import { bearerToken, type Access, type AccessGate, type Caller, type Transport } from '../trust/access';
+import { bearerToken, seenBy, type Access, type AccessGate, type Caller, type Transport } from '../trust/access';
 import { BodyPace, type BodyPaceLimits } from './body-pace';
 import { kdCloudletFace } from './kd-cloudlet';
 import { kdEncryptedFace, type DeviceKeys } from './kd-encrypted';
@@ -447,10 +447,11 @@ async function serve(
 ): Promise<number | 'aborted'> {
   let reply: Reply;
   let file: OpenedFile | undefined;
+  let caller: Caller | undefined;
   try {
     const { route, params } = resolveRoute(face, incoming);
     const transport: Transport = { remoteAddress: incoming.remoteAddress, secure: incoming.secure };
-    const caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport);
+    caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport);
     const body = route.jsonBody ? exchange.readBody(incoming.headers, route.maxBodyBytes ?? maxBodyBytes) : undefined;
     const form = route.formBody ? exchange.readBody(incoming.headers, maxBodyBytes) : undefined;
     const bodyStream = route.streamBody ? exchange.streamBody(incoming.headers) : undefined;
@@ -470,7 +471,7 @@ async function serve(
     reply = await route.handle(request);
     if (reply.file) ({ reply, file } = await openFileReply(reply, reply.file, incoming.headers));
   } catch (err) {
-    const error = asCloudletError(err);
+    const error = seenBy(asCloudletError(err), caller);
     // Unexpected errors keep their stack for the operator's log only; the client gets code and message.
     if (error.code === 'INTERNAL') log(`${incoming.method} ${incoming.url}: ${describe(error.cause ?? error)}`);
     reply = face.errorReply(error);

@@ -45,6 +45,8 @@ export const RECIPE_LIMITS = { bodyBytes: 1 << 20, files: 64, fileBytes: 512 << 
 /** Guest paths: absolute, made of plain segments (no `.`/`..`, no quoting hazards). */
 const GUEST_PATH = /^(\/[A-Za-z0-9_+@-][A-Za-z0-9._+@-]*)+$/;
 const PACKAGE_NAME = /^[a-z0-9][a-z0-9+.-]{0,99}$/;
+/** Free text that ends up inside the generated user-data script: one line, no control characters. */
+const ONE_LINE = /^[^\p{Cc}\u2028\u2029]*$/u;
 const DEFAULT_TIMEOUT_MS = 120000;
 
 /** Field problems come from the shared manifest reader; they are recipe problems here. */
@@ -75,9 +77,9 @@ function readRecipe(r: ManifestReader): Recipe {
   return {
     format: 1,
     service_id: r.string('service_id', raw.service_id, SERVICE_ID),
-    version: r.string('version'),
+    version: oneLine('version', r.string('version')),
     // A stored recipe (recipeJson) has '' and null for what its author left out: it must read back after a restart.
-    description: raw.description === undefined || raw.description === '' ? '' : r.string('description'),
+    description: raw.description === undefined || raw.description === '' ? '' : oneLine('description', r.string('description')),
     base: r.string('base', raw.base, /^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$/),
     port: r.integer('port', 1, 65535),
     memory_mib: raw.memory_mib == null ? null : r.integer('memory_mib', LIMITS.memoryMib.min, LIMITS.memoryMib.max),
@@ -89,6 +91,12 @@ function readRecipe(r: ManifestReader): Recipe {
     packages: readPackages(raw.packages),
     cache: raw.cache === 'after-first-use' ? 'after-first-use' : 'on-request',
   };
+}
+
+/** A newline in `version` would end the script's comment line and run the rest as a command in the guest. */
+function oneLine(field: string, value: string): string {
+  if (!ONE_LINE.test(value)) throw invalid(field, 'must be one line of text, without newlines or other control characters');
+  return value;
 }
 
 function readFiles(value: unknown): RecipeFile[] {

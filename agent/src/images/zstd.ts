@@ -27,11 +27,20 @@ export function zstdEncodeStream(): Duplex {
 function zstdStream(args: string[], failure: string): Duplex {
   const zstd = spawn('zstd', args, { stdio: ['pipe', 'pipe', 'ignore'] });
   const duplex = Duplex.from({ writable: zstd.stdin, readable: zstd.stdout });
+  // Without a listener, a failed spawn (zstd not installed) is an uncaught error that ends the whole agent.
+  zstd.on('error', (err) => duplex.destroy(spawnError(err)));
   zstd.on('exit', (code, signal) => {
     if (code !== 0 && signal === null) duplex.destroy(new Error(`zstd exited with ${code}: ${failure}`));
   });
   duplex.on('close', () => zstd.kill());
   return duplex;
+}
+
+/** Why zstd could not run (the child's 'error' event: not installed, not executable). */
+function spawnError(err: NodeJS.ErrnoException): CloudletError {
+  return err.code === 'ENOENT'
+    ? new CloudletError('IMAGE_TOOL_FAILED', 'zstd not found: install the Debian package zstd', { cause: err })
+    : new CloudletError('IMAGE_TOOL_FAILED', `zstd: ${err.message}`, { cause: err });
 }
 
 /** Runs zstd with `args`, `input` on stdin; resolves with stdout. Output beyond `maxOutputBytes` is a failure. */
@@ -48,9 +57,7 @@ function run(args: string[], input: Buffer, maxOutputBytes: number): Promise<Buf
       child.kill();
       reject(err);
     };
-    child.on('error', (err: NodeJS.ErrnoException) => fail(err.code === 'ENOENT'
-      ? new CloudletError('IMAGE_TOOL_FAILED', 'zstd not found: install the Debian package zstd', { cause: err })
-      : new CloudletError('IMAGE_TOOL_FAILED', `zstd: ${err.message}`, { cause: err })));
+    child.on('error', (err) => fail(spawnError(err)));
     child.stdout.on('data', (chunk: Buffer) => {
       outBytes += chunk.length;
       if (outBytes > maxOutputBytes) return fail(new CloudletError('IMAGE_TOOL_FAILED', `zstd output exceeds ${maxOutputBytes} bytes`));
@@ -125,11 +132,7 @@ export class StreamDecoder {
   constructor(reference?: ZstdReference) {
     const withReference = reference ? [`--long=${reference.windowLog}`, `--patch-from=${reference.path}`] : [];
     this.child = spawn('zstd', ['-d', '-q', '-c', '--no-progress', ...withReference], { stdio: ['pipe', 'pipe', 'pipe'] });
-    this.child.on('error', (err: NodeJS.ErrnoException) => {
-      this.failed = err.code === 'ENOENT'
-        ? new CloudletError('IMAGE_TOOL_FAILED', 'zstd not found: install the Debian package zstd', { cause: err })
-        : new CloudletError('IMAGE_TOOL_FAILED', `zstd: ${err.message}`, { cause: err });
-    });
+    this.child.on('error', (err) => { this.failed = spawnError(err); });
     this.child.stderr.on('data', (chunk: Buffer) => { this.stderr += chunk.toString(); });
     this.child.stdin.on('error', () => {}); // an early exit is reported through its output ending
     this.out = new ByteReader(this.child.stdout, (endsAt) => this.failed ?? new CloudletError('OVERLAY_INVALID',

@@ -5,7 +5,7 @@
  */
 import net from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
-import { CloudletError } from '../errors';
+import { CloudletError, withoutDetail } from '../errors';
 import type { Stopper } from '../core/types';
 import { sha256, type DeviceRegistry, type PairedDevice } from './devices';
 
@@ -21,6 +21,14 @@ export function deviceIdOf(caller: Caller): string | undefined {
 /** Who a caller is when it holds or releases a use of an instance; an anonymous one by its address (addressKey). */
 export function stopperOf(caller: Caller, remoteAddress: string): Stopper {
   return caller.kind === 'device' ? { device: caller.device.id } : caller.kind === 'admin' ? 'operator' : { anonymous: addressKey(remoteAddress) };
+}
+
+/**
+ * An error as `caller` may see it: a failed launch's console tail is the instance's console, which only the operator
+ * may read (GET /v1/instances/:id/console); the guest may have printed anything there.
+ */
+export function seenBy(error: CloudletError, caller: Caller | undefined): CloudletError {
+  return error.details?.console_tail === undefined || caller?.kind === 'admin' ? error : withoutDetail(error, 'console_tail');
 }
 
 /** How a request reached the agent. */

@@ -4,10 +4,12 @@
  * pin the certificate's SHA-256 fingerprint (of its DER) when they pair (docs/security.md).
  */
 import { execFile } from 'node:child_process';
-import { X509Certificate } from 'node:crypto';
-import { chmod, mkdtemp, readFile, rename, rm } from 'node:fs/promises';
+import { createPrivateKey, X509Certificate } from 'node:crypto';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
+import { replaceFile } from '../core/atomic-file';
 import { CloudletError, isErrno } from '../errors';
+import type { Logger } from '../log';
 import { ensureSecretDir } from './secret-file';
 
 export interface TlsIdentity {
@@ -19,24 +21,52 @@ export interface TlsIdentity {
 
 const VALID_DAYS = 3650;
 
-/** The data directory's certificate, made now if there is none. */
-export async function ensureTlsIdentity(dataDir: string, hostname: string): Promise<TlsIdentity> {
+/**
+ * The data directory's certificate, made now if there is none. One that is unusable (a torn or empty file, a key that
+ * is not the certificate's) never stops the agent: it is made anew and the log says so, since phones that pinned the
+ * old one must pair again.
+ */
+export async function ensureTlsIdentity(dataDir: string, hostname: string, log: Logger): Promise<TlsIdentity> {
   const dir = path.join(dataDir, 'trust', 'tls');
   const keyFile = path.join(dir, 'key.pem');
   const certFile = path.join(dir, 'cert.pem');
   await ensureSecretDir(dir);
-  let pem = await readFile(certFile, 'utf8').catch((err: unknown) => {
-    if (isErrno(err, 'ENOENT')) return null;
-    throw err;
-  });
-  if (pem === null) {
+  let found = await readIdentity(keyFile, certFile);
+  if (typeof found === 'string') {
+    if (found !== 'absent') log(`the TLS certificate in ${dir} is unusable (${found}); making a new one: paired phones must pair again`);
     await generate(dir, hostname, keyFile, certFile);
-    pem = await readFile(certFile, 'utf8');
+    found = await readIdentity(keyFile, certFile);
+    if (typeof found === 'string') throw new CloudletError('INTERNAL', `the TLS certificate just made in ${dir} is unusable: ${found}`);
   }
-  return { keyFile, certFile, fingerprint: new X509Certificate(pem).fingerprint256 };
+  return { keyFile, certFile, fingerprint: found.fingerprint256 };
 }
 
-/** Key and certificate are made aside and renamed in key first, so a crash never leaves a certificate without its key. */
+/** The certificate, if it and its key are whole and belong together; else 'absent' (neither exists) or what is wrong. */
+async function readIdentity(keyFile: string, certFile: string): Promise<X509Certificate | string> {
+  const [key, cert] = await Promise.all([keyFile, certFile].map((file) => readFile(file, 'utf8').catch((err: unknown) => {
+    if (isErrno(err, 'ENOENT')) return null;
+    throw err;
+  })));
+  if (key == null && cert == null) return 'absent';
+  if (key == null || cert == null) return key == null ? 'its key is missing' : 'the certificate is missing';
+  let certificate: X509Certificate;
+  try {
+    certificate = new X509Certificate(cert);
+  } catch {
+    return 'the certificate is not a PEM certificate';
+  }
+  try {
+    if (!certificate.checkPrivateKey(createPrivateKey(key))) return 'the key is not the certificate\'s';
+  } catch {
+    return 'the key is not a PEM private key';
+  }
+  return certificate;
+}
+
+/**
+ * Made aside, then each file replaced durably (fsynced, renamed in, directory fsynced), key first: a crash in between
+ * leaves a key that is not the certificate's, which the next start finds and replaces.
+ */
 async function generate(dir: string, hostname: string, keyFile: string, certFile: string): Promise<void> {
   const work = await mkdtemp(path.join(dir, '.new-'));
   try {
@@ -46,9 +76,8 @@ async function generate(dir: string, hostname: string, keyFile: string, certFile
     await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-sha256',
       '-days', String(VALID_DAYS), '-keyout', key, '-out', cert, '-subj', `/CN=${cn}`,
       '-addext', `subjectAltName=DNS:${cn},DNS:${cn}.local,DNS:localhost,IP:127.0.0.1`]);
-    await chmod(key, 0o600);
-    await rename(key, keyFile);
-    await rename(cert, certFile);
+    await replaceFile(keyFile, await readFile(key, 'utf8'), 0o600);
+    await replaceFile(certFile, await readFile(cert, 'utf8'), 0o644);
   } finally {
     await rm(work, { recursive: true, force: true });
   }

@@ -8,7 +8,7 @@
  *   rest     the payload: a gzipped tar of the release directory
  *
  * Only the small header is signed, so checking a signature needs no pass over the payload; the payload is then bound
- * to it by its SHA-256, checked while it is unpacked (a stream: bundles are tens of MB).
+ * to it by its SHA-256, checked over the whole payload before anything of it is unpacked.
  */
 import { createHash, createPublicKey, sign, verify, type KeyObject } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
@@ -101,16 +101,33 @@ function parseHeader(file: string, line: string): BundleHeader {
   return { version: header.version, sha256: header.sha256, size: header.size };
 }
 
-/** Unpack the payload into `dir` (which must exist), failing with BUNDLE_INVALID if it is not the signed one. */
+/**
+ * Unpack the payload into `dir` (which must exist), failing with BUNDLE_INVALID if it is not the signed one. The whole
+ * payload is first copied next to `dir` and hashed, so not one byte of a payload that is not the signed one is ever
+ * unpacked, and a bundle file changed meanwhile changes nothing. Files are unpacked as the updater's own, without the
+ * tar's owners and without setuid/setgid bits: a release needs neither, and the updater runs as root.
+ */
 export async function unpackBundle(bundle: VerifiedBundle, dir: string): Promise<void> {
-  const hash = createHash('sha256');
+  const payload = `${dir}.payload`;
   try {
-    await pipeline(createReadStream(bundle.file, { start: bundle.payloadOffset }), hashing(hash), unpackTar({ cwd: dir, strict: true }));
-  } catch (err) {
-    throw invalid(bundle.file, `its payload cannot be unpacked (${(err as Error).message})`);
+    const hash = createHash('sha256');
+    await pipeline(createReadStream(bundle.file, { start: bundle.payloadOffset }), hashing(hash), createWriteStream(payload, { flags: 'wx', mode: 0o600 }));
+    const digest = hash.digest('hex');
+    if (digest !== bundle.header.sha256) throw invalid(bundle.file, `its payload's SHA-256 is ${digest}, the signed header says ${bundle.header.sha256}`);
+    try {
+      await pipeline(createReadStream(payload), unpackTar({ cwd: dir, strict: true, preserveOwner: false, filter: withoutPrivilegeBits }));
+    } catch (err) {
+      throw invalid(bundle.file, `its payload cannot be unpacked (${(err as Error).message})`);
+    }
+  } finally {
+    await rm(payload, { force: true });
   }
-  const digest = hash.digest('hex');
-  if (digest !== bundle.header.sha256) throw invalid(bundle.file, `its payload's SHA-256 is ${digest}, the signed header says ${bundle.header.sha256}`);
+}
+
+/** A tar filter that keeps every entry, clearing its setuid and setgid bits. */
+function withoutPrivilegeBits(_path: string, entry: { mode?: number }): boolean {
+  if (typeof entry.mode === 'number') entry.mode &= ~0o6000;
+  return true;
 }
 
 function hashing(hash: ReturnType<typeof createHash>): Transform {

@@ -4,12 +4,14 @@
  *   current            symlink to the release the unit runs (absent: the factory release in the image)
  *   releases/<name>/   releases installed from bundles, <version>-<first 12 hex of the payload's SHA-256>
  *   update.json        the last update: verifying (switched, not yet confirmed healthy), committed or rolled-back
+ *   update.json.unreadable  a record found torn or empty, set aside by the recovery
  *   update.lock        held by the updater while it runs: {pid, bootId}
  *
  * The factory release lives in the read-only image, so a box can always go back to it.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, readFile, readdir, readlink, rename, rm, symlink, unlink, writeFile } from 'node:fs/promises';
+import { replaceFile } from '../core/atomic-file';
 import path from 'node:path';
 import { CloudletError, isErrno } from '../errors';
 import { unpackBundle, type VerifiedBundle } from './bundle';
@@ -90,19 +92,26 @@ export class ReleaseStore {
     }
   }
 
-  async record(): Promise<UpdateRecord | null> {
+  /** The last update's record: null when there is none, 'unreadable' when the file is torn, empty or not one. */
+  async record(): Promise<UpdateRecord | null | 'unreadable'> {
+    let text: string;
     try {
-      return JSON.parse(await readFile(this.stateFile, 'utf8')) as UpdateRecord;
+      text = await readFile(this.stateFile, 'utf8');
     } catch (err) {
       if (isErrno(err, 'ENOENT')) return null;
       throw err;
     }
+    return parseRecord(text) ?? 'unreadable';
   }
 
+  /** Durably (written aside, fsynced, renamed in): a power cut leaves the previous record or this one, whole. */
   async writeRecord(record: UpdateRecord): Promise<void> {
-    const tmp = `${this.stateFile}.tmp`;
-    await writeFile(tmp, JSON.stringify(record, null, 2) + '\n');
-    await rename(tmp, this.stateFile);
+    await replaceFile(this.stateFile, JSON.stringify(record, null, 2) + '\n', 0o644);
+  }
+
+  /** Keep an unreadable record for a look later, out of the way of the next one. */
+  async setAsideRecord(): Promise<void> {
+    await rename(this.stateFile, `${this.stateFile}.unreadable`);
   }
 
   /**
@@ -136,6 +145,22 @@ export class ReleaseStore {
     // Same boot and a live pid: after a reboot pids start over, so an old lock's pid may be anyone's.
     return owner.bootId === (await bootId()) && isAlive(owner.pid) ? owner : null;
   }
+}
+
+const STATES: readonly string[] = ['verifying', 'committed', 'rolled-back'] satisfies UpdateRecord['state'][];
+
+/** The record in `text`, or null when it is not one (torn by a power cut before records were synced, or damaged). */
+function parseRecord(text: string): UpdateRecord | null {
+  let value: Partial<Record<keyof UpdateRecord, unknown>>;
+  try {
+    value = JSON.parse(text) as typeof value;
+  } catch {
+    return null;
+  }
+  if (typeof value !== 'object' || value === null || !STATES.includes(value.state as string)) return null;
+  const { version, from, to, at, reason } = value;
+  if (![version, from, to, at].every((field) => typeof field === 'string') || (reason !== undefined && typeof reason !== 'string')) return null;
+  return value as UpdateRecord;
 }
 
 /** The version in a release directory's package.json. */

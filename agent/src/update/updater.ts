@@ -81,15 +81,40 @@ export async function applyUpdate(opts: UpdateOptions): Promise<UpdateRecord> {
 /**
  * Before an agent start: an update left "verifying" with no live updater was interrupted, so go back to the release
  * it replaced (unconfirmed means not good, as in Mender). Returns the record written, or null when nothing was to do.
- * Runs under an updater's own restarts too, which it then leaves alone (the updater holds the lock).
+ * Runs under an updater's own restarts too, which it then leaves alone (the updater holds the lock). An unreadable
+ * record never stops the start: see recoverUnreadableRecord.
  */
 export async function recoverInterruptedUpdate(store: ReleaseStore, log: Logger): Promise<UpdateRecord | null> {
   const record = await store.record();
-  if (record?.state !== 'verifying' || (await store.lockHolder())) return null;
+  if (record === null || (await store.lockHolder())) return null;
+  if (record === 'unreadable') return recoverUnreadableRecord(store, log);
+  if (record.state !== 'verifying') return null;
   log(`the update to ${record.version} was interrupted before it was confirmed healthy; going back to ${record.from}`);
   await store.switchTo(record.from);
   await store.prune([record.from]);
   const rolledBack: UpdateRecord = { ...record, state: 'rolled-back', reason: 'interrupted before it was confirmed healthy', at: new Date().toISOString() };
+  await store.writeRecord(rolledBack);
+  return rolledBack;
+}
+
+/**
+ * A torn or empty update.json (a disk that lost it) says nothing of whether the release `current` points at was ever
+ * confirmed healthy. Unconfirmed means not good, and the only release known good without a record is the factory
+ * one: the box goes back to it (installed releases are kept, to be updated to again). The record is set aside.
+ */
+async function recoverUnreadableRecord(store: ReleaseStore, log: Logger): Promise<UpdateRecord | null> {
+  const current = await store.current();
+  await store.setAsideRecord();
+  if (current === store.factoryDir) {
+    log('update.json was unreadable (set aside as update.json.unreadable); the factory release runs, so nothing is to undo');
+    return null;
+  }
+  log(`update.json was unreadable (set aside as update.json.unreadable): whether ${current} was confirmed healthy is unknown; going back to the factory release ${store.factoryDir}`);
+  await store.switchTo(store.factoryDir);
+  const version = await releaseVersion(current).catch(() => 'unknown');
+  const rolledBack: UpdateRecord = {
+    state: 'rolled-back', version, from: store.factoryDir, to: current, reason: 'its update record was unreadable', at: new Date().toISOString(),
+  };
   await store.writeRecord(rolledBack);
   return rolledBack;
 }
