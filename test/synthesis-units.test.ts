@@ -9,6 +9,10 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { ImageReader, Qcow2OverlayWriter } from '../agent/src/images/qcow2-overlay';
 import { compressFrame, StreamDecoder, zstdReference } from '../agent/src/images/zstd';
+import type { BaseVm } from '../agent/src/core/bases';
+import type { ServiceManifest } from '../agent/src/core/types';
+import { synthesisService } from '../agent/src/mechanisms/synthesis';
+import type { OpenedOverlay } from '../agent/src/synthesis/apply';
 import { findRamPages } from '../agent/src/synthesis/migration-stream';
 import { decodeRecords, encodeRecord, Source, Target } from '../agent/src/synthesis/overlay-format';
 
@@ -103,4 +107,15 @@ t.test('a stream that is not a QEMU migration stream has no RAM pages to find', 
   tt.equal(findRamPages(Buffer.alloc(1 << 16), 0), null);
   const fake = Buffer.concat([Buffer.from('QEVM'), Buffer.alloc(100)]);
   tt.equal(findRamPages(fake, 0), null);
+});
+
+t.test('an overlay may not ask for more memory or vCPUs than the base the operator imported', async (tt) => {
+  const sized = (memory_mib: number, vcpus: number) => ({ service_id: 'org.test.svc', memory_mib, vcpus, boot: null }) as unknown as ServiceManifest;
+  const base = { name: 'base', dir: '/nonexistent', manifest: sized(128, 1) } as unknown as BaseVm;
+  const overlayAsking = (memory: number, vcpus: number) => ({ manifest: { service: sized(memory, vcpus) } }) as unknown as OpenedOverlay;
+  const arrived = async () => {};
+  tt.equal(synthesisService(overlayAsking(128, 1), base, false, arrived).manifest.memory_mib, 128, 'as much as the base is fine');
+  tt.equal(synthesisService(overlayAsking(64, 1), base, false, arrived).manifest.memory_mib, 64, 'less is fine');
+  tt.throws(() => synthesisService(overlayAsking(65536, 1), base, false, arrived), { code: 'OVERLAY_INVALID', message: /memory_mib 65536, more than its base's 128/ });
+  tt.throws(() => synthesisService(overlayAsking(128, 64), base, false, arrived), { code: 'OVERLAY_INVALID', message: /vcpus 64, more than its base's 1/ });
 });

@@ -33,6 +33,10 @@ export function synthesisService(overlay: OpenedOverlay, base: BaseVm, keep: boo
   const manifest = overlay.manifest.service;
   // The VM boots or resumes on the base's kernel and initrd: the overlay can only change the disk and memory.
   if (JSON.stringify(manifest.boot) !== JSON.stringify(base.manifest.boot)) throw invalid('the service does not boot the way its base does');
+  // The operator sized the base when importing it; a phone's overlay may not ask the box for more than that.
+  for (const field of ['memory_mib', 'vcpus'] as const) {
+    if (manifest[field] > base.manifest[field]) throw invalid(`the service asks for ${field} ${manifest[field]}, more than its base's ${base.manifest[field]}`);
+  }
   return { id: manifest.service_id, dir: base.dir, importedAt: new Date().toISOString(), manifest, overlay, base, keep, arrived };
 }
 
