@@ -22,6 +22,9 @@ const HEADLINES: Record<string, string[]> = {
   'web': ['page_bytes', 'first_render_ms'],
 };
 
+/** How long one quick benchmark may run before it is killed. */
+const BENCH_DEADLINE_MS = 14 * 60_000;
+
 interface Outcome { code: number | null; lastLine: string; stderr: string }
 
 function runBench(name: string): Promise<Outcome> {
@@ -29,7 +32,8 @@ function runBench(name: string): Promise<Outcome> {
     // As `./build.sh bench` runs it: without tap's NODE_OPTIONS preload, which would reach the agent the benchmark
     // starts and size libuv's threadpool before the agent can (a burst of restores then waits on its own file reads).
     const { NODE_OPTIONS: _preload, ...env } = process.env;
-    const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'bench', `${name}.js`), '--quick'], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'bench', `${name}.js`), '--quick'], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'],
+      timeout: BENCH_DEADLINE_MS, killSignal: 'SIGKILL' }); // a hung benchmark must not hold the file open past its test
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
@@ -53,7 +57,7 @@ t.test('every benchmark has its headline figures listed here', async (tt) => {
 });
 
 for (const name of benches) {
-  t.test(`benchmark ${name} runs in its quick mode and ends with its JSON line`, { skip: BROKEN[name] ?? false, timeout: 15 * 60_000 }, async (tt) => {
+  t.test(`benchmark ${name} runs in its quick mode and ends with its JSON line`, { skip: BROKEN[name] ?? false, timeout: BENCH_DEADLINE_MS + 60_000 }, async (tt) => {
     const { code, lastLine, stderr } = await runBench(name);
     tt.equal(code, 0, `exit code; the end of its stderr:\n${stderr}`);
     let result: Record<string, unknown> = {};
