@@ -29,10 +29,7 @@ interface Outcome { code: number | null; lastLine: string; stderr: string }
 
 function runBench(name: string): Promise<Outcome> {
   return new Promise((resolve, reject) => {
-    // As `./build.sh bench` runs it: without tap's NODE_OPTIONS preload, which would reach the agent the benchmark
-    // starts and size libuv's threadpool before the agent can (a burst of restores then waits on its own file reads).
-    const { NODE_OPTIONS: _preload, ...env } = process.env;
-    const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'bench', `${name}.js`), '--quick'], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'],
+    const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'bench', `${name}.js`), '--quick'], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'],
       timeout: BENCH_DEADLINE_MS, killSignal: 'SIGKILL' }); // a hung benchmark must not hold the file open past its test
     let stdout = '';
     let stderr = '';
@@ -43,13 +40,6 @@ function runBench(name: string): Promise<Outcome> {
   });
 }
 
-/**
- * Benchmarks that do not finish today, each with the reason; they are skipped, not hidden (issue 13 stays open on them).
- * limits: its burst of 4 memory-state restores with limits.concurrentLaunches 4 stops with the domains paused and the
- * restore FIFOs open but unfed; at the default of 2 concurrent launches every test restores normally.
- */
-const BROKEN: Record<string, string> = { limits: '4 concurrent restores stall (see the comment above)' };
-
 const benches = readdirSync(path.join(ROOT, 'bench')).filter((f) => f.endsWith('.ts')).map((f) => f.slice(0, -3)).sort();
 
 t.test('every benchmark has its headline figures listed here', async (tt) => {
@@ -57,7 +47,7 @@ t.test('every benchmark has its headline figures listed here', async (tt) => {
 });
 
 for (const name of benches) {
-  t.test(`benchmark ${name} runs in its quick mode and ends with its JSON line`, { skip: BROKEN[name] ?? false, timeout: BENCH_DEADLINE_MS + 60_000 }, async (tt) => {
+  t.test(`benchmark ${name} runs in its quick mode and ends with its JSON line`, { timeout: BENCH_DEADLINE_MS + 60_000 }, async (tt) => {
     const { code, lastLine, stderr } = await runBench(name);
     tt.equal(code, 0, `exit code; the end of its stderr:\n${stderr}`);
     let result: Record<string, unknown> = {};

@@ -88,6 +88,27 @@ t.test('two concurrent starts get two instances on distinct ports, both serving'
   await assertNothingLeft(tt, 'after both stops');
 });
 
+// The timeout turns the old failure, a hang, into a failed test.
+t.test('a burst of restores larger than half the agent\'s thread pool all become ready', { timeout: 180_000 }, async (tt) => {
+  // Each restore's libvirt call holds a pool thread until its memory state is fed, which takes pool threads too: with
+  // a pool of 2 and 4 launch slots, 4 restores at once used to wait forever with their domains paused.
+  await agent.stop();
+  await agent.launch({ UV_THREADPOOL_SIZE: '2', CLOUDLET_MAX_LAUNCHES: '4', CLOUDLET_LAUNCH_QUEUE: '4' });
+  try {
+    const starts = await Promise.all(Array.from({ length: 4 }, () => agent.post('/v1/instances', { service_id: SERVICE, join: false })));
+    for (const start of starts) {
+      tt.equal(start.status, 201, start.body);
+      tt.equal(start.json.instance.launch, 'memory-state');
+      tt.match(await fetchText(start.json.endpoint.port), GUEST_CONTENT);
+    }
+    for (const start of starts) await agent.delete(`/v1/instances/${start.json.instance.id}`);
+    await assertNothingLeft(tt, 'after the burst');
+  } finally {
+    await agent.stop();
+    await agent.launch();
+  }
+});
+
 t.test('join shares a ready instance of a shareable service until its last user stops it', async (tt) => {
   // Both arrive while no instance exists: one VM is launched and the other request waits for it and joins.
   const [first, second] = await Promise.all([

@@ -118,9 +118,11 @@ export class AgentProcess {
 
   /** Start (or restart) the agent process and wait until its API answers; `env` adds to (or overrides) the options' env. */
   async launch(env: Record<string, string> = {}): Promise<void> {
+    // Without tap's NODE_OPTIONS preload: it would run before the agent sizes libuv's thread pool (main.ts).
+    const { NODE_OPTIONS: _preload, ...inherited } = process.env;
     this.proc = spawn(process.execPath, [AGENT_MAIN], {
       env: {
-        ...process.env,
+        ...inherited,
         CLOUDLET_PORT: String(this.apiPort),
         CLOUDLET_API_HOST: '127.0.0.1',
         CLOUDLET_DATA_DIR: this.dataDir,

@@ -36,6 +36,31 @@ function libvirtCodeOf(err: unknown): string | undefined {
   return err instanceof CloudletError ? (err.details as { libvirt_code?: string } | undefined)?.libvirt_code : undefined;
 }
 
+/**
+ * A restore's libvirt call holds a libuv pool thread until QEMU has read the whole memory state, and the lifecycle watch
+ * holds one for good: restores may take at most half of the rest, so the agent's own file work (a synthesis feeding its
+ * stream, requests, records) always finds a thread. A cached restore's feed needs none (save-image.ts).
+ */
+const RESTORES_AT_ONCE = Math.max(1, Math.floor(((Number(process.env.UV_THREADPOOL_SIZE) || 4) - 1) / 2));
+
+/** At most `free` runs at once; the others wait their turn, in order. */
+class Turnstile {
+  private readonly waiting: (() => void)[] = [];
+  constructor(private free: number) {}
+
+  async run<T>(work: () => Promise<T>): Promise<T> {
+    if (this.free > 0) this.free--;
+    else await new Promise<void>((resolve) => this.waiting.push(resolve));
+    try {
+      return await work();
+    } finally {
+      const next = this.waiting.shift();
+      if (next) next();
+      else this.free++;
+    }
+  }
+}
+
 async function mapped<T>(call: Promise<T>): Promise<T> {
   try {
     return await call;
@@ -82,6 +107,7 @@ export class Hypervisor implements InstanceRuntime {
   private livenessTimer: NodeJS.Timeout | undefined;
   private reconnecting: Promise<void> | undefined;
   private closed = false;
+  private readonly restores = new Turnstile(RESTORES_AT_ONCE);
 
   private constructor(
     conn: Connection,
@@ -125,7 +151,11 @@ export class Hypervisor implements InstanceRuntime {
   }
 
   /** Restore a new transient domain from a service's saved memory state, with the instance's own XML. */
-  async restore(state: { image: string | LiveMigrationStream; header: SaveImageHeader }, xml: string, workDir: string, onProgress?: StreamProgress): Promise<void> {
+  restore(state: { image: string | LiveMigrationStream; header: SaveImageHeader }, xml: string, workDir: string, onProgress?: StreamProgress): Promise<void> {
+    return this.restores.run(() => this.restoreNow(state, xml, workDir, onProgress));
+  }
+
+  private async restoreNow(state: { image: string | LiveMigrationStream; header: SaveImageHeader }, xml: string, workDir: string, onProgress?: StreamProgress): Promise<void> {
     const conn = this.connection();
     const source = await prepareRestoreSource(state.image, state.header, xml, workDir, onProgress);
     const restoring = this.call(() => conn.restoreDomain(source.path, null, DomainFlags.VIR_DOMAIN_SAVE_RUNNING));

@@ -13,8 +13,8 @@
  *   xml\0 [cookie\0] [padding]. cookieOffset is relative to the end of the 92-byte header (= strlen(xml)+1),
  *   0 when there is no cookie. The QEMU migration stream starts right after data_len; no alignment is required.
  */
-import { execFile } from 'node:child_process';
-import { close as closeCallback, constants as fsConstants, createReadStream, open as openCallback } from 'node:fs';
+import { execFile, spawn } from 'node:child_process';
+import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import { open, rm, stat } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
@@ -30,10 +30,8 @@ const FIXED_HEADER_BYTES = 92;
 /** Values of the `compressed` field libvirt 9.0 knows: raw, gzip, bzip2, xz, lzop. libvirt decompresses the
  *  stream itself, so we pass any of them through; newer values (zstd, the non-stream "sparse" format) we can't. */
 const COMPRESSION_NAMES = ['raw', 'gzip', 'bzip2', 'xz', 'lzop'];
-/** How often we retry opening the FIFO for writing until libvirtd has opened it for reading. A non-blocking
- *  open keeps libuv's threadpool free: a blocking open would park a pool thread that the restore call needs. */
+/** How often we retry opening the FIFO for writing until libvirtd has opened it for reading. */
 const READER_POLL_MS = 2;
-const STREAM_CHUNK_BYTES = 1 << 20;
 /** libvirt pads its own headers by 64 KiB; anything near this bound is garbage, not a domain XML. */
 const MAX_DATA_BYTES = 16 << 20;
 
@@ -145,8 +143,6 @@ export async function readSaveImageHeaderFrom(read: (bytes: number) => Promise<B
 }
 
 const execFileAsync = promisify(execFile);
-const openFd = promisify(openCallback);
-const closeFd = promisify(closeCallback);
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
 /**
@@ -173,8 +169,9 @@ export async function prepareRestoreSource(templatePath: string | LiveMigrationS
     throw new CloudletError('LAUNCH_FAILED', `cannot create the restore FIFO ${path}: ${(err as Error).message}`, { cause: err });
   });
 
+  const stream = typeof templatePath === 'string' ? { file: templatePath, bytes: (await stat(templatePath)).size - template.streamOffset } : templatePath;
   const abort = new AbortController();
-  const feeding = feed(path, templatePath, template.streamOffset, header, abort.signal, onProgress);
+  const feeding = feed(path, stream, template.streamOffset, header, abort.signal, onProgress);
   feeding.catch(() => {}); // observed through done(); never an unhandled rejection
   let disposed: Promise<void> | undefined;
   return {
@@ -184,29 +181,36 @@ export async function prepareRestoreSource(templatePath: string | LiveMigrationS
       (disposed ??= (async () => {
         abort.abort();
         await feeding.catch(() => {});
-        await releaseWaitingReader(path);
+        releaseWaitingReader(path);
         await rm(path, { force: true });
       })()),
   };
 }
 
-async function feed(path: string, templatePath: string | LiveMigrationStream, streamOffset: number, header: Buffer, signal: AbortSignal,
+/**
+ * Everything here stays off libuv's thread pool: the restore call that reads this FIFO holds a pool thread until it has
+ * read it all, so a burst of restores can hold the whole pool, and a feed that needed a pool thread would wait forever.
+ * Hence a child process reads the template file, and the FIFO is opened without blocking (see openWhenReaderArrives).
+ */
+async function feed(path: string, stream: { file: string; bytes: number } | LiveMigrationStream, streamOffset: number, header: Buffer, signal: AbortSignal,
   onProgress: StreamProgress): Promise<void> {
-  const total = header.length + (typeof templatePath === 'string' ? (await stat(templatePath)).size - streamOffset : templatePath.bytes);
+  const total = header.length + stream.bytes;
   const fd = await openWhenReaderArrives(path, signal);
   const sink = new Socket({ fd, readable: false, writable: true }); // a pipe fd: libuv writes it non-blocking
+  const reader = 'chunks' in stream ? null : templateReader(stream.file, streamOffset);
+  const chunks: AsyncIterable<Buffer> = reader?.stdout ?? (stream as LiveMigrationStream).chunks;
   try {
     await pipeline(
       async function* () {
         let done = header.length;
         yield header;
-        const chunks = typeof templatePath === 'string'
-          ? createReadStream(templatePath, { start: streamOffset, highWaterMark: STREAM_CHUNK_BYTES }) : templatePath.chunks;
         for await (const chunk of chunks) {
           yield chunk;
           done += (chunk as Buffer).length;
           onProgress(done, total);
         }
+        if (reader) await reader.succeeded();
+        if (done !== total) throw new Error(`the memory state ended after ${done} of ${total} bytes`);
       },
       sink,
       { signal },
@@ -217,21 +221,47 @@ async function feed(path: string, templatePath: string | LiveMigrationStream, st
     throw new CloudletError('LAUNCH_FAILED', `restore stream failed: ${(err as Error).message}`, { cause: err });
   } finally {
     sink.destroy();
+    reader?.stop();
   }
 }
 
-/** Lets a reader blocked in open() (libvirtd waiting for a writer that will never come) see EOF and fail. */
-async function releaseWaitingReader(path: string): Promise<void> {
-  const fd = await openFd(path, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK).catch(() => null); // ENXIO: nobody waits
-  if (fd !== null) await closeFd(fd);
+/** The template's migration stream, from `offset` on, read by `tail` (whose reads take no pool thread of ours). */
+function templateReader(file: string, offset: number) {
+  const child = spawn('tail', ['-c', `+${offset + 1}`, '--', file], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-1024); });
+  const exited = new Promise<number | null>((resolve) => {
+    child.once('error', () => resolve(null));
+    child.once('close', (code) => resolve(code));
+  });
+  return {
+    stdout: child.stdout,
+    succeeded: async () => {
+      const code = await exited;
+      if (code !== 0) throw new Error(`reading ${file} failed (${code === null ? 'tail did not run' : `exit ${code}`}): ${stderr.trim()}`);
+    },
+    stop: () => { if (child.exitCode === null) child.kill('SIGKILL'); },
+  };
 }
 
-/** O_NONBLOCK open of a FIFO for writing fails with ENXIO until a reader has it open. */
+/** Lets a reader blocked in open() (libvirtd waiting for a writer that will never come) see EOF and fail. */
+function releaseWaitingReader(path: string): void {
+  try {
+    closeSync(openSync(path, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK));
+  } catch {
+    // ENXIO: nobody waits
+  }
+}
+
+/**
+ * O_NONBLOCK open of a FIFO for writing fails with ENXIO until a reader has it open. It never waits, so it is made on
+ * the event loop (a FIFO in the instance directory: no disk read behind it) rather than on the pool a restore holds.
+ */
 async function openWhenReaderArrives(path: string, signal: AbortSignal): Promise<number> {
   for (;;) {
     if (signal.aborted) throw new CloudletError('LAUNCH_FAILED', 'restore source disposed before it was opened');
     try {
-      return await openFd(path, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK);
+      return openSync(path, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK);
     } catch (err) {
       if (!isErrno(err, 'ENXIO')) throw new CloudletError('LAUNCH_FAILED', `cannot open the restore FIFO ${path}: ${(err as Error).message}`, { cause: err });
     }
