@@ -263,8 +263,9 @@ export class InstanceRegistry {
       if (joined) return { instance: joined, joined: true };
       const pending = this.pendingShared.get(service.id);
       if (pending) {
-        const shared = await pending.catch(() => null);
-        const rejoined = shared && (await this.tryJoin(service.id, owner));
+        // Its failure is the joiners' too: were each to launch anew, the joiners of one service would start a VM each.
+        await pending;
+        const rejoined = await this.tryJoin(service.id, owner);
         if (rejoined) return { instance: rejoined, joined: true };
       }
     }
