@@ -36,21 +36,25 @@ t.test('joins', async (t) => {
     tt.match(registry.get(first.instance.id), { state: 'ready', users: 2, owners: ['alice', 'bob'] });
   });
 
-  t.test('a joiner arriving during a launch waits for that launch instead of starting one of its own', async (tt) => {
-    const { registry, runtime } = await fakeCloudlet(tt, { ports: ports(2) });
+  t.test('a joiner arriving during a launch waits for the instance to be ready instead of starting one of its own', async (tt) => {
+    const { registry, runtime, events } = await fakeCloudlet(tt, { ports: ports(2) });
     const first = registry.start(SHARED, true, runtime.vm);
     const launch = await runtime.nextLaunch();
-    const joiner = registry.start(SHARED, true, runtime.vm, { device: 'bob' });
-    const joinerDone = settledFlag(joiner);
+    const whileLaunching = registry.start(SHARED, true, runtime.vm, { device: 'bob' });
+    launch.boot();
+    await events.progress(launch.record.id, 'waiting-ready');
+    const whileWaitingReady = registry.start(SHARED, true, runtime.vm, { device: 'carol' });
+    const joinersDone = [settledFlag(whileLaunching), settledFlag(whileWaitingReady)];
     await idle();
-    tt.notOk(joinerDone(), 'the joiner waits while the instance starts');
-    tt.equal(runtime.launches.length, 1, 'and launches nothing');
-    await launch.succeed();
-    const [started, joined] = await Promise.all([first, joiner]);
-    tt.equal(joined.instance.id, started.instance.id);
-    tt.ok(joined.joined);
-    tt.equal(joined.timings, undefined, 'a join has no launch timings');
-    tt.equal(registry.get(started.instance.id).users, 2);
+    tt.same(joinersDone.map((done) => done()), [false, false], 'both joiners wait while the instance starts');
+    tt.equal(runtime.launches.length, 1, 'and launch nothing');
+    await launch.serve();
+    const [started, ...joins] = await Promise.all([first, whileLaunching, whileWaitingReady]);
+    for (const joined of joins) {
+      tt.match(joined, { joined: true, instance: { id: started.instance.id, state: 'ready' } });
+      tt.equal(joined.timings, undefined, 'a join has no launch timings');
+    }
+    tt.match(registry.get(started.instance.id), { users: 3, owners: ['bob', 'carol'] });
   });
 
   t.test('a failed shared launch fails its joiners with its error, and leaves no record, domain nor port', async (tt) => {

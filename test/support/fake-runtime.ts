@@ -29,6 +29,18 @@ export function deferred<T = void>(): Deferred<T> {
   return { promise, resolve, reject };
 }
 
+/**
+ * How long a test waits for what the registry should do at once before it calls that a hang: a failure with its name
+ * rather than a test file stalled until the runner kills it. Never a measure of speed.
+ */
+const HANG_MS = 10_000;
+
+/** `waiter`'s promise, rejected as a hang of `what` if the test has not seen it settle within HANG_MS. */
+function unlessHung<T>(waiter: Deferred<T>, what: string): Promise<T> {
+  const guard = setTimeout(() => waiter.reject(new Error(`hung: ${what}`)), HANG_MS);
+  return waiter.promise.finally(() => clearTimeout(guard));
+}
+
 /** Lets everything that can run now run (pending callbacks, I/O already due), without waiting for any time to pass. */
 export async function idle(): Promise<void> {
   for (let turn = 0; turn < 5; turn++) await new Promise((resolve) => setImmediate(resolve));
@@ -101,6 +113,8 @@ export class FakeRuntime implements InstanceRuntime {
 
   async writeRecord(record: InstanceRecord): Promise<void> {
     this.reachable();
+    // As libvirt's metadata of a domain that is gone (and a sandbox's state file): nothing to write it to.
+    if (!this.instances.has(record.id)) throw new CloudletError('INSTANCE_NOT_FOUND', `no instance ${record.id} runs`);
     this.instances.set(record.id, record);
   }
 
@@ -124,14 +138,14 @@ export class FakeRuntime implements InstanceRuntime {
     if (index < this.launches.length) return Promise.resolve(this.launches[index]);
     const waiter = deferred<PendingLaunch>();
     this.launchWaiters.set(index, waiter);
-    return waiter.promise;
+    return unlessHung(waiter, `launch #${index + 1} was never asked for`);
   }
 
   /** Resolves when the registry next ends the instance `id` (ask before what should end it). */
   destroyed(id: string): Promise<void> {
     const waiter = deferred();
     this.destroyWaiters.set(id, waiter);
-    return waiter.promise;
+    return unlessHung(waiter, `instance ${id} was never ended`);
   }
 
   /** The instance ends outside the agent (killed, crashed) and nobody tells the registry. */
@@ -211,20 +225,20 @@ export class EventLog {
 
   /** The first instance event of `id` reaching `state`, seen already or to come. */
   instance(id: string, state: string): Promise<CloudletEvent> {
-    return this.first((event) => event.type === 'instance' && event.instance.id === id && event.state === state);
+    return this.first(`instance ${id} never became ${state}`, (event) => event.type === 'instance' && event.instance.id === id && event.state === state);
   }
 
   /** The first progress event of `id` reaching `phase`, seen already or to come. */
   progress(id: string, phase: string): Promise<CloudletEvent> {
-    return this.first((event) => event.type === 'progress' && event.instanceId === id && event.phase === phase);
+    return this.first(`instance ${id} never reached ${phase}`, (event) => event.type === 'progress' && event.instanceId === id && event.phase === phase);
   }
 
-  private first(wanted: (event: CloudletEvent) => boolean): Promise<CloudletEvent> {
+  private first(unseen: string, wanted: (event: CloudletEvent) => boolean): Promise<CloudletEvent> {
     const seen = this.seen.find(wanted);
     if (seen) return Promise.resolve(seen);
     const found = deferred<CloudletEvent>();
     this.waiters.push({ wanted, found });
-    return found.promise;
+    return unlessHung(found, unseen);
   }
 }
 
