@@ -91,8 +91,8 @@ t.test('instances that end outside the agent', async (t) => {
     const inProgress = recordOf(path.join(stagingDir, randomUUID()), 0);
     const abandoned = recordOf(path.join(stagingDir, randomUUID()), 0);
     await mkdir(inProgress.dir, { recursive: true });
-    await runtime.seed(inProgress, { serving: false });
-    await runtime.seed(abandoned, { serving: false });
+    runtime.seed(inProgress);
+    runtime.seed(abandoned);
     await registry.resync(runtime);
     tt.same([...runtime.instances.keys()], [inProgress.id]);
   });
@@ -122,7 +122,7 @@ t.test('an agent restart', async (t) => {
     const range = ports(1);
     const cloudlet = await fakeCloudlet(tt, { ports: range });
     const record = recordOf(path.join(cloudlet.instancesDir, randomUUID()), range.first);
-    await cloudlet.runtime.seed(record, { serving: false });
+    cloudlet.runtime.seed(record);
     const { registry } = await cloudlet.restart();
     await tt.rejects(registry.start(SHARED, false, cloudlet.runtime.vm), { code: 'NO_FREE_PORT' }, 'the one port of the range is the adopted one\'s');
     await registry.stop(record.id, 'operator');
@@ -145,7 +145,7 @@ t.test('an agent restart', async (t) => {
     const range = ports(1);
     const cloudlet = await fakeCloudlet(tt, { ports: range });
     const record = recordOf(path.join(cloudlet.instancesDir, randomUUID()), range.first, { state: 'starting', readyAt: null });
-    await cloudlet.runtime.seed(record, { serving: false });
+    cloudlet.runtime.seed(record);
     const { registry, events } = await cloudlet.restart();
     tt.match(registry.get(record.id), { state: 'starting' }, 'adopted as it was');
     await cloudlet.runtime.serve(record);
@@ -158,7 +158,7 @@ t.test('an agent restart', async (t) => {
     const cloudlet = await fakeCloudlet(tt, { ports: range });
     const launchedAt = new Date(Date.now() - SHARED.manifest.readiness.timeout_ms - 1).toISOString();
     const record = recordOf(path.join(cloudlet.instancesDir, randomUUID()), range.first, { state: 'starting', readyAt: null, createdAt: launchedAt });
-    await cloudlet.runtime.seed(record, { serving: false });
+    cloudlet.runtime.seed(record);
     const { registry, events } = await cloudlet.restart();
     tt.match(await events.instance(record.id, 'stopped'), { reason: 'not-ready' });
     tt.same(registry.list(), []);
@@ -180,8 +180,8 @@ t.test('an agent restart', async (t) => {
     const cloudlet = await fakeCloudlet(tt, { ports: ports(1) });
     const foreign = recordOf(path.join('/var/lib/another-cloudlet/instances', randomUUID()), 0);
     const unfinished = recordOf(path.join(cloudlet.stagingDir, randomUUID()), 0);
-    await cloudlet.runtime.seed(foreign, { serving: false });
-    await cloudlet.runtime.seed(unfinished, { serving: false });
+    cloudlet.runtime.seed(foreign);
+    cloudlet.runtime.seed(unfinished);
     const { registry } = await cloudlet.restart();
     tt.same(registry.list(), [], 'neither is adopted');
     tt.same([...cloudlet.runtime.instances.keys()], [foreign.id], 'the other agent\'s still runs');

@@ -15,14 +15,14 @@ import type { Instance, InstanceRecord, Stopper, Workload } from '../../agent/sr
 import { CloudletError } from '../../agent/src/errors';
 import type { InstanceEnding, InstanceRuntime, LaunchPlan, Mechanism } from '../../agent/src/mechanisms/mechanism';
 
-export interface Deferred<T> {
+interface Deferred<T> {
   promise: Promise<T>;
   resolve(value: T): void;
   reject(error: Error): void;
 }
 
 /** A promise the test settles itself. */
-export function deferred<T = void>(): Deferred<T> {
+function deferred<T = void>(): Deferred<T> {
   let resolve!: (value: T) => void;
   let reject!: (error: Error) => void;
   const promise = new Promise<T>((ok, fail) => { resolve = ok; reject = fail; });
@@ -94,7 +94,8 @@ export class FakeRuntime implements InstanceRuntime {
   /** A VM Synthesis launch, which admits itself (`PendingLaunch.admit`) once the overlay's bytes are all there. */
   readonly synthesis = this.mechanism('synthesis', true);
 
-  private readonly listeners = new Map<string, net.Server>();
+  /** The instances whose service answers: a TCP server on the forwarded port. */
+  private readonly services = new Map<string, net.Server>();
   private readonly launchWaiters = new Map<number, Deferred<PendingLaunch>>();
   private handedOut = 0;
   private readonly destroyWaiters = new Map<string, Deferred<void>>();
@@ -151,9 +152,9 @@ export class FakeRuntime implements InstanceRuntime {
   /** The instance ends outside the agent (killed, crashed) and nobody tells the registry. */
   async vanish(id: string): Promise<void> {
     this.instances.delete(id);
-    const listener = this.listeners.get(id);
-    this.listeners.delete(id);
-    if (listener) await new Promise<void>((resolve) => listener.close(() => resolve()));
+    const service = this.services.get(id);
+    this.services.delete(id);
+    if (service) await new Promise<void>((resolve) => service.close(() => resolve()));
   }
 
   /** The instance ends outside the agent and the runtime tells the registry at once (libvirt's lifecycle event). */
@@ -168,25 +169,24 @@ export class FakeRuntime implements InstanceRuntime {
     for (const listener of this.reconnectedListeners) listener();
   }
 
-  /** Runs an instance launched before the test's registry existed (by the agent before a restart). */
-  async seed(record: InstanceRecord, { serving }: { serving: boolean }): Promise<void> {
+  /** Runs an instance launched before the test's registry existed (by the agent before a restart); its service is silent. */
+  seed(record: InstanceRecord): void {
     this.instances.set(record.id, record);
-    if (serving) await this.serve(record);
   }
 
   /** The service of `record` answers on its forwarded port (it writes a line at once, which the TCP probe takes as up). */
   async serve(record: InstanceRecord): Promise<void> {
-    const listener = net.createServer((socket) => {
+    const service = net.createServer((socket) => {
       socket.on('error', () => {});
       socket.end('ready\n');
     });
-    await new Promise<void>((resolve) => listener.listen(record.hostPort, record.bindAddress, resolve));
-    this.listeners.set(record.id, listener);
+    await new Promise<void>((resolve) => service.listen(record.hostPort, record.bindAddress, resolve));
+    this.services.set(record.id, service);
   }
 
-  /** Ends every listener (the test's cleanup). */
+  /** Ends every instance (the test's cleanup). */
   async close(): Promise<void> {
-    await Promise.all([...this.listeners.keys()].map((id) => this.vanish(id)));
+    await Promise.all([...this.instances.keys()].map((id) => this.vanish(id)));
   }
 
   private mechanism(name: 'cached-vm' | 'synthesis', admitsItself: boolean): Mechanism<Workload> {
@@ -268,7 +268,7 @@ export interface FakeCloudlet {
 }
 
 /**
- * A registry over a fresh fake runtime, built and adopted as the agent builds it; everything it made (listeners,
+ * A registry over a fresh fake runtime, built and adopted as the agent builds it; everything it made (instances,
  * reconcile timers, files) is ended when the test ends. Limits default to plenty of slots and a readiness wait no
  * test reaches.
  */
