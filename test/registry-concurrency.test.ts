@@ -190,6 +190,27 @@ t.test('launch slots', async (t) => {
     await queued;
     tt.same(registry.list().map((i) => i.id), [next.record.id]);
   });
+
+  t.test('a stop during the readiness wait ends the instance once: one final event, and its port, taken by the next start meanwhile, stays that start\'s', async (tt) => {
+    const { registry, runtime, events } = await fakeCloudlet(tt, { ports: ports(1) });
+    const stopped = registry.start(SHARED, false, runtime.vm);
+    const launch = await runtime.nextLaunch();
+    launch.boot();
+    await events.progress(launch.record.id, 'waiting-ready');
+    await registry.stop(launch.record.id, 'operator');
+    const next = registry.start(SHARED, false, runtime.vm);
+    const nextLaunch = await runtime.nextLaunch();
+    tt.equal(nextLaunch.record.hostPort, launch.record.hostPort, 'the next start took the port at once');
+    await tt.rejects(stopped, { code: 'LAUNCH_FAILED' });
+    const endings = events.seen.filter((e) => e.type === 'instance' && e.instance.id === launch.record.id && (e.state === 'stopped' || e.state === 'crashed'));
+    tt.same(endings.map((e) => e.type === 'instance' && e.reason), ['requested'], 'one final event, for the stop');
+    // Were the port given back a second time, a third start would be handed it: the runtime would be asked for a launch.
+    const anotherLaunch = runtime.nextLaunch().then(() => 'launched on the next start\'s port');
+    const third = registry.start(SHARED, false, runtime.vm).then(() => 'started', (err: CloudletError) => err.code);
+    tt.equal(await Promise.race([third, anotherLaunch]), 'NO_FREE_PORT', 'the range\'s one port is still the next start\'s');
+    await nextLaunch.succeed();
+    await next;
+  });
 });
 
 t.test('forwarded ports', async (t) => {

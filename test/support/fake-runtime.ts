@@ -37,7 +37,8 @@ const HANG_MS = 10_000;
 
 /** `waiter`'s promise, rejected as a hang of `what` if the test has not seen it settle within HANG_MS. */
 function unlessHung<T>(waiter: Deferred<T>, what: string): Promise<T> {
-  const guard = setTimeout(() => waiter.reject(new Error(`hung: ${what}`)), HANG_MS);
+  // Unref'd: a test may leave a wait for what must not happen; should the file have nothing else to wait for, it ends.
+  const guard = setTimeout(() => waiter.reject(new Error(`hung: ${what}`)), HANG_MS).unref();
   return waiter.promise.finally(() => clearTimeout(guard));
 }
 
