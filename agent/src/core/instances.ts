@@ -263,8 +263,9 @@ export class InstanceRegistry {
       if (joined) return { instance: joined, joined: true };
       const pending = this.pendingShared.get(service.id);
       if (pending) {
-        const shared = await pending.catch(() => null);
-        const rejoined = shared && (await this.tryJoin(service.id, owner));
+        // Its failure is the joiners' too: were each to launch anew, the joiners of one service would start a VM each.
+        await pending;
+        const rejoined = await this.tryJoin(service.id, owner);
         if (rejoined) return { instance: rejoined, joined: true };
       }
     }
@@ -328,10 +329,12 @@ export class InstanceRegistry {
     };
     this.announce(meta, 'starting');
     this.starting.set(id, meta);
+    let listed = false;
     try {
       await mkdir(dir, { mode: 0o755 });
       meta = await this.launchWithFreePort(service, mechanism, meta, timer, admit);
       this.instances.set(id, meta);
+      listed = true;
       // Already taken, unless the mechanism admits itself and did not: waiting for readiness always holds a slot.
       await admit();
       await this.waitReady(meta, timer);
@@ -340,7 +343,11 @@ export class InstanceRegistry {
       // Read before the files go: what the guest printed is often the only clue to why it failed.
       const error = await withConsoleTail(asCloudletError(await noSpaceError(err, this.instancesDir, `start an instance of ${service.id}`)), mechanism.runtime, dir);
       this.log(`starting ${service.id} (${id}) failed: ${error.code}: ${error.message}`);
-      await this.forget(meta, { state: 'stopped', reason: 'launch-failed' }, { evenIfUnreachable: true }).catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
+      await this.queue.run(id, async () => {
+        // A stop while it waited for readiness ended it already, and its port may be another start's by now.
+        if (listed && !this.instances.has(id)) return;
+        await this.forget(meta, { state: 'stopped', reason: 'launch-failed' }, { evenIfUnreachable: true });
+      }).catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
       throw error;
     } finally {
       this.starting.delete(id);
