@@ -3,21 +3,14 @@
  * KD-Cloudlet face's pycloud shapes and texts, and the /v1 face's JSON, each with the framing every response must have.
  */
 import t from 'tap';
-import type { HttpServer } from '../agent/src/api/http-server';
 import { CloudletError } from '../agent/src/errors';
-import { ECHO, FakeCloudlet, MAX_BODY_BYTES, SPEECH, expectStatus, json, request, sorted, startFakeServer, text, webob } from './support/http-fixture';
+import { ECHO, FakeServer, MAX_BODY_BYTES, SPEECH, expectStatus, json, sorted, text, webob } from './support/http-fixture';
 
-let server: HttpServer;
-let cloudlet: FakeCloudlet;
-const logLines: string[] = [];
-
-t.before(async () => {
-  cloudlet = new FakeCloudlet();
-  server = await startFakeServer(cloudlet, logLines);
-});
-t.teardown(() => server.close());
-
-const send = (method: string, path: string, options?: { headers?: Record<string, string>; body?: string }) => request(server.port, method, path, options);
+const fake = new FakeServer();
+const { cloudlet, logLines } = fake;
+t.before(() => fake.start());
+t.teardown(() => fake.server.close());
+const send = fake.send.bind(fake);
 
 t.test('KD-Cloudlet face', async (t) => {
   t.test('GET /api/services wraps the service list with exactly the five pycloud keys', async (t) => {

@@ -4,24 +4,17 @@
  */
 import http from 'node:http';
 import t from 'tap';
-import type { HttpServer } from '../agent/src/api/http-server';
 import { startHttpServer } from '../agent/src/api/http-server';
 import type { Instance } from '../agent/src/core/types';
 import { CloudletError } from '../agent/src/errors';
-import { ECHO, FakeCloudlet, OPERATOR, expectStatus, json, request, startFakeServer, until } from './support/http-fixture';
+import { ECHO, FakeServer, OPERATOR, expectStatus, json, until, type FakeCloudlet } from './support/http-fixture';
 import { EventsSocket } from './support/listeners';
 
-let server: HttpServer;
-let cloudlet: FakeCloudlet;
-const logLines: string[] = [];
-
-t.before(async () => {
-  cloudlet = new FakeCloudlet();
-  server = await startFakeServer(cloudlet, logLines);
-});
-t.teardown(() => server.close());
-
-const send = (method: string, path: string, options?: { headers?: Record<string, string>; body?: string }) => request(server.port, method, path, options);
+const fake = new FakeServer();
+const { cloudlet, logLines } = fake;
+t.before(() => fake.start());
+t.teardown(() => fake.server.close());
+const send = fake.send.bind(fake);
 
 t.test('/v1/events WebSocket', async (t) => {
   const instance: Instance = {
@@ -30,7 +23,7 @@ t.test('/v1/events WebSocket', async (t) => {
   };
 
   t.test('opens with a snapshot of the instances, then sends each event as one JSON message', async (t) => {
-    const events = await EventsSocket.connect(server.port);
+    const events = await EventsSocket.connect(fake.server.port);
     t.teardown(() => events.close());
     t.same((await events.next(() => true)).value, { type: 'snapshot', instances: [] });
     cloudlet.events.emit({ type: 'progress', instanceId: instance.id, serviceId: ECHO, phase: 'restoring', percent: 40, bytes: { done: 5, total: 10 }, at: 'T1' });
@@ -42,7 +35,7 @@ t.test('/v1/events WebSocket', async (t) => {
   });
 
   t.test('a client that stops reading is closed (1013) instead of having events queued for it without bound', async (t) => {
-    const events = await EventsSocket.connect(server.port);
+    const events = await EventsSocket.connect(fake.server.port);
     const closed = new Promise<number>((resolve) => events.socket.once('close', (code) => resolve(code)));
     const socket = (events.socket as unknown as { _socket: import('node:net').Socket })._socket;
     socket.pause();
@@ -61,9 +54,9 @@ t.test('/v1/events WebSocket', async (t) => {
 });
 
 t.test('a port already in use rejects the start and close() is idempotent', async (t) => {
-  await t.rejects(startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: server.port }), { code: 'INTERNAL', message: /Cannot listen/ });
+  await t.rejects(startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: fake.server.port }), { code: 'INTERNAL', message: /Cannot listen/ });
   const other = await startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: 0 });
-  t.not(other.port, server.port);
+  t.not(other.port, fake.server.port);
   await other.close();
   await other.close();
 });
@@ -79,7 +72,7 @@ t.test('a client that aborts never crashes the server', async (t) => {
       const startsBefore = cloudlet.startsCompleted;
       const requestsBefore = cloudlet.startRequests.length;
 
-      const req = http.request({ host: '127.0.0.1', port: server.port, method, path, agent: false });
+      const req = http.request({ host: '127.0.0.1', port: fake.server.port, method, path, agent: false });
       const closed = new Promise((resolve) => req.on('close', resolve));
       req.on('error', () => {});
       req.end(body);
@@ -100,7 +93,7 @@ t.test('a client that aborts never crashes the server', async (t) => {
 
   t.test('while sending a body', async (t) => {
     const headers = { 'Content-Length': '100' };
-    const req = http.request({ host: '127.0.0.1', port: server.port, method: 'POST', path: '/v1/services', agent: false, headers });
+    const req = http.request({ host: '127.0.0.1', port: fake.server.port, method: 'POST', path: '/v1/services', agent: false, headers });
     req.on('error', () => {});
     req.write('{"path": "/srv/');
     await new Promise((resolve) => setTimeout(resolve, 50));
@@ -120,7 +113,7 @@ t.test('a client that aborts never crashes the server', async (t) => {
     };
     t.teardown(() => { delete (cloudlet as Partial<FakeCloudlet>).importPackage; });
     const headers = { 'Content-Length': '1000', 'Content-Type': 'application/gzip' };
-    const req = http.request({ host: '127.0.0.1', port: server.port, method: 'POST', path: '/v1/packages', agent: false, headers });
+    const req = http.request({ host: '127.0.0.1', port: fake.server.port, method: 'POST', path: '/v1/packages', agent: false, headers });
     req.on('error', () => {});
     req.write('x'.repeat(10));
     await until(() => called);

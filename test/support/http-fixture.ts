@@ -230,9 +230,26 @@ export interface RawResponse {
 /** Every caller is the operator: these tests are about the HTTP layer, not who may call what. */
 export const OPERATOR: AccessGate = { identify: () => ({ kind: 'admin' }) };
 
-/** A server over `cloudlet` on a free loopback port, logging into `logLines`. */
-export function startFakeServer(cloudlet: FakeCloudlet, logLines: string[]): Promise<HttpServer> {
-  return startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: 0, logger: (line) => logLines.push(line), maxBodyBytes: MAX_BODY_BYTES });
+/** A server over a FakeCloudlet on a free loopback port, logging into `logLines`; start() it before a file's tests. */
+export class FakeServer {
+  readonly cloudlet = new FakeCloudlet();
+  readonly logLines: string[] = [];
+  private started: HttpServer | undefined;
+
+  get server(): HttpServer {
+    if (!this.started) throw new Error('the fake server is not started');
+    return this.started;
+  }
+
+  async start(): Promise<void> {
+    this.started = await startHttpServer({
+      api: this.cloudlet, gate: OPERATOR, host: '127.0.0.1', port: 0, logger: (line) => this.logLines.push(line), maxBodyBytes: MAX_BODY_BYTES,
+    });
+  }
+
+  send(method: string, path: string, options?: { headers?: Record<string, string>; body?: string }): Promise<RawResponse> {
+    return request(this.server.port, method, path, options);
+  }
 }
 
 export function request(port: number, method: string, path: string, options: { headers?: Record<string, string>; body?: string } = {}): Promise<RawResponse> {

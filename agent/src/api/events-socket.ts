@@ -17,7 +17,7 @@ import { eventJson, eventsSnapshotJson, InstanceView } from './wire-shapes';
  * A /v1/events client further behind than this is closed (code 1013, "try again later") instead of having events
  * queued for it without bound; it reconnects and starts from a fresh snapshot.
  */
-export const EVENTS_MAX_BUFFERED_BYTES = 256 * 1024;
+const EVENTS_MAX_BUFFERED_BYTES = 256 * 1024;
 /** The subprotocol a browser may offer next to its `bearer.<token>` entry. */
 const EVENTS_PROTOCOL = 'cloudlet.events';
 const BEARER_PROTOCOL_PREFIX = 'bearer.';

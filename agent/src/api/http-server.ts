@@ -20,8 +20,6 @@ import { v1Face } from './v1';
 import type { TrustView } from './v1-trust';
 import { webFace } from './web';
 
-export type { StreamEndpoint } from './stream-socket';
-
 export interface HttpServerOptions {
   api: CloudletApi;
   host: string;
