@@ -5,8 +5,8 @@
  * publication to an external broker (fleet dashboards). The topic tree is documented in docs/telemetry.md.
  * Clients only subscribe: with `mqtt.access: devices` they log in as a paired device (its id and token) or as
  * `admin`, checked by the HTTP API's own access gate, and a device whose authorization ends is disconnected. A device
- * gets only its own instances' topics (InstanceView, api/wire-shapes.ts). Before login a connection is bounded in bytes, time and
- * number per address; after it, in packet size and connections per device.
+ * gets only its own instances' topics (InstanceView, api/wire-shapes.ts). Before login a connection is bounded in
+ * bytes, time and number per address; after it, in packet size and connections per device.
  */
 import net from 'node:net';
 import type { Duplex } from 'node:stream';

@@ -75,11 +75,6 @@ export function admit(access: Access, identity: Identity): Caller {
   return identity;
 }
 
-/** The caller a route of `access` lets in, with one call on the gate; else throws the reason. */
-export function authorize(gate: AccessGate, access: Access, token: string | undefined, transport: Transport): Caller {
-  return admit(access, identityOf(gate, token, transport));
-}
-
 const LOOPBACK = new net.BlockList();
 LOOPBACK.addSubnet('127.0.0.0', 8, 'ipv4');
 LOOPBACK.addAddress('::1', 'ipv6');
