@@ -60,7 +60,7 @@ export function admit(access: Access, identity: Identity): Caller {
   if (access === 'open') {
     // Open to all, but a valid credential still says who calls (the operator is not rate-limited; a device's KD
     // start records it as the owner); an invalid one is no reason to refuse what anyone may do. A secret sent in
-    // clear over a network is refused all the same, so that its sender learns not to.
+    // clear over a network is still refused (TLS_REQUIRED).
     if (identity instanceof CloudletError) {
       if (identity.code === 'TLS_REQUIRED') throw identity;
       return { kind: 'anonymous' };
