@@ -5,7 +5,7 @@ import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
-import { RateLimiter } from '../agent/src/api/rate-limit';
+import { RateLimiter } from '../agent/src/trust/rate-limit';
 import { addressKey, bearerToken } from '../agent/src/trust/access';
 import { DeviceRegistry, type DeviceEndReason, type PairedDevice } from '../agent/src/trust/devices';
 import { FREE_WRONG_CODES, MAX_PAUSE_SECONDS, MAX_WRONG_CODES_PER_ADDRESS, Pairing } from '../agent/src/trust/pairing';

@@ -1,6 +1,6 @@
 /**
  * What an HTTP face is made of, independent of the server library: a route table of handlers that turn a parsed
- * request into a Reply, and the face's way of answering errors. http-server.ts runs faces; the faces never see uWS.
+ * request into a Reply, and the face's way of answering errors. request-pipeline.ts runs faces; the faces never see uWS.
  */
 import type { Readable } from 'node:stream';
 import { CloudletError } from '../errors';

@@ -8,7 +8,8 @@ import { RECIPE_LIMITS, recipeDigest, recipeJson, type Recipe } from '../core/re
 import type { ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
 import { emptyReply, fileReply, hostOf, jsonReply, textReply, type ApiRequest, type Route } from './routing';
-import { hostDir, jsonObject, optionalBoolean, requiredString, serviceJson, startResultJson } from './v1';
+import { jsonObject, optionalBoolean, requiredString } from './v1';
+import { hostDir, serviceJson, startResultJson } from './wire-shapes';
 
 const CONSOLE_DEFAULT_BYTES = 64 << 10;
 const CONSOLE_MAX_BYTES = 1 << 20;

@@ -9,7 +9,8 @@ import type { ProvisioningApi, SynthesisOptions, SynthesisResult } from '../core
 import { CloudletError } from '../errors';
 import type { UploadView } from '../synthesis/uploads';
 import { hostOf, jsonReply, type ApiRequest, type Route } from './routing';
-import { jsonObject, requiredString, serviceJson, startResultJson } from './v1';
+import { jsonObject, requiredString } from './v1';
+import { serviceJson, startResultJson } from './wire-shapes';
 
 export function synthesisRoutes(api: ProvisioningApi): Route[] {
   return [

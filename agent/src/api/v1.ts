@@ -1,20 +1,16 @@
 /**
  * Our own versioned JSON API under /v1. Keys are snake_case on the wire; the mapping from the camelCase core types
- * lives in the "wire shapes" section below and nowhere else. Errors are `{code, message, details?}` with the
- * CloudletError's status.
+ * lives in wire-shapes.ts and nowhere else. Errors are `{code, message, details?}` with the CloudletError's status.
  */
-import { deviceIdOf, stopperOf, type Caller } from '../trust/access';
-import type { CloudletEvent } from '../core/events';
-import type { ProvisioningApi } from '../core/types';
-import type { CloudletApi, Endpoint, HealthReport, Instance, Package, PackageSource, Peer, Service, StartResult, StopResult, SystemInfo } from '../core/types';
-import type { LaunchTimings } from '../core/timing';
+import { deviceIdOf, stopperOf } from '../trust/access';
+import type { CloudletApi, PackageSource, ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
-import { InstanceView } from './instance-view';
 import { emptyReply, hostOf, jsonReply, type ApiRequest, type Face, type Route } from './routing';
 import { appRoutes } from './v1-apps';
 import { provisioningRoutes } from './v1-provisioning';
 import { synthesisRoutes } from './v1-synthesis';
 import { tlsJson, trustRoutes, type TrustView } from './v1-trust';
+import { healthJson, instanceJson, InstanceView, packageJson, peerJson, serviceJson, startResultJson, stopResultJson, systemJson } from './wire-shapes';
 
 export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?: TrustView): Face {
   const routes: Route[] = [
@@ -74,7 +70,7 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
     },
     { method: 'GET', path: '/v1/peers', access: 'device', handle: () => jsonReply(200, { peers: api.peers().map(peerJson) }) },
     ...appRoutes(api),
-    // A device sees only its own instances (instance-view.ts); the operator all.
+    // A device sees only its own instances (InstanceView); the operator all.
     {
       method: 'GET',
       path: '/v1/instances',
@@ -169,101 +165,4 @@ export function optionalBoolean(body: Record<string, unknown>, field: string): b
     throw new CloudletError('INVALID_PARAMETER', `Field "${field}" must be true or false`, { details: { parameter: field } });
   }
   return value;
-}
-
-// ---- wire shapes -----------------------------------------------------------------------------------------------
-
-/** Where things are on the host is the operator's to know: a device's answers carry no host path. */
-export const hostDir = (caller: Caller, dir: string): { dir?: string } => (caller.kind === 'admin' ? { dir } : {});
-
-export function serviceJson(service: Service, caller: Caller) {
-  // The manifest is already in its snake_case file format.
-  return { id: service.id, ...hostDir(caller, service.dir), imported_at: service.importedAt, manifest: service.manifest };
-}
-
-export function packageJson(appPackage: Package, caller: Caller) {
-  // The manifest is already in its snake_case file format.
-  return { id: appPackage.id, sha256: appPackage.sha256, ...hostDir(caller, appPackage.dir), imported_at: appPackage.importedAt, manifest: appPackage.manifest };
-}
-
-export function instanceJson(instance: Instance) {
-  return {
-    id: instance.id,
-    service_id: instance.serviceId,
-    mechanism: instance.mechanism,
-    state: instance.state,
-    bind_address: instance.bindAddress,
-    host_port: instance.hostPort,
-    guest_port: instance.guestPort,
-    shareable: instance.shareable,
-    users: instance.users,
-    owners: instance.owners,
-    launch: instance.launch,
-    created_at: instance.createdAt,
-    ready_at: instance.readyAt,
-  };
-}
-
-export function startResultJson(result: StartResult) {
-  return {
-    instance: instanceJson(result.instance),
-    endpoint: endpointJson(result.endpoint),
-    joined: result.joined,
-    ...(result.timings ? { timings: timingsJson(result.timings) } : {}),
-  };
-}
-
-export function endpointJson(endpoint: Endpoint) {
-  return { address: endpoint.address, port: endpoint.port };
-}
-
-export function timingsJson(t: LaunchTimings) {
-  return { total_ms: t.totalMs, libvirt_ms: t.libvirtMs, guest_ms: t.guestMs, agent_ms: t.agentMs };
-}
-
-function stopResultJson(result: StopResult) {
-  return { destroyed: result.destroyed, users: result.users };
-}
-
-function systemJson(info: SystemInfo) {
-  return {
-    hostname: info.hostname,
-    agent_version: info.agentVersion,
-    cpu: { cores: info.cpu.cores, usage_percent: info.cpu.usagePercent, speed_mhz: info.cpu.speedMhz, cache_kb: info.cpu.cacheKb },
-    memory: { total_bytes: info.memory.totalBytes, free_bytes: info.memory.freeBytes },
-    hypervisor: {
-      uri: info.hypervisor.uri,
-      domain_type: info.hypervisor.domainType,
-      libvirt_version: info.hypervisor.libvirtVersion,
-    },
-    instances: info.instances,
-    discovery: { state: info.discovery.state, name: info.discovery.name, ...(info.discovery.detail ? { detail: info.discovery.detail } : {}) },
-  };
-}
-
-function peerJson(peer: Peer) {
-  return { name: peer.name, host: peer.host, address: peer.address, port: peer.port, txt: peer.txt, interface: peer.interface, seen_at: peer.seenAt };
-}
-
-/** The first message on the /v1/events WebSocket: the instances as they are when the client connects. */
-export function eventsSnapshotJson(instances: Instance[]) {
-  return { type: 'snapshot', instances: instances.map(instanceJson) };
-}
-
-/** The JSON of an event on the /v1/events WebSocket and of the MQTT instance topics: the same shapes as the routes. */
-export function eventJson(event: CloudletEvent) {
-  if (event.type === 'progress') {
-    return {
-      type: 'progress', instance_id: event.instanceId, service_id: event.serviceId, phase: event.phase, percent: event.percent,
-      ...(event.bytes ? { bytes_done: event.bytes.done, bytes_total: event.bytes.total } : {}), at: event.at,
-    };
-  }
-  return { type: 'instance', state: event.state, ...(event.reason ? { reason: event.reason } : {}), instance: { ...instanceJson(event.instance), state: event.state }, at: event.at };
-}
-
-function healthJson(report: HealthReport) {
-  return {
-    ok: report.ok,
-    checks: report.checks.map(({ name, ok, detail, optional }) => ({ name, ok, ...(optional ? { optional } : {}), ...(detail === undefined ? {} : { detail }) })),
-  };
 }

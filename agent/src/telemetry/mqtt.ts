@@ -5,23 +5,22 @@
  * publication to an external broker (fleet dashboards). The topic tree is documented in docs/telemetry.md.
  * Clients only subscribe: with `mqtt.access: devices` they log in as a paired device (its id and token) or as
  * `admin`, checked by the HTTP API's own access gate, and a device whose authorization ends is disconnected. A device
- * gets only its own instances' topics (instance-view.ts). Before login a connection is bounded in bytes, time and
- * number per address; after it, in packet size and connections per device.
+ * gets only its own instances' topics (InstanceView, api/wire-shapes.ts). Before login a connection is bounded in
+ * bytes, time and number per address; after it, in packet size and connections per device.
  */
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { Aedes, type AuthenticateError, type Client } from 'aedes';
 import type { MqttClient } from 'mqtt';
-import type { ConnectionCaps, Release } from '../api/connection-caps';
-import { InstanceView } from '../api/instance-view';
-import type { RateLimiter } from '../api/rate-limit';
-import { eventJson, instanceJson } from '../api/v1';
+import { eventJson, instanceJson, InstanceView } from '../api/wire-shapes';
 import type { AgentConfig } from '../config';
 import type { CloudletEvent } from '../core/events';
 import type { CloudletApi, Service } from '../core/types';
 import type { Logger } from '../log';
 import type { AccessGate, Transport } from '../trust/access';
+import type { ConnectionCaps, Release } from '../trust/connection-caps';
 import type { DeviceRegistry } from '../trust/devices';
+import type { RateLimiter } from '../trust/rate-limit';
 import { PacketGuard } from './packet-guard';
 
 /** How long the external client waits between reconnection attempts. */
@@ -191,7 +190,7 @@ export class Telemetry {
     const refuse = (message: string) => Object.assign(new Error(message), { returnCode: 4 as AuthenticateError['returnCode'] });
     if (!username || !password) return refuse('a username (device id) and password (its token) are required');
     try {
-      const caller = this.options.credentials.gate.authorize('device', password.toString('utf8'), this.transports.get(client) ?? { remoteAddress: '', secure: false });
+      const caller = this.options.credentials.gate.identify(password.toString('utf8'), this.transports.get(client) ?? { remoteAddress: '', secure: false });
       const name = caller.kind === 'admin' ? 'admin' : caller.kind === 'device' ? caller.device.id : null;
       if (name !== username) return refuse(`the token does not belong to ${username}`);
       if (caller.kind === 'device') {

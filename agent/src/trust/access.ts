@@ -1,11 +1,11 @@
 /**
  * Who may call what. Every /v1 route has an access level: `open` (no credential: health, discovery-level info,
  * pairing claims, public downloads), `device` (a paired device's bearer token, or the admin token) or `admin` (the
- * admin token, from loopback only). The HTTP server asks `authorize` before it reads a body (docs/security.md).
+ * admin token, from loopback only). The HTTP server asks the gate once per request, before it reads a body (docs/security.md).
  */
 import net from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
-import { CloudletError, withoutDetail } from '../errors';
+import { CloudletError, asCloudletError, withoutDetail } from '../errors';
 import type { Stopper } from '../core/types';
 import { sha256, type DeviceRegistry, type PairedDevice } from './devices';
 
@@ -39,8 +39,40 @@ export interface Transport {
 }
 
 export interface AccessGate {
-  /** The caller a request's credential names, if the route's access level lets it in; else throws the reason. */
-  authorize(access: Access, token: string | undefined, transport: Transport): Caller;
+  /** Who a request's credential names (anonymous without one); throws when it names no one or may not be used here. */
+  identify(token: string | undefined, transport: Transport): Caller;
+}
+
+/** What identify said of a credential: its holder, or why it was refused. */
+export type Identity = Caller | CloudletError;
+
+/** identify, with a refusal returned rather than thrown: one credential check serves the rate limit and the access check. */
+export function identityOf(gate: AccessGate, token: string | undefined, transport: Transport): Identity {
+  try {
+    return gate.identify(token, transport);
+  } catch (err) {
+    return asCloudletError(err);
+  }
+}
+
+/** The caller a route of `access` lets in, given who the credential names; else throws the reason. */
+export function admit(access: Access, identity: Identity): Caller {
+  if (access === 'open') {
+    // Open to all, but a valid credential still says who calls (the operator is not rate-limited; a device's KD
+    // start records it as the owner); an invalid one is no reason to refuse what anyone may do. A secret sent in
+    // clear over a network is still refused (TLS_REQUIRED).
+    if (identity instanceof CloudletError) {
+      if (identity.code === 'TLS_REQUIRED') throw identity;
+      return { kind: 'anonymous' };
+    }
+    return identity;
+  }
+  if (identity instanceof CloudletError) throw identity;
+  if (identity.kind === 'anonymous') throw new CloudletError('UNAUTHENTICATED', 'this route needs a credential: Authorization: Bearer <token> (pair this device first)');
+  if (access === 'admin' && identity.kind === 'device') {
+    throw new CloudletError('ADMIN_ONLY', 'this route is for the operator on the cloudlet (the admin credential, from loopback)');
+  }
+  return identity;
 }
 
 const LOOPBACK = new net.BlockList();
@@ -98,25 +130,13 @@ export class TokenGate implements AccessGate {
     this.adminTokenSha256 = sha256(adminToken);
   }
 
-  authorize(access: Access, token: string | undefined, transport: Transport): Caller {
-    if (token !== undefined) requireConfidential(transport);
-    if (access === 'open') {
-      // Open to all, but a valid credential still says who calls (the operator is not rate-limited; a device's KD
-      // start records it as the owner); an invalid one is no reason to refuse what anyone may do.
-      if (token === undefined) return { kind: 'anonymous' };
-      try {
-        return this.authorize('device', token, transport);
-      } catch {
-        return { kind: 'anonymous' };
-      }
-    }
-    if (token === undefined) throw new CloudletError('UNAUTHENTICATED', 'this route needs a credential: Authorization: Bearer <token> (pair this device first)');
+  identify(token: string | undefined, transport: Transport): Caller {
+    if (token === undefined) return { kind: 'anonymous' };
+    requireConfidential(transport);
     if (timingSafeEqual(sha256(token), this.adminTokenSha256)) {
       if (!isLoopback(transport.remoteAddress)) throw new CloudletError('ADMIN_ONLY', 'the admin credential is only accepted on the cloudlet itself (loopback)');
       return { kind: 'admin' };
     }
-    const device = this.devices.authenticate(token);
-    if (access === 'admin') throw new CloudletError('ADMIN_ONLY', 'this route is for the operator on the cloudlet (the admin credential, from loopback)');
-    return { kind: 'device', device };
+    return { kind: 'device', device: this.devices.authenticate(token) };
   }
 }

@@ -4,7 +4,7 @@
  * logs in on, nor one paired device by logging in many times. The operator (admin) is not capped per device.
  */
 import { CloudletError } from '../errors';
-import { addressKey } from '../trust/access';
+import { addressKey } from './access';
 
 export interface ConnectionLimits {
   /** MQTT connections open at once from one address (an IPv6 /64), counted from accept, before any login. */

@@ -4,7 +4,7 @@
  * others. A request takes a token; an empty bucket refuses it with RATE_LIMITED and how long until the next token.
  */
 import { CloudletError } from '../errors';
-import { addressKey } from '../trust/access';
+import { addressKey } from './access';
 
 export interface RateLimit {
   /** Tokens added per second: the sustained rate. */

@@ -1,0 +1,206 @@
+/**
+ * One HTTP request's path through the agent, independent of the server library: the face that owns its path, the
+ * route, the caller (one call on the access gate, trust/access.ts, before any body is read), the client's request
+ * bucket (trust/rate-limit.ts), the body, the handler, and a file reply's Range. Every error becomes the face's error
+ * reply. The transport (uws-transport.ts) hands each request in as an Incoming and answers through an Exchange.
+ */
+import { open, type FileHandle } from 'node:fs/promises';
+import type { Readable } from 'node:stream';
+import { CloudletError, asCloudletError } from '../errors';
+import { admit, bearerToken, identityOf, seenBy, type Access, type AccessGate, type Caller, type Transport } from '../trust/access';
+import type { RateLimiter } from '../trust/rate-limit';
+import { matchPath, type ApiRequest, type Face, type Reply, type Route } from './routing';
+
+/** A request as the transport read it, before any body. */
+export interface Incoming {
+  method: string;
+  /** For the log: the path and query, with any `access_token` value replaced (the real query is `query`). */
+  url: string;
+  path: string;
+  query: string;
+  /** By lower-case name. */
+  headers: Map<string, string>;
+  remoteAddress: string;
+  secure: boolean;
+}
+
+/** How the pipeline reads one request's body and answers it; the transport's side of one request. */
+export interface Exchange {
+  /** The whole body, at most `limit` bytes (else PAYLOAD_TOO_LARGE). */
+  readBody(headers: Map<string, string>, limit: number): Promise<Buffer>;
+  /** The body as a stream, for large uploads; it must come with Content-Length. Called before the first await. */
+  streamBody(headers: Map<string, string>): { stream: Readable; length: number };
+  /** Writes the reply unless the client is gone; returns whether it was written. */
+  send(reply: Reply, headOnly: boolean): boolean;
+  /** Streams the part of an opened file the reply stands for, then closes it; resolves whether it was all written. */
+  sendFile(reply: Reply, file: OpenedFile, headOnly: boolean): Promise<boolean>;
+}
+
+/** A file opened for a reply, and the part of it to send. */
+export interface OpenedFile {
+  handle: FileHandle;
+  start: number;
+  length: number;
+}
+
+/** The faces a request may go to: the KD face (null when off) and the page own their prefixes; `own` takes the rest. */
+export interface Faces {
+  kd: Face | null;
+  page: Face;
+  own: Face;
+}
+
+export interface RequestPolicy {
+  gate: AccessGate;
+  /** Absent: no limit. */
+  limiter: RateLimiter | null;
+  /** The default limit of a JSON or form body. */
+  maxBodyBytes: number;
+  log: (line: string) => void;
+}
+
+export class RequestPipeline {
+  constructor(private readonly faces: Faces, private readonly policy: RequestPolicy) {}
+
+  /**
+   * Answers one request and returns the status sent ('aborted' when the client left first). Never throws for request
+   * problems: every error becomes the face's error reply. Runs synchronously up to its first await, so the body
+   * reader is attached inside the transport's handler, as uWS requires.
+   */
+  async serve(incoming: Incoming, exchange: Exchange): Promise<number | 'aborted'> {
+    const { gate, limiter, maxBodyBytes, log } = this.policy;
+    const face = this.faceFor(incoming.path);
+    let reply: Reply;
+    let file: OpenedFile | undefined;
+    let caller: Caller | undefined;
+    try {
+      const { route, params } = resolveRoute(face, incoming);
+      const transport: Transport = { remoteAddress: incoming.remoteAddress, secure: incoming.secure };
+      caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport);
+      const body = route.jsonBody ? exchange.readBody(incoming.headers, route.maxBodyBytes ?? maxBodyBytes) : undefined;
+      const form = route.formBody ? exchange.readBody(incoming.headers, maxBodyBytes) : undefined;
+      const bodyStream = route.streamBody ? exchange.streamBody(incoming.headers) : undefined;
+      const request: ApiRequest = {
+        method: incoming.method,
+        path: incoming.path,
+        params,
+        query: new URLSearchParams(incoming.query),
+        header: (name) => incoming.headers.get(name) || undefined,
+        body: body === undefined ? undefined : parseJson(await body),
+        ...(form ? { form: new URLSearchParams((await form).toString('utf8')) } : {}),
+        remoteAddress: incoming.remoteAddress,
+        secure: incoming.secure,
+        caller,
+        ...(bodyStream ? { bodyStream } : {}),
+      };
+      reply = await route.handle(request);
+      if (reply.file) ({ reply, file } = await openFileReply(reply, reply.file, incoming.headers));
+    } catch (err) {
+      const error = seenBy(asCloudletError(err), caller);
+      // Unexpected errors keep their stack for the operator's log only; the client gets code and message.
+      if (error.code === 'INTERNAL') log(`${incoming.method} ${incoming.url}: ${describe(error.cause ?? error)}`);
+      reply = face.errorReply(error);
+      Object.assign(reply.headers, errorHeaders(error));
+    }
+    if (file) return (await exchange.sendFile(reply, file, incoming.method === 'HEAD')) ? reply.status : 'aborted';
+    return exchange.send(reply, incoming.method === 'HEAD') ? reply.status : 'aborted';
+  }
+
+  /** The phone page owns `/` and its assets' prefix; paths under no face's prefix get our own face's JSON 404. */
+  private faceFor(path: string): Face {
+    const { kd, page, own } = this.faces;
+    return [...(kd ? [kd] : []), page].find((face) => ownsPath(face, path)) ?? (path === '/' ? page : own);
+  }
+}
+
+function ownsPath(face: Face, path: string): boolean {
+  return path === face.prefix || path.startsWith(`${face.prefix}/`);
+}
+
+function resolveRoute(face: Face, incoming: Incoming): { route: Route; params: Record<string, string> } {
+  const candidates = face.routes.flatMap((route) => {
+    const params = matchPath(route.path, incoming.path);
+    return params ? [{ route, params }] : [];
+  });
+  if (candidates.length === 0) throw new CloudletError('NOT_FOUND', `No route for ${incoming.path}`);
+  const method = face.headAsGet && incoming.method === 'HEAD' ? 'GET' : incoming.method;
+  const match = candidates.find((candidate) => candidate.route.method === method);
+  if (match) return match;
+  if (face.wrongMethod === 'not-found') throw new CloudletError('NOT_FOUND', `No route for ${incoming.method} ${incoming.path}`);
+  const allowed = candidates.map((candidate) => candidate.route.method);
+  throw new CloudletError('METHOD_NOT_ALLOWED', `${incoming.method} is not allowed on ${incoming.path}; use ${allowed.join(' or ')}`, {
+    details: { allowed },
+  });
+}
+
+/**
+ * The route's caller, once the client's rate allows the request, with one call on the gate. The bucket is the
+ * credential's, whatever the route needs: a paired device draws on its own, anyone else (no credential, or one that
+ * fails, so guessing tokens is throttled too) on its address's (an IPv6 /64's); the admin on the box is not limited.
+ * The rate comes first: a client over it learns nothing of its credential.
+ */
+export function authorizeWithinRate(gate: AccessGate, limiter: RateLimiter | null, access: Access, token: string | undefined, transport: Transport): Caller {
+  const identity = identityOf(gate, token, transport);
+  if (limiter) {
+    const holder = identity instanceof CloudletError ? null : identity;
+    if (holder?.kind === 'device') limiter.take(`device ${holder.device.id}`);
+    else if (holder?.kind !== 'admin') limiter.takeForAddress(transport.remoteAddress);
+  }
+  return admit(access, identity);
+}
+
+/** Headers an error reply carries besides the face's body: how to authenticate after a 401, when to come back. */
+export function errorHeaders(error: CloudletError): Record<string, string> {
+  const headers: Record<string, string> = {};
+  // RFC 6750
+  if (error.status === 401) {
+    headers['WWW-Authenticate'] = error.code === 'UNAUTHENTICATED' ? 'Bearer realm="cloudlet"' : 'Bearer realm="cloudlet", error="invalid_token"';
+  }
+  // RATE_LIMITED and BUSY say when to come back.
+  if (typeof error.details?.retry_after_s === 'number') headers['Retry-After'] = String(error.details.retry_after_s);
+  return headers;
+}
+
+/**
+ * Opens a file reply's file and settles what to send: all of it (200), the part a `Range: bytes=...` header asks for
+ * (206, when the route allows ranges and any If-Range names the reply's ETag), or nothing (416, the range is outside
+ * the file). Several ranges in one header are answered with the whole file, which RFC 9110 allows.
+ */
+async function openFileReply(reply: Reply, file: NonNullable<Reply['file']>, request: Map<string, string>): Promise<{ reply: Reply; file?: OpenedFile }> {
+  const range = request.get('range');
+  // If-Range: the part is only wanted if the file is still the one the client has the beginning of.
+  const ifRange = request.get('if-range');
+  const rangeValid = ifRange === undefined || ifRange === reply.headers.ETag;
+  const handle = await open(file.path, 'r');
+  try {
+    const size = (await handle.stat()).size;
+    const headers = { ...reply.headers, ...(file.ranges ? { 'Accept-Ranges': 'bytes' } : {}) };
+    const wanted = file.ranges && range && rangeValid ? /^bytes=(\d*)-(\d*)$/.exec(range.trim()) : null;
+    if (!wanted || (wanted[1] === '' && wanted[2] === '')) return { reply: { ...reply, headers }, file: { handle, start: 0, length: size } };
+    // bytes=a-b, bytes=a- (to the end), bytes=-n (the last n bytes)
+    const start = wanted[1] === '' ? Math.max(0, size - Number(wanted[2])) : Number(wanted[1]);
+    const end = wanted[1] === '' || wanted[2] === '' ? size - 1 : Math.min(Number(wanted[2]), size - 1);
+    if (start >= size || end < start) {
+      await handle.close();
+      return { reply: { status: 416, headers: { 'Accept-Ranges': 'bytes', 'Content-Range': `bytes */${size}` }, body: '' } };
+    }
+    const partial = { ...headers, 'Content-Range': `bytes ${start}-${end}/${size}` };
+    return { reply: { ...reply, status: 206, headers: partial }, file: { handle, start, length: end - start + 1 } };
+  } catch (err) {
+    await handle.close();
+    throw err;
+  }
+}
+
+function parseJson(body: Buffer): unknown {
+  if (body.length === 0) throw new CloudletError('BAD_REQUEST', 'The request body must be a JSON document');
+  try {
+    return JSON.parse(body.toString('utf8'));
+  } catch (err) {
+    throw new CloudletError('BAD_REQUEST', `Malformed JSON body: ${(err as Error).message}`);
+  }
+}
+
+export function describe(err: unknown): string {
+  return err instanceof Error ? (err.stack ?? err.message) : String(err);
+}
