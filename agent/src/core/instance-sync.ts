@@ -13,7 +13,7 @@ export interface SyncedRegistry {
   /** Whether it has the mechanism the record names (an instance of another one is not adopted). */
   knows(record: InstanceRecord): boolean;
   /** List an instance found running at start (and finish its launch if it was starting). */
-  adopt(record: InstanceRecord): void;
+  adoptRecord(record: InstanceRecord): void;
   /** Release the instance if it is no longer running and not being launched. */
   endIfGone(id: string, ending: InstanceEnding): Promise<void>;
   /** Release what devices whose authorization ended still hold. */
@@ -44,7 +44,7 @@ export class RuntimeSync {
       for (const record of await runtime.listInstances()) {
         if (isInside(this.instancesDir, record.dir) && this.registry.knows(record)) {
           // Records written before instances had owners have none.
-          this.registry.adopt({ ...record, owners: record.owners ?? [] });
+          this.registry.adoptRecord({ ...record, owners: record.owners ?? [] });
         } else if (isInside(this.stagingDir, record.dir)) {
           // Work that never finished (a state capture cut by a restart): its files went with the staging area.
           this.log(`ending unfinished instance ${record.id} (${record.serviceId})`);

@@ -79,7 +79,7 @@ export class InstanceRegistry {
       listed: () => [...this.instances.values()],
       tracks: (id) => this.instances.has(id) || this.starting.has(id),
       knows: (record) => this.mechanisms.has(record.mechanism),
-      adopt: (record) => this.adoptRecord(record),
+      adoptRecord: (record) => this.adoptRecord(record),
       endIfGone: (id, ending) => this.endIfGone(id, ending),
       releaseEndedOwners: () => this.releaseEndedOwners(),
     }, runtimes, instancesDir, stagingDir, log);
