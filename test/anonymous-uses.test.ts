@@ -12,7 +12,8 @@ import type { AnonymousLimits } from '../agent/src/core/instance-uses';
 import { LaunchGate } from '../agent/src/core/launch-gate';
 import { PortAllocator } from '../agent/src/core/ports';
 import type { InstanceRecord, Workload } from '../agent/src/core/types';
-import type { InstanceRuntime, Mechanism } from '../agent/src/mechanisms/mechanism';
+import type { Mechanism } from '../agent/src/core/mechanism';
+import type { InstanceRuntime } from '../agent/src/core/runtime';
 
 let root: string;
 t.beforeEach(async () => {

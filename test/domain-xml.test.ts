@@ -13,7 +13,7 @@ const record = (id: string, hostPort: number): InstanceRecord => ({
 const spec = (id: string, hostPort: number): DomainSpec => ({
   name: `cloudlet-org.example.svc-${id.slice(0, 8)}`, uuid: id, type: 'qemu', memoryMib: 128, vcpus: 1,
   disk: `/data/instances/${id}/disk.qcow2`, boot: { kernel: '/data/services/svc/vmlinuz', initrd: '/data/services/svc/initrd.img', cmdline: 'console=ttyS0' },
-  consoleLog: `/data/instances/${id}/console.log`, forward: { bindAddress: '127.0.0.1', hostPort, guestPort: 8080 }, metadata: record(id, hostPort),
+  consoleLog: `/data/instances/${id}/console.log`, forward: { bindAddress: '127.0.0.1', hostPort, guestPort: 8080 }, record: record(id, hostPort),
 });
 
 const A = '11111111-1111-4111-8111-111111111111';

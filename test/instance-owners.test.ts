@@ -9,7 +9,8 @@ import { LaunchGate } from '../agent/src/core/launch-gate';
 import { PortAllocator } from '../agent/src/core/ports';
 import type { InstanceRecord } from '../agent/src/core/types';
 import { CloudletError } from '../agent/src/errors';
-import type { InstanceRuntime, Mechanism } from '../agent/src/mechanisms/mechanism';
+import type { Mechanism } from '../agent/src/core/mechanism';
+import type { InstanceRuntime } from '../agent/src/core/runtime';
 
 let root: string;
 t.beforeEach(async () => {

@@ -10,9 +10,9 @@ const ports = portRanges(40200);
 
 /**
  * How a mechanism tells the registry today that the port reserved for the forward was taken meanwhile (QEMU could not
- * bind it): the launch throws NO_FREE_PORT, which InstanceRegistry.launchWithFreePort retries on another port.
+ * bind it): the launch throws PORT_TAKEN, which the registry's launcher (Launcher.bringUp) retries on another port.
  */
-const portTaken = () => new CloudletError('NO_FREE_PORT', 'the forwarded port was taken meanwhile');
+const portTaken = () => new CloudletError('PORT_TAKEN', 'the forwarded port was taken meanwhile');
 
 const launchFailed = () => new CloudletError('LAUNCH_FAILED', 'the VM did not start');
 
@@ -236,7 +236,7 @@ t.test('forwarded ports', async (t) => {
     const { registry, runtime } = await fakeCloudlet(tt, { ports: ports(3) });
     const start = registry.start(SHARED, false, runtime.vm);
     for (let attempt = 1; attempt <= 3; attempt++) (await runtime.nextLaunch()).fail(portTaken());
-    await tt.rejects(start, { code: 'NO_FREE_PORT' });
+    await tt.rejects(start, { code: 'PORT_TAKEN' });
     tt.equal(new Set(runtime.launches.map((l) => l.record.hostPort)).size, 3, 'each attempt had a port of its own');
     tt.same(registry.list(), []);
     tt.same([...runtime.instances.keys()], []);

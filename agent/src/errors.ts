@@ -46,6 +46,7 @@ export type ErrorCode =
   | 'PAIRING_CODE_INVALID'
   // the cloudlet could not do it (5xx)
   | 'NO_FREE_PORT'
+  | 'PORT_TAKEN'
   | 'BUSY'
   | 'QUOTA_EXCEEDED'
   | 'DATA_DIR_UNREACHABLE'
@@ -103,6 +104,7 @@ const STATUS: Record<ErrorCode, number> = {
   PAIRING_CLOSED: 403,
   PAIRING_CODE_INVALID: 403,
   NO_FREE_PORT: 503,
+  PORT_TAKEN: 503,
   BUSY: 503,
   QUOTA_EXCEEDED: 503,
   DATA_DIR_UNREACHABLE: 500,

@@ -13,7 +13,8 @@ import { LaunchGate, type LaunchLimits } from '../../agent/src/core/launch-gate'
 import { PortAllocator } from '../../agent/src/core/ports';
 import type { Instance, InstanceRecord, Stopper, Workload } from '../../agent/src/core/types';
 import { CloudletError } from '../../agent/src/errors';
-import type { InstanceEnding, InstanceRuntime, LaunchPlan, Mechanism } from '../../agent/src/mechanisms/mechanism';
+import type { LaunchPlan, Mechanism } from '../../agent/src/core/mechanism';
+import type { InstanceEnding, InstanceRuntime } from '../../agent/src/core/runtime';
 
 interface Deferred<T> {
   promise: Promise<T>;

@@ -1,7 +1,6 @@
 import { constants as fsConstants } from 'node:fs';
 import { access, copyFile, rm, stat } from 'node:fs/promises';
 import { createReadStream } from 'node:fs';
-import { randomUUID } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
@@ -11,7 +10,7 @@ import { convertImage } from '../images/qemu-img';
 import type { Logger } from '../log';
 import { AppVirtMechanism } from '../mechanisms/app-virt';
 import { CachedVmMechanism } from '../mechanisms/cached-vm';
-import type { Mechanism } from '../mechanisms/mechanism';
+import type { Mechanism } from './mechanism';
 import { OnDemandMechanism, recipeService } from '../mechanisms/on-demand';
 import { SynthesisMechanism, synthesisService, synthesizedFiles, type SynthesisService } from '../mechanisms/synthesis';
 import { expandedBytes, openOverlay } from '../synthesis/apply';
@@ -21,25 +20,21 @@ import { UploadSessions, type AppendOutcome, type UploadView } from '../synthesi
 import { DEFAULT_PACKAGE_LIMITS, PackageStore } from '../packages/store';
 import { SandboxRuntime } from '../sandbox/sandbox-runtime';
 import { Hypervisor } from '../vm/hypervisor';
-import { faultPoint } from '../system/fault-points';
 import { checkReachableByQemu, makeDataDir } from '../system/data-dir';
-import { instanceFiles } from '../vm/instance-domain';
 import { AppStore } from './apps';
 import { BaseStore, type BaseFile, type BaseVm } from './bases';
 import { Catalog, copyRegularFile, writeManifest } from './catalog';
-import { noSpaceError, requireFreeSpace } from './disk-space';
-import { InstanceRegistry, withConsoleTail } from './instances';
+import { requireFreeSpace } from './disk-space';
+import { InstanceRegistry } from './instances';
 import { LaunchGate } from './launch-gate';
 import { PortAllocator } from './ports';
-import { boundedProbe, waitUntilReady } from './readiness';
 import { SERVICE_ID } from './manifest';
 import { RECIPE_TAG_PREFIX, parseRecipe, recipeTag, type Recipe } from './recipe';
 import { RecipeStore } from './recipes';
 import { HostMonitor } from './system-info';
-import { PhaseTimer } from './timing';
 import type { EventListener } from './events';
 import type {
-  App, AppFilter, CloudletApi, DiscoveryView, Endpoint, HealthCheck, HealthReport, Instance, InstanceRecord, NewApp, Package,
+  App, AppFilter, CloudletApi, DiscoveryView, Endpoint, HealthCheck, HealthReport, Instance, NewApp, Package,
   PackageSource, Peer, ProvisioningApi, Service, ServiceManifest, StartRequest, StartResult, StopResult, Stopper, SynthesisOptions, SynthesisResult, SystemInfo, Workload,
 } from './types';
 
@@ -73,7 +68,6 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     private readonly config: AgentConfig,
     private readonly hypervisor: Hypervisor,
     private readonly catalog: Catalog,
-    private readonly ports: PortAllocator,
     private readonly registry: InstanceRegistry,
     private readonly cachedVm: CachedVmMechanism,
     private readonly log: Logger,
@@ -123,7 +117,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     await bases.load();
     const recipes = new RecipeStore(path.join(config.dataDir, 'recipes'), log);
     await recipes.load();
-    const cloudlet = new Cloudlet(config, hypervisor, catalog, ports, registry, cachedVm, log, apps, packages, appVirt, bases, recipes, onDemand, synthesis);
+    const cloudlet = new Cloudlet(config, hypervisor, catalog, registry, cachedVm, log, apps, packages, appVirt, bases, recipes, onDemand, synthesis);
     // After adopt(): an upload's synthesis cut by the restart left an instance directory, swept by now; it starts over.
     await cloudlet.overlayUploads.load();
     return cloudlet;
@@ -254,51 +248,9 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     // The memory state takes up to the VM's memory, the flattened disk about what the service's disk does.
     const diskBytes = (await stat(path.join(service.dir, service.manifest.disk))).size;
     await requireFreeSpace(service.dir, service.manifest.memory_mib * 2 ** 20 + diskBytes, `capture the state of ${id}`);
-    const captured = await this.registry.admit(() => this.captureRunning(coldService, this.cachedVm, ({ disk, state }) => this.catalog.replaceDiskAndState(id, { disk, state })));
+    const captured = await this.registry.capture(coldService, this.cachedVm, ({ disk, state }) => this.catalog.replaceDiskAndState(id, { disk, state }));
     this.log(`captured the memory state of ${id}`);
     return captured;
-  }
-
-  /**
-   * Launch `service` with `mechanism` as a throwaway instance in the staging area, wait until it answers, save its
-   * memory state and flatten its disk; `keep` turns that pair (files in the instance's directory, to be moved or
-   * copied) into the service to return. Whatever happens, the VM, its files and its port are gone afterwards.
-   */
-  private async captureRunning<W extends Service>(service: W, mechanism: Mechanism<W>,
-    keep: (captured: { dir: string; disk: string; state: string }) => Promise<Service>): Promise<Service> {
-    const work = await this.catalog.workDir();
-    const hostPort = await this.ports.reserve();
-    const probe = boundedProbe(service.manifest.readiness, this.config.limits.readinessTimeoutMs);
-    const meta: InstanceRecord = {
-      id: randomUUID(), serviceId: service.id, mechanism: mechanism.name, state: 'starting', bindAddress: this.config.forward.bindAddress,
-      hostPort, guestPort: service.manifest.port, shareable: false, users: 0, owners: [], launch: 'cold-boot',
-      createdAt: new Date().toISOString(), readyAt: null, dir: work, readiness: probe,
-    };
-    try {
-      // Captures run inside registry.admit(): the slot is already held.
-      await mechanism.launch({ service, domainName: `cloudlet-capture-${meta.id.slice(0, 8)}`, record: meta, timer: new PhaseTimer(), progress: () => {},
-        admit: async () => {} });
-      await waitUntilReady(probe, WILDCARD.has(meta.bindAddress) ? '127.0.0.1' : meta.bindAddress, hostPort, {
-        timeoutMs: probe.timeout_ms,
-        stillAlive: async () => (await this.hypervisor.running()).has(meta.id),
-      });
-      const state = path.join(work, 'state.sav');
-      // The save goes on in libvirtd: a kill right after it was asked for stops the agent mid-save.
-      const saving = this.hypervisor.save(meta.id, state);
-      faultPoint('capture:mid-save');
-      await saving;
-      const disk = path.join(work, 'captured.qcow2');
-      await convertImage(instanceFiles(work).disk, disk, 'qcow2');
-      return await keep({ dir: work, disk, state });
-    } catch (err) {
-      throw await withConsoleTail(asCloudletError(await noSpaceError(err, work, `capture the state of ${service.id}`)), this.hypervisor, work);
-    } finally {
-      // With libvirt away the VM cannot be ended now: its files and port still go, and the reconnect ends the VM
-      // (a capture domain whose directory is gone is over).
-      await this.hypervisor.destroy(meta.id).catch((err: Error) => this.log(`capture VM ${meta.id} is not ended yet: ${err.message}`));
-      await rm(work, { recursive: true, force: true });
-      this.ports.release(hostPort);
-    }
   }
 
   listBases(): BaseVm[] {
@@ -368,7 +320,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
       return Promise.reject(new CloudletError('SERVICE_EXISTS', `service ${id} exists and was not made from a recipe; it is not replaced`, { details: { service_id: id } }));
     }
     const service = recipeService(recipe, this.bases.get(recipe.base));
-    const caching = this.registry.admit(() => this.captureRunning(service, this.onDemand, async ({ dir, disk, state }) => {
+    const caching = this.registry.capture(service, this.onDemand, async ({ dir, disk, state }) => {
       if (this.catalog.has(id)) {
         this.refuseWhileInUse(id, 'replaced by a new cached result');
         await this.catalog.remove(id);
@@ -376,7 +328,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
       const cached = await this.importCaptured({ dir, disk, state }, service.manifest, service.base);
       this.log(`cached the result of recipe ${id}`);
       return cached;
-    })).finally(() => this.caching.delete(id));
+    }).finally(() => this.caching.delete(id));
     this.caching.set(id, caching);
     return caching;
   }

@@ -13,8 +13,8 @@ export interface UseHolders {
   anonymous: string[];
 }
 
-export function holdersOf(meta: InstanceRecord): UseHolders {
-  return { owners: meta.owners, anonymous: meta.anonymous ?? [] };
+export function holdersOf(record: InstanceRecord): UseHolders {
+  return { owners: record.owners, anonymous: record.anonymous ?? [] };
 }
 
 /** The holders once `user` holds one more use. */
@@ -29,9 +29,9 @@ export function withUse(holders: UseHolders, user: Stopper): UseHolders {
  * caller releases its own address's use first, else another anonymous one (KD's instance id is what entitles it, and a
  * phone's address may change); the operator its own, else an anonymous one, else the last device's.
  */
-export function withoutOneUse(meta: InstanceRecord, by: Stopper): UseHolders | null {
-  const { owners, anonymous } = holdersOf(meta);
-  const operatorUses = meta.users - owners.length - anonymous.length;
+export function withoutOneUse(record: InstanceRecord, by: Stopper): UseHolders | null {
+  const { owners, anonymous } = holdersOf(record);
+  const operatorUses = record.users - owners.length - anonymous.length;
   if (typeof by === 'object' && 'device' in by) {
     const at = owners.indexOf(by.device);
     return at === -1 ? null : { owners: owners.filter((_, i) => i !== at), anonymous };
@@ -66,7 +66,7 @@ export class AnonymousQuota {
 
   /** Runs `start` for `address` within the limits, else throws QUOTA_EXCEEDED without running it. */
   async run<T>(address: string, start: () => Promise<T>): Promise<T> {
-    const held = this.held().flatMap((meta) => meta.anonymous ?? []);
+    const held = this.held().flatMap((record) => record.anonymous ?? []);
     const fromAddress = held.filter((a) => a === address).length + (this.inFlight.get(address) ?? 0);
     if (fromAddress >= this.limits.perAddress) {
       throw new CloudletError('QUOTA_EXCEEDED', `this address already holds ${fromAddress} instance(s) started without credentials, the most one address may; stop one first, or pair this device`,
@@ -87,4 +87,10 @@ export class AnonymousQuota {
       else this.inFlight.set(address, left);
     }
   }
+}
+
+/** `owners` without the first `uses` entries of `owner`. */
+export function withoutUses(owners: string[], owner: string, uses: number): string[] {
+  let left = uses;
+  return owners.filter((o) => o !== owner || left-- <= 0);
 }

@@ -1,7 +1,7 @@
 import path from 'node:path';
 import type { Package } from '../core/types';
 import type { SandboxRuntime } from '../sandbox/sandbox-runtime';
-import type { LaunchPlan, Mechanism } from './mechanism';
+import type { LaunchPlan, Mechanism } from '../core/mechanism';
 
 /**
  * Application Virtualization: the service is a self-contained app package, run in a sandbox (namespaces, cgroup

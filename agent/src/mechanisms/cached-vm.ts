@@ -1,11 +1,8 @@
 import path from 'node:path';
 import { createLinkedClone } from '../images/qemu-img';
-import type { PhaseTimer } from '../core/timing';
-import { buildDomainXml, retargetSavedDomainXml, type DomainSpec } from '../vm/domain-xml';
+import type { LaunchPlan, Mechanism } from '../core/mechanism';
 import type { Hypervisor } from '../vm/hypervisor';
-import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
-import { readSaveImageHeader, type LiveMigrationStream, type SaveImageHeader } from '../vm/save-image';
-import type { LaunchPlan, Mechanism } from './mechanism';
+import { instanceDomainSpec, instanceFiles, restoreOrBoot } from '../vm/instance-domain';
 import { faultPoint } from '../system/fault-points';
 
 /**
@@ -32,29 +29,4 @@ export class CachedVmMechanism implements Mechanism {
     faultPoint('cached-vm:after-domain');
     return launched;
   }
-}
-
-/**
- * Bring an instance's domain to life: restored from a saved memory state when there is one, else cold-booted. The
- * state is a save image (its embedded XML retargeted to this instance, devices untouched) or one being synthesized
- * while it is read, with the domain XML the cloudlet chose for it. Shared by the VM mechanisms.
- */
-export async function restoreOrBoot(hypervisor: Hypervisor, spec: DomainSpec,
-  state: string | { header: SaveImageHeader; stream: LiveMigrationStream; xml: string } | null, instanceDir: string, timer: PhaseTimer,
-  progress: LaunchPlan['progress']): Promise<'memory-state' | 'cold-boot'> {
-  if (state) {
-    const header = typeof state === 'string' ? await readSaveImageHeader(state) : state.header;
-    const xml = typeof state === 'string' ? retargetSavedDomainXml(header.xml, spec) : state.xml;
-    progress('restoring');
-    await timer.time('libvirt', () => hypervisor.restore({ image: typeof state === 'string' ? state : state.stream, header }, xml, instanceDir,
-      (done, total) => {
-        if (done * 2 >= total) faultPoint('vm:mid-restore');
-        progress('restoring', { done, total });
-      }));
-    return 'memory-state';
-  }
-  const xml = buildDomainXml(spec);
-  progress('booting');
-  await timer.time('libvirt', () => hypervisor.boot(xml));
-  return 'cold-boot';
 }

@@ -9,7 +9,7 @@ import { waitForConsoleMarker } from '../vm/console-log';
 import { buildDomainXml } from '../vm/domain-xml';
 import type { Hypervisor } from '../vm/hypervisor';
 import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
-import type { LaunchPlan, Mechanism } from './mechanism';
+import type { LaunchPlan, Mechanism } from '../core/mechanism';
 import { faultPoint } from '../system/fault-points';
 
 /** The service a recipe makes, still on its base: what an on-demand launch is planned with. */

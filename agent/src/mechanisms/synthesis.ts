@@ -1,16 +1,14 @@
 import path from 'node:path';
 import type { BaseVm } from '../core/bases';
 import type { Service } from '../core/types';
-import { CloudletError } from '../errors';
 import { createLinkedClone } from '../images/qemu-img';
 import { applyOverlay, type OpenedOverlay } from '../synthesis/apply';
 import { invalid } from '../synthesis/overlay-format';
 import { synthesizedDomainXml, type DomainSpec } from '../vm/domain-xml';
 import type { Hypervisor } from '../vm/hypervisor';
-import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
+import { instanceDomainSpec, instanceFiles, restoreOrBoot } from '../vm/instance-domain';
 import { readSaveImageHeader } from '../vm/save-image';
-import { restoreOrBoot } from './cached-vm';
-import type { LaunchPlan, Mechanism } from './mechanism';
+import type { LaunchPlan, Mechanism } from '../core/mechanism';
 import { faultPoint } from '../system/fault-points';
 
 /** The synthesized memory state, next to the instance's disk. */
@@ -69,6 +67,8 @@ async function synthesizedXml(base: BaseVm, overlayXml: string, spec: DomainSpec
 export class SynthesisMechanism implements Mechanism<SynthesisService> {
   readonly name = 'synthesis' as const;
   readonly admitsItself = true;
+  /** The overlay is read once, as it arrives. */
+  readonly launchesOnce = true;
 
   constructor(private readonly hypervisor: Hypervisor) {}
 
@@ -81,20 +81,14 @@ export class SynthesisMechanism implements Mechanism<SynthesisService> {
     const disk = service.keep ? synthesizedDisk : instanceFiles(record.dir).disk;
     progress('synthesizing', { done: 0, total: service.overlay.bytes });
     const spec = instanceDomainSpec(service, domainName, record, this.hypervisor.domainType);
-    try {
-      return await applyOverlay(service.overlay, service.base, { disk, memory }, (done, total) => progress('synthesizing', { done, total }),
-        async (liveMemory) => {
-          const state = liveMemory && { ...liveMemory, xml: await synthesizedXml(service.base, liveMemory.header.xml, spec) };
-          if (service.keep) await createLinkedClone(disk, instanceFiles(record.dir).disk, 'qcow2');
-          await service.arrived();
-          await admit();
-          faultPoint('synthesis:after-apply');
-          return restoreOrBoot(this.hypervisor, spec, state, record.dir, timer, progress);
-        });
-    } catch (err) {
-      // The overlay was read once and is gone: a port taken meanwhile cannot be retried with another like other launches.
-      if (err instanceof CloudletError && err.code === 'NO_FREE_PORT') throw new CloudletError('LAUNCH_FAILED', err.message, { cause: err });
-      throw err;
-    }
+    return applyOverlay(service.overlay, service.base, { disk, memory }, (done, total) => progress('synthesizing', { done, total }),
+      async (liveMemory) => {
+        const state = liveMemory && { ...liveMemory, xml: await synthesizedXml(service.base, liveMemory.header.xml, spec) };
+        if (service.keep) await createLinkedClone(disk, instanceFiles(record.dir).disk, 'qcow2');
+        await service.arrived();
+        await admit();
+        faultPoint('synthesis:after-apply');
+        return restoreOrBoot(this.hypervisor, spec, state, record.dir, timer, progress);
+      });
   }
 }

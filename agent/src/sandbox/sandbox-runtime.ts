@@ -23,7 +23,7 @@ import { replaceFile } from '../core/atomic-file';
 import { CloudletError, isErrno } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';
-import type { InstanceEnding, InstanceRuntime } from '../mechanisms/mechanism';
+import type { InstanceEnding, InstanceRuntime } from '../core/runtime';
 import { faultPoint } from '../system/fault-points';
 import { SandboxCgroup, openCgroups, type CgroupLayout, type SandboxLimits } from './cgroups';
 import { sandboxSeccompFilter } from './seccomp';
@@ -164,7 +164,7 @@ export class SandboxRuntime implements InstanceRuntime {
 
   private async spawnFailure(record: InstanceRecord): Promise<CloudletError> {
     const tail = (await readFile(path.join(record.dir, LOG_FILE), 'utf8').catch(() => '')).trim().split('\n').slice(-5).join('\n');
-    if (/bind|address already in use/i.test(tail)) return new CloudletError('NO_FREE_PORT', `port ${record.hostPort} is taken: ${tail}`);
+    if (/bind|address already in use/i.test(tail)) return new CloudletError('PORT_TAKEN', `port ${record.hostPort} is taken: ${tail}`);
     return new CloudletError('LAUNCH_FAILED', `the sandbox of ${record.serviceId} did not start: ${tail || 'no output'}`, { details: { log: tail } });
   }
 

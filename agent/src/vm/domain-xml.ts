@@ -23,7 +23,8 @@ export interface DomainSpec {
   boot: { kernel: string; initrd: string | null; cmdline: string } | null;
   consoleLog: string;
   forward: Forward;
-  metadata: InstanceRecord;
+  /** The instance's record, kept in the domain's <metadata>. */
+  record: InstanceRecord;
   /** A read-only ISO attached as an IDE CD-ROM (a cloud-init config drive), absent for most instances. */
   cdrom?: string;
 }
@@ -32,14 +33,14 @@ const escapeXml = (s: string) =>
   s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&apos;');
 
 /** The element as virDomainSetMetadata takes it: unqualified, libvirt puts it in our namespace itself. */
-export function metadataElement(meta: InstanceRecord): string {
-  return `<instance>${escapeXml(JSON.stringify(meta))}</instance>`;
+export function metadataElement(record: InstanceRecord): string {
+  return `<instance>${escapeXml(JSON.stringify(record))}</instance>`;
 }
 
 /** The same element inside a domain's XML, where it must carry the namespace. */
-function metadataBlock(meta: InstanceRecord): string {
+function metadataBlock(record: InstanceRecord): string {
   const ns = METADATA_KEY;
-  return `<metadata><${ns}:instance xmlns:${ns}="${METADATA_URI}">${escapeXml(JSON.stringify(meta))}</${ns}:instance></metadata>`;
+  return `<metadata><${ns}:instance xmlns:${ns}="${METADATA_URI}">${escapeXml(JSON.stringify(record))}</${ns}:instance></metadata>`;
 }
 
 /**
@@ -51,8 +52,8 @@ export function parseMetadataElement(xml: string): InstanceRecord | null {
     const root = parseXml(xml, (message) => new CloudletError('INVALID_IMAGE', message)).documentElement!;
     const element = root.localName === 'instance' ? root : root.getElementsByTagNameNS(METADATA_URI, 'instance')[0];
     if (!element) return null;
-    const meta = JSON.parse(textOf(element)) as InstanceRecord;
-    return typeof meta.id === 'string' && typeof meta.serviceId === 'string' ? meta : null;
+    const record = JSON.parse(textOf(element)) as InstanceRecord;
+    return typeof record.id === 'string' && typeof record.serviceId === 'string' ? record : null;
   } catch {
     return null;
   }
@@ -76,7 +77,7 @@ export function buildDomainXml(s: DomainSpec): string {
     `<domain type='${s.type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>`,
     `  <name>${escapeXml(s.name)}</name>`,
     `  <uuid>${s.uuid}</uuid>`,
-    `  ${metadataBlock(s.metadata)}`,
+    `  ${metadataBlock(s.record)}`,
     `  <memory unit='MiB'>${s.memoryMib}</memory>`,
     `  <vcpu>${s.vcpus}</vcpu>`,
     `  <os>`,
@@ -131,7 +132,7 @@ function retargetDomain(doc: Document, s: DomainSpec, refuse: XmlRefusal): void 
   setText(onlyChild(domain, 'name', refuse), s.name);
   const uuid = onlyChild(domain, 'uuid', refuse);
   setText(uuid, s.uuid);
-  const metadata = doc.importNode(parseXml(metadataBlock(s.metadata), refuse).documentElement!, true);
+  const metadata = doc.importNode(parseXml(metadataBlock(s.record), refuse).documentElement!, true);
   const saved = optionalChild(domain, 'metadata', refuse);
   if (saved) domain.replaceChild(metadata, saved);
   else domain.insertBefore(metadata, uuid.nextSibling);

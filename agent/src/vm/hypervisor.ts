@@ -1,11 +1,14 @@
 import { constants as fsc } from 'node:fs';
 import { access, readFile } from 'node:fs/promises';
+import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Connection, DomainEvent, DomainFlags, LibvirtError, StoppedDetail, libvirtInfo } from '../../../native/libvirt';
 import { CloudletError, isNoSpace } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';
-import type { InstanceEnding, InstanceRuntime } from '../mechanisms/mechanism';
+import type { InstanceEnding, InstanceRuntime, SavedInstance } from '../core/runtime';
+import { convertImage } from '../images/qemu-img';
+import { faultPoint } from '../system/fault-points';
 import { readConsoleTail } from './console-log';
 import { METADATA_KEY, METADATA_URI, metadataElement, parseMetadataElement } from './domain-xml';
 import { instanceFiles } from './instance-domain';
@@ -13,11 +16,11 @@ import { prepareRestoreSource, type LiveMigrationStream, type SaveImageHeader, t
 
 /**
  * libvirt failures become HYPERVISOR_ERROR carrying libvirt's own code and message; QEMU refusing a forward whose
- * host port is taken becomes NO_FREE_PORT, which the registry answers by retrying on another port.
+ * host port is taken becomes PORT_TAKEN, which the registry answers by launching again on another port.
  */
 function hypervisorError(err: unknown): unknown {
   if (!(err instanceof LibvirtError)) return err;
-  if (/Could not set up host forwarding rule/i.test(err.message)) return new CloudletError('NO_FREE_PORT', err.message, { cause: err });
+  if (/Could not set up host forwarding rule/i.test(err.message)) return new CloudletError('PORT_TAKEN', err.message, { cause: err });
   const unreachable = /Cannot access storage file '([^']+)' \(as uid:(\d+), gid:(\d+)\): Permission denied/.exec(err.message);
   if (unreachable) {
     const [, file, uid, gid] = unreachable;
@@ -172,9 +175,15 @@ export class Hypervisor implements InstanceRuntime {
     }
   }
 
-  /** Save the domain's memory state to `path`; the domain stops. */
-  async save(uuid: string, path: string): Promise<void> {
-    await this.call((c) => c.saveDomain(uuid, path, null, 0));
+  /** Save the domain's memory state (the domain stops) and its disk, flattened so that it no longer needs its backing file. */
+  async save(record: InstanceRecord, into: string): Promise<SavedInstance> {
+    const saved = { state: path.join(into, 'state.sav'), disk: path.join(into, 'captured.qcow2') };
+    // The save goes on in libvirtd: a kill right after it was asked for stops the agent mid-save.
+    const saving = this.call((c) => c.saveDomain(record.id, saved.state, null, 0));
+    faultPoint('capture:mid-save');
+    await saving;
+    await convertImage(instanceFiles(record.dir).disk, saved.disk, 'qcow2');
+    return saved;
   }
 
   /** Destroy a domain; one that is already gone counts as destroyed. */
@@ -194,8 +203,8 @@ export class Hypervisor implements InstanceRuntime {
     return new Set(domains.map((d) => d.uuid));
   }
 
-  async writeRecord(meta: InstanceRecord): Promise<void> {
-    await this.call((c) => c.setMetadata(meta.id, metadataElement(meta), METADATA_KEY, METADATA_URI, DomainFlags.VIR_DOMAIN_AFFECT_LIVE));
+  async writeRecord(record: InstanceRecord): Promise<void> {
+    await this.call((c) => c.setMetadata(record.id, metadataElement(record), METADATA_KEY, METADATA_URI, DomainFlags.VIR_DOMAIN_AFFECT_LIVE));
   }
 
   /** Every running domain that carries our metadata: the instances to adopt after an agent restart. */
@@ -204,8 +213,8 @@ export class Hypervisor implements InstanceRuntime {
     for (const uuid of await this.running()) {
       try {
         const element = await this.call((c) => c.getMetadata(uuid, METADATA_URI, DomainFlags.VIR_DOMAIN_AFFECT_LIVE));
-        const meta = element ? parseMetadataElement(element) : null;
-        if (meta) found.push(meta);
+        const record = element ? parseMetadataElement(element) : null;
+        if (record) found.push(record);
       } catch (err) {
         // A domain that vanished between the list and the read is simply not ours to adopt.
         if (libvirtCodeOf(err) !== 'VIR_ERR_NO_DOMAIN') this.log(`cannot read metadata of ${uuid}: ${(err as Error).message}`);

@@ -1,7 +1,11 @@
 import path from 'node:path';
-import type { Service } from '../core/types';
-import type { InstanceRecord } from '../core/types';
-import type { DomainSpec } from './domain-xml';
+import type { LaunchPlan } from '../core/mechanism';
+import type { PhaseTimer } from '../core/timing';
+import type { InstanceRecord, Service } from '../core/types';
+import { faultPoint } from '../system/fault-points';
+import { buildDomainXml, retargetSavedDomainXml, type DomainSpec } from './domain-xml';
+import type { Hypervisor } from './hypervisor';
+import { readSaveImageHeader, type LiveMigrationStream, type SaveImageHeader } from './save-image';
 
 /** Where an instance keeps its files; the directory is removed whole when the instance ends. */
 export const instanceFiles = (dir: string) => ({
@@ -12,12 +16,12 @@ export const instanceFiles = (dir: string) => ({
 });
 
 /** The domain of one instance of a service: shared by every mechanism that launches a VM. */
-export function instanceDomainSpec(service: Service, domainName: string, meta: InstanceRecord, type: 'kvm' | 'qemu'): DomainSpec {
+export function instanceDomainSpec(service: Service, domainName: string, record: InstanceRecord, type: 'kvm' | 'qemu'): DomainSpec {
   const m = service.manifest;
-  const files = instanceFiles(meta.dir);
+  const files = instanceFiles(record.dir);
   return {
     name: domainName,
-    uuid: meta.id,
+    uuid: record.id,
     type,
     memoryMib: m.memory_mib,
     vcpus: m.vcpus,
@@ -28,7 +32,32 @@ export function instanceDomainSpec(service: Service, domainName: string, meta: I
       cmdline: m.boot.cmdline,
     },
     consoleLog: files.consoleLog,
-    forward: { bindAddress: meta.bindAddress, hostPort: meta.hostPort, guestPort: meta.guestPort },
-    metadata: meta,
+    forward: { bindAddress: record.bindAddress, hostPort: record.hostPort, guestPort: record.guestPort },
+    record,
   };
+}
+
+/**
+ * Bring an instance's domain to life: restored from a saved memory state when there is one, else cold-booted. The
+ * state is a save image (its embedded XML retargeted to this instance, devices untouched) or one being synthesized
+ * while it is read, with the domain XML the cloudlet chose for it. Shared by the VM mechanisms.
+ */
+export async function restoreOrBoot(hypervisor: Hypervisor, spec: DomainSpec,
+  state: string | { header: SaveImageHeader; stream: LiveMigrationStream; xml: string } | null, instanceDir: string, timer: PhaseTimer,
+  progress: LaunchPlan['progress']): Promise<'memory-state' | 'cold-boot'> {
+  if (state) {
+    const header = typeof state === 'string' ? await readSaveImageHeader(state) : state.header;
+    const xml = typeof state === 'string' ? retargetSavedDomainXml(header.xml, spec) : state.xml;
+    progress('restoring');
+    await timer.time('libvirt', () => hypervisor.restore({ image: typeof state === 'string' ? state : state.stream, header }, xml, instanceDir,
+      (done, total) => {
+        if (done * 2 >= total) faultPoint('vm:mid-restore');
+        progress('restoring', { done, total });
+      }));
+    return 'memory-state';
+  }
+  const xml = buildDomainXml(spec);
+  progress('booting');
+  await timer.time('libvirt', () => hypervisor.boot(xml));
+  return 'cold-boot';
 }

@@ -1,0 +1,111 @@
+import { mkdir, rm } from 'node:fs/promises';
+import { CloudletError, withDetails } from '../errors';
+import type { Logger } from '../log';
+import { faultPoint } from '../system/fault-points';
+import type { LaunchPhase } from './events';
+import type { LaunchPlan, Mechanism } from './mechanism';
+import type { PortAllocator } from './ports';
+import { boundedProbe, waitUntilReady } from './readiness';
+import type { InstanceRuntime } from './runtime';
+import type { PhaseTimer } from './timing';
+import type { InstanceRecord, MechanismName, Workload } from './types';
+
+/** Launches of one instance that end with its port taken before the registry gives up. */
+const LAUNCH_ATTEMPTS = 3;
+/** Bytes of console output attached to a failed launch's error (`details.console_tail`). */
+const FAILURE_CONSOLE_BYTES = 4096;
+
+/** Probing a wildcard bind goes through loopback. */
+const probeHost = (bindAddress: string) => (bindAddress === '0.0.0.0' || bindAddress === '::' ? '127.0.0.1' : bindAddress);
+
+/**
+ * The steps of every launch, an instance's start and a memory-state capture alike: the record of the new instance, a
+ * forwarded port (another one when some program took it meanwhile), the mechanism bringing the workload up on it, the
+ * wait until its service answers there. What the registry does around them (listing the instance, its events, its
+ * cleanup) is the registry's.
+ */
+export class Launcher {
+  constructor(
+    private readonly ports: PortAllocator,
+    private readonly bindAddress: string,
+    /** The longest any launch waits for its service to answer. */
+    private readonly readyWithinMs: number,
+    private readonly log: Logger,
+  ) {}
+
+  /** A new instance of `service` in `dir`, with no port and no users yet. */
+  newRecord(service: Workload, mechanism: MechanismName, id: string, dir: string): InstanceRecord {
+    return {
+      id,
+      serviceId: service.id,
+      mechanism,
+      state: 'starting',
+      bindAddress: this.bindAddress,
+      hostPort: 0,
+      guestPort: service.manifest.port,
+      shareable: service.manifest.shareable,
+      users: 0,
+      owners: [],
+      launch: service.manifest.state ? 'memory-state' : 'cold-boot',
+      createdAt: new Date().toISOString(),
+      readyAt: null,
+      dir,
+      readiness: boundedProbe(service.manifest.readiness, this.readyWithinMs),
+    };
+  }
+
+  /**
+   * Reserve a port and have the mechanism bring the workload up on it: the record as launched. PORT_TAKEN (some other
+   * program bound the port after the test bind) costs one more attempt on another port, unless the workload can only
+   * be launched once. A failed attempt leaves no domain, no port and an empty directory.
+   */
+  async bringUp<W extends Workload>(mechanism: Mechanism<W>, base: InstanceRecord, plan: Omit<LaunchPlan<W>, 'record'>): Promise<InstanceRecord> {
+    for (let attempt = 1; ; attempt++) {
+      faultPoint('launch:before-port');
+      const record: InstanceRecord = { ...base, hostPort: await this.ports.reserve() };
+      faultPoint('launch:after-port');
+      try {
+        return { ...record, launch: await mechanism.launch({ ...plan, record }) };
+      } catch (err) {
+        await mechanism.runtime.destroy(record.id).finally(() => this.ports.release(record.hostPort));
+        if (!(err instanceof CloudletError && err.code === 'PORT_TAKEN') || mechanism.launchesOnce || attempt >= LAUNCH_ATTEMPTS) throw err;
+        this.log(`port ${record.hostPort} was taken meanwhile; launching ${record.serviceId} again on another port`);
+        await rm(record.dir, { recursive: true, force: true });
+        await mkdir(record.dir, { mode: 0o755 });
+      }
+    }
+  }
+
+  /**
+   * Wait until the instance's service answers through its forward, by the record's deadline (its probe's timeout from
+   * its creation, never more than the box allows: an adopted record may carry a timeout from before the bound was lowered).
+   */
+  async untilServing(record: InstanceRecord, runtime: InstanceRuntime, timer: PhaseTimer): Promise<void> {
+    const probe = boundedProbe(record.readiness, this.readyWithinMs);
+    const remaining = Date.parse(record.createdAt) + probe.timeout_ms - Date.now();
+    await timer.time('guest', () => waitUntilReady(probe, probeHost(record.bindAddress), record.hostPort, {
+      timeoutMs: Math.max(remaining, 0),
+      // While the runtime is unreachable the instance is presumed alive: the probe itself still tells when it serves.
+      stillAlive: () => runtime.running().then((ids) => ids.has(record.id),
+        (err: unknown) => err instanceof CloudletError && err.code === 'HYPERVISOR_UNAVAILABLE'),
+    }));
+  }
+}
+
+/** The error of a failed launch with the end of the instance's console output, when its runtime keeps one. */
+export async function withConsoleTail(error: CloudletError, runtime: InstanceRuntime, dir: string): Promise<CloudletError> {
+  const tail = await runtime.consoleTail?.(dir, FAILURE_CONSOLE_BYTES).catch(() => undefined);
+  return tail ? withDetails(error, { console_tail: tail }) : error;
+}
+
+/**
+ * Where each phase starts in the launch's 0–100; streaming a memory state fills the restoring share by bytes, and
+ * applying an overlay fills the share before restoring.
+ */
+const PHASE_PERCENT: Record<LaunchPhase, number> = { synthesizing: 0, cloning: 0, restoring: 10, booting: 10, provisioning: 30, 'waiting-ready': 70, ready: 100 };
+
+export function launchPercent(phase: LaunchPhase, bytes?: { done: number; total: number }): number {
+  if (!bytes || bytes.total === 0) return PHASE_PERCENT[phase];
+  const end = phase === 'synthesizing' ? PHASE_PERCENT.restoring : PHASE_PERCENT['waiting-ready'];
+  return Math.round(PHASE_PERCENT[phase] + (end - PHASE_PERCENT[phase]) * (bytes.done / bytes.total));
+}
