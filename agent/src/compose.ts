@@ -66,7 +66,7 @@ export async function composeCloudlet(config: AgentConfig, log: Logger): Promise
   await recipes.load();
   return Cloudlet.open({
     config, log, hypervisor, catalog, packages, apps, bases, recipes, ports, registry, cachedVm, onDemand, appVirt,
-    synthesis: vmSynthesis(synthesis, config.dataDir, log),
+    vmSynthesis: vmSynthesis(synthesis, config.dataDir, log),
     overlayUploads: (synthesize) => new UploadSessions(path.join(config.dataDir, 'uploads'), synthesize, OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS, log,
       { ownerOf: (options) => options.deviceId, max: OVERLAY_UPLOADS_PER_DEVICE }),
   });

@@ -46,7 +46,7 @@ export interface CloudletParts {
   onDemand: Mechanism<RecipeService>;
   /** Why app packages cannot run here, when the host lacks what sandboxes need. */
   appVirt: Mechanism<Package> | CloudletError;
-  synthesis: VmSynthesis;
+  vmSynthesis: VmSynthesis;
   /** The store of resumable overlay uploads, given what synthesizes an upload as its bytes arrive. */
   overlayUploads: (synthesize: OverlayConsumer) => OverlayUploads;
 }
@@ -71,7 +71,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   private readonly onDemand: Mechanism<RecipeService>;
   private readonly appVirt: Mechanism<Package> | CloudletError;
   private readonly starts: InstanceStarts;
-  private readonly synthesis: SynthesisRequests;
+  private readonly synthesisRequests: SynthesisRequests;
   private readonly status: HostStatus;
   /** Recipe results being cached, so concurrent requests share one capture. */
   private readonly caching = new Map<string, Promise<Service>>();
@@ -81,8 +81,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     ({ bases: this.bases, recipes: this.recipes, ports: this.ports, registry: this.registry } = parts);
     ({ cachedVm: this.cachedVm, onDemand: this.onDemand, appVirt: this.appVirt } = parts);
     this.starts = new InstanceStarts(this.registry);
-    this.synthesis = new SynthesisRequests({
-      dataDir: this.config.dataDir, catalog: this.catalog, bases: this.bases, registry: this.registry, starts: this.starts, synthesis: parts.synthesis,
+    this.synthesisRequests = new SynthesisRequests({
+      dataDir: this.config.dataDir, catalog: this.catalog, bases: this.bases, registry: this.registry, starts: this.starts, vmSynthesis: parts.vmSynthesis,
       uploads: parts.overlayUploads, log: this.log,
     });
     this.status = new HostStatus({
@@ -94,7 +94,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   static async open(parts: CloudletParts): Promise<Cloudlet> {
     const cloudlet = new Cloudlet(parts);
     // After adopt(): an upload's synthesis cut by the restart left an instance directory, swept by now; it starts over.
-    await cloudlet.synthesis.resumeUploads();
+    await cloudlet.synthesisRequests.resumeUploads();
     return cloudlet;
   }
 
@@ -325,19 +325,19 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   }
 
   synthesizeFile(file: string, options: SynthesisOptions): Promise<SynthesisResult> {
-    return this.synthesis.synthesizeFile(file, options);
+    return this.synthesisRequests.synthesizeFile(file, options);
   }
 
   createOverlayUpload(bytes: number, options: SynthesisOptions): Promise<UploadView<SynthesisResult>> {
-    return this.synthesis.createUpload(bytes, options);
+    return this.synthesisRequests.createUpload(bytes, options);
   }
 
   overlayUpload(id: string, deviceId?: string): UploadView<SynthesisResult> {
-    return this.synthesis.upload(id, deviceId);
+    return this.synthesisRequests.upload(id, deviceId);
   }
 
   appendOverlayUpload(id: string, offset: number, body: Readable, deviceId?: string): Promise<AppendOutcome<SynthesisResult>> {
-    return this.synthesis.appendUpload(id, offset, body, deviceId);
+    return this.synthesisRequests.appendUpload(id, offset, body, deviceId);
   }
 
   /** The end of an instance's console output, while it starts and while it runs. */

@@ -21,7 +21,7 @@ export interface SynthesisRequestsParts {
   bases: BaseStore;
   registry: InstanceRegistry;
   starts: InstanceStarts;
-  synthesis: VmSynthesis;
+  vmSynthesis: VmSynthesis;
   /** The upload store, given what synthesizes an upload as its bytes arrive. */
   uploads: (synthesize: OverlayConsumer) => OverlayUploads;
   log: Logger;
@@ -57,7 +57,7 @@ export class SynthesisRequests {
 
   async createUpload(bytes: number, options: SynthesisOptions): Promise<UploadView<SynthesisResult>> {
     if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new CloudletError('INVALID_PARAMETER', 'bytes must be a positive integer', { details: { parameter: 'bytes' } });
-    const limit = this.parts.synthesis.maxOverlayBytes;
+    const limit = this.parts.vmSynthesis.maxOverlayBytes;
     if (bytes > limit) throw new CloudletError('PAYLOAD_TOO_LARGE', `an overlay may have at most ${limit} bytes`, { details: { limit } });
     this.refuseKeepingAs(options.keepAs);
     // Room for this upload and for what the unfinished ones still announce, before anything is written.
@@ -86,13 +86,13 @@ export class SynthesisRequests {
    * byte of the overlay is on the cloudlet (a file's at once, an upload's when its last byte is in).
    */
   private async synthesize(stream: Readable, bytes: number, options: SynthesisOptions, arrived = async () => {}): Promise<SynthesisResult> {
-    const { synthesis, bases, dataDir, starts, log } = this.parts;
-    const opened = await synthesis.open(stream, bytes, (ref) => bases.get(ref), options.keepAs !== undefined, arrived);
+    const { vmSynthesis, bases, dataDir, starts, log } = this.parts;
+    const opened = await vmSynthesis.open(stream, bytes, (ref) => bases.get(ref), options.keepAs !== undefined, arrived);
     try {
       const { service } = opened;
       // Room for all the overlay can expand to, not only for what was sent, before anything is written.
       await requireFreeSpace(dataDir, opened.expandedBytes + this.uploads.outstandingBytes(), `synthesize ${service.id}`);
-      const result = await starts.start(service, false, synthesis.mechanism, { deviceId: options.deviceId, clientHost: options.clientHost });
+      const result = await starts.start(service, false, vmSynthesis.mechanism, { deviceId: options.deviceId, clientHost: options.clientHost });
       log(`synthesized ${service.id} from a ${bytes}-byte overlay on base ${service.base.name}`);
       return options.keepAs === undefined ? result : { ...result, ...(await this.keepSynthesized(service, result.instance.id, options.keepAs)) };
     } finally {
@@ -106,8 +106,8 @@ export class SynthesisRequests {
    * keeps running; a failure loses only the keeping, and is reported with the start result.
    */
   private async keepSynthesized(service: ServiceOnBase, instanceId: string, serviceId: string): Promise<Pick<SynthesisResult, 'keptAs' | 'keepError'>> {
-    const { catalog, registry, synthesis, log } = this.parts;
-    const synthesized = synthesis.synthesizedFiles(registry.dirOf(instanceId), service);
+    const { catalog, registry, vmSynthesis, log } = this.parts;
+    const synthesized = vmSynthesis.synthesizedFiles(registry.dirOf(instanceId), service);
     const work = await catalog.workDir();
     try {
       this.refuseKeepingAs(serviceId);
