@@ -5,9 +5,8 @@
  * conventions as v1.ts.
  */
 import { deviceIdOf } from '../trust/access';
-import type { ProvisioningApi, SynthesisOptions, SynthesisResult } from '../core/types';
+import type { ProvisioningApi, SynthesisOptions, SynthesisResult, UploadView } from '../core/types';
 import { CloudletError } from '../errors';
-import type { UploadView } from '../synthesis/uploads';
 import { hostOf, jsonReply, type ApiRequest, type Route } from './routing';
 import { jsonObject, requiredString } from './v1';
 import { serviceJson, startResultJson } from './wire-shapes';

@@ -8,6 +8,7 @@ import { replaceFile } from './atomic-file';
 import { noSpaceError, requireFreeSpace } from './disk-space';
 import { faultPoint } from '../system/fault-points';
 import { readSaveImageHeader } from '../vm/save-image';
+import type { BaseVm } from './bases';
 import { manifestFiles, parseManifest } from './manifest';
 import type { Service, ServiceManifest } from './types';
 
@@ -138,6 +139,17 @@ export class Catalog {
       if (old && old !== diskName && old !== stateName) await rm(path.join(service.dir, old), { force: true });
     }
     return updated;
+  }
+
+  /**
+   * A captured disk and memory state in the work directory `dir`, with the base's kernel and initrd, imported as the
+   * Cached VM service `manifest` describes: how a recipe's result and a kept synthesis become services.
+   */
+  async importCaptured({ dir, disk, state }: { dir: string; disk: string; state: string | null }, manifest: ServiceManifest, base: BaseVm): Promise<Service> {
+    const boot = base.manifest.boot;
+    for (const file of [boot?.kernel, boot?.initrd]) if (file) await copyRegularFile(base.dir, file, dir);
+    await writeManifest(dir, { ...manifest, disk: path.basename(disk), state: state && path.basename(state), boot });
+    return this.import(dir);
   }
 
   /** A fresh private directory under staging, for work that must not be seen until it is complete. */

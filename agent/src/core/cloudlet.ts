@@ -1,125 +1,91 @@
-import { constants as fsConstants } from 'node:fs';
-import { access, copyFile, rm, stat } from 'node:fs/promises';
-import { createReadStream } from 'node:fs';
-import os from 'node:os';
+import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import type { AgentConfig } from '../config';
-import { CloudletError, asCloudletError } from '../errors';
-import { convertImage } from '../images/qemu-img';
+import { CloudletError } from '../errors';
 import type { Logger } from '../log';
-import { AppVirtMechanism } from '../mechanisms/app-virt';
-import { CachedVmMechanism } from '../mechanisms/cached-vm';
-import type { Mechanism } from './mechanism';
-import { OnDemandMechanism, recipeService } from '../mechanisms/on-demand';
-import { SynthesisMechanism, synthesisService, synthesizedFiles, type SynthesisService } from '../mechanisms/synthesis';
-import { expandedBytes, openOverlay } from '../synthesis/apply';
-import { trustedOverlayKeys } from '../synthesis/keys';
-import { OVERLAY_LIMITS } from '../synthesis/overlay-format';
-import { UploadSessions, type AppendOutcome, type UploadView } from '../synthesis/uploads';
-import { DEFAULT_PACKAGE_LIMITS, PackageStore } from '../packages/store';
-import { SandboxRuntime } from '../sandbox/sandbox-runtime';
-import { Hypervisor } from '../vm/hypervisor';
-import { checkReachableByQemu, makeDataDir } from '../system/data-dir';
-import { AppStore } from './apps';
-import { BaseStore, type BaseFile, type BaseVm } from './bases';
-import { Catalog, copyRegularFile, writeManifest } from './catalog';
+import type { CapturingMechanism, Mechanism } from './mechanism';
+import type { HypervisorLink, OverlayConsumer, OverlayUploads, PackageShelf, VmSynthesis } from './adapters';
+import type { AppStore } from './apps';
+import type { BaseFile, BaseStore, BaseVm } from './bases';
+import type { Catalog } from './catalog';
 import { requireFreeSpace } from './disk-space';
-import { InstanceRegistry } from './instances';
-import { LaunchGate } from './launch-gate';
-import { PortAllocator } from './ports';
-import { SERVICE_ID } from './manifest';
-import { RECIPE_TAG_PREFIX, parseRecipe, recipeTag, type Recipe } from './recipe';
-import { RecipeStore } from './recipes';
-import { HostMonitor } from './system-info';
+import { HostStatus } from './host-status';
+import { InstanceStarts, type DeviceStanding } from './instance-starts';
+import type { InstanceRegistry } from './instances';
+import { RECIPE_TAG_PREFIX, parseRecipe, recipeService, recipeTag, type Recipe, type RecipeService } from './recipe';
+import type { RecipeStore } from './recipes';
+import { SynthesisRequests } from './synthesis-requests';
 import type { EventListener } from './events';
 import type {
-  App, AppFilter, CloudletApi, DiscoveryView, Endpoint, HealthCheck, HealthReport, Instance, NewApp, Package,
-  PackageSource, Peer, ProvisioningApi, Service, ServiceManifest, StartRequest, StartResult, StopResult, Stopper, SynthesisOptions, SynthesisResult, SystemInfo, Workload,
+  App, AppendOutcome, AppFilter, CloudletApi, DiscoveryView, Endpoint, HealthReport, Instance, NewApp, Package, PackageSource, Peer,
+  ProvisioningApi, Service, StartRequest, StartResult, StopResult, Stopper, SynthesisOptions, SynthesisResult, SystemInfo, UploadView,
 } from './types';
 
-// From dist/agent/src/core/ up to the repository (or installed package) root.
-export const AGENT_VERSION: string = (require('../../../../package.json') as { version: string }).version;
-
-const WILDCARD = new Set(['0.0.0.0', '::', '']);
-/** An overlay upload that gets no bytes for this long is abandoned; a finished one is remembered this long. */
-const OVERLAY_UPLOAD_IDLE_MS = 10 * 60_000;
-const OVERLAY_UPLOAD_KEEP_MS = 10 * 60_000;
-/** Unfinished overlay uploads one device may have at a time (the operator's are not limited). */
-const OVERLAY_UPLOADS_PER_DEVICE = 2;
-
-/** How a device's authorization stands: null while it may act, else how it ended (trust/devices.ts). */
-type DeviceStanding = 'not-paired' | 'revoked' | 'expired' | null;
+/** What the composition root (compose.ts) hands the core: its stores, the registry, the mechanisms and their adapters. */
+export interface CloudletParts {
+  config: AgentConfig;
+  log: Logger;
+  hypervisor: HypervisorLink;
+  catalog: Catalog;
+  packages: PackageShelf;
+  apps: AppStore;
+  bases: BaseStore;
+  recipes: RecipeStore;
+  /** Already adopted what runs, and reconciling. */
+  registry: InstanceRegistry;
+  cachedVm: CapturingMechanism<Service>;
+  onDemand: CapturingMechanism<RecipeService>;
+  /** Why app packages cannot run here, when the host lacks what sandboxes need. */
+  appVirt: Mechanism<Package> | CloudletError;
+  vmSynthesis: VmSynthesis;
+  /** The store of resumable overlay uploads, given what synthesizes an upload as its bytes arrive. */
+  overlayUploads: (synthesize: OverlayConsumer) => OverlayUploads;
+}
 
 /**
- * The core: the catalog of cached services, the registry of running instances and the mechanisms that launch
- * them. The HTTP faces call only this (through CloudletApi).
+ * The core's facade: what the HTTP faces, telemetry and discovery call (CloudletApi, ProvisioningApi). The catalog,
+ * the package, app, base and recipe stores and the registry do the work; starts on someone's behalf go through
+ * InstanceStarts, VM Synthesis requests through SynthesisRequests, the box's own facts through HostStatus.
  */
 export class Cloudlet implements CloudletApi, ProvisioningApi {
-  private readonly host = new HostMonitor();
-  private discovery: DiscoveryView | null = null;
+  private readonly config: AgentConfig;
+  private readonly log: Logger;
+  private readonly hypervisor: HypervisorLink;
+  private readonly catalog: Catalog;
+  private readonly packages: PackageShelf;
+  private readonly apps: AppStore;
+  private readonly bases: BaseStore;
+  private readonly recipes: RecipeStore;
+  private readonly registry: InstanceRegistry;
+  private readonly cachedVm: CapturingMechanism<Service>;
+  private readonly onDemand: CapturingMechanism<RecipeService>;
+  private readonly appVirt: Mechanism<Package> | CloudletError;
+  private readonly starts: InstanceStarts;
+  private readonly synthesisRequests: SynthesisRequests;
+  private readonly status: HostStatus;
   /** Recipe results being cached, so concurrent requests share one capture. */
   private readonly caching = new Map<string, Promise<Service>>();
-  private readonly overlayUploads: UploadSessions<SynthesisResult, SynthesisOptions>;
-  /** See attachDeviceStanding; every device is in good standing until told otherwise. */
-  private deviceStanding: (deviceId: string) => DeviceStanding = () => null;
 
-  private constructor(
-    private readonly config: AgentConfig,
-    private readonly hypervisor: Hypervisor,
-    private readonly catalog: Catalog,
-    private readonly registry: InstanceRegistry,
-    private readonly cachedVm: CachedVmMechanism,
-    private readonly log: Logger,
-    private readonly apps: AppStore,
-    private readonly packages: PackageStore,
-    /** Why app packages cannot run here, when the host lacks what sandboxes need. */
-    private readonly appVirt: AppVirtMechanism | CloudletError,
-    private readonly bases: BaseStore,
-    private readonly recipes: RecipeStore,
-    private readonly onDemand: OnDemandMechanism,
-    private readonly synthesis: SynthesisMechanism,
-  ) {
-    this.overlayUploads = new UploadSessions(path.join(config.dataDir, 'uploads'), (stream, bytes, options, arrived) => this.synthesize(stream, bytes, options, arrived),
-      OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS, log, { ownerOf: (options) => options.deviceId, max: OVERLAY_UPLOADS_PER_DEVICE });
+  private constructor(parts: CloudletParts) {
+    ({ config: this.config, log: this.log, hypervisor: this.hypervisor, catalog: this.catalog, packages: this.packages, apps: this.apps } = parts);
+    ({ bases: this.bases, recipes: this.recipes, registry: this.registry } = parts);
+    ({ cachedVm: this.cachedVm, onDemand: this.onDemand, appVirt: this.appVirt } = parts);
+    this.starts = new InstanceStarts(this.registry);
+    this.synthesisRequests = new SynthesisRequests({
+      dataDir: this.config.dataDir, catalog: this.catalog, bases: this.bases, registry: this.registry, starts: this.starts, vmSynthesis: parts.vmSynthesis,
+      uploads: parts.overlayUploads, log: this.log,
+    });
+    this.status = new HostStatus({
+      hypervisor: this.hypervisor, dataDir: this.config.dataDir, instances: () => this.registry.list().length,
+      sandboxProblem: this.appVirt instanceof CloudletError ? this.appVirt : null,
+    });
   }
 
-  static async open(config: AgentConfig, log: Logger): Promise<Cloudlet> {
-    // QEMU runs as its own user and must reach the images below the data directory.
-    await makeDataDir(config.dataDir);
-    const hypervisor = await Hypervisor.connect(config.libvirtUri, config.domainType, log);
-    await checkReachableByQemu(config.dataDir, await hypervisor.qemuIdentity(), log);
-    const staging = path.join(config.dataDir, 'tmp');
-    const catalog = new Catalog(path.join(config.dataDir, 'services'), staging, log);
-    await catalog.load();
-    if (config.seedDir) await catalog.importSeeds(config.seedDir);
-    const ports = new PortAllocator(config.forward.bindAddress, config.forward.portRange);
-    const cachedVm = new CachedVmMechanism(hypervisor);
-    const packages = new PackageStore(path.join(config.dataDir, 'packages'), staging, (id) => catalog.has(id), log,
-      { ...DEFAULT_PACKAGE_LIMITS, maxBytes: config.packages.maxUploadBytes });
-    await packages.load();
-    const instancesDir = path.join(config.dataDir, 'instances');
-    // Without cgroups (a container, a private mount namespace) the agent still serves VMs; packages just cannot start.
-    const appVirt = await SandboxRuntime.open(instancesDir, config.packages, log).then((runtime) => new AppVirtMechanism(runtime), (err: unknown) => {
-      log(`app packages cannot run on this host: ${(err as Error).message}`);
-      return asCloudletError(err);
-    });
-    const onDemand = new OnDemandMechanism(hypervisor);
-    const synthesis = new SynthesisMechanism(hypervisor);
-    const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand, synthesis], ports, instancesDir, staging, config.forward.bindAddress, log,
-      new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches, readyWithinMs: config.limits.readinessTimeoutMs }),
-      { perAddress: config.limits.anonymousInstancesPerAddress, total: config.limits.anonymousInstances });
-    await registry.adopt();
-    registry.startReconciling(config.reconcileIntervalMs, config.libvirtEvents);
-    const apps = new AppStore(path.join(config.dataDir, 'apps'), staging, config.apps.maxUploadBytes, log);
-    await apps.load();
-    const bases = new BaseStore(path.join(config.dataDir, 'bases'), () => catalog.workDir(), log);
-    await bases.load();
-    const recipes = new RecipeStore(path.join(config.dataDir, 'recipes'), log);
-    await recipes.load();
-    const cloudlet = new Cloudlet(config, hypervisor, catalog, registry, cachedVm, log, apps, packages, appVirt, bases, recipes, onDemand, synthesis);
+  static async open(parts: CloudletParts): Promise<Cloudlet> {
+    const cloudlet = new Cloudlet(parts);
     // After adopt(): an upload's synthesis cut by the restart left an instance directory, swept by now; it starts over.
-    await cloudlet.overlayUploads.load();
+    await cloudlet.synthesisRequests.resumeUploads();
     return cloudlet;
   }
 
@@ -181,13 +147,12 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   /** An app package's id acts as a service id: the package store is asked first, then the catalog. */
   async startInstance(req: StartRequest): Promise<StartResult> {
     const appPackage = this.packages.find(req.serviceId);
-    const started = appPackage
-      ? await this.startFor(appPackage, req.join, this.runnableAppVirt(), req.deviceId, req.anonymousFrom)
-      : await this.startFor(this.catalog.get(req.serviceId), req.join, this.cachedVm, req.deviceId, req.anonymousFrom);
-    return { ...started, endpoint: this.endpointFor(started.instance, req.clientHost) };
+    return appPackage
+      ? this.starts.start(appPackage, req.join, this.runnableAppVirt(), req)
+      : this.starts.start(this.catalog.get(req.serviceId), req.join, this.cachedVm, req);
   }
 
-  private runnableAppVirt(): AppVirtMechanism {
+  private runnableAppVirt(): Mechanism<Package> {
     if (this.appVirt instanceof CloudletError) throw this.appVirt;
     return this.appVirt;
   }
@@ -201,38 +166,13 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     return this.registry.releaseOwner(deviceId);
   }
 
-  /**
-   * Which devices may still hold instances (null: in good standing, else how its authorization ended): the reconciler
-   * releases the uses of any other (a release that failed at the device's end, libvirt being unreachable, is retried
-   * until it succeeds), and a start for a device whose authorization ended while it launched is undone.
-   */
+  /** See InstanceStarts.attachDeviceStanding. */
   attachDeviceStanding(standing: (deviceId: string) => DeviceStanding): void {
-    this.deviceStanding = standing;
-    this.registry.setOwnerStanding((id) => standing(id) === null);
+    this.starts.attachDeviceStanding(standing);
   }
 
-  /**
-   * Every start on a device's behalf (Cached VM, app package, on-demand, synthesis): the device's authorization may
-   * have ended while its VM was launching, possibly before the registry listed the instance for releasing; its use is
-   * then given back, and the start fails as the device's next request would.
-   */
-  private async startFor<W extends Workload>(workload: W, join: boolean, mechanism: Mechanism<W>, deviceId?: string, anonymousFrom?: string): Promise<Omit<StartResult, 'endpoint'>> {
-    const user: Stopper = deviceId !== undefined ? { device: deviceId } : anonymousFrom !== undefined ? { anonymous: anonymousFrom } : 'operator';
-    const started = await this.registry.start(workload, join, mechanism, user);
-    const standing = deviceId === undefined ? null : this.deviceStanding(deviceId);
-    if (deviceId !== undefined && standing) {
-      // Already released (the registry listed it in time) is as good.
-      await this.registry.stop(started.instance.id, { device: deviceId }).catch(() => {});
-      throw new CloudletError(standing === 'expired' ? 'DEVICE_EXPIRED' : standing === 'revoked' ? 'DEVICE_REVOKED' : 'UNAUTHENTICATED',
-        `the authorization of device ${deviceId} ended while its instance was starting`, { details: { device_id: deviceId } });
-    }
-    return started;
-  }
-
-  /** The address a client should connect to: the forward's own address, or the one the client reached us on. */
   endpointFor(instance: Instance, clientHost?: string): Endpoint {
-    const address = WILDCARD.has(instance.bindAddress) ? clientHost ?? os.hostname() : instance.bindAddress;
-    return { address, port: instance.hostPort };
+    return this.starts.endpointFor(instance, clientHost);
   }
 
   /**
@@ -295,11 +235,11 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   async provision(id: string, req: { join: boolean; clientHost?: string; deviceId?: string }): Promise<StartResult> {
     const recipe = this.recipes.get(id);
     if (this.cachedResultOf(recipe)) return this.startInstance({ ...req, serviceId: id });
-    const started = await this.startFor(recipeService(recipe, this.bases.get(recipe.base)), req.join, this.onDemand, req.deviceId);
+    const started = await this.starts.start(recipeService(recipe, this.bases.get(recipe.base)), req.join, this.onDemand, req);
     if (recipe.cache === 'after-first-use') {
       this.cacheRecipe(id).catch((err: Error) => this.log(`caching the result of recipe ${id} failed: ${err.message}`));
     }
-    return { ...started, endpoint: this.endpointFor(started.instance, req.clientHost) };
+    return started;
   }
 
   private cachedResultOf(recipe: Recipe): Service | null {
@@ -325,7 +265,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
         this.refuseWhileInUse(id, 'replaced by a new cached result');
         await this.catalog.remove(id);
       }
-      const cached = await this.importCaptured({ dir, disk, state }, service.manifest, service.base);
+      const cached = await this.catalog.importCaptured({ dir, disk, state }, service.manifest, service.base);
       this.log(`cached the result of recipe ${id}`);
       return cached;
     }).finally(() => this.caching.delete(id));
@@ -333,99 +273,20 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     return caching;
   }
 
-  /**
-   * A captured disk and memory state in the work directory `dir`, with the base's kernel and initrd, imported as the
-   * Cached VM service `manifest` describes: how a recipe's result and a kept synthesis become services.
-   */
-  private async importCaptured({ dir, disk, state }: { dir: string; disk: string; state: string | null }, manifest: ServiceManifest, base: BaseVm): Promise<Service> {
-    const boot = base.manifest.boot;
-    for (const file of [boot?.kernel, boot?.initrd]) if (file) await copyRegularFile(base.dir, file, dir);
-    await writeManifest(dir, { ...manifest, disk: path.basename(disk), state: state && path.basename(state), boot });
-    return this.catalog.import(dir);
+  synthesizeFile(file: string, options: SynthesisOptions): Promise<SynthesisResult> {
+    return this.synthesisRequests.synthesizeFile(file, options);
   }
 
-  async synthesizeFile(file: string, options: SynthesisOptions): Promise<SynthesisResult> {
-    if (!path.isAbsolute(file)) throw new CloudletError('INVALID_PARAMETER', `overlay path must be absolute: ${file}`, { details: { parameter: 'path' } });
-    const overlayFile = await stat(file).catch((err: Error) => {
-      throw new CloudletError('INVALID_PARAMETER', `cannot read overlay ${file}: ${err.message}`, { details: { parameter: 'path' } });
-    });
-    // A directory or a device would fail only once read (EISDIR), or never end (/dev/zero).
-    if (!overlayFile.isFile()) throw new CloudletError('INVALID_PARAMETER', `overlay ${file} is not a regular file`, { details: { parameter: 'path' } });
-    const { size } = overlayFile;
-    this.refuseKeepingAs(options.keepAs);
-    return this.synthesize(createReadStream(file), size, options);
-  }
-
-  async createOverlayUpload(bytes: number, options: SynthesisOptions): Promise<UploadView<SynthesisResult>> {
-    if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new CloudletError('INVALID_PARAMETER', 'bytes must be a positive integer', { details: { parameter: 'bytes' } });
-    if (bytes > OVERLAY_LIMITS.overlayBytes) {
-      throw new CloudletError('PAYLOAD_TOO_LARGE', `an overlay may have at most ${OVERLAY_LIMITS.overlayBytes} bytes`, { details: { limit: OVERLAY_LIMITS.overlayBytes } });
-    }
-    this.refuseKeepingAs(options.keepAs);
-    // Room for this upload and for what the unfinished ones still announce, before anything is written.
-    await requireFreeSpace(this.config.dataDir, bytes + this.overlayUploads.outstandingBytes(), `receive an overlay upload of ${bytes} bytes`);
-    return this.overlayUploads.create(bytes, options);
-  }
-
-  /** A synthesis is kept only as a new service: refused before any byte is sent, rather than after the VM runs. */
-  private refuseKeepingAs(serviceId: string | undefined): void {
-    if (serviceId === undefined) return;
-    if (!SERVICE_ID.test(serviceId)) throw new CloudletError('INVALID_PARAMETER', `invalid service id ${JSON.stringify(serviceId)}`, { details: { parameter: 'keep_as' } });
-    if (this.catalog.has(serviceId)) throw new CloudletError('SERVICE_EXISTS', `service ${serviceId} is already in the catalog`, { details: { service_id: serviceId } });
+  createOverlayUpload(bytes: number, options: SynthesisOptions): Promise<UploadView<SynthesisResult>> {
+    return this.synthesisRequests.createUpload(bytes, options);
   }
 
   overlayUpload(id: string, deviceId?: string): UploadView<SynthesisResult> {
-    return this.overlayUploads.get(id, uploadOf(deviceId));
+    return this.synthesisRequests.upload(id, deviceId);
   }
 
   appendOverlayUpload(id: string, offset: number, body: Readable, deviceId?: string): Promise<AppendOutcome<SynthesisResult>> {
-    return this.overlayUploads.append(id, offset, body, uploadOf(deviceId));
-  }
-
-  /**
-   * VM Synthesis: check the overlay's header, manifest and signature and find its base before anything is made,
-   * then launch it as an instance (the registry cleans up everything if applying or starting it fails). `arrived`
-   * resolves once every byte of the overlay is on the cloudlet (a file's at once, an upload's when its last byte is in).
-   */
-  private async synthesize(stream: Readable, bytes: number, options: SynthesisOptions, arrived = async () => {}): Promise<SynthesisResult> {
-    const overlay = await openOverlay(stream, bytes, await trustedOverlayKeys(path.join(this.config.dataDir, 'overlay-keys'), this.log));
-    try {
-      const service = synthesisService(overlay, this.bases.get(overlay.manifest.base), options.keepAs !== undefined, arrived);
-      // Room for all the overlay can expand to, not only for what was sent, before anything is written.
-      await requireFreeSpace(this.config.dataDir, expandedBytes(overlay.manifest) + this.overlayUploads.outstandingBytes(), `synthesize ${service.id}`);
-      const started = await this.startFor(service, false, this.synthesis, options.deviceId);
-      this.log(`synthesized ${service.id} from a ${bytes}-byte overlay on base ${service.base.name}`);
-      const result = { ...started, endpoint: this.endpointFor(started.instance, options.clientHost) };
-      return options.keepAs === undefined ? result : { ...result, ...(await this.keepSynthesized(service, started.instance.id, options.keepAs)) };
-    } finally {
-      await overlay.reader.close();
-    }
-  }
-
-  /**
-   * Keep a synthesized VM, once it is ready, as the Cached VM service `serviceId`: its disk as synthesized (flattened)
-   * and the memory state it was restored from, through the same import as a recipe's cached result. The instance
-   * keeps running; a failure loses only the keeping, and is reported with the start result.
-   */
-  private async keepSynthesized(service: SynthesisService, instanceId: string, serviceId: string): Promise<Pick<SynthesisResult, 'keptAs' | 'keepError'>> {
-    const synthesized = synthesizedFiles(this.registry.dirOf(instanceId), service);
-    const work = await this.catalog.workDir();
-    try {
-      this.refuseKeepingAs(serviceId);
-      const disk = path.join(work, 'captured.qcow2');
-      await convertImage(synthesized.disk, disk, 'qcow2');
-      const state = synthesized.memory && path.join(work, 'state.sav');
-      if (synthesized.memory && state) await copyFile(synthesized.memory, state);
-      const keptAs = await this.importCaptured({ dir: work, disk, state }, { ...service.manifest, service_id: serviceId }, service.base);
-      this.log(`kept the synthesized ${service.id} as the service ${serviceId}`);
-      return { keptAs };
-    } catch (err) {
-      const keepError = asCloudletError(err);
-      this.log(`keeping the synthesized ${service.id} as ${serviceId} failed: ${keepError.message}`);
-      return { keepError };
-    } finally {
-      await rm(work, { recursive: true, force: true });
-    }
+    return this.synthesisRequests.appendUpload(id, offset, body, deviceId);
   }
 
   /** The end of an instance's console output, while it starts and while it runs. */
@@ -433,26 +294,21 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     return this.registry.consoleTail(id, maxBytes);
   }
 
-  async systemInfo(): Promise<SystemInfo> {
-    const h = await this.host.facts();
-    return {
-      hostname: os.hostname(),
-      agentVersion: AGENT_VERSION,
-      cpu: { cores: h.cores, usagePercent: h.usagePercent, speedMhz: h.speedMhz, cacheKb: h.cacheKb },
-      memory: { totalBytes: h.totalBytes, freeBytes: h.freeBytes },
-      hypervisor: { uri: this.hypervisor.uri, domainType: this.hypervisor.domainType, libvirtVersion: this.hypervisor.libvirtVersion },
-      instances: this.registry.list().length,
-      discovery: this.discovery?.status() ?? { state: 'disabled', name: null },
-    };
+  systemInfo(): Promise<SystemInfo> {
+    return this.status.systemInfo();
+  }
+
+  health(): Promise<HealthReport> {
+    return this.status.health();
   }
 
   /** Discovery starts after the HTTP server (it publishes the port actually bound) and reports through this. */
   attachDiscovery(view: DiscoveryView): void {
-    this.discovery = view;
+    this.status.attachDiscovery(view);
   }
 
   peers(): Peer[] {
-    return this.discovery?.peers() ?? [];
+    return this.status.peers();
   }
 
   listApps(filter?: AppFilter): App[] {
@@ -481,24 +337,4 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   subscribe(listener: EventListener): () => void {
     return this.registry.events.subscribe(listener);
   }
-
-  async health(): Promise<HealthReport> {
-    const libvirt = await this.hypervisor.isAlive();
-    const checks: HealthCheck[] = [{ name: 'libvirt', ok: libvirt, ...(libvirt ? {} : { detail: `connection to ${this.hypervisor.uri} is not alive` }) }];
-    // A root file system gone read-only (ext4 errors=remount-ro) leaves the API up but every start failing.
-    const dataDirProblem = await access(this.config.dataDir, fsConstants.W_OK).then(() => null, (err: Error) => err.message);
-    checks.push({ name: 'data-dir', ok: dataDirProblem === null, ...(dataDirProblem ? { detail: dataDirProblem } : {}) });
-    if (this.appVirt instanceof CloudletError) checks.push({ name: 'sandboxes', ok: false, optional: true, detail: this.appVirt.message });
-    const discovery = this.discovery?.status();
-    if (discovery && discovery.state !== 'disabled') {
-      const ok = discovery.state === 'published' || discovery.state === 'registering';
-      checks.push({ name: 'discovery', ok, optional: true, ...(ok || !discovery.detail ? {} : { detail: discovery.detail }) });
-    }
-    return { ok: checks.every((c) => c.ok || c.optional), checks };
-  }
-}
-
-/** Which uploads a caller may see and continue: a device only its own; the operator (no device) every one. */
-function uploadOf(deviceId: string | undefined): (options: SynthesisOptions) => boolean {
-  return (options) => deviceId === undefined || options.deviceId === deviceId;
 }

@@ -7,7 +7,8 @@
 import { createHash } from 'node:crypto';
 import { CloudletError } from '../errors';
 import { LIMITS, ManifestReader, SERVICE_ID, readiness } from './manifest';
-import type { ReadinessProbe } from './types';
+import type { BaseVm } from './bases';
+import type { ReadinessProbe, Service } from './types';
 
 export interface RecipeFile {
   /** Absolute path in the guest. */
@@ -195,4 +196,40 @@ export function userDataScript(recipe: Recipe): string {
     '',
   );
   return lines.join('\n');
+}
+
+/** The service a recipe makes, still on its base: what an on-demand launch is planned with. */
+export interface RecipeService extends Service {
+  recipe: Recipe;
+  base: BaseVm;
+}
+
+/**
+ * The service a recipe describes, running on its base's files. The base boots cold even if it has a memory state:
+ * cloud-init-style provisioning happens at boot. `ds=nocloud` tells the guest a config drive is attached.
+ */
+export function recipeService(recipe: Recipe, base: BaseVm): RecipeService {
+  const b = base.manifest;
+  return {
+    id: recipe.service_id,
+    dir: base.dir,
+    importedAt: new Date().toISOString(),
+    recipe,
+    base,
+    manifest: {
+      format: 1,
+      service_id: recipe.service_id,
+      version: recipe.version,
+      description: recipe.description || `${recipe.service_id} provisioned from base ${base.name}`,
+      tags: [recipeTag(recipe)],
+      port: recipe.port,
+      memory_mib: recipe.memory_mib ?? b.memory_mib,
+      vcpus: recipe.vcpus ?? b.vcpus,
+      shareable: recipe.shareable,
+      readiness: recipe.readiness,
+      disk: b.disk,
+      state: null,
+      boot: b.boot && { ...b.boot, cmdline: `${b.boot.cmdline} ds=nocloud`.trim() },
+    },
+  };
 }

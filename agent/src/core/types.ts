@@ -277,12 +277,25 @@ export interface ProvisioningApi {
   /** VM Synthesis from an overlay file on this machine: returns once the synthesized VM is ready. */
   synthesizeFile(path: string, options: SynthesisOptions): Promise<SynthesisResult>;
   /** A resumable upload of an overlay of `bytes` bytes; the synthesis runs as its bytes arrive. */
-  createOverlayUpload(bytes: number, options: SynthesisOptions): Promise<import('../synthesis/uploads').UploadView<SynthesisResult>>;
+  createOverlayUpload(bytes: number, options: SynthesisOptions): Promise<UploadView<SynthesisResult>>;
   /** `deviceId`: the device asking; another device's upload is NOT_FOUND to it. */
-  overlayUpload(id: string, deviceId?: string): import('../synthesis/uploads').UploadView<SynthesisResult>;
+  overlayUpload(id: string, deviceId?: string): UploadView<SynthesisResult>;
   /** Bytes of the upload from `offset`; the synthesis' result once the last byte is in. */
-  appendOverlayUpload(id: string, offset: number, body: import('node:stream').Readable, deviceId?: string): Promise<import('../synthesis/uploads').AppendOutcome<SynthesisResult>>;
+  appendOverlayUpload(id: string, offset: number, body: import('node:stream').Readable, deviceId?: string): Promise<AppendOutcome<SynthesisResult>>;
 }
+
+/** A resumable overlay upload as its client sees it (synthesis/uploads.ts keeps them). */
+export interface UploadView<T> {
+  id: string;
+  bytes: number;
+  received: number;
+  state: 'receiving' | 'synthesizing' | 'done' | 'failed';
+  /** The synthesis' result once done, its error once failed: for a client whose last answer was lost. */
+  result: T | null;
+  error: import('../errors').CloudletError | null;
+}
+
+export type AppendOutcome<T> = { complete: false; upload: UploadView<T> } | { complete: true; result: T };
 
 /** How a synthesis is asked for: the client's host (for the endpoint), who asks, and a service id to keep the VM as. */
 export interface SynthesisOptions {

@@ -1,7 +1,5 @@
 import path from 'node:path';
-import type { BaseVm } from '../core/bases';
-import { PROVISIONED, PROVISIONING_FAILED, recipeTag, userDataScript, type Recipe } from '../core/recipe';
-import type { Service } from '../core/types';
+import { PROVISIONED, PROVISIONING_FAILED, userDataScript, type RecipeService } from '../core/recipe';
 import { CloudletError } from '../errors';
 import { buildConfigDrive } from '../images/config-drive';
 import { createLinkedClone } from '../images/qemu-img';
@@ -11,42 +9,6 @@ import type { Hypervisor } from '../vm/hypervisor';
 import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
 import type { LaunchPlan, Mechanism } from '../core/mechanism';
 import { faultPoint } from '../system/fault-points';
-
-/** The service a recipe makes, still on its base: what an on-demand launch is planned with. */
-export interface RecipeService extends Service {
-  recipe: Recipe;
-  base: BaseVm;
-}
-
-/**
- * The service a recipe describes, running on its base's files. The base boots cold even if it has a memory state:
- * cloud-init-style provisioning happens at boot. `ds=nocloud` tells the guest a config drive is attached.
- */
-export function recipeService(recipe: Recipe, base: BaseVm): RecipeService {
-  const b = base.manifest;
-  return {
-    id: recipe.service_id,
-    dir: base.dir,
-    importedAt: new Date().toISOString(),
-    recipe,
-    base,
-    manifest: {
-      format: 1,
-      service_id: recipe.service_id,
-      version: recipe.version,
-      description: recipe.description || `${recipe.service_id} provisioned from base ${base.name}`,
-      tags: [recipeTag(recipe)],
-      port: recipe.port,
-      memory_mib: recipe.memory_mib ?? b.memory_mib,
-      vcpus: recipe.vcpus ?? b.vcpus,
-      shareable: recipe.shareable,
-      readiness: recipe.readiness,
-      disk: b.disk,
-      state: null,
-      boot: b.boot && { ...b.boot, cmdline: `${b.boot.cmdline} ds=nocloud`.trim() },
-    },
-  };
-}
 
 /**
  * On-Demand VM Provisioning: the Service VM is made at request time from a Base VM and a recipe. The instance runs on

@@ -30,20 +30,9 @@ import { mkdir, open, readdir, readFile, rm, writeFile, type FileHandle } from '
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { replaceFile } from '../core/atomic-file';
+import type { AppendOutcome, UploadView } from '../core/types';
 import { CloudletError, asCloudletError, withDetails } from '../errors';
 import { faultPoint } from '../system/fault-points';
-
-export interface UploadView<T> {
-  id: string;
-  bytes: number;
-  received: number;
-  state: 'receiving' | 'synthesizing' | 'done' | 'failed';
-  /** The synthesis' result once done, its error once failed: for a client whose last answer was lost. */
-  result: T | null;
-  error: CloudletError | null;
-}
-
-export type AppendOutcome<T> = { complete: false; upload: UploadView<T> } | { complete: true; result: T };
 
 /** session.json: what is needed to continue the upload and to start its synthesis again. */
 interface SessionRecord<M> {
