@@ -27,7 +27,7 @@ import { instanceFiles } from '../vm/instance-domain';
 import { AppStore } from './apps';
 import { BaseStore, type BaseFile, type BaseVm } from './bases';
 import { Catalog, copyRegularFile, writeManifest } from './catalog';
-import { noSpaceError, requireFreeSpace } from './disk-space';
+import { noSpaceError, requireFreeSpace } from '../system/disk-space';
 import { InstanceRegistry, withConsoleTail } from './instances';
 import { LaunchGate } from './launch-gate';
 import { PortAllocator } from './ports';

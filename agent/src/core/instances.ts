@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { access, mkdir, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError, asCloudletError, withDetails } from '../errors';
-import { noSpaceError } from './disk-space';
+import { noSpaceError } from '../system/disk-space';
 import { faultPoint } from '../system/fault-points';
 import type { Logger } from '../log';
 import type { InstanceEnding, InstanceRuntime, Mechanism } from '../mechanisms/mechanism';

@@ -19,7 +19,7 @@ import { constants } from 'node:fs';
 import { access, open, readdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { replaceFile } from '../core/atomic-file';
+import { replaceFile } from '../system/atomic-file';
 import { CloudletError, isErrno } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';
