@@ -128,12 +128,21 @@ module.exports = {
       from: { path: '^agent/src/', pathNot: '^agent/src/vm/' },
       to: { path: '^native/' },
     },
-    onlyOwner('only-native-and-sd-notify-use-ffi', 'ffi-rs', '^native/|^agent/src/system/systemd\\.ts$',
-      'FFI: libvirt through native/, and libsystemd sd_notify in system/systemd.ts.'),
+    onlyOwner(
+      'only-native-and-sd-notify-use-ffi',
+      'ffi-rs',
+      '^native/|^agent/src/system/systemd\\.ts$',
+      'FFI: libvirt through native/, and libsystemd sd_notify in system/systemd.ts.',
+    ),
     onlyOwner('only-transport-knows-uws', 'uWebSockets\\.js', '^agent/src/api/uws-', 'uWebSockets.js is behind the HTTP transport (api/uws-*.ts).'),
     onlyOwner('only-discovery-speaks-dbus', 'dbus-next', '^agent/src/discovery/', 'D-Bus (Avahi) is discovery/ alone.'),
     onlyOwner('only-telemetry-speaks-mqtt', '(aedes|mqtt)', '^agent/src/telemetry/', 'The MQTT broker and client are telemetry/ alone.'),
-    onlyOwner('only-cli-discovery-speaks-mdns', 'multicast-dns', '^agent/src/cli/discovery\\.ts$', 'The CLI finds cloudlets over mDNS in cli/discovery.ts alone.'),
+    onlyOwner(
+      'only-cli-discovery-speaks-mdns',
+      'multicast-dns',
+      '^agent/src/cli/discovery\\.ts$',
+      'The CLI finds cloudlets over mDNS in cli/discovery.ts alone.',
+    ),
     onlyOwner('only-xml-dom-parses-xml', '@xmldom/xmldom', '^agent/src/vm/xml-dom\\.ts$', 'Every XML from outside is read by vm/xml-dom.ts.'),
     {
       name: 'no-dev-dependencies-in-the-agent',
@@ -144,7 +153,7 @@ module.exports = {
     },
     {
       name: 'no-undeclared-packages',
-      comment: 'Every package the agent imports is in package.json, not merely installed as something else\'s dependency.',
+      comment: "Every package the agent imports is in package.json, not merely installed as something else's dependency.",
       severity: 'error',
       from: { path: '^(agent|native)/' },
       to: { dependencyTypes: ['npm-no-pkg', 'npm-unknown'] },

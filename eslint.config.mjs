@@ -11,7 +11,10 @@ export default tseslint.config(
     languageOptions: { parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname } },
     rules: {
       // `_name` drops a field on purpose (`const { dir: _dir, ...view } = record`); tsc's noUnused* check the rest.
-      '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_', caughtErrorsIgnorePattern: '^_', ignoreRestSiblings: true }],
+      '@typescript-eslint/no-unused-vars': [
+        'error',
+        { argsIgnorePattern: '^_', varsIgnorePattern: '^_', caughtErrorsIgnorePattern: '^_', ignoreRestSiblings: true },
+      ],
       // An async function without await is how a function that must return a promise turns its throws into rejections.
       '@typescript-eslint/require-await': 'off',
       // Optional or rarely needed modules are loaded when first used, typed as `require('x') as typeof import('x')`.
