@@ -66,6 +66,13 @@ module.exports = {
       to: { path: ABOVE_HOST },
     },
     {
+      name: 'images-below-vm',
+      comment: 'vm/ builds on images/ (qemu-img, qcow2 reading) for its domains and save images; images/ knows nothing of VMs.',
+      severity: 'error',
+      from: { path: '^agent/src/images/' },
+      to: { path: '^agent/src/vm/' },
+    },
+    {
       name: 'core-knows-no-adapters',
       comment: 'core/ declares the interfaces (runtimes, stores, VM Synthesis) that compose.ts fills in; it imports none of their implementations.',
       severity: 'error',

@@ -7,7 +7,7 @@ import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promis
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { readChunkIndex } from '../agent/src/images/chunk-index';
+import { readChunkIndex } from '../agent/src/vm/chunk-index';
 import { AgentProcess, domainsUnder, fetchText, registerAgent, request } from './support/agent';
 import { cli } from './support/cli';
 import { createOverlay, prepareSynthesis, run, sendUploadBytes, type SynthesisFixture } from './support/synthesis-fixture';
