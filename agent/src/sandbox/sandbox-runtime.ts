@@ -1,7 +1,7 @@
 /**
  * Sandboxes for Application Virtualization: each instance is a bubblewrap sandbox inside its own network namespace,
- * which passt's pasta creates and forwards one host port into. Only this directory runs bwrap, pasta and setpriv or
- * touches cgroups.
+ * which passt's pasta creates and forwards one host port into. Only this directory runs bwrap and pasta or touches
+ * cgroups; with system/data-dir.ts, it is the only user of setpriv.
  *
  * Process tree of one sandbox, started detached (own session) so that it outlives the agent:
  *
