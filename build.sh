@@ -2,6 +2,8 @@
 # Cloudlet agent build entry point. Sub-commands:
 #   run            install what is missing, build, build the demo Service VM, run the agent on its embedded defaults
 #   test           install what is missing, build, start the daemons the tests need, run the whole suite
+#   lint           install what is missing, check the house rules: tsc, eslint, prettier, dependency-cruiser (the
+#                  import rules in .dependency-cruiser.cjs), no source file over 500 lines; one line per check
 #   bench NAME|all [--quick]   run bench/NAME, or every benchmark in turn (each ends with one line of JSON);
 #                  --quick: small sizes, one iteration (what CI runs, test/benchmarks.exclusive.test.ts)
 #   build          compile the native shim and the TypeScript
@@ -74,6 +76,30 @@ guest() {
   bash rootfs/guest/build-guest.sh "$@"
 }
 
+# No source file over this many lines: split it rather than grow it.
+MAX_LINES=500
+
+long_files() {
+  local long
+  long=$(find agent native test bench -name '*.ts' -not -path '*/node_modules/*' -exec wc -l {} + | awk -v max=$MAX_LINES '$2 != "total" && $1 > max')
+  [ -z "$long" ] || { printf '%s\n' "$long"; echo "(more than $MAX_LINES lines)"; return 1; }
+}
+
+# The house rules, checked (docs/architecture.md). Each check prints one line; a failing one prints its findings first.
+lint() {
+  local failed=() output
+  check() {
+    local name=$1; shift
+    if output=$("$@" 2>&1); then say "lint: $name ok"; else printf '%s\n' "$output" >&2; say "lint: $name FAILED"; failed+=("$name"); fi
+  }
+  check tsc npx tsc --noEmit -p tsconfig.json
+  check eslint npx eslint --max-warnings 0 agent native test bench
+  check prettier npx prettier --list-different .
+  check dependency-cruiser npx depcruise agent/src native --config .dependency-cruiser.cjs --output-type err
+  check "file length" long_files
+  ((${#failed[@]} == 0)) || die "lint: ${#failed[@]} check(s) failed: ${failed[*]}"
+}
+
 # Stopping libvirtd leaves its QEMU processes running; a started libvirtd reattaches to them.
 libvirtd_ctl() {
   local systemd=; [ "$(ps -o comm= -p 1 2>/dev/null)" = systemd ] && systemd=1
@@ -128,6 +154,7 @@ case "${1:-}" in
     deps; build; daemons
     exec node dist/test/run.js
     ;;
+  lint) deps; lint ;;
   bench)
     benches=$(ls bench | sed -n 's/\.ts$//p')
     [ -n "${2:-}" ] || die "usage: ./build.sh bench NAME|all [--quick] (NAME one of: $(echo $benches))"
@@ -146,5 +173,5 @@ case "${1:-}" in
     exec node dist/test/image-boot.js "$BUILD/appliance/cloudlet-appliance.img"
     ;;
   bundle) deps; build; bundle ;;
-  *) die "usage: ./build.sh run | test | bench NAME|all [--quick] | build | deps | guest DIR | image | image-test | bundle" ;;
+  *) die "usage: ./build.sh run | test | lint | bench NAME|all [--quick] | build | deps | guest DIR | image | image-test | bundle" ;;
 esac

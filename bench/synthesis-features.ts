@@ -19,7 +19,7 @@ import { performance } from 'node:perf_hooks';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { promisify } from 'node:util';
-import { buildChunkIndex, chunkHash, readChunkIndex } from '../agent/src/synthesis/chunk-index';
+import { buildChunkIndex, chunkHash, readChunkIndex } from '../agent/src/vm/chunk-index';
 import { UploadSessions } from '../agent/src/synthesis/uploads';
 import { median, round, runsOf, sized } from './support/measure';
 

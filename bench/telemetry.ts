@@ -78,10 +78,10 @@ async function killAndTime(agent: AgentProcess, watcher: MqttWatcher, fans: Mqtt
     ...fans.map((f, i) => f.next(isFinal, 30000, froms.fans[i])),
   ]);
   // The port and clone are released before the state is announced; the next start may reuse them at once.
-  const sinceStopped = (at: number) => epochMs(at) - (stoppedAt as number);
+  const sinceStopped = (at: number) => epochMs(at) - stoppedAt;
   return {
-    mqtt: sinceStopped(mqttAt!.at), ws: sinceStopped(wsAt!.at), fanout: Math.max(...fanAt.map((r) => sinceStopped(r.at))),
-    killToMqtt: mqttAt!.at - t0, killToWs: wsAt!.at - t0,
+    mqtt: sinceStopped(mqttAt.at), ws: sinceStopped(wsAt.at), fanout: Math.max(...fanAt.map((r) => sinceStopped(r.at))),
+    killToMqtt: mqttAt.at - t0, killToWs: wsAt.at - t0,
   };
 }
 

@@ -239,7 +239,7 @@ async function callShim<T>(read: ResultReader<T>, funcName: ShimFunction, ...arg
     paramsValue: args,
     runInNewThread: true,
   });
-  return takeResult(result as ResultPtr, read);
+  return takeResult(result, read);
 }
 
 // ---- loading ----
@@ -398,7 +398,7 @@ export class Connection {
   }
 
   domainState(uuid: string): Promise<{ state: DomainState; reason: number }> {
-    return this.#call('domainState', (result) => ({ state: readValue(result) as DomainState, reason: readDetail(result) }),
+    return this.#call('domainState', (result) => ({ state: readValue(result), reason: readDetail(result) }),
       'clv_domain_state', uuid);
   }
 

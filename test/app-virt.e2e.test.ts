@@ -97,7 +97,7 @@ t.test('an app over its memory limit is killed by the cgroup and its instance en
       const req = http.request({ host: '127.0.0.1', port: agent.apiPort, method: 'POST', path: '/v1/packages',
         headers: { 'content-type': 'application/zstd', 'content-length': body.length, ...adminHeaders(agent.apiPort) } }, (res) => {
         let text = '';
-        res.on('data', (c: Buffer) => { text += c; });
+        res.on('data', (c: Buffer) => { text += c.toString(); });
         res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
       });
       req.on('error', reject);

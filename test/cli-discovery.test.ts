@@ -38,8 +38,8 @@ function startIn(ns: string, argv: string[], env: Record<string, string>, ready:
         resolve(child);
       }
     };
-    child.stdout!.on('data', onData);
-    child.stderr!.on('data', onData);
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
     child.on('exit', (code) => reject(new Error(`${argv.join(' ')} exited with ${code}: ${output}`)));
   });
 }
@@ -73,7 +73,7 @@ t.before(async () => {
 
 t.teardown(async () => {
   for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
-  await Promise.all(children.map((child) => (child.exitCode === null ? new Promise((r) => child.once('exit', r)) : null)));
+  await Promise.all(children.filter((child) => child.exitCode === null).map((child) => new Promise((r) => child.once('exit', r))));
   await deleteNamespaces(PHONE_SIDE, CLOUDLET_SIDE);
   if (dataDir) {
     await destroyDomainsUnder(dataDir);

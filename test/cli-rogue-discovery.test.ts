@@ -43,7 +43,7 @@ function startIn(ns: string, argv: string[], onLine: (line: string) => void = ()
   let ready = false;
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`${argv.join(' ')} not ready after 20 s: ${output}`)), 20000);
-    child.stdout!.on('data', (chunk: Buffer) => {
+    child.stdout.on('data', (chunk: Buffer) => {
       output += chunk.toString();
       let newline: number;
       while ((newline = output.indexOf('\n')) >= 0) {
@@ -57,7 +57,7 @@ function startIn(ns: string, argv: string[], onLine: (line: string) => void = ()
         }
       }
     });
-    child.stderr!.on('data', (chunk: Buffer) => { output += chunk.toString(); });
+    child.stderr.on('data', (chunk: Buffer) => { output += chunk.toString(); });
     child.on('exit', (code) => reject(new Error(`${argv.join(' ')} exited with ${code}: ${output}`)));
   });
 }
@@ -87,7 +87,7 @@ t.before(async () => {
 
 t.teardown(async () => {
   for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
-  await Promise.all(children.map((child) => (child.exitCode === null ? new Promise((r) => child.once('exit', r)) : null)));
+  await Promise.all(children.filter((child) => child.exitCode === null).map((child) => new Promise((r) => child.once('exit', r))));
   await deleteNamespaces(PHONE_SIDE, LAN_SIDE);
   if (scratch) await rm(scratch, { recursive: true, force: true });
 });

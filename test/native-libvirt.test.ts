@@ -47,7 +47,7 @@ async function rejection(promise: Promise<unknown>): Promise<LibvirtError> {
 function runChild(script: string, env: Record<string, string> = {}): Promise<{ stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     execFile(process.execPath, ['-e', script], { env: { ...process.env, ...env } }, (err, stdout, stderr) =>
-      err ? reject(Object.assign(err, { stderr })) : resolve({ stdout, stderr }));
+      err ? reject(Object.assign(err as Error, { stderr })) : resolve({ stdout, stderr }));
   });
 }
 

@@ -7,7 +7,7 @@ import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promis
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { readChunkIndex } from '../agent/src/synthesis/chunk-index';
+import { readChunkIndex } from '../agent/src/vm/chunk-index';
 import { AgentProcess, domainsUnder, fetchText, registerAgent, request } from './support/agent';
 import { cli } from './support/cli';
 import { createOverlay, prepareSynthesis, run, sendUploadBytes, type SynthesisFixture } from './support/synthesis-fixture';
@@ -132,10 +132,10 @@ t.test('a phone\'s synthesis is its own: another phone neither sees nor continue
   // Once one of them ends (here: ten bytes that are no overlay), alice may create another.
   const end = (who: { as: Record<string, string> }, id: string) =>
     request(agent.apiPort, 'POST', `/v1/synthesis/uploads/${id}?offset=0`, Buffer.alloc(10), { ...who.as, 'content-type': 'application/octet-stream' });
-  tt.equal((await end(alice, open[0].json.id)).json.code, 'OVERLAY_INVALID');
+  tt.equal((await end(alice, open[0]!.json.id)).json.code, 'OVERLAY_INVALID');
   const again = await create(alice);
   tt.equal(again.status, 201, again.body);
-  for (const [who, id] of [[alice, open[1].json.id], [alice, again.json.id], [bob, bobs.json.id]] as const) await end(who, id);
+  for (const [who, id] of [[alice, open[1]!.json.id], [alice, again.json.id], [bob, bobs.json.id]] as const) await end(who, id);
 });
 
 t.test('cloudlet synthesize uploads an overlay and prints the endpoint of the ready VM', async (tt) => {

@@ -13,7 +13,7 @@ import type { BaseVm } from '../agent/src/core/bases';
 import type { ServiceManifest } from '../agent/src/core/types';
 import { synthesisService } from '../agent/src/mechanisms/synthesis';
 import type { OpenedOverlay } from '../agent/src/synthesis/apply';
-import { findRamPages } from '../agent/src/synthesis/migration-stream';
+import { findRamPages } from '../agent/src/vm/migration-stream';
 import { decodeRecords, encodeRecord, Source, Target } from '../agent/src/synthesis/overlay-format';
 
 const run = promisify(execFile);

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
-import { buildChunkIndex, readChunkIndex } from '../agent/src/synthesis/chunk-index';
+import { buildChunkIndex, readChunkIndex } from '../agent/src/vm/chunk-index';
 import { CloudletError } from '../agent/src/errors';
 import { UploadSessions } from '../agent/src/synthesis/uploads';
 

@@ -428,9 +428,9 @@ t.test('from another address, secrets travel only inside TLS', async (tt) => {
       log += chunk.toString();
       if (/listening on \S+ after/.test(log)) { clearTimeout(timer); resolve(); }
     };
-    child!.stdout!.on('data', collect);
-    child!.stderr!.on('data', collect);
-    child!.once('exit', (code) => reject(new Error(`the agent exited with ${code}: ${log}`)));
+    child.stdout!.on('data', collect);
+    child.stderr!.on('data', collect);
+    child.once('exit', (code) => reject(new Error(`the agent exited with ${code}: ${log}`)));
   });
   const adminToken = (await readFile(path.join(dataDir, 'trust', 'admin-token'), 'utf8')).trim();
   /** curl in the namespace: `http://host:9999` or (-k: pinning is tested above) `https://host:9443`. */

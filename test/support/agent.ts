@@ -1,12 +1,13 @@
 // Starts the real agent as a child process on loopback, with its own data directory and forward port range,
 // and talks to it over real sockets. Every test that starts one stops it (and whatever VMs it left) in teardown.
-import { ChildProcess, spawn } from 'node:child_process';
+import { ChildProcess, execFile, spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { mkdtemp, rm, chmod } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { promisify } from 'node:util';
 import { Connection } from '../../native/libvirt';
 
 export const ROOT = path.resolve(__dirname, '../../..');
@@ -229,7 +230,5 @@ export async function destroyDomainsUnder(dataDir: string): Promise<void> {
 
 /** Kill a Service VM's QEMU from outside libvirt, as a crash would. */
 export async function killQemuOf(uuid: string): Promise<void> {
-  const { execFile } = await import('node:child_process');
-  await new Promise<void>((resolve, reject) =>
-    execFile('pkill', ['-9', '-f', `uuid ${uuid}`], (err) => (err ? reject(err) : resolve())));
+  await promisify(execFile)('pkill', ['-9', '-f', `uuid ${uuid}`]);
 }

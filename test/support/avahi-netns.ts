@@ -128,7 +128,7 @@ export class AvahiNetwork {
       'avahi-browse', '--resolve', '--terminate', '--parsable', '--no-db-lookup', type]);
     return stdout.split('\n').filter((line) => line.startsWith('=')).map((line) => {
       const f = parseParsableLine(line);
-      return { interface: f[1], name: f[3], type: f[4], host: f[6], address: f[7], port: Number(f[8]), txt: parseTxtField(f[9] ?? '') };
+      return { interface: f[1]!, name: f[3]!, type: f[4]!, host: f[6]!, address: f[7]!, port: Number(f[8]), txt: parseTxtField(f[9] ?? '') };
     });
   }
 

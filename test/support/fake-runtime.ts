@@ -138,7 +138,7 @@ export class FakeRuntime implements InstanceRuntime {
   /** The next launch not yet handed to the test, as soon as the registry asks for it. */
   nextLaunch(): Promise<PendingLaunch> {
     const index = this.handedOut++;
-    if (index < this.launches.length) return Promise.resolve(this.launches[index]);
+    if (index < this.launches.length) return Promise.resolve(this.launches[index]!);
     const waiter = deferred<PendingLaunch>();
     this.launchWaiters.set(index, waiter);
     return unlessHung(waiter, `launch #${index + 1} was never asked for`);

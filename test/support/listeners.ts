@@ -73,7 +73,7 @@ export class EventsSocket {
   readonly inbox = new Inbox<any>();
 
   private constructor(readonly socket: WebSocket) {
-    socket.on('message', (data) => this.inbox.add(JSON.parse(data.toString())));
+    socket.on('message', (data) => this.inbox.add(JSON.parse((data as Buffer).toString())));
   }
 
   /** To an agent the tests started, with its admin token unless `headers` say otherwise (as `request` does). */

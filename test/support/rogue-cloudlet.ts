@@ -125,7 +125,7 @@ if (require.main === module) {
   };
   const servers = [http.createServer(log(false))];
   if (tlsPort && cert && key) servers.push(https.createServer({ cert: readFileSync(cert), key: readFileSync(key) }, log(true)));
-  Promise.all(servers.map((server, i) => new Promise<void>((resolve) => server.listen(Number(i === 0 ? port : tlsPort), '0.0.0.0', resolve))))
+  void Promise.all(servers.map((server, i) => new Promise<void>((resolve) => server.listen(Number(i === 0 ? port : tlsPort), '0.0.0.0', resolve))))
     .then(() => process.stdout.write('ready\n'));
   process.on('SIGTERM', () => process.exit(0));
 }

@@ -7,7 +7,7 @@
  */
 import { mkdir, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { replaceFile } from '../core/atomic-file';
+import { replaceFile } from '../system/atomic-file';
 import { bareFileName, checkedDigest, serverPath } from './answers';
 import type { CloudletClient } from './client';
 import { CliError } from './errors';

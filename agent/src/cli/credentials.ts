@@ -108,6 +108,6 @@ function peerCertificate(host: string, port: number): Promise<{ pem: string; fin
       resolve({ pem: `-----BEGIN CERTIFICATE-----\n${base64}\n-----END CERTIFICATE-----\n`, fingerprint: cert.fingerprint256 });
     });
     socket.setTimeout(15_000, () => socket.destroy(new Error('no TLS handshake within 15 s')));
-    socket.on('error', (err) => reject(new CliError('UNREACHABLE', `cannot reach ${keyOf(host, port)} over TLS: ${(err as NodeJS.ErrnoException).code ?? err.message}`)));
+    socket.on('error', (err: Error) => reject(new CliError('UNREACHABLE', `cannot reach ${keyOf(host, port)} over TLS: ${(err as NodeJS.ErrnoException).code ?? err.message}`)));
   });
 }

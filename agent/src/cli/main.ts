@@ -30,7 +30,7 @@ interface Context {
   values: Values;
   args: string[];
   /** The cloudlet to talk to, resolved on first use (discovery takes a moment). */
-  cloudlet(): Promise<CloudletClient>;
+  cloudlet: () => Promise<CloudletClient>;
 }
 
 interface Verb {
@@ -97,9 +97,9 @@ const VERBS: Record<string, Verb> = {
     run: async ({ cloudlet, values }) => {
       const query = new URLSearchParams();
       for (const [option, parameter] of [['service', 'service_id'], ['os-name', 'os_name'], ['os-version', 'os_version'], ['tags', 'tags']] as const) {
-        if (typeof values[option] === 'string') query.set(parameter, values[option] as string);
+        if (typeof values[option] === 'string') query.set(parameter, values[option]);
       }
-      const { apps } = await (await cloudlet()).call<{ apps: AppJson[] }>('GET', `/v1/apps${query.size ? `?${query}` : ''}`);
+      const { apps } = await (await cloudlet()).call<{ apps: AppJson[] }>('GET', `/v1/apps${query.size ? `?${query.toString()}` : ''}`);
       return listing('apps', apps, ['APP', 'NAME', 'KIND', 'VERSION', 'SIZE', 'SERVICE'], (a) => [a.id, a.name, a.kind, a.version, formatBytes(a.size), a.service_id]);
     },
   },
@@ -183,10 +183,10 @@ const VERBS: Record<string, Verb> = {
       for await (const chunk of createReadStream(file)) sha256.update(chunk as Buffer);
       const query = new URLSearchParams({ service_id: values.service, name: values.name, file_name: path.basename(file), sha256: sha256.digest('hex'), kind: typeof values.kind === 'string' ? values.kind : 'android' });
       for (const [option, parameter] of [['package', 'package_name'], ['version', 'version'], ['min-os', 'min_os_version'], ['tags', 'tags'], ['description', 'description']] as const) {
-        if (typeof values[option] === 'string') query.set(parameter, values[option] as string);
+        if (typeof values[option] === 'string') query.set(parameter, values[option]);
       }
       const bar = new ProgressBar(process.stderr, size, path.basename(file));
-      const app = await (await cloudlet()).upload<AppJson>(`/v1/apps?${query}`, file, size, 'application/octet-stream', (sent) => bar.update(sent));
+      const app = await (await cloudlet()).upload<AppJson>(`/v1/apps?${query.toString()}`, file, size, 'application/octet-stream', (sent) => bar.update(sent));
       bar.finish();
       return { json: app, text: shown`added ${app.id} ${app.name} (${formatBytes(app.size)}, sha256 ${app.sha256})` };
     },
@@ -429,5 +429,5 @@ export async function run(argv: string[]): Promise<number> {
 }
 
 if (require.main === module) {
-  run(process.argv.slice(2)).then((code) => { process.exitCode = code; });
+  void run(process.argv.slice(2)).then((code) => { process.exitCode = code; });
 }

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { CloudletError, asCloudletError, isErrno } from '../errors';
-import { noSpaceError, requireFreeSpace } from './disk-space';
+import { noSpaceError, requireFreeSpace } from '../system/disk-space';
 import type { App, AppDescription, AppFilter, AppKind, NewApp } from './types';
 import { faultPoint } from '../system/fault-points';
 

@@ -5,7 +5,7 @@
  * port and readiness describe the base's stock service). The digest covers every file's bytes and the manifest, so
  * it names exactly one base; like services, a base directory only appears complete (built in staging, renamed in).
  *
- * Import also builds the base's chunk index (synthesis/chunk-index.ts) and records each file's size and SHA-256: a
+ * Import also builds the base's chunk index (vm/chunk-index.ts) and records each file's size and SHA-256: a
  * base is exported file by file (GET /v1/bases/:ref/files/:name, resumable) to the developers who make overlays.
  */
 import { createHash, type Hash } from 'node:crypto';
@@ -14,7 +14,7 @@ import { access, mkdir, readdir, readFile, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError, isErrno } from '../errors';
 import { checkImage, imageInfo } from '../images/qemu-img';
-import { buildChunkIndex, CHUNK_INDEX_FILE } from '../synthesis/chunk-index';
+import { buildChunkIndex, CHUNK_INDEX_FILE } from '../vm/chunk-index';
 import { readSaveImageHeader } from '../vm/save-image';
 import { copyRegularFile, writeManifest } from './catalog';
 import { manifestFiles, parseManifest } from './manifest';

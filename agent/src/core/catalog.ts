@@ -4,8 +4,8 @@ import { chmod, copyFile, lstat, mkdir, readdir, readFile, rename, rm } from 'no
 import path from 'node:path';
 import { CloudletError, isErrno } from '../errors';
 import { checkImage, convertImage, imageInfo } from '../images/qemu-img';
-import { replaceFile } from './atomic-file';
-import { noSpaceError, requireFreeSpace } from './disk-space';
+import { replaceFile } from '../system/atomic-file';
+import { noSpaceError, requireFreeSpace } from '../system/disk-space';
 import { faultPoint } from '../system/fault-points';
 import { readSaveImageHeader } from '../vm/save-image';
 import type { BaseVm } from './bases';

@@ -9,7 +9,7 @@ import type { HypervisorLink, OverlayConsumer, OverlayUploads, PackageShelf, VmS
 import type { AppStore } from './apps';
 import type { BaseFile, BaseStore, BaseVm } from './bases';
 import type { Catalog } from './catalog';
-import { requireFreeSpace } from './disk-space';
+import { requireFreeSpace } from '../system/disk-space';
 import { HostStatus } from './host-status';
 import { InstanceStarts, type DeviceStanding } from './instance-starts';
 import type { InstanceRegistry } from './instances';

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { mkdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError, asCloudletError } from '../errors';
-import { noSpaceError } from './disk-space';
+import { noSpaceError } from '../system/disk-space';
 import { faultPoint } from '../system/fault-points';
 import type { Logger } from '../log';
 import { EventBus, type InstanceLifecycleState, type LaunchPhase } from './events';

@@ -1,7 +1,7 @@
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError } from '../errors';
-import { replaceFile } from './atomic-file';
+import { replaceFile } from '../system/atomic-file';
 import { parseRecipe, recipeJson, type Recipe } from './recipe';
 
 /**

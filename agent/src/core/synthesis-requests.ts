@@ -8,7 +8,7 @@ import type { Logger } from '../log';
 import type { OverlayConsumer, OverlayUploads, ServiceOnBase, VmSynthesis } from './adapters';
 import type { BaseStore } from './bases';
 import type { Catalog } from './catalog';
-import { requireFreeSpace } from './disk-space';
+import { requireFreeSpace } from '../system/disk-space';
 import type { InstanceStarts } from './instance-starts';
 import type { InstanceRegistry } from './instances';
 import { SERVICE_ID } from './manifest';

@@ -150,7 +150,7 @@ export class AvahiDiscovery implements DiscoveryView {
     });
     try {
       const reply = await Promise.race([bus.call(new Message({ destination, path, interface: iface, member, signature, body })), timeout]);
-      return reply?.body ?? [];
+      return (reply?.body ?? []) as unknown[];
     } finally {
       clearTimeout(timer);
     }

@@ -28,9 +28,10 @@ export type ImageFormat = 'qcow2' | 'raw';
 const CHECK_PASSED = new Set([0, 3, 63]);
 const STDERR_LINES_IN_MESSAGES = 2;
 
-interface QemuImgFailure {
-  exitCode: number | null;
-  detail: string;
+class QemuImgFailure extends Error {
+  constructor(readonly exitCode: number | null, readonly detail: string) {
+    super(detail);
+  }
 }
 
 /** Runs qemu-img; resolves with stdout, or rejects with a QemuImgFailure (missing binary → IMAGE_TOOL_FAILED). */
@@ -42,11 +43,7 @@ function run(args: string[]): Promise<string> {
         return reject(new CloudletError('IMAGE_TOOL_FAILED', 'qemu-img not found: install the Debian package qemu-utils', { cause: err }));
       }
       const lines = `${stderr}\n${stdout}`.split('\n').map((line) => line.trim()).filter(Boolean);
-      const failure: QemuImgFailure = {
-        exitCode: typeof err.code === 'number' ? err.code : null,
-        detail: lines.slice(0, STDERR_LINES_IN_MESSAGES).join(' / ') || err.message,
-      };
-      reject(failure);
+      reject(new QemuImgFailure(typeof err.code === 'number' ? err.code : null, lines.slice(0, STDERR_LINES_IN_MESSAGES).join(' / ') || err.message));
     });
   });
 }
@@ -66,7 +63,7 @@ export async function imageInfo(path: string): Promise<ImageInfo> {
   // -U (force-share): works on images a running VM holds locked, e.g. a service disk in use as a backing file.
   const stdout = await runOrThrow(['info', '--output=json', '-U', '--', path], 'INVALID_IMAGE', `cannot read image ${path}`);
   const info = JSON.parse(stdout) as Record<string, unknown>;
-  const text = (key: string): string | null => (typeof info[key] === 'string' ? (info[key] as string) : null);
+  const text = (key: string): string | null => (typeof info[key] === 'string' ? info[key] : null);
   return {
     format: text('format') ?? 'unknown',
     virtualSize: Number(info['virtual-size'] ?? 0),

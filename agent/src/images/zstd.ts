@@ -12,7 +12,7 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { Duplex } from 'node:stream';
 import { CloudletError } from '../errors';
-import { ByteReader } from '../synthesis/byte-reader';
+import { ByteReader } from './byte-reader';
 
 /** `zstd -dc` as a stream stage; a non-zero exit (not zstd, truncated) fails the pipeline. */
 export function zstdDecodeStream(): Duplex {

@@ -20,7 +20,7 @@ import type { Parser, ReadEntry } from 'tar';
 /** Loaded on the first import: the agent mostly runs without touching a tarball. */
 const tar = () => require('tar') as typeof import('tar');
 import { CloudletError, isErrno, isNoSpace } from '../errors';
-import { noSpaceError, requireFreeSpace } from '../core/disk-space';
+import { noSpaceError, requireFreeSpace } from '../system/disk-space';
 import { zstdDecodeStream } from '../images/zstd';
 import type { Logger } from '../log';
 import type { Package, PackageSource } from '../core/types';

@@ -1,7 +1,7 @@
 /**
  * Sandboxes for Application Virtualization: each instance is a bubblewrap sandbox inside its own network namespace,
- * which passt's pasta creates and forwards one host port into. Only this directory runs bwrap, pasta and setpriv or
- * touches cgroups.
+ * which passt's pasta creates and forwards one host port into. Only this directory runs bwrap and pasta or touches
+ * cgroups; with system/data-dir.ts, it is the only user of setpriv.
  *
  * Process tree of one sandbox, started detached (own session) so that it outlives the agent:
  *
@@ -19,7 +19,7 @@ import { constants } from 'node:fs';
 import { access, open, readdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { replaceFile } from '../core/atomic-file';
+import { replaceFile } from '../system/atomic-file';
 import { CloudletError, isErrno } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';

@@ -21,7 +21,7 @@ import {
   BLOCK_BYTES, decodeHeader, decodeManifest, decodeRecords, hasData, HEADER_BYTES, invalid, OVERLAY_LIMITS, overlayBytes, sha256, Source, Target,
   type OverlayManifest, type OverlayRecord,
 } from './overlay-format';
-import { ByteReader } from './byte-reader';
+import { ByteReader } from '../images/byte-reader';
 import { StreamDecoder, zstdReference } from '../images/zstd';
 
 const MEMORY_WRITE_BUFFER = 1 << 20;

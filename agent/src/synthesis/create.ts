@@ -19,8 +19,8 @@ import { parseManifest } from '../core/manifest';
 import type { ServiceManifest } from '../core/types';
 import { CloudletError } from '../errors';
 import { convertImage } from '../images/qemu-img';
-import { CHUNK_INDEX_FILE, chunkHash, readChunkIndex, readSaveImageChunks } from './chunk-index';
-import type { RamPage } from './migration-stream';
+import { CHUNK_INDEX_FILE, chunkHash, readChunkIndex, readSaveImageChunks } from '../vm/chunk-index';
+import type { RamPage } from '../vm/migration-stream';
 import {
   BLOCK_BYTES, encodeHeader, encodeRecord, hasData, OVERLAY_FORMAT, OVERLAY_LIMITS, sha256, Source, Target, type FrameEntry, type OverlayManifest, type OverlayRecord,
 } from './overlay-format';

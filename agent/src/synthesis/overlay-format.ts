@@ -186,7 +186,7 @@ function checkManifest(json: Record<string, unknown>): OverlayManifest {
   if (memory !== null && !isCount(memory?.bytes)) throw invalid('manifest: memory must be null or {bytes}');
   if ((memory === null) !== (service.state === null)) throw invalid('manifest: memory and service.state must both be present or both be null');
   if (memory && (memory.bytes as number) > service.memory_mib * 2 ** 20 + OVERLAY_LIMITS.memorySlackBytes) {
-    throw tooLarge(`a memory state of ${memory.bytes} bytes for a ${service.memory_mib} MiB guest`);
+    throw tooLarge(`a memory state of ${memory.bytes as number} bytes for a ${service.memory_mib} MiB guest`);
   }
   const reference = json.reference;
   if (reference !== null && reference !== 'base-memory') throw invalid('manifest: reference must be null or "base-memory"');

@@ -29,7 +29,7 @@ import { randomUUID } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { Readable } from 'node:stream';
-import { replaceFile } from '../core/atomic-file';
+import { replaceFile } from '../system/atomic-file';
 import type { AppendOutcome, UploadView } from '../core/types';
 import { CloudletError, asCloudletError, withDetails } from '../errors';
 import { faultPoint } from '../system/fault-points';

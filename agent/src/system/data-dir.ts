@@ -3,7 +3,7 @@
  * libvirt's QEMU user (Debian: libvirt-qemu), and libvirt refuses to start a VM whose disk lies below a directory that
  * user may not search ("Cannot access storage file ... Permission denied"). The directories the agent creates are
  * made searchable here; a directory it did not create (a `mktemp -d`, /root) is the operator's, and its mode is not
- * changed behind their back: the agent refuses to start, naming the directory and the fix. The only user of setpriv.
+ * changed behind their back: the agent refuses to start, naming the directory and the fix. With sandbox/, the only user of setpriv.
  */
 import { execFile } from 'node:child_process';
 import { constants as fsc } from 'node:fs';

@@ -35,10 +35,10 @@ export const notifySystemd: Notifier = async (state) => {
     libsystemdOpen = true;
   }
   // sd_notify returns > 0 when sent, 0 without a socket, a negative errno on failure.
-  const sent = (await load({
+  const sent = await load({
     library: LIBSYSTEMD, funcName: 'sd_notify', retType: DataType.I32, paramsType: [DataType.I32, DataType.String],
     paramsValue: [0, state], runInNewThread: true,
-  })) as number;
+  });
   if (sent < 0) throw new CloudletError('INTERNAL', `sd_notify(${JSON.stringify(state.split('\n')[0])}) failed with errno ${-sent}`);
   return sent > 0;
 };

@@ -187,7 +187,7 @@ export class Telemetry {
    * under the HTTP API's rules (a token crosses a network only inside TLS). Returns why a CONNECT is refused, or null.
    */
   private login(client: Client, username: string | undefined, password: Buffer | undefined): AuthenticateError | null {
-    const refuse = (message: string) => Object.assign(new Error(message), { returnCode: 4 as AuthenticateError['returnCode'] });
+    const refuse = (message: string) => Object.assign(new Error(message), { returnCode: 4 });
     if (!username || !password) return refuse('a username (device id) and password (its token) are required');
     try {
       const caller = this.options.credentials.gate.identify(password.toString('utf8'), this.transports.get(client) ?? { remoteAddress: '', secure: false });
@@ -198,7 +198,7 @@ export class Telemetry {
           const release = this.options.connectionCaps?.holdForDevice(caller.device.id);
           if (release) whileOpen(client.conn, release);
         } catch (err) {
-          return Object.assign(new Error((err as Error).message), { returnCode: SERVER_UNAVAILABLE as AuthenticateError['returnCode'] });
+          return Object.assign(new Error((err as Error).message), { returnCode: SERVER_UNAVAILABLE });
         }
         this.deviceOf.set(client, caller.device.id);
         this.views.set(client, InstanceView.of(caller));

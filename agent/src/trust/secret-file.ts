@@ -1,6 +1,6 @@
 import { chmod, mkdir } from 'node:fs/promises';
 import path from 'node:path';
-import { replaceFile } from '../core/atomic-file';
+import { replaceFile } from '../system/atomic-file';
 
 /**
  * Files that hold credentials: readable by their owner only, replaced atomically (written aside, fsynced, renamed

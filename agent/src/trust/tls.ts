@@ -7,7 +7,7 @@ import { execFile } from 'node:child_process';
 import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { replaceFile } from '../core/atomic-file';
+import { replaceFile } from '../system/atomic-file';
 import { CloudletError, isErrno } from '../errors';
 import type { Logger } from '../log';
 import { ensureSecretDir } from './secret-file';

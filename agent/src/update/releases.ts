@@ -11,7 +11,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, readFile, readdir, readlink, rename, rm, symlink, unlink, writeFile } from 'node:fs/promises';
-import { replaceFile } from '../core/atomic-file';
+import { replaceFile } from '../system/atomic-file';
 import path from 'node:path';
 import { CloudletError, isErrno } from '../errors';
 import { unpackBundle, type VerifiedBundle } from './bundle';

@@ -302,7 +302,7 @@ export class Hypervisor implements InstanceRuntime {
     const lostAt = Date.now();
     let lastProblem = '';
     for (let attempt = 0; !this.closed; attempt++) {
-      await sleep(RECONNECT_DELAYS_MS[Math.min(attempt, RECONNECT_DELAYS_MS.length - 1)]!);
+      await sleep(RECONNECT_DELAYS_MS[Math.min(attempt, RECONNECT_DELAYS_MS.length - 1)]);
       let conn: Connection;
       try {
         conn = await Connection.open(this.uri);

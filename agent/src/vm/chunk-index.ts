@@ -10,12 +10,13 @@
  * that was not understood, whose number is the address), u32 0, 16-byte MD5).
  *
  * Built in a worker thread: hashing a base (a second or two per 384 MiB) never holds up the agent's event loop.
+ * It lives with the save-image readers, below both of its users: core/bases.ts builds it, synthesis/create.ts reads it.
  */
 import { createHash } from 'node:crypto';
 import { open, readFile, rename, rm } from 'node:fs/promises';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import { ImageReader } from '../images/qcow2-overlay';
-import { readSaveImageHeader } from '../vm/save-image';
+import { readSaveImageHeader } from './save-image';
 import { findRamPages, type RamPage } from './migration-stream';
 
 export const CHUNK_INDEX_FILE = 'chunk-index.bin';
