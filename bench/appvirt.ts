@@ -37,7 +37,10 @@ async function main() {
     const hostSecret = path.join(scratch, 'unused');
     await writeFile(hostSecret, '');
     const tarball = await buildHttpdPackage(scratch, { appId: APP, hostSecret, memoryMib: 64 });
-    for (const [what, body] of [['package', { path: tarball }], ['service', { path: await guestAs(VM, scratch, guest) }]] as const) {
+    for (const [what, body] of [
+      ['package', { path: tarball }],
+      ['service', { path: await guestAs(VM, scratch, guest) }],
+    ] as const) {
       const r = await agent.post(what === 'package' ? '/v1/packages' : '/v1/services', body);
       if (r.status !== 201) throw new Error(`import ${what}: ${r.body}`);
     }

@@ -39,11 +39,13 @@ async function timed(work: () => Promise<unknown>): Promise<number> {
 /** BURST starts at once; each one's time to 201, and the time until the last is ready. */
 async function burst(agent: AgentProcess): Promise<{ each: number[]; all: number }> {
   const t0 = performance.now();
-  const starts = await Promise.all(Array.from({ length: BURST }, async () => {
-    const r = await agent.post('/v1/instances', { service_id: SERVICE, join: false });
-    if (r.status !== 201) throw new Error(`start: ${r.status} ${r.body}`);
-    return { ms: performance.now() - t0, id: r.json.instance.id as string };
-  }));
+  const starts = await Promise.all(
+    Array.from({ length: BURST }, async () => {
+      const r = await agent.post('/v1/instances', { service_id: SERVICE, join: false });
+      if (r.status !== 201) throw new Error(`start: ${r.status} ${r.body}`);
+      return { ms: performance.now() - t0, id: r.json.instance.id as string };
+    }),
+  );
   const all = performance.now() - t0;
   for (const s of starts) await agent.delete(`/v1/instances/${s.id}`);
   return { each: starts.map((s) => s.ms), all };
@@ -79,8 +81,9 @@ async function main() {
     const apk = randomBytes(APK_MIB * 1024 * 1024);
     await agent.stop();
     await agent.launch({ ...unlimited, CLOUDLET_APP_MAX_BYTES: String(2 * apk.length) });
-    const app = await request(agent.apiPort, 'POST', `/v1/apps?service_id=${SERVICE}&name=Bench&file_name=bench.apk&kind=android`, apk,
-      { 'content-type': 'application/octet-stream' });
+    const app = await request(agent.apiPort, 'POST', `/v1/apps?service_id=${SERVICE}&name=Bench&file_name=bench.apk&kind=android`, apk, {
+      'content-type': 'application/octet-stream',
+    });
     if (app.status !== 201) throw new Error(`app: ${app.body}`);
     const plainCall: number[] = [];
     const plain = async (url: string) => {
@@ -98,7 +101,9 @@ async function main() {
     const password: string = claim.json.legacy_password;
     const command = async (text: string) => {
       const r = await request(agent.apiPort, 'POST', '/api/command', `command=${encodeURIComponent(encrypt(text, password))}`, {
-        'content-type': 'application/x-www-form-urlencoded', 'x-device-id': 'bench-phone', authorization: '',
+        'content-type': 'application/x-www-form-urlencoded',
+        'x-device-id': 'bench-phone',
+        authorization: '',
       });
       if (r.status !== 200) throw new Error(`${text}: ${r.status} ${r.body}`);
       return r;
@@ -107,10 +112,12 @@ async function main() {
     for (let i = 0; i < CALLS; i++) encryptedCall.push(await timed(async () => decrypt((await command('/services')).body, password)));
     const encryptedDownload: number[] = [];
     for (let i = 0; i < RUNS; i++) {
-      encryptedDownload.push(await timed(async () => {
-        const r = await command(`/apps/get&appId=${app.json.id}`);
-        if (!decrypt(r.body, password).equals(apk)) throw new Error('the APK did not decrypt to itself');
-      }));
+      encryptedDownload.push(
+        await timed(async () => {
+          const r = await command(`/apps/get&appId=${app.json.id}`);
+          if (!decrypt(r.body, password).equals(apk)) throw new Error('the APK did not decrypt to itself');
+        }),
+      );
     }
 
     // The rate limiter on the request path: an anonymous client within a generous limit, against no limit (admin).
@@ -128,12 +135,14 @@ async function main() {
       bench: 'limits',
       runs: RUNS,
       burst: BURST,
-      ...Object.fromEntries(bounds.flatMap((n) => [
-        [`launches_${n}_each_ready_ms_median`, round(median(pick(n).each))],
-        [`launches_${n}_all_ready_ms_median`, round(median(pick(n).all))],
-        // Against admitting one launch at a time (the baseline) in the same run.
-        [`launches_${n}_all_ready_vs_1`, round(median(pick(n).all) / median(pick(bounds[0]!).all), 2)],
-      ])),
+      ...Object.fromEntries(
+        bounds.flatMap((n) => [
+          [`launches_${n}_each_ready_ms_median`, round(median(pick(n).each))],
+          [`launches_${n}_all_ready_ms_median`, round(median(pick(n).all))],
+          // Against admitting one launch at a time (the baseline) in the same run.
+          [`launches_${n}_all_ready_vs_1`, round(median(pick(n).all) / median(pick(bounds[0]!).all), 2)],
+        ]),
+      ),
       kd_plain_call_ms_median: round(median(plainCall), 2),
       kd_encrypted_call_ms_median: round(median(encryptedCall), 2),
       apk_mib: APK_MIB,

@@ -31,10 +31,20 @@ async function main() {
   const conn = await Connection.open('test:///default');
   // Baseline: libvirt called directly from the JS thread (what a naive ffi-rs binding does).
   open({ library: 'libvirt', path: 'libvirt.so.0' });
-  const direct = load({ library: 'libvirt', funcName: 'virConnectOpen', retType: DataType.External, paramsType: [DataType.String], paramsValue: ['test:///default'] });
-  const directIsAlive = () => load({ library: 'libvirt', funcName: 'virConnectIsAlive', retType: DataType.I32, paramsType: [DataType.External], paramsValue: [direct] });
+  const direct = load({
+    library: 'libvirt',
+    funcName: 'virConnectOpen',
+    retType: DataType.External,
+    paramsType: [DataType.String],
+    paramsValue: ['test:///default'],
+  });
+  const directIsAlive = () =>
+    load({ library: 'libvirt', funcName: 'virConnectIsAlive', retType: DataType.I32, paramsType: [DataType.External], paramsValue: [direct] });
   try {
-    for (let i = 0; i < 200; i++) { directIsAlive(); await conn.isAlive(); } // warm up both paths
+    for (let i = 0; i < 200; i++) {
+      directIsAlive();
+      await conn.isAlive();
+    } // warm up both paths
 
     let t0 = performance.now();
     for (let i = 0; i < CALLS; i++) directIsAlive();
@@ -45,21 +55,26 @@ async function main() {
     const shimUs = ((performance.now() - t0) * 1000) / CALLS;
 
     // 50 ms of back-to-back libvirt calls, made both ways: does the event loop wait for them?
-    const blockedGap = await maxLoopGap(() => { const end = performance.now() + 50; while (performance.now() < end) directIsAlive(); });
+    const blockedGap = await maxLoopGap(() => {
+      const end = performance.now() + 50;
+      while (performance.now() < end) directIsAlive();
+    });
     const threadedGap = await maxLoopGap(async () => {
       const end = performance.now() + 50;
       while (performance.now() < end) await Promise.all(Array.from({ length: 20 }, () => conn.isAlive()));
     });
 
-    process.stdout.write(JSON.stringify({
-      bench: 'native',
-      calls: CALLS,
-      direct_sync_call_us: round(directUs),
-      shim_threaded_call_us: round(shimUs),
-      shim_vs_direct: round(shimUs / directUs, 2),
-      loop_gap_sync_50ms_ms: round(blockedGap),
-      loop_gap_threaded_50ms_ms: round(threadedGap),
-    }) + '\n');
+    process.stdout.write(
+      JSON.stringify({
+        bench: 'native',
+        calls: CALLS,
+        direct_sync_call_us: round(directUs),
+        shim_threaded_call_us: round(shimUs),
+        shim_vs_direct: round(shimUs / directUs, 2),
+        loop_gap_sync_50ms_ms: round(blockedGap),
+        loop_gap_threaded_50ms_ms: round(threadedGap),
+      }) + '\n',
+    );
   } finally {
     await conn.close();
   }

@@ -17,7 +17,11 @@ const median = (xs: number[]) => {
 const round = (x: number, digits = 1) => Math.round(x * 10 ** digits) / 10 ** digits;
 
 const recipe = (serviceId: string) => ({
-  format: 1, service_id: serviceId, version: '1', base: 'busybox', port: 8080,
+  format: 1,
+  service_id: serviceId,
+  version: '1',
+  base: 'busybox',
+  port: 8080,
   readiness: { type: 'http', path: '/', timeout_ms: 60000 },
   files: [{ path: '/srv/www/index.html', content: 'hello from a recipe\n' }],
   script: '#!/bin/sh\nset -e\necho "provisioned at $(cat /proc/uptime)" >> /srv/www/index.html\n',
@@ -62,14 +66,16 @@ async function main() {
       cached.push(await readyTime(agent, cachedId, 'cached-vm'));
       process.stderr.write(`run ${i + 1}: on demand ${round(onDemand[i]!)} ms, cached ${round(cached[i]!)} ms\n`);
     }
-    process.stdout.write(JSON.stringify({
-      bench: 'on-demand',
-      runs: RUNS,
-      on_demand_ready_ms: round(median(onDemand)),
-      cached_ready_ms: round(median(cached)),
-      cached_vs_on_demand: round(median(cached) / median(onDemand), 3),
-      cache_result_ms: round(cacheMs),
-    }) + '\n');
+    process.stdout.write(
+      JSON.stringify({
+        bench: 'on-demand',
+        runs: RUNS,
+        on_demand_ready_ms: round(median(onDemand)),
+        cached_ready_ms: round(median(cached)),
+        cached_vs_on_demand: round(median(cached) / median(onDemand), 3),
+        cache_result_ms: round(cacheMs),
+      }) + '\n',
+    );
   } finally {
     await agent.dispose();
   }

@@ -62,48 +62,70 @@ async function indexBench(scratch: string) {
   for (let i = 0; i < RUNS; i++) builds.push(await withLag(() => buildChunkIndex(disk, null, index)));
   const loads = [];
   for (let i = 0; i < RUNS; i++) {
-    loads.push(await timed(async () => {
-      for (const chunk of (await readChunkIndex(index)).disk) chunk.hash.toString('base64');
-    }));
+    loads.push(
+      await timed(async () => {
+        for (const chunk of (await readChunkIndex(index)).disk) chunk.hash.toString('base64');
+      }),
+    );
   }
   const bytes = await readFile(raw);
   const zero = Buffer.alloc(BLOCK);
   const rehashes = [];
   for (let i = 0; i < RUNS; i++) {
-    rehashes.push(await timed(async () => {
-      for (let at = 0; at < bytes.length; at += BLOCK) {
-        const block = bytes.subarray(at, at + BLOCK);
-        if (!block.equals(zero)) chunkHash(block).toString('base64');
-      }
-    }));
+    rehashes.push(
+      await timed(async () => {
+        for (let at = 0; at < bytes.length; at += BLOCK) {
+          const block = bytes.subarray(at, at + BLOCK);
+          if (!block.equals(zero)) chunkHash(block).toString('base64');
+        }
+      }),
+    );
   }
   return {
-    disk_mib: DISK_MIB, index_bytes: (await stat(index)).size,
-    build_ms: round(median(builds.map((b) => b.ms))), build_event_loop_stall_ms: round(Math.max(...builds.map((b) => b.lagMs))),
-    create_with_index_ms: round(median(loads)), create_rehash_ms: round(median(rehashes)),
+    disk_mib: DISK_MIB,
+    index_bytes: (await stat(index)).size,
+    build_ms: round(median(builds.map((b) => b.ms))),
+    build_event_loop_stall_ms: round(Math.max(...builds.map((b) => b.lagMs))),
+    create_with_index_ms: round(median(loads)),
+    create_rehash_ms: round(median(rehashes)),
   };
 }
 
 async function uploadBench(scratch: string) {
   const chunk = Buffer.alloc(64 << 10, 7);
   const bytes = UPLOAD_MIB << 20;
-  const body = () => Readable.from((function* () { for (let sent = 0; sent < bytes; sent += chunk.length) yield chunk; })());
+  const body = () =>
+    Readable.from(
+      (function* () {
+        for (let sent = 0; sent < bytes; sent += chunk.length) yield chunk;
+      })(),
+    );
   const rates = [];
   const spoolRates = [];
   for (let i = 0; i < RUNS; i++) {
     const spool = path.join(scratch, `spool-${i}`);
-    spoolRates.push(UPLOAD_MIB / (await timed(async () => {
-      await pipeline(body(), createWriteStream(spool));
-      const file = await open(spool, 'r+');
-      await file.datasync();
-      await file.close();
-    }) / 1000));
+    spoolRates.push(
+      UPLOAD_MIB /
+        ((await timed(async () => {
+          await pipeline(body(), createWriteStream(spool));
+          const file = await open(spool, 'r+');
+          await file.datasync();
+          await file.close();
+        })) /
+          1000),
+    );
     await rm(spool);
-    const sessions = new UploadSessions<number, object>(path.join(scratch, `uploads-${i}`), async (stream) => {
-      let n = 0;
-      for await (const c of stream) n += (c as Buffer).length;
-      return n;
-    }, 60_000, 1000, () => {});
+    const sessions = new UploadSessions<number, object>(
+      path.join(scratch, `uploads-${i}`),
+      async (stream) => {
+        let n = 0;
+        for await (const c of stream) n += (c as Buffer).length;
+        return n;
+      },
+      60_000,
+      1000,
+      () => {},
+    );
     await sessions.load();
     const upload = await sessions.create(bytes, {});
     const ms = await timed(async () => {
@@ -113,7 +135,9 @@ async function uploadBench(scratch: string) {
     rates.push(UPLOAD_MIB / (ms / 1000));
   }
   return {
-    upload_mib: UPLOAD_MIB, upload_mib_per_s: round(median(rates)), spool_mib_per_s: round(median(spoolRates)),
+    upload_mib: UPLOAD_MIB,
+    upload_mib_per_s: round(median(rates)),
+    spool_mib_per_s: round(median(spoolRates)),
     upload_vs_spool: round(median(rates) / median(spoolRates), 2),
   };
 }
@@ -123,8 +147,11 @@ void (async () => {
   try {
     const index = await indexBench(scratch);
     const result = {
-      bench: 'synthesis-features', ...index, create_index_speedup: round(index.create_rehash_ms / index.create_with_index_ms, 1),
-      ...(await uploadBench(scratch)), runs: RUNS,
+      bench: 'synthesis-features',
+      ...index,
+      create_index_speedup: round(index.create_rehash_ms / index.create_with_index_ms, 1),
+      ...(await uploadBench(scratch)),
+      runs: RUNS,
     };
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {

@@ -79,10 +79,10 @@ async function main() {
     await writeFile(path.join(app, 'index.html'), `${APP_PAGE}\n`);
     const customRaw = path.join(scratch, 'custom.raw');
     await sh('qemu-img', ['convert', '-O', 'raw', path.join(baseDir, base.disk), customRaw]);
-    await writeFile(path.join(scratch, 'install.debugfs'), [
-      'rm www/index.html',
-      ...['index.html', 'code.tar', 'model.bin'].map((f) => `write ${path.join(app, f)} www/${f}`),
-    ].join('\n') + '\n');
+    await writeFile(
+      path.join(scratch, 'install.debugfs'),
+      ['rm www/index.html', ...['index.html', 'code.tar', 'model.bin'].map((f) => `write ${path.join(app, f)} www/${f}`)].join('\n') + '\n',
+    );
     await sh('debugfs', ['-w', '-f', path.join(scratch, 'install.debugfs'), customRaw]);
     const customSrc = path.join(scratch, 'custom');
     await mkdir(customSrc);
@@ -112,8 +112,22 @@ async function main() {
 
     // --- ours ----------------------------------------------------------------------------------------------------
     const overlay = path.join(scratch, 'app.overlay');
-    const created = await timed(() => sh('node', [CLI, 'create', '--base', baseDir, '--disk', path.join(vm, 'disk.qcow2'), '--state', customState,
-      '--service', path.join(vm, 'manifest.json'), '--out', overlay]));
+    const created = await timed(() =>
+      sh('node', [
+        CLI,
+        'create',
+        '--base',
+        baseDir,
+        '--disk',
+        path.join(vm, 'disk.qcow2'),
+        '--state',
+        customState,
+        '--service',
+        path.join(vm, 'manifest.json'),
+        '--out',
+        overlay,
+      ]),
+    );
     const stats = JSON.parse(created.value);
     process.stderr.write(`ours: ${stats.overlay_bytes} B in ${round(created.ms)} ms ${created.value}`);
     const bytes = await readFile(overlay);
@@ -155,7 +169,10 @@ async function main() {
     process.stderr.write(`restore → answer of the complete saved state: ${cachedStarts.map((ms) => round(ms)).join(', ')} ms\n`);
 
     // --- Elijah-style: xdelta3 -9 of disk and memory, then xz -9 -----------------------------------------------
-    const pairs = [{ name: 'disk', base: baseRaw, target: customRaw }, { name: 'memory', base: baseState, target: customState }];
+    const pairs = [
+      { name: 'disk', base: baseRaw, target: customRaw },
+      { name: 'memory', base: baseState, target: customState },
+    ];
     const window = String(Math.max(diskBytes, memoryBytes));
     const xdCreate = await timed(async () => {
       for (const p of pairs) {
@@ -183,7 +200,16 @@ async function main() {
     for (const p of pairs) zsBytes += await size(path.join(scratch, `${p.name}.zst`));
     const zsDecode = await timed(async () => {
       for (const p of pairs) {
-        await sh('zstd', ['-q', '-d', '-f', '--long=30', `--patch-from=${p.base}`, path.join(scratch, `${p.name}.zst`), '-o', path.join(scratch, `${p.name}.zst.out`)]);
+        await sh('zstd', [
+          '-q',
+          '-d',
+          '-f',
+          '--long=30',
+          `--patch-from=${p.base}`,
+          path.join(scratch, `${p.name}.zst`),
+          '-o',
+          path.join(scratch, `${p.name}.zst.out`),
+        ]);
       }
     });
     process.stderr.write(`zstd --patch-from: ${zsBytes} B, create ${round(zsCreate.ms)} ms, decode ${round(zsDecode.ms)} ms\n`);
@@ -215,7 +241,14 @@ async function main() {
       apply_speedup_vs_xdelta3_xz: round(xdApplyMs / applyMs, 2),
       apply_speedup_vs_zstd_patch: round(zsApplyMs / applyMs, 2),
       load_avg: [round(loadBefore, 2), round(os.loadavg()[0]!, 2)],
-      overlay: { zero: stats.zero, from_base_disk: stats.from_base_disk, from_base_memory: stats.from_base_memory, from_overlay: stats.from_overlay, xor: stats.xor, literal: stats.literal },
+      overlay: {
+        zero: stats.zero,
+        from_base_disk: stats.from_base_disk,
+        from_base_memory: stats.from_base_memory,
+        from_overlay: stats.from_overlay,
+        xor: stats.xor,
+        literal: stats.literal,
+      },
     };
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
@@ -228,15 +261,24 @@ async function main() {
 /** The whole overlay in one request; resolves with the synthesis' answer. */
 function upload(agent: AgentProcess, id: string, bytes: Buffer): Promise<{ status: number; body: string; json: any }> {
   return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port: agent.apiPort, method: 'POST', path: `/v1/synthesis/uploads/${id}?offset=0`, agent: false,
-      headers: { 'content-type': 'application/octet-stream', 'content-length': bytes.length, ...adminHeaders(agent.apiPort) } }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => {
-        const body = Buffer.concat(chunks).toString();
-        resolve({ status: res.statusCode ?? 0, body, json: JSON.parse(body) });
-      });
-    });
+    const req = http.request(
+      {
+        host: '127.0.0.1',
+        port: agent.apiPort,
+        method: 'POST',
+        path: `/v1/synthesis/uploads/${id}?offset=0`,
+        agent: false,
+        headers: { 'content-type': 'application/octet-stream', 'content-length': bytes.length, ...adminHeaders(agent.apiPort) },
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => {
+          const body = Buffer.concat(chunks).toString();
+          resolve({ status: res.statusCode ?? 0, body, json: JSON.parse(body) });
+        });
+      },
+    );
     req.on('error', reject);
     req.end(bytes);
   });

@@ -34,7 +34,13 @@ async function qemuPid(uuid: string): Promise<number> {
   return Number(stdout.trim().split('\n')[0]);
 }
 
-interface Sample { mqtt: number; ws: number; fanout: number; killToMqtt: number; killToWs: number }
+interface Sample {
+  mqtt: number;
+  ws: number;
+  fanout: number;
+  killToMqtt: number;
+  killToWs: number;
+}
 
 /** When libvirt reported each domain stopped, as seen by a watch of the bench's own (epoch ms, from the shim). */
 class StopTimes {
@@ -80,8 +86,11 @@ async function killAndTime(agent: AgentProcess, watcher: MqttWatcher, fans: Mqtt
   // The port and clone are released before the state is announced; the next start may reuse them at once.
   const sinceStopped = (at: number) => epochMs(at) - stoppedAt;
   return {
-    mqtt: sinceStopped(mqttAt.at), ws: sinceStopped(wsAt.at), fanout: Math.max(...fanAt.map((r) => sinceStopped(r.at))),
-    killToMqtt: mqttAt.at - t0, killToWs: wsAt.at - t0,
+    mqtt: sinceStopped(mqttAt.at),
+    ws: sinceStopped(wsAt.at),
+    fanout: Math.max(...fanAt.map((r) => sinceStopped(r.at))),
+    killToMqtt: mqttAt.at - t0,
+    killToWs: wsAt.at - t0,
   };
 }
 
@@ -98,7 +107,9 @@ async function measure(agent: AgentProcess, runs: number, fanout: boolean): Prom
     for (let i = 0; i < runs; i++) {
       const s = await killAndTime(agent, watcher, fans, events, stops);
       samples.push(s);
-      process.stderr.write(`run ${i + 1}/${runs}: stopped → mqtt ${round(s.mqtt)} ms, ws ${round(s.ws)} ms${fanout ? `, last of ${SUBSCRIBERS} ${round(s.fanout)} ms` : ''}; kill → mqtt ${round(s.killToMqtt)} ms\n`);
+      process.stderr.write(
+        `run ${i + 1}/${runs}: stopped → mqtt ${round(s.mqtt)} ms, ws ${round(s.ws)} ms${fanout ? `, last of ${SUBSCRIBERS} ${round(s.fanout)} ms` : ''}; kill → mqtt ${round(s.killToMqtt)} ms\n`,
+      );
     }
     return samples;
   } finally {
@@ -115,10 +126,13 @@ async function main() {
   // address at once, which the default limits (rightly) refuse: the bench's agent is configured for its load, as an
   // operator whose dashboards share a host would configure it.
   const connections = SUBSCRIBERS + 10;
-  await writeFile(config, JSON.stringify({
-    mqtt: { topicRoot: ROOT_TOPIC, access: 'anonymous-read' },
-    limits: { requestBurst: connections + 100, mqttConnectionsPerAddress: connections },
-  }));
+  await writeFile(
+    config,
+    JSON.stringify({
+      mqtt: { topicRoot: ROOT_TOPIC, access: 'anonymous-read' },
+      limits: { requestBurst: connections + 100, mqttConnectionsPerAddress: connections },
+    }),
+  );
 
   let agent = await AgentProcess.start({ portRange: PORT_RANGE, env: { CLOUDLET_CONFIG: config } });
   try {
@@ -137,27 +151,35 @@ async function main() {
     process.stderr.write(`reconcile poll only (every 1000 ms), ${POLL_RUNS} runs:\n`);
     const poll = await measure(agent, POLL_RUNS, false);
 
-    const pick = (samples: Sample[], key: keyof Sample, q: number) => round(quantile(samples.map((s) => s[key]), q));
-    process.stdout.write(JSON.stringify({
-      bench: 'telemetry',
-      ...(QUICK ? { quick: true } : {}),
-      runs: RUNS,
-      mqtt_latency_ms_median: pick(events, 'mqtt', 0.5),
-      mqtt_latency_ms_p99: pick(events, 'mqtt', 0.99),
-      ws_latency_ms_median: pick(events, 'ws', 0.5),
-      ws_latency_ms_p99: pick(events, 'ws', 0.99),
-      fanout_subscribers: SUBSCRIBERS,
-      fanout_last_subscriber_ms_median: pick(events, 'fanout', 0.5),
-      fanout_last_subscriber_ms_p99: pick(events, 'fanout', 0.99),
-      kill_to_mqtt_ms_median: pick(events, 'killToMqtt', 0.5),
-      kill_to_mqtt_ms_p99: pick(events, 'killToMqtt', 0.99),
-      kill_to_ws_ms_median: pick(events, 'killToWs', 0.5),
-      poll_runs: POLL_RUNS,
-      poll_mqtt_latency_ms_median: pick(poll, 'mqtt', 0.5),
-      poll_mqtt_latency_ms_p99: pick(poll, 'mqtt', 0.99),
-      poll_ws_latency_ms_median: pick(poll, 'ws', 0.5),
-      poll_kill_to_mqtt_ms_median: pick(poll, 'killToMqtt', 0.5),
-    }) + '\n');
+    const pick = (samples: Sample[], key: keyof Sample, q: number) =>
+      round(
+        quantile(
+          samples.map((s) => s[key]),
+          q,
+        ),
+      );
+    process.stdout.write(
+      JSON.stringify({
+        bench: 'telemetry',
+        ...(QUICK ? { quick: true } : {}),
+        runs: RUNS,
+        mqtt_latency_ms_median: pick(events, 'mqtt', 0.5),
+        mqtt_latency_ms_p99: pick(events, 'mqtt', 0.99),
+        ws_latency_ms_median: pick(events, 'ws', 0.5),
+        ws_latency_ms_p99: pick(events, 'ws', 0.99),
+        fanout_subscribers: SUBSCRIBERS,
+        fanout_last_subscriber_ms_median: pick(events, 'fanout', 0.5),
+        fanout_last_subscriber_ms_p99: pick(events, 'fanout', 0.99),
+        kill_to_mqtt_ms_median: pick(events, 'killToMqtt', 0.5),
+        kill_to_mqtt_ms_p99: pick(events, 'killToMqtt', 0.99),
+        kill_to_ws_ms_median: pick(events, 'killToWs', 0.5),
+        poll_runs: POLL_RUNS,
+        poll_mqtt_latency_ms_median: pick(poll, 'mqtt', 0.5),
+        poll_mqtt_latency_ms_p99: pick(poll, 'mqtt', 0.99),
+        poll_ws_latency_ms_median: pick(poll, 'ws', 0.5),
+        poll_kill_to_mqtt_ms_median: pick(poll, 'killToMqtt', 0.5),
+      }) + '\n',
+    );
   } catch (err) {
     process.stderr.write(`agent log (tail):\n${agent.log.slice(-4000)}\n`);
     throw err;

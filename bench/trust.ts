@@ -33,7 +33,12 @@ async function timeRequests(send: () => Promise<number>): Promise<number[]> {
 
 function get(module: typeof http | typeof https, options: https.RequestOptions): Promise<number> {
   return new Promise((resolve, reject) => {
-    module.get(options, (res) => { res.resume(); res.on('end', () => resolve(res.statusCode ?? 0)); }).on('error', reject);
+    module
+      .get(options, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+      })
+      .on('error', reject);
   });
 }
 
@@ -69,12 +74,18 @@ async function main() {
     for (let i = 0; i < DEVICES; i++) await pair(agent, `device ${i}`);
     const many = await run();
     const result = {
-      bench: 'trust', requests: REQUESTS, devices: DEVICES + 2,
-      open_plain_ms: round(one.open, 3), device_plain_ms: round(one.plain, 3), device_https_keepalive_ms: round(one.kept, 3),
+      bench: 'trust',
+      requests: REQUESTS,
+      devices: DEVICES + 2,
+      open_plain_ms: round(one.open, 3),
+      device_plain_ms: round(one.plain, 3),
+      device_https_keepalive_ms: round(one.kept, 3),
       device_https_handshake_ms: round(one.fresh, 3),
-      many_devices_plain_ms: round(many.plain, 3), many_devices_https_keepalive_ms: round(many.kept, 3),
+      many_devices_plain_ms: round(many.plain, 3),
+      many_devices_https_keepalive_ms: round(many.kept, 3),
       // Against the open (unauthenticated) request of the same run: what authentication and TLS cost.
-      device_vs_open: round(one.plain / one.open, 2), https_keepalive_vs_open: round(one.kept / one.open, 2),
+      device_vs_open: round(one.plain / one.open, 2),
+      https_keepalive_vs_open: round(one.kept / one.open, 2),
       many_devices_vs_open: round(many.plain / one.open, 2),
     };
     process.stdout.write(JSON.stringify(result) + '\n');

@@ -41,7 +41,10 @@ async function writeRandomFile(file: string, mib: number): Promise<void> {
 
 async function main() {
   const scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-bench-web-'));
-  const agent = await AgentProcess.start({ portRange: '24000-24009', env: { CLOUDLET_DISCOVERY: '0', CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0', CLOUDLET_APP_MAX_BYTES: String(2 * APP_MIB * 1024 * 1024) } });
+  const agent = await AgentProcess.start({
+    portRange: '24000-24009',
+    env: { CLOUDLET_DISCOVERY: '0', CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0', CLOUDLET_APP_MAX_BYTES: String(2 * APP_MIB * 1024 * 1024) },
+  });
   await mkdir(path.join(scratch, 'www'));
   const staticServer = spawn('busybox', ['httpd', '-f', '-p', `127.0.0.1:${STATIC_PORT}`, '-h', path.join(scratch, 'www')], { stdio: 'ignore' });
   try {
@@ -50,7 +53,17 @@ async function main() {
     await agent.post('/v1/services', { path: guest });
     const appFile = path.join(scratch, 'www', 'big.apk');
     await writeRandomFile(appFile, APP_MIB);
-    const added = await cli(['add-app', appFile, '--service', 'org.cloudlet.demo.http', '--name', 'Big app', '--cloudlet', `127.0.0.1:${agent.apiPort}`, '--json']);
+    const added = await cli([
+      'add-app',
+      appFile,
+      '--service',
+      'org.cloudlet.demo.http',
+      '--name',
+      'Big app',
+      '--cloudlet',
+      `127.0.0.1:${agent.apiPort}`,
+      '--json',
+    ]);
     if (added.code !== 0) throw new Error(`add-app: ${added.stderr}`);
     // The page shows services to a paired phone: one is paired here and its token put where the page keeps it.
     const window = await agent.post('/v1/pairing', {});

@@ -20,13 +20,40 @@ const SHIM_LIBRARY = 'cloudlet_virt';
 const SHIM_ERROR_DOMAIN = -1;
 
 const VIR_ERR_NAMES: Readonly<Record<number, string>> = {
-  1: 'INTERNAL_ERROR', 2: 'NO_MEMORY', 3: 'NO_SUPPORT', 5: 'NO_CONNECT', 6: 'INVALID_CONN', 7: 'INVALID_DOMAIN',
-  8: 'INVALID_ARG', 9: 'OPERATION_FAILED', 27: 'XML_ERROR', 28: 'DOM_EXIST', 29: 'OPERATION_DENIED',
-  30: 'OPEN_FAILED', 31: 'READ_FAILED', 34: 'WRITE_FAILED', 35: 'XML_DETAIL', 38: 'SYSTEM_ERROR', 39: 'RPC',
-  42: 'NO_DOMAIN', 43: 'NO_NETWORK', 45: 'AUTH_FAILED', 55: 'OPERATION_INVALID', 67: 'CONFIG_UNSUPPORTED',
-  68: 'OPERATION_TIMEOUT', 74: 'ARGUMENT_UNSUPPORTED', 78: 'OPERATION_ABORTED', 80: 'NO_DOMAIN_METADATA',
-  84: 'OPERATION_UNSUPPORTED', 86: 'AGENT_UNRESPONSIVE', 87: 'RESOURCE_BUSY', 88: 'ACCESS_DENIED',
-  91: 'CPU_INCOMPATIBLE', 92: 'XML_INVALID_SCHEMA', 99: 'DEVICE_MISSING', 110: 'MULTIPLE_DOMAINS',
+  1: 'INTERNAL_ERROR',
+  2: 'NO_MEMORY',
+  3: 'NO_SUPPORT',
+  5: 'NO_CONNECT',
+  6: 'INVALID_CONN',
+  7: 'INVALID_DOMAIN',
+  8: 'INVALID_ARG',
+  9: 'OPERATION_FAILED',
+  27: 'XML_ERROR',
+  28: 'DOM_EXIST',
+  29: 'OPERATION_DENIED',
+  30: 'OPEN_FAILED',
+  31: 'READ_FAILED',
+  34: 'WRITE_FAILED',
+  35: 'XML_DETAIL',
+  38: 'SYSTEM_ERROR',
+  39: 'RPC',
+  42: 'NO_DOMAIN',
+  43: 'NO_NETWORK',
+  45: 'AUTH_FAILED',
+  55: 'OPERATION_INVALID',
+  67: 'CONFIG_UNSUPPORTED',
+  68: 'OPERATION_TIMEOUT',
+  74: 'ARGUMENT_UNSUPPORTED',
+  78: 'OPERATION_ABORTED',
+  80: 'NO_DOMAIN_METADATA',
+  84: 'OPERATION_UNSUPPORTED',
+  86: 'AGENT_UNRESPONSIVE',
+  87: 'RESOURCE_BUSY',
+  88: 'ACCESS_DENIED',
+  91: 'CPU_INCOMPATIBLE',
+  92: 'XML_INVALID_SCHEMA',
+  99: 'DEVICE_MISSING',
+  110: 'MULTIPLE_DOMAINS',
 };
 
 /** 'VIR_ERR_NO_DOMAIN' for 42, 'VIR_ERR_<n>' for codes not in the table. */
@@ -210,8 +237,13 @@ const readNothing: ResultReader<void> = () => undefined;
 function resultError(result: ResultPtr): LibvirtError | null {
   if (!readInt('clv_result_failed', result)) return null;
   const virCode = readInt('clv_result_error_code', result);
-  return new LibvirtError(virErrorCodeName(virCode), readString('clv_result_operation', result),
-    readString('clv_result_error_message', result), virCode, readInt('clv_result_error_domain', result));
+  return new LibvirtError(
+    virErrorCodeName(virCode),
+    readString('clv_result_operation', result),
+    readString('clv_result_error_message', result),
+    virCode,
+    readInt('clv_result_error_domain', result),
+  );
 }
 
 /** Reads a clv_result with read (or turns it into its LibvirtError) and frees it. */
@@ -272,16 +304,18 @@ function loadShim(): LibvirtInfo {
     freeResult(init);
   }
   if (error?.virDomain === SHIM_ERROR_DOMAIN) {
-    throw new LibvirtError('LIBVIRT_UNAVAILABLE', 'dlopen',
-      `cannot load the libvirt library ${libvirtPath} (${dlopenMessage}); install the Debian package ${LIBVIRT_DEBIAN_PACKAGE}`);
+    throw new LibvirtError(
+      'LIBVIRT_UNAVAILABLE',
+      'dlopen',
+      `cannot load the libvirt library ${libvirtPath} (${dlopenMessage}); install the Debian package ${LIBVIRT_DEBIAN_PACKAGE}`,
+    );
   }
   const versionText = version ? formatVersion(version) : 'of unknown version';
   if (missingSymbols) {
     throw new LibvirtError('LIBVIRT_UNSUPPORTED', 'dlsym', `libvirt ${versionText} (${libvirtPath}) lacks ${missingSymbols}`);
   }
   if (version < MIN_LIBVIRT_VERSION) {
-    throw new LibvirtError('LIBVIRT_UNSUPPORTED', 'virGetVersion',
-      `libvirt ${versionText} is older than the required ${formatVersion(MIN_LIBVIRT_VERSION)}`);
+    throw new LibvirtError('LIBVIRT_UNSUPPORTED', 'virGetVersion', `libvirt ${versionText} is older than the required ${formatVersion(MIN_LIBVIRT_VERSION)}`);
   }
   if (error) throw error; // virInitialize failed
   return { libraryVersion: versionText };
@@ -393,13 +427,15 @@ export class Connection {
   }
 
   async domainExists(uuid: string): Promise<boolean> {
-    const found = await nullWhen(VIR_ERR_NO_DOMAIN, this.#call('domainExists', () => true, 'clv_lookup_by_uuid', uuid));
+    const found = await nullWhen(
+      VIR_ERR_NO_DOMAIN,
+      this.#call('domainExists', () => true, 'clv_lookup_by_uuid', uuid),
+    );
     return found === true;
   }
 
   domainState(uuid: string): Promise<{ state: DomainState; reason: number }> {
-    return this.#call('domainState', (result) => ({ state: readValue(result), reason: readDetail(result) }),
-      'clv_domain_state', uuid);
+    return this.#call('domainState', (result) => ({ state: readValue(result), reason: readDetail(result) }), 'clv_domain_state', uuid);
   }
 
   domainXml(uuid: string, flags = 0): Promise<string> {
@@ -436,11 +472,18 @@ export class Connection {
    */
   async watchLifecycle(listener: (events: LifecycleEvent[]) => void): Promise<LifecycleWatch> {
     const handle = await this.#call('watchLifecycle', readValue, 'clv_watch_lifecycle');
-    const next = () => callShim((result) => ({
-      closed: readValue(result) === 1,
-      events: (JSON.parse(readText(result)) as Array<{ uuid: string; event: number; detail: number; at_ms: number }>)
-        .map(({ uuid, event, detail, at_ms }) => ({ uuid, event, detail, atMs: at_ms })),
-    }), 'clv_watch_next', handle, WATCH_WAIT_MS);
+    const next = () =>
+      callShim(
+        (result) => ({
+          closed: readValue(result) === 1,
+          events: (JSON.parse(readText(result)) as Array<{ uuid: string; event: number; detail: number; at_ms: number }>).map(
+            ({ uuid, event, detail, at_ms }) => ({ uuid, event, detail, atMs: at_ms }),
+          ),
+        }),
+        'clv_watch_next',
+        handle,
+        WATCH_WAIT_MS,
+      );
     const drained = (async () => {
       for (;;) {
         const batch = await next();
@@ -450,11 +493,12 @@ export class Connection {
     })();
     let closing: Promise<void> | undefined;
     const watch: LifecycleWatch = {
-      close: () => (closing ??= (async () => {
-        await callShim(readNothing, 'clv_watch_close', this.#handle, handle).catch(() => {});
-        await drained;
-        this.#watches.delete(watch);
-      })()),
+      close: () =>
+        (closing ??= (async () => {
+          await callShim(readNothing, 'clv_watch_close', this.#handle, handle).catch(() => {});
+          await drained;
+          this.#watches.delete(watch);
+        })()),
     };
     this.#watches.add(watch);
     return watch;

@@ -33,7 +33,9 @@ function listenerRuntime(tt: Test) {
   const runtime: InstanceRuntime = {
     running: async () => new Set(records.keys()),
     listInstances: async () => [...records.values()],
-    writeRecord: async (record) => { records.set(record.id, record); },
+    writeRecord: async (record) => {
+      records.set(record.id, record);
+    },
     destroy: async (id) => {
       records.delete(id);
       listeners.get(id)?.close();
@@ -51,42 +53,56 @@ function listenerRuntime(tt: Test) {
       return 'cold-boot';
     },
   };
-  tt.teardown(() => { for (const server of listeners.values()) server.close(); });
+  tt.teardown(() => {
+    for (const server of listeners.values()) server.close();
+  });
   return { mechanism: mechanism as Mechanism<never>, records };
 }
 
 async function registryWith(mechanism: Mechanism<never>, limits: AnonymousLimits) {
-  const registry = new InstanceRegistry([mechanism], new PortAllocator('127.0.0.1', { first: 40100, last: 40140 }), path.join(root, 'instances'),
-    path.join(root, 'tmp'), '127.0.0.1', () => {}, new LaunchGate({ concurrent: 4, queue: 8, readyWithinMs: 60000 }), limits);
+  const registry = new InstanceRegistry(
+    [mechanism],
+    new PortAllocator('127.0.0.1', { first: 40100, last: 40140 }),
+    path.join(root, 'instances'),
+    path.join(root, 'tmp'),
+    '127.0.0.1',
+    () => {},
+    new LaunchGate({ concurrent: 4, queue: 8, readyWithinMs: 60000 }),
+    limits,
+  );
   await registry.adopt();
   return registry;
 }
 
 const NO_LIMIT = { perAddress: 100, total: 100 };
 
-t.test('an anonymous caller never releases the operator\'s use nor a device\'s: to it, such an instance does not exist', async (tt) => {
+t.test("an anonymous caller never releases the operator's use nor a device's: to it, such an instance does not exist", async (tt) => {
   const { mechanism } = listenerRuntime(tt);
   const registry = await registryWith(mechanism, NO_LIMIT);
   const { instance: operators } = await registry.start(SERVICE, false, mechanism, 'operator');
-  await tt.rejects(registry.stop(operators.id, ALICE), { code: 'INSTANCE_NOT_FOUND' }, 'the operator\'s instance');
+  await tt.rejects(registry.stop(operators.id, ALICE), { code: 'INSTANCE_NOT_FOUND' }, "the operator's instance");
   const { instance: devices } = await registry.start(SERVICE, false, mechanism, { device: 'phone-1' });
-  await tt.rejects(registry.stop(devices.id, ALICE), { code: 'INSTANCE_NOT_FOUND' }, 'a device\'s instance');
-  tt.same(registry.list().map((i) => i.users), [1, 1], 'both still run with their one use');
+  await tt.rejects(registry.stop(devices.id, ALICE), { code: 'INSTANCE_NOT_FOUND' }, "a device's instance");
+  tt.same(
+    registry.list().map((i) => i.users),
+    [1, 1],
+    'both still run with their one use',
+  );
 });
 
-t.test('an anonymous caller that joined releases only the anonymous use; the operator\'s use keeps the instance', async (tt) => {
+t.test("an anonymous caller that joined releases only the anonymous use; the operator's use keeps the instance", async (tt) => {
   const { mechanism } = listenerRuntime(tt);
   const registry = await registryWith(mechanism, NO_LIMIT);
   const { instance } = await registry.start(SERVICE, false, mechanism, 'operator');
   const joined = await registry.start(SERVICE, true, mechanism, ALICE);
-  tt.equal(joined.instance.id, instance.id, 'joined the operator\'s instance');
+  tt.equal(joined.instance.id, instance.id, "joined the operator's instance");
   tt.same(await registry.stop(instance.id, BOB), { destroyed: false, users: 1 }, 'any anonymous caller holding the id releases the anonymous use');
   await tt.rejects(registry.stop(instance.id, ALICE), { code: 'INSTANCE_NOT_FOUND' }, 'a second anonymous stop finds no use it may release');
-  tt.equal(registry.get(instance.id).users, 1, 'the operator\'s use is kept');
+  tt.equal(registry.get(instance.id).users, 1, "the operator's use is kept");
   tt.same(await registry.stop(instance.id, 'operator'), { destroyed: true, users: 0 }, 'the operator ends it');
 });
 
-t.test('what an anonymous caller started, an anonymous caller stops (KD\'s own behaviour), and the operator may too', async (tt) => {
+t.test("what an anonymous caller started, an anonymous caller stops (KD's own behaviour), and the operator may too", async (tt) => {
   const { mechanism } = listenerRuntime(tt);
   const registry = await registryWith(mechanism, NO_LIMIT);
   const { instance: first } = await registry.start(SERVICE, false, mechanism, ALICE);
@@ -138,10 +154,10 @@ t.test('an agent restart forgets no anonymous use: the adopted ones still count 
   tt.equal(after.get(instance.id).users, 2, 'adopted with both uses');
   await tt.rejects(after.start(SERVICE, true, mechanism, ALICE), { code: 'QUOTA_EXCEEDED' }, 'the adopted anonymous use counts');
   tt.same(await after.stop(instance.id, ALICE), { destroyed: false, users: 1 });
-  await tt.rejects(after.stop(instance.id, ALICE), { code: 'INSTANCE_NOT_FOUND' }, 'the operator\'s use is still the operator\'s');
+  await tt.rejects(after.stop(instance.id, ALICE), { code: 'INSTANCE_NOT_FOUND' }, "the operator's use is still the operator's");
 });
 
-t.test('records from before anonymous uses were told apart count as the operator\'s: an anonymous caller cannot end them', async (tt) => {
+t.test("records from before anonymous uses were told apart count as the operator's: an anonymous caller cannot end them", async (tt) => {
   const { mechanism, records } = listenerRuntime(tt);
   const before = await registryWith(mechanism, NO_LIMIT);
   const { instance } = await before.start(SERVICE, false, mechanism, ALICE);

@@ -66,12 +66,19 @@ function rawUpload(query: string, body: Buffer, announce?: number): Promise<{ st
 }
 
 t.before(async () => {
-  agent = await AgentProcess.start({ portRange: '22010-22019', env: { CLOUDLET_APP_MAX_BYTES: String(MAX_UPLOAD), CLOUDLET_DISCOVERY: '0', CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0' } });
+  agent = await AgentProcess.start({
+    portRange: '22010-22019',
+    env: { CLOUDLET_APP_MAX_BYTES: String(MAX_UPLOAD), CLOUDLET_DISCOVERY: '0', CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0' },
+  });
   cloudlet = `127.0.0.1:${agent.apiPort}`;
   scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-apps-'));
   const imported = await agent.post('/v1/services', { path: testGuestDir() });
   if (imported.status !== 201) throw new Error(imported.body);
-  for (const [app, name, size] of [[apk, 'speech.apk', 3 * 1024 * 1024 + 17], [webBundle, 'speech-web.zip', 200 * 1024], [oldApk, 'legacy.apk', 4096]] as const) {
+  for (const [app, name, size] of [
+    [apk, 'speech.apk', 3 * 1024 * 1024 + 17],
+    [webBundle, 'speech-web.zip', 200 * 1024],
+    [oldApk, 'legacy.apk', 4096],
+  ] as const) {
     app.file = path.join(scratch, name);
     app.bytes = randomBytes(size);
     await writeFile(app.file, app.bytes);
@@ -83,38 +90,113 @@ t.teardown(async () => {
 });
 
 t.test('an operator adds apps with the CLI; each is stored with its real MD5 and SHA-256', async (tt) => {
-  const added = await cli(['add-app', apk.file, '--service', SERVICE, '--name', 'Speech', '--package', 'edu.cmu.sei.speech', '--version', '2.1',
-    '--min-os', '8.0', '--tags', 'speech,demo', '--description', 'Speech recognition client', '--cloudlet', cloudlet, '--json']);
+  const added = await cli([
+    'add-app',
+    apk.file,
+    '--service',
+    SERVICE,
+    '--name',
+    'Speech',
+    '--package',
+    'edu.cmu.sei.speech',
+    '--version',
+    '2.1',
+    '--min-os',
+    '8.0',
+    '--tags',
+    'speech,demo',
+    '--description',
+    'Speech recognition client',
+    '--cloudlet',
+    cloudlet,
+    '--json',
+  ]);
   tt.equal(added.code, 0, added.stderr);
-  tt.match(added.json, { kind: 'android', os_name: 'Android', service_id: SERVICE, name: 'Speech', package_name: 'edu.cmu.sei.speech', version: '2.1',
-    min_os_version: '8.0', tags: ['speech', 'demo'], file_name: 'speech.apk', size: apk.bytes.length, md5: md5(apk.bytes), sha256: sha256(apk.bytes) });
+  tt.match(added.json, {
+    kind: 'android',
+    os_name: 'Android',
+    service_id: SERVICE,
+    name: 'Speech',
+    package_name: 'edu.cmu.sei.speech',
+    version: '2.1',
+    min_os_version: '8.0',
+    tags: ['speech', 'demo'],
+    file_name: 'speech.apk',
+    size: apk.bytes.length,
+    md5: md5(apk.bytes),
+    sha256: sha256(apk.bytes),
+  });
   apk.id = added.json.id;
-  tt.match(apk.id, /^[0-9a-f]{24}$/, 'ids look like pycloud\'s Mongo ids');
+  tt.match(apk.id, /^[0-9a-f]{24}$/, "ids look like pycloud's Mongo ids");
 
-  const web = await cli(['add-app', webBundle.file, '--kind', 'web', '--service', SERVICE, '--name', 'Speech (web)', '--tags', 'speech', '--cloudlet', cloudlet, '--json']);
+  const web = await cli([
+    'add-app',
+    webBundle.file,
+    '--kind',
+    'web',
+    '--service',
+    SERVICE,
+    '--name',
+    'Speech (web)',
+    '--tags',
+    'speech',
+    '--cloudlet',
+    cloudlet,
+    '--json',
+  ]);
   tt.equal(web.code, 0, web.stderr);
   webBundle.id = web.json.id;
-  const old = await cli(['add-app', oldApk.file, '--service', SERVICE, '--name', 'Legacy', '--min-os', '4.4', '--tags', 'legacy', '--cloudlet', cloudlet, '--json']);
+  const old = await cli([
+    'add-app',
+    oldApk.file,
+    '--service',
+    SERVICE,
+    '--name',
+    'Legacy',
+    '--min-os',
+    '4.4',
+    '--tags',
+    'legacy',
+    '--cloudlet',
+    cloudlet,
+    '--json',
+  ]);
   tt.equal(old.code, 0, old.stderr);
   oldApk.id = old.json.id;
 
   const listed = await cli(['apps', '--cloudlet', cloudlet, '--json']);
-  tt.same(listed.json.apps.map((a: { name: string }) => a.name), ['Legacy', 'Speech', 'Speech (web)'], 'all three, by name');
+  tt.same(
+    listed.json.apps.map((a: { name: string }) => a.name),
+    ['Legacy', 'Speech', 'Speech (web)'],
+    'all three, by name',
+  );
   const table = await cli(['apps', '--cloudlet', cloudlet]);
   tt.match(table.stdout, /^APP\s+NAME\s+KIND/, 'a table for people');
   tt.match(table.stdout, new RegExp(`${apk.id}\\s+Speech\\s+android\\s+2\\.1\\s+3\\.0 MiB\\s+${SERVICE}`));
   tt.same(await leftovers(), [], 'no staging leftovers');
 });
 
-t.test('KD /api/apps lists Android apps in pycloud\'s shape, with md5sum filled in', async (tt) => {
+t.test("KD /api/apps lists Android apps in pycloud's shape, with md5sum filled in", async (tt) => {
   const r = await agent.get('/api/apps?osName=Android&osVersion=9&tags=');
   tt.equal(r.status, 200);
   tt.equal(r.headers['content-length'], String(Buffer.byteLength(r.body)));
   const speech = r.json.apps.find((a: { _id: string }) => a._id === apk.id);
-  tt.same(Object.keys(speech).sort(), KD_APP_KEYS, 'exactly pycloud\'s keys');
-  tt.same(speech, { _id: apk.id, name: 'Speech', service_id: SERVICE, description: 'Speech recognition client', package_name: 'edu.cmu.sei.speech',
-    min_android_version: '8.0', md5sum: md5(apk.bytes), app_version: '2.1', tags: ['speech', 'demo'] });
-  tt.notOk(r.json.apps.some((a: { _id: string }) => a._id === webBundle.id), 'web bundles are not offered to Android clients');
+  tt.same(Object.keys(speech).sort(), KD_APP_KEYS, "exactly pycloud's keys");
+  tt.same(speech, {
+    _id: apk.id,
+    name: 'Speech',
+    service_id: SERVICE,
+    description: 'Speech recognition client',
+    package_name: 'edu.cmu.sei.speech',
+    min_android_version: '8.0',
+    md5sum: md5(apk.bytes),
+    app_version: '2.1',
+    tags: ['speech', 'demo'],
+  });
+  tt.notOk(
+    r.json.apps.some((a: { _id: string }) => a._id === webBundle.id),
+    'web bundles are not offered to Android clients',
+  );
   const system = await agent.get('/api/system?apps=true');
   tt.same(system.json.apps.map((a: { _id: string }) => a._id).sort(), [apk.id, oldApk.id].sort(), '/api/system?apps=true carries the same list');
 });
@@ -129,20 +211,22 @@ t.test('KD /api/apps applies osName, osVersion and tags', async (tt) => {
   tt.same(await ids(''), [apk.id, oldApk.id].sort(), 'no filter: every Android app');
 });
 
-t.test('KD /api/apps/get streams the APK with Content-Length, its content type and pycloud\'s file name', async (tt) => {
+t.test("KD /api/apps/get streams the APK with Content-Length, its content type and pycloud's file name", async (tt) => {
   const r = await new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: Buffer }>((resolve, reject) => {
-    http.get({ host: '127.0.0.1', port: agent.apiPort, path: `/api/apps/get?appId=${apk.id}`, agent: false }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
-    }).on('error', reject);
+    http
+      .get({ host: '127.0.0.1', port: agent.apiPort, path: `/api/apps/get?appId=${apk.id}`, agent: false }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+      })
+      .on('error', reject);
   });
   tt.equal(r.status, 200);
   tt.equal(r.headers['content-length'], String(apk.bytes.length), 'Content-Length, never chunked');
   tt.notOk(r.headers['transfer-encoding']);
   tt.equal(r.headers['content-type'], 'application/vnd.android.package-archive');
   tt.equal(r.headers['content-disposition'], `attachment; filename="${apk.id}-speech.apk"`);
-  tt.equal(md5(r.body), md5(apk.bytes), 'client-lib\'s check: the MD5 of the received bytes equals md5sum');
+  tt.equal(md5(r.body), md5(apk.bytes), "client-lib's check: the MD5 of the received bytes equals md5sum");
 
   const missing = await agent.get('/api/apps/get');
   tt.equal(missing.status, 400);
@@ -219,7 +303,8 @@ t.test('bad uploads are refused with clear errors and leave nothing behind', asy
   const unknownKind = await rawUpload(query({ kind: 'exe' }), bytes);
   tt.match(unknownKind.json, { code: 'INVALID_PARAMETER', details: { parameter: 'kind' } });
   // An inherited property of the kinds table is no kind either (it was stored, and every listing then failed).
-  for (const kind of ['toString', '__proto__']) tt.match((await rawUpload(query({ kind }), bytes)).json, { code: 'INVALID_PARAMETER', details: { parameter: 'kind' } });
+  for (const kind of ['toString', '__proto__'])
+    tt.match((await rawUpload(query({ kind }), bytes)).json, { code: 'INVALID_PARAMETER', details: { parameter: 'kind' } });
 
   // Announced as 100 GiB: refused from the headers alone, not a byte stored; an uploader that keeps sending anyway is
   // cut off once the agent has dropped 16 MiB of it.
@@ -259,7 +344,22 @@ t.test('every verb answers --help; usage errors exit 2; an unreachable cloudlet 
   tt.equal(main.code, 0);
   const verbList = main.stdout.slice(main.stdout.indexOf('Verbs:'), main.stdout.indexOf('Common options:'));
   const verbs = [...verbList.matchAll(/^ {2}([a-z-]+) {2,}/gm)].map((m) => m[1]!);
-  tt.same(verbs, ['discover', 'system', 'services', 'apps', 'instances', 'start', 'stop', 'download', 'add-app', 'synthesize', 'base', 'remove-app', 'pair', 'devices']);
+  tt.same(verbs, [
+    'discover',
+    'system',
+    'services',
+    'apps',
+    'instances',
+    'start',
+    'stop',
+    'download',
+    'add-app',
+    'synthesize',
+    'base',
+    'remove-app',
+    'pair',
+    'devices',
+  ]);
   for (const verb of verbs) {
     const help = await cli([verb, '--help']);
     tt.equal(help.code, 0, `${verb} --help`);

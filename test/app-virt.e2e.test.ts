@@ -28,7 +28,10 @@ async function until(what: string, check: () => Promise<boolean>, timeoutMs = 15
 }
 
 function processGone(pid: number): Promise<boolean> {
-  return readFile(`/proc/${pid}/stat`, 'utf8').then((stat) => /^\d+ \(.*\) [ZX]/.test(stat), () => true);
+  return readFile(`/proc/${pid}/stat`, 'utf8').then(
+    (stat) => /^\d+ \(.*\) [ZX]/.test(stat),
+    () => true,
+  );
 }
 
 t.test('an app package runs sandboxed: started, isolated, adopted across an agent crash, stopped without leftovers', async (t) => {
@@ -42,8 +45,11 @@ t.test('an app package runs sandboxed: started, isolated, adopted across an agen
   const imported = await agent.post('/v1/packages', { path: tarball });
   t.equal(imported.status, 201, imported.body);
   t.match(imported.json, { id: 'org.test.httpd', sha256: /^[0-9a-f]{64}$/, manifest: { port: 8080, memory_mib: 32 } });
-  t.match((await agent.get('/api/services')).json.services, [{ service_id: 'org.test.httpd', description: 'busybox httpd' }],
-    'KD clients see the package as a service');
+  t.match(
+    (await agent.get('/api/services')).json.services,
+    [{ service_id: 'org.test.httpd', description: 'busybox httpd' }],
+    'KD clients see the package as a service',
+  );
 
   // Started through the KD-Cloudlet face, as an Android client would.
   const started = await agent.get('/api/servicevm/start?serviceId=org.test.httpd');
@@ -53,7 +59,12 @@ t.test('an app package runs sandboxed: started, isolated, adopted across an agen
   t.equal(await fetchText(port, '/'), PAGE, 'the forwarded port answers as soon as start returns');
   t.match((await agent.get(`/v1/instances/${id}`)).json, { mechanism: 'app-virt', state: 'ready', host_port: port, guest_port: 8080 });
 
-  const probe = Object.fromEntries((await fetchText(port, '/cgi-bin/probe')).trim().split('\n').map((l) => l.split(/=(.*)/s).slice(0, 2)));
+  const probe = Object.fromEntries(
+    (await fetchText(port, '/cgi-bin/probe'))
+      .trim()
+      .split('\n')
+      .map((l) => l.split(/=(.*)/s).slice(0, 2)),
+  );
   t.equal(probe.read_host_file, 'no', 'a host file is not visible inside');
   t.equal(probe.write_app, 'no', 'the package is read-only');
   t.equal(probe.write_root, 'no', 'nothing outside the private directory is writable');
@@ -62,8 +73,14 @@ t.test('an app package runs sandboxed: started, isolated, adopted across an agen
   t.equal(probe.no_new_privs, '1', 'no new privileges');
   // 'exe': busybox re-executes itself through /proc/self/exe for an applet, and is named so until the exec is done.
   const sandboxCommands = new Set(['bwrap', 'busybox', 'probe', 'sh', 'cat', 'sort', 'tr', 'exe']);
-  t.same((probe.processes as string).trim().split(' ').filter((c: string) => !sandboxCommands.has(c)), [],
-    `only its own processes are visible: ${probe.processes}`);
+  t.same(
+    (probe.processes as string)
+      .trim()
+      .split(' ')
+      .filter((c: string) => !sandboxCommands.has(c)),
+    [],
+    `only its own processes are visible: ${probe.processes}`,
+  );
 
   const [sandbox] = await sandboxesUnder(agent.dataDir);
   t.ok(sandbox?.pid, 'the sandbox is recorded in its instance directory');
@@ -71,8 +88,7 @@ t.test('an app package runs sandboxed: started, isolated, adopted across an agen
   await agent.kill();
   t.equal(await fetchText(port, '/'), PAGE, 'the sandbox outlives a SIGKILLed agent');
   await agent.launch();
-  t.match((await agent.get('/v1/instances')).json.instances, [{ id, mechanism: 'app-virt', state: 'ready', host_port: port }],
-    'the restarted agent adopts it');
+  t.match((await agent.get('/v1/instances')).json.instances, [{ id, mechanism: 'app-virt', state: 'ready', host_port: port }], 'the restarted agent adopts it');
 
   const stopped = await agent.get(`/api/servicevm/stop?instanceId=${id}`);
   t.equal(stopped.status, 200);
@@ -94,12 +110,22 @@ t.test('an app over its memory limit is killed by the cgroup and its instance en
   const upload = await new Promise<{ status: number; body: string }>((resolve, reject) => {
     import('node:http').then(async (http) => {
       const body = await readFile(tarball);
-      const req = http.request({ host: '127.0.0.1', port: agent.apiPort, method: 'POST', path: '/v1/packages',
-        headers: { 'content-type': 'application/zstd', 'content-length': body.length, ...adminHeaders(agent.apiPort) } }, (res) => {
-        let text = '';
-        res.on('data', (c: Buffer) => { text += c.toString(); });
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
-      });
+      const req = http.request(
+        {
+          host: '127.0.0.1',
+          port: agent.apiPort,
+          method: 'POST',
+          path: '/v1/packages',
+          headers: { 'content-type': 'application/zstd', 'content-length': body.length, ...adminHeaders(agent.apiPort) },
+        },
+        (res) => {
+          let text = '';
+          res.on('data', (c: Buffer) => {
+            text += c.toString();
+          });
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
+        },
+      );
       req.on('error', reject);
       req.end(body);
     }, reject);

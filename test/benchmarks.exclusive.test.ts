@@ -10,37 +10,52 @@ import { ROOT } from './support/agent';
 
 /** Each benchmark's headline figures (docs/benchmarks.md), besides `bench`. */
 const HEADLINES: Record<string, string[]> = {
-  'appvirt': ['appvirt_ready_ms', 'vm_ready_ms'],
+  appvirt: ['appvirt_ready_ms', 'vm_ready_ms'],
   'cached-vm': ['restore_ready_ms', 'cold_ready_ms', 'agent_overhead_ms', 'idle_rss_mb'],
-  'limits': ['burst'],
-  'native': ['direct_sync_call_us', 'shim_threaded_call_us'],
+  limits: ['burst'],
+  native: ['direct_sync_call_us', 'shim_threaded_call_us'],
   'on-demand': ['on_demand_ready_ms', 'cached_ready_ms'],
-  'synthesis': ['overlay_bytes', 'xdelta3_xz_bytes', 'zstd_patch_bytes', 'apply_ms', 'restore_ready_ms'],
+  synthesis: ['overlay_bytes', 'xdelta3_xz_bytes', 'zstd_patch_bytes', 'apply_ms', 'restore_ready_ms'],
   'synthesis-features': ['create_index_speedup', 'upload_mib_per_s'],
-  'telemetry': ['mqtt_latency_ms_median', 'mqtt_latency_ms_p99'],
-  'trust': ['open_plain_ms', 'device_plain_ms', 'device_https_handshake_ms'],
-  'web': ['page_bytes', 'first_render_ms'],
+  telemetry: ['mqtt_latency_ms_median', 'mqtt_latency_ms_p99'],
+  trust: ['open_plain_ms', 'device_plain_ms', 'device_https_handshake_ms'],
+  web: ['page_bytes', 'first_render_ms'],
 };
 
 /** How long one quick benchmark may run before it is killed. */
 const BENCH_DEADLINE_MS = 14 * 60_000;
 
-interface Outcome { code: number | null; lastLine: string; stderr: string }
+interface Outcome {
+  code: number | null;
+  lastLine: string;
+  stderr: string;
+}
 
 function runBench(name: string): Promise<Outcome> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'bench', `${name}.js`), '--quick'], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'],
-      timeout: BENCH_DEADLINE_MS, killSignal: 'SIGKILL' }); // a hung benchmark must not hold the file open past its test
+    const child = spawn(process.execPath, [path.join(ROOT, 'dist', 'bench', `${name}.js`), '--quick'], {
+      cwd: ROOT,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      timeout: BENCH_DEADLINE_MS,
+      killSignal: 'SIGKILL',
+    }); // a hung benchmark must not hold the file open past its test
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
-    child.stderr.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-8192); });
+    child.stdout.on('data', (d: Buffer) => {
+      stdout += d.toString();
+    });
+    child.stderr.on('data', (d: Buffer) => {
+      stderr = (stderr + d.toString()).slice(-8192);
+    });
     child.on('error', reject);
     child.on('close', (code) => resolve({ code, lastLine: stdout.trim().split('\n').pop() ?? '', stderr }));
   });
 }
 
-const benches = readdirSync(path.join(ROOT, 'bench')).filter((f) => f.endsWith('.ts')).map((f) => f.slice(0, -3)).sort();
+const benches = readdirSync(path.join(ROOT, 'bench'))
+  .filter((f) => f.endsWith('.ts'))
+  .map((f) => f.slice(0, -3))
+  .sort();
 
 t.test('every benchmark has its headline figures listed here', async (tt) => {
   tt.same(benches, Object.keys(HEADLINES).sort());
@@ -51,7 +66,9 @@ for (const name of benches) {
     const { code, lastLine, stderr } = await runBench(name);
     tt.equal(code, 0, `exit code; the end of its stderr:\n${stderr}`);
     let result: Record<string, unknown> = {};
-    tt.doesNotThrow(() => { result = JSON.parse(lastLine) as Record<string, unknown>; }, `its last line is JSON: ${lastLine}`);
+    tt.doesNotThrow(() => {
+      result = JSON.parse(lastLine) as Record<string, unknown>;
+    }, `its last line is JSON: ${lastLine}`);
     tt.equal(result.bench, name);
     for (const key of HEADLINES[name] ?? []) tt.type(result[key], 'number', key);
     tt.notMatch(lastLine, /:null\b/, 'no figure is missing (NaN)');

@@ -33,7 +33,10 @@ t.test('importing a service directory puts it in the catalog', async (tt) => {
   tt.equal(r.status, 201, r.body);
   tt.equal(r.json.id, SERVICE);
   const list = await agent.get('/api/services');
-  tt.same(list.json.services.map((s: { service_id: string }) => s.service_id), [SERVICE]);
+  tt.same(
+    list.json.services.map((s: { service_id: string }) => s.service_id),
+    [SERVICE],
+  );
 });
 
 t.test('a cold-booted instance serves the guest content through its forwarded port, and stop removes it', async (tt) => {
@@ -89,7 +92,7 @@ t.test('two concurrent starts get two instances on distinct ports, both serving'
 });
 
 // The timeout turns the old failure, a hang, into a failed test.
-t.test('a burst of restores larger than half the agent\'s thread pool all become ready', { timeout: 180_000 }, async (tt) => {
+t.test("a burst of restores larger than half the agent's thread pool all become ready", { timeout: 180_000 }, async (tt) => {
   // Each restore's libvirt call holds a pool thread until its memory state is fed, which takes pool threads too: with
   // a pool of 2 and 4 launch slots, 4 restores at once used to wait forever with their domains paused.
   await agent.stop();
@@ -134,7 +137,11 @@ t.test('an agent killed and restarted keeps its running instance listed, reachab
   tt.match(await fetchText(start.json.port), GUEST_CONTENT, 'the VM kept serving while the agent was down');
   await agent.launch();
   const listed = await agent.get('/v1/instances');
-  tt.same(listed.json.instances.map((i: { id: string }) => i.id), [start.json._id], 'the instance was adopted from libvirt');
+  tt.same(
+    listed.json.instances.map((i: { id: string }) => i.id),
+    [start.json._id],
+    'the instance was adopted from libvirt',
+  );
   tt.equal(listed.json.instances[0].state, 'ready');
   tt.match(await fetchText(start.json.port), GUEST_CONTENT);
   const stop = await agent.get(`/api/servicevm/stop?instanceId=${start.json._id}`);
@@ -157,7 +164,10 @@ t.test('a service that never becomes ready fails with READINESS_TIMEOUT and leav
   await cp(testGuestDir(), scratch, { recursive: true });
   const m = JSON.parse(await readFile(path.join(scratch, 'manifest.json'), 'utf8'));
   // busybox httpd answers 404 for this path, so the probe never passes.
-  await writeFile(path.join(scratch, 'manifest.json'), JSON.stringify({ ...m, service_id: 'never.ready', readiness: { type: 'http', path: '/no-such-page', timeout_ms: 6000 } }));
+  await writeFile(
+    path.join(scratch, 'manifest.json'),
+    JSON.stringify({ ...m, service_id: 'never.ready', readiness: { type: 'http', path: '/no-such-page', timeout_ms: 6000 } }),
+  );
   tt.equal((await agent.post('/v1/services', { path: scratch })).status, 201);
   tt.teardown(() => agent.delete('/v1/services/never.ready'));
 
@@ -193,20 +203,32 @@ t.test('a corrupt manifest or disk is refused at import with a clear error, and 
   tt.teardown(() => rm(scratch, { recursive: true, force: true }));
   const cases: Array<[string, (dir: string) => Promise<void>, string]> = [
     ['not JSON', (dir) => writeFile(path.join(dir, 'manifest.json'), '{ "format": 1, '), 'INVALID_MANIFEST'],
-    ['a bad port', async (dir) => {
-      const m = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8'));
-      await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...m, service_id: 'bad.port', port: 70000 }));
-    }, 'INVALID_MANIFEST'],
-    ['a path outside the directory', async (dir) => {
-      const m = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8'));
-      await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...m, service_id: 'bad.path', disk: '../../etc/passwd' }));
-    }, 'INVALID_MANIFEST'],
-    ['a corrupt qcow2 disk', async (dir) => {
-      const m = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8'));
-      await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...m, service_id: 'bad.disk' }));
-      // qcow2 magic and version 3, then garbage where the header's offsets and sizes should be.
-      await writeFile(path.join(dir, m.disk), Buffer.concat([Buffer.from([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3]), Buffer.alloc(4096, 0xa5)]));
-    }, 'INVALID_IMAGE'],
+    [
+      'a bad port',
+      async (dir) => {
+        const m = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8'));
+        await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...m, service_id: 'bad.port', port: 70000 }));
+      },
+      'INVALID_MANIFEST',
+    ],
+    [
+      'a path outside the directory',
+      async (dir) => {
+        const m = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8'));
+        await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...m, service_id: 'bad.path', disk: '../../etc/passwd' }));
+      },
+      'INVALID_MANIFEST',
+    ],
+    [
+      'a corrupt qcow2 disk',
+      async (dir) => {
+        const m = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8'));
+        await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...m, service_id: 'bad.disk' }));
+        // qcow2 magic and version 3, then garbage where the header's offsets and sizes should be.
+        await writeFile(path.join(dir, m.disk), Buffer.concat([Buffer.from([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3]), Buffer.alloc(4096, 0xa5)]));
+      },
+      'INVALID_IMAGE',
+    ],
   ];
   for (const [name, spoil, code] of cases) {
     const dir = path.join(scratch, name.replace(/\W+/g, '-'));

@@ -47,9 +47,16 @@ function startIn(ns: string, argv: string[], env: Record<string, string>, ready:
 /** An agent on the KD port of its namespace, on all of that namespace's interfaces, with its data in `dir`. */
 function agentEnv(dir: string): Record<string, string> {
   return {
-    CLOUDLET_PORT: String(API_PORT), CLOUDLET_API_HOST: '0.0.0.0', CLOUDLET_DATA_DIR: path.join(dir, 'data'),
-    CLOUDLET_FORWARD_ADDRESS: '127.0.0.1', CLOUDLET_PORT_RANGE: '22090-22099', CLOUDLET_SEED_DIR: '',
-    CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'), CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0', CLOUDLET_TLS_PORT: '0',
+    CLOUDLET_PORT: String(API_PORT),
+    CLOUDLET_API_HOST: '0.0.0.0',
+    CLOUDLET_DATA_DIR: path.join(dir, 'data'),
+    CLOUDLET_FORWARD_ADDRESS: '127.0.0.1',
+    CLOUDLET_PORT_RANGE: '22090-22099',
+    CLOUDLET_SEED_DIR: '',
+    CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'),
+    CLOUDLET_MQTT_HOST: '127.0.0.1',
+    CLOUDLET_MQTT_PORT: '0',
+    CLOUDLET_TLS_PORT: '0',
   };
 }
 
@@ -65,10 +72,25 @@ t.before(async () => {
   await chmod(dataDir, 0o755);
   // A DNS-SD responder stands in for Avahi here (the last test has the agent publish through a real one).
   await startIn(CLOUDLET_NS, [process.execPath, AGENT_MAIN], { ...agentEnv(dataDir), CLOUDLET_DISCOVERY: '0' }, /listening on \S+ after/);
-  await startIn(CLOUDLET_NS, [process.execPath, RESPONDER, CLOUDLET_IP,
-    'cloudlet-a', 'cloudlet-a.local', CLOUDLET_IP, String(API_PORT),
-    // A second advertisement whose API does not answer: listed, but never chosen.
-    'cloudlet-gone', 'cloudlet-gone.local', CLOUDLET_IP, '1'], {}, /ready/);
+  await startIn(
+    CLOUDLET_NS,
+    [
+      process.execPath,
+      RESPONDER,
+      CLOUDLET_IP,
+      'cloudlet-a',
+      'cloudlet-a.local',
+      CLOUDLET_IP,
+      String(API_PORT),
+      // A second advertisement whose API does not answer: listed, but never chosen.
+      'cloudlet-gone',
+      'cloudlet-gone.local',
+      CLOUDLET_IP,
+      '1',
+    ],
+    {},
+    /ready/,
+  );
 });
 
 t.teardown(async () => {
@@ -99,7 +121,7 @@ t.test('without --cloudlet, a verb talks to the best-ranked cloudlet discovered'
   tt.same(r.json, { apps: [] });
 });
 
-t.test('adding apps is refused to a client without the operator\'s credential', async (tt) => {
+t.test("adding apps is refused to a client without the operator's credential", async (tt) => {
   const apk = path.join(dataDir, 'tiny.apk');
   await writeFile(apk, 'not really an apk');
   const r = await phoneCli('add-app', apk, '--service', 'any.service', '--name', 'Tiny', '--cloudlet', `${CLOUDLET_IP}:${API_PORT}`, '--json');
@@ -129,17 +151,26 @@ t.test('discover finds an agent that publishes itself through a real Avahi, and 
     await destroyDomainsUnder(avahiData);
     await rm(avahiData, { recursive: true, force: true });
   });
-  agentProcess = await startIn(network.namespace('a'), [process.execPath, AGENT_MAIN], {
-    ...agentEnv(avahiData), CLOUDLET_DISCOVERY: '1', DBUS_SYSTEM_BUS_ADDRESS: network.busAddress('a'),
-  }, /listening on \S+ after/);
+  agentProcess = await startIn(
+    network.namespace('a'),
+    [process.execPath, AGENT_MAIN],
+    {
+      ...agentEnv(avahiData),
+      CLOUDLET_DISCOVERY: '1',
+      DBUS_SYSTEM_BUS_ADDRESS: network.busAddress('a'),
+    },
+    /listening on \S+ after/,
+  );
 
   let found: any;
   const deadline = Date.now() + 20000;
   while (!found && Date.now() < deadline) {
-    const r = await cli(['discover', '--interface', network.address('b'), '--timeout', '1000', '--json'], { via: ['nsenter', `--net=/run/netns/${network.namespace('b')}`] });
+    const r = await cli(['discover', '--interface', network.address('b'), '--timeout', '1000', '--json'], {
+      via: ['nsenter', `--net=/run/netns/${network.namespace('b')}`],
+    });
     tt.equal(r.code, 0, r.stderr);
     found = r.json.cloudlets.find((c: { address: string }) => c.address === network.address('a'));
   }
-  tt.match(found, { port: API_PORT, encryption: 'disabled', eligible: true }, 'the agent\'s own publication, with client-lib\'s TXT');
+  tt.match(found, { port: API_PORT, encryption: 'disabled', eligible: true }, "the agent's own publication, with client-lib's TXT");
   tt.ok(found.rank > 0, `ranked ${found.rank} from its /api/system`);
 });

@@ -57,14 +57,20 @@ function startIn(ns: string, argv: string[], onLine: (line: string) => void = ()
         }
       }
     });
-    child.stderr.on('data', (chunk: Buffer) => { output += chunk.toString(); });
+    child.stderr.on('data', (chunk: Buffer) => {
+      output += chunk.toString();
+    });
     child.on('exit', (code) => reject(new Error(`${argv.join(' ')} exited with ${code}: ${output}`)));
   });
 }
 
 /** The CLI on the phone, discovering on its LAN interface, as an operator who can read the box's admin token. */
 function phoneCli(args: string[], extraEnv: Record<string, string> = {}): Promise<CliResult> {
-  return cli([...args, '--interface', PHONE_IP, '--timeout', '1000'], { via: ['nsenter', `--net=/run/netns/${PHONE_NS}`], cwd: scratch, env: { ...env, ...extraEnv } });
+  return cli([...args, '--interface', PHONE_IP, '--timeout', '1000'], {
+    via: ['nsenter', `--net=/run/netns/${PHONE_NS}`],
+    cwd: scratch,
+    env: { ...env, ...extraEnv },
+  });
 }
 
 t.before(async () => {
@@ -74,13 +80,33 @@ t.before(async () => {
   await writeFile(path.join(scratch, 'data', 'trust', 'admin-token'), `${ADMIN_TOKEN}\n`);
   // The CLI could be the operator's: the admin token is readable, and the agent's configured port is the rogue's.
   env = {
-    CLOUDLET_DATA_DIR: path.join(scratch, 'data'), CLOUDLET_PORT: String(ROGUE_PORT), XDG_CONFIG_HOME: path.join(scratch, 'config'),
+    CLOUDLET_DATA_DIR: path.join(scratch, 'data'),
+    CLOUDLET_PORT: String(ROGUE_PORT),
+    XDG_CONFIG_HOME: path.join(scratch, 'config'),
     CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'),
   };
   const key = path.join(scratch, 'key.pem');
   const cert = path.join(scratch, 'cert.pem');
-  await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', key, '-out', cert, '-subj', '/CN=paired', '-days', '1']);
-  await startIn(PHONE_NS, [process.execPath, ROGUE, String(ROGUE_PORT), String(ROGUE_TLS_PORT), cert, key], (line) => requests.push(JSON.parse(line) as RogueRequest));
+  await run('openssl', [
+    'req',
+    '-x509',
+    '-newkey',
+    'ec',
+    '-pkeyopt',
+    'ec_paramgen_curve:P-256',
+    '-nodes',
+    '-keyout',
+    key,
+    '-out',
+    cert,
+    '-subj',
+    '/CN=paired',
+    '-days',
+    '1',
+  ]);
+  await startIn(PHONE_NS, [process.execPath, ROGUE, String(ROGUE_PORT), String(ROGUE_TLS_PORT), cert, key], (line) =>
+    requests.push(JSON.parse(line) as RogueRequest),
+  );
   // The rogue advertises an address on the phone's own loopback.
   await startIn(LAN_NS, [process.execPath, RESPONDER, LAN_IP, ROGUE_NAME, 'rogue.local', '127.0.0.1', String(ROGUE_PORT)]);
 });
@@ -95,7 +121,7 @@ t.teardown(async () => {
 /** The /v1 requests the rogue got (ranking asks /api/system of every cloudlet discovered, which is no credential). */
 const v1Requests = () => requests.filter((r) => r.url.startsWith('/v1/'));
 
-t.test('discover shows mDNS names and a discovered cloudlet\'s answers with control characters escaped', async (tt) => {
+t.test("discover shows mDNS names and a discovered cloudlet's answers with control characters escaped", async (tt) => {
   const r = await phoneCli(['discover']);
   tt.equal(r.code, 0, r.stderr);
   tt.notMatch(r.stdout, RAW_CONTROL);
@@ -104,19 +130,32 @@ t.test('discover shows mDNS names and a discovered cloudlet\'s answers with cont
   tt.equal(json.json.cloudlets[0].name, ROGUE_NAME, '--json keeps the exact name');
 });
 
-t.test('a discovered cloudlet on loopback never gets the admin token, even on the agent\'s configured port', async (tt) => {
+t.test("a discovered cloudlet on loopback never gets the admin token, even on the agent's configured port", async (tt) => {
   requests.length = 0;
   const r = await phoneCli(['services', '--json']);
   tt.equal(r.code, 0, `a read-only verb may use the best-ranked cloudlet: ${r.stderr}`);
-  tt.same(v1Requests().map((q) => [q.method, q.url, q.authorization]), [['GET', '/v1/services', undefined]], 'asked without a credential');
+  tt.same(
+    v1Requests().map((q) => [q.method, q.url, q.authorization]),
+    [['GET', '/v1/services', undefined]],
+    'asked without a credential',
+  );
 });
 
 t.test('verbs that act refuse a cloudlet that was only discovered, with one line and exit 2', async (tt) => {
   const overlay = path.join(scratch, 'overlay.bin');
   await writeFile(overlay, 'an overlay');
   requests.length = 0;
-  for (const verb of [['start', 'svc'], ['stop', 'i-1'], ['synthesize', overlay], ['add-app', overlay, '--service', 'svc', '--name', 'App'],
-    ['remove-app', 'app-1'], ['pair', 'open'], ['devices'], ['devices', 'revoke', 'phone-1'], ['base', 'import', scratch, '--name', 'b']]) {
+  for (const verb of [
+    ['start', 'svc'],
+    ['stop', 'i-1'],
+    ['synthesize', overlay],
+    ['add-app', overlay, '--service', 'svc', '--name', 'App'],
+    ['remove-app', 'app-1'],
+    ['pair', 'open'],
+    ['devices'],
+    ['devices', 'revoke', 'phone-1'],
+    ['base', 'import', scratch, '--name', 'b'],
+  ]) {
     const r = await phoneCli([...verb, '--json']);
     tt.equal(r.code, 2, `${verb.join(' ')}: exit 2`);
     tt.equal(r.json?.error.code, 'UNTRUSTED_CLOUDLET', verb.join(' '));
@@ -130,10 +169,20 @@ t.test('a verb that acts goes to the discovered cloudlet this machine paired wit
   // A second cloudlet on the LAN, paired earlier: its certificate and device token are in credentials.json.
   const pem = await readFile(path.join(scratch, 'cert.pem'), 'utf8');
   await mkdir(path.join(scratch, 'config', 'cloudlet'), { recursive: true });
-  await writeFile(path.join(scratch, 'config', 'cloudlet', 'credentials.json'), JSON.stringify({
-    [`${PHONE_IP}:${ROGUE_PORT}`]: { device_id: 'this-laptop', token: 'cld_device-token', tls_port: ROGUE_TLS_PORT, tls_fingerprint: new X509Certificate(pem).fingerprint256,
-      certificate: pem, paired_at: new Date().toISOString() },
-  }), { mode: 0o600 });
+  await writeFile(
+    path.join(scratch, 'config', 'cloudlet', 'credentials.json'),
+    JSON.stringify({
+      [`${PHONE_IP}:${ROGUE_PORT}`]: {
+        device_id: 'this-laptop',
+        token: 'cld_device-token',
+        tls_port: ROGUE_TLS_PORT,
+        tls_fingerprint: new X509Certificate(pem).fingerprint256,
+        certificate: pem,
+        paired_at: new Date().toISOString(),
+      },
+    }),
+    { mode: 0o600 },
+  );
   const responder = await startIn(LAN_NS, [process.execPath, RESPONDER, LAN_IP, 'paired', 'paired.local', PHONE_IP, String(ROGUE_PORT)]);
   tt.teardown(async () => {
     responder.kill('SIGTERM');
@@ -142,6 +191,9 @@ t.test('a verb that acts goes to the discovered cloudlet this machine paired wit
   requests.length = 0;
   const r = await phoneCli(['start', 'svc', '--json']);
   tt.equal(r.code, 0, r.stderr);
-  tt.same(v1Requests().map((q) => [q.method, q.url, q.authorization, q.secure]), [['POST', '/v1/instances', 'Bearer cld_device-token', true]],
-    'only to the paired one, with its device token, over HTTPS');
+  tt.same(
+    v1Requests().map((q) => [q.method, q.url, q.authorization, q.secure]),
+    [['POST', '/v1/instances', 'Bearer cld_device-token', true]],
+    'only to the paired one, with its device token, over HTTPS',
+  );
 });

@@ -25,7 +25,9 @@ t.before(async () => {
   await mkdir(path.join(scratch, 'data', 'trust'), { recursive: true });
   await writeFile(path.join(scratch, 'data', 'trust', 'admin-token'), `${ADMIN_TOKEN}\n`);
   env = {
-    CLOUDLET_DATA_DIR: path.join(scratch, 'data'), CLOUDLET_PORT: '9999', XDG_CONFIG_HOME: path.join(scratch, 'config'),
+    CLOUDLET_DATA_DIR: path.join(scratch, 'data'),
+    CLOUDLET_PORT: '9999',
+    XDG_CONFIG_HOME: path.join(scratch, 'config'),
     CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'),
   };
 });
@@ -42,7 +44,7 @@ const run = (args: string[], options: { cwd?: string; env?: Record<string, strin
 t.test('download writes only a plain file name the cloudlet proposes, in the current directory', async (tt) => {
   const cwd = path.join(scratch, 'downloads', 'here');
   await mkdir(path.join(cwd, 'sub'), { recursive: true });
-  await writeFile(ROGUE_APPS.absolute!, 'the user\'s own file\n');
+  await writeFile(ROGUE_APPS.absolute!, "the user's own file\n");
   tt.teardown(() => rm(ROGUE_APPS.absolute!, { force: true }));
   for (const id of ['absolute', 'dotdot', 'slash', 'dotfile']) {
     const r = await run(atRogue('download', id, '--json'), { cwd });
@@ -50,7 +52,7 @@ t.test('download writes only a plain file name the cloudlet proposes, in the cur
     tt.equal(r.json?.error.code, 'UNSAFE_FILE_NAME', id);
     tt.equal(r.stderr.trim().split('\n').length, 1, 'one line on stderr');
   }
-  tt.equal(await readFile(ROGUE_APPS.absolute!, 'utf8'), 'the user\'s own file\n', 'an absolute path is not overwritten');
+  tt.equal(await readFile(ROGUE_APPS.absolute!, 'utf8'), "the user's own file\n", 'an absolute path is not overwritten');
   tt.same(await readdir(path.dirname(cwd)), ['here'], 'nothing written next to the current directory (../)');
   tt.same((await readdir(cwd)).sort(), ['sub'], 'no dotfile, no .part, nothing in sub/');
   tt.same(await readdir(path.join(cwd, 'sub')), []);
@@ -79,17 +81,21 @@ t.test('base export writes only plain file names from the cloudlet, inside OUT_D
   tt.same((await readdir(out)).sort(), ['chunk-index.bin', 'disk.qcow2', 'manifest.json']);
 });
 
-t.test('the admin token goes to a loopback cloudlet only on the port the agent\'s configuration names', async (tt) => {
+t.test("the admin token goes to a loopback cloudlet only on the port the agent's configuration names", async (tt) => {
   // A forwarded instance port, or another local user's listener, on loopback: no token, even named explicitly.
   rogue.requests.length = 0;
   const elsewhere = await run(atRogue('devices', 'revoke', 'phone-1', '--json'));
   tt.equal(elsewhere.code, 0, elsewhere.stderr);
-  tt.same(rogue.requests.map((r) => [r.url, r.authorization]), [['/v1/devices/phone-1/revoke', undefined]], 'the request carried no credential');
+  tt.same(
+    rogue.requests.map((r) => [r.url, r.authorization]),
+    [['/v1/devices/phone-1/revoke', undefined]],
+    'the request carried no credential',
+  );
 
   rogue.requests.length = 0;
   const own = await run(atRogue('devices', '--json'), { env: { CLOUDLET_PORT: String(rogue.port) } });
   tt.equal(own.code, 0, own.stderr);
-  tt.equal(rogue.requests[0]?.authorization, `Bearer ${ADMIN_TOKEN}`, 'the configured port is the operator\'s own agent');
+  tt.equal(rogue.requests[0]?.authorization, `Bearer ${ADMIN_TOKEN}`, "the configured port is the operator's own agent");
 });
 
 t.test('strings from a cloudlet reach the terminal with their control characters escaped', async (tt) => {

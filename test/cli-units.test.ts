@@ -18,20 +18,35 @@ t.test('a cloudlet is named HOST, HOST:PORT, [V6]:PORT or an http:// URL; the po
   tt.throws(() => parseCloudlet('a:b:c'), { code: 'USAGE' });
 });
 
-t.test('ranking is client-lib\'s CpuBasedRanker: 100 × max_cores − usage, best first, rank ≤ 0 never eligible', async (tt) => {
+t.test("ranking is client-lib's CpuBasedRanker: 100 × max_cores − usage, best first, rank ≤ 0 never eligible", async (tt) => {
   tt.equal(cpuBasedRank(system(4, 12.5)), 387.5);
   const ranked = await rankCloudlets(['busy', 'idle', 'gone', 'saturated'], async (name) => {
     if (name === 'gone') throw new Error('ECONNREFUSED');
     return { busy: system(2, 150), idle: system(2, 10), saturated: system(1, 100) }[name]!;
   });
-  tt.same(ranked.map((r) => [r.cloudlet, r.rank, r.eligible]), [['idle', 190, true], ['busy', 50, true], ['saturated', 0, false], ['gone', null, false]]);
+  tt.same(
+    ranked.map((r) => [r.cloudlet, r.rank, r.eligible]),
+    [
+      ['idle', 190, true],
+      ['busy', 50, true],
+      ['saturated', 0, false],
+      ['gone', null, false],
+    ],
+  );
   tt.equal(ranked[3]!.error, 'ECONNREFUSED');
 });
 
 t.test('a cloudlet whose /api/system gives no CPU figures is not ranked, and never eligible', async (tt) => {
-  const ranked = await rankCloudlets(['liar', 'idle'], async (name) => (name === 'liar'
-    ? { cpu_info: { max_cores: 'many', usage: null }, memory_info: {} } as unknown as KdSystemInfo : system(2, 10)));
-  tt.same(ranked.map((r) => [r.cloudlet, r.rank, r.eligible]), [['idle', 190, true], ['liar', null, false]]);
+  const ranked = await rankCloudlets(['liar', 'idle'], async (name) =>
+    name === 'liar' ? ({ cpu_info: { max_cores: 'many', usage: null }, memory_info: {} } as unknown as KdSystemInfo) : system(2, 10),
+  );
+  tt.same(
+    ranked.map((r) => [r.cloudlet, r.rank, r.eligible]),
+    [
+      ['idle', 190, true],
+      ['liar', null, false],
+    ],
+  );
 });
 
 t.test('the progress line shows the bar, the share, the bytes and the rate', async (tt) => {

@@ -29,18 +29,30 @@ async function makeRelease(dir: string, version: string, opts: { crashesAtStart?
   const pkg = JSON.parse(await readFile(path.join(ROOT, 'package.json'), 'utf8')) as Record<string, unknown>;
   await writeFile(path.join(dir, 'package.json'), JSON.stringify({ ...pkg, version }));
   if (opts.crashesAtStart) {
-    await writeFile(path.join(dir, 'dist', 'agent', 'src', 'main.js'), "process.stderr.write('cloudlet-agent: cannot start: broken release\\n'); process.exit(1);\n");
+    await writeFile(
+      path.join(dir, 'dist', 'agent', 'src', 'main.js'),
+      "process.stderr.write('cloudlet-agent: cannot start: broken release\\n'); process.exit(1);\n",
+    );
   }
   return dir;
 }
 
-interface CliResult { code: number; stdout: string; stderr: string }
+interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
 
 function cloudletUpdate(args: string[]): Promise<CliResult> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, ...args], { env: { ...process.env, CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json') } }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
+    execFile(
+      process.execPath,
+      [CLI, ...args],
+      { env: { ...process.env, CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json') } },
+      (err, stdout, stderr) => {
+        resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
+      },
+    );
   });
 }
 
@@ -71,12 +83,27 @@ t.test('cloudlet-update', async (t) => {
 
   const agent = await SupervisedAgent.start(home, path.join(work, 'data'), FORWARD_RANGE);
   t.teardown(() => agent.stop());
-  const update = (file: string, deadlineSeconds = 30) => cloudletUpdate([
-    file, '--home', home, '--factory', factory, '--keys', keysDir, '--api', agent.url,
-    '--deadline', String(deadlineSeconds), '--stable', '1', '--restart-command', agent.restartCommand,
-  ]);
+  const update = (file: string, deadlineSeconds = 30) =>
+    cloudletUpdate([
+      file,
+      '--home',
+      home,
+      '--factory',
+      factory,
+      '--keys',
+      keysDir,
+      '--api',
+      agent.url,
+      '--deadline',
+      String(deadlineSeconds),
+      '--stable',
+      '1',
+      '--restart-command',
+      agent.restartCommand,
+    ]);
   const waitServing = async () => {
-    for (let i = 0; i < 200 && (await request(agent.apiPort, 'GET', '/v1/health').catch(() => null))?.status !== 200; i++) await new Promise((r) => setTimeout(r, 100));
+    for (let i = 0; i < 200 && (await request(agent.apiPort, 'GET', '/v1/health').catch(() => null))?.status !== 200; i++)
+      await new Promise((r) => setTimeout(r, 100));
   };
   await waitServing();
   t.equal(await servingVersion(agent), '1.0.0', 'the box starts on its factory release');
@@ -98,7 +125,10 @@ t.test('cloudlet-update', async (t) => {
     t.equal(await readlink(store.currentLink), before);
     t.equal(await servingVersion(agent), '1.1.0');
     t.match(await store.record(), { state: 'rolled-back', version: '1.2.0' });
-    t.notOk((await readdir(store.releasesDir)).some((name) => name.startsWith('1.2.0')), 'the bad release is deleted');
+    t.notOk(
+      (await readdir(store.releasesDir)).some((name) => name.startsWith('1.2.0')),
+      'the bad release is deleted',
+    );
     t.ok(agent.restarts >= 2, 'the crashing agent was restarted by its supervisor until the rollback');
   });
 

@@ -18,8 +18,13 @@ t.test('with nothing configured the agent runs on its embedded defaults', async 
 
 t.test('environment variables override the defaults', async (t) => {
   const config = await loadConfig({
-    CLOUDLET_PORT: '18080', CLOUDLET_DATA_DIR: '/srv/cloudlet', CLOUDLET_LIBVIRT_URI: 'test:///default',
-    CLOUDLET_FORWARD_ADDRESS: '127.0.0.1', CLOUDLET_PORT_RANGE: '30000-30009', CLOUDLET_DOMAIN_TYPE: 'qemu', CLOUDLET_SEED_DIR: '',
+    CLOUDLET_PORT: '18080',
+    CLOUDLET_DATA_DIR: '/srv/cloudlet',
+    CLOUDLET_LIBVIRT_URI: 'test:///default',
+    CLOUDLET_FORWARD_ADDRESS: '127.0.0.1',
+    CLOUDLET_PORT_RANGE: '30000-30009',
+    CLOUDLET_DOMAIN_TYPE: 'qemu',
+    CLOUDLET_SEED_DIR: '',
   });
   t.equal(config.api.port, 18080);
   t.equal(config.dataDir, '/srv/cloudlet');
@@ -60,19 +65,34 @@ t.test('bad settings stop the agent with one line naming the setting', async (t)
 });
 
 t.test('telemetry, discovery and libvirt events are configured from the file and the environment', async (t) => {
-  t.match(await loadConfig({ ...NO_FILE }), {
-    libvirtEvents: true, discovery: { enabled: true },
-    mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null },
-  }, 'defaults: broker on 1883, discovery and events on');
+  t.match(
+    await loadConfig({ ...NO_FILE }),
+    {
+      libvirtEvents: true,
+      discovery: { enabled: true },
+      mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null },
+    },
+    'defaults: broker on 1883, discovery and events on',
+  );
   const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   const file = path.join(dir, 'agent.json');
   await writeFile(file, JSON.stringify({ mqtt: { topicRoot: 'fleet/site-7', metricsIntervalMs: 2000 }, discovery: { enabled: false } }));
   const config = await loadConfig({
-    CLOUDLET_CONFIG: file, CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0', CLOUDLET_MQTT_URL: 'mqtt://fleet.example:1883',
+    CLOUDLET_CONFIG: file,
+    CLOUDLET_MQTT_HOST: '127.0.0.1',
+    CLOUDLET_MQTT_PORT: '0',
+    CLOUDLET_MQTT_URL: 'mqtt://fleet.example:1883',
     CLOUDLET_LIBVIRT_EVENTS: 'off',
   });
-  t.same(config.mqtt, { host: '127.0.0.1', port: 0, topicRoot: 'fleet/site-7', metricsIntervalMs: 2000, externalUrl: 'mqtt://fleet.example:1883', access: 'devices' });
+  t.same(config.mqtt, {
+    host: '127.0.0.1',
+    port: 0,
+    topicRoot: 'fleet/site-7',
+    metricsIntervalMs: 2000,
+    externalUrl: 'mqtt://fleet.example:1883',
+    access: 'devices',
+  });
   t.equal(config.discovery.enabled, false);
   t.equal(config.libvirtEvents, false);
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_DISCOVERY: 'maybe' }), { code: 'INVALID_PARAMETER', message: /discovery\.enabled must be true or false/ });
@@ -80,11 +100,26 @@ t.test('telemetry, discovery and libvirt events are configured from the file and
 });
 
 t.test('the KD face mode, MQTT access and the limits come from the file and the environment, checked', async (t) => {
-  t.match(await loadConfig({ ...NO_FILE }), {
-    kdApi: 'plain', mqtt: { access: 'devices' }, packages: { maxUploadBytes: 1024 ** 3 },
-    limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 65536, bodyIdleMs: 8000,
-      bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000 },
-  }, 'defaults: KD plain (as KD), MQTT for paired devices, two launches at once');
+  t.match(
+    await loadConfig({ ...NO_FILE }),
+    {
+      kdApi: 'plain',
+      mqtt: { access: 'devices' },
+      packages: { maxUploadBytes: 1024 ** 3 },
+      limits: {
+        concurrentLaunches: 2,
+        queuedLaunches: 8,
+        requestsPerSecond: 20,
+        requestBurst: 60,
+        jsonBodyBytes: 65536,
+        bodyIdleMs: 8000,
+        bodyMinBytesPerSecond: 4096,
+        bodyRateWindowMs: 8000,
+        readinessTimeoutMs: 120000,
+      },
+    },
+    'defaults: KD plain (as KD), MQTT for paired devices, two launches at once',
+  );
   const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   const file = path.join(dir, 'agent.json');
@@ -93,23 +128,45 @@ t.test('the KD face mode, MQTT access and the limits come from the file and the 
   t.equal(config.kdApi, 'encrypted');
   t.equal(config.mqtt.access, 'anonymous-read');
   t.same(config.limits, {
-    concurrentLaunches: 4, queuedLaunches: 0, requestsPerSecond: 20, requestBurst: 10, jsonBodyBytes: 65536, bodyIdleMs: 2000,
-    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000, anonymousInstancesPerAddress: 2, anonymousInstances: 8,
-    mqttConnectionsPerAddress: 16, connectionsPerDevice: 8,
+    concurrentLaunches: 4,
+    queuedLaunches: 0,
+    requestsPerSecond: 20,
+    requestBurst: 10,
+    jsonBodyBytes: 65536,
+    bodyIdleMs: 2000,
+    bodyMinBytesPerSecond: 4096,
+    bodyRateWindowMs: 8000,
+    readinessTimeoutMs: 120000,
+    anonymousInstancesPerAddress: 2,
+    anonymousInstances: 8,
+    mqttConnectionsPerAddress: 16,
+    connectionsPerDevice: 8,
   });
-  t.match((await loadConfig({ ...NO_FILE, CLOUDLET_KD_INSTANCES_PER_ADDRESS: '1', CLOUDLET_KD_INSTANCES: '0' })).limits,
-    { anonymousInstancesPerAddress: 1, anonymousInstances: 0 }, 'the open KD face\'s bounds (0: no anonymous start at all)');
+  t.match(
+    (await loadConfig({ ...NO_FILE, CLOUDLET_KD_INSTANCES_PER_ADDRESS: '1', CLOUDLET_KD_INSTANCES: '0' })).limits,
+    { anonymousInstancesPerAddress: 1, anonymousInstances: 0 },
+    "the open KD face's bounds (0: no anonymous start at all)",
+  );
   t.equal(config.packages.maxUploadBytes, 1000000);
   t.equal((await loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'off' })).kdApi, 'off');
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_KD_API: 'secret' }), { code: 'INVALID_PARAMETER', message: /kdApi must be plain, encrypted, off/ });
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_MQTT_ACCESS: 'open' }), { code: 'INVALID_PARAMETER', message: /mqtt\.access/ });
   await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_MAX_LAUNCHES: '0' }), { code: 'INVALID_PARAMETER', message: /limits\.concurrentLaunches/ });
-  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_BODY_IDLE_MS: '30000' }), { code: 'INVALID_PARAMETER', message: /limits\.bodyIdleMs must be a whole number from 100 to 10000/ });
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_BODY_IDLE_MS: '30000' }), {
+    code: 'INVALID_PARAMETER',
+    message: /limits\.bodyIdleMs must be a whole number from 100 to 10000/,
+  });
 });
 
 t.test('the minimum pace of request bodies and the bound on readiness timeouts come from the environment, checked', async (t) => {
   const config = await loadConfig({ ...NO_FILE, CLOUDLET_BODY_MIN_RATE: '0', CLOUDLET_BODY_RATE_WINDOW_MS: '5000', CLOUDLET_READINESS_TIMEOUT_MS: '30000' });
   t.match(config.limits, { bodyMinBytesPerSecond: 0, bodyRateWindowMs: 5000, readinessTimeoutMs: 30000 }, '0 turns the minimum rate off');
-  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_BODY_RATE_WINDOW_MS: '100' }), { code: 'INVALID_PARAMETER', message: /limits\.bodyRateWindowMs must be a whole number from 1000 to 600000/ });
-  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_READINESS_TIMEOUT_MS: '3600000' }), { code: 'INVALID_PARAMETER', message: /limits\.readinessTimeoutMs must be a whole number from 1000 to 600000/ });
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_BODY_RATE_WINDOW_MS: '100' }), {
+    code: 'INVALID_PARAMETER',
+    message: /limits\.bodyRateWindowMs must be a whole number from 1000 to 600000/,
+  });
+  await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_READINESS_TIMEOUT_MS: '3600000' }), {
+    code: 'INVALID_PARAMETER',
+    message: /limits\.readinessTimeoutMs must be a whole number from 1000 to 600000/,
+  });
 });

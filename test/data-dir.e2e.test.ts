@@ -31,7 +31,10 @@ t.test('below a directory QEMU may not search, the agent refuses to start: one l
   const parent = await privateDir(tt);
   const agent = await agentOn(path.join(parent, 'cloudlet'));
   tt.teardown(() => agent.dispose());
-  const refused = await agent.launch().then(() => null, (err: Error) => err.message);
+  const refused = await agent.launch().then(
+    () => null,
+    (err: Error) => err.message,
+  );
   tt.ok(refused, 'the agent exited');
   const lines = agent.log.split('\n').filter((line) => line.startsWith('cloudlet-agent: cannot start:'));
   tt.equal(lines.length, 1, 'one line says why');

@@ -16,7 +16,11 @@ t.before(async () => {
 });
 t.teardown(() => agent?.dispose());
 
-interface Device { id: string; token: string; as: Record<string, string> }
+interface Device {
+  id: string;
+  token: string;
+  as: Record<string, string>;
+}
 
 async function pair(id: string): Promise<Device> {
   const window = await agent.post('/v1/pairing', {});
@@ -45,18 +49,25 @@ t.test('each device sees only its own instances, in the listing, on /v1/events a
   const bobs = (await startAs(bob)).instance.id as string;
   // Bob joins Alice's instance (shareable, the least shared ready one): both are its users now.
   const joined = await startAs(bob, true);
-  tt.equal(joined.instance.id, mine, 'bob joined alice\'s instance');
+  tt.equal(joined.instance.id, mine, "bob joined alice's instance");
   tt.same(joined.instance.owners, [bob.id], 'the join answer names no other device');
 
   const aliceList = await request(agent.apiPort, 'GET', '/v1/instances', undefined, alice.as);
-  tt.same(aliceList.json.instances.map((i: { id: string }) => i.id), [mine], 'alice lists only her instance');
+  tt.same(
+    aliceList.json.instances.map((i: { id: string }) => i.id),
+    [mine],
+    'alice lists only her instance',
+  );
   tt.same(aliceList.json.instances[0].owners, [alice.id], 'with only her own entry in owners');
-  tt.notOk(aliceList.body.includes(bobs) || aliceList.body.includes(bob.id), 'no id of bob\'s appears');
+  tt.notOk(aliceList.body.includes(bobs) || aliceList.body.includes(bob.id), "no id of bob's appears");
   const bobList = await request(agent.apiPort, 'GET', '/v1/instances', undefined, bob.as);
   tt.same(bobList.json.instances.map((i: { id: string }) => i.id).sort(), [mine, bobs].sort(), 'bob lists both he uses');
-  tt.notOk(bobList.body.includes(alice.id), 'without alice\'s id');
-  tt.match((await request(agent.apiPort, 'GET', `/v1/instances/${bobs}`, undefined, alice.as)).json, { code: 'INSTANCE_NOT_FOUND' },
-    'bob\'s own instance does not exist for alice');
+  tt.notOk(bobList.body.includes(alice.id), "without alice's id");
+  tt.match(
+    (await request(agent.apiPort, 'GET', `/v1/instances/${bobs}`, undefined, alice.as)).json,
+    { code: 'INSTANCE_NOT_FOUND' },
+    "bob's own instance does not exist for alice",
+  );
   tt.same((await agent.get('/v1/instances')).json.instances.map((i: { id: string }) => i.id).sort(), [mine, bobs].sort(), 'the operator lists all');
 
   // A dashboard of alice's connecting now gets the retained state of her instance only (status comes after the
@@ -64,7 +75,11 @@ t.test('each device sees only its own instances, in the listing, on /v1/events a
   const late = await MqttWatcher.connect(mqttUrl, ['cloudlet/+/instances/+', 'cloudlet/+/status'], { username: alice.id, password: alice.token });
   tt.teardown(() => late.close());
   await late.next((m) => m.topic.endsWith('/status'));
-  tt.same(late.inbox.items.filter((i) => i.value.topic.includes('/instances/')).map((i) => i.value.json.id), [mine], 'retained: hers only');
+  tt.same(
+    late.inbox.items.filter((i) => i.value.topic.includes('/instances/')).map((i) => i.value.json.id),
+    [mine],
+    'retained: hers only',
+  );
 
   for (const id of [mine, bobs]) await agent.delete(`/v1/instances/${id}`);
   await agent.delete(`/v1/instances/${mine}`);
@@ -75,8 +90,14 @@ t.test('each device sees only its own instances, in the listing, on /v1/events a
   tt.pass('alice saw her instance end, on /v1/events and on MQTT');
 
   const aliceSaw = JSON.stringify([aliceEvents.inbox.items, aliceMqtt.inbox.items, late.inbox.items]);
-  tt.notOk(aliceSaw.includes(bobs), 'bob\'s instance never reached alice\'s events socket or MQTT');
-  tt.notOk(aliceSaw.includes(bob.id), 'nor did bob\'s device id');
-  tt.ok(operatorEvents.inbox.items.some((i) => i.value.type === 'progress' && i.value.instance_id === bobs), 'the operator saw bob\'s launch');
-  tt.ok(aliceEvents.inbox.items.some((i) => i.value.type === 'progress' && i.value.instance_id === mine), 'alice saw her own launch');
+  tt.notOk(aliceSaw.includes(bobs), "bob's instance never reached alice's events socket or MQTT");
+  tt.notOk(aliceSaw.includes(bob.id), "nor did bob's device id");
+  tt.ok(
+    operatorEvents.inbox.items.some((i) => i.value.type === 'progress' && i.value.instance_id === bobs),
+    "the operator saw bob's launch",
+  );
+  tt.ok(
+    aliceEvents.inbox.items.some((i) => i.value.type === 'progress' && i.value.instance_id === mine),
+    'alice saw her own launch',
+  );
 });

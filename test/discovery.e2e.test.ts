@@ -33,7 +33,10 @@ t.test('the cloudlet is browsable as _cloudlet._tcp: host name, API port, and ex
   tt.same(found!.txt, ['encryption=disabled'], 'one TXT entry, as KD-Cloudlet clients parse it');
   tt.same(await discoveryStatus(), { state: 'published', name: HOSTNAME });
   const health = (await agent.get('/v1/health')).json;
-  tt.same(health.checks.find((c: { name: string }) => c.name === 'discovery'), { name: 'discovery', ok: true, optional: true });
+  tt.same(
+    health.checks.find((c: { name: string }) => c.name === 'discovery'),
+    { name: 'discovery', ok: true, optional: true },
+  );
 });
 
 t.test('_cloudlet-agent._tcp carries the richer facts', async (tt) => {
@@ -45,10 +48,18 @@ t.test('_cloudlet-agent._tcp carries the richer facts', async (tt) => {
 
 t.test('other cloudlets on the network are listed in /v1/peers', async (tt) => {
   const peer = network.spawn('b', 'avahi-publish', ['-s', 'field-cloudlet', '_cloudlet._tcp', '9999', 'encryption=disabled']);
-  tt.teardown(() => { peer.kill(); });
-  const peers = await until(async () => (await agent.get('/v1/peers')).json.peers, (p: Array<{ name: string }>) => p.length > 0);
+  tt.teardown(() => {
+    peer.kill();
+  });
+  const peers = await until(
+    async () => (await agent.get('/v1/peers')).json.peers,
+    (p: Array<{ name: string }>) => p.length > 0,
+  );
   tt.match(peers, [{ name: 'field-cloudlet', address: network.address('b'), port: 9999, txt: { encryption: 'disabled' } }]);
-  tt.notOk(peers.some((p: { name: string }) => p.name === HOSTNAME), 'the agent does not list itself');
+  tt.notOk(
+    peers.some((p: { name: string }) => p.name === HOSTNAME),
+    'the agent does not list itself',
+  );
 });
 
 t.test('when avahi-daemon restarts, the agent reports it gone, then registers again', async (tt) => {
@@ -57,7 +68,10 @@ t.test('when avahi-daemon restarts, the agent reports it gone, then registers ag
   tt.match(gone, { state: 'unavailable', name: null });
   const health = await agent.get('/v1/health');
   tt.equal(health.status, 200, 'the agent stays healthy without discovery');
-  tt.match(health.json.checks.find((c: { name: string }) => c.name === 'discovery'), { ok: false, optional: true, detail: /avahi-daemon/ });
+  tt.match(
+    health.json.checks.find((c: { name: string }) => c.name === 'discovery'),
+    { ok: false, optional: true, detail: /avahi-daemon/ },
+  );
 
   await network.startAvahi('a');
   const back = await network.browseUntil('b', '_cloudlet._tcp', (s) => s.some((x) => x.name === HOSTNAME));
@@ -65,10 +79,12 @@ t.test('when avahi-daemon restarts, the agent reports it gone, then registers ag
   tt.same(await until(discoveryStatus, (s) => s.state === 'published'), { state: 'published', name: HOSTNAME });
 });
 
-t.test('a name collision takes Avahi\'s alternative name, and /v1/system shows the name in use', async (tt) => {
+t.test("a name collision takes Avahi's alternative name, and /v1/system shows the name in use", async (tt) => {
   await network.stopAvahi('a');
   const squatter = network.spawn('b', 'avahi-publish', ['-s', HOSTNAME, '_cloudlet._tcp', '9999', 'encryption=disabled']);
-  tt.teardown(() => { squatter.kill(); });
+  tt.teardown(() => {
+    squatter.kill();
+  });
   await network.browseUntil('b', '_cloudlet._tcp', (s) => s.some((x) => x.name === HOSTNAME && x.address === network.address('b')));
   await network.startAvahi('a');
   const status = await until(discoveryStatus, (s) => s.state === 'published' && s.name !== HOSTNAME);
@@ -84,7 +100,10 @@ t.test('without a system bus the agent serves and says discovery is unavailable'
   });
   tt.teardown(() => lonely.dispose());
   const discoveryCheck = (checks: Array<{ name: string }>) => checks.find((c) => c.name === 'discovery');
-  const health = await until(() => lonely.get('/v1/health'), (h) => discoveryCheck(h.json.checks) !== undefined);
+  const health = await until(
+    () => lonely.get('/v1/health'),
+    (h) => discoveryCheck(h.json.checks) !== undefined,
+  );
   tt.equal(health.status, 200);
   tt.match(discoveryCheck(health.json.checks), { ok: false, optional: true, detail: /system bus/ });
   tt.match((await lonely.get('/v1/system')).json.discovery, { state: 'unavailable', name: null });

@@ -64,12 +64,21 @@ async function unfill(): Promise<void> {
 function upload(urlPath: string, bytes: Buffer, contentType: string): Promise<{ status: number; json: any }> {
   const a = agent!;
   return new Promise((resolve, reject) => {
-    const req = http.request({ host: '127.0.0.1', port: a.apiPort, method: 'POST', path: urlPath, agent: false,
-      headers: { ...adminHeaders(a.apiPort), 'Content-Type': contentType, 'Content-Length': bytes.length } }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, json: JSON.parse(Buffer.concat(chunks).toString() || 'null') }));
-    });
+    const req = http.request(
+      {
+        host: '127.0.0.1',
+        port: a.apiPort,
+        method: 'POST',
+        path: urlPath,
+        agent: false,
+        headers: { ...adminHeaders(a.apiPort), 'Content-Type': contentType, 'Content-Length': bytes.length },
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, json: JSON.parse(Buffer.concat(chunks).toString() || 'null') }));
+      },
+    );
     req.on('error', reject);
     req.end(bytes);
   });
@@ -132,8 +141,23 @@ t.test('a package that unpacks to more than the free space is NO_SPACE (not a br
   await mkdir(path.join(dir, 'bin'), { recursive: true });
   await writeFile(path.join(dir, 'zeros.bin'), Buffer.alloc(40 * MIB));
   const tarball = path.join(scratch, 'zeros.tar.gz');
-  await run(process.execPath, [PACKAGE_CLI, '--app-id', 'org.cloudlet.test.zeros', '--port', '8080', '--dir', dir, '--output', tarball,
-    '--memory-mib', '32', '--description', 'zeros', '--', '/app/bin/none']);
+  await run(process.execPath, [
+    PACKAGE_CLI,
+    '--app-id',
+    'org.cloudlet.test.zeros',
+    '--port',
+    '8080',
+    '--dir',
+    dir,
+    '--output',
+    tarball,
+    '--memory-mib',
+    '32',
+    '--description',
+    'zeros',
+    '--',
+    '/app/bin/none',
+  ]);
   const bytes = await readFile(tarball);
   tt.ok(bytes.length < MIB, `the tarball is small (${bytes.length} B)`);
 
@@ -159,7 +183,11 @@ t.test('a start whose disk clone cannot be written is NO_SPACE and leaves nothin
   await fill(0);
   const refused = await agent!.post('/v1/instances', { service_id: SERVICE, join: false });
   isNoSpace(tt, refused, false);
-  tt.same((await agent!.get('/v1/instances')).json.instances.map((i: { id: string }) => i.id), [running.json.instance.id], 'only the running instance');
+  tt.same(
+    (await agent!.get('/v1/instances')).json.instances.map((i: { id: string }) => i.id),
+    [running.json.instance.id],
+    'only the running instance',
+  );
   tt.same(await readdir(path.join(agent!.dataDir, 'instances')), [running.json.instance.id], 'no directory of the failed start');
   tt.equal((await domainsUnder(agent!.dataDir)).length, 1, 'one domain: the running one');
   tt.equal(await fetchText(port), page, 'the running instance is still served');

@@ -74,12 +74,21 @@ t.before(async () => {
   await must('import the capture copy', agent.post('/v1/services', { path: await guestCopy(CAPTURED) }), 201);
   await guestCopy(IMPORTED);
   const base = await must('base', agent.post('/v1/bases', { path: path.join(agent.dataDir, 'services', SERVICE), name: 'busybox' }), 201);
-  await must('recipe', agent.post('/v1/recipes', {
-    format: 1, service_id: RECIPE, version: '1', base: 'busybox', port: 8080, cache: 'on-request',
-    readiness: { type: 'http', path: '/', timeout_ms: 60000 },
-    files: [{ path: '/srv/www/index.html', content: 'hello from a recipe\n' }],
-    script: '#!/bin/sh\necho provisioned\n',
-  }), 201);
+  await must(
+    'recipe',
+    agent.post('/v1/recipes', {
+      format: 1,
+      service_id: RECIPE,
+      version: '1',
+      base: 'busybox',
+      port: 8080,
+      cache: 'on-request',
+      readiness: { type: 'http', path: '/', timeout_ms: 60000 },
+      files: [{ path: '/srv/www/index.html', content: 'hello from a recipe\n' }],
+      script: '#!/bin/sh\necho provisioned\n',
+    }),
+    201,
+  );
 
   // An overlay of the base onto itself: every block and page is the base's, the cheapest overlay that still runs
   // every synthesis phase (upload, apply, memory rebuild, restore).
@@ -89,8 +98,22 @@ t.before(async () => {
   await mkdir(path.join(agent.dataDir, 'overlay-keys'));
   await copyFile(path.join(keys, 'dev.pem'), path.join(agent.dataDir, 'overlay-keys', 'dev.pem'));
   overlayFile = path.join(scratch, 'self.overlay');
-  await run('node', [OVERLAY_CLI, 'create', '--base', base.dir, '--disk', path.join(base.dir, base.disk), '--state', path.join(base.dir, base.state),
-    '--service', path.join(agent.dataDir, 'services', SERVICE, 'manifest.json'), '--out', overlayFile, '--key', path.join(keys, 'dev.key')]);
+  await run('node', [
+    OVERLAY_CLI,
+    'create',
+    '--base',
+    base.dir,
+    '--disk',
+    path.join(base.dir, base.disk),
+    '--state',
+    path.join(base.dir, base.state),
+    '--service',
+    path.join(agent.dataDir, 'services', SERVICE, 'manifest.json'),
+    '--out',
+    overlayFile,
+    '--key',
+    path.join(keys, 'dev.key'),
+  ]);
 
   const hostSecret = path.join(scratch, 'host-secret');
   await writeFile(hostSecret, 'not for sandboxes\n');
@@ -120,10 +143,10 @@ async function uploadOverlay(a: AgentProcess): Promise<void> {
   const bytes = await readFile(overlayFile);
   const upload = await must('upload', a.post('/v1/synthesis/uploads', { bytes: bytes.length }), 201);
   const half = Math.floor(bytes.length / 2);
-  await request(a.apiPort, 'POST', `/v1/synthesis/uploads/${upload.id}?offset=0`, bytes.subarray(0, half),
-    { 'content-type': 'application/octet-stream' }).catch(() => {});
-  await request(a.apiPort, 'POST', `/v1/synthesis/uploads/${upload.id}?offset=${half}`, bytes.subarray(half),
-    { 'content-type': 'application/octet-stream' });
+  await request(a.apiPort, 'POST', `/v1/synthesis/uploads/${upload.id}?offset=0`, bytes.subarray(0, half), {
+    'content-type': 'application/octet-stream',
+  }).catch(() => {});
+  await request(a.apiPort, 'POST', `/v1/synthesis/uploads/${upload.id}?offset=${half}`, bytes.subarray(half), { 'content-type': 'application/octet-stream' });
 }
 
 /** The operations the cases interrupt. */
@@ -137,8 +160,10 @@ const operations: Record<string, (a: AgentProcess) => Promise<unknown>> = {
   'synthesis upload': uploadOverlay,
   'app-virt start': (a) => a.post('/v1/instances', { service_id: APP }),
   'package import': (a) => a.post('/v1/packages', { path: spareTarball }),
-  'app upload (Cloudlet Push)': (a) => request(a.apiPort, 'POST', `/v1/apps?service_id=${SERVICE}&name=Fault&file_name=fault.apk&kind=android`,
-    'x'.repeat(4096), { 'content-type': 'application/octet-stream' }),
+  'app upload (Cloudlet Push)': (a) =>
+    request(a.apiPort, 'POST', `/v1/apps?service_id=${SERVICE}&name=Fault&file_name=fault.apk&kind=android`, 'x'.repeat(4096), {
+      'content-type': 'application/octet-stream',
+    }),
 };
 
 /** [fault point, operation that passes it]. */
@@ -192,7 +217,12 @@ async function killedAt(tt: Test, point: string, operation: string): Promise<voi
   await agent.launch({ CLOUDLET_FAULT_POINT: point });
   // The answer only comes when the point was never reached: then it says why.
   let answer = 'no answer';
-  void operations[operation]!(agent).then((r) => { answer = String(JSON.stringify(r)).slice(0, 2000); }, () => {});
+  void operations[operation]!(agent).then(
+    (r) => {
+      answer = String(JSON.stringify(r)).slice(0, 2000);
+    },
+    () => {},
+  );
   const signal = await agent.exited(90000).catch((err: Error) => err.message);
   tt.equal(signal, 'SIGKILL', `the agent died by SIGKILL at ${point}`, { answer });
   if (signal !== 'SIGKILL') await agent.stop();

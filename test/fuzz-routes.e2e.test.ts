@@ -30,14 +30,26 @@ const ANSWER_TIMEOUT_MS = 20_000;
 
 /** The route tables as the server builds them; a stub core is enough to read them (no handler runs here). */
 function targets(): FuzzTarget[] {
-  const stub = new Proxy({}, { get: () => () => { throw new Error('route tables only') } }) as unknown as CloudletApi & ProvisioningApi;
+  const stub = new Proxy(
+    {},
+    {
+      get: () => () => {
+        throw new Error('route tables only');
+      },
+    },
+  ) as unknown as CloudletApi & ProvisioningApi;
   const routes = [v1Face(stub, stub), kdCloudletFace(stub), webFace()].flatMap((face) => face.routes);
   const fromTables: FuzzTarget[] = routes.map((route) => ({
-    method: route.method, path: route.path, body: route.jsonBody ? 'json' : route.streamBody ? 'stream' : 'none',
+    method: route.method,
+    path: route.path,
+    body: route.jsonBody ? 'json' : route.streamBody ? 'stream' : 'none',
   }));
   const sockets: FuzzTarget[] = ['/v1/events', '/mqtt'].map((p) => ({ method: 'GET', path: p, body: 'none', upgrade: true }));
-  const unknown: FuzzTarget[] = ['/nope', '/v1', '/v1/', '/v1/nope/deeper', '/api', '/api/nope', '/ui', '/v2/services', '/favicon.ico']
-    .map((p) => ({ method: 'GET', path: p, body: 'none' }));
+  const unknown: FuzzTarget[] = ['/nope', '/v1', '/v1/', '/v1/nope/deeper', '/api', '/api/nope', '/ui', '/v2/services', '/favicon.ico'].map((p) => ({
+    method: 'GET',
+    path: p,
+    body: 'none',
+  }));
   return [...fromTables, ...sockets, ...unknown];
 }
 
@@ -84,7 +96,10 @@ t.test(`every route survives ${PER_TARGET} malformed requests (seed ${SEED})`, a
   const agent = await AgentProcess.start({ portRange: '25000-25049', env: { CLOUDLET_RATE_PER_SECOND: '1000000', CLOUDLET_RATE_BURST: '1000000' } });
   tt.teardown(() => agent.dispose());
   const pid = agent.pid!;
-  const adminToken = await readFile(path.join(agent.dataDir, 'trust', 'admin-token'), 'utf8').then((s) => s.trim(), () => null);
+  const adminToken = await readFile(path.join(agent.dataDir, 'trust', 'admin-token'), 'utf8').then(
+    (s) => s.trim(),
+    () => null,
+  );
   const host = `127.0.0.1:${agent.apiPort}`;
   const list = targets();
 
@@ -107,7 +122,10 @@ t.test(`every route survives ${PER_TARGET} malformed requests (seed ${SEED})`, a
   const jobs: { label: string; request: () => FuzzRequest }[] = regressions(auth).map((request, i) => ({ label: `regression #${i}`, request: () => request }));
   for (let i = 0; i < PER_TARGET; i++) {
     for (let target = 0; target < list.length; target++) {
-      jobs.push({ label: `${list[target]!.method} ${list[target]!.path} #${i} (seed ${SEED})`, request: () => fuzzRequest(SEED, target, list[target]!, i, host, adminToken) });
+      jobs.push({
+        label: `${list[target]!.method} ${list[target]!.path} #${i} (seed ${SEED})`,
+        request: () => fuzzRequest(SEED, target, list[target]!, i, host, adminToken),
+      });
     }
   }
   let next = 0;
@@ -120,7 +138,8 @@ t.test(`every route survives ${PER_TARGET} malformed requests (seed ${SEED})`, a
       counts.sent++;
       const expectsAnswer = request.wellFramed && !request.waits;
       const sentAt = Date.now();
-      const outcome = await connection.send(request.bytes, request.head, expectsAnswer ? ANSWER_TIMEOUT_MS : GIVE_UP_MS, expectsAnswer)
+      const outcome = await connection
+        .send(request.bytes, request.head, expectsAnswer ? ANSWER_TIMEOUT_MS : GIVE_UP_MS, expectsAnswer)
         .catch((err: Error) => err);
       if (outcome instanceof Error) {
         fail(`cannot connect (${outcome.message}): the agent is down`, job.label, request.bytes);
@@ -144,8 +163,15 @@ t.test(`every route survives ${PER_TARGET} malformed requests (seed ${SEED})`, a
       statuses.set(status, (statuses.get(status) ?? 0) + 1);
       if (status === 429) counts.rateLimited++;
       let json: { code?: unknown; message?: unknown } | undefined;
-      try { json = JSON.parse(body.toString('utf8')); } catch { json = undefined; }
-      if (status === 503 && json?.code === 'BUSY') { counts.busy++; continue; }
+      try {
+        json = JSON.parse(body.toString('utf8'));
+      } catch {
+        json = undefined;
+      }
+      if (status === 503 && json?.code === 'BUSY') {
+        counts.busy++;
+        continue;
+      }
       if (status >= 500) {
         fail(`answered ${status} ${body.toString('utf8').slice(0, 300)}`, job.label, request.bytes);
       } else if (status >= 400 && request.path.startsWith('/v1/') && status !== 429 && !request.head && !request.kind.startsWith('upgrade')) {
@@ -157,15 +183,31 @@ t.test(`every route survives ${PER_TARGET} malformed requests (seed ${SEED})`, a
   };
   await Promise.all(Array.from({ length: CONCURRENCY }, worker));
   const seconds = (Date.now() - started) / 1000;
-  tt.comment(`${counts.sent} requests to ${list.length} targets in ${seconds.toFixed(1)} s (${Math.round(counts.sent / seconds)}/s): ` +
-    `${counts.answered} answered, ${counts.closed} closed by the server (broken framing), ${counts.waited} not answered in ${GIVE_UP_MS} ms (short body, broken framing), ` +
-    `${counts.rateLimited} rate-limited, ${counts.busy} busy; statuses ${JSON.stringify(Object.fromEntries([...statuses].sort(([a], [b]) => a - b)))}`);
+  tt.comment(
+    `${counts.sent} requests to ${list.length} targets in ${seconds.toFixed(1)} s (${Math.round(counts.sent / seconds)}/s): ` +
+      `${counts.answered} answered, ${counts.closed} closed by the server (broken framing), ${counts.waited} not answered in ${GIVE_UP_MS} ms (short body, broken framing), ` +
+      `${counts.rateLimited} rate-limited, ${counts.busy} busy; statuses ${JSON.stringify(Object.fromEntries([...statuses].sort(([a], [b]) => a - b)))}`,
+  );
 
-  tt.comment(`slowest: ${[...timeSpent].sort(([, a], [, b]) => b - a).slice(0, 8).map(([k, ms]) => `${k} ${ms} ms`).join('; ')}`);
+  tt.comment(
+    `slowest: ${[...timeSpent]
+      .sort(([, a], [, b]) => b - a)
+      .slice(0, 8)
+      .map(([k, ms]) => `${k} ${ms} ms`)
+      .join('; ')}`,
+  );
   tt.equal(failures.length, 0, `no 5xx, hang, dropped answer or untyped /v1 error (${failures.length} found)`);
   for (const failure of failures.filter(Boolean)) tt.comment(failure);
   if (failures.length) tt.comment(`agent log tail:\n${agent.log.slice(-3000)}`);
-  tt.equal(agent.pid !== undefined && (await fdCount(pid).then(() => true, () => false)), true, 'the agent process is alive');
+  tt.equal(
+    agent.pid !== undefined &&
+      (await fdCount(pid).then(
+        () => true,
+        () => false,
+      )),
+    true,
+    'the agent process is alive',
+  );
   tt.equal((await agent.get('/v1/health')).status, 200, 'and still answers /v1/health');
 
   // Resources settle once the last connections are gone.

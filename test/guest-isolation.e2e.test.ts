@@ -36,12 +36,18 @@ t.teardown(async () => {
   await rm(scratch, { recursive: true, force: true });
 });
 
-const hostAddresses = () => Object.values(os.networkInterfaces()).flat().filter((a) => a && a.family === 'IPv4' && !a.internal).map((a) => a!.address);
+const hostAddresses = () =>
+  Object.values(os.networkInterfaces())
+    .flat()
+    .filter((a) => a && a.family === 'IPv4' && !a.internal)
+    .map((a) => a!.address);
 
 /** Everything of the host a guest must not reach. */
 function hostTargets(): string[] {
   return [
-    `10.0.2.2:${agent.apiPort}`, `10.0.2.2:${agent.mqttPort}`, `10.0.2.2:${listenerPort}`,
+    `10.0.2.2:${agent.apiPort}`,
+    `10.0.2.2:${agent.mqttPort}`,
+    `10.0.2.2:${listenerPort}`,
     ...hostAddresses().flatMap((address) => [`${address}:${agent.apiPort}`, `${address}:${listenerPort}`]),
   ];
 }
@@ -49,11 +55,24 @@ function hostTargets(): string[] {
 /** Asks the guest behind `port` to connect to each target; what it answered, target by target. */
 async function probeFromGuest(port: number, targets: string[]): Promise<Map<string, string>> {
   const answer = await fetchText(port, `/cgi-bin/connect?${targets.join(',')}`);
-  return new Map(answer.trim().split('\n').map((line) => [line.split(' ')[0]!, line.slice(line.indexOf(' ') + 1)]));
+  return new Map(
+    answer
+      .trim()
+      .split('\n')
+      .map((line) => [line.split(' ')[0]!, line.slice(line.indexOf(' ') + 1)]),
+  );
 }
 
 async function assertIsolated(tt: Test, port: number, what: string): Promise<void> {
-  const hostSide = await new Promise<boolean>((resolve) => net.connect(listenerPort, '127.0.0.1').on('connect', function (this: net.Socket) { this.destroy(); resolve(true); }).on('error', () => resolve(false)));
+  const hostSide = await new Promise<boolean>((resolve) =>
+    net
+      .connect(listenerPort, '127.0.0.1')
+      .on('connect', function (this: net.Socket) {
+        this.destroy();
+        resolve(true);
+      })
+      .on('error', () => resolve(false)),
+  );
   tt.ok(hostSide, 'the host itself reaches the listener');
   const targets = hostTargets();
   const seen = await probeFromGuest(port, [IN_GUEST, ...targets]);
@@ -67,12 +86,15 @@ async function stopAndCheck(tt: Test, id: string): Promise<void> {
   tt.same(await readdir(path.join(agent.dataDir, 'instances')), [], 'no instance files left');
 }
 
-t.test('a cached VM\'s guest, cold-booted and restored from its memory state, cannot reach the agent or the host', async (tt) => {
+t.test("a cached VM's guest, cold-booted and restored from its memory state, cannot reach the agent or the host", async (tt) => {
   const dir = path.join(scratch, 'probe-service');
   await mkdir(dir);
   for (const entry of await readdir(testGuestDir())) await copyFile(path.join(testGuestDir(), entry), path.join(dir, entry));
   const manifest = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8'));
-  await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...manifest, service_id: 'org.cloudlet.test.probe', port: PROBE_PORT, readiness: PROBE_READINESS }));
+  await writeFile(
+    path.join(dir, 'manifest.json'),
+    JSON.stringify({ ...manifest, service_id: 'org.cloudlet.test.probe', port: PROBE_PORT, readiness: PROBE_READINESS }),
+  );
   tt.equal((await agent.post('/v1/services', { path: dir })).status, 201);
 
   const cold = await agent.post('/v1/instances', { service_id: 'org.cloudlet.test.probe' });
@@ -93,8 +115,14 @@ t.test('a cached VM\'s guest, cold-booted and restored from its memory state, ca
 t.test('an on-demand provisioned guest cannot reach the agent or the host', async (tt) => {
   tt.equal((await agent.post('/v1/bases', { path: testGuestDir(), name: 'probe-busybox' })).status, 201);
   const recipe = {
-    format: 1, service_id: 'org.cloudlet.test.probe-recipe', version: '1', base: 'probe-busybox', port: PROBE_PORT, readiness: PROBE_READINESS,
-    files: [{ path: '/srv/www/index.html', content: 'provisioned\n' }], script: '#!/bin/sh\necho provisioned\n',
+    format: 1,
+    service_id: 'org.cloudlet.test.probe-recipe',
+    version: '1',
+    base: 'probe-busybox',
+    port: PROBE_PORT,
+    readiness: PROBE_READINESS,
+    files: [{ path: '/srv/www/index.html', content: 'provisioned\n' }],
+    script: '#!/bin/sh\necho provisioned\n',
   };
   tt.equal((await agent.post('/v1/recipes', recipe)).status, 201);
   const started = await agent.post('/v1/recipes/org.cloudlet.test.probe-recipe/instances');
@@ -103,7 +131,7 @@ t.test('an on-demand provisioned guest cannot reach the agent or the host', asyn
   await stopAndCheck(tt, started.json.instance.id);
 });
 
-t.test('a synthesized VM\'s guest cannot reach the agent or the host', async (tt) => {
+t.test("a synthesized VM's guest cannot reach the agent or the host", async (tt) => {
   const service = 'org.cloudlet.test.probe-synthesized';
   const fixture = await prepareSynthesis(agent, scratch, { baseName: 'probe-base', serviceId: service, content: 'synthesized' });
   const manifestPath = path.join(fixture.customizedVm, 'manifest.json');

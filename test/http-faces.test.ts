@@ -46,8 +46,19 @@ t.test('KD-Cloudlet face', async (t) => {
 
   t.test('join is true for T, TRUE, Y, YES in any case and false otherwise', async (t) => {
     const cases: [string | null, boolean][] = [
-      ['true', true], ['TRUE', true], ['tRuE', true], ['T', true], ['t', true], ['Y', true], ['yes', true], ['YES', true],
-      ['false', false], ['1', false], ['on', false], ['', false], [null, false],
+      ['true', true],
+      ['TRUE', true],
+      ['tRuE', true],
+      ['T', true],
+      ['t', true],
+      ['Y', true],
+      ['yes', true],
+      ['YES', true],
+      ['false', false],
+      ['1', false],
+      ['on', false],
+      ['', false],
+      [null, false],
     ];
     for (const [value, expected] of cases) {
       const query = value === null ? `serviceId=${SPEECH}` : `serviceId=${SPEECH}&join=${value}`;
@@ -76,7 +87,10 @@ t.test('KD-Cloudlet face', async (t) => {
     expectStatus(t, res, 200);
     t.equal(res.headers['content-length'], '0');
     t.equal(res.body, '');
-    t.notOk(cloudlet.instances.some((instance) => instance.id === svm._id), 'instance stopped');
+    t.notOk(
+      cloudlet.instances.some((instance) => instance.id === svm._id),
+      'instance stopped',
+    );
     text(t, await send('GET', '/api/servicevm/stop'), 400, webob('400 Bad Request', '400 Bad Request - must provide instance id'));
     text(t, await send('GET', `/api/servicevm/stop?instanceId=${svm._id}`), 404, webob('404 Not Found', `404 Not Found - service vm for ${svm._id} not found`));
   });
@@ -90,7 +104,10 @@ t.test('KD-Cloudlet face', async (t) => {
     const full = json(t, await send('GET', '/api/system?services=true&apps=YES'), 200);
     t.same(sorted(full), ['apps', 'cpu_info', 'memory_info', 'services']);
     t.same(full.apps, []);
-    t.same(full.services.map((service: { service_id: string }) => service.service_id), [SPEECH, ECHO]);
+    t.same(
+      full.services.map((service: { service_id: string }) => service.service_id),
+      [SPEECH, ECHO],
+    );
     t.same(sorted(json(t, await send('GET', '/api/system?services=false'), 200)), ['cpu_info', 'memory_info']);
 
     cloudlet.cores = 0;
@@ -180,14 +197,29 @@ t.test('/v1 face', async (t) => {
     cloudlet.instances = [];
     const started = json(
       t,
-      await send('POST', '/v1/instances', { headers: { Host: '198.51.100.3:9999', 'X-Device-ID': 'cli' }, body: JSON.stringify({ service_id: SPEECH, join: false }) }),
+      await send('POST', '/v1/instances', {
+        headers: { Host: '198.51.100.3:9999', 'X-Device-ID': 'cli' },
+        body: JSON.stringify({ service_id: SPEECH, join: false }),
+      }),
       201,
     );
     t.same(sorted(started), ['endpoint', 'instance', 'joined']);
     t.equal(started.joined, false);
     t.same(started.endpoint, { address: '198.51.100.3', port: started.instance.host_port });
     t.same(sorted(started.instance), [
-      'bind_address', 'created_at', 'guest_port', 'host_port', 'id', 'launch', 'mechanism', 'owners', 'ready_at', 'service_id', 'shareable', 'state', 'users',
+      'bind_address',
+      'created_at',
+      'guest_port',
+      'host_port',
+      'id',
+      'launch',
+      'mechanism',
+      'owners',
+      'ready_at',
+      'service_id',
+      'shareable',
+      'state',
+      'users',
     ]);
     t.match(cloudlet.startRequests.at(-1), { serviceId: SPEECH, join: false, clientHost: '198.51.100.3' });
     t.equal(cloudlet.startRequests.at(-1)!.deviceId, undefined, 'the owner comes from the credential, never from X-Device-ID');
@@ -251,6 +283,9 @@ t.test('/v1 face', async (t) => {
   t.test('an unexpected error is 500 INTERNAL without a stack trace', async (t) => {
     const body = json(t, await send('POST', '/v1/services', { body: JSON.stringify({ path: '/srv/boom' }) }), 500);
     t.same(body, { code: 'INTERNAL', message: 'disk exploded' });
-    t.ok(logLines.some((line) => line.includes('disk exploded') && line.includes(' at ')), 'the stack goes to the log');
+    t.ok(
+      logLines.some((line) => line.includes('disk exploded') && line.includes(' at ')),
+      'the stack goes to the log',
+    );
   });
 });

@@ -18,20 +18,53 @@ const send = fake.send.bind(fake);
 
 t.test('/v1/events WebSocket', async (t) => {
   const instance: Instance = {
-    id: '3f0c1c52-8a0e-4a59-9a57-0c7e52f3f1a4', serviceId: ECHO, mechanism: 'cached-vm', state: 'starting', bindAddress: '0.0.0.0',
-    hostPort: 20001, guestPort: 10000, shareable: false, users: 1, owners: [], launch: 'cold-boot', createdAt: '2026-01-02T03:04:05.000Z', readyAt: null,
+    id: '3f0c1c52-8a0e-4a59-9a57-0c7e52f3f1a4',
+    serviceId: ECHO,
+    mechanism: 'cached-vm',
+    state: 'starting',
+    bindAddress: '0.0.0.0',
+    hostPort: 20001,
+    guestPort: 10000,
+    shareable: false,
+    users: 1,
+    owners: [],
+    launch: 'cold-boot',
+    createdAt: '2026-01-02T03:04:05.000Z',
+    readyAt: null,
   };
 
   t.test('opens with a snapshot of the instances, then sends each event as one JSON message', async (t) => {
     const events = await EventsSocket.connect(fake.server.port);
     t.teardown(() => events.close());
     t.same((await events.next(() => true)).value, { type: 'snapshot', instances: [] });
-    cloudlet.events.emit({ type: 'progress', instanceId: instance.id, serviceId: ECHO, phase: 'restoring', percent: 40, bytes: { done: 5, total: 10 }, at: 'T1' });
+    cloudlet.events.emit({
+      type: 'progress',
+      instanceId: instance.id,
+      serviceId: ECHO,
+      phase: 'restoring',
+      percent: 40,
+      bytes: { done: 5, total: 10 },
+      at: 'T1',
+    });
     cloudlet.events.emit({ type: 'instance', state: 'crashed', reason: 'failed', instance: { ...instance, state: 'ready' }, at: 'T2' });
-    t.same((await events.next((e) => e.type === 'progress')).value,
-      { type: 'progress', instance_id: instance.id, service_id: ECHO, phase: 'restoring', percent: 40, bytes_done: 5, bytes_total: 10, at: 'T1' });
+    t.same((await events.next((e) => e.type === 'progress')).value, {
+      type: 'progress',
+      instance_id: instance.id,
+      service_id: ECHO,
+      phase: 'restoring',
+      percent: 40,
+      bytes_done: 5,
+      bytes_total: 10,
+      at: 'T1',
+    });
     const crashed = (await events.next((e) => e.type === 'instance')).value;
-    t.match(crashed, { type: 'instance', state: 'crashed', reason: 'failed', at: 'T2', instance: { id: instance.id, service_id: ECHO, host_port: 20001, state: 'crashed' } });
+    t.match(crashed, {
+      type: 'instance',
+      state: 'crashed',
+      reason: 'failed',
+      at: 'T2',
+      instance: { id: instance.id, service_id: ECHO, host_port: 20001, state: 'crashed' },
+    });
   });
 
   t.test('a client that stops reading is closed (1013) instead of having events queued for it without bound', async (t) => {
@@ -54,7 +87,10 @@ t.test('/v1/events WebSocket', async (t) => {
 });
 
 t.test('a port already in use rejects the start and close() is idempotent', async (t) => {
-  await t.rejects(startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: fake.server.port }), { code: 'INTERNAL', message: /Cannot listen/ });
+  await t.rejects(startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: fake.server.port }), {
+    code: 'INTERNAL',
+    message: /Cannot listen/,
+  });
   const other = await startHttpServer({ api: cloudlet, gate: OPERATOR, host: '127.0.0.1', port: 0 });
   t.not(other.port, fake.server.port);
   await other.close();
@@ -111,7 +147,9 @@ t.test('a client that aborts never crashes the server', async (t) => {
       await busy;
       throw new CloudletError('INVALID_PACKAGE', 'refused after a while');
     };
-    t.teardown(() => { delete (cloudlet as Partial<FakeCloudlet>).importPackage; });
+    t.teardown(() => {
+      delete (cloudlet as Partial<FakeCloudlet>).importPackage;
+    });
     const headers = { 'Content-Length': '1000', 'Content-Type': 'application/gzip' };
     const req = http.request({ host: '127.0.0.1', port: fake.server.port, method: 'POST', path: '/v1/packages', agent: false, headers });
     req.on('error', () => {});

@@ -29,18 +29,45 @@ async function main(image: string): Promise<boolean> {
   const port = await freeForwardPort();
   const url = agentUrl('127.0.0.1', port);
   const started = Date.now();
-  const qemu = spawn('qemu-system-x86_64', [
-    '-accel', 'tcg', '-cpu', 'max', '-smp', '2', '-m', '2048', '-display', 'none', '-no-reboot',
-    '-serial', `file:${consoleLog}`, '-monitor', 'none',
-    '-drive', `file=${overlay},if=virtio,format=qcow2`,
-    '-netdev', `user,id=net0,hostfwd=tcp:127.0.0.1:${port}-:${AGENT_PORT}`, '-device', 'virtio-net-pci,netdev=net0',
-  ], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const qemu = spawn(
+    'qemu-system-x86_64',
+    [
+      '-accel',
+      'tcg',
+      '-cpu',
+      'max',
+      '-smp',
+      '2',
+      '-m',
+      '2048',
+      '-display',
+      'none',
+      '-no-reboot',
+      '-serial',
+      `file:${consoleLog}`,
+      '-monitor',
+      'none',
+      '-drive',
+      `file=${overlay},if=virtio,format=qcow2`,
+      '-netdev',
+      `user,id=net0,hostfwd=tcp:127.0.0.1:${port}-:${AGENT_PORT}`,
+      '-device',
+      'virtio-net-pci,netdev=net0',
+    ],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
   let qemuError = '';
-  qemu.stderr.on('data', (c: Buffer) => { qemuError += c.toString(); });
+  qemu.stderr.on('data', (c: Buffer) => {
+    qemuError += c.toString();
+  });
   const qemuExited = new Promise<void>((resolve) => qemu.once('exit', () => resolve()));
   let running = true;
-  void qemuExited.then(() => { running = false; });
-  const stopQemu = () => { if (running) qemu.kill('SIGKILL'); };
+  void qemuExited.then(() => {
+    running = false;
+  });
+  const stopQemu = () => {
+    if (running) qemu.kill('SIGKILL');
+  };
   process.once('SIGINT', stopQemu);
   process.once('SIGTERM', stopQemu);
 
@@ -84,7 +111,8 @@ async function main(image: string): Promise<boolean> {
     await qemuExited;
     const passed = results.filter((r) => r.ok).length;
     process.stdout.write(`${passed} passed, ${results.length - passed} failed\n`);
-    if (results.some((r) => !r.ok)) process.stdout.write(`console tail:\n${(await readFile(consoleLog, 'utf8').catch(() => '')).split('\n').slice(-40).join('\n')}\n`);
+    if (results.some((r) => !r.ok))
+      process.stdout.write(`console tail:\n${(await readFile(consoleLog, 'utf8').catch(() => '')).split('\n').slice(-40).join('\n')}\n`);
     await rm(work, { recursive: true, force: true });
   }
 }
@@ -92,7 +120,10 @@ async function main(image: string): Promise<boolean> {
 async function freeForwardPort(): Promise<number> {
   for (let port = FORWARD_PORTS.first; port <= FORWARD_PORTS.last; port++) {
     const free = await new Promise<boolean>((resolve) => {
-      const s = net.createServer().once('error', () => resolve(false)).listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
+      const s = net
+        .createServer()
+        .once('error', () => resolve(false))
+        .listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
     });
     if (free) return port;
   }
@@ -104,7 +135,10 @@ if (!image) {
   process.stderr.write('usage: node dist/test/image-boot.js IMAGE\n');
   process.exit(2);
 }
-main(image).then((ok) => process.exit(ok ? 0 : 1), (err: Error) => {
-  process.stderr.write(`image-test: ${err.message}\n`);
-  process.exit(1);
-});
+main(image).then(
+  (ok) => process.exit(ok ? 0 : 1),
+  (err: Error) => {
+    process.stderr.write(`image-test: ${err.message}\n`);
+    process.exit(1);
+  },
+);

@@ -26,7 +26,11 @@ t.beforeEach(async () => {
 });
 t.afterEach(() => rm(root, { recursive: true, force: true }));
 
-const exists = (file: string) => access(file).then(() => true, () => false);
+const exists = (file: string) =>
+  access(file).then(
+    () => true,
+    () => false,
+  );
 
 /**
  * A runtime whose instances are TCP listeners that greet each connection, and which saves an instance by writing its
@@ -45,7 +49,9 @@ function listenerRuntime(tt: Test, { portTaken = 0, launchesOnce = false } = {})
   const runtime: Required<Pick<InstanceRuntime, 'save'>> & InstanceRuntime = {
     running: async () => new Set(running.keys()),
     listInstances: async () => [...running.values()],
-    writeRecord: async (record) => { running.set(record.id, record); },
+    writeRecord: async (record) => {
+      running.set(record.id, record);
+    },
     destroy: async (id) => end(id),
     save: async (record, into) => {
       saved.push(record.id);
@@ -71,7 +77,9 @@ function listenerRuntime(tt: Test, { portTaken = 0, launchesOnce = false } = {})
       return 'cold-boot';
     },
   };
-  tt.teardown(() => { for (const server of listeners.values()) server.close(); });
+  tt.teardown(() => {
+    for (const server of listeners.values()) server.close();
+  });
   return { mechanism, running, launchedOn, saved };
 }
 
@@ -109,7 +117,7 @@ t.test('a capture launches through the registry in the staging area, saves the i
   let seen: { dir: string; state: string; disk: string } | undefined;
   const kept = await registry.capture(SERVICE, mechanism, async (files) => {
     seen = files;
-    tt.ok(await exists(files.state) && await exists(files.disk), 'keep is handed the saved files while they exist');
+    tt.ok((await exists(files.state)) && (await exists(files.disk)), 'keep is handed the saved files while they exist');
     return 'kept';
   });
   tt.equal(kept, 'kept', 'the capture answers what keep made of the files');
@@ -124,20 +132,33 @@ t.test('a capture launches through the registry in the staging area, saves the i
 
 t.test('a capture whose keeping fails fails with that error, and still leaves nothing behind', async (tt) => {
   const { registry, allocator, mechanism, running } = await setUp(tt);
-  await tt.rejects(registry.capture(SERVICE, mechanism, async () => {
-    throw new CloudletError('SERVICE_IN_USE', 'in use meanwhile');
-  }), { code: 'SERVICE_IN_USE' });
+  await tt.rejects(
+    registry.capture(SERVICE, mechanism, async () => {
+      throw new CloudletError('SERVICE_IN_USE', 'in use meanwhile');
+    }),
+    { code: 'SERVICE_IN_USE' },
+  );
   tt.equal(running.size, 0);
   tt.same(await readdir(path.join(root, 'tmp')), []);
   tt.ok(await allPortsFree(allocator));
 });
 
-t.test('a capture holds one of the box\'s launch slots from its launch to the end of its keeping', async (tt) => {
+t.test("a capture holds one of the box's launch slots from its launch to the end of its keeping", async (tt) => {
   const { registry, mechanism } = await setUp(tt, {}, new LaunchGate({ concurrent: 1, queue: 0, readyWithinMs: 60000 }));
   let keepStarted = () => {};
   let finishKeeping = () => {};
-  const inKeep = new Promise<void>((resolve) => { keepStarted = resolve; });
-  const capturing = registry.capture(SERVICE, mechanism, () => new Promise<void>((resolve) => { finishKeeping = resolve; keepStarted(); }));
+  const inKeep = new Promise<void>((resolve) => {
+    keepStarted = resolve;
+  });
+  const capturing = registry.capture(
+    SERVICE,
+    mechanism,
+    () =>
+      new Promise<void>((resolve) => {
+        finishKeeping = resolve;
+        keepStarted();
+      }),
+  );
   await inKeep;
   await tt.rejects(registry.start(SERVICE, false, mechanism), { code: 'BUSY' }, 'a start finds no slot and no room to wait');
   finishKeeping();
@@ -159,7 +180,11 @@ t.test('a start whose port was taken meanwhile is launched again on another port
   tt.equal(launchedOn.length, 3, 'two refusals, then a launch that serves');
   tt.equal(new Set(launchedOn).size, 3, 'each attempt on a port of its own');
   tt.equal(started.instance.hostPort, launchedOn[2]);
-  tt.same(events.filter((e) => e.type === 'instance').map((e) => e.state), ['starting', 'ready'], 'the retries are not events of their own');
+  tt.same(
+    events.filter((e) => e.type === 'instance').map((e) => e.state),
+    ['starting', 'ready'],
+    'the retries are not events of their own',
+  );
   await registry.stop(started.instance.id, 'operator');
   tt.ok(await allPortsFree(allocator), 'no port of a refused attempt is kept');
 });

@@ -27,15 +27,23 @@ t.before(async () => {
   const dataDir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-kd-encrypted-'));
   await mkdir(path.join(dataDir, 'trust'), { recursive: true, mode: 0o700 });
   const stored = ENDED.map(({ password, ...device }) => ({
-    ...device, pairedAt: '2019-12-01T00:00:00.000Z', tokenSha256: createHash('sha256').update(`unused-${device.id}`).digest('hex'), legacyPassword: password,
+    ...device,
+    pairedAt: '2019-12-01T00:00:00.000Z',
+    tokenSha256: createHash('sha256').update(`unused-${device.id}`).digest('hex'),
+    legacyPassword: password,
   }));
   await writeFile(path.join(dataDir, 'trust', 'devices.json'), JSON.stringify({ version: 1, devices: stored }), { mode: 0o600 });
   await chmod(dataDir, 0o755);
-  agent = await AgentProcess.start({ dataDir, portRange: '22750-22799', env: { CLOUDLET_KD_API: 'encrypted', CLOUDLET_RATE_PER_SECOND: '1000', CLOUDLET_RATE_BURST: '1000' } });
+  agent = await AgentProcess.start({
+    dataDir,
+    portRange: '22750-22799',
+    env: { CLOUDLET_KD_API: 'encrypted', CLOUDLET_RATE_PER_SECOND: '1000', CLOUDLET_RATE_BURST: '1000' },
+  });
   const imported = await agent.post('/v1/services', { path: testGuestDir() });
   if (imported.status !== 201) throw new Error(`import failed: ${imported.body}`);
-  const app = await request(agent.apiPort, 'POST', `/v1/apps?service_id=${SERVICE}&name=Demo&file_name=demo.apk&kind=android&package_name=org.demo`, APK,
-    { 'content-type': 'application/vnd.android.package-archive' });
+  const app = await request(agent.apiPort, 'POST', `/v1/apps?service_id=${SERVICE}&name=Demo&file_name=demo.apk&kind=android&package_name=org.demo`, APK, {
+    'content-type': 'application/vnd.android.package-archive',
+  });
   if (app.status !== 201) throw new Error(`app upload failed: ${app.body}`);
 });
 t.teardown(() => agent?.dispose());
@@ -59,11 +67,16 @@ function decrypt(body: string, password: string): Buffer {
 /** POST /api/command as client-lib sends it (UrlEncodedFormEntity, X-Device-ID), with the raw form field value. */
 function postCommand(deviceId: string, formValue: string): Promise<HttpResult> {
   return request(agent.apiPort, 'POST', '/api/command', `command=${encodeURIComponent(formValue)}`, {
-    'content-type': 'application/x-www-form-urlencoded', 'x-device-id': deviceId, authorization: '',
+    'content-type': 'application/x-www-form-urlencoded',
+    'x-device-id': deviceId,
+    authorization: '',
   });
 }
 
-interface Device { id: string; password: string }
+interface Device {
+  id: string;
+  password: string;
+}
 
 /** One command, encrypted with the device's password; a 200 body is decrypted. */
 async function command(device: Device, text: string): Promise<HttpResult & { plain?: Buffer }> {
@@ -94,7 +107,10 @@ t.test('in encrypted mode /api has only POST /api/command: the plain routes are 
 t.test('with kdApi off there is no /api at all: its paths are unknown paths (the /v1 JSON 404)', async (tt) => {
   const bare = await AgentProcess.start({ portRange: '22790-22799', env: { CLOUDLET_KD_API: 'off' } });
   tt.teardown(() => bare.dispose());
-  for (const [method, url] of [['GET', '/api/services'], ['POST', '/api/command']] as const) {
+  for (const [method, url] of [
+    ['GET', '/api/services'],
+    ['POST', '/api/command'],
+  ] as const) {
     const reply = await request(bare.apiPort, method, url, method === 'POST' ? 'command=x' : undefined);
     tt.equal(reply.status, 404, `${method} ${url}`);
     tt.equal(reply.json?.code, 'NOT_FOUND');
@@ -106,7 +122,8 @@ t.test('mDNS: the _cloudlet._tcp TXT record says encryption=enabled', async (tt)
   const network = await AvahiNetwork.create();
   tt.teardown(() => network.dispose());
   const published = await AgentProcess.start({
-    portRange: '22790-22799', env: { CLOUDLET_KD_API: 'encrypted', CLOUDLET_DISCOVERY: 'on', DBUS_SYSTEM_BUS_ADDRESS: network.busAddress('a') },
+    portRange: '22790-22799',
+    env: { CLOUDLET_KD_API: 'encrypted', CLOUDLET_DISCOVERY: 'on', DBUS_SYSTEM_BUS_ADDRESS: network.busAddress('a') },
   });
   tt.teardown(() => published.dispose());
   const [found] = await network.browseUntil('b', '_cloudlet._tcp', (s) => s.length > 0);
@@ -119,7 +136,10 @@ t.test('a paired device lists services, reads the metadata, lists apps and downl
   const services = await command(phone, '/services');
   tt.equal(services.status, 200, 'services answers 200', { body: services.body });
   tt.notMatch(services.body, /service_id/, 'the body on the wire is ciphertext');
-  tt.same(json(services).services.map((s: { service_id: string }) => s.service_id), [SERVICE]);
+  tt.same(
+    json(services).services.map((s: { service_id: string }) => s.service_id),
+    [SERVICE],
+  );
 
   const system = await command(phone, '/system&services=true');
   tt.ok(json(system).cpu_info.max_cores > 0, 'cpu_info for the client ranking');
@@ -164,8 +184,11 @@ t.test('revoking a device stops the VM it started and refuses it with 403 #Autho
   tt.equal(start.status, 200, 'the device started a VM', { body: start.body });
   const revoke = await agent.post(`/v1/devices/${phone.id}/revoke`);
   tt.equal(revoke.status, 200, 'the operator revokes the device', { body: revoke.body });
-  const left = await until(() => agent.get('/v1/instances'), (r) => r.json.instances.length === 0);
-  tt.same(left.json.instances, [], 'the device\'s instance was stopped');
+  const left = await until(
+    () => agent.get('/v1/instances'),
+    (r) => r.json.instances.length === 0,
+  );
+  tt.same(left.json.instances, [], "the device's instance was stopped");
   tt.same(await domainsUnder(agent.dataDir), [], 'no domain is left');
 
   const refused = await command(phone, '/services');
@@ -178,12 +201,18 @@ t.test('a device revoked while its VM launches gets 403 #Authorization has been 
   const phone = await pair('phone-revoked-mid-start');
   const pending = command(phone, `/servicevm/start&serviceId=${SERVICE}&join=false`);
   // The instance's directory is made before the VM is launched: the revocation lands while it starts.
-  await until(() => readdir(path.join(agent.dataDir, 'instances')).catch(() => []), (entries) => entries.length > 0);
+  await until(
+    () => readdir(path.join(agent.dataDir, 'instances')).catch(() => []),
+    (entries) => entries.length > 0,
+  );
   tt.equal((await agent.post(`/v1/devices/${phone.id}/revoke`)).status, 200, 'the operator revokes the device mid-start');
   const start = await pending;
   tt.equal(start.status, 403, 'the start is refused', { body: start.body });
   tt.equal(start.body.split('#')[1]!.trim(), `Authorization has been revoked for device with id ${phone.id}`);
-  const left = await until(() => agent.get('/v1/instances'), (r) => r.json.instances.length === 0);
+  const left = await until(
+    () => agent.get('/v1/instances'),
+    (r) => r.json.instances.length === 0,
+  );
   tt.same(left.json.instances, [], 'no instance is left');
   tt.same(await domainsUnder(agent.dataDir), [], 'no domain is left');
 });
@@ -192,8 +221,10 @@ t.test('security errors are cleartext with KD statuses: not paired 401, revoked 
   const stranger = await command({ id: 'phone-unknown', password: 'whatever' }, '/services');
   tt.equal(stranger.status, 401);
   tt.match(stranger.body, /#Device with id phone-unknown is not paired to this cloudlet/);
-  const noHeader = await request(agent.apiPort, 'POST', '/api/command', `command=${encodeURIComponent(encrypt('/services', 'x'))}`,
-    { 'content-type': 'application/x-www-form-urlencoded', authorization: '' });
+  const noHeader = await request(agent.apiPort, 'POST', '/api/command', `command=${encodeURIComponent(encrypt('/services', 'x'))}`, {
+    'content-type': 'application/x-www-form-urlencoded',
+    authorization: '',
+  });
   tt.equal(noHeader.status, 401, 'no X-Device-ID: not paired (pycloud answered 500)');
 
   const [expired, revoked] = ENDED;
@@ -248,7 +279,11 @@ t.test('no padding oracle: whatever does not decrypt or is no known command gets
     const wrongKey = await command({ id: phone.id, password: `not-${phone.password}` }, '/services');
     tt.equal(wrongKey.body, reference.body, 'a wrong key: the same answer');
   }
-  const empty = await request(agent.apiPort, 'POST', '/api/command', '', { 'content-type': 'application/x-www-form-urlencoded', 'x-device-id': phone.id, authorization: '' });
+  const empty = await request(agent.apiPort, 'POST', '/api/command', '', {
+    'content-type': 'application/x-www-form-urlencoded',
+    'x-device-id': phone.id,
+    authorization: '',
+  });
   tt.equal(empty.status, 400, 'no command field: 400');
   tt.equal((await agent.get('/v1/health')).status, 200, 'the agent still serves');
 });

@@ -32,7 +32,11 @@ function kd(from: string, urlPath: string): Promise<HttpResult> {
       res.on('end', () => {
         const body = Buffer.concat(chunks).toString();
         let json: unknown;
-        try { json = JSON.parse(body); } catch { json = undefined; }
+        try {
+          json = JSON.parse(body);
+        } catch {
+          json = undefined;
+        }
         resolve({ status: res.statusCode ?? 0, headers: res.headers, body, json });
       });
     });
@@ -44,14 +48,14 @@ const start = (from: string, join: boolean) => kd(from, `/api/servicevm/start?se
 const stop = (from: string, id: string) => kd(from, `/api/servicevm/stop?instanceId=${id}`);
 const uses = async (id: string) => (await agent.get(`/v1/instances/${id}`)).json?.users as number | undefined;
 
-t.test('anonymous starts are bounded per address and in all; over either bound, KD\'s text with status 503', async (tt) => {
+t.test("anonymous starts are bounded per address and in all; over either bound, KD's text with status 503", async (tt) => {
   const first = await start('127.0.0.2', false);
   tt.equal(first.status, 200, first.body);
   const id = first.json._id as string;
 
   const again = await start('127.0.0.2', true);
   tt.equal(again.status, 503, 'a second use from the same address (limits.anonymousInstancesPerAddress = 1)');
-  tt.match(again.body, KD_503, 'in KD\'s own form');
+  tt.match(again.body, KD_503, "in KD's own form");
   tt.match(again.body, /this address already holds 1 instance/);
 
   const other = await start('127.0.0.3', true);
@@ -67,7 +71,10 @@ t.test('anonymous starts are bounded per address and in all; over either bound, 
   tt.equal((await start('127.0.0.4', true)).status, 200, 'a released use makes room');
   tt.equal((await stop('127.0.0.3', id)).status, 200);
   tt.equal((await stop('127.0.0.4', id)).status, 200);
-  await until(() => domainsUnder(agent.dataDir), (d) => d.length === 0);
+  await until(
+    () => domainsUnder(agent.dataDir),
+    (d) => d.length === 0,
+  );
   tt.same(await domainsUnder(agent.dataDir), [], 'the last anonymous stop ended the VM');
 });
 
@@ -78,9 +85,9 @@ t.test('an instance the operator started is never stopped nor released from the 
   const unknown = `404 Not Found - service vm for ${id} not found`;
 
   const direct = await stop('127.0.0.2', id);
-  tt.equal(direct.status, 404, 'an anonymous stop of the operator\'s instance');
-  tt.match(direct.body, unknown, 'to it the instance does not exist (KD\'s usual text)');
-  tt.equal(await uses(id), 1, 'the VM still runs with the operator\'s use');
+  tt.equal(direct.status, 404, "an anonymous stop of the operator's instance");
+  tt.match(direct.body, unknown, "to it the instance does not exist (KD's usual text)");
+  tt.equal(await uses(id), 1, "the VM still runs with the operator's use");
 
   const joined = await start('127.0.0.2', true);
   tt.equal(joined.json._id, id, 'an anonymous client joins it');
@@ -88,7 +95,7 @@ t.test('an instance the operator started is never stopped nor released from the 
   const twice = await stop('127.0.0.2', id);
   tt.equal(twice.status, 404, 'a second stop finds no use an anonymous client may release');
   tt.match(twice.body, unknown);
-  tt.equal(await uses(id), 1, 'the operator\'s use is kept');
+  tt.equal(await uses(id), 1, "the operator's use is kept");
   tt.equal((await agent.delete(`/v1/instances/${id}`)).json.destroyed, true, 'the operator stops it');
   tt.same(await domainsUnder(agent.dataDir), []);
 });
@@ -96,7 +103,10 @@ t.test('an instance the operator started is never stopped nor released from the 
 t.test('a start refused by a full launch queue (BUSY) reaches a KD client as 503 with Retry-After, not 500', async (tt) => {
   // One launch at a time and no queue: while the operator's launch runs, any other start is refused at once.
   const running = agent.post('/v1/instances', { service_id: SERVICE, join: false });
-  await until(() => agent.get('/v1/instances'), (r) => r.json.instances.some((i: { state: string }) => i.state === 'starting'));
+  await until(
+    () => agent.get('/v1/instances'),
+    (r) => r.json.instances.some((i: { state: string }) => i.state === 'starting'),
+  );
   const busy = await start('127.0.0.2', false);
   tt.equal(busy.status, 503, busy.body);
   tt.match(busy.body, KD_503);

@@ -43,11 +43,19 @@ async function libvirtdAnswers(): Promise<void> {
   }
 }
 
-const healthOf = async (check: string) => ((await agent.get('/v1/health')).json.checks as Array<{ name: string; ok: boolean }>).find((c) => c.name === check)?.ok;
+const healthOf = async (check: string) =>
+  ((await agent.get('/v1/health')).json.checks as Array<{ name: string; ok: boolean }>).find((c) => c.name === check)?.ok;
 
 /** Until the agent's libvirt check passes again (it reconnected). */
 async function reconnected(): Promise<void> {
-  if ((await until(() => healthOf('libvirt'), (ok) => ok === true, 30000)) !== true) throw new Error('the agent did not reconnect within 30 s');
+  if (
+    (await until(
+      () => healthOf('libvirt'),
+      (ok) => ok === true,
+      30000,
+    )) !== true
+  )
+    throw new Error('the agent did not reconnect within 30 s');
 }
 
 async function startReady(): Promise<{ id: string; port: number }> {
@@ -79,8 +87,15 @@ t.test('instances keep running and serving across a libvirtd restart; while it i
   const a = await startReady();
   const b = await startReady();
   await libvirtd('stop');
-  tt.equal(await until(() => healthOf('libvirt'), (ok) => ok === false, 10000), false,
-    '/v1/health reports the libvirt check failing while libvirtd is down');
+  tt.equal(
+    await until(
+      () => healthOf('libvirt'),
+      (ok) => ok === false,
+      10000,
+    ),
+    false,
+    '/v1/health reports the libvirt check failing while libvirtd is down',
+  );
   const began = Date.now();
   const refused = await agent.post('/v1/instances', { service_id: SERVICE });
   tt.equal(refused.status, 503, refused.body);
@@ -90,7 +105,13 @@ t.test('instances keep running and serving across a libvirtd restart; while it i
 
   await libvirtd('start');
   await reconnected();
-  await assertRecovered(tt, agent, 'after the restart', { portRange: PORT_RANGE, served: [{ ...a, content: GUEST_CONTENT }, { ...b, content: GUEST_CONTENT }] });
+  await assertRecovered(tt, agent, 'after the restart', {
+    portRange: PORT_RANGE,
+    served: [
+      { ...a, content: GUEST_CONTENT },
+      { ...b, content: GUEST_CONTENT },
+    ],
+  });
   for (const { id } of [a, b]) tt.equal((await agent.delete(`/v1/instances/${id}`)).status, 200, 'stopped after the restart');
 });
 
@@ -104,7 +125,10 @@ t.test('an instance whose VM died while libvirtd was down is reported ended once
   await libvirtd('start');
   const ended = await events.next((e) => e.type === 'instance' && e.instance?.id === victim.id && (e.state === 'stopped' || e.state === 'crashed'), 30000);
   tt.ok(ended, 'an instance event says it ended');
-  tt.notOk((await agent.get('/v1/instances')).json.instances.some((i: { id: string }) => i.id === victim.id), 'it is no longer listed');
+  tt.notOk(
+    (await agent.get('/v1/instances')).json.instances.some((i: { id: string }) => i.id === victim.id),
+    'it is no longer listed',
+  );
   await assertRecovered(tt, agent, 'after the restart', { portRange: PORT_RANGE, served: [{ ...survivor, content: GUEST_CONTENT }] });
   await agent.delete(`/v1/instances/${survivor.id}`);
 });

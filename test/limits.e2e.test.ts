@@ -50,8 +50,9 @@ t.test('bodies and uploads over their limits are refused with 413 PAYLOAD_TOO_LA
   tt.equal(tarball.status, 413, 'a package over packages.maxUploadBytes');
   tt.match(tarball.json, { code: 'PAYLOAD_TOO_LARGE', details: { limit: PACKAGE_LIMIT } });
 
-  const app = await request(agent.apiPort, 'POST', `/v1/apps?service_id=${SERVICE}&name=Big&file_name=big.apk`, Buffer.alloc(APP_LIMIT + 1),
-    { 'content-type': 'application/octet-stream' });
+  const app = await request(agent.apiPort, 'POST', `/v1/apps?service_id=${SERVICE}&name=Big&file_name=big.apk`, Buffer.alloc(APP_LIMIT + 1), {
+    'content-type': 'application/octet-stream',
+  });
   tt.equal(app.status, 413, 'an app over apps.maxUploadBytes');
   tt.match(app.json, { code: 'PAYLOAD_TOO_LARGE', details: { limit: APP_LIMIT } });
 
@@ -88,16 +89,20 @@ async function drain(send: () => Promise<HttpResult>): Promise<HttpResult[]> {
 t.test('each client has its own request bucket: past the burst, 429 RATE_LIMITED with Retry-After', async (tt) => {
   await sleep(BURST * 1000); // any bucket a former subtest used is full again
   const open = await drain(() => agent.get('/v1/health', anonymous));
-  tt.same(open.slice(0, BURST).map((r) => r.status), Array(BURST).fill(200), 'an anonymous client gets its burst');
+  tt.same(
+    open.slice(0, BURST).map((r) => r.status),
+    Array(BURST).fill(200),
+    'an anonymous client gets its burst',
+  );
   tt.equal(open[BURST]!.status, 429, 'then 429');
   tt.match(open[BURST]!.json, { code: 'RATE_LIMITED', details: { retry_after_s: Number } });
   tt.ok(Number(open[BURST]!.headers['retry-after']) >= 1, 'with Retry-After');
 
   const kd = await agent.get('/api/services', anonymous);
-  tt.equal(kd.status, 429, 'the KD face shares the address\'s bucket');
-  tt.match(kd.body, /^429 Too Many Requests/, 'answered in the KD face\'s text form');
+  tt.equal(kd.status, 429, "the KD face shares the address's bucket");
+  tt.match(kd.body, /^429 Too Many Requests/, "answered in the KD face's text form");
   const guessed = await agent.get('/v1/instances', { authorization: 'Bearer cld_guessed' });
-  tt.equal(guessed.status, 429, 'a failing credential draws on the address\'s bucket too (guessing tokens is throttled)');
+  tt.equal(guessed.status, 429, "a failing credential draws on the address's bucket too (guessing tokens is throttled)");
   tt.equal(await upgradeStatus('/v1/events', { authorization: 'Bearer cld_guessed' }), 429, 'so does a /v1/events WebSocket upgrade');
   tt.equal(await upgradeStatus('/mqtt', {}, 'mqtt'), 429, 'and an MQTT-over-WebSocket upgrade');
   tt.equal(await tcpFate(agent.mqttPort), 'dropped', 'and an MQTT connection over TCP, which is dropped unanswered');
@@ -106,11 +111,19 @@ t.test('each client has its own request bucket: past the burst, 429 RATE_LIMITED
   const claim = await agent.post('/v1/pairing/claim', { code: window.json.code, device_id: 'phone-rate', name: 'Rate phone' });
   const device = { authorization: `Bearer ${claim.json.token}` };
   const own = await drain(() => agent.get('/v1/instances', device));
-  tt.same(own.slice(0, BURST).map((r) => r.status), Array(BURST).fill(200), 'a paired device has its own bucket, apart from its address\'s');
+  tt.same(
+    own.slice(0, BURST).map((r) => r.status),
+    Array(BURST).fill(200),
+    "a paired device has its own bucket, apart from its address's",
+  );
   tt.equal(own[BURST]!.status, 429);
 
   const admin = await Promise.all(Array.from({ length: 3 * BURST }, () => agent.get('/v1/health', adminHeaders(agent.apiPort))));
-  tt.same(admin.map((r) => r.status), Array(3 * BURST).fill(200), 'the operator (admin token) is not limited');
+  tt.same(
+    admin.map((r) => r.status),
+    Array(3 * BURST).fill(200),
+    'the operator (admin token) is not limited',
+  );
 
   await sleep(1100);
   tt.equal((await agent.get('/v1/health', anonymous)).status, 200, 'a token comes back each second');
@@ -120,8 +133,14 @@ t.test('each client has its own request bucket: past the burst, 429 RATE_LIMITED
 function upgradeStatus(path: string, headers: Record<string, string>, protocol?: string): Promise<number> {
   return new Promise((resolve) => {
     const socket = new WebSocket(`ws://127.0.0.1:${agent.apiPort}${path}`, protocol ? [protocol] : [], { headers });
-    socket.on('unexpected-response', (_req, res) => { resolve(res.statusCode ?? 0); socket.terminate(); });
-    socket.on('open', () => { resolve(101); socket.close(); });
+    socket.on('unexpected-response', (_req, res) => {
+      resolve(res.statusCode ?? 0);
+      socket.terminate();
+    });
+    socket.on('open', () => {
+      resolve(101);
+      socket.close();
+    });
     socket.on('error', () => {});
   });
 }
@@ -130,9 +149,15 @@ function upgradeStatus(path: string, headers: Record<string, string>, protocol?:
 function tcpFate(port: number): Promise<'dropped' | 'open'> {
   return new Promise((resolve) => {
     const socket = net.connect(port, '127.0.0.1');
-    const timer = setTimeout(() => { resolve('open'); socket.destroy(); }, 2000);
+    const timer = setTimeout(() => {
+      resolve('open');
+      socket.destroy();
+    }, 2000);
     socket.on('error', () => {});
-    socket.on('close', () => { clearTimeout(timer); resolve('dropped'); });
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve('dropped');
+    });
   });
 }
 
@@ -152,10 +177,14 @@ function stall(head: string, partialBody: Buffer): Promise<{ reply: string; clos
 
 t.test('a request whose body stalls is answered 408 and closed, its partial upload discarded; others are served meanwhile', async (tt) => {
   const auth = adminHeaders(agent.apiPort).authorization!;
-  const upload = stall(`POST /v1/packages HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\nContent-Type: application/gzip\r\nContent-Length: ${PACKAGE_LIMIT}\r\n\r\n`,
-    Buffer.alloc(1000));
-  const json = stall(`POST /v1/instances HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n`,
-    Buffer.from('{"service_id":'));
+  const upload = stall(
+    `POST /v1/packages HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\nContent-Type: application/gzip\r\nContent-Length: ${PACKAGE_LIMIT}\r\n\r\n`,
+    Buffer.alloc(1000),
+  );
+  const json = stall(
+    `POST /v1/instances HTTP/1.1\r\nHost: x\r\nAuthorization: ${auth}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n`,
+    Buffer.from('{"service_id":'),
+  );
   // Headers that never end: uWS's own idle timeout (about 10 s) closes those; the agent never sees a request.
   const headers = stall('GET /v1/health HTTP/1.1\r\nHost: x\r\n', Buffer.alloc(0));
   await sleep(200);
@@ -163,10 +192,16 @@ t.test('a request whose body stalls is answered 408 and closed, its partial uplo
   tt.equal((await agent.get('/v1/health')).status, 200, 'the agent answers others while they stall');
 
   const [stalledUpload, stalledJson] = await Promise.all([upload, json]);
-  for (const [what, stalled] of [['the upload', stalledUpload], ['the JSON body', stalledJson]] as const) {
+  for (const [what, stalled] of [
+    ['the upload', stalledUpload],
+    ['the JSON body', stalledJson],
+  ] as const) {
     tt.match(stalled.reply, /^HTTP\/1\.1 408 /, `${what}: 408`);
     tt.match(stalled.reply, /"code":"REQUEST_TIMEOUT"/, `${what}: REQUEST_TIMEOUT`);
-    tt.ok(stalled.closedAfterMs >= BODY_IDLE_MS && stalled.closedAfterMs < BODY_IDLE_MS + 3000, `${what}: cut after about limits.bodyIdleMs (${stalled.closedAfterMs} ms)`);
+    tt.ok(
+      stalled.closedAfterMs >= BODY_IDLE_MS && stalled.closedAfterMs < BODY_IDLE_MS + 3000,
+      `${what}: cut after about limits.bodyIdleMs (${stalled.closedAfterMs} ms)`,
+    );
   }
   tt.same(await staging(), [], 'the partial upload is gone from the staging area');
   const unfinished = await headers;

@@ -3,10 +3,19 @@ import t from 'tap';
 import { manifestFiles, parseManifest } from '../agent/src/core/manifest';
 
 const VALID = {
-  format: 1, service_id: 'org.example.face', version: '2', description: 'Face recognition', tags: ['vision'],
-  port: 9000, memory_mib: 512, vcpus: 2, shareable: true,
+  format: 1,
+  service_id: 'org.example.face',
+  version: '2',
+  description: 'Face recognition',
+  tags: ['vision'],
+  port: 9000,
+  memory_mib: 512,
+  vcpus: 2,
+  shareable: true,
   readiness: { type: 'http', path: '/health', timeout_ms: 30000 },
-  disk: 'disk.qcow2', state: 'state.sav', boot: { kernel: 'vmlinuz', initrd: 'initrd.img', cmdline: 'console=ttyS0' },
+  disk: 'disk.qcow2',
+  state: 'state.sav',
+  boot: { kernel: 'vmlinuz', initrd: 'initrd.img', cmdline: 'console=ttyS0' },
 };
 
 t.test('a complete manifest is accepted as written', async (t) => {

@@ -36,7 +36,7 @@ async function firstStatus(client: MqttClient): Promise<string> {
   return got;
 }
 
-t.test('an anonymous client, or a device id with a wrong or someone else\'s token, is refused (TCP and WebSocket)', async (tt) => {
+t.test("an anonymous client, or a device id with a wrong or someone else's token, is refused (TCP and WebSocket)", async (tt) => {
   const phone = await pair('phone-a');
   const other = await pair('phone-b');
   for (const url of [tcpUrl(), wsUrl()]) {
@@ -46,7 +46,7 @@ t.test('an anonymous client, or a device id with a wrong or someone else\'s toke
   }
 });
 
-t.test('a paired device logs in with its id and token and reads the agent\'s tree; it may not publish', async (tt) => {
+t.test("a paired device logs in with its id and token and reads the agent's tree; it may not publish", async (tt) => {
   const phone = await pair('phone-c');
   for (const url of [tcpUrl(), wsUrl()]) {
     const client = await connect(url, phone.id, phone.token);
@@ -75,7 +75,7 @@ t.test('revoking a device disconnects its subscribers at once, and it cannot log
   const revoked = await agent.post(`/v1/devices/${phone.id}/revoke`);
   tt.equal(revoked.status, 200, 'the operator revokes it');
   await closed;
-  tt.pass('the revoked device\'s connection was closed');
+  tt.pass("the revoked device's connection was closed");
   await client.endAsync(true);
   await tt.rejects(connect(tcpUrl(), phone.id, phone.token), /Bad username or password/, 'its token no longer logs in');
 });

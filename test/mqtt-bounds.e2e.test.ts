@@ -48,7 +48,12 @@ async function streamOverTcp(): Promise<{ cut: boolean; sent: number }> {
   const socket = net.connect(agent.mqttPort, '127.0.0.1');
   socket.on('error', () => {});
   let cut = false;
-  const closed = new Promise<void>((resolve) => socket.once('close', () => { cut = true; resolve(); }));
+  const closed = new Promise<void>((resolve) =>
+    socket.once('close', () => {
+      cut = true;
+      resolve();
+    }),
+  );
   await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
   socket.write(HUGE_CONNECT_HEADER);
   let sent = 0;
@@ -67,7 +72,10 @@ async function streamOverWebSocket(): Promise<{ cut: boolean; sent: number }> {
   const socket = new WebSocket(wsUrl(), ['mqtt']);
   socket.on('error', () => {});
   const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
-  await new Promise<void>((resolve, reject) => { socket.once('open', () => resolve()); socket.once('error', reject); });
+  await new Promise<void>((resolve, reject) => {
+    socket.once('open', () => resolve());
+    socket.once('error', reject);
+  });
   const send = (data: Buffer) => new Promise<void>((resolve) => socket.send(data, () => resolve()));
   await send(HUGE_CONNECT_HEADER);
   let sent = 0;
@@ -86,13 +94,19 @@ async function streamOverWebSocket(): Promise<{ cut: boolean; sent: number }> {
 function mqttUpgradeStatus(): Promise<number> {
   const socket = new WebSocket(wsUrl(), ['mqtt']);
   return new Promise((resolve, reject) => {
-    socket.once('unexpected-response', (_req, res) => { resolve(res.statusCode ?? 0); socket.terminate(); });
-    socket.once('open', () => { resolve(101); socket.terminate(); });
+    socket.once('unexpected-response', (_req, res) => {
+      resolve(res.statusCode ?? 0);
+      socket.terminate();
+    });
+    socket.once('open', () => {
+      resolve(101);
+      socket.terminate();
+    });
     socket.once('error', reject);
   });
 }
 
-t.test('a client streaming 100 MB into an unauthenticated CONNECT is cut, and the agent\'s RSS grows by less than 10 MB', async (tt) => {
+t.test("a client streaming 100 MB into an unauthenticated CONNECT is cut, and the agent's RSS grows by less than 10 MB", async (tt) => {
   const before = await rssBytes(agent.pid!);
   const tcp = await streamOverTcp();
   tt.ok(tcp.cut, `TCP: cut after ${tcp.sent} bytes sent`);
@@ -110,21 +124,38 @@ t.test('a logged-in client sending a packet over the bound is cut', async (tt) =
   const client = await connect(tcpUrl(), 'admin', await adminToken());
   tt.teardown(() => client.endAsync(true));
   const closed = new Promise<string>((resolve) => client.once('close', () => resolve('cut')));
-  const outcome = await Promise.race([client.subscribeAsync(`cloudlet/${'x'.repeat(20 * 1024)}`).then(() => 'subscribed', () => 'cut'), closed]);
+  const outcome = await Promise.race([
+    client.subscribeAsync(`cloudlet/${'x'.repeat(20 * 1024)}`).then(
+      () => 'subscribed',
+      () => 'cut',
+    ),
+    closed,
+  ]);
   tt.equal(outcome, 'cut', 'a 20 KiB SUBSCRIBE ends the connection');
 });
 
 t.test('one address holds at most its share of MQTT connections, logged in or not; a closed one frees its place', async (tt) => {
-  const idle = await Promise.all(Array.from({ length: PER_ADDRESS }, () => new Promise<net.Socket>((resolve) => {
-    const socket = net.connect(agent.mqttPort, '127.0.0.1', () => resolve(socket));
-    socket.on('error', () => {});
-  })));
-  tt.teardown(() => { for (const socket of idle) socket.destroy(); });
+  const idle = await Promise.all(
+    Array.from(
+      { length: PER_ADDRESS },
+      () =>
+        new Promise<net.Socket>((resolve) => {
+          const socket = net.connect(agent.mqttPort, '127.0.0.1', () => resolve(socket));
+          socket.on('error', () => {});
+        }),
+    ),
+  );
+  tt.teardown(() => {
+    for (const socket of idle) socket.destroy();
+  });
   const token = await adminToken();
   await tt.rejects(connect(tcpUrl(), 'admin', token), 'TCP: one more connection is refused');
   tt.equal(await mqttUpgradeStatus(), 429, 'WebSocket: counted with TCP, so its upgrade is refused: 429');
   idle.pop()!.destroy();
-  const admitted = await until(() => connect(tcpUrl(), 'admin', token).catch(() => null), (client) => client !== null);
+  const admitted = await until(
+    () => connect(tcpUrl(), 'admin', token).catch(() => null),
+    (client) => client !== null,
+  );
   tt.ok(admitted, 'once one is closed, a new one is served');
   await admitted?.endAsync(true);
 });
@@ -138,7 +169,10 @@ t.test('a device holds at most its share of /v1/events sockets and MQTT connecti
   await tt.rejects(EventsSocket.connect(agent.apiPort, { headers: asDevice }), /429/, 'one more events socket is refused: 429');
   await tt.rejects(connect(tcpUrl(), 'phone-caps', claim.json.token), /Server unavailable/, 'so is an MQTT login');
   await sockets.pop()!.close();
-  const client = await until(() => connect(tcpUrl(), 'phone-caps', claim.json.token).catch(() => null), (c) => c !== null);
+  const client = await until(
+    () => connect(tcpUrl(), 'phone-caps', claim.json.token).catch(() => null),
+    (c) => c !== null,
+  );
   tt.ok(client, 'once an events socket is closed, the device logs in on MQTT');
   tt.teardown(() => client?.endAsync(true));
   await tt.rejects(EventsSocket.connect(agent.apiPort, { headers: asDevice }), /429/, 'and that connection counts too');

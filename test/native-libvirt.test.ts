@@ -47,7 +47,8 @@ async function rejection(promise: Promise<unknown>): Promise<LibvirtError> {
 function runChild(script: string, env: Record<string, string> = {}): Promise<{ stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     execFile(process.execPath, ['-e', script], { env: { ...process.env, ...env } }, (err, stdout, stderr) =>
-      err ? reject(Object.assign(err as Error, { stderr })) : resolve({ stdout, stderr }));
+      err ? reject(Object.assign(err as Error, { stderr })) : resolve({ stdout, stderr }),
+    );
   });
 }
 
@@ -61,7 +62,7 @@ async function loadErrorIn(env: Record<string, string>): Promise<{ code: string;
   return JSON.parse((await runChild(REPORT_LOAD_ERROR, env)).stdout);
 }
 
-t.test('opens test:///default and reports libvirt\'s version', async (t) => {
+t.test("opens test:///default and reports libvirt's version", async (t) => {
   const { libraryVersion } = libvirtInfo();
   t.match(libraryVersion, /^\d+\.\d+\.\d+$/);
   t.ok(Number(libraryVersion.split('.')[0]) >= 6, 'at least libvirt 6');
@@ -144,11 +145,18 @@ t.test('save and restore a domain', async (t) => {
   await conn.destroyDomain(uuid);
 });
 
-t.test('an unknown domain uuid is a typed VIR_ERR_NO_DOMAIN error carrying libvirt\'s message', async (t) => {
+t.test("an unknown domain uuid is a typed VIR_ERR_NO_DOMAIN error carrying libvirt's message", async (t) => {
   const conn = await openTestDriver(t);
   // Every rejection gets its handler at once: the calls run in parallel and may fail in any order.
-  const errors = await Promise.all([conn.startDomain(UNKNOWN_UUID), conn.domainState(UNKNOWN_UUID), conn.domainXml(UNKNOWN_UUID),
-    conn.getMetadata(UNKNOWN_UUID, METADATA_URI), conn.destroyDomain(UNKNOWN_UUID)].map((call) => rejection(call)));
+  const errors = await Promise.all(
+    [
+      conn.startDomain(UNKNOWN_UUID),
+      conn.domainState(UNKNOWN_UUID),
+      conn.domainXml(UNKNOWN_UUID),
+      conn.getMetadata(UNKNOWN_UUID, METADATA_URI),
+      conn.destroyDomain(UNKNOWN_UUID),
+    ].map((call) => rejection(call)),
+  );
   for (const err of errors) {
     t.equal(err.code, 'VIR_ERR_NO_DOMAIN');
     t.equal(err.virCode, 42);
@@ -175,10 +183,29 @@ t.test('errors of concurrent failing calls are not mixed up', async (t) => {
   // Each call fails differently, with its index in libvirt's message (or a distinct code/operation).
   const failing = (i: number) => {
     switch (i % 4) {
-      case 0: return { call: conn.defineDomain(`<domain type='kvm${i}'><name>x</name></domain>`), code: 'VIR_ERR_CONFIG_UNSUPPORTED', operation: 'virDomainDefineXML', message: `invalid domain type kvm${i}` };
-      case 1: return { call: conn.defineDomain(domainXml('x').replace('65536', `${i}q`)), code: 'VIR_ERR_XML_ERROR', operation: 'virDomainDefineXML', message: `Invalid value '${i}q'` };
-      case 2: return { call: conn.createDomain(domainXml(`a/b${i}`)), code: 'VIR_ERR_XML_ERROR', operation: 'virDomainCreateXML', message: `name a/b${i} cannot contain '/'` };
-      default: return { call: conn.domainXml(UNKNOWN_UUID), code: 'VIR_ERR_NO_DOMAIN', operation: 'virDomainLookupByUUIDString', message: 'Domain not found' };
+      case 0:
+        return {
+          call: conn.defineDomain(`<domain type='kvm${i}'><name>x</name></domain>`),
+          code: 'VIR_ERR_CONFIG_UNSUPPORTED',
+          operation: 'virDomainDefineXML',
+          message: `invalid domain type kvm${i}`,
+        };
+      case 1:
+        return {
+          call: conn.defineDomain(domainXml('x').replace('65536', `${i}q`)),
+          code: 'VIR_ERR_XML_ERROR',
+          operation: 'virDomainDefineXML',
+          message: `Invalid value '${i}q'`,
+        };
+      case 2:
+        return {
+          call: conn.createDomain(domainXml(`a/b${i}`)),
+          code: 'VIR_ERR_XML_ERROR',
+          operation: 'virDomainCreateXML',
+          message: `name a/b${i} cannot contain '/'`,
+        };
+      default:
+        return { call: conn.domainXml(UNKNOWN_UUID), code: 'VIR_ERR_NO_DOMAIN', operation: 'virDomainLookupByUUIDString', message: 'Domain not found' };
     }
   };
   for (let round = 0; round < 5; round++) {
@@ -197,7 +224,9 @@ t.test('no libvirt call blocks the event loop', async (t) => {
   const conn = await openTestDriver(t);
   let inFlight = 0;
   let ticksWhileCalling = 0;
-  const interval = setInterval(() => { if (inFlight > 0) ticksWhileCalling++; }, 1);
+  const interval = setInterval(() => {
+    if (inFlight > 0) ticksWhileCalling++;
+  }, 1);
   t.teardown(() => clearInterval(interval));
   // Keep 8 calls in flight until the timer has run 5 times meanwhile (or give up after 20,000 calls).
   let started = 0;
@@ -242,10 +271,12 @@ t.test('loading with a missing shim or library gives NATIVE_SHIM_MISSING / LIBVI
   t.equal(notLibvirt.code, 'LIBVIRT_UNSUPPORTED');
   t.match(notLibvirt.message, /lacks .*virConnectOpen.*virDomainFree/);
 
-  const openFails = await runChild(`
+  const openFails = await runChild(
+    `
     const { Connection } = require(${JSON.stringify(COMPILED_MODULE)});
     Connection.open('test:///default').then(() => console.log('opened'), (e) => console.log(e.code));`,
-  { CLOUDLET_LIBVIRT_SO: '/nonexistent/libvirt.so.0' });
+    { CLOUDLET_LIBVIRT_SO: '/nonexistent/libvirt.so.0' },
+  );
   t.equal(openFails.stdout.trim(), 'LIBVIRT_UNAVAILABLE', 'Connection.open rejects with the load error');
 });
 
@@ -274,11 +305,18 @@ t.test('lifecycle events arrive in order for a start and a destroy, and stop onc
   await conn.destroyDomain(uuid);
   const deadline = Date.now() + 5000;
   while (received.length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
-  t.same(received.map(({ uuid, event, detail }) => ({ uuid, event, detail })), [
-    { uuid, event: DomainEvent.Started, detail: 0 },
-    { uuid, event: DomainEvent.Stopped, detail: StoppedDetail.Destroyed },
-  ], 'started (booted), then stopped (destroyed)');
-  t.ok(received.every((e) => Math.abs(e.atMs - Date.now()) < 5000), 'each event carries the time it was delivered');
+  t.same(
+    received.map(({ uuid, event, detail }) => ({ uuid, event, detail })),
+    [
+      { uuid, event: DomainEvent.Started, detail: 0 },
+      { uuid, event: DomainEvent.Stopped, detail: StoppedDetail.Destroyed },
+    ],
+    'started (booted), then stopped (destroyed)',
+  );
+  t.ok(
+    received.every((e) => Math.abs(e.atMs - Date.now()) < 5000),
+    'each event carries the time it was delivered',
+  );
 
   await watch.close();
   const count = received.length;

@@ -25,7 +25,12 @@ const hello = (overrides: Record<string, unknown> = {}) => ({
   readiness: { type: 'http', path: '/', timeout_ms: 60000 },
   files: [
     { path: '/srv/www/index.html', content: 'hello from a recipe\n' },
-    { path: '/srv/www/cgi-bin/uptime', content: Buffer.from("#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /proc/uptime\n").toString('base64'), encoding: 'base64', mode: '0755' },
+    {
+      path: '/srv/www/cgi-bin/uptime',
+      content: Buffer.from("#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\ncat /proc/uptime\n").toString('base64'),
+      encoding: 'base64',
+      mode: '0755',
+    },
   ],
   script: '#!/bin/sh\nset -e\necho "provisioned by the recipe" >> /srv/www/index.html\necho "recipe script ran"\n',
   ...overrides,
@@ -45,7 +50,10 @@ t.test('a directory with a qcow2 disk, a kernel and a manifest is imported as a 
   tt.equal(r.json.name, 'busybox');
   const again = await agent.post('/v1/bases', { path: testGuestDir(), name: 'busybox' });
   tt.equal(again.json.digest, r.json.digest, 'importing the same bytes again is the same base');
-  tt.same((await agent.get('/v1/bases')).json.bases.map((b: { name: string }) => b.name), ['busybox']);
+  tt.same(
+    (await agent.get('/v1/bases')).json.bases.map((b: { name: string }) => b.name),
+    ['busybox'],
+  );
   tt.equal((await agent.get(`/v1/bases/${r.json.digest}`)).json.name, 'busybox', 'found by digest as well as by name');
 });
 
@@ -134,7 +142,7 @@ t.test('a failing provisioning script fails cleanly, with the console tail in th
   await assertNothingLeft(tt, 'after the failure');
 });
 
-t.test('a failed launch\'s console tail goes only to the operator, who may read consoles; a phone gets the error without it', async (tt) => {
+t.test("a failed launch's console tail goes only to the operator, who may read consoles; a phone gets the error without it", async (tt) => {
   const window = await agent.post('/v1/pairing');
   const claim = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'provisioning phone' }, { authorization: '' });
   tt.equal(claim.status, 201, claim.body);

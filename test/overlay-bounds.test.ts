@@ -22,8 +22,16 @@ let dir: string;
 let base: BaseVm;
 
 const SERVICE = {
-  format: 1, service_id: 'test.bounds', version: '1', port: 8080, memory_mib: 128, shareable: false,
-  readiness: { type: 'tcp' }, disk: 'disk.qcow2', state: null, boot: null,
+  format: 1,
+  service_id: 'test.bounds',
+  version: '1',
+  port: 8080,
+  memory_mib: 128,
+  shareable: false,
+  readiness: { type: 'tcp' },
+  disk: 'disk.qcow2',
+  state: null,
+  boot: null,
 };
 
 t.before(async () => {
@@ -31,7 +39,13 @@ t.before(async () => {
   const baseDir = path.join(dir, 'base');
   await mkdir(baseDir);
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(baseDir, 'disk.qcow2'), String(BASE_DISK_BYTES)]);
-  base = { digest: 'b'.repeat(64), name: 'bounds', manifest: { ...SERVICE, tags: [], description: '', vcpus: 1, readiness: { type: 'tcp', timeout_ms: 60000 } } as BaseVm['manifest'], dir: baseDir, files: [] };
+  base = {
+    digest: 'b'.repeat(64),
+    name: 'bounds',
+    manifest: { ...SERVICE, tags: [], description: '', vcpus: 1, readiness: { type: 'tcp', timeout_ms: 60000 } } as BaseVm['manifest'],
+    dir: baseDir,
+    files: [],
+  };
 });
 t.teardown(() => rm(dir, { recursive: true, force: true }));
 
@@ -40,7 +54,12 @@ async function overlayOf(virtualSize: number, frames: OverlayRecord[][]): Promis
   const raw = frames.map((records) => Buffer.concat(records.map(encodeRecord)));
   const compressed = await Promise.all(raw.map((r) => compressFrame(r, 1)));
   const manifest = {
-    format: 2, base: base.digest, disk: { virtual_size: virtualSize }, memory: null, service: SERVICE, reference: null,
+    format: 2,
+    base: base.digest,
+    disk: { virtual_size: virtualSize },
+    memory: null,
+    service: SERVICE,
+    reference: null,
     frames: compressed.map((c, i) => ({ bytes: c.length, raw_bytes: raw[i]!.length, sha256: sha256(c) })),
   };
   return { bytes: Buffer.concat([encodeHeader(Buffer.from(JSON.stringify(manifest)), null), ...compressed]), frames: compressed };
@@ -50,7 +69,13 @@ async function overlayOf(virtualSize: number, frames: OverlayRecord[][]): Promis
 async function apply(bytes: Buffer, name: string): Promise<string> {
   const opened = await openOverlay(Readable.from([bytes]), bytes.length, []);
   const disk = path.join(dir, `${name}.qcow2`);
-  await applyOverlay(opened, base, { disk, memory: null }, () => {}, async () => disk);
+  await applyOverlay(
+    opened,
+    base,
+    { disk, memory: null },
+    () => {},
+    async () => disk,
+  );
   return disk;
 }
 
@@ -58,7 +83,13 @@ t.test('a few-KB overlay whose copies and zeros claim gigabytes is applied in bo
   const copies = 4;
   const records: OverlayRecord[] = [
     { target: Target.Disk, source: Source.Zero, offset: 0, length: GiB, sourceOffset: 0 },
-    ...Array.from({ length: copies }, (_, i) => ({ target: Target.Disk, source: Source.BaseDisk, offset: GiB + i * BASE_DISK_BYTES, length: BASE_DISK_BYTES, sourceOffset: 0 })),
+    ...Array.from({ length: copies }, (_, i) => ({
+      target: Target.Disk,
+      source: Source.BaseDisk,
+      offset: GiB + i * BASE_DISK_BYTES,
+      length: BASE_DISK_BYTES,
+      sourceOffset: 0,
+    })),
     { target: Target.Disk, source: Source.TargetDisk, offset: 2 * GiB, length: BASE_DISK_BYTES, sourceOffset: GiB },
   ];
   const expanded = GiB + (copies + 1) * BASE_DISK_BYTES;
@@ -66,7 +97,9 @@ t.test('a few-KB overlay whose copies and zeros claim gigabytes is applied in bo
   tt.ok(bytes.length < 4096, `the overlay is ${bytes.length} bytes`);
   const before = process.memoryUsage().arrayBuffers;
   let peak = before;
-  const sample = setInterval(() => { peak = Math.max(peak, process.memoryUsage().arrayBuffers); }, 1);
+  const sample = setInterval(() => {
+    peak = Math.max(peak, process.memoryUsage().arrayBuffers);
+  }, 1);
   try {
     await apply(bytes, 'expanding');
   } finally {
@@ -79,7 +112,15 @@ t.test('a few-KB overlay whose copies and zeros claim gigabytes is applied in bo
 
 t.test('an overlay is as large on disk as its declared disk and memory can expand to, which a terabyte claim cannot meet', async (tt) => {
   const service = { ...SERVICE, state: 'memory.sav' } as BaseVm['manifest'];
-  const manifest = { format: 2 as const, base: base.digest, disk: { virtual_size: 2 ** 40 }, memory: { bytes: 100 * MiB }, service, reference: null, frames: [] };
+  const manifest = {
+    format: 2 as const,
+    base: base.digest,
+    disk: { virtual_size: 2 ** 40 },
+    memory: { bytes: 100 * MiB },
+    service,
+    reference: null,
+    frames: [],
+  };
   tt.ok(expandedBytes(manifest) > 2 ** 40 + 100 * MiB, 'every cluster written, its tables and the memory state');
   tt.ok(expandedBytes(manifest) < 2 ** 40 * 1.01, 'the tables are a small share of it');
 });
@@ -99,6 +140,9 @@ t.test('with no key trusted, a manifest changed after it was hashed is refused',
   // Still valid JSON of a valid manifest: only its hash in the header tells the change.
   const changed = Buffer.from(bytes.toString('latin1').replace('"port":8080', '"port":8081'), 'latin1');
   tt.not(changed.subarray(HEADER_BYTES).toString(), bytes.subarray(HEADER_BYTES).toString());
-  await tt.resolves(openOverlay(Readable.from([bytes]), bytes.length, []).then((o) => o.reader.close()), 'the unchanged overlay opens');
+  await tt.resolves(
+    openOverlay(Readable.from([bytes]), bytes.length, []).then((o) => o.reader.close()),
+    'the unchanged overlay opens',
+  );
   await tt.rejects(openOverlay(Readable.from([changed]), changed.length, []), { code: 'OVERLAY_INVALID', message: /manifest does not match its SHA-256/ });
 });

@@ -8,7 +8,13 @@ import { silentLogger } from '../agent/src/log';
 import { PackageStore } from '../agent/src/packages/store';
 import { tempDir } from './support/app-package';
 
-interface Entry { name: string; type?: '0' | '1' | '2' | '3' | '5' | '6'; data?: string; linkname?: string; size?: number }
+interface Entry {
+  name: string;
+  type?: '0' | '1' | '2' | '3' | '5' | '6';
+  data?: string;
+  linkname?: string;
+  size?: number;
+}
 
 function header(e: Entry): Buffer {
   const h = Buffer.alloc(512);
@@ -39,7 +45,11 @@ function tarball(entries: Entry[]): Buffer {
 }
 
 const manifest = JSON.stringify({ format: 1, app_id: 'org.test.app', version: '1', command: ['/app/run'], port: 8080, memory_mib: 32 });
-const good: Entry[] = [{ name: 'manifest.json', data: manifest }, { name: 'app/', type: '5' }, { name: 'app/run', data: '#!/bin/sh\n' }];
+const good: Entry[] = [
+  { name: 'manifest.json', data: manifest },
+  { name: 'app/', type: '5' },
+  { name: 'app/run', data: '#!/bin/sh\n' },
+];
 
 t.test('the package store refuses bad packages and keeps nothing of them', async (t) => {
   const dir = await tempDir('cloudlet-packages-');
@@ -60,21 +70,50 @@ t.test('the package store refuses bad packages and keeps nothing of them', async
     t.same(await readdir(staging), [], `${what}: nothing left in staging`);
   };
 
-  await refused('a path escaping with ..', [...good, { name: 'app/../../evil', data: 'x' }], { code: 'INVALID_PACKAGE', details: { reason: 'path-traversal' } });
+  await refused('a path escaping with ..', [...good, { name: 'app/../../evil', data: 'x' }], {
+    code: 'INVALID_PACKAGE',
+    details: { reason: 'path-traversal' },
+  });
   await refused('an absolute path', [...good, { name: '/etc/evil', data: 'x' }], { code: 'INVALID_PACKAGE', details: { reason: 'path-traversal' } });
   await refused('a file outside app/', [...good, { name: 'other', data: 'x' }], { code: 'INVALID_PACKAGE', details: { reason: 'path-traversal' } });
-  await refused('a symlink escaping app/', [...good, { name: 'app/passwd', type: '2', linkname: '../../etc/passwd' }], { code: 'INVALID_PACKAGE', details: { reason: 'link-escapes' } });
-  await refused('an absolute symlink', [...good, { name: 'app/passwd', type: '2', linkname: '/etc/passwd' }], { code: 'INVALID_PACKAGE', details: { reason: 'link-escapes' } });
-  await refused('a hard link to outside app/', [...good, { name: 'app/manifest', type: '1', linkname: 'manifest.json' }], { code: 'INVALID_PACKAGE', details: { reason: 'link-escapes' } });
+  await refused('a symlink escaping app/', [...good, { name: 'app/passwd', type: '2', linkname: '../../etc/passwd' }], {
+    code: 'INVALID_PACKAGE',
+    details: { reason: 'link-escapes' },
+  });
+  await refused('an absolute symlink', [...good, { name: 'app/passwd', type: '2', linkname: '/etc/passwd' }], {
+    code: 'INVALID_PACKAGE',
+    details: { reason: 'link-escapes' },
+  });
+  await refused('a hard link to outside app/', [...good, { name: 'app/manifest', type: '1', linkname: 'manifest.json' }], {
+    code: 'INVALID_PACKAGE',
+    details: { reason: 'link-escapes' },
+  });
   await refused('a device file', [...good, { name: 'app/null', type: '3' }], { code: 'INVALID_PACKAGE', details: { reason: 'special-file' } });
   await refused('a FIFO', [...good, { name: 'app/fifo', type: '6' }], { code: 'INVALID_PACKAGE', details: { reason: 'special-file' } });
-  await refused('a file bigger than the limit (by its header)', [...good, { name: 'app/big', size: 1024 ** 3 }], { code: 'INVALID_PACKAGE', details: { reason: 'too-large' } });
-  await refused('a decompression bomb', tarball([...good, { name: 'app/zeros', data: '\0'.repeat(128 * 1024) }]), { code: 'INVALID_PACKAGE', details: { reason: 'too-large' } });
-  await refused('too many files', [...good, ...Array.from({ length: 30 }, (_, i) => ({ name: `app/f${i}`, data: 'x' }))], { code: 'INVALID_PACKAGE', details: { reason: 'too-many-files' } });
+  await refused('a file bigger than the limit (by its header)', [...good, { name: 'app/big', size: 1024 ** 3 }], {
+    code: 'INVALID_PACKAGE',
+    details: { reason: 'too-large' },
+  });
+  await refused('a decompression bomb', tarball([...good, { name: 'app/zeros', data: '\0'.repeat(128 * 1024) }]), {
+    code: 'INVALID_PACKAGE',
+    details: { reason: 'too-large' },
+  });
+  await refused('too many files', [...good, ...Array.from({ length: 30 }, (_, i) => ({ name: `app/f${i}`, data: 'x' }))], {
+    code: 'INVALID_PACKAGE',
+    details: { reason: 'too-many-files' },
+  });
   await refused('no manifest', good.slice(1), { code: 'INVALID_MANIFEST' });
-  await refused('a manifest without a command', [{ name: 'manifest.json', data: JSON.stringify({ ...JSON.parse(manifest), command: undefined }) }, ...good.slice(1)], { code: 'INVALID_MANIFEST' });
+  await refused(
+    'a manifest without a command',
+    [{ name: 'manifest.json', data: JSON.stringify({ ...JSON.parse(manifest), command: undefined }) }, ...good.slice(1)],
+    { code: 'INVALID_MANIFEST' },
+  );
   await refused('a manifest that is not JSON', [{ name: 'manifest.json', data: '{' }, ...good.slice(1)], { code: 'INVALID_MANIFEST' });
-  await refused('an app id taken by a cached service', [{ name: 'manifest.json', data: manifest.replace('org.test.app', 'org.test.taken') }, ...good.slice(1)], { code: 'SERVICE_EXISTS' });
+  await refused(
+    'an app id taken by a cached service',
+    [{ name: 'manifest.json', data: manifest.replace('org.test.app', 'org.test.taken') }, ...good.slice(1)],
+    { code: 'SERVICE_EXISTS' },
+  );
   await refused('no app/ directory', [{ name: 'manifest.json', data: manifest }], { code: 'INVALID_PACKAGE', details: { reason: 'no-app-dir' } });
   await refused('not a tarball', Buffer.from('plain text'), { code: 'INVALID_PACKAGE', details: { reason: 'not-a-tarball' } });
   await refused('a truncated gzip stream', tarball(good).subarray(0, 40), { code: 'INVALID_PACKAGE', details: { reason: 'not-a-tarball' } });

@@ -9,7 +9,10 @@ t.test('concurrent reservations get distinct ports from the range', async (t) =>
   const ports = new PortAllocator('127.0.0.1', RANGE);
   const got = await Promise.all(Array.from({ length: 10 }, () => ports.reserve()));
   t.equal(new Set(got).size, 10, 'all distinct');
-  t.ok(got.every((p) => p >= RANGE.first && p <= RANGE.last), 'all inside the range');
+  t.ok(
+    got.every((p) => p >= RANGE.first && p <= RANGE.last),
+    'all inside the range',
+  );
   await t.rejects(ports.reserve(), { code: 'NO_FREE_PORT', status: 503 }, 'an exhausted range is a clear error');
   ports.release(got[3]!);
   t.equal(await ports.reserve(), got[3], 'a released port can be handed out again');

@@ -23,11 +23,15 @@ t.teardown(async () => {
 /** The start's answer, or 'no answer' when the agent kept it waiting far beyond any deadline (a hang, made a failure). */
 function answerOf(start: Promise<HttpResult>): Promise<HttpResult | 'no answer'> {
   let guard: NodeJS.Timeout | undefined;
-  return Promise.race([start, new Promise<'no answer'>((resolve) => { guard = setTimeout(() => resolve('no answer'), 15 * READY_WITHIN_MS); })])
-    .finally(() => clearTimeout(guard));
+  return Promise.race([
+    start,
+    new Promise<'no answer'>((resolve) => {
+      guard = setTimeout(() => resolve('no answer'), 15 * READY_WITHIN_MS);
+    }),
+  ]).finally(() => clearTimeout(guard));
 }
 
-t.test('an app whose readiness page drips an endless body fails its start within the agent\'s bound, leaving nothing', async (tt) => {
+t.test("an app whose readiness page drips an endless body fails its start within the agent's bound, leaving nothing", async (tt) => {
   const scratch = await tempDir('cloudlet-drip-');
   tt.teardown(() => rm(scratch, { recursive: true, force: true }));
   const hostSecret = path.join(scratch, 'host-secret');

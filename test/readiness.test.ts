@@ -10,7 +10,10 @@ import { boundedProbe, waitUntilReady } from '../agent/src/core/readiness';
 async function serve(t: Test, answer: (res: http.ServerResponse) => void): Promise<number> {
   const sockets = new Set<net.Socket>();
   const server = http.createServer((_req, res) => answer(res));
-  server.on('connection', (socket) => { sockets.add(socket); socket.on('close', () => sockets.delete(socket)); });
+  server.on('connection', (socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+  });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   t.teardown(() => {
     for (const socket of sockets) socket.destroy();
@@ -23,8 +26,13 @@ async function serve(t: Test, answer: (res: http.ServerResponse) => void): Promi
 function outcome(wait: Promise<void>, guardMs: number): Promise<unknown> {
   let guard: NodeJS.Timeout | undefined;
   return Promise.race([
-    wait.then(() => 'ready', (err: unknown) => err),
-    new Promise((resolve) => { guard = setTimeout(() => resolve('still waiting'), guardMs); }),
+    wait.then(
+      () => 'ready',
+      (err: unknown) => err,
+    ),
+    new Promise((resolve) => {
+      guard = setTimeout(() => resolve('still waiting'), guardMs);
+    }),
   ]).finally(() => clearTimeout(guard));
 }
 
@@ -43,18 +51,27 @@ t.test('a long answer counts once its first MiB is read; a short one once it end
   const long = await serve(t, (res) => {
     res.writeHead(200);
     const chunk = Buffer.alloc(64 * 1024, 0x61);
-    const pump = () => { while (res.write(chunk)); };
+    const pump = () => {
+      while (res.write(chunk));
+    };
     res.on('drain', pump);
     res.on('close', () => res.off('drain', pump));
     pump();
   });
-  t.equal(await outcome(waitUntilReady({ type: 'http', path: '/', timeout_ms: 5000 }, '127.0.0.1', long, { timeoutMs: 5000 }), 15000), 'ready',
-    'an endless but fast body: ready after a bounded prefix');
+  t.equal(
+    await outcome(waitUntilReady({ type: 'http', path: '/', timeout_ms: 5000 }, '127.0.0.1', long, { timeoutMs: 5000 }), 15000),
+    'ready',
+    'an endless but fast body: ready after a bounded prefix',
+  );
   const short = await serve(t, (res) => res.end('ok\n'));
   t.equal(await outcome(waitUntilReady({ type: 'http', path: '/', timeout_ms: 5000 }, '127.0.0.1', short, { timeoutMs: 5000 }), 15000), 'ready');
-  const failing = await serve(t, (res) => { res.statusCode = 503; res.end('not yet\n'); });
-  t.match(await outcome(waitUntilReady({ type: 'http', path: '/', timeout_ms: 1000 }, '127.0.0.1', failing, { timeoutMs: 1000 }), 15000),
-    { code: 'READINESS_TIMEOUT' });
+  const failing = await serve(t, (res) => {
+    res.statusCode = 503;
+    res.end('not yet\n');
+  });
+  t.match(await outcome(waitUntilReady({ type: 'http', path: '/', timeout_ms: 1000 }, '127.0.0.1', failing, { timeoutMs: 1000 }), 15000), {
+    code: 'READINESS_TIMEOUT',
+  });
 });
 
 t.test('the deadline also holds while the caller checks whether the VM is still alive', async (t) => {
@@ -65,11 +82,15 @@ t.test('the deadline also holds while the caller checks whether the VM is still 
       probe.close(() => resolve(port));
     });
   });
-  const wait = waitUntilReady({ type: 'tcp', timeout_ms: 1500 }, '127.0.0.1', closed, { timeoutMs: 1500, intervalMs: 5, stillAlive: () => new Promise(() => {}) });
+  const wait = waitUntilReady({ type: 'tcp', timeout_ms: 1500 }, '127.0.0.1', closed, {
+    timeoutMs: 1500,
+    intervalMs: 5,
+    stillAlive: () => new Promise(() => {}),
+  });
   t.match(await outcome(wait, 15000), { code: 'READINESS_TIMEOUT' });
 });
 
-t.test('a probe\'s timeout is bounded by the agent\'s limit, never raised by it', async (t) => {
+t.test("a probe's timeout is bounded by the agent's limit, never raised by it", async (t) => {
   t.same(boundedProbe({ type: 'http', path: '/', timeout_ms: 600000 }, 120000), { type: 'http', path: '/', timeout_ms: 120000 });
   t.same(boundedProbe({ type: 'tcp', timeout_ms: 5000 }, 120000), { type: 'tcp', timeout_ms: 5000 });
 });

@@ -19,7 +19,14 @@ const launchFailed = () => new CloudletError('LAUNCH_FAILED', 'the VM did not st
 /** Whether `promise` has settled yet (read after `idle()`). */
 function settledFlag(promise: Promise<unknown>): () => boolean {
   let settled = false;
-  promise.then(() => { settled = true; }, () => { settled = true; });
+  promise.then(
+    () => {
+      settled = true;
+    },
+    () => {
+      settled = true;
+    },
+  );
   return () => settled;
 }
 
@@ -46,7 +53,11 @@ t.test('joins', async (t) => {
     const whileWaitingReady = registry.start(SHARED, true, runtime.vm, { device: 'carol' });
     const joinersDone = [settledFlag(whileLaunching), settledFlag(whileWaitingReady)];
     await idle();
-    tt.same(joinersDone.map((done) => done()), [false, false], 'both joiners wait while the instance starts');
+    tt.same(
+      joinersDone.map((done) => done()),
+      [false, false],
+      'both joiners wait while the instance starts',
+    );
     tt.equal(runtime.launches.length, 1, 'and launch nothing');
     await launch.serve();
     const [started, ...joins] = await Promise.all([first, whileLaunching, whileWaitingReady]);
@@ -67,7 +78,15 @@ t.test('joins', async (t) => {
     await tt.rejects(first, { code: 'LAUNCH_FAILED' });
     // Were a joiner to launch anew instead, the runtime would be asked for another launch: that counts as a failure here.
     const anotherLaunch = runtime.nextLaunch();
-    const outcomes = joiners.map((joiner) => Promise.race([joiner.then(() => 'joined', (err: CloudletError) => err.code), anotherLaunch.then(() => 'launched anew')]));
+    const outcomes = joiners.map((joiner) =>
+      Promise.race([
+        joiner.then(
+          () => 'joined',
+          (err: CloudletError) => err.code,
+        ),
+        anotherLaunch.then(() => 'launched anew'),
+      ]),
+    );
     tt.same(await Promise.all(outcomes), ['LAUNCH_FAILED', 'LAUNCH_FAILED'], 'each joiner fails with the launch it waited for');
     tt.equal(runtime.launches.length, 1, 'nobody launched again');
     tt.same(registry.list(), [], 'no record');
@@ -90,7 +109,11 @@ t.test('joins', async (t) => {
     await Promise.all([besideLaunch.succeed(), duringLaunch.succeed()]);
     const ids = [ready.id, (await beside).instance.id, (await during).instance.id];
     tt.equal(new Set(ids).size, 3, 'three instances');
-    tt.same(registry.list().map((i) => i.users), [1, 1, 1], 'of one user each');
+    tt.same(
+      registry.list().map((i) => i.users),
+      [1, 1, 1],
+      'of one user each',
+    );
   });
 
   t.test('a service that is not shareable is never joined, join=true or not', async (tt) => {
@@ -188,29 +211,44 @@ t.test('launch slots', async (t) => {
     tt.equal(next.record.hostPort, launch.record.hostPort, 'its slot and its port went to the next start');
     await next.succeed();
     await queued;
-    tt.same(registry.list().map((i) => i.id), [next.record.id]);
+    tt.same(
+      registry.list().map((i) => i.id),
+      [next.record.id],
+    );
   });
 
-  t.test('a stop during the readiness wait ends the instance once: one final event, and its port, taken by the next start meanwhile, stays that start\'s', async (tt) => {
-    const { registry, runtime, events } = await fakeCloudlet(tt, { ports: ports(1) });
-    const stopped = registry.start(SHARED, false, runtime.vm);
-    const launch = await runtime.nextLaunch();
-    launch.boot();
-    await events.progress(launch.record.id, 'waiting-ready');
-    await registry.stop(launch.record.id, 'operator');
-    const next = registry.start(SHARED, false, runtime.vm);
-    const nextLaunch = await runtime.nextLaunch();
-    tt.equal(nextLaunch.record.hostPort, launch.record.hostPort, 'the next start took the port at once');
-    await tt.rejects(stopped, { code: 'LAUNCH_FAILED' });
-    const endings = events.seen.filter((e) => e.type === 'instance' && e.instance.id === launch.record.id && (e.state === 'stopped' || e.state === 'crashed'));
-    tt.same(endings.map((e) => e.type === 'instance' && e.reason), ['requested'], 'one final event, for the stop');
-    // Were the port given back a second time, a third start would be handed it: the runtime would be asked for a launch.
-    const anotherLaunch = runtime.nextLaunch().then(() => 'launched on the next start\'s port');
-    const third = registry.start(SHARED, false, runtime.vm).then(() => 'started', (err: CloudletError) => err.code);
-    tt.equal(await Promise.race([third, anotherLaunch]), 'NO_FREE_PORT', 'the range\'s one port is still the next start\'s');
-    await nextLaunch.succeed();
-    await next;
-  });
+  t.test(
+    "a stop during the readiness wait ends the instance once: one final event, and its port, taken by the next start meanwhile, stays that start's",
+    async (tt) => {
+      const { registry, runtime, events } = await fakeCloudlet(tt, { ports: ports(1) });
+      const stopped = registry.start(SHARED, false, runtime.vm);
+      const launch = await runtime.nextLaunch();
+      launch.boot();
+      await events.progress(launch.record.id, 'waiting-ready');
+      await registry.stop(launch.record.id, 'operator');
+      const next = registry.start(SHARED, false, runtime.vm);
+      const nextLaunch = await runtime.nextLaunch();
+      tt.equal(nextLaunch.record.hostPort, launch.record.hostPort, 'the next start took the port at once');
+      await tt.rejects(stopped, { code: 'LAUNCH_FAILED' });
+      const endings = events.seen.filter(
+        (e) => e.type === 'instance' && e.instance.id === launch.record.id && (e.state === 'stopped' || e.state === 'crashed'),
+      );
+      tt.same(
+        endings.map((e) => e.type === 'instance' && e.reason),
+        ['requested'],
+        'one final event, for the stop',
+      );
+      // Were the port given back a second time, a third start would be handed it: the runtime would be asked for a launch.
+      const anotherLaunch = runtime.nextLaunch().then(() => "launched on the next start's port");
+      const third = registry.start(SHARED, false, runtime.vm).then(
+        () => 'started',
+        (err: CloudletError) => err.code,
+      );
+      tt.equal(await Promise.race([third, anotherLaunch]), 'NO_FREE_PORT', "the range's one port is still the next start's");
+      await nextLaunch.succeed();
+      await next;
+    },
+  );
 });
 
 t.test('forwarded ports', async (t) => {
@@ -222,7 +260,7 @@ t.test('forwarded ports', async (t) => {
     const retry = await runtime.nextLaunch();
     tt.not(retry.record.hostPort, taken.record.hostPort, 'the retry forwards another port');
     tt.equal(retry.record.id, taken.record.id, 'of the same instance');
-    tt.same([...runtime.instances.keys()], [retry.record.id], 'the first attempt\'s domain was ended');
+    tt.same([...runtime.instances.keys()], [retry.record.id], "the first attempt's domain was ended");
     await retry.succeed();
     tt.equal((await start).instance.hostPort, retry.record.hostPort);
     const next = registry.start(SHARED, false, runtime.vm);
@@ -250,7 +288,10 @@ t.test('forwarded ports', async (t) => {
     const only = await startReady(registry, runtime, SHARED);
     await tt.rejects(registry.start(SHARED, false, runtime.vm), { code: 'NO_FREE_PORT', status: 503 });
     tt.equal(runtime.launches.length, 1, 'no launch was asked for');
-    tt.same(registry.list().map((i) => i.id), [only.id]);
+    tt.same(
+      registry.list().map((i) => i.id),
+      [only.id],
+    );
     await registry.stop(only.id, 'operator');
     const next = await startReady(registry, runtime, SHARED);
     tt.equal(next.hostPort, only.hostPort, 'the slot and the port are free for the next start');

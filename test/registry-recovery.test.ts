@@ -19,8 +19,22 @@ const HOUR_MS = 3_600_000;
 function recordOf(dir: string, hostPort: number, fields: Partial<InstanceRecord> = {}): InstanceRecord {
   const now = new Date().toISOString();
   return {
-    id: path.basename(dir), serviceId: SHARED.id, mechanism: 'cached-vm', state: 'ready', bindAddress: '127.0.0.1', hostPort, guestPort: 80,
-    shareable: true, users: 1, owners: [], anonymous: [], launch: 'cold-boot', createdAt: now, readyAt: now, dir, readiness: SHARED.manifest.readiness,
+    id: path.basename(dir),
+    serviceId: SHARED.id,
+    mechanism: 'cached-vm',
+    state: 'ready',
+    bindAddress: '127.0.0.1',
+    hostPort,
+    guestPort: 80,
+    shareable: true,
+    users: 1,
+    owners: [],
+    anonymous: [],
+    launch: 'cold-boot',
+    createdAt: now,
+    readyAt: now,
+    dir,
+    readiness: SHARED.manifest.readiness,
     ...fields,
   };
 }
@@ -38,7 +52,7 @@ t.test('instances that end outside the agent', async (t) => {
     tt.equal((await startReady(registry, runtime, SHARED)).hostPort, instance.hostPort, 'its port serves the next start');
   });
 
-  t.test('one whose end the runtime reports is released at once, with the runtime\'s reason', async (tt) => {
+  t.test("one whose end the runtime reports is released at once, with the runtime's reason", async (tt) => {
     const { registry, runtime, events } = await fakeCloudlet(tt, { ports: ports(1) });
     registry.startReconciling(HOUR_MS);
     const instance = await startReady(registry, runtime, SHARED);
@@ -58,10 +72,14 @@ t.test('instances that end outside the agent', async (t) => {
     tt.equal(registry.list().length, 2, 'so nothing is released');
     runtime.reconnect();
     tt.match(await events.instance(ended.id, 'stopped'), { reason: 'vanished' });
-    tt.same(registry.list().map((i) => i.id), [alive.id], 'the other one is kept');
+    tt.same(
+      registry.list().map((i) => i.id),
+      [alive.id],
+      'the other one is kept',
+    );
   });
 
-  t.test('a launch that failed while the runtime was lost leaves its domain behind, which the runtime\'s return ends', async (tt) => {
+  t.test("a launch that failed while the runtime was lost leaves its domain behind, which the runtime's return ends", async (tt) => {
     const { registry, runtime } = await fakeCloudlet(tt, { ports: ports(1) });
     registry.startReconciling(HOUR_MS);
     const start = registry.start(SHARED, false, runtime.vm);
@@ -124,7 +142,7 @@ t.test('an agent restart', async (t) => {
     const record = recordOf(path.join(cloudlet.instancesDir, randomUUID()), range.first);
     cloudlet.runtime.seed(record);
     const { registry } = await cloudlet.restart();
-    await tt.rejects(registry.start(SHARED, false, cloudlet.runtime.vm), { code: 'NO_FREE_PORT' }, 'the one port of the range is the adopted one\'s');
+    await tt.rejects(registry.start(SHARED, false, cloudlet.runtime.vm), { code: 'NO_FREE_PORT' }, "the one port of the range is the adopted one's");
     await registry.stop(record.id, 'operator');
     tt.equal((await startReady(registry, cloudlet.runtime, SHARED)).hostPort, record.hostPort, 'stopped, it gives the port back');
   });
@@ -136,7 +154,10 @@ t.test('an agent restart', async (t) => {
     const kept = await startReady(registry, runtime, SHARED);
     await runtime.vanish(gone.id);
     const after = (await cloudlet.restart()).registry;
-    tt.same(after.list().map((i) => i.id), [kept.id]);
+    tt.same(
+      after.list().map((i) => i.id),
+      [kept.id],
+    );
     tt.same(await readdir(cloudlet.instancesDir), [kept.id]);
     tt.equal((await startReady(after, runtime, SHARED)).hostPort, gone.hostPort, 'its port serves the next start');
   });
@@ -176,7 +197,7 @@ t.test('an agent restart', async (t) => {
     tt.match(after.get(instance.id), { users: 1, owners: ['bob'] });
   });
 
-  t.test('leaves another agent\'s instances alone, and ends unfinished work found in its staging area', async (tt) => {
+  t.test("leaves another agent's instances alone, and ends unfinished work found in its staging area", async (tt) => {
     const cloudlet = await fakeCloudlet(tt, { ports: ports(1) });
     const foreign = recordOf(path.join('/var/lib/another-cloudlet/instances', randomUUID()), 0);
     const unfinished = recordOf(path.join(cloudlet.stagingDir, randomUUID()), 0);
@@ -184,6 +205,6 @@ t.test('an agent restart', async (t) => {
     cloudlet.runtime.seed(unfinished);
     const { registry } = await cloudlet.restart();
     tt.same(registry.list(), [], 'neither is adopted');
-    tt.same([...cloudlet.runtime.instances.keys()], [foreign.id], 'the other agent\'s still runs');
+    tt.same([...cloudlet.runtime.instances.keys()], [foreign.id], "the other agent's still runs");
   });
 });

@@ -46,8 +46,10 @@ class CountingGate implements AccessGate {
 }
 
 /** A route answers with who called it and what it was given, so tests can see what the pipeline resolved. */
-const echo = (name: string) => (request: { caller: unknown; params: unknown; body: unknown; method: string }): Reply =>
-  jsonReply(200, { route: name, caller: request.caller, params: request.params, body: request.body, method: request.method });
+const echo =
+  (name: string) =>
+  (request: { caller: unknown; params: unknown; body: unknown; method: string }): Reply =>
+    jsonReply(200, { route: name, caller: request.caller, params: request.params, body: request.body, method: request.method });
 
 const ownFace: Face = {
   prefix: '/v1',
@@ -136,8 +138,13 @@ async function serve(pipeline: RequestPipeline, request: Request): Promise<Answe
   const headers = new Map(Object.entries(request.headers ?? {}).map(([name, value]) => [name.toLowerCase(), value]));
   if (request.token !== undefined) headers.set('authorization', `Bearer ${request.token}`);
   const incoming: Incoming = {
-    method: request.method ?? 'GET', url: request.url, path: urlPath!, query, headers,
-    remoteAddress: request.remoteAddress ?? '127.0.0.1', secure: request.secure ?? false,
+    method: request.method ?? 'GET',
+    url: request.url,
+    path: urlPath!,
+    query,
+    headers,
+    remoteAddress: request.remoteAddress ?? '127.0.0.1',
+    secure: request.secure ?? false,
   };
   const exchange = new RecordingExchange(request.body ?? '');
   const status = await pipeline.serve(incoming, exchange);
@@ -241,9 +248,14 @@ t.test('each request is one call on the gate, whatever its route, credential and
   const limiter = new RateLimiter({ perSecond: 1000, burst: 1000 });
   const pipeline = pipelineWith(gate, limiter);
   const requests: Request[] = [
-    { url: '/v1/open' }, { url: '/v1/open', token: deviceToken }, { url: '/v1/open', token: 'wrong' },
-    { url: '/v1/mine' }, { url: '/v1/mine', token: deviceToken }, { url: '/v1/mine', token: 'wrong' },
-    { method: 'POST', url: '/v1/admin', token: ADMIN_TOKEN, body: '{}' }, { method: 'POST', url: '/v1/admin', token: deviceToken, body: '{}' },
+    { url: '/v1/open' },
+    { url: '/v1/open', token: deviceToken },
+    { url: '/v1/open', token: 'wrong' },
+    { url: '/v1/mine' },
+    { url: '/v1/mine', token: deviceToken },
+    { url: '/v1/mine', token: 'wrong' },
+    { method: 'POST', url: '/v1/admin', token: ADMIN_TOKEN, body: '{}' },
+    { method: 'POST', url: '/v1/admin', token: deviceToken, body: '{}' },
     { url: '/v1/open', token: deviceToken, remoteAddress: '192.0.2.9' },
   ];
   for (const request of requests) {

@@ -16,13 +16,22 @@ if (spawnSync('bash', [builder, guestDir], { stdio: 'inherit' }).status !== 0) {
 }
 
 const only = process.argv.slice(2);
-const files = (only.length ? only : readdirSync(path.join(root, 'dist', 'test')).filter((f) => f.endsWith('.test.js')).sort())
-  .map((f) => path.join('dist', 'test', path.basename(f).replace(/\.ts$/, '.js')));
+const files = (
+  only.length
+    ? only
+    : readdirSync(path.join(root, 'dist', 'test'))
+        .filter((f) => f.endsWith('.test.js'))
+        .sort()
+).map((f) => path.join('dist', 'test', path.basename(f).replace(/\.ts$/, '.js')));
 // Files named *.exclusive.test.* disturb the whole host (they restart the system libvirtd): they run alone, after the rest.
 const exclusive = files.filter((f) => f.endsWith('.exclusive.test.js'));
 const parallel = files.filter((f) => !exclusive.includes(f));
 
-interface TapOutcome { passed: number; failed: number; ok: boolean }
+interface TapOutcome {
+  passed: number;
+  failed: number;
+  ok: boolean;
+}
 
 /** One tap run over `list`, its output passed through; the counts come from tap's closing summary comment. */
 function runTap(list: string[], jobs: number, timeoutSeconds: number): Promise<TapOutcome> {
@@ -37,11 +46,13 @@ function runTap(list: string[], jobs: number, timeoutSeconds: number): Promise<T
     process.stdout.write(chunk);
     tail = (tail + chunk.toString()).slice(-4096);
   });
-  return new Promise((resolve) => tap.on('close', (code) => {
-    const summary = /# \{ total: (\d+), pass: (\d+)(?:, fail: (\d+))?/.exec(tail);
-    const failed = summary ? Number(summary[3] ?? 0) : 1;
-    resolve({ passed: summary ? Number(summary[2]) : 0, failed, ok: code === 0 && failed === 0 && summary !== null });
-  }));
+  return new Promise((resolve) =>
+    tap.on('close', (code) => {
+      const summary = /# \{ total: (\d+), pass: (\d+)(?:, fail: (\d+))?/.exec(tail);
+      const failed = summary ? Number(summary[3] ?? 0) : 1;
+      resolve({ passed: summary ? Number(summary[2]) : 0, failed, ok: code === 0 && failed === 0 && summary !== null });
+    }),
+  );
 }
 
 void (async () => {

@@ -38,7 +38,12 @@ async function startApp(t: Test, agent: AgentProcess, options: Omit<HttpdPackage
 }
 
 function keyValues(text: string): Record<string, string> {
-  return Object.fromEntries(text.trim().split('\n').map((line) => line.split(/=(.*)/s).slice(0, 2)));
+  return Object.fromEntries(
+    text
+      .trim()
+      .split('\n')
+      .map((line) => line.split(/=(.*)/s).slice(0, 2)),
+  );
 }
 
 /** A file of the sandbox's cgroup part in the hierarchy that has it (v1 keeps each controller in its own). */
@@ -47,7 +52,13 @@ async function cgroupFile(id: string, part: 'app' | 'net', file: string): Promis
   const { name } = new SandboxCgroup(layout, id);
   for (const parent of layout.parents) {
     const candidate = path.join(parent, name, part, file);
-    if (await access(candidate).then(() => true, () => false)) return readFile(candidate, 'utf8');
+    if (
+      await access(candidate).then(
+        () => true,
+        () => false,
+      )
+    )
+      return readFile(candidate, 'utf8');
   }
   throw new Error(`no ${file} for ${part} of sandbox ${id}`);
 }
@@ -73,20 +84,25 @@ t.test('the app sees only descriptors 0-2 and runs under seccomp without user na
     },
   });
 
-  const inherited = (await fetchText(port, '/cgi-bin/fds')).split('\n')
+  const inherited = (await fetchText(port, '/cgi-bin/fds'))
+    .split('\n')
     .map((line) => /(\d+) -> (.*)$/.exec(line))
     .filter((m): m is RegExpExecArray => m !== null && Number(m[1]) > 2 && !/^\/proc\/\d+\/fd$/.test(m[2]!))
     .map((m) => `${m[1]} -> ${m[2]}`);
-  t.same(inherited, [], 'nothing above descriptor 2 reaches the app (pasta\'s listening socket did)');
+  t.same(inherited, [], "nothing above descriptor 2 reaches the app (pasta's listening socket did)");
 
-  t.same(keyValues(await fetchText(port, '/cgi-bin/kernel')), {
-    nested_userns: 'no', // it cannot create a user namespace
-    userns_mount: 'no', // so it cannot become root in one and mount there
-    mount: 'no',
-    fork_and_pipe: 'yes', // positive control: processes, pipes and ordinary tools work
-    write_data: 'yes', // positive control: its private /data takes writes
-    seccomp: '2', // filter mode
-  }, 'the app runs under a seccomp filter, without user namespaces or mounts, and ordinary work still runs');
+  t.same(
+    keyValues(await fetchText(port, '/cgi-bin/kernel')),
+    {
+      nested_userns: 'no', // it cannot create a user namespace
+      userns_mount: 'no', // so it cannot become root in one and mount there
+      mount: 'no',
+      fork_and_pipe: 'yes', // positive control: processes, pipes and ordinary tools work
+      write_data: 'yes', // positive control: its private /data takes writes
+      seccomp: '2', // filter mode
+    },
+    'the app runs under a seccomp filter, without user namespaces or mounts, and ordinary work still runs',
+  );
 });
 
 t.test('/data has a quota: writing past it fails with ENOSPC and nothing lands on the host data directory', async (t) => {
@@ -99,7 +115,14 @@ t.test('/data has a quota: writing past it fails with ENOSPC and nothing lands o
   });
   const fill = await fetchText(port, '/cgi-bin/fill');
   t.match(fill, /No space left on device/, 'the write past the quota fails with ENOSPC');
-  const size = Number(keyValues(fill.split('\n').filter((l) => l.startsWith('size=')).join('\n')).size);
+  const size = Number(
+    keyValues(
+      fill
+        .split('\n')
+        .filter((l) => l.startsWith('size='))
+        .join('\n'),
+    ).size,
+  );
   t.ok(size > 0 && size <= 4 * 1024 * 1024, `what was written stays within the 4 MiB quota (${size} bytes)`);
   const { stdout } = await run('du', ['-sk', path.join(agent.dataDir, 'instances', id)]);
   t.ok(Number(stdout.split('\t')[0]) < 1024, `the instance's host directory holds no app data (${stdout.trim()})`);
@@ -119,12 +142,15 @@ t.test('a log flood stays under the cap and keeps its newest output', async (t) 
     t.ok(size <= LOG_CAP, `sandbox.log is ${size} bytes, at most the ${LOG_CAP} configured`);
     await sleep(200);
   }
-  t.match(await readFile(log, 'utf8'), /^\[cloudlet: older output dropped, the log is capped\]\n[^]*(flood-flood-flood-flood\n){100}/,
-    'the newest output is kept behind a marker');
+  t.match(
+    await readFile(log, 'utf8'),
+    /^\[cloudlet: older output dropped, the log is capped\]\n[^]*(flood-flood-flood-flood\n){100}/,
+    'the newest output is kept behind a marker',
+  );
   t.equal(await fetchText(port, '/'), 'hello from a sandbox\n', 'the app keeps serving');
 });
 
-t.test('a fork bomb stops at the sandbox\'s pids limit; pasta\'s group is limited too; the host still forks', async (t) => {
+t.test("a fork bomb stops at the sandbox's pids limit; pasta's group is limited too; the host still forks", async (t) => {
   const agent = await startAgent(t);
   const { id, port } = await startApp(t, agent, {
     appId: 'org.test.forker',
@@ -132,10 +158,12 @@ t.test('a fork bomb stops at the sandbox\'s pids limit; pasta\'s group is limite
     // Bounded: 200 sleepers that end by themselves; the test stops the instance before then anyway.
     cgi: { bomb: 'for i in $(seq 200); do sleep 60 >/dev/null 2>&1 & done 2>/dev/null; echo started' },
   });
-  t.equal((await cgroupFile(id, 'app', 'pids.max')).trim(), '24', 'the manifest\'s pids limit is set');
-  t.equal((await cgroupFile(id, 'net', 'pids.max')).trim(), '16', 'pasta\'s group has a pids limit');
-  t.ok(Number(await cgroupFile(id, 'net', 'memory.limit_in_bytes').catch(() => cgroupFile(id, 'net', 'memory.max'))) <= 128 * 1024 * 1024,
-    'and a memory limit');
+  t.equal((await cgroupFile(id, 'app', 'pids.max')).trim(), '24', "the manifest's pids limit is set");
+  t.equal((await cgroupFile(id, 'net', 'pids.max')).trim(), '16', "pasta's group has a pids limit");
+  t.ok(
+    Number(await cgroupFile(id, 'net', 'memory.limit_in_bytes').catch(() => cgroupFile(id, 'net', 'memory.max'))) <= 128 * 1024 * 1024,
+    'and a memory limit',
+  );
   await fetchText(port, '/cgi-bin/bomb').catch(() => '');
   const procs = (await cgroupFile(id, 'app', 'cgroup.procs')).trim().split('\n').length;
   t.ok(procs <= 24, `the sandbox holds ${procs} processes, at most its limit`);
@@ -146,7 +174,7 @@ t.test('a fork bomb stops at the sandbox\'s pids limit; pasta\'s group is limite
   t.ok(stopped.status < 300, 'the instance stops with its processes');
 });
 
-t.test('the app reaches none of the host\'s services on any host address, only its own forward serves', async (t) => {
+t.test("the app reaches none of the host's services on any host address, only its own forward serves", async (t) => {
   const ns = `cl-sbx-${process.pid}`;
   const ip = (...args: string[]) => run('ip', ['-n', ns, ...args]);
   await run('ip', ['netns', 'add', ns]);
@@ -167,22 +195,47 @@ t.test('the app reaches none of the host\'s services on any host address, only i
   const scratch = await tempDir('cloudlet-contain-');
   t.teardown(() => rm(scratch, { recursive: true, force: true }));
   const tarball = await buildHttpdPackage(scratch, {
-    appId: 'org.test.netprobe', hostSecret: '/etc/hostname',
-    cgi: { connect: 'for t in $(echo "$QUERY_STRING" | tr "+" " "); do nc -w 2 "${t%:*}" "${t##*:}" -e /app/bin/true >/dev/null 2>&1 && echo "$t=yes" || echo "$t=no"; done' },
+    appId: 'org.test.netprobe',
+    hostSecret: '/etc/hostname',
+    cgi: {
+      connect:
+        'for t in $(echo "$QUERY_STRING" | tr "+" " "); do nc -w 2 "${t%:*}" "${t##*:}" -e /app/bin/true >/dev/null 2>&1 && echo "$t=yes" || echo "$t=no"; done',
+    },
   });
   const driver = path.join(ROOT, 'dist', 'test', 'support', 'sandbox-netns-driver.js');
-  const { stdout } = await run('nsenter', [`--net=/run/netns/${ns}`, process.execPath, driver, tarball, 'org.test.netprobe', '10.88.0.1,10.77.0.1,10.77.0.254'],
-    { env: { ...process.env, CLOUDLET_TEST_GUEST: process.env.CLOUDLET_TEST_GUEST ?? '' } });
+  const { stdout } = await run(
+    'nsenter',
+    [`--net=/run/netns/${ns}`, process.execPath, driver, tarball, 'org.test.netprobe', '10.88.0.1,10.77.0.1,10.77.0.254'],
+    { env: { ...process.env, CLOUDLET_TEST_GUEST: process.env.CLOUDLET_TEST_GUEST ?? '' } },
+  );
   const { fromSandbox, fromNamespace } = JSON.parse(stdout) as Record<string, Record<string, string | boolean>>;
 
   t.equal(fromSandbox!['own-app@127.0.0.1'], 'yes', 'positive control: the probe inside connects to its own server');
-  t.same(fromNamespace, {
-    'api@10.88.0.1': true, 'mqtt@10.88.0.1': true, 'api@10.77.0.1': true, 'mqtt@10.77.0.1': true, 'api@10.77.0.254': false, 'mqtt@10.77.0.254': false,
-  }, 'positive control: the agent\'s API and MQTT answer on both host addresses');
-  t.same(fromSandbox, {
-    'own-app@127.0.0.1': 'yes',
-    'api@10.88.0.1': 'no', 'mqtt@10.88.0.1': 'no', 'api@10.77.0.1': 'no', 'mqtt@10.77.0.1': 'no', 'api@10.77.0.254': 'no', 'mqtt@10.77.0.254': 'no',
-  }, 'from inside, the API and MQTT are out of reach on the second address, the copied one and the gateway');
+  t.same(
+    fromNamespace,
+    {
+      'api@10.88.0.1': true,
+      'mqtt@10.88.0.1': true,
+      'api@10.77.0.1': true,
+      'mqtt@10.77.0.1': true,
+      'api@10.77.0.254': false,
+      'mqtt@10.77.0.254': false,
+    },
+    "positive control: the agent's API and MQTT answer on both host addresses",
+  );
+  t.same(
+    fromSandbox,
+    {
+      'own-app@127.0.0.1': 'yes',
+      'api@10.88.0.1': 'no',
+      'mqtt@10.88.0.1': 'no',
+      'api@10.77.0.1': 'no',
+      'mqtt@10.77.0.1': 'no',
+      'api@10.77.0.254': 'no',
+      'mqtt@10.77.0.254': 'no',
+    },
+    'from inside, the API and MQTT are out of reach on the second address, the copied one and the gateway',
+  );
 });
 
 async function configFile(t: Test, config: unknown): Promise<string> {

@@ -16,12 +16,15 @@ t.test('a package manifest bounds processes and /data, with defaults that fit th
   t.throws(() => parsePackageManifest({ ...base, pids: 4 }), { code: 'INVALID_MANIFEST', message: /pids/ }, 'too few processes to run anything');
   t.throws(() => parsePackageManifest({ ...base, pids: 1e9 }), { code: 'INVALID_MANIFEST', message: /pids/ });
   t.throws(() => parsePackageManifest({ ...base, pids: '100' }), { code: 'INVALID_MANIFEST', message: /pids/ });
-  t.throws(() => parsePackageManifest({ ...base, data_mib: 33 }), { code: 'INVALID_MANIFEST', message: /data_mib/ },
-    '/data is memory: not more of it than the memory limit');
+  t.throws(
+    () => parsePackageManifest({ ...base, data_mib: 33 }),
+    { code: 'INVALID_MANIFEST', message: /data_mib/ },
+    '/data is memory: not more of it than the memory limit',
+  );
   t.throws(() => parsePackageManifest({ ...base, data_mib: 0 }), { code: 'INVALID_MANIFEST', message: /data_mib/ });
 });
 
-t.test('the agent caps every sandbox\'s processes and its log, from the config file', async (t) => {
+t.test("the agent caps every sandbox's processes and its log, from the config file", async (t) => {
   t.match(await loadConfig({ CLOUDLET_CONFIG: undefined }), { packages: { maxPids: 1024, logBytes: 1024 * 1024 } }, 'defaults');
   const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
@@ -38,16 +41,34 @@ t.test('the seccomp program checks the ABI first, denies its list with EPERM and
   const filter = sandboxSeccompFilter('x64');
   const at = (i: number) => ({ code: filter.readUInt16LE(i * 8), jt: filter[i * 8 + 2], jf: filter[i * 8 + 3], k: filter.readUInt32LE(i * 8 + 4) });
   const length = filter.length / 8;
-  t.ok(Number.isInteger(length) && length < 4096, 'whole instructions, within the kernel\'s limit');
-  t.same([at(0), at(1), at(2)], [
-    { code: 0x20, jt: 0, jf: 0, k: 4 }, { code: 0x15, jt: 1, jf: 0, k: 0xc000003e }, { code: 0x06, jt: 0, jf: 0, k: 0x80000000 },
-  ], 'any ABI but x86_64 (i386 through int 0x80) kills the process');
+  t.ok(Number.isInteger(length) && length < 4096, "whole instructions, within the kernel's limit");
+  t.same(
+    [at(0), at(1), at(2)],
+    [
+      { code: 0x20, jt: 0, jf: 0, k: 4 },
+      { code: 0x15, jt: 1, jf: 0, k: 0xc000003e },
+      { code: 0x06, jt: 0, jf: 0, k: 0x80000000 },
+    ],
+    'any ABI but x86_64 (i386 through int 0x80) kills the process',
+  );
   const denied = new Set<number>();
   for (let i = 0; i < length - 1; i++) {
     const { code, k } = at(i);
     if (code === 0x15 && at(i + 1).code === 0x06 && at(i + 1).k === 0x00050001) denied.add(k);
   }
-  for (const name of ['unshare', 'setns', 'mount', 'ptrace', 'bpf', 'keyctl', 'perf_event_open', 'userfaultfd', 'io_uring_setup', 'init_module', 'kexec_load']) {
+  for (const name of [
+    'unshare',
+    'setns',
+    'mount',
+    'ptrace',
+    'bpf',
+    'keyctl',
+    'perf_event_open',
+    'userfaultfd',
+    'io_uring_setup',
+    'init_module',
+    'kexec_load',
+  ]) {
     t.ok(denied.has(DENIED_SYSCALLS[name]!), `${name} is denied`);
   }
   t.same(at(length - 1), { code: 0x06, jt: 0, jf: 0, k: 0x7fff0000 }, 'everything else is allowed');

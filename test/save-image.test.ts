@@ -43,7 +43,10 @@ t.test('encodeSaveImageHeader lays out libvirt’s version 2 header', async (t) 
   t.equal(bytes.readUInt32LE(24), 1, 'was_running');
   t.equal(bytes.readUInt32LE(28), 0, 'compressed');
   t.equal(bytes.readUInt32LE(32), 10, 'cookieOffset counts from the end of the 92-byte header');
-  t.ok(bytes.subarray(36, 92).every((byte) => byte === 0), 'unused[14] is zero');
+  t.ok(
+    bytes.subarray(36, 92).every((byte) => byte === 0),
+    'unused[14] is zero',
+  );
   t.equal(bytes.toString('utf8', 92), '<domain/>\0<cookie/>\0');
   t.equal(bytes.length, 92 + 20);
 
@@ -157,5 +160,4 @@ t.test('images we cannot restore from are INVALID_IMAGE', async (t) => {
     await t.rejects(readSaveImageHeader(await variant(name, bytes)), { code: 'INVALID_IMAGE', message }, name);
   }
   await t.rejects(readSaveImageHeader(join(dir, 'missing.sav')), { code: 'INVALID_IMAGE' }, 'missing file');
-
 });

@@ -50,7 +50,7 @@ t.test('cloudlet base list shows the imported base and its files, chunk index in
   tt.match(text.stdout.trim(), /^BASE +DIGEST +MEMORY +STATE +SIZE\nfeature-base +[0-9a-f]{12} +\d+ MiB +yes +[\d.]+ MiB$/);
 });
 
-t.test('the chunk index holds the hash of every RAM page of the base\'s memory state and of its non-zero disk blocks', async (tt) => {
+t.test("the chunk index holds the hash of every RAM page of the base's memory state and of its non-zero disk blocks", async (tt) => {
   const index = await readChunkIndex(path.join(fixture.baseDir, 'chunk-index.bin'));
   const state = JSON.parse(await readFile(path.join(fixture.baseDir, 'manifest.json'), 'utf8')).manifest.state;
   const memory = await readFile(path.join(fixture.baseDir, state));
@@ -61,10 +61,20 @@ t.test('the chunk index holds the hash of every RAM page of the base\'s memory s
   const md5 = (bytes: Buffer) => createHash('md5').update(bytes).digest();
   const nonZero = [];
   for (let offset = 0; offset < disk.length; offset += 4096) if (disk.subarray(offset, offset + 4096).some((b) => b !== 0)) nonZero.push(offset);
-  tt.same(index.disk.map((c) => c.offset), nonZero, 'every non-zero 4 KiB block of the disk, at its offset');
-  tt.ok(index.disk.every((c) => md5(disk.subarray(c.offset, c.offset + 4096)).equals(c.hash)), 'with its MD5');
+  tt.same(
+    index.disk.map((c) => c.offset),
+    nonZero,
+    'every non-zero 4 KiB block of the disk, at its offset',
+  );
+  tt.ok(
+    index.disk.every((c) => md5(disk.subarray(c.offset, c.offset + 4096)).equals(c.hash)),
+    'with its MD5',
+  );
   tt.ok(index.memory!.length > 1000, `${index.memory!.length} RAM pages`);
-  tt.ok(index.memory!.every((c) => md5(memory.subarray(c.offset, c.offset + 4096)).equals(c.hash)), 'every RAM page with its MD5');
+  tt.ok(
+    index.memory!.every((c) => md5(memory.subarray(c.offset, c.offset + 4096)).equals(c.hash)),
+    'every RAM page with its MD5',
+  );
   tt.match(index.memory![0]!.guestAddress, /^pc\.ram@\d+$/, 'pages carry their guest address');
 });
 
@@ -97,7 +107,7 @@ t.test('cloudlet base export fetches the base resumably, and an overlay made aga
   await stopAll();
 });
 
-t.test('a phone\'s synthesis is its own: another phone neither sees nor continues its upload, nor stops its VM', async (tt) => {
+t.test("a phone's synthesis is its own: another phone neither sees nor continues its upload, nor stops its VM", async (tt) => {
   const pair = async (name: string) => {
     const window = await agent.post('/v1/pairing', {});
     const claim = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name }, { authorization: '' });
@@ -109,12 +119,15 @@ t.test('a phone\'s synthesis is its own: another phone neither sees nor continue
   const created = await request(agent.apiPort, 'POST', '/v1/synthesis/uploads', { bytes: overlay.length }, alice.as);
   tt.equal(created.status, 201, created.body);
   const upload = `/v1/synthesis/uploads/${created.json.id}`;
-  tt.equal((await request(agent.apiPort, 'GET', upload, undefined, bob.as)).json?.code, 'NOT_FOUND', 'bob does not see alice\'s upload');
-  const bobSends = await request(agent.apiPort, 'POST', `${upload}?offset=0`, overlay.subarray(0, 4096), { ...bob.as, 'content-type': 'application/octet-stream' });
+  tt.equal((await request(agent.apiPort, 'GET', upload, undefined, bob.as)).json?.code, 'NOT_FOUND', "bob does not see alice's upload");
+  const bobSends = await request(agent.apiPort, 'POST', `${upload}?offset=0`, overlay.subarray(0, 4096), {
+    ...bob.as,
+    'content-type': 'application/octet-stream',
+  });
   tt.equal(bobSends.json?.code, 'NOT_FOUND', 'nor can he add bytes to it');
   const done = await request(agent.apiPort, 'POST', `${upload}?offset=0`, overlay, { ...alice.as, 'content-type': 'application/octet-stream' });
   tt.equal(done.status, 201, done.body);
-  tt.same(done.json.instance.owners, [alice.id], 'the synthesized instance is alice\'s');
+  tt.same(done.json.instance.owners, [alice.id], "the synthesized instance is alice's");
   const instance = `/v1/instances/${done.json.instance.id}`;
   tt.equal((await request(agent.apiPort, 'DELETE', instance, undefined, bob.as)).json?.code, 'FORBIDDEN', 'bob cannot stop it');
   tt.equal((await request(agent.apiPort, 'DELETE', instance, undefined, alice.as)).status, 200, 'alice can');
@@ -123,7 +136,10 @@ t.test('a phone\'s synthesis is its own: another phone neither sees nor continue
   // A phone may have two unfinished uploads at a time; a third is refused, another phone's is not.
   const create = (who: { as: Record<string, string> }) => request(agent.apiPort, 'POST', '/v1/synthesis/uploads', { bytes: 10 }, who.as);
   const open = [await create(alice), await create(alice)];
-  tt.same(open.map((r) => r.status), [201, 201]);
+  tt.same(
+    open.map((r) => r.status),
+    [201, 201],
+  );
   const third = await create(alice);
   tt.equal(third.status, 429, third.body);
   tt.equal(third.json.code, 'TOO_MANY_UPLOADS');
@@ -135,7 +151,12 @@ t.test('a phone\'s synthesis is its own: another phone neither sees nor continue
   tt.equal((await end(alice, open[0]!.json.id)).json.code, 'OVERLAY_INVALID');
   const again = await create(alice);
   tt.equal(again.status, 201, again.body);
-  for (const [who, id] of [[alice, open[1]!.json.id], [alice, again.json.id], [bob, bobs.json.id]] as const) await end(who, id);
+  for (const [who, id] of [
+    [alice, open[1]!.json.id],
+    [alice, again.json.id],
+    [bob, bobs.json.id],
+  ] as const)
+    await end(who, id);
 });
 
 t.test('cloudlet synthesize uploads an overlay and prints the endpoint of the ready VM', async (tt) => {
@@ -169,7 +190,10 @@ async function cuttingProxy(cutAfter: number): Promise<{ port: number; cuts: () 
       upstream.write(chunk);
     });
     upstream.on('data', (chunk) => client.write(chunk));
-    for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
+    for (const [a, b] of [
+      [client, upstream],
+      [upstream, client],
+    ] as const) {
       a.on('end', () => b.end());
       a.on('error', () => b.destroy());
       a.on('close', () => sockets.delete(a));
@@ -179,10 +203,11 @@ async function cuttingProxy(cutAfter: number): Promise<{ port: number; cuts: () 
   return {
     port: (server.address() as net.AddressInfo).port,
     cuts: () => cuts,
-    close: () => new Promise((resolve) => {
-      for (const s of sockets) s.destroy();
-      server.close(() => resolve());
-    }),
+    close: () =>
+      new Promise((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
   };
 }
 
@@ -217,7 +242,10 @@ t.test('an upload survives an agent restart: reloaded from disk, it continues fr
   // Beside it, what an agent must not resume: an upload idle for an hour, and a directory that is no upload.
   const stale = path.join(agent.dataDir, 'uploads', '00000000-0000-4000-8000-000000000000');
   await mkdir(stale);
-  await writeFile(path.join(stale, 'session.json'), JSON.stringify({ id: path.basename(stale), bytes: 10, received: 5, meta: {}, updated_at: new Date(Date.now() - 3600_000).toISOString() }));
+  await writeFile(
+    path.join(stale, 'session.json'),
+    JSON.stringify({ id: path.basename(stale), bytes: 10, received: 5, meta: {}, updated_at: new Date(Date.now() - 3600_000).toISOString() }),
+  );
   await writeFile(path.join(stale, 'overlay.part'), 'hello');
   await mkdir(path.join(agent.dataDir, 'uploads', 'junk'));
   await agent.launch();

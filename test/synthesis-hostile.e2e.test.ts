@@ -68,7 +68,7 @@ async function assertNothingLeft(tt: Test, what: string) {
   tt.same(taken, [], `${what}: every forward port is free`);
 }
 
-t.test('a phone\'s /v1 answers name no host path; the operator\'s still do', async (tt) => {
+t.test("a phone's /v1 answers name no host path; the operator's still do", async (tt) => {
   for (const route of ['/v1/bases', '/v1/services', '/v1/packages', '/v1/instances']) {
     const r = await request(agent.apiPort, 'GET', route, undefined, phone);
     tt.equal(r.status, 200, r.body);
@@ -92,27 +92,48 @@ t.test('the overlay with the memory state as saved synthesizes for the phone (th
 const HOSTILE: { name: string; edit: (xml: string, dataDir: string) => string }[] = [
   {
     name: 'an extra <disk> naming the admin token',
-    edit: (xml, dataDir) => xml.replace('</disk>', `</disk>\n<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='${dataDir}/trust/admin-token'/><target dev='vdb' bus='virtio'/></disk>`),
+    edit: (xml, dataDir) =>
+      xml.replace(
+        '</disk>',
+        `</disk>\n<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='${dataDir}/trust/admin-token'/><target dev='vdb' bus='virtio'/></disk>`,
+      ),
   },
   {
     name: 'an extra <disk> naming a host block device',
-    edit: (xml) => xml.replace('</disk>', `</disk>\n<disk type='block' device='lun'><driver name='qemu' type='raw'/><source dev='/dev/sda'/><target dev='sdb' bus='scsi'/></disk>`),
+    edit: (xml) =>
+      xml.replace(
+        '</disk>',
+        `</disk>\n<disk type='block' device='lun'><driver name='qemu' type='raw'/><source dev='/dev/sda'/><target dev='sdb' bus='scsi'/></disk>`,
+      ),
   },
   {
     name: 'a <hostdev>',
-    edit: (xml) => xml.replace('</devices>', `<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0x00' slot='0x01' function='0x0'/></source></hostdev>\n</devices>`),
+    edit: (xml) =>
+      xml.replace(
+        '</devices>',
+        `<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0x00' slot='0x01' function='0x0'/></source></hostdev>\n</devices>`,
+      ),
   },
   {
-    name: 'a <filesystem> sharing the host\'s root',
-    edit: (xml) => xml.replace('</devices>', `<filesystem type='mount' accessmode='passthrough'><source dir='/'/><target dir='host'/></filesystem>\n</devices>`),
+    name: "a <filesystem> sharing the host's root",
+    edit: (xml) =>
+      xml.replace('</devices>', `<filesystem type='mount' accessmode='passthrough'><source dir='/'/><target dir='host'/></filesystem>\n</devices>`),
   },
   { name: 'another <emulator>', edit: (xml) => xml.replace(/<emulator>[^<]*<\/emulator>/, '<emulator>/bin/sh</emulator>') },
   {
     name: 'a second user-mode netdev without restrict=on',
-    edit: (xml) => xml.replace('</qemu:commandline>', `<qemu:arg value='-netdev'/><qemu:arg value='user,id=cl1,restrict=off,hostfwd=tcp:127.0.0.1:26399-:22'/>`
-      + `<qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=cl1,bus=pci.0,addr=0x11'/></qemu:commandline>`),
+    edit: (xml) =>
+      xml.replace(
+        '</qemu:commandline>',
+        `<qemu:arg value='-netdev'/><qemu:arg value='user,id=cl1,restrict=off,hostfwd=tcp:127.0.0.1:26399-:22'/>` +
+          `<qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=cl1,bus=pci.0,addr=0x11'/></qemu:commandline>`,
+      ),
   },
-  { name: 'a second <metadata>', edit: (xml) => xml.replace('<memory', `<metadata><cloudlet:instance xmlns:cloudlet='urn:cloudlet:agent:instance:1'>{}</cloudlet:instance></metadata>\n<memory`) },
+  {
+    name: 'a second <metadata>',
+    edit: (xml) =>
+      xml.replace('<memory', `<metadata><cloudlet:instance xmlns:cloudlet='urn:cloudlet:agent:instance:1'>{}</cloudlet:instance></metadata>\n<memory`),
+  },
   { name: 'an entity reference', edit: (xml) => xml.replace('<on_crash>', '<description>&xxe;</description><on_crash>') },
 ];
 
@@ -126,7 +147,7 @@ for (const hostile of HOSTILE) {
   });
 }
 
-t.test('a launch the hypervisor refuses answers with libvirt\'s own error, which the agent also logs', async (tt) => {
+t.test("a launch the hypervisor refuses answers with libvirt's own error, which the agent also logs", async (tt) => {
   // A cached service made by the operator from the base, whose memory state names a file the host does not have:
   // libvirt reads the state's header, then fails to start QEMU, and the stream into it breaks (EPIPE) meanwhile.
   const dir = path.join(scratch, 'broken-service');
@@ -138,7 +159,10 @@ t.test('a launch the hypervisor refuses answers with libvirt\'s own error, which
   const header = await readSaveImageHeader(state);
   const missing = '/nonexistent/cloudlet-test-missing.img';
   const xml = header.xml.replace('</disk>', `</disk>\n<disk type='file' device='floppy'><source file='${missing}'/><target dev='fda' bus='fdc'/></disk>`);
-  await writeFile(path.join(dir, base.state), Buffer.concat([encodeSaveImageHeader({ ...header, xml }), (await readFile(state)).subarray(header.streamOffset)]));
+  await writeFile(
+    path.join(dir, base.state),
+    Buffer.concat([encodeSaveImageHeader({ ...header, xml }), (await readFile(state)).subarray(header.streamOffset)]),
+  );
   await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...base.manifest, service_id: 'org.cloudlet.test.broken' }));
   tt.equal((await agent.post('/v1/services', { path: dir })).status, 201);
 
@@ -147,7 +171,7 @@ t.test('a launch the hypervisor refuses answers with libvirt\'s own error, which
   tt.equal(r.json.code, 'HYPERVISOR_ERROR', r.json.message);
   tt.match(r.json.message, missing, 'the answer names what failed');
   tt.notMatch(r.json.message, /EPIPE|restore stream/, 'not the broken stream that followed');
-  tt.match(agent.log, new RegExp(`starting org\\.cloudlet\\.test\\.broken \\([^)]*\\) failed: HYPERVISOR_ERROR: .*${missing}`), 'the agent\'s log says it too');
+  tt.match(agent.log, new RegExp(`starting org\\.cloudlet\\.test\\.broken \\([^)]*\\) failed: HYPERVISOR_ERROR: .*${missing}`), "the agent's log says it too");
   await assertNothingLeft(tt, 'after the failed launch');
   await agent.delete('/v1/services/org.cloudlet.test.broken');
 });

@@ -20,7 +20,9 @@ const run = promisify(execFile);
 const BLOCK = 4096;
 let dir: string;
 
-t.before(async () => { dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-synthesis-units-')); });
+t.before(async () => {
+  dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-synthesis-units-'));
+});
 t.teardown(() => rm(dir, { recursive: true, force: true }));
 
 t.test('records round-trip, and a frame cut inside a record or with an unknown type is refused', async (tt) => {
@@ -31,7 +33,10 @@ t.test('records round-trip, and a frame cut inside a record or with an unknown t
     { target: Target.Memory, source: Source.XorBaseDisk, offset: BLOCK, length: 2, sourceOffset: 1024, data: Buffer.from([1, 2]) },
   ];
   const frame = Buffer.concat(records.map(encodeRecord));
-  tt.same([...decodeRecords(frame)].map((r) => ({ ...r, data: r.data && Buffer.from(r.data) })), records);
+  tt.same(
+    [...decodeRecords(frame)].map((r) => ({ ...r, data: r.data && Buffer.from(r.data) })),
+    records,
+  );
   tt.throws(() => [...decodeRecords(frame.subarray(0, frame.length - 1))], { code: 'OVERLAY_INVALID' });
   const unknown = Buffer.from(frame);
   unknown[1] = 9;
@@ -116,6 +121,9 @@ t.test('an overlay may not ask for more memory or vCPUs than the base the operat
   const arrived = async () => {};
   tt.equal(synthesisService(overlayAsking(128, 1), base, false, arrived).manifest.memory_mib, 128, 'as much as the base is fine');
   tt.equal(synthesisService(overlayAsking(64, 1), base, false, arrived).manifest.memory_mib, 64, 'less is fine');
-  tt.throws(() => synthesisService(overlayAsking(65536, 1), base, false, arrived), { code: 'OVERLAY_INVALID', message: /memory_mib 65536, more than its base's 128/ });
+  tt.throws(() => synthesisService(overlayAsking(65536, 1), base, false, arrived), {
+    code: 'OVERLAY_INVALID',
+    message: /memory_mib 65536, more than its base's 128/,
+  });
   tt.throws(() => synthesisService(overlayAsking(128, 64), base, false, arrived), { code: 'OVERLAY_INVALID', message: /vcpus 64, more than its base's 1/ });
 });

@@ -25,13 +25,20 @@ t.afterEach(() => rm(root, { recursive: true, force: true }));
 
 /** Sessions whose "synthesis" reads every byte and answers with its SHA-256 (and the session's tag). */
 function sessions(idleMs = 60_000, perOwner?: number) {
-  return new UploadSessions<string, { tag: string; owner?: string }>(root, async (stream, bytes, meta) => {
-    const chunks: Buffer[] = [];
-    for await (const chunk of stream) chunks.push(chunk as Buffer);
-    const all = Buffer.concat(chunks);
-    if (all.length !== bytes) throw new Error(`read ${all.length} of ${bytes} bytes`);
-    return `${meta.tag}:${sha(all)}`;
-  }, idleMs, 60_000, () => {}, perOwner === undefined ? undefined : { ownerOf: (meta) => meta.owner, max: perOwner });
+  return new UploadSessions<string, { tag: string; owner?: string }>(
+    root,
+    async (stream, bytes, meta) => {
+      const chunks: Buffer[] = [];
+      for await (const chunk of stream) chunks.push(chunk as Buffer);
+      const all = Buffer.concat(chunks);
+      if (all.length !== bytes) throw new Error(`read ${all.length} of ${bytes} bytes`);
+      return `${meta.tag}:${sha(all)}`;
+    },
+    idleMs,
+    60_000,
+    () => {},
+    perOwner === undefined ? undefined : { ownerOf: (meta) => meta.owner, max: perOwner },
+  );
 }
 
 /** A request body that delivers `bytes` and then breaks off, as a cut connection does. */
@@ -81,7 +88,10 @@ t.test('after a restart a session continues at its committed byte and its synthe
 t.test('a session idle for too long and a directory that is no session are deleted at start', async (tt) => {
   const id = '00000000-0000-4000-8000-000000000001';
   await mkdir(path.join(root, id));
-  await writeFile(path.join(root, id, 'session.json'), JSON.stringify({ id, bytes: 10, received: 2, meta: { tag: 'old' }, updated_at: new Date(Date.now() - 120_000).toISOString() }));
+  await writeFile(
+    path.join(root, id, 'session.json'),
+    JSON.stringify({ id, bytes: 10, received: 2, meta: { tag: 'old' }, updated_at: new Date(Date.now() - 120_000).toISOString() }),
+  );
   await writeFile(path.join(root, id, 'overlay.part'), 'ab');
   await mkdir(path.join(root, 'not-an-upload'));
   const uploads = sessions(60_000);
@@ -93,21 +103,27 @@ t.test('a session idle for too long and a directory that is no session are delet
 /** Sessions whose synthesis is recorded: how many started, how many are running, what each read before it ended. */
 function watchedSessions(idleMs = 60_000) {
   const seen = { started: 0, running: 0, ended: [] as { read: number; error: string | null }[] };
-  const uploads = new UploadSessions<number, { tag: string }>(root, async (stream) => {
-    seen.started++;
-    seen.running++;
-    let read = 0;
-    try {
-      for await (const chunk of stream) read += (chunk as Buffer).length;
-      seen.ended.push({ read, error: null });
-      return read;
-    } catch (err) {
-      seen.ended.push({ read, error: (err as Error).message });
-      throw err;
-    } finally {
-      seen.running--;
-    }
-  }, idleMs, 60_000, () => {});
+  const uploads = new UploadSessions<number, { tag: string }>(
+    root,
+    async (stream) => {
+      seen.started++;
+      seen.running++;
+      let read = 0;
+      try {
+        for await (const chunk of stream) read += (chunk as Buffer).length;
+        seen.ended.push({ read, error: null });
+        return read;
+      } catch (err) {
+        seen.ended.push({ read, error: (err as Error).message });
+        throw err;
+      } finally {
+        seen.running--;
+      }
+    },
+    idleMs,
+    60_000,
+    () => {},
+  );
   return { uploads, seen };
 }
 
@@ -123,11 +139,11 @@ t.test('a synthesis runs only while a request sends bytes: a cut upload stops it
   await settled();
   tt.equal(seen.running, 0, 'the cut upload holds no synthesis');
   tt.match(seen.ended, [{ read: 5000, error: /paused at byte 5000/ }], 'it read what arrived, then stopped');
-  tt.match(uploads.get(upload.id), { state: 'receiving', received: 5000, error: null }, 'the pause is not the upload\'s outcome');
+  tt.match(uploads.get(upload.id), { state: 'receiving', received: 5000, error: null }, "the pause is not the upload's outcome");
   tt.same((await readdir(path.join(root, upload.id))).sort(), ['overlay.part', 'session.json'], 'its bytes stay');
 
   const done = await uploads.append(upload.id, 5000, Readable.from([OVERLAY.subarray(5000)]));
-  tt.same(done, { complete: true, result: OVERLAY.length }, 'the next request\'s synthesis read every byte from byte 0');
+  tt.same(done, { complete: true, result: OVERLAY.length }, "the next request's synthesis read every byte from byte 0");
   tt.equal(seen.started, 2);
   tt.same(await readdir(root), []);
 });
@@ -136,20 +152,28 @@ t.test('a request that comes while the paused synthesis still cleans up starts t
   let cleaning: Promise<void> = Promise.resolve();
   let release!: () => void;
   const order: string[] = [];
-  const uploads = new UploadSessions<number, object>(root, async (stream) => {
-    await cleaning;
-    order.push('start');
-    let read = 0;
-    try {
-      for await (const chunk of stream) read += (chunk as Buffer).length;
-      return read;
-    } catch (err) {
-      cleaning = new Promise((resolve) => { release = resolve; });
+  const uploads = new UploadSessions<number, object>(
+    root,
+    async (stream) => {
       await cleaning;
-      order.push('cleaned');
-      throw err;
-    }
-  }, 60_000, 60_000, () => {});
+      order.push('start');
+      let read = 0;
+      try {
+        for await (const chunk of stream) read += (chunk as Buffer).length;
+        return read;
+      } catch (err) {
+        cleaning = new Promise((resolve) => {
+          release = resolve;
+        });
+        await cleaning;
+        order.push('cleaned');
+        throw err;
+      }
+    },
+    60_000,
+    60_000,
+    () => {},
+  );
   const upload = await uploads.create(OVERLAY.length, {});
   await uploads.append(upload.id, 0, cutBody(OVERLAY.subarray(0, 1000)));
   await settled();
@@ -168,14 +192,16 @@ t.test('a reloaded session starts no synthesis until bytes come; one with all it
   const complete = await before.uploads.create(1000, { tag: 'complete' });
   // All bytes committed, but the synthesis cut by a restart before it read them: written as that agent left it.
   await writeFile(path.join(root, complete.id, 'overlay.part'), OVERLAY.subarray(0, 1000));
-  await writeFile(path.join(root, complete.id, 'session.json'),
-    JSON.stringify({ id: complete.id, bytes: 1000, received: 1000, meta: { tag: 'complete' }, updated_at: new Date().toISOString() }));
+  await writeFile(
+    path.join(root, complete.id, 'session.json'),
+    JSON.stringify({ id: complete.id, bytes: 1000, received: 1000, meta: { tag: 'complete' }, updated_at: new Date().toISOString() }),
+  );
   await settled();
 
   const after = watchedSessions();
   await after.uploads.load();
   await settled();
-  tt.equal(after.seen.started, 1, 'only the complete session\'s synthesis started');
+  tt.equal(after.seen.started, 1, "only the complete session's synthesis started");
   tt.match(after.uploads.get(complete.id), { state: 'done', result: 1000 });
   tt.match(after.uploads.get(partial.id), { state: 'receiving', received: 1 << 20 });
   const done = await after.uploads.append(partial.id, 1 << 20, Readable.from([OVERLAY.subarray(1 << 20)]));
@@ -185,13 +211,25 @@ t.test('a reloaded session starts no synthesis until bytes come; one with all it
 
 t.test('a synthesis waiting for every byte (before it takes a launch slot) is paused when no request sends them', async (tt) => {
   const waits: string[] = [];
-  const uploads = new UploadSessions<string, object>(root, async (stream, _bytes, _meta, arrived) => {
-    // Reads nothing (as a synthesis whose applying is held up would), only waits for the rest of the upload.
-    await arrived().then(() => waits.push('arrived'), (err: Error) => { waits.push(err.message); throw err; });
-    let read = 0;
-    for await (const chunk of stream) read += (chunk as Buffer).length;
-    return `read ${read}`;
-  }, 60_000, 60_000, () => {});
+  const uploads = new UploadSessions<string, object>(
+    root,
+    async (stream, _bytes, _meta, arrived) => {
+      // Reads nothing (as a synthesis whose applying is held up would), only waits for the rest of the upload.
+      await arrived().then(
+        () => waits.push('arrived'),
+        (err: Error) => {
+          waits.push(err.message);
+          throw err;
+        },
+      );
+      let read = 0;
+      for await (const chunk of stream) read += (chunk as Buffer).length;
+      return `read ${read}`;
+    },
+    60_000,
+    60_000,
+    () => {},
+  );
   const upload = await uploads.create(OVERLAY.length, {});
   tt.match(await uploads.append(upload.id, 0, cutBody(OVERLAY.subarray(0, 5000))), { complete: false });
   await settled();
@@ -199,7 +237,7 @@ t.test('a synthesis waiting for every byte (before it takes a launch slot) is pa
   tt.match(uploads.get(upload.id), { state: 'receiving', received: 5000, error: null }, 'and the upload stays open');
   const done = await uploads.append(upload.id, 5000, Readable.from([OVERLAY.subarray(5000)]));
   tt.same(done, { complete: true, result: `read ${OVERLAY.length}` });
-  tt.match(waits, [/paused/, 'arrived'], 'the next request\'s synthesis went on once every byte was in');
+  tt.match(waits, [/paused/, 'arrived'], "the next request's synthesis went on once every byte was in");
 });
 
 t.test('a request the server cuts off (too slow) is refused with where the upload stands; its bytes stay', async (tt) => {
@@ -263,17 +301,20 @@ t.test('an idle upload holds no open file: only a request sending bytes or a syn
   }
   // The paused syntheses close their readers as they end.
   await new Promise((resolve) => setTimeout(resolve, 200));
-  tt.ok(await openFiles() < before + 5, 'twenty idle uploads hold no file descriptors');
+  tt.ok((await openFiles()) < before + 5, 'twenty idle uploads hold no file descriptors');
 });
 
-t.test('a base disk\'s chunk index, built in a worker, lists every non-zero 4 KiB block with its MD5', async (tt) => {
+t.test("a base disk's chunk index, built in a worker, lists every non-zero 4 KiB block with its MD5", async (tt) => {
   const raw = Buffer.alloc(1 << 20);
   for (const block of [0, 3, 200]) raw.fill(block + 1, block * 4096, block * 4096 + 4096);
   await writeFile(path.join(root, 'disk.raw'), raw);
   await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', path.join(root, 'disk.raw'), path.join(root, 'disk.qcow2')]);
   await buildChunkIndex(path.join(root, 'disk.qcow2'), null, path.join(root, 'chunk-index.bin'));
   const index = await readChunkIndex(path.join(root, 'chunk-index.bin'));
-  tt.same(index.disk.map((c) => c.offset), [0, 3 * 4096, 200 * 4096]);
+  tt.same(
+    index.disk.map((c) => c.offset),
+    [0, 3 * 4096, 200 * 4096],
+  );
   tt.same(index.disk[1]!.hash, createHash('md5').update(Buffer.alloc(4096, 4)).digest());
   tt.equal(index.memory, null);
   tt.same(await readdir(root), ['chunk-index.bin', 'disk.qcow2', 'disk.raw'], 'written atomically: no temporary file left');

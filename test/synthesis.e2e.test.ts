@@ -67,8 +67,8 @@ t.test('the overlay CLI writes a signed overlay far smaller than the VM and says
   overlay = await readFile(out);
   tt.equal(stats.overlay_bytes, overlay.length);
   tt.ok(stats.disk_changed_blocks! > 256, 'the data file is among the changed disk blocks');
-  tt.ok(stats.from_base_memory! > 1000, 'most of the memory state is the base\'s memory');
-  tt.ok(stats.from_overlay! >= 200, 'the data file\'s pages in the page cache are copies of its disk blocks');
+  tt.ok(stats.from_base_memory! > 1000, "most of the memory state is the base's memory");
+  tt.ok(stats.from_overlay! >= 200, "the data file's pages in the page cache are copies of its disk blocks");
   const vm = fixture.customizedVm;
   const manifest = JSON.parse(await readFile(path.join(vm, 'manifest.json'), 'utf8'));
   const vmBytes = (await readFile(path.join(vm, manifest.state))).length;
@@ -92,7 +92,10 @@ t.test('an overlay uploaded over HTTP becomes a ready instance with the customiz
   tt.equal(info['full-backing-filename'], baseDisk, 'the disk is a qcow2 overlay on the base disk');
   tt.ok(info['actual-size'] < 8 << 20, 'holding only the changed blocks');
   const phases = events.inbox.items.filter((i) => i.value.type === 'progress' && i.value.instance_id === instance.id);
-  tt.ok(phases.some((i) => i.value.phase === 'synthesizing' && i.value.bytes_done === overlay.length && i.value.bytes_total === overlay.length), 'progress reports the overlay bytes applied');
+  tt.ok(
+    phases.some((i) => i.value.phase === 'synthesizing' && i.value.bytes_done === overlay.length && i.value.bytes_total === overlay.length),
+    'progress reports the overlay bytes applied',
+  );
   tt.same((await agent.get(`/v1/synthesis/uploads/${upload.json.id}`)).json.state, 'done');
   await stopAndCheck(tt, instance.id);
 });
@@ -109,7 +112,11 @@ t.test('a cut upload resumes from the last byte the cloudlet received', async (t
   tt.ok(status.received > 0 && status.received <= overlay.length / 2, `received ${status.received} bytes before the cut`);
   tt.equal(status.state, 'receiving');
   // While no request sends bytes the upload holds nothing: its synthesis stopped, and its launch was cleaned up.
-  const paused = await until(async () => agent.log, (log) => log.includes(`upload ${id} paused at byte`), 30_000);
+  const paused = await until(
+    async () => agent.log,
+    (log) => log.includes(`upload ${id} paused at byte`),
+    30_000,
+  );
   tt.ok(paused.includes(`upload ${id} paused at byte`), 'the synthesis of the cut upload was stopped');
   await assertNothingLeft(tt, 'while the cut upload waits');
   const wrongOffset = await sendBytes(id, status.received + 1, overlay.subarray(status.received + 1));
@@ -147,16 +154,38 @@ async function remade(edit: (manifest: any) => void, key: string | null): Promis
 const BAD_OVERLAYS: { name: string; status: number; code: string; make: () => Promise<Buffer> }[] = [
   { name: 'truncated', status: 422, code: 'OVERLAY_INVALID', make: async () => overlay.subarray(0, overlay.length - 1000) },
   {
-    name: 'bit-flipped inside a frame', status: 422, code: 'OVERLAY_INVALID', make: async () => {
+    name: 'bit-flipped inside a frame',
+    status: 422,
+    code: 'OVERLAY_INVALID',
+    make: async () => {
       const flipped = Buffer.from(overlay);
       flipped[flipped.length - 5000]! ^= 0x10;
       return flipped;
     },
   },
-  { name: 'for a base this cloudlet lacks', status: 404, code: 'BASE_NOT_FOUND', make: () => remade((m) => { m.base = 'f'.repeat(64); }, trustedKey) },
-  { name: 'oversized', status: 413, code: 'OVERLAY_TOO_LARGE', make: () => remade((m) => { m.disk.virtual_size = 2 ** 50; }, trustedKey) },
   {
-    name: 'of another format version', status: 422, code: 'OVERLAY_UNSUPPORTED', make: async () => {
+    name: 'for a base this cloudlet lacks',
+    status: 404,
+    code: 'BASE_NOT_FOUND',
+    make: () =>
+      remade((m) => {
+        m.base = 'f'.repeat(64);
+      }, trustedKey),
+  },
+  {
+    name: 'oversized',
+    status: 413,
+    code: 'OVERLAY_TOO_LARGE',
+    make: () =>
+      remade((m) => {
+        m.disk.virtual_size = 2 ** 50;
+      }, trustedKey),
+  },
+  {
+    name: 'of another format version',
+    status: 422,
+    code: 'OVERLAY_UNSUPPORTED',
+    make: async () => {
       const other = Buffer.from(overlay);
       other.writeUInt32BE(OVERLAY_FORMAT + 1, 8);
       return other;
@@ -182,7 +211,8 @@ t.test('a few-KB overlay that claims a 1 TiB disk is refused at once for want of
   const claim = 2 ** 40;
   const step = 2 ** 32 - 4096;
   const records: Buffer[] = [];
-  for (let at = 0; at < claim; at += step) records.push(encodeRecord({ target: Target.Disk, source: Source.Zero, offset: at, length: Math.min(step, claim - at), sourceOffset: 0 }));
+  for (let at = 0; at < claim; at += step)
+    records.push(encodeRecord({ target: Target.Disk, source: Source.Zero, offset: at, length: Math.min(step, claim - at), sourceOffset: 0 }));
   const raw = Buffer.concat(records);
   const frame = await compressFrame(raw, 19);
   const header = decodeHeader(overlay.subarray(0, HEADER_BYTES));
@@ -200,7 +230,7 @@ t.test('a few-KB overlay that claims a 1 TiB disk is refused at once for want of
   tt.equal(r.status, 507, r.body);
   tt.equal(r.json.code, 'NO_SPACE');
   tt.ok(r.json.details.needed_bytes > claim, 'the room needed is what the overlay expands to, not its size');
-  tt.ok(await rssMb(agent.pid!) - rssBefore < 50, 'the agent allocated nothing for the claim');
+  tt.ok((await rssMb(agent.pid!)) - rssBefore < 50, 'the agent allocated nothing for the claim');
   await assertNothingLeft(tt, 'after the terabyte claim');
 });
 

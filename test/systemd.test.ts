@@ -62,8 +62,15 @@ t.test('the agent unit is a hardened notify service with a watchdog', async (t) 
   t.match(one('After'), /avahi-daemon\.service/);
   t.match(one('After'), /dbus\.service/);
   t.equal(one('KillMode'), 'mixed', 'a stop signals the agent only: Service VMs and sandboxes live in other cgroups');
-  for (const [key, value] of Object.entries({ ProtectSystem: 'strict', PrivateTmp: 'yes', NoNewPrivileges: 'yes', ProtectKernelTunables: 'yes',
-    ProtectKernelModules: 'yes', ProtectKernelLogs: 'yes', StateDirectory: 'cloudlet' })) {
+  for (const [key, value] of Object.entries({
+    ProtectSystem: 'strict',
+    PrivateTmp: 'yes',
+    NoNewPrivileges: 'yes',
+    ProtectKernelTunables: 'yes',
+    ProtectKernelModules: 'yes',
+    ProtectKernelLogs: 'yes',
+    StateDirectory: 'cloudlet',
+  })) {
     t.equal(one(key), value, `${key}=${value}`);
   }
   t.ok(one('CapabilityBoundingSet') && !/CAP_SYS_ADMIN/.test(one('CapabilityBoundingSet')!), 'a capability set without CAP_SYS_ADMIN');
@@ -87,23 +94,45 @@ t.test('the watchdog is fed only while the health checks pass, and says which fa
   const sent: string[] = [];
   const logged: string[] = [];
   let report: HealthReport = { ok: true, checks: [{ name: 'libvirt', ok: true }] };
-  const watchdog = new Watchdog(1000, async () => report, async (state) => { sent.push(state); return true; }, (line) => logged.push(line));
+  const watchdog = new Watchdog(
+    1000,
+    async () => report,
+    async (state) => {
+      sent.push(state);
+      return true;
+    },
+    (line) => logged.push(line),
+  );
 
   await watchdog.tick();
   t.same(sent, ['WATCHDOG=1']);
 
-  report = { ok: false, checks: [
-    { name: 'libvirt', ok: false, detail: 'connection to qemu:///system is not alive' },
-    { name: 'data-dir', ok: true },
-    { name: 'discovery', ok: false, optional: true, detail: 'no avahi-daemon' },
-  ] };
+  report = {
+    ok: false,
+    checks: [
+      { name: 'libvirt', ok: false, detail: 'connection to qemu:///system is not alive' },
+      { name: 'data-dir', ok: true },
+      { name: 'discovery', ok: false, optional: true, detail: 'no avahi-daemon' },
+    ],
+  };
   await watchdog.tick();
   t.same(sent, ['WATCHDOG=1'], 'no ping while a check fails');
   t.same(logged, ['watchdog: withholding the ping: failing libvirt (connection to qemu:///system is not alive)'], 'optional checks are not blamed');
 
   let release!: () => void;
   report = { ok: true, checks: [] };
-  const hanging = new Watchdog(1000, () => new Promise((resolve) => { release = () => resolve(report); }), async (state) => { sent.push(state); return true; }, (line) => logged.push(line));
+  const hanging = new Watchdog(
+    1000,
+    () =>
+      new Promise((resolve) => {
+        release = () => resolve(report);
+      }),
+    async (state) => {
+      sent.push(state);
+      return true;
+    },
+    (line) => logged.push(line),
+  );
   const first = hanging.tick();
   await hanging.tick();
   t.match(logged.at(-1), /previous health check is still running/, 'a hanging check withholds the next ping');
@@ -118,9 +147,13 @@ t.test('under systemd the agent says READY=1 once its API answers, then feeds th
   const socket = path.join(dir, 'notify.sock');
   // socat plays systemd's notification socket: it prints every datagram it receives.
   const manager = spawn('socat', ['-u', `UNIX-RECV:${socket}`, 'STDOUT'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  t.teardown(() => { manager.kill(); });
+  t.teardown(() => {
+    manager.kill();
+  });
   let received = '';
-  manager.stdout.on('data', (c: Buffer) => { received += c.toString(); });
+  manager.stdout.on('data', (c: Buffer) => {
+    received += c.toString();
+  });
   for (let i = 0; i < 50 && !existsSync(socket); i++) await sleep(20);
 
   const agent = await AgentProcess.start({ portRange: '22280-22289', env: { NOTIFY_SOCKET: socket, WATCHDOG_USEC: '400000' } });

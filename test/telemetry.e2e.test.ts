@@ -75,7 +75,10 @@ t.test('a new MQTT subscriber gets the retained status, service and host metrics
 t.test('a start is seen on MQTT and on /v1/events; a later subscriber gets the ready state retained', async (tt) => {
   const watcher = await MqttWatcher.connect(mqttUrl(), `${ROOT_TOPIC}/instances/#`);
   const events = await EventsSocket.connect(agent.apiPort);
-  tt.teardown(async () => { await watcher.close(); await events.close(); });
+  tt.teardown(async () => {
+    await watcher.close();
+    await events.close();
+  });
   tt.same((await events.next((e) => e.type === 'snapshot')).value.instances, [], 'the stream opens with a snapshot');
 
   const start = await agent.post('/v1/instances', { service_id: SERVICE });
@@ -84,13 +87,19 @@ t.test('a start is seen on MQTT and on /v1/events; a later subscriber gets the r
 
   const states = ['starting', 'ready'];
   for (const state of states) {
-    tt.match((await watcher.next((m) => m.topic === instanceTopic(id) && m.json?.state === state)).value.json,
-      { id, service_id: SERVICE, state, mechanism: 'cached-vm' }, `MQTT: ${state}`);
+    tt.match(
+      (await watcher.next((m) => m.topic === instanceTopic(id) && m.json?.state === state)).value.json,
+      { id, service_id: SERVICE, state, mechanism: 'cached-vm' },
+      `MQTT: ${state}`,
+    );
     tt.ok(await events.next((e) => e.type === 'instance' && e.instance.id === id && e.state === state), `WebSocket: ${state}`);
   }
   const phases = events.inbox.items.filter((i) => i.value.type === 'progress' && i.value.instance_id === id).map((i) => i.value.phase);
   tt.same([...new Set(phases)], ['cloning', 'booting', 'waiting-ready', 'ready'], 'launch progress phases in order');
-  tt.ok(watcher.inbox.items.some((i) => i.value.topic === `${instanceTopic(id)}/progress`), 'progress is on MQTT too');
+  tt.ok(
+    watcher.inbox.items.some((i) => i.value.topic === `${instanceTopic(id)}/progress`),
+    'progress is on MQTT too',
+  );
 
   const late = await MqttWatcher.connect(mqttUrl(), `${ROOT_TOPIC}/instances/+`);
   tt.teardown(() => late.close());
@@ -110,7 +119,10 @@ t.test('a start is seen on MQTT and on /v1/events; a later subscriber gets the r
   const dashboard = await MqttWatcher.connect(mqttUrl(), [`${ROOT_TOPIC}/instances/+`, `${ROOT_TOPIC}/status`]);
   tt.teardown(() => dashboard.close());
   await dashboard.next((m) => m.topic === `${ROOT_TOPIC}/status`);
-  tt.notOk(dashboard.inbox.items.some((i) => i.value.topic === instanceTopic(id)), 'a dashboard connecting after the stop does not see the ended instance');
+  tt.notOk(
+    dashboard.inbox.items.some((i) => i.value.topic === instanceTopic(id)),
+    'a dashboard connecting after the stop does not see the ended instance',
+  );
 });
 
 t.test('a Service VM killed outside the agent shows up as crashed on MQTT and WebSocket, and is released', async (tt) => {
@@ -119,12 +131,22 @@ t.test('a Service VM killed outside the agent shows up as crashed on MQTT and We
   const id = start.json.instance.id;
   const watcher = await MqttWatcher.connect(mqttUrl(), `${ROOT_TOPIC}/instances/+`);
   const events = await EventsSocket.connect(agent.apiPort);
-  tt.teardown(async () => { await watcher.close(); await events.close(); });
+  tt.teardown(async () => {
+    await watcher.close();
+    await events.close();
+  });
 
   await killQemuOf(id);
-  tt.match((await watcher.next((m) => m.topic === instanceTopic(id) && m.json?.state === 'crashed', 10000)).value.json,
-    { id, state: 'crashed', reason: 'failed' }, 'MQTT: crashed (QEMU failed)');
-  tt.match((await events.next((e) => e.type === 'instance' && e.state === 'crashed', 10000)).value, { reason: 'failed', instance: { id } }, 'WebSocket: crashed');
+  tt.match(
+    (await watcher.next((m) => m.topic === instanceTopic(id) && m.json?.state === 'crashed', 10000)).value.json,
+    { id, state: 'crashed', reason: 'failed' },
+    'MQTT: crashed (QEMU failed)',
+  );
+  tt.match(
+    (await events.next((e) => e.type === 'instance' && e.state === 'crashed', 10000)).value,
+    { reason: 'failed', instance: { id } },
+    'WebSocket: crashed',
+  );
   tt.ok(await watcher.next((m) => m.topic === instanceTopic(id) && m.json === null), 'the retained topic is cleared');
   await assertReleased(tt, id);
   const again = await agent.post('/v1/instances', { service_id: SERVICE });
@@ -143,15 +165,21 @@ t.test('clients only read: a publish anywhere is refused and its client disconne
     await intruder.endAsync(true);
   };
   await publishAs('phones/hello', '{"from":"a phone"}');
-  tt.pass('a client publishing outside the agent\'s tree was disconnected');
+  tt.pass("a client publishing outside the agent's tree was disconnected");
   await publishAs(`${ROOT_TOPIC}/status`, JSON.stringify({ state: 'offline' }));
-  tt.pass('a client publishing into the agent\'s tree was disconnected');
+  tt.pass("a client publishing into the agent's tree was disconnected");
 
   const fresh = await MqttWatcher.connect(mqttUrl(), `${ROOT_TOPIC}/status`);
   tt.teardown(() => fresh.close());
   tt.equal((await fresh.next(() => true)).value.json.state, 'online', 'the retained status was not overwritten');
-  tt.notOk(watcher.inbox.items.some((i) => i.value.topic === 'phones/hello'), 'nobody saw the phone\'s message');
-  tt.notOk(watcher.inbox.items.some((i) => i.value.topic === `${ROOT_TOPIC}/status` && i.value.json?.state === 'offline'), 'nobody saw the fake');
+  tt.notOk(
+    watcher.inbox.items.some((i) => i.value.topic === 'phones/hello'),
+    "nobody saw the phone's message",
+  );
+  tt.notOk(
+    watcher.inbox.items.some((i) => i.value.topic === `${ROOT_TOPIC}/status` && i.value.json?.state === 'offline'),
+    'nobody saw the fake',
+  );
 });
 
 t.test('MQTT over WebSocket on the API port serves the same tree', async (tt) => {
@@ -167,8 +195,11 @@ t.test('the external broker gets the tree, and the last will says offline when t
   tt.ok(await watcher.next((m) => m.topic === `${ROOT_TOPIC}/services/${SERVICE}`), 'the service is mirrored');
   const from = watcher.inbox.items.length;
   await agent.kill();
-  tt.equal((await watcher.next((m) => m.topic === `${ROOT_TOPIC}/status` && m.json?.state === 'offline', 10000, from)).value.json.state,
-    'offline', 'last will: offline');
+  tt.equal(
+    (await watcher.next((m) => m.topic === `${ROOT_TOPIC}/status` && m.json?.state === 'offline', 10000, from)).value.json.state,
+    'offline',
+    'last will: offline',
+  );
   await agent.launch();
 });
 

@@ -29,7 +29,9 @@ t.test('a torn, empty or mismatched TLS key or certificate never stops the agent
   await writeFile(keyFile, '');
   await writeFile(certFile, '');
   let agent: AgentProcess | undefined;
-  t.teardown(async () => { await (agent?.dispose() ?? rm(dataDir, { recursive: true, force: true })); });
+  t.teardown(async () => {
+    await (agent?.dispose() ?? rm(dataDir, { recursive: true, force: true }));
+  });
 
   /** Start (or restart) the agent; its log lines about the certificate, and what it serves, must agree with the files. */
   const startAndCheck = async (what: string, problem: RegExp) => {
@@ -40,7 +42,10 @@ t.test('a torn, empty or mismatched TLS key or certificate never stops the agent
     } else {
       agent = await AgentProcess.start({ portRange: '22990-22999', dataDir });
     }
-    const said = agent.log.slice(logBefore).split('\n').filter((line) => line.startsWith('tls: '));
+    const said = agent.log
+      .slice(logBefore)
+      .split('\n')
+      .filter((line) => line.startsWith('tls: '));
     t.equal(said.length, 1, `${what}: one log line says so`);
     t.match(said[0], problem, `${what}: it names the problem`);
     t.match(said[0], /making a new one: paired phones must pair again/);
@@ -59,7 +64,7 @@ t.test('a torn, empty or mismatched TLS key or certificate never stops the agent
   const second = await startAndCheck('a certificate cut in half', /the certificate is not a PEM certificate/);
   t.not(second, first);
   await writeFile(keyFile, generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ type: 'pkcs8', format: 'pem' }));
-  await startAndCheck('a key that is not the certificate\'s', /the key is not the certificate's/);
+  await startAndCheck("a key that is not the certificate's", /the key is not the certificate's/);
   await rm(certFile);
   await startAndCheck('a key without its certificate', /the certificate is missing/);
 

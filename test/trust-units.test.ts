@@ -81,7 +81,8 @@ t.test('expiry: refused at once when due, ended by its timer, and re-armed from 
 t.test('a bearer token is read from "Bearer <token>" only', async (tt) => {
   tt.equal(bearerToken('Bearer cld_abc'), 'cld_abc');
   tt.equal(bearerToken('bearer \tcld_abc '), 'cld_abc', 'the scheme in any case, spaces around');
-  for (const header of [undefined, '', 'Bearer', 'Bearer a b', 'Basic dXNlcjpwYXNz', 'cld_abc']) tt.equal(bearerToken(header), undefined, JSON.stringify(header));
+  for (const header of [undefined, '', 'Bearer', 'Bearer a b', 'Basic dXNlcjpwYXNz', 'cld_abc'])
+    tt.equal(bearerToken(header), undefined, JSON.stringify(header));
 });
 
 t.test('a revocation or removal that cannot be saved changes nothing, and can be retried', async (tt) => {
@@ -115,8 +116,11 @@ t.test('pairing: each address gets a few wrong codes, then is refused for the re
   await tt.rejects(pairing.claim(code, { name: 'x', remoteAddress: '192.0.2.1' }), { code: 'PAIRING_CLOSED' }, 'that address is cut off');
   await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '2001:db8:1:2::7' }), { code: 'PAIRING_CODE_INVALID' });
   await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '2001:db8:1:2::8' }), { code: 'PAIRING_CODE_INVALID' });
-  await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '2001:db8:1:2:ffff::9' }), { code: 'PAIRING_CODE_INVALID', details: { attempts_left: 0 } },
-    'an IPv6 /64 counts as one address');
+  await tt.rejects(
+    pairing.claim(wrong, { name: 'x', remoteAddress: '2001:db8:1:2:ffff::9' }),
+    { code: 'PAIRING_CODE_INVALID', details: { attempts_left: 0 } },
+    'an IPv6 /64 counts as one address',
+  );
   const next = pairing.open({ ttlSeconds: 60 });
   tt.equal((await pairing.claim(next.code, { name: 'phone', remoteAddress: '192.0.2.1' })).device.name, 'phone', 'a new window forgets the counts');
 });
@@ -145,10 +149,17 @@ async function windowPastFreeWrongCodes(ttlSeconds: number) {
 
 t.test('pairing: wrong codes from many addresses slow the window down; a burst of guesses is refused unread', async (tt) => {
   const { clock, pairing, code, wrong } = await windowPastFreeWrongCodes(600);
-  await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: '203.0.113.1' }), { code: 'PAIRING_CODE_INVALID' }, 'the first wrong code past the free ones');
+  await tt.rejects(
+    pairing.claim(wrong, { name: 'x', remoteAddress: '203.0.113.1' }),
+    { code: 'PAIRING_CODE_INVALID' },
+    'the first wrong code past the free ones',
+  );
   // 200 guesses from 200 more addresses during the pause: none is checked (the right code among them would not pair).
   for (let host = 1; host <= 200; host++) {
-    await tt.rejects(pairing.claim(host === 100 ? code : wrong, { name: 'x', remoteAddress: `10.9.${host}.1` }), { code: 'RATE_LIMITED', details: { retry_after_s: 1 } });
+    await tt.rejects(pairing.claim(host === 100 ? code : wrong, { name: 'x', remoteAddress: `10.9.${host}.1` }), {
+      code: 'RATE_LIMITED',
+      details: { retry_after_s: 1 },
+    });
   }
   tt.pass('during the pause every claim is refused with the time to wait, the right code too');
   // The pauses grow with each wrong code: 1 s, 2 s, 4 s, ... up to MAX_PAUSE_SECONDS.
@@ -159,7 +170,10 @@ t.test('pairing: wrong codes from many addresses slow the window down; a burst o
     const refused = await pairing.claim(wrong, { name: 'x', remoteAddress: '203.0.113.200' }).catch((err: { details: { retry_after_s: number } }) => err);
     pauses.push((refused as { details: { retry_after_s: number } }).details.retry_after_s);
   }
-  tt.same(pauses, [2, 4, 8, 16, 32, 64, 128, 256].map((s) => Math.min(s, MAX_PAUSE_SECONDS)));
+  tt.same(
+    pauses,
+    [2, 4, 8, 16, 32, 64, 128, 256].map((s) => Math.min(s, MAX_PAUSE_SECONDS)),
+  );
 });
 
 t.test('pairing: however many wrong codes from however many addresses, the window stays open and the right code pairs', async (tt) => {
@@ -169,7 +183,9 @@ t.test('pairing: however many wrong codes from however many addresses, the windo
     clock.now += MAX_PAUSE_SECONDS * 1000;
     await tt.rejects(pairing.claim(wrong, { name: 'x', remoteAddress: `10.0.${i}.1` }), { code: 'PAIRING_CODE_INVALID' });
   }
-  const paused = await pairing.claim(code, { name: 'phone', remoteAddress: '192.0.2.50' }).catch((err: { code: string; details: { retry_after_s: number } }) => err);
+  const paused = await pairing
+    .claim(code, { name: 'phone', remoteAddress: '192.0.2.50' })
+    .catch((err: { code: string; details: { retry_after_s: number } }) => err);
   tt.match(paused, { code: 'RATE_LIMITED' }, 'the phone meets a pause');
   clock.now += (paused as { details: { retry_after_s: number } }).details.retry_after_s * 1000;
   const paired = await pairing.claim(code, { name: 'phone', remoteAddress: '192.0.2.50' });

@@ -51,7 +51,13 @@ const as = (token: string) => ({ authorization: `Bearer ${token}` });
 async function pair(name: string, options: { expiresInMinutes?: number; deviceId?: string } = {}): Promise<{ id: string; token: string; json: any }> {
   const window = await agent.post('/v1/pairing', options.expiresInMinutes ? { expires_in_minutes: options.expiresInMinutes } : {});
   if (window.status !== 201) throw new Error(`opening a pairing window: ${window.body}`);
-  const claim = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name, ...(options.deviceId ? { device_id: options.deviceId } : {}) }, NONE);
+  const claim = await request(
+    agent.apiPort,
+    'POST',
+    '/v1/pairing/claim',
+    { code: window.json.code, name, ...(options.deviceId ? { device_id: options.deviceId } : {}) },
+    NONE,
+  );
   if (claim.status !== 201) throw new Error(`claiming: ${claim.body}`);
   return { id: claim.json.device_id, token: claim.json.token, json: claim.json };
 }
@@ -87,12 +93,18 @@ t.test('the route tables: every route has its access level enforced', async (tt)
   // A sample of the admin token's reach (the rest of the suite uses it everywhere).
   tt.equal((await agent.get('/v1/devices')).status, 200, 'the admin token opens the admin routes');
   tt.equal((await agent.get('/v1/instances')).status, 200, 'and the device routes');
-  const open = routes.filter((r) => r.access === 'open' && r.path.startsWith('/v1')).map((r) => `${r.method} ${r.path}`).sort();
-  tt.same(open, ['GET /v1/apps', 'GET /v1/apps/:id', 'GET /v1/apps/:id/file', 'GET /v1/health', 'GET /v1/system', 'POST /v1/pairing/claim'],
-    'the open /v1 routes are exactly the documented list');
+  const open = routes
+    .filter((r) => r.access === 'open' && r.path.startsWith('/v1'))
+    .map((r) => `${r.method} ${r.path}`)
+    .sort();
+  tt.same(
+    open,
+    ['GET /v1/apps', 'GET /v1/apps/:id', 'GET /v1/apps/:id/file', 'GET /v1/health', 'GET /v1/system', 'POST /v1/pairing/claim'],
+    'the open /v1 routes are exactly the documented list',
+  );
 });
 
-t.test('the trust files on disk are the owner\'s only, and tokens are stored hashed', async (tt) => {
+t.test("the trust files on disk are the owner's only, and tokens are stored hashed", async (tt) => {
   const trustDir = path.join(agent.dataDir, 'trust');
   const device = await pair('disk phone');
   tt.equal((await stat(trustDir)).mode & 0o777, 0o700);
@@ -111,7 +123,7 @@ t.test('pairing', async (tt) => {
     t2.equal(window.json.tls_fingerprint, system.json.tls_fingerprint, '/v1/system shows the same fingerprint, openly');
     // Read aloud as "ABCD-EFGH", typed in lower case: still the code.
     const typed = `${window.json.code.slice(0, 4)}-${window.json.code.slice(4)}`.toLowerCase();
-    const claim = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: typed, name: 'Alice\'s phone', device_id: 'android-42' }, NONE);
+    const claim = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: typed, name: "Alice's phone", device_id: 'android-42' }, NONE);
     t2.equal(claim.status, 201, claim.body);
     t2.equal(claim.json.device_id, 'android-42');
     t2.match(claim.json.token, /^cld_[A-Za-z0-9_-]{43}$/);
@@ -121,7 +133,7 @@ t.test('pairing', async (tt) => {
     const again = await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'Mallory' }, NONE);
     expectError(t2, again, 403, 'PAIRING_CLOSED', 'the code a second time');
     const listed = (await agent.get('/v1/devices')).json.devices.find((d: { id: string }) => d.id === 'android-42');
-    t2.match(listed, { name: 'Alice\'s phone', standing: 'active', revoked_at: null, expires_at: null });
+    t2.match(listed, { name: "Alice's phone", standing: 'active', revoked_at: null, expires_at: null });
   });
 
   tt.test('an address that sends 3 wrong codes is refused for the rest of the window', async (t2) => {
@@ -139,13 +151,31 @@ t.test('pairing', async (tt) => {
   tt.test('a window that timed out refuses its code', async (t2) => {
     const window = await agent.post('/v1/pairing', { ttl_seconds: 1 });
     await new Promise((r) => setTimeout(r, 1200));
-    expectError(t2, await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'slow' }, NONE), 403, 'PAIRING_CLOSED', 'after its time');
+    expectError(
+      t2,
+      await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'slow' }, NONE),
+      403,
+      'PAIRING_CLOSED',
+      'after its time',
+    );
   });
 
   tt.test('a taken or malformed device id does not use the code up', async (t2) => {
     const window = await agent.post('/v1/pairing', {});
-    expectError(t2, await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'x', device_id: 'android-42' }, NONE), 409, 'CONFLICT', 'a paired id');
-    expectError(t2, await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'x', device_id: 'a b' }, NONE), 400, 'INVALID_PARAMETER', 'a bad id');
+    expectError(
+      t2,
+      await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'x', device_id: 'android-42' }, NONE),
+      409,
+      'CONFLICT',
+      'a paired id',
+    );
+    expectError(
+      t2,
+      await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'x', device_id: 'a b' }, NONE),
+      400,
+      'INVALID_PARAMETER',
+      'a bad id',
+    );
     t2.equal((await request(agent.apiPort, 'POST', '/v1/pairing/claim', { code: window.json.code, name: 'x' }, NONE)).status, 201, 'the code still works');
   });
 
@@ -164,7 +194,7 @@ t.test('revoking and removing devices', async (tt) => {
   tt.equal(revoked.status, 200, revoked.body);
   tt.equal(revoked.json.standing, 'revoked');
   const refused = await request(agent.apiPort, 'GET', '/v1/services', undefined, as(device.token));
-  expectError(tt, refused, 401, 'DEVICE_REVOKED', 'the revoked device\'s next request');
+  expectError(tt, refused, 401, 'DEVICE_REVOKED', "the revoked device's next request");
   tt.match(refused.headers['www-authenticate'], /error="invalid_token"/);
   tt.equal((await agent.delete(`/v1/devices/${device.id}`)).status, 204);
   expectError(tt, await request(agent.apiPort, 'GET', '/v1/services', undefined, as(device.token)), 401, 'UNAUTHENTICATED', 'a removed device');
@@ -172,20 +202,23 @@ t.test('revoking and removing devices', async (tt) => {
   expectError(tt, await agent.post('/v1/devices/nobody/revoke'), 404, 'DEVICE_NOT_FOUND', 'revoking an unknown device');
 });
 
-t.test('a revoked device\'s open /v1/events socket is closed at once; other devices\' stay open', async (tt) => {
+t.test("a revoked device's open /v1/events socket is closed at once; other devices' stay open", async (tt) => {
   const [doomed, other] = [await pair('events doomed'), await pair('events other')];
-  const [watching, staying] = [await EventsSocket.connect(agent.apiPort, { headers: as(doomed.token) }), await EventsSocket.connect(agent.apiPort, { headers: as(other.token) })];
+  const [watching, staying] = [
+    await EventsSocket.connect(agent.apiPort, { headers: as(doomed.token) }),
+    await EventsSocket.connect(agent.apiPort, { headers: as(other.token) }),
+  ];
   await watching.next((e) => e.type === 'snapshot');
   await staying.next((e) => e.type === 'snapshot');
   const closed = new Promise<number>((resolve) => watching.socket.once('close', (code) => resolve(code)));
   tt.equal((await agent.post(`/v1/devices/${doomed.id}/revoke`)).status, 200);
   const timeout = new Promise<string>((resolve) => setTimeout(() => resolve('still open after 5 s'), 5000).unref());
   tt.equal(await Promise.race([closed, timeout]), 1008, 'closed with 1008 (policy violation)');
-  tt.equal(staying.socket.readyState, WebSocket.OPEN, 'another device\'s socket stays open');
+  tt.equal(staying.socket.readyState, WebSocket.OPEN, "another device's socket stays open");
   await staying.close();
 });
 
-t.test('a token sent as ?access_token= never reaches the agent\'s log', async (tt) => {
+t.test("a token sent as ?access_token= never reaches the agent's log", async (tt) => {
   const device = await pair('query token');
   const asQuery = await request(agent.apiPort, 'GET', `/v1/services?access_token=${encodeURIComponent(device.token)}`, undefined, NONE);
   tt.equal(asQuery.status, 401, 'a plain request does not take the query credential');
@@ -200,8 +233,14 @@ t.test('/v1/events WebSocket: refused without a device credential, accepted with
   const device = await pair('watcher');
   const refused = await new Promise<number>((resolve) => {
     const socket = new WebSocket(`ws://127.0.0.1:${agent.apiPort}/v1/events`);
-    socket.on('unexpected-response', (_req, res) => { resolve(res.statusCode ?? 0); socket.terminate(); });
-    socket.on('open', () => { resolve(101); socket.close(); });
+    socket.on('unexpected-response', (_req, res) => {
+      resolve(res.statusCode ?? 0);
+      socket.terminate();
+    });
+    socket.on('open', () => {
+      resolve(101);
+      socket.close();
+    });
     socket.on('error', () => {});
   });
   tt.equal(refused, 401, 'no credential: 401 at the upgrade');
@@ -223,7 +262,10 @@ t.test('HTTPS: the certificate is the one pairing names, and a client pinning it
   tt.type(port, 'number');
   // What a phone sees at its first connection (trust on first use, checked against what the operator reads out).
   const seen = await new Promise<tls.PeerCertificate>((resolve, reject) => {
-    const socket = tls.connect({ host: '127.0.0.1', port, rejectUnauthorized: false }, () => { resolve(socket.getPeerCertificate()); socket.end(); });
+    const socket = tls.connect({ host: '127.0.0.1', port, rejectUnauthorized: false }, () => {
+      resolve(socket.getPeerCertificate());
+      socket.end();
+    });
     socket.on('error', reject);
   });
   tt.equal(seen.fingerprint256, system.tls_fingerprint, 'the served certificate has the fingerprint pairing hands out');
@@ -231,22 +273,58 @@ t.test('HTTPS: the certificate is the one pairing names, and a client pinning it
   tt.equal(new X509Certificate(pem).fingerprint256, system.tls_fingerprint);
   const device = await pair('pinning phone');
 
-  const pinned = (pin: string) => new Promise<number>((resolve, reject) => {
-    const req = https.request({
-      host: '127.0.0.1', port, path: '/v1/instances', headers: as(device.token), agent: false, ca: pem,
-      // The pin replaces the host name check: the phone may reach the cloudlet by any address.
-      checkServerIdentity: (_host, cert) => (cert.fingerprint256 === pin ? undefined : new Error(`certificate ${cert.fingerprint256} is not the pinned ${pin}`)),
-    }, (res) => { res.resume(); resolve(res.statusCode ?? 0); });
-    req.on('error', reject);
-    req.end();
-  });
+  const pinned = (pin: string) =>
+    new Promise<number>((resolve, reject) => {
+      const req = https.request(
+        {
+          host: '127.0.0.1',
+          port,
+          path: '/v1/instances',
+          headers: as(device.token),
+          agent: false,
+          ca: pem,
+          // The pin replaces the host name check: the phone may reach the cloudlet by any address.
+          checkServerIdentity: (_host, cert) =>
+            cert.fingerprint256 === pin ? undefined : new Error(`certificate ${cert.fingerprint256} is not the pinned ${pin}`),
+        },
+        (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        },
+      );
+      req.on('error', reject);
+      req.end();
+    });
   tt.equal(await pinned(system.tls_fingerprint), 200, 'pinned to the right fingerprint: connected and authenticated');
-  await tt.rejects(pinned(system.tls_fingerprint.replace(/^../, '00')), /is not the pinned/, 'pinned to another fingerprint: refused before any request is sent');
+  await tt.rejects(
+    pinned(system.tls_fingerprint.replace(/^../, '00')),
+    /is not the pinned/,
+    'pinned to another fingerprint: refused before any request is sent',
+  );
   // A client trusting only some other certificate does not connect either.
-  const other = (await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', '/dev/null', '-subj', '/CN=other', '-days', '1'])).stdout;
-  await tt.rejects(new Promise((resolve, reject) => {
-    https.get({ host: '127.0.0.1', port, path: '/v1/health', agent: false, ca: other }, resolve).on('error', reject);
-  }), 'a different certificate authority: refused');
+  const other = (
+    await run('openssl', [
+      'req',
+      '-x509',
+      '-newkey',
+      'ec',
+      '-pkeyopt',
+      'ec_paramgen_curve:P-256',
+      '-nodes',
+      '-keyout',
+      '/dev/null',
+      '-subj',
+      '/CN=other',
+      '-days',
+      '1',
+    ])
+  ).stdout;
+  await tt.rejects(
+    new Promise((resolve, reject) => {
+      https.get({ host: '127.0.0.1', port, path: '/v1/health', agent: false, ca: other }, resolve).on('error', reject);
+    }),
+    'a different certificate authority: refused',
+  );
 });
 
 t.test('the CLI: the operator opens a window, a laptop pairs, pins the certificate and is revoked', async (tt) => {
@@ -282,7 +360,10 @@ t.test('the CLI: the operator opens a window, a laptop pairs, pins the certifica
 
   const devices = await cli(['devices', '--cloudlet', cloudlet, '--json']);
   tt.equal(devices.code, 0, devices.stderr);
-  tt.ok(devices.json.devices.some((d: { id: string; name: string }) => d.id === paired.json.device_id && d.name === 'laptop'), 'the operator lists the laptop');
+  tt.ok(
+    devices.json.devices.some((d: { id: string; name: string }) => d.id === paired.json.device_id && d.name === 'laptop'),
+    'the operator lists the laptop',
+  );
   tt.equal((await cli(['devices', 'revoke', paired.json.device_id, '--cloudlet', cloudlet])).code, 0);
   const revoked = await cli(['instances', '--cloudlet', cloudlet, '--json'], laptop);
   tt.equal(revoked.json.error.code, 'DEVICE_REVOKED', 'revoked at once');
@@ -304,13 +385,20 @@ t.test('an agent whose HTTPS port is taken still serves, and says it has no HTTP
 });
 
 t.test('loopback is 127.0.0.0/8 and ::1 in any spelling, nothing else', async (tt) => {
-  for (const address of ['127.0.0.1', '127.0.0.2', '::1', '0000:0000:0000:0000:0000:0000:0000:0001', '::ffff:127.0.0.1', '0000:0000:0000:0000:0000:ffff:7f00:0001']) {
+  for (const address of [
+    '127.0.0.1',
+    '127.0.0.2',
+    '::1',
+    '0000:0000:0000:0000:0000:0000:0000:0001',
+    '::ffff:127.0.0.1',
+    '0000:0000:0000:0000:0000:ffff:7f00:0001',
+  ]) {
     tt.ok(isLoopback(address), address);
   }
   for (const address of ['10.0.0.1', '192.168.1.2', 'fe80::1', '::ffff:10.0.0.1', '', 'localhost', '::']) tt.notOk(isLoopback(address), address || '(empty)');
 });
 
-t.test('a device\'s instances end with its authorization', async (tt) => {
+t.test("a device's instances end with its authorization", async (tt) => {
   const imported = await agent.post('/v1/services', { path: testGuestDir() });
   tt.equal(imported.status, 201, imported.body);
   const alice = await pair('alice');
@@ -323,21 +411,21 @@ t.test('a device\'s instances end with its authorization', async (tt) => {
   expectError(tt, await request(agent.apiPort, 'DELETE', `/v1/instances/${id}`, undefined, as(bob.token)), 403, 'FORBIDDEN', 'another device stopping it');
   const joined = await request(agent.apiPort, 'POST', '/v1/instances', { service_id: SERVICE, join: true }, as(bob.token));
   tt.equal(joined.json.instance.id, id, 'bob joins the shareable instance');
-  tt.same(joined.json.instance.owners, [bob.id], 'a device sees only its own entry among the owners, no other device\'s id');
+  tt.same(joined.json.instance.owners, [bob.id], "a device sees only its own entry among the owners, no other device's id");
   tt.same((await agent.get(`/v1/instances/${id}`)).json.owners, [alice.id, bob.id], 'the operator sees both');
 
   tt.equal((await agent.post(`/v1/devices/${alice.id}/revoke`)).status, 200);
   expectError(tt, await request(agent.apiPort, 'GET', `/v1/instances/${id}`, undefined, as(alice.token)), 401, 'DEVICE_REVOKED', 'alice at once');
   // Released as the revocation's consequence, in the background of its answer.
   await waitFor(async () => (await agent.get(`/v1/instances/${id}`)).json.users === 1, 10_000);
-  tt.match((await agent.get(`/v1/instances/${id}`)).json, { state: 'ready', users: 1, owners: [bob.id] }, 'alice\'s use is released; bob still uses it');
+  tt.match((await agent.get(`/v1/instances/${id}`)).json, { state: 'ready', users: 1, owners: [bob.id] }, "alice's use is released; bob still uses it");
 
   tt.equal((await agent.delete(`/v1/devices/${bob.id}`)).status, 204);
   await waitFor(async () => (await agent.get(`/v1/instances/${id}`)).status === 404, 30_000);
   tt.same(await domainsUnder(agent.dataDir), [], 'with its last user removed, the VM is gone');
 });
 
-t.test('the plain KD face (anonymous) stops only owner-less uses: a paired device\'s instance is an unknown one to it', async (tt) => {
+t.test("the plain KD face (anonymous) stops only owner-less uses: a paired device's instance is an unknown one to it", async (tt) => {
   const dave = await pair('dave');
   const started = await request(agent.apiPort, 'POST', '/v1/instances', { service_id: SERVICE, join: false }, as(dave.token));
   tt.equal(started.status, 201, started.body);
@@ -346,18 +434,18 @@ t.test('the plain KD face (anonymous) stops only owner-less uses: a paired devic
   const unknown = `404 Not Found - service vm for ${id} not found`;
 
   const direct = await kdStop();
-  tt.equal(direct.status, 404, 'an unpaired client cannot stop a device\'s instance');
-  tt.match(direct.body, unknown, 'to it the instance does not exist (KD\'s usual text)');
+  tt.equal(direct.status, 404, "an unpaired client cannot stop a device's instance");
+  tt.match(direct.body, unknown, "to it the instance does not exist (KD's usual text)");
   tt.match((await agent.get(`/v1/instances/${id}`)).json, { state: 'ready', users: 1, owners: [dave.id] }, 'the VM still runs');
 
   // Joining the shareable instance gives the anonymous client an owner-less use of it, and that one only.
   const joined = await request(agent.apiPort, 'GET', `/api/servicevm/start?serviceId=${SERVICE}&join=true`, undefined, NONE);
   tt.equal(joined.status, 200, joined.body);
-  tt.equal(joined.json._id, id, 'the anonymous join gets the device\'s instance');
+  tt.equal(joined.json._id, id, "the anonymous join gets the device's instance");
   tt.equal((await kdStop()).status, 200, 'it releases its own (owner-less) use');
-  tt.match((await agent.get(`/v1/instances/${id}`)).json, { state: 'ready', users: 1, owners: [dave.id] }, 'the device\'s use is kept');
+  tt.match((await agent.get(`/v1/instances/${id}`)).json, { state: 'ready', users: 1, owners: [dave.id] }, "the device's use is kept");
   const again = await kdStop();
-  tt.equal(again.status, 404, 'stopping twice does not release the device\'s use');
+  tt.equal(again.status, 404, "stopping twice does not release the device's use");
   tt.match(again.body, unknown);
   tt.match((await agent.get(`/v1/instances/${id}`)).json, { state: 'ready', users: 1, owners: [dave.id] }, 'the VM still runs');
   tt.equal((await request(agent.apiPort, 'DELETE', `/v1/instances/${id}`, undefined, as(dave.token))).json.destroyed, true, 'the device stops it');
@@ -366,12 +454,16 @@ t.test('the plain KD face (anonymous) stops only owner-less uses: a paired devic
   const own = await request(agent.apiPort, 'GET', `/api/servicevm/start?serviceId=${SERVICE}&join=false`, undefined, NONE);
   tt.equal(own.status, 200, own.body);
   tt.same((await agent.get(`/v1/instances/${own.json._id}`)).json.owners, [], 'owner-less');
-  tt.equal((await request(agent.apiPort, 'GET', `/api/servicevm/stop?instanceId=${own.json._id}`, undefined, NONE)).status, 200, 'stopped through the plain face');
+  tt.equal(
+    (await request(agent.apiPort, 'GET', `/api/servicevm/stop?instanceId=${own.json._id}`, undefined, NONE)).status,
+    200,
+    'stopped through the plain face',
+  );
   tt.equal((await agent.get(`/v1/instances/${own.json._id}`)).status, 404, 'and gone');
   tt.same(await domainsUnder(agent.dataDir), [], 'no domain left');
 });
 
-t.test('an authorization that expires stops the device\'s instance, even across an agent restart', async (tt) => {
+t.test("an authorization that expires stops the device's instance, even across an agent restart", async (tt) => {
   // One minute: comfortably longer than the start, short enough to wait for.
   const carol = await pair('carol', { expiresInMinutes: 1 });
   tt.type(carol.json.expires_at, 'string');
@@ -415,9 +507,18 @@ t.test('from another address, secrets travel only inside TLS', async (tt) => {
   for (const link of ['lo', 'h1a', 'h1b']) await run('ip', ['-n', ns, 'link', 'set', link, 'up']);
   child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, AGENT_MAIN], {
     env: {
-      ...process.env, CLOUDLET_PORT: '9999', CLOUDLET_TLS_PORT: '9443', CLOUDLET_API_HOST: '0.0.0.0', CLOUDLET_DATA_DIR: dataDir,
-      CLOUDLET_FORWARD_ADDRESS: '127.0.0.1', CLOUDLET_PORT_RANGE: '22650-22659', CLOUDLET_SEED_DIR: '', CLOUDLET_DISCOVERY: 'off',
-      CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'), CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0',
+      ...process.env,
+      CLOUDLET_PORT: '9999',
+      CLOUDLET_TLS_PORT: '9443',
+      CLOUDLET_API_HOST: '0.0.0.0',
+      CLOUDLET_DATA_DIR: dataDir,
+      CLOUDLET_FORWARD_ADDRESS: '127.0.0.1',
+      CLOUDLET_PORT_RANGE: '22650-22659',
+      CLOUDLET_SEED_DIR: '',
+      CLOUDLET_DISCOVERY: 'off',
+      CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'),
+      CLOUDLET_MQTT_HOST: '127.0.0.1',
+      CLOUDLET_MQTT_PORT: '0',
     },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -426,7 +527,10 @@ t.test('from another address, secrets travel only inside TLS', async (tt) => {
     const timer = setTimeout(() => reject(new Error(`the agent did not start: ${log}`)), 20_000);
     const collect = (chunk: Buffer) => {
       log += chunk.toString();
-      if (/listening on \S+ after/.test(log)) { clearTimeout(timer); resolve(); }
+      if (/listening on \S+ after/.test(log)) {
+        clearTimeout(timer);
+        resolve();
+      }
     };
     child.stdout!.on('data', collect);
     child.stderr!.on('data', collect);
@@ -435,9 +539,18 @@ t.test('from another address, secrets travel only inside TLS', async (tt) => {
   const adminToken = (await readFile(path.join(dataDir, 'trust', 'admin-token'), 'utf8')).trim();
   /** curl in the namespace: `http://host:9999` or (-k: pinning is tested above) `https://host:9443`. */
   const curl = async (url: string, options: { token?: string; body?: unknown } = {}) => {
-    const args = ['--net=/run/netns/' + ns, 'curl', '-sk', '-o', '-', '-w', '\n%{http_code}', url,
+    const args = [
+      '--net=/run/netns/' + ns,
+      'curl',
+      '-sk',
+      '-o',
+      '-',
+      '-w',
+      '\n%{http_code}',
+      url,
       ...(options.token ? ['-H', `Authorization: Bearer ${options.token}`] : []),
-      ...(options.body ? ['-H', 'Content-Type: application/json', '--data', JSON.stringify(options.body)] : [])];
+      ...(options.body ? ['-H', 'Content-Type: application/json', '--data', JSON.stringify(options.body)] : []),
+    ];
     const { stdout } = await run('nsenter', args);
     const at = stdout.lastIndexOf('\n');
     const text = stdout.slice(0, at);
@@ -456,7 +569,11 @@ t.test('from another address, secrets travel only inside TLS', async (tt) => {
   const token = claim.json.token as string;
   tt.match(await curl(`${plain}/v1/instances`, { token }), { status: 403, json: { code: 'TLS_REQUIRED' } }, 'a device token over plain HTTP from the LAN');
   tt.equal((await curl(`${secure}/v1/instances`, { token })).status, 200, 'the device token over HTTPS');
-  tt.match(await curl(`${secure}/v1/devices`, { token: adminToken }), { status: 403, json: { code: 'ADMIN_ONLY' } }, 'the admin token from another address, even over HTTPS');
+  tt.match(
+    await curl(`${secure}/v1/devices`, { token: adminToken }),
+    { status: 403, json: { code: 'ADMIN_ONLY' } },
+    'the admin token from another address, even over HTTPS',
+  );
   tt.match(await curl(`${secure}/v1/instances`), { status: 401, json: { code: 'UNAUTHENTICATED' } }, 'no credential over HTTPS');
 });
 

@@ -32,7 +32,9 @@ async function signedBundle(file: string, payload: Buffer, key: KeyObject, claim
 
 function cloudletUpdate(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [CLI, ...args], (err, stdout, stderr) => resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr }));
+    execFile(process.execPath, [CLI, ...args], (err, stdout, stderr) =>
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr }),
+    );
   });
 }
 
@@ -65,7 +67,7 @@ t.test('cloudlet-update and hostile payloads', async (t) => {
     t.same(await readdir(parent), ['staging'], 'and no copy of it is left beside the staging directory');
   });
 
-  t.test('a payload is unpacked as the updater\'s own: no owners from the tar, no setuid or setgid bits', async (t) => {
+  t.test("a payload is unpacked as the updater's own: no owners from the tar, no setuid or setgid bits", async (t) => {
     t.equal((await stat(path.join(release, 'bin', 'root-setuid'))).mode & 0o4000, 0o4000, 'the tar does carry a setuid file');
     const bundle = await openBundle(await signedBundle(path.join(work, 'privileged.bundle'), payload, privateKey), [publicKey]);
     const dir = await mkdtemp(path.join(work, 'unpacked-'));

@@ -67,7 +67,9 @@ function drip(id: string, auth: Record<string, string>, dripBytes: number) {
     sent = Math.min(sent + n, overlay.length - 1);
   };
   const answer = new Promise<{ status: number; json: any } | null>((resolve) => {
-    socket.on('data', (d) => { response += d.toString(); });
+    socket.on('data', (d) => {
+      response += d.toString();
+    });
     socket.on('error', () => {});
     socket.on('close', () => {
       clearInterval(timer);
@@ -78,18 +80,28 @@ function drip(id: string, auth: Record<string, string>, dripBytes: number) {
     });
   });
   socket.on('connect', () => {
-    socket.write(`POST /v1/synthesis/uploads/${id}?offset=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n`
-      + `authorization: ${auth.authorization}\r\nContent-Length: ${overlay.length}\r\n\r\n`);
+    socket.write(
+      `POST /v1/synthesis/uploads/${id}?offset=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n` +
+        `authorization: ${auth.authorization}\r\nContent-Length: ${overlay.length}\r\n\r\n`,
+    );
     send(HEAD_BYTES);
     // Never the last byte: the upload stays unfinished for as long as the phone drips.
     timer = setInterval(() => send(dripBytes), 1000);
   });
   return {
     answer,
-    get open() { return !socket.destroyed; },
+    get open() {
+      return !socket.destroyed;
+    },
     /** What the agent answered, if it did. */
-    get answered() { return answered; },
-    stop() { stopped = true; clearInterval(timer); socket.destroy(); },
+    get answered() {
+      return answered;
+    },
+    stop() {
+      stopped = true;
+      clearInterval(timer);
+      socket.destroy();
+    },
   };
 }
 
@@ -99,7 +111,7 @@ async function newUpload(auth: Record<string, string>): Promise<string> {
   return created.json.id;
 }
 
-t.test('a phone dripping two uploads does not delay another phone\'s Cached VM start', async (tt) => {
+t.test("a phone dripping two uploads does not delay another phone's Cached VM start", async (tt) => {
   const dripper = await pair('phone-dripper');
   const other = await pair('phone-other');
   const events = await EventsSocket.connect(agent.apiPort);
@@ -109,23 +121,32 @@ t.test('a phone dripping two uploads does not delay another phone\'s Cached VM s
   const drips = [drip(await newUpload(dripper), dripper, SLOW_BYTES_PER_S), drip(await newUpload(dripper), dripper, SLOW_BYTES_PER_S)];
   tt.teardown(() => drips.forEach((d) => d.stop()));
   // Both syntheses have begun (an instance starting each, from the overlays' first bytes) before the other phone asks.
-  const synthesizing = () => new Set(events.inbox.items.map((i) => i.value)
-    .filter((e) => e.type === 'instance' && e.state === 'starting' && e.instance.service_id === SYNTHESIZED).map((e) => e.instance.id)).size;
+  const synthesizing = () =>
+    new Set(
+      events.inbox.items
+        .map((i) => i.value)
+        .filter((e) => e.type === 'instance' && e.state === 'starting' && e.instance.service_id === SYNTHESIZED)
+        .map((e) => e.instance.id),
+    ).size;
   for (let i = 0; i < 600 && synthesizing() < 2; i++) await new Promise((r) => setTimeout(r, 100));
   tt.equal(synthesizing(), 2, 'both dripped syntheses are under way');
 
   // The drips run until the start is answered; on their own they would end only after about a minute.
   const started = await request(agent.apiPort, 'POST', '/v1/instances', { service_id: CACHED, join: false }, other);
   tt.equal(started.status, 201, started.body);
-  tt.ok(drips.every((d) => d.open), 'the Cached VM was ready while both drips were still open: they hold no launch slot',
-    { answered: drips.map((d) => d.answered) });
+  tt.ok(
+    drips.every((d) => d.open),
+    'the Cached VM was ready while both drips were still open: they hold no launch slot',
+    { answered: drips.map((d) => d.answered) },
+  );
   if (!drips.every((d) => d.open)) tt.comment(agent.log.slice(-4000));
 
   for (const d of drips) d.stop();
   const stopped = await request(agent.apiPort, 'DELETE', `/v1/instances/${started.json.instance.id}`, undefined, other);
   tt.equal(stopped.status, 200, stopped.body);
   // A stopped drip pauses its upload: its synthesis ends and its launch is cleaned up; the uploads stay resumable.
-  const ended = () => events.inbox.items.filter((i) => i.value.type === 'instance' && i.value.state === 'stopped' && i.value.instance.service_id === SYNTHESIZED).length;
+  const ended = () =>
+    events.inbox.items.filter((i) => i.value.type === 'instance' && i.value.state === 'stopped' && i.value.instance.service_id === SYNTHESIZED).length;
   for (let i = 0; i < 600 && ended() < 2; i++) await new Promise((r) => setTimeout(r, 100));
   tt.equal(ended(), 2, 'both paused syntheses ended');
   tt.same((await agent.get('/v1/instances')).json.instances, [], 'no instance left');

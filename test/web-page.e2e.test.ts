@@ -26,8 +26,18 @@ t.before(async () => {
   const imported = await agent.post('/v1/services', { path: testGuestDir() });
   if (imported.status !== 201) throw new Error(imported.body);
   await writeFile(path.join(scratch, 'demo-client.apk'), apk);
-  const added = await cli(['add-app', path.join(scratch, 'demo-client.apk'), '--service', SERVICE, '--name', 'Demo client', '--version', '1.0',
-    '--cloudlet', `127.0.0.1:${agent.apiPort}`]);
+  const added = await cli([
+    'add-app',
+    path.join(scratch, 'demo-client.apk'),
+    '--service',
+    SERVICE,
+    '--name',
+    'Demo client',
+    '--version',
+    '1.0',
+    '--cloudlet',
+    `127.0.0.1:${agent.apiPort}`,
+  ]);
   if (added.code !== 0) throw new Error(added.stderr);
   browser = await launchChromium(path.join(scratch, 'profile'));
   page = browser.pages()[0] ?? (await browser.newPage());
@@ -38,7 +48,7 @@ t.teardown(async () => {
   await rm(scratch, { recursive: true, force: true });
 });
 
-t.test('an unpaired phone is asked to pair; with the operator\'s code it is', async (tt) => {
+t.test("an unpaired phone is asked to pair; with the operator's code it is", async (tt) => {
   await page.goto(`http://127.0.0.1:${agent.apiPort}/`, { waitUntil: 'networkidle' });
   tt.ok(await page.getByRole('heading', { name: 'Pair this phone' }).isVisible(), 'the pairing form shows');
   tt.match(await page.locator('#services-empty').textContent(), /Pair this phone/, 'services wait for pairing');
@@ -60,7 +70,13 @@ t.test('the page lists what the cloudlet offers, small and without a framework',
   const card = page.locator(`li[data-service="${SERVICE}"]`);
   await card.waitFor();
   tt.equal(await page.title(), 'Cloudlet');
-  tt.equal(await page.getByRole('heading', { level: 2 }).allTextContents().then((h) => h.join(',')), 'Services,Apps');
+  tt.equal(
+    await page
+      .getByRole('heading', { level: 2 })
+      .allTextContents()
+      .then((h) => h.join(',')),
+    'Services,Apps',
+  );
   tt.ok(await card.getByRole('button', { name: 'Start' }).isEnabled(), 'a Start button per service');
   tt.ok(await page.getByRole('link', { name: /Download Demo client/ }).isVisible(), 'the app, with an accessible download link');
   tt.ok(transferred.bytes > 8000 && transferred.bytes < 100 * 1024, `everything loaded weighs ${transferred.bytes} bytes (< 100 KB)`);
@@ -103,7 +119,12 @@ t.test('an app downloads from the page with its exact bytes', async (tt) => {
   tt.equal(download.suggestedFilename(), 'demo-client.apk');
   const saved = path.join(scratch, 'downloaded.apk');
   await download.saveAs(saved);
-  tt.equal(createHash('sha256').update(await readFile(saved)).digest('hex'), createHash('sha256').update(apk).digest('hex'));
+  tt.equal(
+    createHash('sha256')
+      .update(await readFile(saved))
+      .digest('hex'),
+    createHash('sha256').update(apk).digest('hex'),
+  );
 });
 
 t.test('stopping from the page destroys the Service VM', async (tt) => {

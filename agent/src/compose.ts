@@ -41,21 +41,33 @@ export async function composeCloudlet(config: AgentConfig, log: Logger): Promise
   await catalog.load();
   if (config.seedDir) await catalog.importSeeds(config.seedDir);
   const ports = new PortAllocator(config.forward.bindAddress, config.forward.portRange);
-  const packages = new PackageStore(path.join(config.dataDir, 'packages'), staging, (id) => catalog.has(id), log,
-    { ...DEFAULT_PACKAGE_LIMITS, maxBytes: config.packages.maxUploadBytes });
+  const packages = new PackageStore(path.join(config.dataDir, 'packages'), staging, (id) => catalog.has(id), log, {
+    ...DEFAULT_PACKAGE_LIMITS,
+    maxBytes: config.packages.maxUploadBytes,
+  });
   await packages.load();
   const instancesDir = path.join(config.dataDir, 'instances');
   // Without cgroups (a container, a private mount namespace) the agent still serves VMs; packages just cannot start.
-  const appVirt = await SandboxRuntime.open(instancesDir, config.packages, log).then((runtime) => new AppVirtMechanism(runtime), (err: unknown) => {
-    log(`app packages cannot run on this host: ${(err as Error).message}`);
-    return asCloudletError(err);
-  });
+  const appVirt = await SandboxRuntime.open(instancesDir, config.packages, log).then(
+    (runtime) => new AppVirtMechanism(runtime),
+    (err: unknown) => {
+      log(`app packages cannot run on this host: ${(err as Error).message}`);
+      return asCloudletError(err);
+    },
+  );
   const cachedVm = new CachedVmMechanism(hypervisor);
   const onDemand = new OnDemandMechanism(hypervisor);
   const synthesis = new SynthesisMechanism(hypervisor);
-  const registry = new InstanceRegistry([cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand, synthesis], ports, instancesDir, staging, config.forward.bindAddress, log,
+  const registry = new InstanceRegistry(
+    [cachedVm, ...(appVirt instanceof AppVirtMechanism ? [appVirt] : []), onDemand, synthesis],
+    ports,
+    instancesDir,
+    staging,
+    config.forward.bindAddress,
+    log,
     new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches, readyWithinMs: config.limits.readinessTimeoutMs }),
-    { perAddress: config.limits.anonymousInstancesPerAddress, total: config.limits.anonymousInstances });
+    { perAddress: config.limits.anonymousInstancesPerAddress, total: config.limits.anonymousInstances },
+  );
   await registry.adopt();
   registry.startReconciling(config.reconcileIntervalMs, config.libvirtEvents);
   const apps = new AppStore(path.join(config.dataDir, 'apps'), staging, config.apps.maxUploadBytes, log);
@@ -65,9 +77,23 @@ export async function composeCloudlet(config: AgentConfig, log: Logger): Promise
   const recipes = new RecipeStore(path.join(config.dataDir, 'recipes'), log);
   await recipes.load();
   return Cloudlet.open({
-    config, log, hypervisor, catalog, packages, apps, bases, recipes, registry, cachedVm, onDemand, appVirt,
+    config,
+    log,
+    hypervisor,
+    catalog,
+    packages,
+    apps,
+    bases,
+    recipes,
+    registry,
+    cachedVm,
+    onDemand,
+    appVirt,
     vmSynthesis: vmSynthesis(synthesis, config.dataDir, log),
-    overlayUploads: (synthesize) => new UploadSessions(path.join(config.dataDir, 'uploads'), synthesize, OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS, log,
-      { ownerOf: (options) => options.deviceId, max: OVERLAY_UPLOADS_PER_DEVICE }),
+    overlayUploads: (synthesize) =>
+      new UploadSessions(path.join(config.dataDir, 'uploads'), synthesize, OVERLAY_UPLOAD_IDLE_MS, OVERLAY_UPLOAD_KEEP_MS, log, {
+        ownerOf: (options) => options.deviceId,
+        max: OVERLAY_UPLOADS_PER_DEVICE,
+      }),
   });
 }

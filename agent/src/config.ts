@@ -93,10 +93,21 @@ export const DEFAULT_CONFIG: AgentConfig = {
   apps: { maxUploadBytes: 512 * 1024 * 1024 },
   packages: { maxUploadBytes: 1024 ** 3, maxPids: 1024, logBytes: 1024 * 1024 },
   kdApi: 'plain',
-  limits: { concurrentLaunches: 2, queuedLaunches: 8, requestsPerSecond: 20, requestBurst: 60, jsonBodyBytes: 64 * 1024, bodyIdleMs: 8000,
-    bodyMinBytesPerSecond: 4096, bodyRateWindowMs: 8000, readinessTimeoutMs: 120000,
-    anonymousInstancesPerAddress: 2, anonymousInstances: 8,
-    mqttConnectionsPerAddress: 16, connectionsPerDevice: 8 },
+  limits: {
+    concurrentLaunches: 2,
+    queuedLaunches: 8,
+    requestsPerSecond: 20,
+    requestBurst: 60,
+    jsonBodyBytes: 64 * 1024,
+    bodyIdleMs: 8000,
+    bodyMinBytesPerSecond: 4096,
+    bodyRateWindowMs: 8000,
+    readinessTimeoutMs: 120000,
+    anonymousInstancesPerAddress: 2,
+    anonymousInstances: 8,
+    mqttConnectionsPerAddress: 16,
+    connectionsPerDevice: 8,
+  },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
@@ -224,7 +235,8 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
     c.limits.anonymousInstancesPerAddress = count(limits.anonymousInstancesPerAddress, 'limits.anonymousInstancesPerAddress', 0);
   }
   if (limits.anonymousInstances !== undefined) c.limits.anonymousInstances = count(limits.anonymousInstances, 'limits.anonymousInstances', 0);
-  if (limits.mqttConnectionsPerAddress !== undefined) c.limits.mqttConnectionsPerAddress = count(limits.mqttConnectionsPerAddress, 'limits.mqttConnectionsPerAddress', 1);
+  if (limits.mqttConnectionsPerAddress !== undefined)
+    c.limits.mqttConnectionsPerAddress = count(limits.mqttConnectionsPerAddress, 'limits.mqttConnectionsPerAddress', 1);
   if (limits.connectionsPerDevice !== undefined) c.limits.connectionsPerDevice = count(limits.connectionsPerDevice, 'limits.connectionsPerDevice', 1);
   return c;
 }

@@ -34,17 +34,33 @@ async function main(): Promise<void> {
   // One count of long-lived connections (MQTT, /v1/events) per address and per device.
   const connectionCaps = new ConnectionCaps({ mqttPerAddress: config.limits.mqttConnectionsPerAddress, perDevice: config.limits.connectionsPerDevice });
   const telemetry = await Telemetry.start({
-    config: config.mqtt, api: cloudlet, hostname: os.hostname(), agentVersion: AGENT_VERSION, log: createLogger('mqtt'), credentials: { gate, devices }, rateLimiter,
+    config: config.mqtt,
+    api: cloudlet,
+    hostname: os.hostname(),
+    agentVersion: AGENT_VERSION,
+    log: createLogger('mqtt'),
+    credentials: { gate, devices },
+    rateLimiter,
     connectionCaps,
   });
   let tlsPort: number | null = null;
   const server = await startHttpServer({
-    api: cloudlet, provisioning: cloudlet, host: config.api.host, port: config.api.port, logger: createLogger('http'),
-    gate, trust: { devices, pairing: new Pairing(devices), tls: { fingerprint: tls.fingerprint, port: () => tlsPort } },
+    api: cloudlet,
+    provisioning: cloudlet,
+    host: config.api.host,
+    port: config.api.port,
+    logger: createLogger('http'),
+    gate,
+    trust: { devices, pairing: new Pairing(devices), tls: { fingerprint: tls.fingerprint, port: () => tlsPort } },
     tls: { port: config.api.tlsPort, keyFile: tls.keyFile, certFile: tls.certFile },
-    streamEndpoints: [{
-      path: '/mqtt', protocol: 'mqtt', admit: (transport) => telemetry.admit(transport), accept: (stream, transport) => telemetry.handle(stream, transport),
-    }],
+    streamEndpoints: [
+      {
+        path: '/mqtt',
+        protocol: 'mqtt',
+        admit: (transport) => telemetry.admit(transport),
+        accept: (stream, transport) => telemetry.handle(stream, transport),
+      },
+    ],
     kdApi: config.kdApi === 'encrypted' ? { mode: 'encrypted', devices } : { mode: config.kdApi },
     maxBodyBytes: config.limits.jsonBodyBytes,
     bodyIdleMs: config.limits.bodyIdleMs,
@@ -64,7 +80,13 @@ async function main(): Promise<void> {
   devices.startExpiryTimers();
   // Published only once the port is bound, so the advertised port is the one actually served.
   const discovery = config.discovery.enabled
-    ? AvahiDiscovery.start({ api: cloudlet, port: server.port, agentVersion: AGENT_VERSION, log: createLogger('discovery'), kdEncrypted: config.kdApi === 'encrypted' })
+    ? AvahiDiscovery.start({
+        api: cloudlet,
+        port: server.port,
+        agentVersion: AGENT_VERSION,
+        log: createLogger('discovery'),
+        kdEncrypted: config.kdApi === 'encrypted',
+      })
     : null;
   if (discovery) cloudlet.attachDiscovery(discovery);
   // performance.now() counts from the process's start: the start-to-listening time includes Node's own boot.

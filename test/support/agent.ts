@@ -61,19 +61,33 @@ export function request(port: number, method: string, urlPath: string, body?: un
   else if (headers[explicit] === '') headers = Object.fromEntries(Object.entries(headers).filter(([name]) => name !== explicit));
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : typeof body === 'string' || Buffer.isBuffer(body) ? body : JSON.stringify(body);
-    const req = http.request({ host: '127.0.0.1', port, method, path: urlPath, agent: false, headers: {
-      ...(payload !== undefined ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {}),
-      ...headers,
-    } }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => {
-        const text = Buffer.concat(chunks).toString();
-        let json: unknown;
-        try { json = text ? JSON.parse(text) : undefined; } catch { json = undefined; }
-        resolve({ status: res.statusCode ?? 0, headers: res.headers, body: text, json });
-      });
-    });
+    const req = http.request(
+      {
+        host: '127.0.0.1',
+        port,
+        method,
+        path: urlPath,
+        agent: false,
+        headers: {
+          ...(payload !== undefined ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {}),
+          ...headers,
+        },
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString();
+          let json: unknown;
+          try {
+            json = text ? JSON.parse(text) : undefined;
+          } catch {
+            json = undefined;
+          }
+          resolve({ status: res.statusCode ?? 0, headers: res.headers, body: text, json });
+        });
+      },
+    );
     req.on('error', reject);
     if (payload !== undefined) req.write(payload);
     req.end();
@@ -106,7 +120,12 @@ export class AgentProcess {
   private proc: ChildProcess | undefined;
   log = '';
 
-  constructor(readonly apiPort: number, readonly dataDir: string, private readonly options: AgentOptions, readonly mqttPort: number) {}
+  constructor(
+    readonly apiPort: number,
+    readonly dataDir: string,
+    private readonly options: AgentOptions,
+    readonly mqttPort: number,
+  ) {}
 
   static async start(options: AgentOptions): Promise<AgentProcess> {
     const dataDir = options.dataDir ?? (await mkdtemp(path.join(os.tmpdir(), 'cloudlet-test-')));
@@ -142,7 +161,9 @@ export class AgentProcess {
       },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
-    const collect = (c: Buffer) => { this.log += c.toString(); };
+    const collect = (c: Buffer) => {
+      this.log += c.toString();
+    };
     this.proc.stdout?.on('data', collect);
     this.proc.stderr?.on('data', collect);
     const deadline = Date.now() + 20000;
@@ -151,7 +172,9 @@ export class AgentProcess {
       try {
         const r = await request(this.apiPort, 'GET', '/v1/health');
         if (r.status === 200) return;
-      } catch { /* not listening yet */ }
+      } catch {
+        /* not listening yet */
+      }
       await new Promise((r) => setTimeout(r, 50));
     }
     throw new Error(`agent did not answer within 20 s: ${this.log}`);
@@ -175,9 +198,15 @@ export class AgentProcess {
     });
   }
 
-  get(urlPath: string, headers?: Record<string, string>) { return request(this.apiPort, 'GET', urlPath, undefined, headers); }
-  post(urlPath: string, body?: unknown) { return request(this.apiPort, 'POST', urlPath, body ?? {}); }
-  delete(urlPath: string) { return request(this.apiPort, 'DELETE', urlPath); }
+  get(urlPath: string, headers?: Record<string, string>) {
+    return request(this.apiPort, 'GET', urlPath, undefined, headers);
+  }
+  post(urlPath: string, body?: unknown) {
+    return request(this.apiPort, 'POST', urlPath, body ?? {});
+  }
+  delete(urlPath: string) {
+    return request(this.apiPort, 'DELETE', urlPath);
+  }
 
   /** SIGKILL: the agent gets no chance to clean anything up, as in a crash or power loss of the process. */
   async kill(): Promise<void> {

@@ -45,15 +45,21 @@ export async function buildHttpdPackage(scratch: string, options: HttpdPackageOp
   await mkdir(path.join(dir, 'www', 'cgi-bin'), { recursive: true });
   await writeFile(path.join(dir, 'www', 'index.html'), PAGE);
   const attempt = (key: string, command: string) => `${command} 2>/dev/null && echo ${key}=yes || echo ${key}=no`;
-  await writeFile(path.join(dir, 'www', 'cgi-bin', 'probe'), cgi([
-    attempt('read_host_file', `cat ${options.hostSecret}`),
-    attempt('write_app', 'touch /app/written'),
-    attempt('write_root', 'touch /written'),
-    attempt('write_data', 'touch /data/written'),
-    'echo "uid=$(id -u)"',
-    'echo "processes=$(cat /proc/[0-9]*/comm | sort | tr "\\n" " ")"',
-    'echo "no_new_privs=$(grep NoNewPrivs /proc/self/status | tr -dc 0-9)"',
-  ].join('\n')), { mode: 0o755 });
+  await writeFile(
+    path.join(dir, 'www', 'cgi-bin', 'probe'),
+    cgi(
+      [
+        attempt('read_host_file', `cat ${options.hostSecret}`),
+        attempt('write_app', 'touch /app/written'),
+        attempt('write_root', 'touch /written'),
+        attempt('write_data', 'touch /data/written'),
+        'echo "uid=$(id -u)"',
+        'echo "processes=$(cat /proc/[0-9]*/comm | sort | tr "\\n" " ")"',
+        'echo "no_new_privs=$(grep NoNewPrivs /proc/self/status | tr -dc 0-9)"',
+      ].join('\n'),
+    ),
+    { mode: 0o755 },
+  );
   // tail keeps the whole "line" of an endless stream without newlines in memory.
   await writeFile(path.join(dir, 'www', 'cgi-bin', 'hog'), cgi('tail /dev/zero'), { mode: 0o755 });
   await writeFile(path.join(dir, 'www', 'cgi-bin', 'drip'), cgi('while :; do printf .; sleep 1; done'), { mode: 0o755 });
@@ -61,11 +67,31 @@ export async function buildHttpdPackage(scratch: string, options: HttpdPackageOp
   const httpd = ['/app/bin/busybox', 'httpd', '-f', '-p', '8080', '-h', '/app/www'];
   const command = options.startup ? ['/app/bin/sh', '-c', `${options.startup}\nexec ${httpd.join(' ')}`] : httpd;
   const tarball = path.join(scratch, `${options.appId}.tar.${options.zstd ? 'zst' : 'gz'}`);
-  await run(process.execPath, [PACKAGE_CLI, '--app-id', options.appId, '--port', '8080', '--dir', dir, '--output', tarball,
-    '--memory-mib', String(options.memoryMib ?? 32), '--cpus', '0.5', '--readiness', options.readiness ?? 'http:/',
-    ...(options.readinessTimeoutMs ? ['--readiness-timeout-ms', String(options.readinessTimeoutMs)] : []), '--description', 'busybox httpd',
-    ...(options.pids ? ['--pids', String(options.pids)] : []), ...(options.dataMib ? ['--data-mib', String(options.dataMib)] : []),
-    ...(options.zstd ? ['--zstd'] : []), '--', ...command]);
+  await run(process.execPath, [
+    PACKAGE_CLI,
+    '--app-id',
+    options.appId,
+    '--port',
+    '8080',
+    '--dir',
+    dir,
+    '--output',
+    tarball,
+    '--memory-mib',
+    String(options.memoryMib ?? 32),
+    '--cpus',
+    '0.5',
+    '--readiness',
+    options.readiness ?? 'http:/',
+    ...(options.readinessTimeoutMs ? ['--readiness-timeout-ms', String(options.readinessTimeoutMs)] : []),
+    '--description',
+    'busybox httpd',
+    ...(options.pids ? ['--pids', String(options.pids)] : []),
+    ...(options.dataMib ? ['--data-mib', String(options.dataMib)] : []),
+    ...(options.zstd ? ['--zstd'] : []),
+    '--',
+    ...command,
+  ]);
   return tarball;
 }
 
@@ -90,7 +116,14 @@ export async function destroySandboxesUnder(dataDir: string): Promise<void> {
 export async function cgroupExists(id: string): Promise<boolean> {
   const layout = await openCgroups();
   const { name } = new SandboxCgroup(layout, id);
-  const found = await Promise.all(layout.parents.map((p) => readdir(path.join(p, name)).then(() => true, () => false)));
+  const found = await Promise.all(
+    layout.parents.map((p) =>
+      readdir(path.join(p, name)).then(
+        () => true,
+        () => false,
+      ),
+    ),
+  );
   return found.some(Boolean);
 }
 

@@ -56,7 +56,10 @@ export class AvahiNetwork {
   private readonly children = new Set<ChildProcess>();
   private readonly avahi = new Map<Side, ChildProcess>();
 
-  private constructor(private readonly dir: string, private readonly tag: string) {}
+  private constructor(
+    private readonly dir: string,
+    private readonly tag: string,
+  ) {}
 
   /** Namespaces cl<pid>a and cl<pid>b with 10.213.0.1 and .2, their buses and their avahi-daemons, all running. */
   static async create(): Promise<AvahiNetwork> {
@@ -70,11 +73,21 @@ export class AvahiNetwork {
     return net;
   }
 
-  namespace(side: Side): string { return `${this.tag}${side}`; }
-  private iface(side: Side): string { return `${this.tag}v${side}`; }
-  address(side: Side): string { return side === 'a' ? '10.213.0.1' : '10.213.0.2'; }
-  busAddress(side: Side): string { return `unix:path=${this.socket(side)}`; }
-  private socket(side: Side): string { return path.join(this.dir, side, 'bus.sock'); }
+  namespace(side: Side): string {
+    return `${this.tag}${side}`;
+  }
+  private iface(side: Side): string {
+    return `${this.tag}v${side}`;
+  }
+  address(side: Side): string {
+    return side === 'a' ? '10.213.0.1' : '10.213.0.2';
+  }
+  busAddress(side: Side): string {
+    return `unix:path=${this.socket(side)}`;
+  }
+  private socket(side: Side): string {
+    return path.join(this.dir, side, 'bus.sock');
+  }
 
   private async setUp(): Promise<void> {
     for (const side of ['a', 'b'] as const) await run('ip', ['netns', 'add', this.namespace(side)]);
@@ -94,8 +107,9 @@ export class AvahiNetwork {
 
   /** Runs a command in the side's namespace with the side's bus as the system bus; it ends with dispose() at the latest. */
   spawn(side: Side, command: string, args: string[]): ChildProcess {
-    const child = spawn('ip', ['netns', 'exec', this.namespace(side), 'env', `DBUS_SYSTEM_BUS_ADDRESS=${this.busAddress(side)}`, command, ...args],
-      { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn('ip', ['netns', 'exec', this.namespace(side), 'env', `DBUS_SYSTEM_BUS_ADDRESS=${this.busAddress(side)}`, command, ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     child.stdout?.resume();
     child.stderr?.resume();
     this.children.add(child);
@@ -104,10 +118,13 @@ export class AvahiNetwork {
   }
 
   async startAvahi(side: Side): Promise<void> {
-    await this.waitFor(async () => (await this.busHasName(side, 'org.freedesktop.DBus')), 'the bus');
+    await this.waitFor(async () => await this.busHasName(side, 'org.freedesktop.DBus'), 'the bus');
     // `ip netns exec` gives the command a private mount namespace: a fresh /run keeps this avahi's pid file and socket
     // apart from any other, and an empty services directory keeps the host's static services out.
-    const avahi = this.spawn(side, 'sh', ['-c', `mount -t tmpfs none /run && mount -t tmpfs none /etc/avahi/services && exec avahi-daemon -f ${path.join(this.dir, side, 'avahi.conf')} --no-drop-root --no-chroot --no-rlimits --no-proc-title`]);
+    const avahi = this.spawn(side, 'sh', [
+      '-c',
+      `mount -t tmpfs none /run && mount -t tmpfs none /etc/avahi/services && exec avahi-daemon -f ${path.join(this.dir, side, 'avahi.conf')} --no-drop-root --no-chroot --no-rlimits --no-proc-title`,
+    ]);
     this.avahi.set(side, avahi);
     await this.waitFor(() => this.busHasName(side, 'org.freedesktop.Avahi'), `avahi-daemon in ${this.namespace(side)}`);
   }
@@ -124,12 +141,26 @@ export class AvahiNetwork {
 
   /** avahi-browse from the side's namespace: every resolved service of that type (waits for avahi's "all for now"). */
   async browse(side: Side, type: string): Promise<BrowsedService[]> {
-    const { stdout } = await run('ip', ['netns', 'exec', this.namespace(side), 'env', `DBUS_SYSTEM_BUS_ADDRESS=${this.busAddress(side)}`,
-      'avahi-browse', '--resolve', '--terminate', '--parsable', '--no-db-lookup', type]);
-    return stdout.split('\n').filter((line) => line.startsWith('=')).map((line) => {
-      const f = parseParsableLine(line);
-      return { interface: f[1]!, name: f[3]!, type: f[4]!, host: f[6]!, address: f[7]!, port: Number(f[8]), txt: parseTxtField(f[9] ?? '') };
-    });
+    const { stdout } = await run('ip', [
+      'netns',
+      'exec',
+      this.namespace(side),
+      'env',
+      `DBUS_SYSTEM_BUS_ADDRESS=${this.busAddress(side)}`,
+      'avahi-browse',
+      '--resolve',
+      '--terminate',
+      '--parsable',
+      '--no-db-lookup',
+      type,
+    ]);
+    return stdout
+      .split('\n')
+      .filter((line) => line.startsWith('='))
+      .map((line) => {
+        const f = parseParsableLine(line);
+        return { interface: f[1]!, name: f[3]!, type: f[4]!, host: f[6]!, address: f[7]!, port: Number(f[8]), txt: parseTxtField(f[9] ?? '') };
+      });
   }
 
   /** Polls browse until `match` holds for the list, for up to 15 s. */
@@ -141,8 +172,14 @@ export class AvahiNetwork {
 
   private async busHasName(side: Side, name: string): Promise<boolean> {
     try {
-      const { stdout } = await run('dbus-send', [`--bus=${this.busAddress(side)}`, '--print-reply', '--dest=org.freedesktop.DBus',
-        '/org/freedesktop/DBus', 'org.freedesktop.DBus.NameHasOwner', `string:${name}`]);
+      const { stdout } = await run('dbus-send', [
+        `--bus=${this.busAddress(side)}`,
+        '--print-reply',
+        '--dest=org.freedesktop.DBus',
+        '/org/freedesktop/DBus',
+        'org.freedesktop.DBus.NameHasOwner',
+        `string:${name}`,
+      ]);
       return /boolean true/.test(stdout);
     } catch {
       return false;
@@ -160,11 +197,16 @@ export class AvahiNetwork {
 
   /** Ends every process it started, deletes both namespaces (and so the veth pair) and its files. */
   async dispose(): Promise<void> {
-    await Promise.all([...this.children].map((child) => new Promise<void>((resolve) => {
-      if (child.exitCode !== null || child.signalCode !== null) return resolve();
-      child.once('exit', () => resolve());
-      child.kill('SIGTERM');
-    })));
+    await Promise.all(
+      [...this.children].map(
+        (child) =>
+          new Promise<void>((resolve) => {
+            if (child.exitCode !== null || child.signalCode !== null) return resolve();
+            child.once('exit', () => resolve());
+            child.kill('SIGTERM');
+          }),
+      ),
+    );
     for (const side of ['a', 'b'] as const) await run('ip', ['netns', 'del', this.namespace(side)]).catch(() => {});
     await rm(this.dir, { recursive: true, force: true });
   }

@@ -9,8 +9,15 @@ export function launchChromium(userDataDir: string): Promise<BrowserContext> {
   return chromium.launchPersistentContext(userDataDir, {
     executablePath: CHROMIUM,
     headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync'],
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
     viewport: { width: 390, height: 844 },
     deviceScaleFactor: 2,
     isMobile: true,
@@ -27,6 +34,8 @@ export async function countTransferredBytes(context: BrowserContext, page: Page)
   const counter = { bytes: 0 };
   const cdp = await context.newCDPSession(page);
   await cdp.send('Network.enable');
-  cdp.on('Network.loadingFinished', (event) => { counter.bytes += event.encodedDataLength; });
+  cdp.on('Network.loadingFinished', (event) => {
+    counter.bytes += event.encodedDataLength;
+  });
   return counter;
 }

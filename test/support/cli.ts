@@ -28,7 +28,11 @@ export function cli(args: string[], options: { via?: string[]; cwd?: string; env
   return new Promise((resolve) => {
     execFile(command!, argv, { timeout: 120000, cwd: options.cwd, env }, (err, stdout, stderr) => {
       let json: unknown;
-      try { json = JSON.parse(stdout); } catch { json = undefined; }
+      try {
+        json = JSON.parse(stdout);
+      } catch {
+        json = undefined;
+      }
       const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : -1) : 0;
       resolve({ code, stdout, stderr, json });
     });

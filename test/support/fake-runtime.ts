@@ -26,7 +26,10 @@ interface Deferred<T> {
 function deferred<T = void>(): Deferred<T> {
   let resolve!: (value: T) => void;
   let reject!: (error: Error) => void;
-  const promise = new Promise<T>((ok, fail) => { resolve = ok; reject = fail; });
+  const promise = new Promise<T>((ok, fail) => {
+    resolve = ok;
+    reject = fail;
+  });
   return { promise, resolve, reject };
 }
 
@@ -50,7 +53,11 @@ export async function idle(): Promise<void> {
 
 /** A launch the registry asked the runtime for, waiting for the test to say how it goes. */
 export class PendingLaunch {
-  constructor(private readonly runtime: FakeRuntime, private readonly plan: LaunchPlan<Workload>, private readonly outcome: Deferred<InstanceRecord['launch']>) {}
+  constructor(
+    private readonly runtime: FakeRuntime,
+    private readonly plan: LaunchPlan<Workload>,
+    private readonly outcome: Deferred<InstanceRecord['launch']>,
+  ) {}
 
   /** The instance as the registry planned it (its id, its reserved port). */
   get record(): InstanceRecord {
@@ -281,8 +288,15 @@ export async function fakeCloudlet(tt: Test, { ports, limits = {} }: { ports: Po
   const runtime = new FakeRuntime();
   const registries: InstanceRegistry[] = [];
   const open = async () => {
-    const registry = new InstanceRegistry([runtime.vm, runtime.synthesis], new PortAllocator('127.0.0.1', ports), instancesDir, stagingDir, '127.0.0.1',
-      () => {}, new LaunchGate({ concurrent: 4, queue: 8, readyWithinMs: 60000, ...limits }));
+    const registry = new InstanceRegistry(
+      [runtime.vm, runtime.synthesis],
+      new PortAllocator('127.0.0.1', ports),
+      instancesDir,
+      stagingDir,
+      '127.0.0.1',
+      () => {},
+      new LaunchGate({ concurrent: 4, queue: 8, readyWithinMs: 60000, ...limits }),
+    );
     registries.push(registry);
     const events = new EventLog(registry);
     await registry.adopt();

@@ -58,7 +58,7 @@ export class FakeCloudlet implements CloudletApi {
   cores = 4;
   startRequests: StartRequest[] = [];
   /** Set to make the next startInstance fail with it. */
-  startFailure: unknown;
+  startFailure: Error | undefined;
   /** While set, startInstance waits for it (a slow VM boot). */
   startGate: Promise<void> | undefined;
   startsCompleted = 0;
@@ -190,7 +190,17 @@ export class FakeCloudlet implements CloudletApi {
   }
 
   peers(): Peer[] {
-    return [{ name: 'cloudlet-2', host: 'cloudlet-2.local', address: '10.0.0.2', port: 9999, txt: { encryption: 'disabled' }, interface: 'wlan0', seenAt: '2026-01-02T03:04:05.000Z' }];
+    return [
+      {
+        name: 'cloudlet-2',
+        host: 'cloudlet-2.local',
+        address: '10.0.0.2',
+        port: 9999,
+        txt: { encryption: 'disabled' },
+        interface: 'wlan0',
+        seenAt: '2026-01-02T03:04:05.000Z',
+      },
+    ];
   }
 
   // The app catalog is exercised against the real agent (app-catalog.test.ts); this cloudlet has no apps.
@@ -243,7 +253,12 @@ export class FakeServer {
 
   async start(): Promise<void> {
     this.started = await startHttpServer({
-      api: this.cloudlet, gate: OPERATOR, host: '127.0.0.1', port: 0, logger: (line) => this.logLines.push(line), maxBodyBytes: MAX_BODY_BYTES,
+      api: this.cloudlet,
+      gate: OPERATOR,
+      host: '127.0.0.1',
+      port: 0,
+      logger: (line) => this.logLines.push(line),
+      maxBodyBytes: MAX_BODY_BYTES,
     });
   }
 

@@ -58,8 +58,28 @@ class Dice {
   }
 }
 
-const WRONG_METHODS = ['PUT', 'PATCH', 'OPTIONS', 'TRACE', 'CONNECT', 'PROPFIND', 'M-SEARCH', 'get', 'post', 'Delete', 'HEAD', 'FOO',
-  'GET ', 'X'.repeat(300), 'G\u00c9T', 'POST\t', '1', '-', 'GETT', 'BREW'];
+const WRONG_METHODS = [
+  'PUT',
+  'PATCH',
+  'OPTIONS',
+  'TRACE',
+  'CONNECT',
+  'PROPFIND',
+  'M-SEARCH',
+  'get',
+  'post',
+  'Delete',
+  'HEAD',
+  'FOO',
+  'GET ',
+  'X'.repeat(300),
+  'G\u00c9T',
+  'POST\t',
+  '1',
+  '-',
+  'GETT',
+  'BREW',
+];
 /**
  * The methods uWS parses. Any other token (lower-case ones included) makes it close the connection without an
  * answer, before the agent sees the request: for those only "no crash, no 5xx" can be asked.
@@ -77,25 +97,210 @@ function uwsParses(method: string, target: string): boolean {
   return UWS_METHODS.has(method) && /^\/[\x21-\x7e]*$/.test(target) && !target.includes('#');
 }
 
-const SEGMENTS = ['', '..', '.', '%2e%2e', '%2E%2E%2F%2E%2E', '%zz', '%', '%0', '%00', 'a%00b', '%C0%AE%C0%AE', '%C0%AF', '%E2%82', '%FF%FE',
-  '%F0%9F%98%80', 'ü', '\u00e9t\u00e9', 'x'.repeat(4096), 'A'.repeat(70000), '0', '-1', '00000000-0000-0000-0000-000000000000',
-  'a'.repeat(24), 'f'.repeat(64), 'org.cloudlet.demo.http', '%20', '+', 'a b', '..%2F..%2Fetc%2Fpasswd', '%252e', 'null', 'undefined',
-  '__proto__', 'constructor', 'toString', '%7B%7D', '*', ';', 'a;b=c', ':id', '~', '\\..\\'];
-const QUERY_KEYS = ['serviceId', 'instanceId', 'appId', 'app_id', 'services', 'apps', 'join', 'osName', 'osVersion', 'tags', 'offset', 'bytes',
-  'kind', 'service_id', 'name', 'file_name', 'sha256', 'min_os_version', 'os_name', 'os_version', 'access_token', '__proto__', ''];
-const QUERY_VALUES = ['', '1', '-1', '0', 'NaN', '1e999', '9'.repeat(40), 'true', 'YES', 'x'.repeat(3000), '%zz', '%', '%00', '%C0%AE',
-  'ü', '%F0%9F%98%80', '../../etc/passwd', 'a,b,,c', ',', 'android', 'Android', 'web', '10.0', '1..2', '0x10', ' 5', '5 ', '[]', '{}'];
-const NASTY_VALUES: unknown[] = [null, true, false, 0, -1, 1.5, -0, 1e308, 2 ** 53 + 1, -(2 ** 63), '', ' ', 'x'.repeat(70000), '\u0000', '\ud800',
-  '/', '/etc', '/etc/passwd', '/dev/null', '/proc/self', 'relative/path', '../../..', '/nonexistent/dir', [], {}, [1, 2], { a: { b: {} } },
-  'org.cloudlet.demo.http', 'a'.repeat(24), '%00', 'true', '1', '__proto__', JSON.parse('{"__proto__":{"polluted":1}}')];
-const FIELDS = ['path', 'service_id', 'join', 'bytes', 'name', 'id', 'base', 'files', 'packages', 'port', 'version', 'cache', 'description',
-  'run', 'memory_mib', 'code', 'device_id', 'expires_in_minutes', 'ttl_seconds', '__proto__', 'constructor', ''];
-const CONTENT_TYPES = ['application/json', 'application/json; charset=utf-8', 'text/plain', 'application/octet-stream', 'application/x-www-form-urlencoded',
-  'multipart/form-data; boundary=x', 'application/jsonx', 'application/json; charset=latin1', '', ';;;', 'x'.repeat(2000), 'application/gzip'];
-const AUTHORIZATIONS = ['Bearer', 'Bearer ', 'Bearer  ', 'bearer cld_x', 'Basic YWRtaW46YWRtaW4=', 'Bearer cld_' + 'A'.repeat(43), 'Bearer ' + 'x'.repeat(4000),
-  'Digest username="a"', 'Bearer \u00ff\u00fe', 'Bearer a b c', 'Token abc', 'Bearer cld_%00', ',', 'Bearer null'];
-const RANGES = ['bytes=', 'bytes=-', 'bytes=5-1', 'bytes=-0', 'bytes=0-0', 'bytes=999999999999-', 'bytes=0-1,2-3', 'bytes=x-y', 'items=0-1',
-  'bytes=-99999999999999999999', 'bytes=1-', 'bytes = 0-1'];
+const SEGMENTS = [
+  '',
+  '..',
+  '.',
+  '%2e%2e',
+  '%2E%2E%2F%2E%2E',
+  '%zz',
+  '%',
+  '%0',
+  '%00',
+  'a%00b',
+  '%C0%AE%C0%AE',
+  '%C0%AF',
+  '%E2%82',
+  '%FF%FE',
+  '%F0%9F%98%80',
+  'ü',
+  '\u00e9t\u00e9',
+  'x'.repeat(4096),
+  'A'.repeat(70000),
+  '0',
+  '-1',
+  '00000000-0000-0000-0000-000000000000',
+  'a'.repeat(24),
+  'f'.repeat(64),
+  'org.cloudlet.demo.http',
+  '%20',
+  '+',
+  'a b',
+  '..%2F..%2Fetc%2Fpasswd',
+  '%252e',
+  'null',
+  'undefined',
+  '__proto__',
+  'constructor',
+  'toString',
+  '%7B%7D',
+  '*',
+  ';',
+  'a;b=c',
+  ':id',
+  '~',
+  '\\..\\',
+];
+const QUERY_KEYS = [
+  'serviceId',
+  'instanceId',
+  'appId',
+  'app_id',
+  'services',
+  'apps',
+  'join',
+  'osName',
+  'osVersion',
+  'tags',
+  'offset',
+  'bytes',
+  'kind',
+  'service_id',
+  'name',
+  'file_name',
+  'sha256',
+  'min_os_version',
+  'os_name',
+  'os_version',
+  'access_token',
+  '__proto__',
+  '',
+];
+const QUERY_VALUES = [
+  '',
+  '1',
+  '-1',
+  '0',
+  'NaN',
+  '1e999',
+  '9'.repeat(40),
+  'true',
+  'YES',
+  'x'.repeat(3000),
+  '%zz',
+  '%',
+  '%00',
+  '%C0%AE',
+  'ü',
+  '%F0%9F%98%80',
+  '../../etc/passwd',
+  'a,b,,c',
+  ',',
+  'android',
+  'Android',
+  'web',
+  '10.0',
+  '1..2',
+  '0x10',
+  ' 5',
+  '5 ',
+  '[]',
+  '{}',
+];
+const NASTY_VALUES: unknown[] = [
+  null,
+  true,
+  false,
+  0,
+  -1,
+  1.5,
+  -0,
+  1e308,
+  2 ** 53 + 1,
+  -(2 ** 63),
+  '',
+  ' ',
+  'x'.repeat(70000),
+  '\u0000',
+  '\ud800',
+  '/',
+  '/etc',
+  '/etc/passwd',
+  '/dev/null',
+  '/proc/self',
+  'relative/path',
+  '../../..',
+  '/nonexistent/dir',
+  [],
+  {},
+  [1, 2],
+  { a: { b: {} } },
+  'org.cloudlet.demo.http',
+  'a'.repeat(24),
+  '%00',
+  'true',
+  '1',
+  '__proto__',
+  JSON.parse('{"__proto__":{"polluted":1}}'),
+];
+const FIELDS = [
+  'path',
+  'service_id',
+  'join',
+  'bytes',
+  'name',
+  'id',
+  'base',
+  'files',
+  'packages',
+  'port',
+  'version',
+  'cache',
+  'description',
+  'run',
+  'memory_mib',
+  'code',
+  'device_id',
+  'expires_in_minutes',
+  'ttl_seconds',
+  '__proto__',
+  'constructor',
+  '',
+];
+const CONTENT_TYPES = [
+  'application/json',
+  'application/json; charset=utf-8',
+  'text/plain',
+  'application/octet-stream',
+  'application/x-www-form-urlencoded',
+  'multipart/form-data; boundary=x',
+  'application/jsonx',
+  'application/json; charset=latin1',
+  '',
+  ';;;',
+  'x'.repeat(2000),
+  'application/gzip',
+];
+const AUTHORIZATIONS = [
+  'Bearer',
+  'Bearer ',
+  'Bearer  ',
+  'bearer cld_x',
+  'Basic YWRtaW46YWRtaW4=',
+  'Bearer cld_' + 'A'.repeat(43),
+  'Bearer ' + 'x'.repeat(4000),
+  'Digest username="a"',
+  'Bearer \u00ff\u00fe',
+  'Bearer a b c',
+  'Token abc',
+  'Bearer cld_%00',
+  ',',
+  'Bearer null',
+];
+const RANGES = [
+  'bytes=',
+  'bytes=-',
+  'bytes=5-1',
+  'bytes=-0',
+  'bytes=0-0',
+  'bytes=999999999999-',
+  'bytes=0-1,2-3',
+  'bytes=x-y',
+  'items=0-1',
+  'bytes=-99999999999999999999',
+  'bytes=1-',
+  'bytes = 0-1',
+];
 
 /** Bytes that look like the start of something an upload route parses, then stop: truncated archives and overlays. */
 function truncatedUploads(d: Dice): Buffer[] {
@@ -126,29 +331,57 @@ function jsonValue(d: Dice, depth = 0): unknown {
 
 function jsonBody(d: Dice): Buffer {
   switch (d.int(10)) {
-    case 0: return Buffer.from('{"path": ');
-    case 1: return Buffer.from('['.repeat(1 + d.int(200000)));
-    case 2: return Buffer.from(`${'{"a":'.repeat(5000)}1${'}'.repeat(5000)}`);
-    case 3: return d.bytes(1 + d.int(512));
-    case 4: return Buffer.from(d.pick(['null', 'true', '1e999', '-0', '"x"', '[]', '{}', '{"a":1,"a":2}', '\ufeff{}', "{'path':1}", '{"path":"\\ud800"}']));
-    case 5: return Buffer.from(JSON.stringify({ path: d.pick(NASTY_VALUES), name: d.pick(NASTY_VALUES) }));
-    case 6: return Buffer.from(JSON.stringify({ service_id: d.pick(NASTY_VALUES), join: d.pick(NASTY_VALUES) }));
-    case 7: return Buffer.from(JSON.stringify({ bytes: d.pick(NASTY_VALUES) }));
-    case 8: return Buffer.from(JSON.stringify({ service_id: 'x', version: d.pick(NASTY_VALUES), base: d.pick(NASTY_VALUES), files: d.pick(NASTY_VALUES), run: d.pick(NASTY_VALUES) }));
-    default: return Buffer.from(JSON.stringify(jsonValue(d)) ?? 'undefined');
+    case 0:
+      return Buffer.from('{"path": ');
+    case 1:
+      return Buffer.from('['.repeat(1 + d.int(200000)));
+    case 2:
+      return Buffer.from(`${'{"a":'.repeat(5000)}1${'}'.repeat(5000)}`);
+    case 3:
+      return d.bytes(1 + d.int(512));
+    case 4:
+      return Buffer.from(d.pick(['null', 'true', '1e999', '-0', '"x"', '[]', '{}', '{"a":1,"a":2}', '\ufeff{}', "{'path':1}", '{"path":"\\ud800"}']));
+    case 5:
+      return Buffer.from(JSON.stringify({ path: d.pick(NASTY_VALUES), name: d.pick(NASTY_VALUES) }));
+    case 6:
+      return Buffer.from(JSON.stringify({ service_id: d.pick(NASTY_VALUES), join: d.pick(NASTY_VALUES) }));
+    case 7:
+      return Buffer.from(JSON.stringify({ bytes: d.pick(NASTY_VALUES) }));
+    case 8:
+      return Buffer.from(
+        JSON.stringify({ service_id: 'x', version: d.pick(NASTY_VALUES), base: d.pick(NASTY_VALUES), files: d.pick(NASTY_VALUES), run: d.pick(NASTY_VALUES) }),
+      );
+    default:
+      return Buffer.from(JSON.stringify(jsonValue(d)) ?? 'undefined');
   }
 }
 
 /** The target's path with its `:params` filled in (`mangle`: with nasty segments). */
 function pathOf(d: Dice, target: FuzzTarget, mangle: boolean): string {
-  const filled = target.path.split('/').map((segment) => {
-    if (!segment.startsWith(':')) return segment;
-    return mangle ? d.pick(SEGMENTS) : d.pick(['0', 'a'.repeat(24), 'f'.repeat(64), 'nothing-here', '00000000-0000-0000-0000-000000000000']);
-  }).join('/');
+  const filled = target.path
+    .split('/')
+    .map((segment) => {
+      if (!segment.startsWith(':')) return segment;
+      return mangle ? d.pick(SEGMENTS) : d.pick(['0', 'a'.repeat(24), 'f'.repeat(64), 'nothing-here', '00000000-0000-0000-0000-000000000000']);
+    })
+    .join('/');
   if (!mangle || target.path.includes(':')) return filled;
   // A literal path: damage it around its segments instead.
-  return d.pick([`${filled}/`, `${filled}//`, `/${filled}`, `${filled}/${d.pick(SEGMENTS)}`, `${filled}%2F`, `${filled}/..`, `${filled}/../..${filled}`,
-    filled.toUpperCase(), `${filled}%00`, `${filled};x`, `${filled}#frag`, filled.replace(/\//g, '%2F'), `${filled}/.`]);
+  return d.pick([
+    `${filled}/`,
+    `${filled}//`,
+    `/${filled}`,
+    `${filled}/${d.pick(SEGMENTS)}`,
+    `${filled}%2F`,
+    `${filled}/..`,
+    `${filled}/../..${filled}`,
+    filled.toUpperCase(),
+    `${filled}%00`,
+    `${filled};x`,
+    `${filled}#frag`,
+    filled.replace(/\//g, '%2F'),
+    `${filled}/.`,
+  ]);
 }
 
 /** Every byte of the UTF-8 (lone surrogates included, as U+FFFD) percent-encoded: encodeURIComponent throws on those. */
@@ -158,12 +391,20 @@ function percentEncoded(text: string): string {
 
 function queryOf(d: Dice): string {
   switch (d.int(6)) {
-    case 0: return '';
-    case 1: return `?${Array.from({ length: 1 + d.int(6) }, () => `${d.pick(QUERY_KEYS)}=${d.pick(QUERY_VALUES)}`).join('&')}`;
-    case 2: { const key = d.pick(QUERY_KEYS); return `?${key}=${d.pick(QUERY_VALUES)}&${key}=${d.pick(QUERY_VALUES)}&${key}`; }
-    case 3: return `?${'a=b&'.repeat(1 + d.int(1500))}`;
-    case 4: return d.pick(['?', '??', '?&&&', '?=', '?%zz=%zz', '?a=%', '?%00=%00', '?a=1;b=2', '?a[b]=c', '?__proto__[x]=1', '?a=%C0%AE']);
-    default: return `?${d.pick(QUERY_KEYS)}=${percentEncoded(String(d.pick(NASTY_VALUES)).slice(0, 3000))}`;
+    case 0:
+      return '';
+    case 1:
+      return `?${Array.from({ length: 1 + d.int(6) }, () => `${d.pick(QUERY_KEYS)}=${d.pick(QUERY_VALUES)}`).join('&')}`;
+    case 2: {
+      const key = d.pick(QUERY_KEYS);
+      return `?${key}=${d.pick(QUERY_VALUES)}&${key}=${d.pick(QUERY_VALUES)}&${key}`;
+    }
+    case 3:
+      return `?${'a=b&'.repeat(1 + d.int(1500))}`;
+    case 4:
+      return d.pick(['?', '??', '?&&&', '?=', '?%zz=%zz', '?a=%', '?%00=%00', '?a=1;b=2', '?a[b]=c', '?__proto__[x]=1', '?a=%C0%AE']);
+    default:
+      return `?${d.pick(QUERY_KEYS)}=${percentEncoded(String(d.pick(NASTY_VALUES)).slice(0, 3000))}`;
   }
 }
 
@@ -187,7 +428,9 @@ function headerLines(p: Parts): number {
 }
 
 function headOf(p: Parts): string {
-  return `${p.method} ${p.target} HTTP/1.1\r\n${withLength(p).map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`;
+  return `${p.method} ${p.target} HTTP/1.1\r\n${withLength(p)
+    .map(([k, v]) => `${k}: ${v}\r\n`)
+    .join('')}\r\n`;
 }
 
 function serialize(p: Parts): Buffer {
@@ -227,12 +470,21 @@ export function fuzzRequest(seed: number, targetIndex: number, target: FuzzTarge
       p.body = plausibleBody();
       const extra: [string, string][] = d.pick([
         [['Content-Type', d.pick(CONTENT_TYPES)]],
-        [['Range', d.pick(RANGES)], ['If-Range', d.pick(['"x"', '', 'W/"x"'])]],
+        [
+          ['Range', d.pick(RANGES)],
+          ['If-Range', d.pick(['"x"', '', 'W/"x"'])],
+        ],
         [['X-Large', 'v'.repeat(1 + d.int(3500))]],
         Array.from({ length: 1 + d.int(60) }, (_, i) => [`X-H${i}`, 'y'.repeat(d.int(50))] as [string, string]),
-        [['Connection', d.pick(['close', 'upgrade', 'keep-alive, close', 'x'])], ['Upgrade', d.pick(['websocket', 'h2c', 'x'])]],
+        [
+          ['Connection', d.pick(['close', 'upgrade', 'keep-alive, close', 'x'])],
+          ['Upgrade', d.pick(['websocket', 'h2c', 'x'])],
+        ],
         [['Expect', '100-continue']],
-        [['Accept-Encoding', 'gzip'], ['Content-Encoding', d.pick(['gzip', 'br', 'x'])]],
+        [
+          ['Accept-Encoding', 'gzip'],
+          ['Content-Encoding', d.pick(['gzip', 'br', 'x'])],
+        ],
         [['X-Device-Id', d.pick(SEGMENTS).slice(0, 2000)]],
         [['Host', d.pick(['', '[', '[::1', ':', 'a:b:c', 'x'.repeat(2000), '127.0.0.1:99999', '[fe80::1]:'])]],
       ]);
@@ -276,8 +528,11 @@ export function fuzzRequest(seed: number, targetIndex: number, target: FuzzTarge
       ]);
       p.body = Buffer.from(chunked, 'latin1');
       p.rawLength = true;
-      p.headers = [...base, ['Transfer-Encoding', d.pick(['chunked', 'chunked, gzip', 'gzip, chunked', 'Chunked', 'identity'])],
-        ...(d.chance(0.3) ? [['Content-Length', String(p.body.length)] as [string, string]] : [])];
+      p.headers = [
+        ...base,
+        ['Transfer-Encoding', d.pick(['chunked', 'chunked, gzip', 'gzip, chunked', 'Chunked', 'identity'])],
+        ...(d.chance(0.3) ? [['Content-Length', String(p.body.length)] as [string, string]] : []),
+      ];
       p.wellFramed = false;
       break;
     }
@@ -287,7 +542,10 @@ export function fuzzRequest(seed: number, targetIndex: number, target: FuzzTarge
       if (d.chance(0.5)) p.headers = [...base, ['Content-Type', d.pick(CONTENT_TYPES)]];
       break;
     case 'auth':
-      p.headers = [['Host', host], ['Authorization', d.pick(AUTHORIZATIONS)]];
+      p.headers = [
+        ['Host', host],
+        ['Authorization', d.pick(AUTHORIZATIONS)],
+      ];
       if (target.body !== 'none') p.body = plausibleBody();
       break;
     default: // mixed: a bit of everything at once
@@ -329,8 +587,14 @@ function upgradeRequest(d: Dice, kind: string, target: FuzzTarget, host: string)
   if (kind === 'path') path = pathOf(d, target, true);
   if (kind === 'query') path += queryOf(d);
   // After the request, frames: a real client would talk; here garbage, a truncated frame, or a huge announced length.
-  const frames = d.pick([Buffer.alloc(0), d.bytes(1 + d.int(200)), Buffer.from([0x82, 0xff, ...d.bytes(8)]), Buffer.from([0x81, 0x85, 1, 2, 3, 4, 5]),
-    Buffer.from([0x88, 0x80, 0, 0, 0, 0]), Buffer.from([0x82, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])]);
+  const frames = d.pick([
+    Buffer.alloc(0),
+    d.bytes(1 + d.int(200)),
+    Buffer.from([0x82, 0xff, ...d.bytes(8)]),
+    Buffer.from([0x81, 0x85, 1, 2, 3, 4, 5]),
+    Buffer.from([0x88, 0x80, 0, 0, 0, 0]),
+    Buffer.from([0x82, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+  ]);
   // Bytes after the request are the next request to uWS: it may close on them before the answer is out.
   const head = `${method} ${path} HTTP/1.1\r\n${headers.map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`;
   const wellFramed = uwsParses(method, path) && frames.length === 0 && head.length <= UWS_MAX_HEAD_BYTES;

@@ -63,20 +63,37 @@ export function portIsFree(port: number): Promise<boolean> {
  * Every promise of docs/reliability.md's crash rows, as tap assertions under `what`. Waits first for adopted launches
  * to finish (or be removed), so it judges a settled agent.
  */
-export async function assertRecovered(t: Test, agent: AgentProcess, what: string, opts: { portRange: [number, number]; served: ServedInstance[] }): Promise<void> {
+export async function assertRecovered(
+  t: Test,
+  agent: AgentProcess,
+  what: string,
+  opts: { portRange: [number, number]; served: ServedInstance[] },
+): Promise<void> {
   const instances = await settled(agent);
   const dataDir = agent.dataDir;
-  t.same(instances.filter((i) => i.state !== 'ready').map((i) => `${i.id} ${i.state}`), [], `${what}: every listed instance is ready`);
+  t.same(
+    instances.filter((i) => i.state !== 'ready').map((i) => `${i.id} ${i.state}`),
+    [],
+    `${what}: every listed instance is ready`,
+  );
   const listed = new Set(instances.map((i) => i.id));
 
   const domains = await domainsUnder(dataDir);
   const vmIds = instances.filter((i) => i.mechanism !== 'app-virt').map((i) => i.id);
   t.same([...domains].sort(), vmIds.sort(), `${what}: the domains of this data directory are exactly the listed VM instances`);
-  t.same((await entries(path.join(dataDir, 'instances'))).filter((e) => !listed.has(e)), [], `${what}: no instance directory (clone, config drive, state) without an instance`);
+  t.same(
+    (await entries(path.join(dataDir, 'instances'))).filter((e) => !listed.has(e)),
+    [],
+    `${what}: no instance directory (clone, config drive, state) without an instance`,
+  );
   t.same(await entries(path.join(dataDir, 'tmp')), [], `${what}: nothing in the staging area`);
 
   const sandboxes = await sandboxProcessesUnder(dataDir);
-  t.same([...sandboxes.keys()].filter((id) => !listed.has(id)), [], `${what}: no sandbox process without an instance`);
+  t.same(
+    [...sandboxes.keys()].filter((id) => !listed.has(id)),
+    [],
+    `${what}: no sandbox process without an instance`,
+  );
 
   const servicesDir = path.join(dataDir, 'services');
   const services: Array<{ id: string; dir: string; manifest: { disk: string; state: string | null } }> = (await agent.get('/v1/services')).json.services;
@@ -84,10 +101,15 @@ export async function assertRecovered(t: Test, agent: AgentProcess, what: string
   for (const service of services) {
     await checkImage(path.join(service.dir, service.manifest.disk), 'qcow2').then(
       () => t.pass(`${what}: ${service.id}'s disk verifies`),
-      (err: Error) => t.fail(`${what}: ${service.id}'s disk does not verify: ${err.message}`));
+      (err: Error) => t.fail(`${what}: ${service.id}'s disk does not verify: ${err.message}`),
+    );
     const files = await entries(service.dir);
     const named = [service.manifest.disk, service.manifest.state].filter(Boolean) as string[];
-    t.same(named.filter((f) => !files.includes(f)), [], `${what}: ${service.id} has every file its manifest names`);
+    t.same(
+      named.filter((f) => !files.includes(f)),
+      [],
+      `${what}: ${service.id} has every file its manifest names`,
+    );
   }
   const packages: Array<{ sha256: string }> = (await agent.get('/v1/packages')).json.packages;
   t.same((await entries(path.join(dataDir, 'packages'))).sort(), packages.map((p) => p.sha256).sort(), `${what}: every package directory is a listed package`);

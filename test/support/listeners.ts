@@ -28,7 +28,13 @@ class Inbox<T> {
     if (found) return Promise.resolve(found);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`nothing matching arrived within ${timeoutMs} ms`)), timeoutMs);
-      this.waiters.push({ match, resolve: (r) => { clearTimeout(timer); resolve(r); } });
+      this.waiters.push({
+        match,
+        resolve: (r) => {
+          clearTimeout(timer);
+          resolve(r);
+        },
+      });
     });
   }
 }
@@ -78,8 +84,9 @@ export class EventsSocket {
 
   /** To an agent the tests started, with its admin token unless `headers` say otherwise (as `request` does). */
   static async connect(apiPort: number, options: { headers?: Record<string, string>; protocols?: string[]; query?: string } = {}): Promise<EventsSocket> {
-    const socket = new WebSocket(`ws://127.0.0.1:${apiPort}/v1/events${options.query ?? ''}`, options.protocols ?? [],
-      { headers: options.headers ?? adminHeaders(apiPort) });
+    const socket = new WebSocket(`ws://127.0.0.1:${apiPort}/v1/events${options.query ?? ''}`, options.protocols ?? [], {
+      headers: options.headers ?? adminHeaders(apiPort),
+    });
     const events = new EventsSocket(socket);
     await new Promise<void>((resolve, reject) => {
       socket.once('open', () => resolve());

@@ -25,14 +25,21 @@ const SHA256 = createHash('sha256').update(PAYLOAD).digest('hex');
 
 /** Apps by id: the file name each one claims. `oversized` serves more bytes than it announces. */
 export const ROGUE_APPS: Record<string, string> = {
-  absolute: '/tmp/cloudlet-rogue-target', dotdot: '../escaped.apk', slash: 'sub/nested.apk', dotfile: '.bashrc', plain: 'plain.apk',
+  absolute: '/tmp/cloudlet-rogue-target',
+  dotdot: '../escaped.apk',
+  slash: 'sub/nested.apk',
+  dotfile: '.bashrc',
+  plain: 'plain.apk',
   oversized: 'oversized.apk',
 };
 
 /** Bases by name: the file names each one lists. */
 export const ROGUE_BASES: Record<string, string[]> = {
-  escaping: ['disk.qcow2', '../../escaped-disk'], absolute: ['/tmp/cloudlet-rogue-base-file'], hidden: ['.profile'],
-  'manifest-clash': ['manifest.json'], plain: ['disk.qcow2', 'chunk-index.bin'],
+  escaping: ['disk.qcow2', '../../escaped-disk'],
+  absolute: ['/tmp/cloudlet-rogue-base-file'],
+  hidden: ['.profile'],
+  'manifest-clash': ['manifest.json'],
+  plain: ['disk.qcow2', 'chunk-index.bin'],
 };
 
 function json(res: http.ServerResponse, status: number, body: unknown): void {
@@ -48,7 +55,14 @@ function answer(req: http.IncomingMessage, res: http.ServerResponse): void {
     return json(res, 200, { cpu_info: { max_cores: 9999, usage: 0, speed: '9999', cache: 1 }, memory_info: { max_memory: 1e12, free_memory: 1e12 } });
   }
   if (url.pathname === '/v1/system') {
-    return json(res, 200, { hostname: HOSTILE, agent_version: HOSTILE, cpu: { cores: 9999, usage_percent: 0 }, memory: { total_bytes: 1, free_bytes: 1 }, instances: 0, tls_port: null });
+    return json(res, 200, {
+      hostname: HOSTILE,
+      agent_version: HOSTILE,
+      cpu: { cores: 9999, usage_percent: 0 },
+      memory: { total_bytes: 1, free_bytes: 1 },
+      instances: 0,
+      tls_port: null,
+    });
   }
   if (url.pathname === '/v1/services') {
     return json(res, 200, { services: [{ id: HOSTILE, manifest: { version: HOSTILE, description: HOSTILE, shareable: true } }] });
@@ -68,12 +82,22 @@ function answer(req: http.IncomingMessage, res: http.ServerResponse): void {
   if (parts[1] === 'v1' && parts[2] === 'instances' && req.method === 'DELETE') {
     return json(res, 404, { code: 'INSTANCE_NOT_FOUND', message: HOSTILE });
   }
-  if (url.pathname === '/v1/devices') return json(res, 200, { devices: [{ id: 'phone-1', name: HOSTILE, standing: 'paired', paired_at: HOSTILE, expires_at: null }] });
+  if (url.pathname === '/v1/devices')
+    return json(res, 200, { devices: [{ id: 'phone-1', name: HOSTILE, standing: 'paired', paired_at: HOSTILE, expires_at: null }] });
   if (parts[2] === 'devices' && parts[4] === 'revoke') return json(res, 200, { id: parts[3] });
   if (parts[2] === 'apps' && parts.length === 4 && ROGUE_APPS[parts[3]!]) {
     const id = parts[3]!;
-    return json(res, 200, { id, name: HOSTILE, kind: 'android', version: '1', size: PAYLOAD.length, sha256: SHA256, service_id: 'svc',
-      file_name: ROGUE_APPS[id], download: `/v1/apps/${id}/file` });
+    return json(res, 200, {
+      id,
+      name: HOSTILE,
+      kind: 'android',
+      version: '1',
+      size: PAYLOAD.length,
+      sha256: SHA256,
+      service_id: 'svc',
+      file_name: ROGUE_APPS[id],
+      download: `/v1/apps/${id}/file`,
+    });
   }
   if (parts[2] === 'apps' && parts[4] === 'file') {
     res.writeHead(200, { 'content-type': 'application/octet-stream' });
@@ -85,8 +109,20 @@ function answer(req: http.IncomingMessage, res: http.ServerResponse): void {
   }
   if (parts[2] === 'bases' && parts.length === 4 && ROGUE_BASES[parts[3]!]) {
     const name = parts[3]!;
-    return json(res, 200, { digest: 'f'.repeat(64), name, memory_mib: 64, disk: 'disk.qcow2', state: null, manifest: {},
-      files: ROGUE_BASES[name]!.map((file) => ({ name: file, bytes: PAYLOAD.length, sha256: SHA256, download: `/v1/bases/${name}/files/${encodeURIComponent(file)}` })) });
+    return json(res, 200, {
+      digest: 'f'.repeat(64),
+      name,
+      memory_mib: 64,
+      disk: 'disk.qcow2',
+      state: null,
+      manifest: {},
+      files: ROGUE_BASES[name]!.map((file) => ({
+        name: file,
+        bytes: PAYLOAD.length,
+        sha256: SHA256,
+        download: `/v1/bases/${name}/files/${encodeURIComponent(file)}`,
+      })),
+    });
   }
   if (parts[2] === 'bases' && parts[4] === 'files') return void res.end(PAYLOAD);
   return json(res, 404, { code: 'NOT_FOUND', message: `no route ${url.pathname}` });
@@ -102,30 +138,42 @@ export interface RogueCloudlet {
 export async function startRogueCloudlet(port = 0, host = '127.0.0.1'): Promise<RogueCloudlet> {
   const requests: RogueRequest[] = [];
   const server = http.createServer((req, res) => {
-    requests.push({ method: req.method ?? '', url: req.url ?? '', ...(req.headers.authorization ? { authorization: req.headers.authorization } : {}), secure: false });
+    requests.push({
+      method: req.method ?? '',
+      url: req.url ?? '',
+      ...(req.headers.authorization ? { authorization: req.headers.authorization } : {}),
+      secure: false,
+    });
     answer(req, res);
   });
   await new Promise<void>((resolve) => server.listen(port, host, resolve));
   return {
     port: (server.address() as AddressInfo).port,
     requests,
-    close: () => new Promise((resolve) => {
-      server.closeAllConnections();
-      server.close(() => resolve());
-    }),
+    close: () =>
+      new Promise((resolve) => {
+        server.closeAllConnections();
+        server.close(() => resolve());
+      }),
   };
 }
 
 if (require.main === module) {
   const [port, tlsPort, cert, key] = process.argv.slice(2);
   const log = (secure: boolean) => (req: http.IncomingMessage, res: http.ServerResponse) => {
-    const record: RogueRequest = { method: req.method ?? '', url: req.url ?? '', ...(req.headers.authorization ? { authorization: req.headers.authorization } : {}), secure };
+    const record: RogueRequest = {
+      method: req.method ?? '',
+      url: req.url ?? '',
+      ...(req.headers.authorization ? { authorization: req.headers.authorization } : {}),
+      secure,
+    };
     process.stdout.write(`${JSON.stringify(record)}\n`);
     answer(req, res);
   };
   const servers = [http.createServer(log(false))];
   if (tlsPort && cert && key) servers.push(https.createServer({ cert: readFileSync(cert), key: readFileSync(key) }, log(true)));
-  void Promise.all(servers.map((server, i) => new Promise<void>((resolve) => server.listen(Number(i === 0 ? port : tlsPort), '0.0.0.0', resolve))))
-    .then(() => process.stdout.write('ready\n'));
+  void Promise.all(servers.map((server, i) => new Promise<void>((resolve) => server.listen(Number(i === 0 ? port : tlsPort), '0.0.0.0', resolve)))).then(() =>
+    process.stdout.write('ready\n'),
+  );
   process.on('SIGTERM', () => process.exit(0));
 }

@@ -8,7 +8,10 @@ import { destroySandboxesUnder } from './app-package';
 function canConnect(host: string, port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const socket = net.connect({ host, port, timeout: 2000 });
-    const done = (ok: boolean) => { socket.destroy(); resolve(ok); };
+    const done = (ok: boolean) => {
+      socket.destroy();
+      resolve(ok);
+    };
     socket.once('connect', () => done(true));
     socket.once('timeout', () => done(false));
     socket.once('error', () => done(false));
@@ -26,7 +29,12 @@ async function main(tarball: string, appId: string, addresses: string[]): Promis
     const targets = addresses.flatMap((address) => Object.entries(services).map(([name, port]) => ({ name, address, port })));
     const own = { name: 'own-app', address: '127.0.0.1', port: 8080 };
     const probe = await fetchText(started.json.endpoint.port, `/cgi-bin/connect?${[own, ...targets].map((t) => `${t.address}:${t.port}`).join('+')}`);
-    const fromSandbox = Object.fromEntries(probe.trim().split('\n').map((line) => line.split('=')));
+    const fromSandbox = Object.fromEntries(
+      probe
+        .trim()
+        .split('\n')
+        .map((line) => line.split('=')),
+    );
     const result = {
       fromSandbox: Object.fromEntries([own, ...targets].map((t) => [`${t.name}@${t.address}`, fromSandbox[`${t.address}:${t.port}`]])),
       fromNamespace: Object.fromEntries(await Promise.all(targets.map(async (t) => [`${t.name}@${t.address}`, await canConnect(t.address, t.port)]))),

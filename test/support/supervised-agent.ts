@@ -15,7 +15,11 @@ export class SupervisedAgent {
   private proc: ChildProcess | undefined;
   private stopping = false;
 
-  private constructor(private readonly home: string, readonly apiPort: number, private readonly env: NodeJS.ProcessEnv) {
+  private constructor(
+    private readonly home: string,
+    readonly apiPort: number,
+    private readonly env: NodeJS.ProcessEnv,
+  ) {
     this.pidFile = path.join(home, 'agent.pid');
   }
 
@@ -57,9 +61,14 @@ export class SupervisedAgent {
 
   private async spawn(): Promise<void> {
     if (this.stopping) return;
-    const proc = spawn(process.execPath, [path.join(this.home, 'current', 'dist', 'agent', 'src', 'main.js')], { env: this.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const proc = spawn(process.execPath, [path.join(this.home, 'current', 'dist', 'agent', 'src', 'main.js')], {
+      env: this.env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     this.proc = proc;
-    const collect = (c: Buffer) => { this.log += c.toString(); };
+    const collect = (c: Buffer) => {
+      this.log += c.toString();
+    };
     proc.stdout?.on('data', collect);
     proc.stderr?.on('data', collect);
     proc.once('exit', () => {

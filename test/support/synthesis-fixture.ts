@@ -29,7 +29,11 @@ function dataFile(): Buffer {
 }
 
 /** Import the base as `baseName` into `agent`, and make the customized VM of `serviceId` serving `content` in `scratch`. */
-export async function prepareSynthesis(agent: AgentProcess, scratch: string, { baseName, serviceId, content }: { baseName: string; serviceId: string; content: string }): Promise<SynthesisFixture> {
+export async function prepareSynthesis(
+  agent: AgentProcess,
+  scratch: string,
+  { baseName, serviceId, content }: { baseName: string; serviceId: string; content: string },
+): Promise<SynthesisFixture> {
   const imported = await agent.post('/v1/services', { path: testGuestDir() });
   if (imported.status !== 201) throw new Error(imported.body);
   const captured = await agent.post(`/v1/services/${BASE_SERVICE}/state`);
@@ -64,11 +68,30 @@ export async function prepareSynthesis(agent: AgentProcess, scratch: string, { b
  * `cloudlet-overlay create` of the customized VM against the base in `baseDir`, into `out`; its JSON statistics.
  * `state`: another memory state file to carry instead of the customized VM's own.
  */
-export async function createOverlay(fixture: SynthesisFixture, baseDir: string, out: string, key: string | null = null, state?: string): Promise<Record<string, number>> {
+export async function createOverlay(
+  fixture: SynthesisFixture,
+  baseDir: string,
+  out: string,
+  key: string | null = null,
+  state?: string,
+): Promise<Record<string, number>> {
   const vm = fixture.customizedVm;
   const manifest = JSON.parse(await readFile(path.join(vm, 'manifest.json'), 'utf8'));
-  const { stdout } = await run('node', [OVERLAY_CLI, 'create', '--base', baseDir, '--disk', path.join(vm, manifest.disk),
-    '--state', state ?? path.join(vm, manifest.state), '--service', path.join(vm, 'manifest.json'), '--out', out, ...(key ? ['--key', key] : [])]);
+  const { stdout } = await run('node', [
+    OVERLAY_CLI,
+    'create',
+    '--base',
+    baseDir,
+    '--disk',
+    path.join(vm, manifest.disk),
+    '--state',
+    state ?? path.join(vm, manifest.state),
+    '--service',
+    path.join(vm, 'manifest.json'),
+    '--out',
+    out,
+    ...(key ? ['--key', key] : []),
+  ]);
   return JSON.parse(stdout);
 }
 
@@ -80,16 +103,22 @@ export function sendUploadBytes(port: number, id: string, offset: number, bytes:
   return new Promise((resolve, reject) => {
     const socket = net.connect(port, '127.0.0.1');
     let response = '';
-    socket.on('data', (d) => { response += d.toString(); });
+    socket.on('data', (d) => {
+      response += d.toString();
+    });
     socket.on('error', (err) => (cutAfter === undefined ? reject(err) : resolve(null)));
     socket.on('close', () => {
       if (cutAfter !== undefined) return resolve(null);
       const [head, body] = response.split('\r\n\r\n');
       resolve({ status: Number(/^HTTP\/1\.1 (\d+)/.exec(head ?? '')?.[1]), json: JSON.parse(body ?? 'null') });
     });
-    const auth = Object.entries(adminHeaders(port)).map(([name, value]) => `${name}: ${value}\r\n`).join('');
-    socket.write(`POST /v1/synthesis/uploads/${id}?offset=${offset} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n`
-      + `${auth}Content-Length: ${bytes.length}\r\nConnection: close\r\n\r\n`);
+    const auth = Object.entries(adminHeaders(port))
+      .map(([name, value]) => `${name}: ${value}\r\n`)
+      .join('');
+    socket.write(
+      `POST /v1/synthesis/uploads/${id}?offset=${offset} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n` +
+        `${auth}Content-Length: ${bytes.length}\r\nConnection: close\r\n\r\n`,
+    );
     if (cutAfter === undefined) {
       socket.write(bytes);
     } else {

@@ -22,7 +22,10 @@ export class BodyPace {
   private bytesInWindow = 0;
   private done = false;
 
-  constructor(private readonly limits: BodyPaceLimits, private readonly onSlow: (error: CloudletError) => void) {}
+  constructor(
+    private readonly limits: BodyPaceLimits,
+    private readonly onSlow: (error: CloudletError) => void,
+  ) {}
 
   start(): void {
     if (this.done) return;
@@ -63,8 +66,11 @@ export class BodyPace {
     this.window = setTimeout(() => {
       const needed = Math.ceil((minBytesPerSecond * windowMs) / 1000);
       if (this.bytesInWindow < needed) {
-        this.slow(`The request body arrives too slowly: ${this.bytesInWindow} bytes in ${windowMs} ms, below the minimum of ${minBytesPerSecond} bytes/s`,
-          { min_bytes_per_s: minBytesPerSecond, window_ms: windowMs, window_bytes: this.bytesInWindow });
+        this.slow(`The request body arrives too slowly: ${this.bytesInWindow} bytes in ${windowMs} ms, below the minimum of ${minBytesPerSecond} bytes/s`, {
+          min_bytes_per_s: minBytesPerSecond,
+          window_ms: windowMs,
+          window_bytes: this.bytesInWindow,
+        });
       } else {
         this.openWindow();
       }

@@ -41,15 +41,15 @@ export class EventsSocket implements SocketEndpoint {
 
   upgrade(request: UpgradeRequest): SocketSession {
     const bearerEntry = request.offeredProtocols.find((p) => p.startsWith(BEARER_PROTOCOL_PREFIX));
-    const token = bearerToken(request.header('authorization')) ?? (request.query.get('access_token') || undefined)
-      ?? bearerEntry?.slice(BEARER_PROTOCOL_PREFIX.length);
+    const token =
+      bearerToken(request.header('authorization')) ?? (request.query.get('access_token') || undefined) ?? bearerEntry?.slice(BEARER_PROTOCOL_PREFIX.length);
     const { gate, limiter, caps } = this.options;
     const caller = authorizeWithinRate(gate, limiter, 'device', token, request.transport);
     const deviceId = caller.kind === 'device' ? caller.device.id : undefined;
     const release = deviceId === undefined ? undefined : caps?.holdForDevice(deviceId);
     // A browser that offered subprotocols fails the connection unless one is agreed to: the named one, else the
     // bearer entry it sent (it already holds that token).
-    const protocol = request.offeredProtocols.includes(EVENTS_PROTOCOL) ? EVENTS_PROTOCOL : bearerEntry ?? '';
+    const protocol = request.offeredProtocols.includes(EVENTS_PROTOCOL) ? EVENTS_PROTOCOL : (bearerEntry ?? '');
     return new EventsSession(this, protocol, InstanceView.of(caller), deviceId, release);
   }
 
@@ -95,7 +95,10 @@ class EventsSession implements SocketSession {
   private unsubscribe: (() => void) | undefined;
 
   constructor(
-    private readonly socket: EventsSocket, readonly protocol: string, readonly view: InstanceView, readonly deviceId: string | undefined,
+    private readonly socket: EventsSocket,
+    readonly protocol: string,
+    readonly view: InstanceView,
+    readonly deviceId: string | undefined,
     private readonly release: Release | undefined,
   ) {}
 

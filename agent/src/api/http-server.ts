@@ -65,7 +65,8 @@ const DEFAULT_BODY_IDLE_MS = 8000;
 export async function startHttpServer(options: HttpServerOptions): Promise<HttpServer> {
   const log = options.logger ?? (() => {});
   const kdApi = options.kdApi ?? { mode: 'plain' };
-  const kd = kdApi.mode === 'off' ? null : kdApi.mode === 'encrypted' ? kdEncryptedFace(kdCloudletFace(options.api), kdApi.devices) : kdCloudletFace(options.api);
+  const kd =
+    kdApi.mode === 'off' ? null : kdApi.mode === 'encrypted' ? kdEncryptedFace(kdCloudletFace(options.api), kdApi.devices) : kdCloudletFace(options.api);
   const limiter = options.rateLimiter ?? null;
   const pipeline = new RequestPipeline(
     { kd, page: webFace(), own: v1Face(options.api, options.provisioning, options.trust) },
@@ -80,7 +81,11 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     ...(options.tls ? { tls: options.tls } : {}),
     pipeline,
     sockets: [events, ...(options.streamEndpoints ?? []).map((endpoint) => streamSocket(endpoint, limiter, log))],
-    bodyPace: { idleMs: options.bodyIdleMs ?? DEFAULT_BODY_IDLE_MS, minBytesPerSecond: options.bodyMinBytesPerSecond ?? 0, windowMs: options.bodyRateWindowMs ?? 10000 },
+    bodyPace: {
+      idleMs: options.bodyIdleMs ?? DEFAULT_BODY_IDLE_MS,
+      minBytesPerSecond: options.bodyMinBytesPerSecond ?? 0,
+      windowMs: options.bodyRateWindowMs ?? 10000,
+    },
     log,
   }).catch((err: unknown) => {
     options.trust?.devices.off('device-ended', endEvents);

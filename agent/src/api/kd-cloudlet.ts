@@ -133,8 +133,15 @@ function getApp(api: CloudletApi, request: ApiRequest): Reply {
 /** pycloud's app document; md5sum is the real MD5 of the file (pycloud left it null), which client-lib then checks. */
 function appJson(app: App) {
   return {
-    _id: app.id, name: app.name, service_id: app.serviceId, description: app.description, package_name: app.packageName,
-    min_android_version: app.minOsVersion, md5sum: app.md5, app_version: app.version, tags: app.tags,
+    _id: app.id,
+    name: app.name,
+    service_id: app.serviceId,
+    description: app.description,
+    package_name: app.packageName,
+    min_android_version: app.minOsVersion,
+    md5sum: app.md5,
+    app_version: app.version,
+    tags: app.tags,
   };
 }
 
@@ -182,7 +189,8 @@ const WEBOB_ERRORS: Record<number, { title: string; explanation: string }> = {
   400: { title: 'Bad Request', explanation: 'The server could not comply with the request since it is either malformed or otherwise incorrect. ' },
   401: {
     title: 'Unauthorized',
-    explanation: 'This server could not verify that you are authorized to access the document you requested.  Either you supplied the wrong credentials (e.g., bad password), or your browser does not understand how to supply the credentials required.',
+    explanation:
+      'This server could not verify that you are authorized to access the document you requested.  Either you supplied the wrong credentials (e.g., bad password), or your browser does not understand how to supply the credentials required.',
   },
   403: { title: 'Forbidden', explanation: 'Access was denied to this resource.' },
   404: { title: 'Not Found', explanation: 'The resource could not be found.' },

@@ -48,9 +48,10 @@ async function runCommand(plain: Face, devices: DeviceKeys, request: ApiRequest)
   if (!encrypted) return webobError(400, '400 Bad Request - must provide command');
   const plaintext = kdDecrypt(encrypted, password);
   const command = plaintext && parseCommand(plaintext);
-  const route = command && COMMANDS[command.controller]?.includes(command.action)
-    ? plain.routes.find((r) => r.method === 'GET' && matchPath(r.path, command.path) !== null)
-    : undefined;
+  const route =
+    command && COMMANDS[command.controller]?.includes(command.action)
+      ? plain.routes.find((r) => r.method === 'GET' && matchPath(r.path, command.path) !== null)
+      : undefined;
   // Whatever does not decrypt, or decrypts to no known command, gets one and the same answer, which echoes nothing:
   // with no MAC, any difference (bad padding vs. an unknown command) is a padding oracle on the device's commands.
   if (!command || !route) return UNKNOWN_COMMAND();
@@ -78,7 +79,9 @@ async function runCommand(plain: Face, devices: DeviceKeys, request: ApiRequest)
   if (ended) return ended;
   // Errors stay in clear, as pycloud sends them (client-lib reads only a 200 body as ciphertext).
   if (reply.status !== 200) return reply;
-  const body = reply.file ? await readSmallFile(reply.file.path) : Buffer.from(command.controller === 'apps' && command.action === '' ? withoutMd5(reply.body) : reply.body);
+  const body = reply.file
+    ? await readSmallFile(reply.file.path)
+    : Buffer.from(command.controller === 'apps' && command.action === '' ? withoutMd5(reply.body) : reply.body);
   return textReply(200, kdEncrypt(body, password));
 }
 

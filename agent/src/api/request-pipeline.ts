@@ -60,7 +60,10 @@ export interface RequestPolicy {
 }
 
 export class RequestPipeline {
-  constructor(private readonly faces: Faces, private readonly policy: RequestPolicy) {}
+  constructor(
+    private readonly faces: Faces,
+    private readonly policy: RequestPolicy,
+  ) {}
 
   /**
    * Answers one request and returns the status sent ('aborted' when the client left first). Never throws for request

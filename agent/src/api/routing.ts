@@ -69,7 +69,7 @@ export interface Face {
   /** How a known path with an unsupported method is answered: Pylons answers 404, /v1 answers 405. */
   wrongMethod: 'not-found' | 'method-not-allowed';
   /** The reply for any error a handler did not answer itself, and for routing and body errors. Must not throw. */
-  errorReply(error: CloudletError): Reply;
+  errorReply: (error: CloudletError) => Reply;
 }
 
 export function jsonReply(status: number, value: unknown): Reply {

@@ -42,7 +42,9 @@ class StreamSession implements SocketSession {
   private drained: (() => void) | undefined;
 
   constructor(
-    private readonly endpoint: StreamEndpoint, private readonly transport: Transport, private readonly release: Release | undefined,
+    private readonly endpoint: StreamEndpoint,
+    private readonly transport: Transport,
+    private readonly release: Release | undefined,
     private readonly log: (line: string) => void,
   ) {
     this.protocol = endpoint.protocol;

@@ -30,7 +30,10 @@ export class UwsExchange implements Exchange {
   /** Cuts a request body that stalls or drips; paused while uWS is paused by us, ended once the body is in. */
   private pace: BodyPace | undefined;
 
-  constructor(private readonly res: HttpResponse, private readonly paceLimits: BodyPaceLimits) {
+  constructor(
+    private readonly res: HttpResponse,
+    private readonly paceLimits: BodyPaceLimits,
+  ) {
     res.onAborted(() => {
       this.aborted = true;
       this.pace?.end();

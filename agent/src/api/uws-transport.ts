@@ -14,7 +14,6 @@ import {
   type HttpResponse,
   type TemplatedApp,
   type us_listen_socket,
-  type us_socket,
   type WebSocket,
 } from 'uWebSockets.js';
 import { CloudletError, asCloudletError } from '../errors';
@@ -56,7 +55,8 @@ export async function listenUws(options: TransportOptions): Promise<Listeners> {
       try {
         const incoming = readIncoming(req, res, secure);
         const started = Date.now();
-        options.pipeline.serve(incoming, exchange)
+        options.pipeline
+          .serve(incoming, exchange)
           .then((status) => log(`${incoming.method} ${incoming.url} ${status} ${Date.now() - started}ms`))
           .catch((err: unknown) => log(`${incoming.method} ${incoming.url} failed to answer: ${describe(err)}`));
       } catch (err) {
@@ -102,7 +102,7 @@ function listen(app: ClosableApp, host: string, port: number, what: string, log:
         reject(new CloudletError('INTERNAL', `Cannot listen on ${host}:${port}`));
         return;
       }
-      const bound = us_socket_local_port(listenSocket as unknown as us_socket);
+      const bound = us_socket_local_port(listenSocket);
       log(`${what} API listening on ${host}:${bound}`);
       resolve({
         port: bound,
@@ -158,7 +158,10 @@ function serveSocket(app: TemplatedApp, endpoint: SocketEndpoint, secure: boolea
 
 function readUpgrade(req: HttpRequest, res: HttpResponse, secure: boolean): UpgradeRequest {
   const headers = readHeaders(req);
-  const offeredProtocols = (headers.get('sec-websocket-protocol') ?? '').split(',').map((p) => p.trim()).filter((p) => p !== '');
+  const offeredProtocols = (headers.get('sec-websocket-protocol') ?? '')
+    .split(',')
+    .map((p) => p.trim())
+    .filter((p) => p !== '');
   return {
     header: (name) => headers.get(name) || undefined,
     // getQuery() returns undefined, not '', when the URL has no query.
@@ -195,7 +198,15 @@ function readIncoming(req: HttpRequest, res: HttpResponse, secure: boolean): Inc
   // getQuery() returns undefined, not '', when the URL has no query.
   const query = (req.getQuery() as string | undefined) ?? '';
   const logged = redactedQuery(query);
-  return { method: req.getMethod().toUpperCase(), url: query ? `${path}?${logged}` : path, path, query, headers: readHeaders(req), remoteAddress: remoteAddressOf(res), secure };
+  return {
+    method: req.getMethod().toUpperCase(),
+    url: query ? `${path}?${logged}` : path,
+    path,
+    query,
+    headers: readHeaders(req),
+    remoteAddress: remoteAddressOf(res),
+    secure,
+  };
 }
 
 /** A query as logged: `access_token` values (browsers' /v1/events credential) never reach the log. */

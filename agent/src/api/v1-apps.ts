@@ -27,13 +27,17 @@ export function appRoutes(api: CloudletApi): Route[] {
 
 function appDownload(api: CloudletApi, id: string) {
   const { app, path } = api.appFile(id);
-  return fileReply(path, {
-    'Content-Type': APP_KINDS[app.kind].contentType,
-    'Content-Disposition': `attachment; filename="${app.fileName}"`,
-    // The content never changes under an id: its SHA-256 is its validator, and a resumed download can be checked.
-    ETag: `"${app.sha256}"`,
-    'Cache-Control': 'public, max-age=31536000, immutable',
-  }, true);
+  return fileReply(
+    path,
+    {
+      'Content-Type': APP_KINDS[app.kind].contentType,
+      'Content-Disposition': `attachment; filename="${app.fileName}"`,
+      // The content never changes under an id: its SHA-256 is its validator, and a resumed download can be checked.
+      ETag: `"${app.sha256}"`,
+      'Cache-Control': 'public, max-age=31536000, immutable',
+    },
+    true,
+  );
 }
 
 /** The file is the request body; what describes it comes in the query, so the body stays the raw bytes. */
@@ -44,23 +48,30 @@ async function addApp(api: CloudletApi, request: ApiRequest) {
     if (!value) throw new CloudletError('MISSING_PARAMETER', `Missing required parameter "${name}"`, { details: { parameter: name } });
     return value;
   };
-  const app = await api.addApp({
-    kind: (q.get('kind') ?? 'android') as AppKind,
-    serviceId: required('service_id'),
-    name: required('name'),
-    fileName: required('file_name'),
-    description: q.get('description') ?? '',
-    packageName: q.get('package_name') ?? '',
-    version: q.get('version') ?? '',
-    minOsVersion: q.get('min_os_version') ?? '',
-    tags: splitTags(q.get('tags')),
-    ...(q.get('sha256') ? { sha256: q.get('sha256')! } : {}),
-  }, request.bodyStream!.stream, request.bodyStream!.length);
+  const app = await api.addApp(
+    {
+      kind: (q.get('kind') ?? 'android') as AppKind,
+      serviceId: required('service_id'),
+      name: required('name'),
+      fileName: required('file_name'),
+      description: q.get('description') ?? '',
+      packageName: q.get('package_name') ?? '',
+      version: q.get('version') ?? '',
+      minOsVersion: q.get('min_os_version') ?? '',
+      tags: splitTags(q.get('tags')),
+      ...(q.get('sha256') ? { sha256: q.get('sha256')! } : {}),
+    },
+    request.bodyStream!.stream,
+    request.bodyStream!.length,
+  );
   return jsonReply(201, appJson(app));
 }
 
 export function splitTags(tags: string | null): string[] {
-  return (tags ?? '').split(',').map((tag) => tag.trim()).filter((tag) => tag !== '');
+  return (tags ?? '')
+    .split(',')
+    .map((tag) => tag.trim())
+    .filter((tag) => tag !== '');
 }
 
 function appFilter(query: URLSearchParams) {
@@ -74,9 +85,21 @@ function appFilter(query: URLSearchParams) {
 
 export function appJson(app: App) {
   return {
-    id: app.id, kind: app.kind, os_name: APP_KINDS[app.kind].osName, service_id: app.serviceId, name: app.name,
-    description: app.description, package_name: app.packageName, version: app.version, min_os_version: app.minOsVersion,
-    tags: app.tags, file_name: app.fileName, size: app.size, md5: app.md5, sha256: app.sha256, added_at: app.addedAt,
+    id: app.id,
+    kind: app.kind,
+    os_name: APP_KINDS[app.kind].osName,
+    service_id: app.serviceId,
+    name: app.name,
+    description: app.description,
+    package_name: app.packageName,
+    version: app.version,
+    min_os_version: app.minOsVersion,
+    tags: app.tags,
+    file_name: app.fileName,
+    size: app.size,
+    md5: app.md5,
+    sha256: app.sha256,
+    added_at: app.addedAt,
     download: `/v1/apps/${app.id}/file`,
   };
 }

@@ -8,7 +8,7 @@ import { RECIPE_LIMITS, recipeDigest, recipeJson, type Recipe } from '../core/re
 import type { ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
 import { emptyReply, fileReply, hostOf, jsonReply, textReply, type ApiRequest, type Route } from './routing';
-import { jsonObject, optionalBoolean, requiredString } from './v1';
+import { jsonObject, optionalBoolean, requiredString } from './json-fields';
 import { hostDir, serviceJson, startResultJson } from './wire-shapes';
 
 const CONSOLE_DEFAULT_BYTES = 64 << 10;
@@ -30,7 +30,12 @@ export function provisioningRoutes(api: ProvisioningApi): Route[] {
       },
     },
     { method: 'GET', path: '/v1/recipes', access: 'device', handle: () => jsonReply(200, { recipes: api.listRecipes().map(recipeSummaryJson) }) },
-    { method: 'GET', path: '/v1/recipes/:id', access: 'device', handle: ({ params }) => jsonReply(200, { ...recipeSummaryJson(api.getRecipe(params.id!)), recipe: recipeJson(api.getRecipe(params.id!)) }) },
+    {
+      method: 'GET',
+      path: '/v1/recipes/:id',
+      access: 'device',
+      handle: ({ params }) => jsonReply(200, { ...recipeSummaryJson(api.getRecipe(params.id!)), recipe: recipeJson(api.getRecipe(params.id!)) }),
+    },
     {
       method: 'POST',
       path: '/v1/recipes',
@@ -49,7 +54,12 @@ export function provisioningRoutes(api: ProvisioningApi): Route[] {
       },
     },
     { method: 'POST', path: '/v1/recipes/:id/instances', access: 'device', jsonBody: true, handle: (request) => provision(api, request) },
-    { method: 'POST', path: '/v1/recipes/:id/cache', access: 'admin', handle: async ({ params, caller }) => jsonReply(200, serviceJson(await api.cacheRecipe(params.id!), caller)) },
+    {
+      method: 'POST',
+      path: '/v1/recipes/:id/cache',
+      access: 'admin',
+      handle: async ({ params, caller }) => jsonReply(200, serviceJson(await api.cacheRecipe(params.id!), caller)),
+    },
     {
       method: 'GET',
       path: '/v1/instances/:id/console',
@@ -62,7 +72,8 @@ export function provisioningRoutes(api: ProvisioningApi): Route[] {
 async function provision(api: ProvisioningApi, request: ApiRequest) {
   const body = request.body === undefined ? {} : jsonObject(request.body);
   const result = await api.provision(request.params.id!, {
-    join: optionalBoolean(body, 'join') ?? false, clientHost: hostOf(request.header('host')),
+    join: optionalBoolean(body, 'join') ?? false,
+    clientHost: hostOf(request.header('host')),
     deviceId: deviceIdOf(request.caller),
   });
   return jsonReply(201, startResultJson(result));
@@ -80,25 +91,49 @@ function consoleBytes(value: string | null): number {
 function baseJson(base: BaseVm, caller: Caller) {
   const m = base.manifest;
   return {
-    digest: base.digest, name: base.name, ...hostDir(caller, base.dir), memory_mib: m.memory_mib, vcpus: m.vcpus, disk: m.disk, state: m.state, boot: m.boot,
-    manifest: m, files: base.files.map((f) => ({ name: f.name, bytes: f.bytes, sha256: f.sha256, download: `/v1/bases/${base.digest}/files/${encodeURIComponent(f.name)}` })),
+    digest: base.digest,
+    name: base.name,
+    ...hostDir(caller, base.dir),
+    memory_mib: m.memory_mib,
+    vcpus: m.vcpus,
+    disk: m.disk,
+    state: m.state,
+    boot: m.boot,
+    manifest: m,
+    files: base.files.map((f) => ({
+      name: f.name,
+      bytes: f.bytes,
+      sha256: f.sha256,
+      download: `/v1/bases/${base.digest}/files/${encodeURIComponent(f.name)}`,
+    })),
   };
 }
 
 /** A base's file for an export: resumable (Range), its SHA-256 as the ETag so a resumed download can be checked. */
 function baseFileDownload(api: ProvisioningApi, ref: string, name: string) {
   const { file, path } = api.baseFile(ref, name);
-  return fileReply(path, {
-    'Content-Type': 'application/octet-stream',
-    'Content-Disposition': `attachment; filename="${file.name}"`,
-    ETag: `"${file.sha256}"`,
-    'Cache-Control': 'public, max-age=31536000, immutable',
-  }, true);
+  return fileReply(
+    path,
+    {
+      'Content-Type': 'application/octet-stream',
+      'Content-Disposition': `attachment; filename="${file.name}"`,
+      ETag: `"${file.sha256}"`,
+      'Cache-Control': 'public, max-age=31536000, immutable',
+    },
+    true,
+  );
 }
 
 function recipeSummaryJson(recipe: Recipe) {
   return {
-    id: recipe.service_id, version: recipe.version, description: recipe.description, base: recipe.base, digest: recipeDigest(recipe),
-    port: recipe.port, files: recipe.files.length, packages: recipe.packages, cache: recipe.cache,
+    id: recipe.service_id,
+    version: recipe.version,
+    description: recipe.description,
+    base: recipe.base,
+    digest: recipeDigest(recipe),
+    port: recipe.port,
+    files: recipe.files.length,
+    packages: recipe.packages,
+    cache: recipe.cache,
   };
 }

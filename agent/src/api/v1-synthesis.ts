@@ -8,7 +8,7 @@ import { deviceIdOf } from '../trust/access';
 import type { ProvisioningApi, SynthesisOptions, SynthesisResult, UploadView } from '../core/types';
 import { CloudletError } from '../errors';
 import { hostOf, jsonReply, type ApiRequest, type Route } from './routing';
-import { jsonObject, requiredString } from './v1';
+import { jsonObject, requiredString } from './json-fields';
 import { serviceJson, startResultJson } from './wire-shapes';
 
 export function synthesisRoutes(api: ProvisioningApi): Route[] {
@@ -65,7 +65,6 @@ function synthesisOptions(request: ApiRequest, body: Record<string, unknown>): S
   return { ...(clientHost ? { clientHost } : {}), ...(deviceId ? { deviceId } : {}), ...(typeof keepAs === 'string' ? { keepAs } : {}) };
 }
 
-
 function requiredCount(value: unknown, name: string): number {
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
     throw new CloudletError('INVALID_PARAMETER', `${name} must be a non-negative integer`, { details: { parameter: name } });
@@ -85,7 +84,11 @@ function synthesisResultJson(result: SynthesisResult) {
 
 function uploadJson(upload: UploadView<SynthesisResult>) {
   return {
-    id: upload.id, bytes: upload.bytes, received: upload.received, state: upload.state, upload: `/v1/synthesis/uploads/${upload.id}`,
+    id: upload.id,
+    bytes: upload.bytes,
+    received: upload.received,
+    state: upload.state,
+    upload: `/v1/synthesis/uploads/${upload.id}`,
     ...(upload.result ? { result: synthesisResultJson(upload.result) } : {}),
     ...(upload.error ? { error: { code: upload.error.code, message: upload.error.message } } : {}),
   };

@@ -8,7 +8,7 @@ import { requireConfidential } from '../trust/access';
 import type { DeviceRegistry, PairedDevice } from '../trust/devices';
 import { MAX_WINDOW_SECONDS, type Pairing } from '../trust/pairing';
 import { emptyReply, jsonReply, type Route } from './routing';
-import { jsonObject, requiredString } from './v1';
+import { jsonObject, requiredString } from './json-fields';
 
 /** What the trust routes (and /v1/system) need to know of the agent's trust setup. */
 export interface TrustView {
@@ -36,7 +36,10 @@ export function trustRoutes(trust: TrustView): Route[] {
         const expiresInMinutes = optionalNumber(fields, 'expires_in_minutes', 0.05, MAX_DEVICE_MINUTES, false);
         const window = trust.pairing.open({ ttlSeconds, ...(expiresInMinutes !== undefined ? { expiresInMinutes } : {}) });
         return jsonReply(201, {
-          code: window.code, expires_at: window.expiresAt, device_expires_in_minutes: window.deviceExpiresInMinutes, ...tlsJson(trust),
+          code: window.code,
+          expires_at: window.expiresAt,
+          device_expires_in_minutes: window.deviceExpiresInMinutes,
+          ...tlsJson(trust),
         });
       },
     },
@@ -63,11 +66,18 @@ export function trustRoutes(trust: TrustView): Route[] {
         }
         const deviceId = fields.device_id === undefined ? undefined : requiredString(fields, 'device_id');
         const { device, token } = await trust.pairing.claim(requiredString(fields, 'code'), {
-          name, remoteAddress: request.remoteAddress, ...(deviceId !== undefined ? { deviceId } : {}),
+          name,
+          remoteAddress: request.remoteAddress,
+          ...(deviceId !== undefined ? { deviceId } : {}),
         });
         return jsonReply(201, {
-          device_id: device.id, name: device.name, paired_at: device.pairedAt, expires_at: device.expiresAt, token,
-          legacy_password: trust.devices.legacyPassword(device.id), ...tlsJson(trust),
+          device_id: device.id,
+          name: device.name,
+          paired_at: device.pairedAt,
+          expires_at: device.expiresAt,
+          token,
+          legacy_password: trust.devices.legacyPassword(device.id),
+          ...tlsJson(trust),
         });
       },
     },
@@ -107,7 +117,11 @@ function device(trust: TrustView, id: string): PairedDevice {
 
 function deviceJson(trust: TrustView, device: PairedDevice) {
   return {
-    id: device.id, name: device.name, paired_at: device.pairedAt, expires_at: device.expiresAt, revoked_at: device.revokedAt,
+    id: device.id,
+    name: device.name,
+    paired_at: device.pairedAt,
+    expires_at: device.expiresAt,
+    revoked_at: device.revokedAt,
     standing: trust.devices.standing(device.id) ?? 'active',
   };
 }
@@ -116,7 +130,9 @@ function optionalNumber(body: Record<string, unknown>, field: string, min: numbe
   const value = body[field];
   if (value === undefined || value === null) return undefined;
   if (typeof value !== 'number' || !(value >= min && value <= max) || (integer && !Number.isInteger(value))) {
-    throw new CloudletError('INVALID_PARAMETER', `Field "${field}" must be ${integer ? 'an integer' : 'a number'} from ${min} to ${max}`, { details: { parameter: field } });
+    throw new CloudletError('INVALID_PARAMETER', `Field "${field}" must be ${integer ? 'an integer' : 'a number'} from ${min} to ${max}`, {
+      details: { parameter: field },
+    });
   }
   return value;
 }

@@ -2,6 +2,7 @@
  * Our own versioned JSON API under /v1. Keys are snake_case on the wire; the mapping from the camelCase core types
  * lives in wire-shapes.ts and nowhere else. Errors are `{code, message, details?}` with the CloudletError's status.
  */
+import { jsonObject, optionalBoolean, requiredString } from './json-fields';
 import { deviceIdOf, stopperOf } from '../trust/access';
 import type { CloudletApi, PackageSource, ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
@@ -25,9 +26,24 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
         return jsonReply(report.ok ? 200 : 503, healthJson(report));
       },
     },
-    { method: 'GET', path: '/v1/system', access: 'open', handle: async () => jsonReply(200, { ...systemJson(await api.systemInfo()), ...(trust ? tlsJson(trust) : {}) }) },
-    { method: 'GET', path: '/v1/services', access: 'device', handle: ({ caller }) => jsonReply(200, { services: api.listServices().map((s) => serviceJson(s, caller)) }) },
-    { method: 'GET', path: '/v1/services/:id', access: 'device', handle: ({ params, caller }) => jsonReply(200, serviceJson(api.getService(params.id!), caller)) },
+    {
+      method: 'GET',
+      path: '/v1/system',
+      access: 'open',
+      handle: async () => jsonReply(200, { ...systemJson(await api.systemInfo()), ...(trust ? tlsJson(trust) : {}) }),
+    },
+    {
+      method: 'GET',
+      path: '/v1/services',
+      access: 'device',
+      handle: ({ caller }) => jsonReply(200, { services: api.listServices().map((s) => serviceJson(s, caller)) }),
+    },
+    {
+      method: 'GET',
+      path: '/v1/services/:id',
+      access: 'device',
+      handle: ({ params, caller }) => jsonReply(200, serviceJson(api.getService(params.id!), caller)),
+    },
     {
       method: 'POST',
       path: '/v1/services',
@@ -50,8 +66,18 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
       access: 'admin',
       handle: async ({ params, caller }) => jsonReply(200, serviceJson(await api.captureServiceState(params.id!), caller)),
     },
-    { method: 'GET', path: '/v1/packages', access: 'device', handle: ({ caller }) => jsonReply(200, { packages: api.listPackages().map((p) => packageJson(p, caller)) }) },
-    { method: 'GET', path: '/v1/packages/:id', access: 'device', handle: ({ params, caller }) => jsonReply(200, packageJson(api.getPackage(params.id!), caller)) },
+    {
+      method: 'GET',
+      path: '/v1/packages',
+      access: 'device',
+      handle: ({ caller }) => jsonReply(200, { packages: api.listPackages().map((p) => packageJson(p, caller)) }),
+    },
+    {
+      method: 'GET',
+      path: '/v1/packages/:id',
+      access: 'device',
+      handle: ({ params, caller }) => jsonReply(200, packageJson(api.getPackage(params.id!), caller)),
+    },
     {
       method: 'POST',
       path: '/v1/packages',
@@ -138,31 +164,4 @@ async function packageSource(request: ApiRequest): Promise<PackageSource> {
     throw new CloudletError('BAD_REQUEST', `Malformed JSON body: ${(err as Error).message}`);
   }
   return { path: requiredString(jsonObject(body), 'path') };
-}
-
-export function jsonObject(body: unknown): Record<string, unknown> {
-  if (typeof body !== 'object' || body === null || Array.isArray(body)) {
-    throw new CloudletError('BAD_REQUEST', 'The request body must be a JSON object');
-  }
-  return body as Record<string, unknown>;
-}
-
-export function requiredString(body: Record<string, unknown>, field: string): string {
-  const value = body[field];
-  if (value === undefined || value === null) {
-    throw new CloudletError('MISSING_PARAMETER', `Missing required field "${field}"`, { details: { parameter: field } });
-  }
-  if (typeof value !== 'string' || value === '') {
-    throw new CloudletError('INVALID_PARAMETER', `Field "${field}" must be a non-empty string`, { details: { parameter: field } });
-  }
-  return value;
-}
-
-export function optionalBoolean(body: Record<string, unknown>, field: string): boolean | undefined {
-  const value = body[field];
-  if (value === undefined || value === null) return undefined;
-  if (typeof value !== 'boolean') {
-    throw new CloudletError('INVALID_PARAMETER', `Field "${field}" must be true or false`, { details: { parameter: field } });
-  }
-  return value;
 }

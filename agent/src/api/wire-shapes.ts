@@ -23,7 +23,13 @@ export function serviceJson(service: Service, caller: Caller) {
 
 export function packageJson(appPackage: Package, caller: Caller) {
   // The manifest is already in its snake_case file format.
-  return { id: appPackage.id, sha256: appPackage.sha256, ...hostDir(caller, appPackage.dir), imported_at: appPackage.importedAt, manifest: appPackage.manifest };
+  return {
+    id: appPackage.id,
+    sha256: appPackage.sha256,
+    ...hostDir(caller, appPackage.dir),
+    imported_at: appPackage.importedAt,
+    manifest: appPackage.manifest,
+  };
 }
 
 export function instanceJson(instance: Instance) {
@@ -94,17 +100,33 @@ export function eventsSnapshotJson(instances: Instance[]) {
 export function eventJson(event: CloudletEvent) {
   if (event.type === 'progress') {
     return {
-      type: 'progress', instance_id: event.instanceId, service_id: event.serviceId, phase: event.phase, percent: event.percent,
-      ...(event.bytes ? { bytes_done: event.bytes.done, bytes_total: event.bytes.total } : {}), at: event.at,
+      type: 'progress',
+      instance_id: event.instanceId,
+      service_id: event.serviceId,
+      phase: event.phase,
+      percent: event.percent,
+      ...(event.bytes ? { bytes_done: event.bytes.done, bytes_total: event.bytes.total } : {}),
+      at: event.at,
     };
   }
-  return { type: 'instance', state: event.state, ...(event.reason ? { reason: event.reason } : {}), instance: { ...instanceJson(event.instance), state: event.state }, at: event.at };
+  return {
+    type: 'instance',
+    state: event.state,
+    ...(event.reason ? { reason: event.reason } : {}),
+    instance: { ...instanceJson(event.instance), state: event.state },
+    at: event.at,
+  };
 }
 
 export function healthJson(report: HealthReport) {
   return {
     ok: report.ok,
-    checks: report.checks.map(({ name, ok, detail, optional }) => ({ name, ok, ...(optional ? { optional } : {}), ...(detail === undefined ? {} : { detail }) })),
+    checks: report.checks.map(({ name, ok, detail, optional }) => ({
+      name,
+      ok,
+      ...(optional ? { optional } : {}),
+      ...(detail === undefined ? {} : { detail }),
+    })),
   };
 }
 
@@ -130,7 +152,8 @@ export class InstanceView {
 
   /** One instance as this caller may see it; another device's is one that does not exist. */
   one(instance: Instance): Instance {
-    if (!this.uses(instance.owners)) throw new CloudletError('INSTANCE_NOT_FOUND', `no instance with id ${instance.id}`, { details: { instance_id: instance.id } });
+    if (!this.uses(instance.owners))
+      throw new CloudletError('INSTANCE_NOT_FOUND', `no instance with id ${instance.id}`, { details: { instance_id: instance.id } });
     return this.redacted(instance);
   }
 

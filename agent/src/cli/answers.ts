@@ -9,9 +9,19 @@ import { CliError } from './errors';
  * (no `/`, no `..`), no hidden file (`.bashrc`, `.ssh`), no control characters, at most 255 bytes.
  */
 export function bareFileName(name: unknown, what: string): string {
-  if (typeof name !== 'string' || name === '' || name.startsWith('.') || name.includes('/') || name.includes('\\')
-    || /[\u0000-\u001f\u007f-\u009f]/.test(name) || Buffer.byteLength(name) > 255) {
-    throw new CliError('UNSAFE_FILE_NAME', `the cloudlet named ${what} ${JSON.stringify(String(name)).slice(0, 100)}, not a plain file name; nothing was written`);
+  if (
+    typeof name !== 'string' ||
+    name === '' ||
+    name.startsWith('.') ||
+    name.includes('/') ||
+    name.includes('\\') ||
+    /[\u0000-\u001f\u007f-\u009f]/.test(name) ||
+    Buffer.byteLength(name) > 255
+  ) {
+    throw new CliError(
+      'UNSAFE_FILE_NAME',
+      `the cloudlet named ${what} ${JSON.stringify(String(name)).slice(0, 100)}, not a plain file name; nothing was written`,
+    );
   }
   return name;
 }

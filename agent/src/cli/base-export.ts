@@ -23,14 +23,19 @@ export interface BaseJson {
 }
 
 /** `onProgress`: bytes of the whole base in `outDir` so far, of `total`. */
-export async function exportBase(client: CloudletClient, ref: string, outDir: string, onProgress: (done: number, total: number) => void)
-  : Promise<{ base: BaseJson; fetched: number; resumedFrom: number }> {
+export async function exportBase(
+  client: CloudletClient,
+  ref: string,
+  outDir: string,
+  onProgress: (done: number, total: number) => void,
+): Promise<{ base: BaseJson; fetched: number; resumedFrom: number }> {
   const base = await client.call<BaseJson>('GET', `/v1/bases/${encodeURIComponent(ref)}`);
   if (!Array.isArray(base.files)) throw new CliError('BAD_ANSWER', `the cloudlet described the base ${JSON.stringify(ref)} without its files`);
   // Every file is checked before the first byte is written: a bad entry leaves OUT_DIR untouched.
   const files = base.files.map((f) => {
     const name = bareFileName(f.name, 'a file of the base');
-    if (name === 'manifest.json') throw new CliError('UNSAFE_FILE_NAME', 'the cloudlet named a file of the base manifest.json, the name the export writes itself');
+    if (name === 'manifest.json')
+      throw new CliError('UNSAFE_FILE_NAME', 'the cloudlet named a file of the base manifest.json, the name the export writes itself');
     return { name, ...checkedDigest(f, `the base's file ${name}`), download: serverPath(f.download, `the base's file ${name}`) };
   });
   await mkdir(outDir, { recursive: true });
@@ -41,7 +46,10 @@ export async function exportBase(client: CloudletClient, ref: string, outDir: st
   for (const file of files) {
     const dest = path.join(outDir, file.name);
     // A file only takes its name once its SHA-256 matched (client.download): one of the right size is complete.
-    const have = await stat(dest).then((s) => s.size, () => -1);
+    const have = await stat(dest).then(
+      (s) => s.size,
+      () => -1,
+    );
     if (have !== file.size) {
       const result = await client.download(file.download, dest, file, (fileDone) => onProgress(done + fileDone, total));
       fetched += result.bytes;

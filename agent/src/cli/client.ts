@@ -39,7 +39,12 @@ interface Answer {
 }
 
 export class CloudletClient {
-  constructor(readonly host: string, readonly port: number, private readonly timeoutMs = 15000, private readonly auth?: ClientAuth) {}
+  constructor(
+    readonly host: string,
+    readonly port: number,
+    private readonly timeoutMs = 15000,
+    private readonly auth?: ClientAuth,
+  ) {}
 
   /**
    * Every request goes through here: with a pinned certificate over HTTPS to its port (refused unless the server
@@ -49,12 +54,22 @@ export class CloudletClient {
     const headers = this.auth?.token ? { ...options.headers, authorization: `Bearer ${this.auth.token}` } : options.headers;
     const pin = this.auth?.tls;
     if (!pin) return http.request({ ...options, host: this.host, port: this.port, headers, agent: false }, onResponse);
-    return https.request({
-      ...options, host: this.host, port: pin.port, headers, agent: false, ca: pin.ca,
-      // The pin stands in for the host name check: a cloudlet on a LAN is reached by whatever address it has.
-      checkServerIdentity: (_host, cert) => (cert.fingerprint256 === pin.fingerprint ? undefined
-        : new Error(`the cloudlet's certificate ${cert.fingerprint256} is not the pinned ${pin.fingerprint}`)),
-    }, onResponse);
+    return https.request(
+      {
+        ...options,
+        host: this.host,
+        port: pin.port,
+        headers,
+        agent: false,
+        ca: pin.ca,
+        // The pin stands in for the host name check: a cloudlet on a LAN is reached by whatever address it has.
+        checkServerIdentity: (_host, cert) =>
+          cert.fingerprint256 === pin.fingerprint
+            ? undefined
+            : new Error(`the cloudlet's certificate ${cert.fingerprint256} is not the pinned ${pin.fingerprint}`),
+      },
+      onResponse,
+    );
   }
 
   get label(): string {
@@ -83,15 +98,31 @@ export class CloudletClient {
    * of the file sent so far. A connection lost after it was made is a CONNECTION_CUT error. `timeoutMs`: how long the
    * cloudlet may stay silent (an answer that comes only once a VM is ready takes a while).
    */
-  async upload<T>(path: string, file: string, size: number, contentType: string, onProgress: (sent: number) => void,
-    { from = 0, timeoutMs = this.timeoutMs }: { from?: number; timeoutMs?: number } = {}): Promise<T> {
+  async upload<T>(
+    path: string,
+    file: string,
+    size: number,
+    contentType: string,
+    onProgress: (sent: number) => void,
+    { from = 0, timeoutMs = this.timeoutMs }: { from?: number; timeoutMs?: number } = {},
+  ): Promise<T> {
     const answer = await new Promise<Answer>((resolve, reject) => {
       let connected = false;
-      const cutOff = (err: Error) => reject(connected
-        ? new CliError('CONNECTION_CUT', `the cloudlet cut the upload off (${(err as NodeJS.ErrnoException).code ?? err.message}); is the file larger than it accepts?`)
-        : this.unreachable(err));
+      const cutOff = (err: Error) =>
+        reject(
+          connected
+            ? new CliError(
+                'CONNECTION_CUT',
+                `the cloudlet cut the upload off (${(err as NodeJS.ErrnoException).code ?? err.message}); is the file larger than it accepts?`,
+              )
+            : this.unreachable(err),
+        );
       const req = this.request('POST', path, { 'content-type': contentType, 'content-length': String(size - from) }, resolve, cutOff, timeoutMs);
-      req.on('socket', (socket) => socket.once('connect', () => { connected = true; }));
+      req.on('socket', (socket) =>
+        socket.once('connect', () => {
+          connected = true;
+        }),
+      );
       let sent = from;
       const counting = new Transform({
         transform(chunk: Buffer, _encoding, callback) {
@@ -110,9 +141,17 @@ export class CloudletClient {
    * Download `path` into `dest`, resuming from `dest.part` when an earlier try left one (a Range request), and check
    * the result against `sha256` before it takes its final name. A mismatch deletes the partial file.
    */
-  async download(path: string, dest: string, expected: { size: number; sha256: string }, onProgress: (done: number, resumedFrom: number) => void): Promise<{ resumedFrom: number; bytes: number }> {
+  async download(
+    path: string,
+    dest: string,
+    expected: { size: number; sha256: string },
+    onProgress: (done: number, resumedFrom: number) => void,
+  ): Promise<{ resumedFrom: number; bytes: number }> {
     const part = `${dest}.part`;
-    const have = await stat(part).then((s) => s.size, () => 0);
+    const have = await stat(part).then(
+      (s) => s.size,
+      () => 0,
+    );
     // A part as large as the file (or larger) cannot be resumed: it is replaced.
     const from = have > 0 && have < expected.size ? have : 0;
     const res = await new Promise<http.IncomingMessage>((resolve, reject) => {
@@ -134,7 +173,8 @@ export class CloudletClient {
       transform(chunk: Buffer, _encoding, callback) {
         done += chunk.length;
         // No more than the announced size is ever written: a server that keeps sending does not fill the disk.
-        if (done > expected.size) return callback(new CliError('RESPONSE_TOO_LARGE', `the cloudlet sent more than the ${expected.size} bytes it announced; the download was deleted`));
+        if (done > expected.size)
+          return callback(new CliError('RESPONSE_TOO_LARGE', `the cloudlet sent more than the ${expected.size} bytes it announced; the download was deleted`));
         hash.update(chunk);
         onProgress(done, resumedFrom);
         callback(null, chunk);
@@ -150,7 +190,10 @@ export class CloudletClient {
     const sha256 = hash.digest('hex');
     if (sha256 !== expected.sha256 || done !== expected.size) {
       await rm(part, { force: true });
-      throw new CliError('CHECKSUM_MISMATCH', `the download has SHA-256 ${sha256} (${done} bytes), expected ${expected.sha256} (${expected.size} bytes); it was deleted`);
+      throw new CliError(
+        'CHECKSUM_MISMATCH',
+        `the download has SHA-256 ${sha256} (${done} bytes), expected ${expected.sha256} (${expected.size} bytes); it was deleted`,
+      );
     }
     await rename(part, dest);
     return { resumedFrom, bytes: done - resumedFrom };
@@ -178,8 +221,15 @@ export class CloudletClient {
     });
   }
 
-  private request(method: string, path: string, headers: Record<string, string>, resolve: (answer: Answer) => void, reject: (err: Error) => void,
-    timeoutMs = this.timeoutMs, signal?: AbortSignal): http.ClientRequest {
+  private request(
+    method: string,
+    path: string,
+    headers: Record<string, string>,
+    resolve: (answer: Answer) => void,
+    reject: (err: Error) => void,
+    timeoutMs = this.timeoutMs,
+    signal?: AbortSignal,
+  ): http.ClientRequest {
     const req = this.open({ method, path, headers, ...(signal ? { signal } : {}) }, (res) => this.collect(res, resolve, reject));
     req.setTimeout(timeoutMs, () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
     req.on('error', (err) => reject(this.unreachable(err)));

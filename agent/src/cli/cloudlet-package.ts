@@ -33,16 +33,26 @@ async function main(argv: string[]): Promise<void> {
     args: argv,
     allowPositionals: true,
     options: {
-      'app-id': { type: 'string' }, port: { type: 'string' }, dir: { type: 'string' }, binary: { type: 'string' },
-      output: { type: 'string' }, version: { type: 'string', default: '1.0' }, description: { type: 'string' },
-      tag: { type: 'string', multiple: true, default: [] }, env: { type: 'string', multiple: true, default: [] },
-      'memory-mib': { type: 'string', default: '128' }, cpus: { type: 'string', default: '1' },
-      pids: { type: 'string' }, 'data-mib': { type: 'string' },
-      shareable: { type: 'boolean', default: false }, readiness: { type: 'string' },
-      'readiness-timeout-ms': { type: 'string', default: '30000' }, zstd: { type: 'boolean', default: false },
+      'app-id': { type: 'string' },
+      port: { type: 'string' },
+      dir: { type: 'string' },
+      binary: { type: 'string' },
+      output: { type: 'string' },
+      version: { type: 'string', default: '1.0' },
+      description: { type: 'string' },
+      tag: { type: 'string', multiple: true, default: [] },
+      env: { type: 'string', multiple: true, default: [] },
+      'memory-mib': { type: 'string', default: '128' },
+      cpus: { type: 'string', default: '1' },
+      pids: { type: 'string' },
+      'data-mib': { type: 'string' },
+      shareable: { type: 'boolean', default: false },
+      readiness: { type: 'string' },
+      'readiness-timeout-ms': { type: 'string', default: '30000' },
+      zstd: { type: 'boolean', default: false },
     },
   });
-  if (!o.output || (!o.dir === !o.binary) || command.length === 0) throw new Error(USAGE);
+  if (!o.output || !o.dir === !o.binary || command.length === 0) throw new Error(USAGE);
   const manifest = parsePackageManifest({
     format: 1,
     app_id: o['app-id'],
@@ -51,11 +61,13 @@ async function main(argv: string[]): Promise<void> {
     tags: o.tag,
     command,
     port: Number(o.port),
-    env: Object.fromEntries(o.env.map((pair) => {
-      const at = pair.indexOf('=');
-      if (at < 1) throw new Error(`--env takes NAME=VALUE, got ${pair}`);
-      return [pair.slice(0, at), pair.slice(at + 1)];
-    })),
+    env: Object.fromEntries(
+      o.env.map((pair) => {
+        const at = pair.indexOf('=');
+        if (at < 1) throw new Error(`--env takes NAME=VALUE, got ${pair}`);
+        return [pair.slice(0, at), pair.slice(at + 1)];
+      }),
+    ),
     memory_mib: Number(o['memory-mib']),
     cpus: Number(o.cpus),
     ...(o.pids ? { pids: Number(o.pids) } : {}),

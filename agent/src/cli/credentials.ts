@@ -63,7 +63,10 @@ export interface Target {
 export async function authFor(target: Target): Promise<ClientAuth | undefined> {
   if (target.named && (target.host === 'localhost' || isLoopback(target.host))) {
     const config = await loadConfig().catch((err: Error) => {
-      throw new CliError('FAILED', `cannot read the agent's configuration to tell whether ${keyOf(target.host, target.port)} is this box's agent: ${err.message}`);
+      throw new CliError(
+        'FAILED',
+        `cannot read the agent's configuration to tell whether ${keyOf(target.host, target.port)} is this box's agent: ${err.message}`,
+      );
     });
     const token = config.api.port === target.port ? await readAdminToken(config.dataDir) : null;
     if (token) return { token };
@@ -78,19 +81,34 @@ export async function authFor(target: Target): Promise<ClientAuth | undefined> {
  * use: the fingerprint is printed for the operator to compare with theirs), claim over HTTPS pinned to it, store the
  * token. The code never travels in clear.
  */
-export async function pairWith(host: string, port: number, code: string, device: { name: string; id?: string }): Promise<StoredCredential & { cloudlet: string }> {
+export async function pairWith(
+  host: string,
+  port: number,
+  code: string,
+  device: { name: string; id?: string },
+): Promise<StoredCredential & { cloudlet: string }> {
   const system = await new CloudletClient(host, port).call<{ tls_port: number | null; tls_fingerprint?: string }>('GET', '/v1/system');
   if (!system.tls_port || !system.tls_fingerprint) throw new CliError('FAILED', `${keyOf(host, port)} offers no HTTPS listener to pair over`);
   const certificate = await peerCertificate(host, system.tls_port);
   if (certificate.fingerprint !== system.tls_fingerprint) {
-    throw new CliError('TLS_MISMATCH', `the HTTPS certificate (${certificate.fingerprint}) is not the one the cloudlet names (${system.tls_fingerprint}): not pairing`);
+    throw new CliError(
+      'TLS_MISMATCH',
+      `the HTTPS certificate (${certificate.fingerprint}) is not the one the cloudlet names (${system.tls_fingerprint}): not pairing`,
+    );
   }
   const pinned = new CloudletClient(host, port, undefined, { tls: { port: system.tls_port, ca: certificate.pem, fingerprint: certificate.fingerprint } });
-  const claim = await pinned.call<{ device_id: string; token: string; tls_fingerprint: string; paired_at: string }>('POST', '/v1/pairing/claim',
-    { code, name: device.name, ...(device.id ? { device_id: device.id } : {}) });
+  const claim = await pinned.call<{ device_id: string; token: string; tls_fingerprint: string; paired_at: string }>('POST', '/v1/pairing/claim', {
+    code,
+    name: device.name,
+    ...(device.id ? { device_id: device.id } : {}),
+  });
   const stored: StoredCredential = {
-    device_id: claim.device_id, token: claim.token, tls_port: system.tls_port, tls_fingerprint: certificate.fingerprint,
-    certificate: certificate.pem, paired_at: claim.paired_at,
+    device_id: claim.device_id,
+    token: claim.token,
+    tls_port: system.tls_port,
+    tls_fingerprint: certificate.fingerprint,
+    certificate: certificate.pem,
+    paired_at: claim.paired_at,
   };
   const all = await readCredentials();
   all[keyOf(host, port)] = stored;
@@ -101,13 +119,18 @@ export async function pairWith(host: string, port: number, code: string, device:
 /** The certificate a TLS server presents, unverified (what trust on first use starts from). */
 function peerCertificate(host: string, port: number): Promise<{ pem: string; fingerprint: string }> {
   return new Promise((resolve, reject) => {
-    const socket = tls.connect({ host, port, rejectUnauthorized: false, ...(isLoopback(host) || host.includes(':') || /^[\d.]+$/.test(host) ? {} : { servername: host }) }, () => {
-      const cert = socket.getPeerCertificate();
-      socket.end();
-      const base64 = cert.raw.toString('base64').replace(/.{64}/g, '$&\n').replace(/\n$/, '');
-      resolve({ pem: `-----BEGIN CERTIFICATE-----\n${base64}\n-----END CERTIFICATE-----\n`, fingerprint: cert.fingerprint256 });
-    });
+    const socket = tls.connect(
+      { host, port, rejectUnauthorized: false, ...(isLoopback(host) || host.includes(':') || /^[\d.]+$/.test(host) ? {} : { servername: host }) },
+      () => {
+        const cert = socket.getPeerCertificate();
+        socket.end();
+        const base64 = cert.raw.toString('base64').replace(/.{64}/g, '$&\n').replace(/\n$/, '');
+        resolve({ pem: `-----BEGIN CERTIFICATE-----\n${base64}\n-----END CERTIFICATE-----\n`, fingerprint: cert.fingerprint256 });
+      },
+    );
     socket.setTimeout(15_000, () => socket.destroy(new Error('no TLS handshake within 15 s')));
-    socket.on('error', (err: Error) => reject(new CliError('UNREACHABLE', `cannot reach ${keyOf(host, port)} over TLS: ${(err as NodeJS.ErrnoException).code ?? err.message}`)));
+    socket.on('error', (err: Error) =>
+      reject(new CliError('UNREACHABLE', `cannot reach ${keyOf(host, port)} over TLS: ${(err as NodeJS.ErrnoException).code ?? err.message}`)),
+    );
   });
 }

@@ -42,7 +42,9 @@ export async function discoverCloudlets(options: DiscoverOptions): Promise<Disco
   const instances = new Map<string, Sighting>();
   const addresses = new Map<string, string>();
   let failure: Error | undefined;
-  mdns.on('error', (err) => { failure = err; });
+  mdns.on('error', (err) => {
+    failure = err;
+  });
   mdns.on('response', (packet) => {
     for (const record of [...(packet.answers ?? []), ...(packet.additionals ?? [])]) {
       const name = record.name.toLowerCase();
@@ -51,7 +53,12 @@ export async function discoverCloudlets(options: DiscoverOptions): Promise<Disco
         if (!instances.has(instance)) {
           instances.set(instance, { txt: {} });
           // Ask for what the answer did not carry along (Avahi usually sends SRV, TXT and A as additionals).
-          mdns.query({ questions: [{ name: instance, type: 'SRV' }, { name: instance, type: 'TXT' }] });
+          mdns.query({
+            questions: [
+              { name: instance, type: 'SRV' },
+              { name: instance, type: 'TXT' },
+            ],
+          });
         }
       } else if (record.type === 'SRV' && name.endsWith(`.${SERVICE_TYPE}`)) {
         const srv = record.data as { target: string; port: number };

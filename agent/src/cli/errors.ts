@@ -33,7 +33,10 @@ const EXIT_FOR_CODE: Record<string, number> = {
 export class CliError extends Error {
   readonly exitCode: number;
 
-  constructor(readonly code: string, message: string) {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
     super(message);
     this.name = 'CliError';
     this.exitCode = EXIT_FOR_CODE[code] ?? EXIT.FAILED;

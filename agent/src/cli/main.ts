@@ -54,14 +54,19 @@ const VERBS: Record<string, Verb> = {
   discover: {
     summary: 'find cloudlets on the LAN (mDNS) and rank them as SEI client-lib does',
     usage: 'cloudlet discover [--interface ADDR] [--timeout MS]',
-    optionHelp: ['Rank = 100 × max_cores − CPU usage from each one\'s /api/system; a rank ≤ 0 is never chosen.'],
+    optionHelp: ["Rank = 100 × max_cores − CPU usage from each one's /api/system; a rank ≤ 0 is never chosen."],
     run: async ({ values }) => {
       const ranked = await discoverRanked(values);
       const rows = ranked.map(rankedJson);
       return {
         json: { cloudlets: rows },
-        text: rows.length === 0 ? 'no cloudlet answered' : table(['NAME', 'ADDRESS', 'RANK', 'ENCRYPTION'],
-          rows.map((r) => [r.name, `${r.address}:${r.port}`, r.rank === null ? `unreachable (${r.error})` : String(r.rank), r.encryption ?? '-'])),
+        text:
+          rows.length === 0
+            ? 'no cloudlet answered'
+            : table(
+                ['NAME', 'ADDRESS', 'RANK', 'ENCRYPTION'],
+                rows.map((r) => [r.name, `${r.address}:${r.port}`, r.rank === null ? `unreachable (${r.error})` : String(r.rank), r.encryption ?? '-']),
+              ),
       };
     },
   },
@@ -70,13 +75,21 @@ const VERBS: Record<string, Verb> = {
     usage: 'cloudlet system',
     run: async ({ cloudlet }) => {
       const client = await cloudlet();
-      const info = await client.call<{ hostname: string; agent_version: string; cpu: { cores: number; usage_percent: number }; memory: { total_bytes: number; free_bytes: number }; instances: number }>('GET', '/v1/system');
+      const info = await client.call<{
+        hostname: string;
+        agent_version: string;
+        cpu: { cores: number; usage_percent: number };
+        memory: { total_bytes: number; free_bytes: number };
+        instances: number;
+      }>('GET', '/v1/system');
       return {
         json: { cloudlet: client.label, ...info },
-        text: [shown`${info.hostname} (${client.label}), agent ${info.agent_version}`,
+        text: [
+          shown`${info.hostname} (${client.label}), agent ${info.agent_version}`,
           shown`cpu: ${info.cpu.cores} cores, ${info.cpu.usage_percent}% used`,
           shown`memory: ${formatBytes(info.memory.free_bytes)} free of ${formatBytes(info.memory.total_bytes)}`,
-          shown`instances: ${info.instances}`].join('\n'),
+          shown`instances: ${info.instances}`,
+        ].join('\n'),
       };
     },
   },
@@ -84,31 +97,62 @@ const VERBS: Record<string, Verb> = {
     summary: 'list the services the cloudlet offers',
     usage: 'cloudlet services',
     run: async ({ cloudlet }) => {
-      const { services } = await (await cloudlet()).call<{ services: Array<{ id: string; manifest: { version: string; description: string; shareable: boolean } }> }>('GET', '/v1/services');
-      return listing('services', services, ['SERVICE', 'VERSION', 'SHAREABLE', 'DESCRIPTION'],
-        (s) => [s.id, s.manifest.version, s.manifest.shareable ? 'yes' : 'no', s.manifest.description]);
+      const { services } = await (
+        await cloudlet()
+      ).call<{ services: Array<{ id: string; manifest: { version: string; description: string; shareable: boolean } }> }>('GET', '/v1/services');
+      return listing('services', services, ['SERVICE', 'VERSION', 'SHAREABLE', 'DESCRIPTION'], (s) => [
+        s.id,
+        s.manifest.version,
+        s.manifest.shareable ? 'yes' : 'no',
+        s.manifest.description,
+      ]);
     },
   },
   apps: {
     summary: 'list the apps (Cloudlet Push) the cloudlet offers',
     usage: 'cloudlet apps [--service ID] [--os-name NAME] [--os-version V] [--tags A,B]',
     options: { service: { type: 'string' }, 'os-name': { type: 'string' }, 'os-version': { type: 'string' }, tags: { type: 'string' } },
-    optionHelp: ['--service ID       only apps for this service', '--os-name NAME     Android or web', '--os-version V      only apps that run on this OS version', '--tags A,B         only apps with one of these tags'],
+    optionHelp: [
+      '--service ID       only apps for this service',
+      '--os-name NAME     Android or web',
+      '--os-version V      only apps that run on this OS version',
+      '--tags A,B         only apps with one of these tags',
+    ],
     run: async ({ cloudlet, values }) => {
       const query = new URLSearchParams();
-      for (const [option, parameter] of [['service', 'service_id'], ['os-name', 'os_name'], ['os-version', 'os_version'], ['tags', 'tags']] as const) {
+      for (const [option, parameter] of [
+        ['service', 'service_id'],
+        ['os-name', 'os_name'],
+        ['os-version', 'os_version'],
+        ['tags', 'tags'],
+      ] as const) {
         if (typeof values[option] === 'string') query.set(parameter, values[option]);
       }
       const { apps } = await (await cloudlet()).call<{ apps: AppJson[] }>('GET', `/v1/apps${query.size ? `?${query.toString()}` : ''}`);
-      return listing('apps', apps, ['APP', 'NAME', 'KIND', 'VERSION', 'SIZE', 'SERVICE'], (a) => [a.id, a.name, a.kind, a.version, formatBytes(a.size), a.service_id]);
+      return listing('apps', apps, ['APP', 'NAME', 'KIND', 'VERSION', 'SIZE', 'SERVICE'], (a) => [
+        a.id,
+        a.name,
+        a.kind,
+        a.version,
+        formatBytes(a.size),
+        a.service_id,
+      ]);
     },
   },
   instances: {
     summary: 'list the running instances',
     usage: 'cloudlet instances',
     run: async ({ cloudlet }) => {
-      const { instances } = await (await cloudlet()).call<{ instances: Array<{ id: string; service_id: string; state: string; host_port: number; users: number }> }>('GET', '/v1/instances');
-      return listing('instances', instances, ['INSTANCE', 'SERVICE', 'STATE', 'PORT', 'USERS'], (i) => [i.id, i.service_id, i.state, String(i.host_port), String(i.users)]);
+      const { instances } = await (
+        await cloudlet()
+      ).call<{ instances: Array<{ id: string; service_id: string; state: string; host_port: number; users: number }> }>('GET', '/v1/instances');
+      return listing('instances', instances, ['INSTANCE', 'SERVICE', 'STATE', 'PORT', 'USERS'], (i) => [
+        i.id,
+        i.service_id,
+        i.state,
+        String(i.host_port),
+        String(i.users),
+      ]);
     },
   },
   start: {
@@ -119,11 +163,17 @@ const VERBS: Record<string, Verb> = {
     args: [1, 1],
     acts: true,
     run: async ({ cloudlet, args, values }) => {
-      const result = await (await cloudlet()).call<{ instance: { id: string }; endpoint: { address: string; port: number }; joined: boolean }>(
-        'POST', '/v1/instances', { service_id: args[0], join: !values['no-join'] });
+      const result = await (
+        await cloudlet()
+      ).call<{ instance: { id: string }; endpoint: { address: string; port: number }; joined: boolean }>('POST', '/v1/instances', {
+        service_id: args[0],
+        join: !values['no-join'],
+      });
       return {
         json: result,
-        text: [shown`${result.joined ? 'joined' : 'started'} ${result.instance.id}`, shown`endpoint ${result.endpoint.address}:${result.endpoint.port}`].join('\n'),
+        text: [shown`${result.joined ? 'joined' : 'started'} ${result.instance.id}`, shown`endpoint ${result.endpoint.address}:${result.endpoint.port}`].join(
+          '\n',
+        ),
       };
     },
   },
@@ -141,14 +191,16 @@ const VERBS: Record<string, Verb> = {
     summary: 'download an app, resuming an interrupted download, and check its SHA-256',
     usage: 'cloudlet download APP_ID [--output FILE]',
     options: { output: { type: 'string', short: 'o' } },
-    optionHelp: ['-o, --output FILE  where to save it (default: the app\'s file name in the current directory, if it is a plain name)',
-      'An interrupted download leaves FILE.part; running the command again resumes it.'],
+    optionHelp: [
+      "-o, --output FILE  where to save it (default: the app's file name in the current directory, if it is a plain name)",
+      'An interrupted download leaves FILE.part; running the command again resumes it.',
+    ],
     args: [1, 1],
     run: async ({ cloudlet, args, values }) => {
       const client = await cloudlet();
       const app = await client.call<AppJson>('GET', `/v1/apps/${encodeURIComponent(args[0]!)}`);
       // The cloudlet only proposes a name: a plain one, in the current directory, never a path it chose.
-      const output = path.resolve(typeof values.output === 'string' ? values.output : bareFileName(app.file_name, 'the app\'s file'));
+      const output = path.resolve(typeof values.output === 'string' ? values.output : bareFileName(app.file_name, "the app's file"));
       const expected = checkedDigest({ bytes: app.size, sha256: app.sha256 }, 'the app');
       let bar: ProgressBar | undefined;
       const result = await client.download(serverPath(app.download, 'the app'), output, expected, (done, resumedFrom) => {
@@ -166,23 +218,52 @@ const VERBS: Record<string, Verb> = {
     summary: 'add an app to the cloudlet (operator, on the cloudlet itself)',
     usage: 'cloudlet add-app FILE --service ID --name NAME [--kind android|web] [--package P] [--version V] [--min-os V] [--tags A,B] [--description TEXT]',
     options: {
-      service: { type: 'string' }, name: { type: 'string' }, kind: { type: 'string' }, package: { type: 'string' }, version: { type: 'string' },
-      'min-os': { type: 'string' }, tags: { type: 'string' }, description: { type: 'string' },
+      service: { type: 'string' },
+      name: { type: 'string' },
+      kind: { type: 'string' },
+      package: { type: 'string' },
+      version: { type: 'string' },
+      'min-os': { type: 'string' },
+      tags: { type: 'string' },
+      description: { type: 'string' },
     },
-    optionHelp: ['--service ID       the service the app is a client of (required)', '--name NAME        shown to users (required)', '--kind KIND        android (an APK, the default) or web (a zip bundle)',
-      '--package P        the Android package name', '--version V        the app\'s version', '--min-os V         lowest OS version it runs on', '--tags A,B         tags phones filter by', '--description TEXT'],
+    optionHelp: [
+      '--service ID       the service the app is a client of (required)',
+      '--name NAME        shown to users (required)',
+      '--kind KIND        android (an APK, the default) or web (a zip bundle)',
+      '--package P        the Android package name',
+      "--version V        the app's version",
+      '--min-os V         lowest OS version it runs on',
+      '--tags A,B         tags phones filter by',
+      '--description TEXT',
+    ],
     args: [1, 1],
     acts: true,
     run: async ({ cloudlet, args, values }) => {
       const file = path.resolve(args[0]!);
       if (typeof values.service !== 'string' || typeof values.name !== 'string') throw new CliError('USAGE', 'add-app needs --service and --name');
-      const size = await stat(file).then((s) => (s.isFile() ? s.size : -1), () => -1);
+      const size = await stat(file).then(
+        (s) => (s.isFile() ? s.size : -1),
+        () => -1,
+      );
       if (size < 0) throw new CliError('USAGE', `not a readable file: ${file}`);
       // Hashed here first: the cloudlet refuses the upload if what arrives differs.
       const sha256 = createHash('sha256');
       for await (const chunk of createReadStream(file)) sha256.update(chunk as Buffer);
-      const query = new URLSearchParams({ service_id: values.service, name: values.name, file_name: path.basename(file), sha256: sha256.digest('hex'), kind: typeof values.kind === 'string' ? values.kind : 'android' });
-      for (const [option, parameter] of [['package', 'package_name'], ['version', 'version'], ['min-os', 'min_os_version'], ['tags', 'tags'], ['description', 'description']] as const) {
+      const query = new URLSearchParams({
+        service_id: values.service,
+        name: values.name,
+        file_name: path.basename(file),
+        sha256: sha256.digest('hex'),
+        kind: typeof values.kind === 'string' ? values.kind : 'android',
+      });
+      for (const [option, parameter] of [
+        ['package', 'package_name'],
+        ['version', 'version'],
+        ['min-os', 'min_os_version'],
+        ['tags', 'tags'],
+        ['description', 'description'],
+      ] as const) {
         if (typeof values[option] === 'string') query.set(parameter, values[option]);
       }
       const bar = new ProgressBar(process.stderr, size, path.basename(file));
@@ -222,9 +303,12 @@ const VERBS: Record<string, Verb> = {
       bar?.finish();
       return {
         json: { upload_id: upload.id, reconnects, ...result },
-        text: [shown`synthesized ${result.instance.id} (${result.instance.service_id}, ${result.instance.launch})`, shown`endpoint ${result.endpoint.address}:${result.endpoint.port}`,
+        text: [
+          shown`synthesized ${result.instance.id} (${result.instance.service_id}, ${result.instance.launch})`,
+          shown`endpoint ${result.endpoint.address}:${result.endpoint.port}`,
           ...(result.kept_as ? [shown`kept as the service ${result.kept_as.id}`] : []),
-          ...(result.keep_error ? [shown`not kept: ${result.keep_error.message}`] : [])].join('\n'),
+          ...(result.keep_error ? [shown`not kept: ${result.keep_error.message}`] : []),
+        ].join('\n'),
       };
     },
   },
@@ -245,12 +329,19 @@ const VERBS: Record<string, Verb> = {
       const client = await cloudlet();
       if (action === 'list' && rest.length === 0) {
         const { bases } = await client.call<{ bases: BaseJson[] }>('GET', '/v1/bases');
-        return listing('bases', bases, ['BASE', 'DIGEST', 'MEMORY', 'STATE', 'SIZE'],
-          (b) => [b.name, b.digest.slice(0, 12), `${b.memory_mib} MiB`, b.state ? 'yes' : 'no', formatBytes(b.files.reduce((sum, f) => sum + f.bytes, 0))]);
+        return listing('bases', bases, ['BASE', 'DIGEST', 'MEMORY', 'STATE', 'SIZE'], (b) => [
+          b.name,
+          b.digest.slice(0, 12),
+          `${b.memory_mib} MiB`,
+          b.state ? 'yes' : 'no',
+          formatBytes(b.files.reduce((sum, f) => sum + f.bytes, 0)),
+        ]);
       }
       if (action === 'import' && rest.length <= 1 && typeof values.name === 'string' && (rest.length === 1) !== (typeof values['from-service'] === 'string')) {
-        const dir = rest.length === 1 ? path.resolve(rest[0]!)
-          : (await client.call<{ dir: string }>('GET', `/v1/services/${encodeURIComponent(values['from-service'] as string)}`)).dir;
+        const dir =
+          rest.length === 1
+            ? path.resolve(rest[0]!)
+            : (await client.call<{ dir: string }>('GET', `/v1/services/${encodeURIComponent(values['from-service'] as string)}`)).dir;
         const base = await client.call<BaseJson>('POST', '/v1/bases', { path: dir, name: values.name });
         return { json: base, text: shown`imported ${base.name} (${base.digest})` };
       }
@@ -287,9 +378,9 @@ const VERBS: Record<string, Verb> = {
     optionHelp: [
       'open                the operator opens a pairing window (admin credential, on the cloudlet) and reads the code out',
       '--ttl SECONDS       how long the window stays open (default 300)',
-      '--expires-in MIN    the paired device\'s authorization ends after this many minutes (default: until revoked)',
-      'CODE                pair this machine: its token and the cloudlet\'s pinned certificate are stored in',
-      '                    ~/.config/cloudlet/credentials.json; compare the fingerprint printed with the operator\'s',
+      "--expires-in MIN    the paired device's authorization ends after this many minutes (default: until revoked)",
+      "CODE                pair this machine: its token and the cloudlet's pinned certificate are stored in",
+      "                    ~/.config/cloudlet/credentials.json; compare the fingerprint printed with the operator's",
       '--name NAME         how the device is listed (default: this host name)',
       '--device-id ID      the id to pair under (default: one the cloudlet picks)',
     ],
@@ -298,19 +389,33 @@ const VERBS: Record<string, Verb> = {
     run: async ({ cloudlet, args, values }) => {
       const number = (option: string) => (typeof values[option] === 'string' ? Number(values[option]) : undefined);
       if (args[0] === 'open') {
-        const window = await (await cloudlet()).call<{ code: string; expires_at: string; tls_fingerprint: string; tls_port: number }>('POST', '/v1/pairing', {
-          ...(number('ttl') !== undefined ? { ttl_seconds: number('ttl') } : {}), ...(number('expires-in') !== undefined ? { expires_in_minutes: number('expires-in') } : {}),
+        const window = await (
+          await cloudlet()
+        ).call<{ code: string; expires_at: string; tls_fingerprint: string; tls_port: number }>('POST', '/v1/pairing', {
+          ...(number('ttl') !== undefined ? { ttl_seconds: number('ttl') } : {}),
+          ...(number('expires-in') !== undefined ? { expires_in_minutes: number('expires-in') } : {}),
         });
-        return { json: window, text: [shown`pairing code: ${window.code} (until ${window.expires_at})`, shown`certificate SHA-256: ${window.tls_fingerprint}`].join('\n') };
+        return {
+          json: window,
+          text: [shown`pairing code: ${window.code} (until ${window.expires_at})`, shown`certificate SHA-256: ${window.tls_fingerprint}`].join('\n'),
+        };
       }
       const named = typeof values.cloudlet === 'string' ? values.cloudlet : process.env.CLOUDLET;
       if (!named) throw new CliError('USAGE', 'pair CODE needs --cloudlet HOST[:PORT] (the cloudlet whose operator gave the code)');
       const { host, port } = parseCloudlet(named);
-      const paired = await pairWith(host, port, args[0]!, { name: typeof values.name === 'string' ? values.name : os.hostname(),
-        ...(typeof values['device-id'] === 'string' ? { id: values['device-id'] } : {}) });
+      const paired = await pairWith(host, port, args[0]!, {
+        name: typeof values.name === 'string' ? values.name : os.hostname(),
+        ...(typeof values['device-id'] === 'string' ? { id: values['device-id'] } : {}),
+      });
       const { token: _token, certificate: _certificate, ...kept } = paired;
-      return { json: kept, text: [shown`paired with ${paired.cloudlet} as ${paired.device_id}`, shown`certificate SHA-256: ${paired.tls_fingerprint}`,
-        'compare it with the one the operator sees; later calls use HTTPS pinned to it'].join('\n') };
+      return {
+        json: kept,
+        text: [
+          shown`paired with ${paired.cloudlet} as ${paired.device_id}`,
+          shown`certificate SHA-256: ${paired.tls_fingerprint}`,
+          'compare it with the one the operator sees; later calls use HTTPS pinned to it',
+        ].join('\n'),
+      };
     },
   },
   devices: {
@@ -322,8 +427,17 @@ const VERBS: Record<string, Verb> = {
       const client = await cloudlet();
       const [action, id] = args;
       if (action === undefined) {
-        const { devices } = await client.call<{ devices: Array<{ id: string; name: string; paired_at: string; expires_at: string | null; standing: string }> }>('GET', '/v1/devices');
-        return listing('devices', devices, ['DEVICE', 'NAME', 'STANDING', 'PAIRED', 'EXPIRES'], (d) => [d.id, d.name, d.standing, d.paired_at, d.expires_at ?? 'never']);
+        const { devices } = await client.call<{ devices: Array<{ id: string; name: string; paired_at: string; expires_at: string | null; standing: string }> }>(
+          'GET',
+          '/v1/devices',
+        );
+        return listing('devices', devices, ['DEVICE', 'NAME', 'STANDING', 'PAIRED', 'EXPIRES'], (d) => [
+          d.id,
+          d.name,
+          d.standing,
+          d.paired_at,
+          d.expires_at ?? 'never',
+        ]);
       }
       if (action === 'revoke' && id) {
         const device = await client.call<{ id: string }>('POST', `/v1/devices/${encodeURIComponent(id)}/revoke`);
@@ -362,18 +476,36 @@ const COMMON_HELP = [
 
 function mainHelp(): string {
   const width = Math.max(...Object.keys(VERBS).map((v) => v.length));
-  return ['usage: cloudlet VERB [options]', '', 'Verbs:', ...Object.entries(VERBS).map(([name, verb]) => `  ${name.padEnd(width)}  ${verb.summary}`), '',
-    ...COMMON_HELP, '', 'Run `cloudlet VERB --help` for a verb\'s options. Exit status: 0 ok, 1 refused or failed, 2 usage',
-    '(or a verb that acts with only unpaired cloudlets discovered), 3 not found, 4 no cloudlet reachable, 5 checksum mismatch.'].join('\n');
+  return [
+    'usage: cloudlet VERB [options]',
+    '',
+    'Verbs:',
+    ...Object.entries(VERBS).map(([name, verb]) => `  ${name.padEnd(width)}  ${verb.summary}`),
+    '',
+    ...COMMON_HELP,
+    '',
+    "Run `cloudlet VERB --help` for a verb's options. Exit status: 0 ok, 1 refused or failed, 2 usage",
+    '(or a verb that acts with only unpaired cloudlets discovered), 3 not found, 4 no cloudlet reachable, 5 checksum mismatch.',
+  ].join('\n');
 }
 
 function verbHelp(name: string, verb: Verb): string {
-  return [`usage: ${verb.usage}`, '', verb.summary, ...(verb.optionHelp ? ['', ...verb.optionHelp.map((l) => `  ${l}`)] : []), '', ...COMMON_HELP].join('\n').replace('VERB', name);
+  return [`usage: ${verb.usage}`, '', verb.summary, ...(verb.optionHelp ? ['', ...verb.optionHelp.map((l) => `  ${l}`)] : []), '', ...COMMON_HELP]
+    .join('\n')
+    .replace('VERB', name);
 }
 
 function rankedJson(r: Ranked<DiscoveredCloudlet>) {
-  return { name: r.cloudlet.name, host: r.cloudlet.host, address: r.cloudlet.address, port: r.cloudlet.port, encryption: r.cloudlet.txt.encryption ?? null,
-    rank: r.rank, eligible: r.eligible, ...(r.error ? { error: r.error } : {}) };
+  return {
+    name: r.cloudlet.name,
+    host: r.cloudlet.host,
+    address: r.cloudlet.address,
+    port: r.cloudlet.port,
+    encryption: r.cloudlet.txt.encryption ?? null,
+    rank: r.rank,
+    eligible: r.eligible,
+    ...(r.error ? { error: r.error } : {}),
+  };
 }
 
 /** A list verb's result: `{<what>: [...]}` for scripts, a table (or "no <what>") for people. */
@@ -398,8 +530,12 @@ export async function run(argv: string[]): Promise<number> {
     const verb = VERBS[name]!;
     let parsed;
     try {
-      parsed = parseArgs({ args: rest, allowPositionals: true, strict: true,
-        options: { ...verb.options, ...DISCOVERY_OPTIONS, cloudlet: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } } });
+      parsed = parseArgs({
+        args: rest,
+        allowPositionals: true,
+        strict: true,
+        options: { ...verb.options, ...DISCOVERY_OPTIONS, cloudlet: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+      });
     } catch (err) {
       throw new CliError('USAGE', `${(err as Error).message}; run cloudlet ${name} --help`);
     }
@@ -429,5 +565,7 @@ export async function run(argv: string[]): Promise<number> {
 }
 
 if (require.main === module) {
-  void run(process.argv.slice(2)).then((code) => { process.exitCode = code; });
+  void run(process.argv.slice(2)).then((code) => {
+    process.exitCode = code;
+  });
 }

@@ -41,8 +41,15 @@ const RECONNECT_DELAY_MS = 500;
 /** A cloudlet that keeps refusing to continue (CONFLICT: it still sees the cut request sending) is given up on. */
 const MAX_RECONNECTS = 100;
 
-export async function synthesizeOverlay(client: CloudletClient, file: string, options: OverlayUploadOptions): Promise<{ upload: UploadJson; result: SynthesisJson; reconnects: number }> {
-  const size = await stat(file).then((s) => (s.isFile() ? s.size : -1), () => -1);
+export async function synthesizeOverlay(
+  client: CloudletClient,
+  file: string,
+  options: OverlayUploadOptions,
+): Promise<{ upload: UploadJson; result: SynthesisJson; reconnects: number }> {
+  const size = await stat(file).then(
+    (s) => (s.isFile() ? s.size : -1),
+    () => -1,
+  );
   if (size <= 0) throw new CliError('USAGE', `not a readable, non-empty file: ${file}`);
   let upload = options.resume
     ? await client.call<UploadJson>('GET', `/v1/synthesis/uploads/${encodeURIComponent(options.resume)}`)
@@ -55,8 +62,14 @@ export async function synthesizeOverlay(client: CloudletClient, file: string, op
     if (upload.state === 'failed') throw new CliError(upload.error?.code ?? 'FAILED', upload.error?.message ?? `upload ${upload.id} failed`);
     try {
       if (upload.state === 'receiving') {
-        const answer = await client.upload<UploadJson | SynthesisJson>(`/v1/synthesis/uploads/${encodeURIComponent(upload.id)}?offset=${upload.received}`, file, size,
-          'application/octet-stream', (sent) => options.onProgress(sent, size), { from: upload.received, timeoutMs: SYNTHESIS_TIMEOUT_MS });
+        const answer = await client.upload<UploadJson | SynthesisJson>(
+          `/v1/synthesis/uploads/${encodeURIComponent(upload.id)}?offset=${upload.received}`,
+          file,
+          size,
+          'application/octet-stream',
+          (sent) => options.onProgress(sent, size),
+          { from: upload.received, timeoutMs: SYNTHESIS_TIMEOUT_MS },
+        );
         if ('instance' in answer) return { upload: { ...upload, received: size, state: 'done', result: answer }, result: answer, reconnects };
         upload = answer;
         continue;

@@ -24,7 +24,12 @@ export class ProgressBar {
   private readonly startedAt = Date.now();
   private lastDrawAt = 0;
 
-  constructor(private readonly out: NodeJS.WriteStream, private readonly total: number, private readonly label: string, private readonly initial = 0) {}
+  constructor(
+    private readonly out: NodeJS.WriteStream,
+    private readonly total: number,
+    private readonly label: string,
+    private readonly initial = 0,
+  ) {}
 
   update(done: number): void {
     if (!this.out.isTTY) return;

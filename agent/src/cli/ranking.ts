@@ -22,15 +22,17 @@ export interface Ranked<T> {
 
 /** Asks every cloudlet at once; best first, then the ineligible ones (unreachable last). */
 export async function rankCloudlets<T>(cloudlets: T[], systemOf: (cloudlet: T) => Promise<KdSystemInfo>): Promise<Ranked<T>[]> {
-  const ranked = await Promise.all(cloudlets.map(async (cloudlet): Promise<Ranked<T>> => {
-    try {
-      const rank = Math.round(cpuBasedRank(await systemOf(cloudlet)) * 100) / 100;
-      // A cloudlet's figures are its own claims: one that gives no numbers is not ranked at all.
-      if (!Number.isFinite(rank)) throw new Error('its /api/system gave no CPU figures');
-      return { cloudlet, rank, eligible: rank > 0 };
-    } catch (err) {
-      return { cloudlet, rank: null, eligible: false, error: (err as Error).message };
-    }
-  }));
+  const ranked = await Promise.all(
+    cloudlets.map(async (cloudlet): Promise<Ranked<T>> => {
+      try {
+        const rank = Math.round(cpuBasedRank(await systemOf(cloudlet)) * 100) / 100;
+        // A cloudlet's figures are its own claims: one that gives no numbers is not ranked at all.
+        if (!Number.isFinite(rank)) throw new Error('its /api/system gave no CPU figures');
+        return { cloudlet, rank, eligible: rank > 0 };
+      } catch (err) {
+        return { cloudlet, rank: null, eligible: false, error: (err as Error).message };
+      }
+    }),
+  );
   return ranked.sort((a, b) => (b.rank ?? -Infinity) - (a.rank ?? -Infinity));
 }

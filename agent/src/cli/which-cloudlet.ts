@@ -37,5 +37,8 @@ export async function chooseCloudlet(values: Values, verb: string, acts: boolean
     if (!acts || auth?.tls) return new CloudletClient(cloudlet.address, cloudlet.port, undefined, auth);
   }
   const best = eligible[0]!.cloudlet;
-  throw new CliError('UNTRUSTED_CLOUDLET', `${verb} acts on a cloudlet, and discovery found none this machine paired with (best ranked: ${best.name} at ${best.address}:${best.port}); name one with --cloudlet HOST[:PORT] or pair with it first`);
+  throw new CliError(
+    'UNTRUSTED_CLOUDLET',
+    `${verb} acts on a cloudlet, and discovery found none this machine paired with (best ranked: ${best.name} at ${best.address}:${best.port}); name one with --cloudlet HOST[:PORT] or pair with it first`,
+  );
 }

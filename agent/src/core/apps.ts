@@ -81,7 +81,9 @@ export class AppStore {
   async add(meta: NewApp, content: Readable, length: number): Promise<App> {
     const checked = validateNewApp(meta);
     if (length > this.maxBytes) {
-      throw new CloudletError('PAYLOAD_TOO_LARGE', `The app file has ${length} bytes; at most ${this.maxBytes} are accepted`, { details: { limit: this.maxBytes } });
+      throw new CloudletError('PAYLOAD_TOO_LARGE', `The app file has ${length} bytes; at most ${this.maxBytes} are accepted`, {
+        details: { limit: this.maxBytes },
+      });
     }
     await requireFreeSpace(this.staging, length, `store the app ${checked.name}`);
     const id = randomBytes(12).toString('hex');
@@ -105,7 +107,9 @@ export class AppStore {
       if (size === 0) throw new CloudletError('INVALID_APP', 'The app file is empty');
       const app: App = { ...checked, id, size, md5: md5.digest('hex'), sha256: sha256.digest('hex'), addedAt: new Date().toISOString() };
       if (meta.sha256 && meta.sha256.toLowerCase() !== app.sha256) {
-        throw new CloudletError('INVALID_APP', `The upload's SHA-256 is ${app.sha256}, not ${meta.sha256}: it was damaged on the way`, { details: { sha256: app.sha256 } });
+        throw new CloudletError('INVALID_APP', `The upload's SHA-256 is ${app.sha256}, not ${meta.sha256}: it was damaged on the way`, {
+          details: { sha256: app.sha256 },
+        });
       }
       await rename(upload, path.join(work, storedFileName(app)));
       await writeFile(path.join(work, RECORD), JSON.stringify(app, null, 2) + '\n', { mode: 0o644 });
@@ -172,7 +176,14 @@ function validateNewApp(meta: NewApp): AppDescription {
   if (meta.tags.some((tag) => !/^[^,\s]{1,50}$/.test(tag))) throw invalid('tags', 'must be words of 1–50 characters without commas or spaces');
   if (meta.sha256 !== undefined && !/^[0-9a-fA-F]{64}$/.test(meta.sha256)) throw invalid('sha256', 'must be 64 hexadecimal digits');
   return {
-    kind: meta.kind, serviceId: meta.serviceId, name: meta.name.trim(), description: meta.description, packageName: meta.packageName,
-    version: meta.version, minOsVersion: meta.minOsVersion || '0', tags: meta.tags, fileName: meta.fileName,
+    kind: meta.kind,
+    serviceId: meta.serviceId,
+    name: meta.name.trim(),
+    description: meta.description,
+    packageName: meta.packageName,
+    version: meta.version,
+    minOsVersion: meta.minOsVersion || '0',
+    tags: meta.tags,
+    fileName: meta.fileName,
   };
 }

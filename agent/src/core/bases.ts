@@ -66,7 +66,12 @@ export class BaseStore {
         const stored = JSON.parse(await readFile(path.join(dir, MANIFEST), 'utf8')) as StoredBase;
         if (!DIGEST.test(entry)) throw new Error('not a digest');
         const manifest = parseManifest(stored.manifest);
-        const indexed = stored.files && (await access(path.join(dir, CHUNK_INDEX_FILE)).then(() => true, () => false));
+        const indexed =
+          stored.files &&
+          (await access(path.join(dir, CHUNK_INDEX_FILE)).then(
+            () => true,
+            () => false,
+          ));
         let files = stored.files;
         if (!files || !indexed) {
           this.log(`bases: indexing ${stored.name} (${entry}), imported before bases had chunk indexes`);
@@ -107,7 +112,7 @@ export class BaseStore {
   async import(sourceDir: string, name: string): Promise<BaseVm> {
     if (!path.isAbsolute(sourceDir)) throw new CloudletError('INVALID_PARAMETER', `import path must be absolute: ${sourceDir}`);
     if (!NAME.test(name)) throw new CloudletError('INVALID_PARAMETER', `invalid base name ${JSON.stringify(name)}`, { details: { parameter: 'name' } });
-    const json = await readJson(path.join(sourceDir, MANIFEST)) as { manifest?: unknown };
+    const json = (await readJson(path.join(sourceDir, MANIFEST))) as { manifest?: unknown };
     // A base's own directory, or one `cloudlet base export` wrote, wraps the service manifest as {name, manifest, …}.
     const manifest = parseManifest(json.manifest ?? json);
     if (manifestFiles(manifest).includes(CHUNK_INDEX_FILE)) throw new CloudletError('INVALID_MANIFEST', `a base's files cannot be named ${CHUNK_INDEX_FILE}`);

@@ -39,7 +39,12 @@ export class Catalog {
       try {
         const manifest = await readManifest(dir);
         if (manifest.service_id !== entry.name) throw new CloudletError('INVALID_MANIFEST', `service_id ${manifest.service_id} does not match its directory`);
-        this.services.set(manifest.service_id, { id: manifest.service_id, manifest, dir, importedAt: (await lstat(path.join(dir, MANIFEST))).mtime.toISOString() });
+        this.services.set(manifest.service_id, {
+          id: manifest.service_id,
+          manifest,
+          dir,
+          importedAt: (await lstat(path.join(dir, MANIFEST))).mtime.toISOString(),
+        });
       } catch (err) {
         this.log(`catalog: skipping ${dir}: ${(err as Error).message}`);
       }
@@ -55,7 +60,8 @@ export class Catalog {
         const service = await this.import(path.join(seedDir, entry.name));
         this.log(`catalog: imported ${service.id} from ${seedDir}`);
       } catch (err) {
-        if (!(err instanceof CloudletError && err.code === 'SERVICE_EXISTS')) this.log(`catalog: cannot import ${entry.name} from ${seedDir}: ${(err as Error).message}`);
+        if (!(err instanceof CloudletError && err.code === 'SERVICE_EXISTS'))
+          this.log(`catalog: cannot import ${entry.name} from ${seedDir}: ${(err as Error).message}`);
       }
     }
   }
@@ -84,7 +90,9 @@ export class Catalog {
     const what = `import service ${manifest.service_id}`;
     const bytes = await sourceBytes(sourceDir, manifestFiles(manifest));
     await requireFreeSpace(this.staging, bytes, what);
-    const work = await this.workDir().catch(async (err) => { throw await noSpaceError(err, this.staging, what, bytes); });
+    const work = await this.workDir().catch(async (err) => {
+      throw await noSpaceError(err, this.staging, what, bytes);
+    });
     try {
       for (const name of manifestFiles(manifest)) await copyRegularFile(sourceDir, name, work);
       const imported = await normalizeDisk(work, manifest);
@@ -165,8 +173,10 @@ async function readManifest(dir: string): Promise<ServiceManifest> {
   try {
     text = await readFile(path.join(dir, MANIFEST), 'utf8');
   } catch (err) {
-    throw new CloudletError(isErrno(err, 'ENOENT') || isErrno(err, 'ENOTDIR') ? 'INVALID_MANIFEST' : 'INVALID_PARAMETER',
-      `cannot read ${path.join(dir, MANIFEST)}: ${(err as Error).message}`);
+    throw new CloudletError(
+      isErrno(err, 'ENOENT') || isErrno(err, 'ENOTDIR') ? 'INVALID_MANIFEST' : 'INVALID_PARAMETER',
+      `cannot read ${path.join(dir, MANIFEST)}: ${(err as Error).message}`,
+    );
   }
   let json: unknown;
   try {
@@ -183,7 +193,14 @@ export async function writeManifest(dir: string, manifest: object): Promise<void
 
 /** What copying the named files takes: their sizes (a copy is not sparse); unreadable ones are left to the copy to report. */
 async function sourceBytes(sourceDir: string, names: string[]): Promise<number> {
-  const sizes = await Promise.all(names.map((name) => lstat(path.join(sourceDir, name)).then((s) => s.size, () => 0)));
+  const sizes = await Promise.all(
+    names.map((name) =>
+      lstat(path.join(sourceDir, name)).then(
+        (s) => s.size,
+        () => 0,
+      ),
+    ),
+  );
   return sizes.reduce((sum, size) => sum + size, 0);
 }
 
@@ -191,7 +208,10 @@ async function sourceBytes(sourceDir: string, names: string[]): Promise<number> 
 export async function copyRegularFile(sourceDir: string, name: string, destDir: string): Promise<void> {
   const source = path.join(sourceDir, name);
   const stat = await lstat(source).catch((err) => {
-    throw new CloudletError('INVALID_MANIFEST', `manifest.json names ${name}, which cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    throw new CloudletError(
+      'INVALID_MANIFEST',
+      `manifest.json names ${name}, which cannot be read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+    );
   });
   if (!stat.isFile()) throw new CloudletError('INVALID_MANIFEST', `manifest.json names ${name}, which is not a regular file`);
   // FICLONE shares blocks on filesystems that can (btrfs, xfs) and falls back to a copy elsewhere.

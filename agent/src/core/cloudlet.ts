@@ -18,8 +18,28 @@ import type { RecipeStore } from './recipes';
 import { SynthesisRequests } from './synthesis-requests';
 import type { EventListener } from './events';
 import type {
-  App, AppendOutcome, AppFilter, CloudletApi, DiscoveryView, Endpoint, HealthReport, Instance, NewApp, Package, PackageSource, Peer,
-  ProvisioningApi, Service, StartRequest, StartResult, StopResult, Stopper, SynthesisOptions, SynthesisResult, SystemInfo, UploadView,
+  App,
+  AppendOutcome,
+  AppFilter,
+  CloudletApi,
+  DiscoveryView,
+  Endpoint,
+  HealthReport,
+  Instance,
+  NewApp,
+  Package,
+  PackageSource,
+  Peer,
+  ProvisioningApi,
+  Service,
+  StartRequest,
+  StartResult,
+  StopResult,
+  Stopper,
+  SynthesisOptions,
+  SynthesisResult,
+  SystemInfo,
+  UploadView,
 } from './types';
 
 /** What the composition root (compose.ts) hands the core: its stores, the registry, the mechanisms and their adapters. */
@@ -73,11 +93,19 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     ({ cachedVm: this.cachedVm, onDemand: this.onDemand, appVirt: this.appVirt } = parts);
     this.starts = new InstanceStarts(this.registry);
     this.synthesisRequests = new SynthesisRequests({
-      dataDir: this.config.dataDir, catalog: this.catalog, bases: this.bases, registry: this.registry, starts: this.starts, vmSynthesis: parts.vmSynthesis,
-      uploads: parts.overlayUploads, log: this.log,
+      dataDir: this.config.dataDir,
+      catalog: this.catalog,
+      bases: this.bases,
+      registry: this.registry,
+      starts: this.starts,
+      vmSynthesis: parts.vmSynthesis,
+      uploads: parts.overlayUploads,
+      log: this.log,
     });
     this.status = new HostStatus({
-      hypervisor: this.hypervisor, dataDir: this.config.dataDir, instances: () => this.registry.list().length,
+      hypervisor: this.hypervisor,
+      dataDir: this.config.dataDir,
+      instances: () => this.registry.list().length,
       sandboxProblem: this.appVirt instanceof CloudletError ? this.appVirt : null,
     });
   }
@@ -257,18 +285,22 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     const recipe = this.recipes.get(id);
     const existing = this.catalog.has(id) ? this.catalog.get(id) : null;
     if (existing && !existing.manifest.tags.some((t) => t.startsWith(RECIPE_TAG_PREFIX))) {
-      return Promise.reject(new CloudletError('SERVICE_EXISTS', `service ${id} exists and was not made from a recipe; it is not replaced`, { details: { service_id: id } }));
+      return Promise.reject(
+        new CloudletError('SERVICE_EXISTS', `service ${id} exists and was not made from a recipe; it is not replaced`, { details: { service_id: id } }),
+      );
     }
     const service = recipeService(recipe, this.bases.get(recipe.base));
-    const caching = this.registry.capture(service, this.onDemand, async ({ dir, disk, state }) => {
-      if (this.catalog.has(id)) {
-        this.refuseWhileInUse(id, 'replaced by a new cached result');
-        await this.catalog.remove(id);
-      }
-      const cached = await this.catalog.importCaptured({ dir, disk, state }, service.manifest, service.base);
-      this.log(`cached the result of recipe ${id}`);
-      return cached;
-    }).finally(() => this.caching.delete(id));
+    const caching = this.registry
+      .capture(service, this.onDemand, async ({ dir, disk, state }) => {
+        if (this.catalog.has(id)) {
+          this.refuseWhileInUse(id, 'replaced by a new cached result');
+          await this.catalog.remove(id);
+        }
+        const cached = await this.catalog.importCaptured({ dir, disk, state }, service.manifest, service.base);
+        this.log(`cached the result of recipe ${id}`);
+        return cached;
+      })
+      .finally(() => this.caching.delete(id));
     this.caching.set(id, caching);
     return caching;
   }

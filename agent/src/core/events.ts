@@ -15,8 +15,19 @@ export type InstanceLifecycleState = Instance['state'] | 'stopped' | 'crashed';
  * the agent: `shutdown`, `destroyed`, `crashed`, `failed` (QEMU died, e.g. killed), `saved`, `migrated`,
  * or `vanished` when it was only noticed missing.
  */
-export type EndReason = 'requested' | 'launch-failed' | 'not-ready' | 'out-of-memory' | 'shutdown' | 'destroyed' | 'crashed' | 'failed'
-  | 'saved' | 'migrated' | 'vanished' | 'authorization-ended';
+export type EndReason =
+  | 'requested'
+  | 'launch-failed'
+  | 'not-ready'
+  | 'out-of-memory'
+  | 'shutdown'
+  | 'destroyed'
+  | 'crashed'
+  | 'failed'
+  | 'saved'
+  | 'migrated'
+  | 'vanished'
+  | 'authorization-ended';
 
 export interface InstanceStateEvent {
   type: 'instance';

@@ -53,7 +53,10 @@ export class HostStatus {
     const libvirt = await hypervisor.isAlive();
     const checks: HealthCheck[] = [{ name: 'libvirt', ok: libvirt, ...(libvirt ? {} : { detail: `connection to ${hypervisor.uri} is not alive` }) }];
     // A root file system gone read-only (ext4 errors=remount-ro) leaves the API up but every start failing.
-    const dataDirProblem = await access(dataDir, fsConstants.W_OK).then(() => null, (err: Error) => err.message);
+    const dataDirProblem = await access(dataDir, fsConstants.W_OK).then(
+      () => null,
+      (err: Error) => err.message,
+    );
     checks.push({ name: 'data-dir', ok: dataDirProblem === null, ...(dataDirProblem ? { detail: dataDirProblem } : {}) });
     if (sandboxProblem) checks.push({ name: 'sandboxes', ok: false, optional: true, detail: sandboxProblem.message });
     const discovery = this.discovery?.status();

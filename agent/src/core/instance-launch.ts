@@ -83,12 +83,17 @@ export class Launcher {
   async untilServing(record: InstanceRecord, runtime: InstanceRuntime, timer: PhaseTimer): Promise<void> {
     const probe = boundedProbe(record.readiness, this.readyWithinMs);
     const remaining = Date.parse(record.createdAt) + probe.timeout_ms - Date.now();
-    await timer.time('guest', () => waitUntilReady(probe, probeHost(record.bindAddress), record.hostPort, {
-      timeoutMs: Math.max(remaining, 0),
-      // While the runtime is unreachable the instance is presumed alive: the probe itself still tells when it serves.
-      stillAlive: () => runtime.running().then((ids) => ids.has(record.id),
-        (err: unknown) => err instanceof CloudletError && err.code === 'HYPERVISOR_UNAVAILABLE'),
-    }));
+    await timer.time('guest', () =>
+      waitUntilReady(probe, probeHost(record.bindAddress), record.hostPort, {
+        timeoutMs: Math.max(remaining, 0),
+        // While the runtime is unreachable the instance is presumed alive: the probe itself still tells when it serves.
+        stillAlive: () =>
+          runtime.running().then(
+            (ids) => ids.has(record.id),
+            (err: unknown) => err instanceof CloudletError && err.code === 'HYPERVISOR_UNAVAILABLE',
+          ),
+      }),
+    );
   }
 }
 
@@ -102,7 +107,15 @@ export async function withConsoleTail(error: CloudletError, runtime: InstanceRun
  * Where each phase starts in the launch's 0–100; streaming a memory state fills the restoring share by bytes, and
  * applying an overlay fills the share before restoring.
  */
-const PHASE_PERCENT: Record<LaunchPhase, number> = { synthesizing: 0, cloning: 0, restoring: 10, booting: 10, provisioning: 30, 'waiting-ready': 70, ready: 100 };
+const PHASE_PERCENT: Record<LaunchPhase, number> = {
+  synthesizing: 0,
+  cloning: 0,
+  restoring: 10,
+  booting: 10,
+  provisioning: 30,
+  'waiting-ready': 70,
+  ready: 100,
+};
 
 export function launchPercent(phase: LaunchPhase, bytes?: { done: number; total: number }): number {
   if (!bytes || bytes.total === 0) return PHASE_PERCENT[phase];

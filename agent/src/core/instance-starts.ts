@@ -42,22 +42,30 @@ export class InstanceStarts {
    * The device's authorization may have ended while its VM was launching, possibly before the registry listed the
    * instance for releasing; its use is then given back, and the start fails as the device's next request would.
    */
-  async start<W extends Workload>(workload: W, join: boolean, mechanism: Mechanism<W>, { deviceId, anonymousFrom, clientHost }: StartedBy): Promise<StartResult> {
+  async start<W extends Workload>(
+    workload: W,
+    join: boolean,
+    mechanism: Mechanism<W>,
+    { deviceId, anonymousFrom, clientHost }: StartedBy,
+  ): Promise<StartResult> {
     const user: Stopper = deviceId !== undefined ? { device: deviceId } : anonymousFrom !== undefined ? { anonymous: anonymousFrom } : 'operator';
     const started = await this.registry.start(workload, join, mechanism, user);
     const standing = deviceId === undefined ? null : this.deviceStanding(deviceId);
     if (deviceId !== undefined && standing) {
       // Already released (the registry listed it in time) is as good.
       await this.registry.stop(started.instance.id, { device: deviceId }).catch(() => {});
-      throw new CloudletError(standing === 'expired' ? 'DEVICE_EXPIRED' : standing === 'revoked' ? 'DEVICE_REVOKED' : 'UNAUTHENTICATED',
-        `the authorization of device ${deviceId} ended while its instance was starting`, { details: { device_id: deviceId } });
+      throw new CloudletError(
+        standing === 'expired' ? 'DEVICE_EXPIRED' : standing === 'revoked' ? 'DEVICE_REVOKED' : 'UNAUTHENTICATED',
+        `the authorization of device ${deviceId} ended while its instance was starting`,
+        { details: { device_id: deviceId } },
+      );
     }
     return { ...started, endpoint: this.endpointFor(started.instance, clientHost) };
   }
 
   /** The address a client should connect to: the forward's own address, or the one the client reached us on. */
   endpointFor(instance: Instance, clientHost?: string): Endpoint {
-    const address = WILDCARD.has(instance.bindAddress) ? clientHost ?? os.hostname() : instance.bindAddress;
+    const address = WILDCARD.has(instance.bindAddress) ? (clientHost ?? os.hostname()) : instance.bindAddress;
     return { address, port: instance.hostPort };
   }
 }

@@ -69,9 +69,11 @@ export class RuntimeSync {
     }
     if (useEvents) {
       for (const runtime of this.runtimes) {
-        runtime.watchEnded?.((id, ending) => {
-          this.registry.endIfGone(id, ending).catch((err: Error) => this.log(`handling the end of ${id} failed: ${err.message}`));
-        }).catch((err: Error) => this.log(`no lifecycle events, polling only: ${err.message}`));
+        runtime
+          .watchEnded?.((id, ending) => {
+            this.registry.endIfGone(id, ending).catch((err: Error) => this.log(`handling the end of ${id} failed: ${err.message}`));
+          })
+          .catch((err: Error) => this.log(`no lifecycle events, polling only: ${err.message}`));
       }
     }
     let lastProblem: string | null = null;
@@ -84,10 +86,10 @@ export class RuntimeSync {
         if ((err as Error).message !== lastProblem) this.log(`reconcile failed: ${(err as Error).message}`);
         lastProblem = (err as Error).message;
       }
-      this.reconcileTimer = setTimeout(tick, intervalMs);
+      this.reconcileTimer = setTimeout(() => void tick(), intervalMs);
       this.reconcileTimer.unref();
     };
-    this.reconcileTimer = setTimeout(tick, intervalMs);
+    this.reconcileTimer = setTimeout(() => void tick(), intervalMs);
     this.reconcileTimer.unref();
   }
 
@@ -133,4 +135,8 @@ export class RuntimeSync {
 
 const isInside = (dir: string, file: string) => file.startsWith(dir + path.sep);
 
-const exists = (file: string) => access(file).then(() => true, () => false);
+const exists = (file: string) =>
+  access(file).then(
+    () => true,
+    () => false,
+  );

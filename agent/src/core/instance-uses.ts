@@ -62,19 +62,28 @@ export class AnonymousQuota {
   private readonly inFlight = new Map<string, number>();
   private inFlightTotal = 0;
 
-  constructor(private readonly limits: AnonymousLimits, private readonly held: () => InstanceRecord[]) {}
+  constructor(
+    private readonly limits: AnonymousLimits,
+    private readonly held: () => InstanceRecord[],
+  ) {}
 
   /** Runs `start` for `address` within the limits, else throws QUOTA_EXCEEDED without running it. */
   async run<T>(address: string, start: () => Promise<T>): Promise<T> {
     const held = this.held().flatMap((record) => record.anonymous ?? []);
     const fromAddress = held.filter((a) => a === address).length + (this.inFlight.get(address) ?? 0);
     if (fromAddress >= this.limits.perAddress) {
-      throw new CloudletError('QUOTA_EXCEEDED', `this address already holds ${fromAddress} instance(s) started without credentials, the most one address may; stop one first, or pair this device`,
-        { details: { limit: this.limits.perAddress, scope: 'address' } });
+      throw new CloudletError(
+        'QUOTA_EXCEEDED',
+        `this address already holds ${fromAddress} instance(s) started without credentials, the most one address may; stop one first, or pair this device`,
+        { details: { limit: this.limits.perAddress, scope: 'address' } },
+      );
     }
     if (held.length + this.inFlightTotal >= this.limits.total) {
-      throw new CloudletError('QUOTA_EXCEEDED', `${held.length + this.inFlightTotal} instances started without credentials are running, the most the cloudlet allows; try again later, or pair this device`,
-        { details: { limit: this.limits.total, scope: 'cloudlet' } });
+      throw new CloudletError(
+        'QUOTA_EXCEEDED',
+        `${held.length + this.inFlightTotal} instances started without credentials are running, the most the cloudlet allows; try again later, or pair this device`,
+        { details: { limit: this.limits.total, scope: 'cloudlet' } },
+      );
     }
     this.inFlight.set(address, (this.inFlight.get(address) ?? 0) + 1);
     this.inFlightTotal++;

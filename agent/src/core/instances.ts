@@ -24,7 +24,9 @@ class KeyedQueue {
     const result = (this.tails.get(key) ?? Promise.resolve()).then(work, work);
     const tail = result.catch(() => {});
     this.tails.set(key, tail);
-    void tail.then(() => { if (this.tails.get(key) === tail) this.tails.delete(key); });
+    void tail.then(() => {
+      if (this.tails.get(key) === tail) this.tails.delete(key);
+    });
     return result;
   }
 }
@@ -75,14 +77,20 @@ export class InstanceRegistry {
     this.anonymousQuota = new AnonymousQuota(anonymousLimits, () => [...this.instances.values()].filter((record) => !this.starting.has(record.id)));
     this.launcher = new Launcher(ports, bindAddress, gate.limits.readyWithinMs, log);
     const runtimes = [...new Set(mechanisms.map((m) => m.runtime))];
-    this.sync = new RuntimeSync({
-      listed: () => [...this.instances.values()],
-      tracks: (id) => this.instances.has(id) || this.starting.has(id),
-      knows: (record) => this.mechanisms.has(record.mechanism),
-      adoptRecord: (record) => this.adoptRecord(record),
-      endIfGone: (id, ending) => this.endIfGone(id, ending),
-      releaseEndedOwners: () => this.releaseEndedOwners(),
-    }, runtimes, instancesDir, stagingDir, log);
+    this.sync = new RuntimeSync(
+      {
+        listed: () => [...this.instances.values()],
+        tracks: (id) => this.instances.has(id) || this.starting.has(id),
+        knows: (record) => this.mechanisms.has(record.mechanism),
+        adoptRecord: (record) => this.adoptRecord(record),
+        endIfGone: (id, ending) => this.endIfGone(id, ending),
+        releaseEndedOwners: () => this.releaseEndedOwners(),
+      },
+      runtimes,
+      instancesDir,
+      stagingDir,
+      log,
+    );
   }
 
   private runtimeOf(record: InstanceRecord): InstanceRuntime {
@@ -189,7 +197,8 @@ export class InstanceRegistry {
    * an anonymous caller's counts against the anonymous limits).
    */
   start<W extends Workload>(service: W, join: boolean, mechanism: Mechanism<W>, user: Stopper = 'operator'): Promise<Omit<StartResult, 'endpoint'>> {
-    if (typeof user === 'object' && 'anonymous' in user) return this.anonymousQuota.run(user.anonymous, () => this.joinOrLaunch(service, join, mechanism, user));
+    if (typeof user === 'object' && 'anonymous' in user)
+      return this.anonymousQuota.run(user.anonymous, () => this.joinOrLaunch(service, join, mechanism, user));
     return this.joinOrLaunch(service, join, mechanism, user);
   }
 
@@ -210,11 +219,22 @@ export class InstanceRegistry {
     // is timed from its start: its wait for bytes is part of it).
     const slot = this.gate.slot();
     let timer = new PhaseTimer();
-    const launch = (mechanism.admitsItself ? Promise.resolve() : slot.admit().then(() => { timer = new PhaseTimer(); }))
-      .then(() => this.launchInstance(service, mechanism, timer, slot.admit, owner)).finally(slot.release);
+    const launch = (
+      mechanism.admitsItself
+        ? Promise.resolve()
+        : slot.admit().then(() => {
+            timer = new PhaseTimer();
+          })
+    )
+      .then(() => this.launchInstance(service, mechanism, timer, slot.admit, owner))
+      .finally(slot.release);
     if (shareable) {
       this.pendingShared.set(service.id, launch);
-      void launch.catch(() => {}).then(() => { if (this.pendingShared.get(service.id) === launch) this.pendingShared.delete(service.id); });
+      void launch
+        .catch(() => {})
+        .then(() => {
+          if (this.pendingShared.get(service.id) === launch) this.pendingShared.delete(service.id);
+        });
     }
     return { instance: publicView(await launch), joined: false, timings: timer.summary() };
   }
@@ -240,11 +260,19 @@ export class InstanceRegistry {
   }
 
   /** A new instance, listed from its first port on, ready when this resolves; one that fails is undone whole. */
-  private async launchInstance<W extends Workload>(service: W, mechanism: Mechanism<W>, timer: PhaseTimer, admit: () => Promise<void>,
-    owner: Stopper): Promise<InstanceRecord> {
+  private async launchInstance<W extends Workload>(
+    service: W,
+    mechanism: Mechanism<W>,
+    timer: PhaseTimer,
+    admit: () => Promise<void>,
+    owner: Stopper,
+  ): Promise<InstanceRecord> {
     const id = randomUUID();
-    let record: InstanceRecord = { ...this.launcher.newRecord(service, mechanism.name, id, path.join(this.instancesDir, id)), users: 1,
-      ...withUse({ owners: [], anonymous: [] }, owner) };
+    let record: InstanceRecord = {
+      ...this.launcher.newRecord(service, mechanism.name, id, path.join(this.instancesDir, id)),
+      users: 1,
+      ...withUse({ owners: [], anonymous: [] }, owner),
+    };
     this.announce(record, 'starting');
     this.starting.set(id, record);
     let listed = false;
@@ -260,13 +288,19 @@ export class InstanceRegistry {
       return this.instances.get(id) ?? record;
     } catch (err) {
       // Read before the files go: what the guest printed is often the only clue to why it failed.
-      const error = await withConsoleTail(asCloudletError(await noSpaceError(err, this.instancesDir, `start an instance of ${service.id}`)), mechanism.runtime, record.dir);
+      const error = await withConsoleTail(
+        asCloudletError(await noSpaceError(err, this.instancesDir, `start an instance of ${service.id}`)),
+        mechanism.runtime,
+        record.dir,
+      );
       this.log(`starting ${service.id} (${id}) failed: ${error.code}: ${error.message}`);
-      await this.queue.run(id, async () => {
-        // A stop while it waited for readiness ended it already, and its port may be another start's by now.
-        if (listed && !this.instances.has(id)) return;
-        await this.forget(record, { state: 'stopped', reason: 'launch-failed' }, { evenIfUnreachable: true });
-      }).catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
+      await this.queue
+        .run(id, async () => {
+          // A stop while it waited for readiness ended it already, and its port may be another start's by now.
+          if (listed && !this.instances.has(id)) return;
+          await this.forget(record, { state: 'stopped', reason: 'launch-failed' }, { evenIfUnreachable: true });
+        })
+        .catch((cleanupErr) => this.log(`cleanup of ${id} failed: ${(cleanupErr as Error).message}`));
       throw error;
     } finally {
       this.starting.delete(id);
@@ -316,7 +350,11 @@ export class InstanceRegistry {
       try {
         await mkdir(dir, { mode: 0o755 });
         record = await this.launcher.bringUp(mechanism, record, {
-          service, domainName: `cloudlet-capture-${id.slice(0, 8)}`, timer: new PhaseTimer(), progress: () => {}, admit: async () => {},
+          service,
+          domainName: `cloudlet-capture-${id.slice(0, 8)}`,
+          timer: new PhaseTimer(),
+          progress: () => {},
+          admit: async () => {},
         });
         await this.launcher.untilServing(record, mechanism.runtime, new PhaseTimer());
         return await keep({ dir, ...(await mechanism.runtime.save(record, dir)) });
@@ -424,8 +462,13 @@ export class InstanceRegistry {
 
   private progress(record: InstanceRecord, phase: LaunchPhase, bytes?: { done: number; total: number }): void {
     this.events.emit({
-      type: 'progress', instanceId: record.id, serviceId: record.serviceId, phase, percent: launchPercent(phase, bytes),
-      ...(bytes ? { bytes } : {}), at: new Date().toISOString(),
+      type: 'progress',
+      instanceId: record.id,
+      serviceId: record.serviceId,
+      phase,
+      percent: launchPercent(phase, bytes),
+      ...(bytes ? { bytes } : {}),
+      at: new Date().toISOString(),
     });
   }
 }

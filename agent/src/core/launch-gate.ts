@@ -39,8 +39,15 @@ export class LaunchGate {
   slot(): { admit: () => Promise<void>; release: () => void } {
     let taking: Promise<() => void> | null = null;
     return {
-      admit: async () => { await (taking ??= this.acquire()); },
-      release: () => { void taking?.then((giveBack) => giveBack(), () => {}); },
+      admit: async () => {
+        await (taking ??= this.acquire());
+      },
+      release: () => {
+        void taking?.then(
+          (giveBack) => giveBack(),
+          () => {},
+        );
+      },
     };
   }
 

@@ -76,8 +76,12 @@ function boot(r: ManifestReader, value: unknown): DirectBoot | null {
   return {
     kernel: r.fileName('boot.kernel', v.kernel),
     initrd: v.initrd === null || v.initrd === undefined ? null : r.fileName('boot.initrd', v.initrd),
-    cmdline: v.cmdline === undefined ? '' : typeof v.cmdline === 'string' && v.cmdline.length <= 2000 && !/[\0\n]/.test(v.cmdline)
-      ? v.cmdline : r.fail('boot.cmdline', 'must be a single-line string'),
+    cmdline:
+      v.cmdline === undefined
+        ? ''
+        : typeof v.cmdline === 'string' && v.cmdline.length <= 2000 && !/[\0\n]/.test(v.cmdline)
+          ? v.cmdline
+          : r.fail('boot.cmdline', 'must be a single-line string'),
   };
 }
 

@@ -16,12 +16,12 @@ export interface LaunchPlan<W extends Workload = Service> {
   /** Hypervisor calls are timed as 'libvirt' so the agent's own overhead can be told apart. */
   timer: PhaseTimer;
   /** Report reaching a phase of the launch (and the bytes of it done so far, where a mechanism knows them). */
-  progress(phase: LaunchPhase, bytes?: { done: number; total: number }): void;
+  progress: (phase: LaunchPhase, bytes?: { done: number; total: number }) => void;
   /**
    * Take one of the box's launch slots (waiting in its queue; BUSY when that is full), held until the launch ends;
    * once taken, calling it again does nothing. The registry takes it before `launch` unless the mechanism admits itself.
    */
-  admit(): Promise<void>;
+  admit: () => Promise<void>;
 }
 
 /** A provisioning mechanism: how a workload comes to life in its runtime. The mechanisms (mechanisms/) are peers. */

@@ -56,7 +56,9 @@ function probeOnce(probe: ReadinessProbe, host: string, port: number, limitMs: n
     }
     const socket = net.connect({ host, port });
     end = () => socket.destroy();
-    socket.on('connect', () => { hold = setTimeout(() => settle(true), TCP_HOLD_MS); });
+    socket.on('connect', () => {
+      hold = setTimeout(() => settle(true), TCP_HOLD_MS);
+    });
     socket.on('data', () => settle(true));
     socket.on('error', () => settle(false));
     socket.on('close', () => settle(false));
@@ -66,7 +68,9 @@ function probeOnce(probe: ReadinessProbe, host: string, port: number, limitMs: n
 /** `work`, unless the deadline comes first: then READINESS_TIMEOUT at the deadline, whatever `work` still waits for. */
 function beforeDeadline<T>(work: Promise<T>, deadline: number, timeout: () => CloudletError): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
-  const expired = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(timeout()), Math.max(0, deadline - Date.now())); });
+  const expired = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(timeout()), Math.max(0, deadline - Date.now()));
+  });
   return Promise.race([work, expired]).finally(() => clearTimeout(timer));
 }
 

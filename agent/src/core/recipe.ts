@@ -74,7 +74,8 @@ function readRecipe(r: ManifestReader): Recipe {
   const script = r.string('script', raw.script);
   if (Buffer.byteLength(script) > RECIPE_LIMITS.scriptBytes) throw invalid('script', `is larger than ${RECIPE_LIMITS.scriptBytes} bytes`);
   if (!script.startsWith('#!')) throw invalid('script', 'must start with an interpreter line such as #!/bin/sh');
-  if (raw.cache !== undefined && raw.cache !== 'on-request' && raw.cache !== 'after-first-use') throw invalid('cache', 'must be "on-request" or "after-first-use"');
+  if (raw.cache !== undefined && raw.cache !== 'on-request' && raw.cache !== 'after-first-use')
+    throw invalid('cache', 'must be "on-request" or "after-first-use"');
   return {
     format: 1,
     service_id: r.string('service_id', raw.service_id, SERVICE_ID),
@@ -118,10 +119,11 @@ function readFiles(value: unknown): RecipeFile[] {
     if (typeof content !== 'string') throw invalid(`${field}.content`, 'must be a string');
     if (encoding !== undefined && encoding !== 'utf8' && encoding !== 'base64') throw invalid(`${field}.encoding`, 'must be "utf8" or "base64"');
     if (encoding === 'base64' && !/^[A-Za-z0-9+/]*={0,2}$/.test(content)) throw invalid(`${field}.content`, 'is not valid base64');
-    if (mode !== undefined && (typeof mode !== 'string' || !/^0?[0-7]{3}$/.test(mode))) throw invalid(`${field}.mode`, 'must be an octal string such as "0644"');
+    if (mode !== undefined && (typeof mode !== 'string' || !/^0?[0-7]{3}$/.test(mode)))
+      throw invalid(`${field}.mode`, 'must be an octal string such as "0644"');
     const bytes = Buffer.from(content, encoding === 'base64' ? 'base64' : 'utf8');
     total += bytes.length;
-    return { path, content: bytes, mode: mode === undefined ? 0o644 : parseInt(mode as string, 8) };
+    return { path, content: bytes, mode: mode === undefined ? 0o644 : parseInt(mode, 8) };
   });
   if (total > RECIPE_LIMITS.fileBytes) throw invalid('files', `hold more than ${RECIPE_LIMITS.fileBytes} bytes in all`);
   return files;
@@ -137,12 +139,17 @@ function readPackages(value: unknown): string[] {
 
 /** The recipe as stored and shown: file contents as base64, so the JSON reads back into the same recipe. */
 export function recipeJson(recipe: Recipe) {
-  return { ...recipe, files: recipe.files.map((f) => ({ path: f.path, content: f.content.toString('base64'), encoding: 'base64', mode: `0${f.mode.toString(8)}` })) };
+  return {
+    ...recipe,
+    files: recipe.files.map((f) => ({ path: f.path, content: f.content.toString('base64'), encoding: 'base64', mode: `0${f.mode.toString(8)}` })),
+  };
 }
 
 /** Identifies exactly this recipe: a cached result made from another version of it is not used. */
 export function recipeDigest(recipe: Recipe): string {
-  return createHash('sha256').update(JSON.stringify(recipeJson(recipe))).digest('hex');
+  return createHash('sha256')
+    .update(JSON.stringify(recipeJson(recipe)))
+    .digest('hex');
 }
 
 /** The tag a cached result carries in its service manifest, naming the recipe it was made from. */
@@ -173,8 +180,13 @@ export function userDataScript(recipe: Recipe): string {
   ];
   for (const file of recipe.files) {
     const dir = file.path.slice(0, file.path.lastIndexOf('/')) || '/';
-    lines.push(`mkdir -p ${quote(dir)}`, `base64 -d > ${quote(file.path)} <<'CLOUDLET_EOF'`, base64Lines(file.content), 'CLOUDLET_EOF',
-      `chmod ${file.mode.toString(8)} ${quote(file.path)}`);
+    lines.push(
+      `mkdir -p ${quote(dir)}`,
+      `base64 -d > ${quote(file.path)} <<'CLOUDLET_EOF'`,
+      base64Lines(file.content),
+      'CLOUDLET_EOF',
+      `chmod ${file.mode.toString(8)} ${quote(file.path)}`,
+    );
   }
   if (recipe.packages.length > 0) {
     const names = recipe.packages.map(quote).join(' ');
@@ -187,7 +199,9 @@ export function userDataScript(recipe: Recipe): string {
   }
   lines.push(
     'script=$(mktemp)',
-    `base64 -d > "$script" <<'CLOUDLET_EOF'`, base64Lines(Buffer.from(recipe.script)), 'CLOUDLET_EOF',
+    `base64 -d > "$script" <<'CLOUDLET_EOF'`,
+    base64Lines(Buffer.from(recipe.script)),
+    'CLOUDLET_EOF',
     'chmod 700 "$script"',
     `echo "recipe ${recipe.service_id}: running the provisioning script"`,
     '"$script"',

@@ -11,7 +11,10 @@ import { parseRecipe, recipeJson, type Recipe } from './recipe';
 export class RecipeStore {
   private readonly recipes = new Map<string, Recipe>();
 
-  constructor(private readonly dir: string, private readonly log: (line: string) => void) {}
+  constructor(
+    private readonly dir: string,
+    private readonly log: (line: string) => void,
+  ) {}
 
   async load(): Promise<void> {
     await mkdir(this.dir, { recursive: true, mode: 0o755 });

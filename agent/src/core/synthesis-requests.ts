@@ -56,7 +56,8 @@ export class SynthesisRequests {
   }
 
   async createUpload(bytes: number, options: SynthesisOptions): Promise<UploadView<SynthesisResult>> {
-    if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new CloudletError('INVALID_PARAMETER', 'bytes must be a positive integer', { details: { parameter: 'bytes' } });
+    if (!Number.isSafeInteger(bytes) || bytes <= 0)
+      throw new CloudletError('INVALID_PARAMETER', 'bytes must be a positive integer', { details: { parameter: 'bytes' } });
     const limit = this.parts.vmSynthesis.maxOverlayBytes;
     if (bytes > limit) throw new CloudletError('PAYLOAD_TOO_LARGE', `an overlay may have at most ${limit} bytes`, { details: { limit } });
     this.refuseKeepingAs(options.keepAs);
@@ -76,8 +77,10 @@ export class SynthesisRequests {
   /** A synthesis is kept only as a new service: refused before any byte is sent, rather than after the VM runs. */
   private refuseKeepingAs(serviceId: string | undefined): void {
     if (serviceId === undefined) return;
-    if (!SERVICE_ID.test(serviceId)) throw new CloudletError('INVALID_PARAMETER', `invalid service id ${JSON.stringify(serviceId)}`, { details: { parameter: 'keep_as' } });
-    if (this.parts.catalog.has(serviceId)) throw new CloudletError('SERVICE_EXISTS', `service ${serviceId} is already in the catalog`, { details: { service_id: serviceId } });
+    if (!SERVICE_ID.test(serviceId))
+      throw new CloudletError('INVALID_PARAMETER', `invalid service id ${JSON.stringify(serviceId)}`, { details: { parameter: 'keep_as' } });
+    if (this.parts.catalog.has(serviceId))
+      throw new CloudletError('SERVICE_EXISTS', `service ${serviceId} is already in the catalog`, { details: { service_id: serviceId } });
   }
 
   /**

@@ -10,7 +10,10 @@ export interface HostFacts {
   freeBytes: number;
 }
 
-interface CpuSample { idle: number; total: number }
+interface CpuSample {
+  idle: number;
+  total: number;
+}
 
 function sampleCpu(): CpuSample {
   let idle = 0;

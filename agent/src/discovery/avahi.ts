@@ -130,8 +130,7 @@ export class AvahiDiscovery implements DiscoveryView {
       });
       bus.on('message', (message: Message) => this.onMessage(message));
       // Match rules first, then the questions: no signal can slip between the answer and the subscription.
-      await this.busCall(DBUS, '/org/freedesktop/DBus', DBUS, 'AddMatch', 's',
-        [`type='signal',sender='${DBUS}',member='NameOwnerChanged',arg0='${AVAHI}'`]);
+      await this.busCall(DBUS, '/org/freedesktop/DBus', DBUS, 'AddMatch', 's', [`type='signal',sender='${DBUS}',member='NameOwnerChanged',arg0='${AVAHI}'`]);
       await this.busCall(DBUS, '/org/freedesktop/DBus', DBUS, 'AddMatch', 's', [`type='signal',sender='${AVAHI}'`]);
       const present = (await this.busCall(DBUS, '/org/freedesktop/DBus', DBUS, 'NameHasOwner', 's', [AVAHI]))[0] as boolean;
       if (present) await this.avahiAppeared();
@@ -240,23 +239,43 @@ export class AvahiDiscovery implements DiscoveryView {
   }
 
   private async addService(name: string, type: string, txt: string[]): Promise<void> {
-    await this.avahi(this.group!, ENTRY_GROUP, 'AddService', 'iiussssqaay',
-      [IF_UNSPEC, PROTO_UNSPEC, 0, name, type, '', '', this.options.port, txt.map((entry) => Buffer.from(entry))]);
+    await this.avahi(this.group!, ENTRY_GROUP, 'AddService', 'iiussssqaay', [
+      IF_UNSPEC,
+      PROTO_UNSPEC,
+      0,
+      name,
+      type,
+      '',
+      '',
+      this.options.port,
+      txt.map((entry) => Buffer.from(entry)),
+    ]);
   }
 
   private async agentTxt(): Promise<string[]> {
     const info = await this.options.api.systemInfo();
     return [
-      'txtvers=1', `id=${info.hostname}`, `version=${this.options.agentVersion}`, 'api=kd-cloudlet,v1',
-      `instances=${info.instances}`, `free_memory_mb=${Math.round(info.memory.freeBytes / 2 ** 20)}`,
+      'txtvers=1',
+      `id=${info.hostname}`,
+      `version=${this.options.agentVersion}`,
+      'api=kd-cloudlet,v1',
+      `instances=${info.instances}`,
+      `free_memory_mb=${Math.round(info.memory.freeBytes / 2 ** 20)}`,
     ];
   }
 
   private async updateAgentTxt(): Promise<void> {
     if (!this.group || this.current.state !== 'published') return;
     try {
-      await this.avahi(this.group, ENTRY_GROUP, 'UpdateServiceTxt', 'iiusssaay',
-        [IF_UNSPEC, PROTO_UNSPEC, 0, this.instanceName(), AGENT_SERVICE_TYPE, '', (await this.agentTxt()).map((entry) => Buffer.from(entry))]);
+      await this.avahi(this.group, ENTRY_GROUP, 'UpdateServiceTxt', 'iiusssaay', [
+        IF_UNSPEC,
+        PROTO_UNSPEC,
+        0,
+        this.instanceName(),
+        AGENT_SERVICE_TYPE,
+        '',
+        (await this.agentTxt()).map((entry) => Buffer.from(entry)),
+      ]);
     } catch (err) {
       this.options.log(`discovery: TXT update failed: ${(err as Error).message}`);
     }

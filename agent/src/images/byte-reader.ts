@@ -8,7 +8,10 @@ export class ByteReader {
   /** Bytes handed out so far. */
   position = 0;
 
-  constructor(stream: AsyncIterable<Buffer>, private readonly short: (endsAt: number) => CloudletError) {
+  constructor(
+    stream: AsyncIterable<Buffer>,
+    private readonly short: (endsAt: number) => CloudletError,
+  ) {
     this.iterator = stream[Symbol.asyncIterator]();
   }
 

@@ -37,8 +37,15 @@ function genisoimage(args: string[]): Promise<void> {
     execFile('genisoimage', args, { encoding: 'utf8', env: { ...process.env, LC_ALL: 'C' } }, (err, _stdout, stderr) => {
       if (!err) return resolve();
       const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-      reject(new CloudletError(isNoSpace(stderr) ? 'NO_SPACE' : 'IMAGE_TOOL_FAILED', missing ? 'genisoimage not found: install the Debian package genisoimage'
-        : `cannot build the config drive: ${stderr.trim().split('\n').slice(-2).join(' / ') || err.message}`, { cause: err }));
+      reject(
+        new CloudletError(
+          isNoSpace(stderr) ? 'NO_SPACE' : 'IMAGE_TOOL_FAILED',
+          missing
+            ? 'genisoimage not found: install the Debian package genisoimage'
+            : `cannot build the config drive: ${stderr.trim().split('\n').slice(-2).join(' / ') || err.message}`,
+          { cause: err },
+        ),
+      );
     });
   });
 }

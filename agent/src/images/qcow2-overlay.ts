@@ -26,7 +26,11 @@ const ZERO = -1;
 
 /** Reads guest bytes of a standalone image straight from its file, through its map (no qemu-img per read). */
 export class ImageReader {
-  private constructor(private readonly file: FileHandle, private readonly extents: ImageExtent[], readonly size: number) {}
+  private constructor(
+    private readonly file: FileHandle,
+    private readonly extents: ImageExtent[],
+    readonly size: number,
+  ) {}
 
   static async open(path: string): Promise<ImageReader> {
     const extents = await imageMap(path);
@@ -78,8 +82,12 @@ export class Qcow2OverlayWriter {
   private readonly tables = new Map<number, Float64Array>();
   private nextHost = CLUSTER; // cluster 0 is the header
 
-  private constructor(private readonly file: FileHandle, private readonly backing: string, private readonly size: number,
-    private readonly backingReader: ImageReader) {}
+  private constructor(
+    private readonly file: FileHandle,
+    private readonly backing: string,
+    private readonly size: number,
+    private readonly backingReader: ImageReader,
+  ) {}
 
   /** A new overlay at `path` on the standalone qcow2 `backing` (read through `backingReader`), `size` bytes large. */
   static async create(path: string, backing: string, backingReader: ImageReader, size: number): Promise<Qcow2OverlayWriter> {
@@ -126,8 +134,13 @@ export class Qcow2OverlayWriter {
       const end = Math.min(offset + length, (cluster + 1) * CLUSTER);
       const stored = this.get(cluster);
       const host = stored === undefined || stored === ZERO ? stored : stored + (at - cluster * CLUSTER);
-      const continues = at === runStart
-        || (host === undefined ? runHost === undefined : host === ZERO ? runHost === ZERO : runHost !== undefined && runHost !== ZERO && runHost + (at - runStart) === host);
+      const continues =
+        at === runStart ||
+        (host === undefined
+          ? runHost === undefined
+          : host === ZERO
+            ? runHost === ZERO
+            : runHost !== undefined && runHost !== ZERO && runHost + (at - runStart) === host);
       if (!continues) await flush(at);
       if (at === runStart) runHost = host;
       at = end;
@@ -142,7 +155,9 @@ export class Qcow2OverlayWriter {
     const l2Tables = new Map<number, Buffer>();
     for (const [l1Index, hosts] of this.tables) {
       const table = Buffer.alloc(CLUSTER);
-      hosts.forEach((host, i) => { if (host) table.writeBigUInt64BE(host === ZERO ? ZERO_FLAG : BigInt(host) | COPIED, i * 8); });
+      hosts.forEach((host, i) => {
+        if (host) table.writeBigUInt64BE(host === ZERO ? ZERO_FLAG : BigInt(host) | COPIED, i * 8);
+      });
       l2Tables.set(l1Index, table);
     }
     const l1Clusters = Math.ceil((l1Size * 8) / CLUSTER);
@@ -165,10 +180,12 @@ export class Qcow2OverlayWriter {
 
     const l1 = Buffer.alloc(l1Clusters * CLUSTER);
     const l2 = Buffer.alloc(l2Tables.size * CLUSTER);
-    [...l2Tables.entries()].sort((a, b) => a[0] - b[0]).forEach(([l1Index, table], i) => {
-      table.copy(l2, i * CLUSTER);
-      l1.writeBigUInt64BE(BigInt(l2Start + i * CLUSTER) | COPIED, l1Index * 8);
-    });
+    [...l2Tables.entries()]
+      .sort((a, b) => a[0] - b[0])
+      .forEach(([l1Index, table], i) => {
+        table.copy(l2, i * CLUSTER);
+        l1.writeBigUInt64BE(BigInt(l2Start + i * CLUSTER) | COPIED, l1Index * 8);
+      });
     const refcounts = Buffer.alloc(blocks * CLUSTER);
     for (let i = 0; i < totalClusters; i++) refcounts.writeUInt16BE(1, i * 2);
     const refcountTable = Buffer.alloc(tableClusters * CLUSTER);

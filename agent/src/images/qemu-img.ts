@@ -29,7 +29,10 @@ const CHECK_PASSED = new Set([0, 3, 63]);
 const STDERR_LINES_IN_MESSAGES = 2;
 
 class QemuImgFailure extends Error {
-  constructor(readonly exitCode: number | null, readonly detail: string) {
+  constructor(
+    readonly exitCode: number | null,
+    readonly detail: string,
+  ) {
     super(detail);
   }
 }
@@ -42,7 +45,10 @@ function run(args: string[]): Promise<string> {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
         return reject(new CloudletError('IMAGE_TOOL_FAILED', 'qemu-img not found: install the Debian package qemu-utils', { cause: err }));
       }
-      const lines = `${stderr}\n${stdout}`.split('\n').map((line) => line.trim()).filter(Boolean);
+      const lines = `${stderr}\n${stdout}`
+        .split('\n')
+        .map((line) => line.trim())
+        .filter(Boolean);
       reject(new QemuImgFailure(typeof err.code === 'number' ? err.code : null, lines.slice(0, STDERR_LINES_IN_MESSAGES).join(' / ') || err.message));
     });
   });
@@ -119,7 +125,11 @@ export async function createLinkedClone(backing: string, dest: string, backingFo
   const backingPath = resolve(backing); // an absolute path: the clone must not depend on the agent's cwd
   const format = backingFormat ?? (await imageInfo(backingPath)).format;
   await writeAtomically(dest, (tmp) =>
-    runOrThrow(['create', '-q', '-f', 'qcow2', '-b', backingPath, '-F', format, '--', tmp], 'IMAGE_TOOL_FAILED', `cannot create a linked clone of ${backingPath}`),
+    runOrThrow(
+      ['create', '-q', '-f', 'qcow2', '-b', backingPath, '-F', format, '--', tmp],
+      'IMAGE_TOOL_FAILED',
+      `cannot create a linked clone of ${backingPath}`,
+    ),
   );
 }
 

@@ -63,7 +63,9 @@ function run(args: string[], input: Buffer, maxOutputBytes: number): Promise<Buf
       if (outBytes > maxOutputBytes) return fail(new CloudletError('IMAGE_TOOL_FAILED', `zstd output exceeds ${maxOutputBytes} bytes`));
       out.push(chunk);
     });
-    child.stderr.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
+    child.stderr.on('data', (chunk: Buffer) => {
+      stderr += chunk.toString();
+    });
     child.stdin.on('error', () => {}); // an early exit (bad input) is reported through the exit code
     child.on('close', (code) => {
       if (code === 0 && !settled) {
@@ -110,8 +112,18 @@ export async function compressFrame(data: Buffer, level: number, reference?: Zst
   const args = ['-q', '-c', '--no-progress'];
   if (reference) {
     const chainLog = Math.min(reference.windowLog, MAX_CHAIN_LOG);
-    return run([...args, '-12', `--long=${reference.windowLog}`, `--zstd=wlog=${reference.windowLog},clog=${chainLog},hlog=${chainLog - 1},slog=6`,
-      `--patch-from=${reference.path}`, `--stream-size=${data.length}`], data, limit);
+    return run(
+      [
+        ...args,
+        '-12',
+        `--long=${reference.windowLog}`,
+        `--zstd=wlog=${reference.windowLog},clog=${chainLog},hlog=${chainLog - 1},slog=6`,
+        `--patch-from=${reference.path}`,
+        `--stream-size=${data.length}`,
+      ],
+      data,
+      limit,
+    );
   }
   const quick = await run([...args, '-1'], data, limit);
   if (level <= 1 || quick.length >= data.length * INCOMPRESSIBLE_RATIO) return quick;
@@ -132,11 +144,22 @@ export class StreamDecoder {
   constructor(reference?: ZstdReference) {
     const withReference = reference ? [`--long=${reference.windowLog}`, `--patch-from=${reference.path}`] : [];
     this.child = spawn('zstd', ['-d', '-q', '-c', '--no-progress', ...withReference], { stdio: ['pipe', 'pipe', 'pipe'] });
-    this.child.on('error', (err) => { this.failed = spawnError(err); });
-    this.child.stderr.on('data', (chunk: Buffer) => { this.stderr += chunk.toString(); });
+    this.child.on('error', (err) => {
+      this.failed = spawnError(err);
+    });
+    this.child.stderr.on('data', (chunk: Buffer) => {
+      this.stderr += chunk.toString();
+    });
     this.child.stdin.on('error', () => {}); // an early exit is reported through its output ending
-    this.out = new ByteReader(this.child.stdout, (endsAt) => this.failed ?? new CloudletError('OVERLAY_INVALID',
-      `overlay: its frames decompress to ${endsAt} bytes, fewer than its manifest says${this.stderr ? ` (zstd: ${this.stderr.trim()})` : ''}`));
+    this.out = new ByteReader(
+      this.child.stdout,
+      (endsAt) =>
+        this.failed ??
+        new CloudletError(
+          'OVERLAY_INVALID',
+          `overlay: its frames decompress to ${endsAt} bytes, fewer than its manifest says${this.stderr ? ` (zstd: ${this.stderr.trim()})` : ''}`,
+        ),
+    );
   }
 
   /** Resolves when zstd took the frame (or is gone: then reading its content fails). */

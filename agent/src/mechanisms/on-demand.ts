@@ -28,7 +28,11 @@ export class OnDemandMechanism implements Mechanism<RecipeService> {
     const files = instanceFiles(record.dir);
     progress('cloning');
     await createLinkedClone(path.join(service.dir, service.manifest.disk), files.disk, 'qcow2');
-    await buildConfigDrive(files.configDrive, { userData: userDataScript(service.recipe), instanceId: record.id, hostname: service.id.replace(/[^A-Za-z0-9-]/g, '-') });
+    await buildConfigDrive(files.configDrive, {
+      userData: userDataScript(service.recipe),
+      instanceId: record.id,
+      hostname: service.id.replace(/[^A-Za-z0-9-]/g, '-'),
+    });
     faultPoint('on-demand:after-cidata');
     progress('booting');
     const spec = { ...instanceDomainSpec(service, domainName, record, this.hypervisor.domainType), cdrom: files.configDrive };
@@ -37,11 +41,16 @@ export class OnDemandMechanism implements Mechanism<RecipeService> {
     faultPoint('on-demand:first-boot');
     // The recipe's readiness timeout bounds the whole launch, provisioning included.
     const deadline = Date.parse(record.createdAt) + record.readiness.timeout_ms;
-    const outcome = await timer.time('guest', () => waitForConsoleMarker(files.consoleLog, [PROVISIONED, PROVISIONING_FAILED], deadline,
-      async () => (await this.hypervisor.running()).has(record.id)));
+    const outcome = await timer.time('guest', () =>
+      waitForConsoleMarker(files.consoleLog, [PROVISIONED, PROVISIONING_FAILED], deadline, async () => (await this.hypervisor.running()).has(record.id)),
+    );
     if (outcome === PROVISIONED) return 'cold-boot';
-    const what = outcome === PROVISIONING_FAILED ? 'failed in the guest'
-      : Date.now() >= deadline ? `did not finish within ${record.readiness.timeout_ms} ms` : 'ended with the VM stopping';
+    const what =
+      outcome === PROVISIONING_FAILED
+        ? 'failed in the guest'
+        : Date.now() >= deadline
+          ? `did not finish within ${record.readiness.timeout_ms} ms`
+          : 'ended with the VM stopping';
     throw new CloudletError('PROVISIONING_FAILED', `provisioning ${service.id} from base ${service.base.name} ${what}`, { details: { recipe_id: service.id } });
   }
 }

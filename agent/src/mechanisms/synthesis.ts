@@ -51,7 +51,7 @@ export function synthesizedFiles(instanceDir: string, service: SynthesisService)
  * memory state (the phone's bytes), which must match it device by device (vm/domain-xml.ts).
  */
 async function synthesizedXml(base: BaseVm, overlayXml: string, spec: DomainSpec): Promise<string> {
-  if (!base.manifest.state) throw invalid('it has a memory state, but its base has none to take the VM\'s devices from');
+  if (!base.manifest.state) throw invalid("it has a memory state, but its base has none to take the VM's devices from");
   const baseHeader = await readSaveImageHeader(path.join(base.dir, base.manifest.state));
   return synthesizedDomainXml(baseHeader.xml, overlayXml, spec, (message) => invalid(`its memory state's domain XML ${message}`));
 }
@@ -81,7 +81,11 @@ export class SynthesisMechanism implements Mechanism<SynthesisService> {
     const disk = service.keep ? synthesizedDisk : instanceFiles(record.dir).disk;
     progress('synthesizing', { done: 0, total: service.overlay.bytes });
     const spec = instanceDomainSpec(service, domainName, record, this.hypervisor.domainType);
-    return applyOverlay(service.overlay, service.base, { disk, memory }, (done, total) => progress('synthesizing', { done, total }),
+    return applyOverlay(
+      service.overlay,
+      service.base,
+      { disk, memory },
+      (done, total) => progress('synthesizing', { done, total }),
       async (liveMemory) => {
         const state = liveMemory && { ...liveMemory, xml: await synthesizedXml(service.base, liveMemory.header.xml, spec) };
         if (service.keep) await createLinkedClone(disk, instanceFiles(record.dir).disk, 'qcow2');
@@ -89,6 +93,7 @@ export class SynthesisMechanism implements Mechanism<SynthesisService> {
         await admit();
         faultPoint('synthesis:after-apply');
         return restoreOrBoot(this.hypervisor, spec, state, record.dir, timer, progress);
-      });
+      },
+    );
   }
 }

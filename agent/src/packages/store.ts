@@ -99,7 +99,9 @@ export class PackageStore {
   /** Import a tarball. The same tarball again is a no-op; another one for an app id in use is refused. */
   async import(source: PackageSource): Promise<Package> {
     if ('stream' in source && source.length > this.limits.maxBytes) {
-      throw new CloudletError('PAYLOAD_TOO_LARGE', `The package has ${source.length} bytes; at most ${this.limits.maxBytes} are accepted`, { details: { limit: this.limits.maxBytes } });
+      throw new CloudletError('PAYLOAD_TOO_LARGE', `The package has ${source.length} bytes; at most ${this.limits.maxBytes} are accepted`, {
+        details: { limit: this.limits.maxBytes },
+      });
     }
     // The tarball is written once and unpacked to at least as many bytes again.
     const needed = 'stream' in source ? 2 * source.length : undefined;

@@ -73,7 +73,10 @@ async function v1Mounts(): Promise<Map<string, string>> {
 export class SandboxCgroup {
   readonly name: string;
 
-  constructor(private readonly layout: CgroupLayout, instanceId: string) {
+  constructor(
+    private readonly layout: CgroupLayout,
+    instanceId: string,
+  ) {
     this.name = `sandbox-${instanceId}`;
   }
 
@@ -142,9 +145,7 @@ export class SandboxCgroup {
 
   /** How many processes the memory limit has killed. */
   async oomKills(): Promise<number> {
-    const file = this.layout.version === 2
-      ? path.join(this.dirs('app')[0]!, 'memory.events')
-      : path.join(this.dirs('app')[0]!, 'memory.oom_control');
+    const file = this.layout.version === 2 ? path.join(this.dirs('app')[0]!, 'memory.events') : path.join(this.dirs('app')[0]!, 'memory.oom_control');
     const text = await readFile(file, 'utf8').catch(() => '');
     return Number(/^oom_kill (\d+)$/m.exec(text)?.[1] ?? 0);
   }
@@ -189,5 +190,8 @@ async function writeOptional(file: string, value: string): Promise<void> {
 }
 
 async function exists(file: string): Promise<boolean> {
-  return access(file).then(() => true, () => false);
+  return access(file).then(
+    () => true,
+    () => false,
+  );
 }

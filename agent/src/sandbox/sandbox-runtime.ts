@@ -107,7 +107,10 @@ export class SandboxRuntime implements InstanceRuntime {
     // bwrap --disable-userns writes the sysctl through the host's /proc, which a hardened service manager may
     // mount read-only (systemd's ProtectKernelTunables=); the seccomp filter alone already refuses every way to
     // create a user namespace (unshare, clone's namespace flags, clone3, setns), so it is a second lock, not the only.
-    const disableUserns = await access('/proc/sys/user/max_user_namespaces', constants.W_OK).then(() => true, () => false);
+    const disableUserns = await access('/proc/sys/user/max_user_namespaces', constants.W_OK).then(
+      () => true,
+      () => false,
+    );
     if (!disableUserns) log('sandboxes: /proc/sys is read-only here, so bwrap --disable-userns is off; the seccomp filter keeps user namespaces out');
     return new SandboxRuntime(layout, seccomp, disableUserns, instancesDir, options, log);
   }
@@ -133,7 +136,10 @@ export class SandboxRuntime implements InstanceRuntime {
     const logFile = await open(path.join(record.dir, LOG_FILE), 'a+', 0o600);
     const argv = netChain(cgroup.procsFiles('net'), this.options.logBytes, [
       // No --no-new-privs here: it would stop bwrap from mapping the sandbox user; bwrap sets it for the app itself.
-      ...DROP_TO_SANDBOX_USER, 'pasta', ...pastaArgs(record), '--',
+      ...DROP_TO_SANDBOX_USER,
+      'pasta',
+      ...pastaArgs(record),
+      '--',
       ...appChain(cgroup.procsFiles('app'), seccompFile, bwrapArgs(spec, this.disableUserns)),
     ]);
     let exited: number | null | undefined;
@@ -143,7 +149,9 @@ export class SandboxRuntime implements InstanceRuntime {
         exited = code;
         void this.checkEnded().catch(() => {});
       });
-      child.on('error', () => { exited = -1; });
+      child.on('error', () => {
+        exited = -1;
+      });
       child.unref();
       if (child.pid === undefined) throw new CloudletError('LAUNCH_FAILED', `cannot start the sandbox of ${record.serviceId}`);
       faultPoint('app-virt:after-spawn');
@@ -208,9 +216,11 @@ export class SandboxRuntime implements InstanceRuntime {
   async watchEnded(listener: (id: string, ending: InstanceEnding) => void): Promise<void> {
     this.endedListener = listener;
     const tick = () => {
-      void this.checkEnded().catch((err: Error) => this.log(`checking sandboxes failed: ${err.message}`)).finally(() => {
-        setTimeout(tick, WATCH_INTERVAL_MS).unref();
-      });
+      void this.checkEnded()
+        .catch((err: Error) => this.log(`checking sandboxes failed: ${err.message}`))
+        .finally(() => {
+          setTimeout(tick, WATCH_INTERVAL_MS).unref();
+        });
     };
     setTimeout(tick, WATCH_INTERVAL_MS).unref();
   }
@@ -254,9 +264,10 @@ function netChain(procsFiles: string[], logBytes: number, command: string[]): st
  * with the seccomp filter on descriptor 3, which bwrap consumes.
  */
 function appChain(procsFiles: string[], seccompFile: string, command: string[]): string[] {
-  const script = `${JOIN_CGROUP}; nft "$1" || exit 125; filter=$2; shift 2; `
-    + 'for fd in /proc/self/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && [ -e "/proc/self/fd/$fd" ] && exec {fd}>&-; done; '
-    + 'exec "$@" 3<"$filter"';
+  const script =
+    `${JOIN_CGROUP}; nft "$1" || exit 125; filter=$2; shift 2; ` +
+    'for fd in /proc/self/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && [ -e "/proc/self/fd/$fd" ] && exec {fd}>&-; done; ' +
+    'exec "$@" 3<"$filter"';
   return ['/bin/bash', '-c', script, 'sandbox-app', ...procsFiles, '--', SANDBOX_FIREWALL, seccompFile, ...command];
 }
 
@@ -264,10 +275,19 @@ function pastaArgs(record: InstanceRecord): string[] {
   const wildcard = record.bindAddress === '0.0.0.0' || record.bindAddress === '::';
   const forward = `${wildcard ? '' : `${record.bindAddress}/`}${record.hostPort}:${record.guestPort}`;
   return [
-    '--config-net', '--foreground', '--quiet',
-    '--tcp-ports', forward, '--udp-ports', 'none',
+    '--config-net',
+    '--foreground',
+    '--quiet',
+    '--tcp-ports',
+    forward,
+    '--udp-ports',
+    'none',
     // The app must not reach the host's own services (the agent's API, other sandboxes' ports) through pasta.
-    '--tcp-ns', 'none', '--udp-ns', 'none', '--no-map-gw',
+    '--tcp-ns',
+    'none',
+    '--udp-ns',
+    'none',
+    '--no-map-gw',
   ];
 }
 
@@ -275,19 +295,47 @@ function bwrapArgs(spec: SandboxSpec, disableUserns: boolean): string[] {
   const env = { PATH: '/app/bin:/app/sbin:/app/usr/bin:/app/usr/sbin', HOME: '/data', TMPDIR: '/tmp', ...spec.env };
   return [
     'bwrap',
-    '--unshare-user', '--unshare-ipc', '--unshare-pid', '--unshare-uts', '--unshare-cgroup-try',
-    '--uid', String(SANDBOX_UID), '--gid', String(SANDBOX_UID),
-    '--hostname', spec.record.serviceId.slice(0, 63),
-    '--new-session', '--die-with-parent', '--cap-drop', 'ALL', '--seccomp', '3', ...(disableUserns ? ['--disable-userns'] : []),
-    '--ro-bind', spec.appDir, '/app',
-    '--size', String(spec.dataBytes), '--tmpfs', '/data',
-    '--proc', '/proc', '--dev', '/dev', '--tmpfs', '/tmp',
+    '--unshare-user',
+    '--unshare-ipc',
+    '--unshare-pid',
+    '--unshare-uts',
+    '--unshare-cgroup-try',
+    '--uid',
+    String(SANDBOX_UID),
+    '--gid',
+    String(SANDBOX_UID),
+    '--hostname',
+    spec.record.serviceId.slice(0, 63),
+    '--new-session',
+    '--die-with-parent',
+    '--cap-drop',
+    'ALL',
+    '--seccomp',
+    '3',
+    ...(disableUserns ? ['--disable-userns'] : []),
+    '--ro-bind',
+    spec.appDir,
+    '/app',
+    '--size',
+    String(spec.dataBytes),
+    '--tmpfs',
+    '/data',
+    '--proc',
+    '/proc',
+    '--dev',
+    '/dev',
+    '--tmpfs',
+    '/tmp',
     ...ROOT_LINKS.flatMap((dir) => ['--symlink', `/app/${dir}`, `/${dir}`]),
     // bwrap builds the root on a tmpfs; read-only, only /data (and the scratch /tmp) take writes.
-    '--remount-ro', '/',
-    '--chdir', '/app',
-    '--clearenv', ...Object.entries(env).flatMap(([k, v]) => ['--setenv', k, v]),
-    '--', ...spec.command,
+    '--remount-ro',
+    '/',
+    '--chdir',
+    '/app',
+    '--clearenv',
+    ...Object.entries(env).flatMap(([k, v]) => ['--setenv', k, v]),
+    '--',
+    ...spec.command,
   ];
 }
 

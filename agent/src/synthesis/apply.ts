@@ -18,8 +18,20 @@ import type { BaseVm } from '../core/bases';
 import { readSaveImageHeaderFrom, type LiveMigrationStream, type SaveImageHeader } from '../vm/save-image';
 import { ImageReader, Qcow2OverlayWriter, qcow2OverlayMaxBytes } from '../images/qcow2-overlay';
 import {
-  BLOCK_BYTES, decodeHeader, decodeManifest, decodeRecords, hasData, HEADER_BYTES, invalid, OVERLAY_LIMITS, overlayBytes, sha256, Source, Target,
-  type OverlayManifest, type OverlayRecord,
+  BLOCK_BYTES,
+  decodeHeader,
+  decodeManifest,
+  decodeRecords,
+  hasData,
+  HEADER_BYTES,
+  invalid,
+  OVERLAY_LIMITS,
+  overlayBytes,
+  sha256,
+  Source,
+  Target,
+  type OverlayManifest,
+  type OverlayRecord,
 } from './overlay-format';
 import { ByteReader } from '../images/byte-reader';
 import { StreamDecoder, zstdReference } from '../images/zstd';
@@ -58,7 +70,8 @@ export async function openOverlay(stream: Readable, declaredBytes: number, trust
     const signature = await reader.read(header.signatureBytes);
     const manifest = decodeManifest(header, manifestBytes, signature, trustedKeys);
     const bytes = overlayBytes(header, manifest);
-    if (bytes !== declaredBytes) throw invalid(`its manifest describes ${bytes} bytes, but ${declaredBytes} were sent${declaredBytes < bytes ? ' (truncated)' : ''}`);
+    if (bytes !== declaredBytes)
+      throw invalid(`its manifest describes ${bytes} bytes, but ${declaredBytes} were sent${declaredBytes < bytes ? ' (truncated)' : ''}`);
     return { manifest, bytes, reader };
   } catch (err) {
     await reader.close();
@@ -88,8 +101,13 @@ export interface LiveMemoryState {
  * `launch` resolved with. `progress` gets the overlay bytes applied so far. On failure the files are left for the
  * caller to remove.
  */
-export async function applyOverlay<T>(overlay: OpenedOverlay, base: BaseVm, to: { disk: string; memory: string | null },
-  progress: (done: number, total: number) => void, launch: (memory: LiveMemoryState | null) => Promise<T>): Promise<T> {
+export async function applyOverlay<T>(
+  overlay: OpenedOverlay,
+  base: BaseVm,
+  to: { disk: string; memory: string | null },
+  progress: (done: number, total: number) => void,
+  launch: (memory: LiveMemoryState | null) => Promise<T>,
+): Promise<T> {
   const { manifest, reader } = overlay;
   const baseDiskPath = path.join(base.dir, base.manifest.disk);
   const baseDisk = await ImageReader.open(baseDiskPath);
@@ -107,7 +125,8 @@ export async function applyOverlay<T>(overlay: OpenedOverlay, base: BaseVm, to: 
     const baseMemoryPath = base.manifest.state && path.join(base.dir, base.manifest.state);
     baseMemory = baseMemoryPath ? await open(baseMemoryPath, 'r') : null;
     const baseMemoryBytes = baseMemory ? (await baseMemory.stat()).size : 0;
-    const reference = manifest.reference === 'base-memory' && baseMemoryPath ? zstdReference(baseMemoryPath, baseMemoryBytes, OVERLAY_LIMITS.frameRawBytes) : null;
+    const reference =
+      manifest.reference === 'base-memory' && baseMemoryPath ? zstdReference(baseMemoryPath, baseMemoryBytes, OVERLAY_LIMITS.frameRawBytes) : null;
     if (manifest.reference && !reference) throw invalid('its frames are compressed against a base memory state this base does not have or is too large for');
     decoder = new StreamDecoder(reference ?? undefined);
     const frames = decoder;
@@ -174,9 +193,16 @@ class RecordApplier {
   /** The last batch of memory written to the file, not yet handed to the restore. */
   private heldBack: Buffer | null = null;
 
-  constructor(private readonly manifest: OverlayManifest, private readonly baseDisk: ImageReader, private readonly baseMemoryBytes: number,
-    baseMemory: FileHandle | null, private readonly disk: Qcow2OverlayWriter, private readonly memory: FileHandle | null,
-    private readonly pipe: MemoryPipe | null, private readonly onDiskComplete: () => void) {
+  constructor(
+    private readonly manifest: OverlayManifest,
+    private readonly baseDisk: ImageReader,
+    private readonly baseMemoryBytes: number,
+    baseMemory: FileHandle | null,
+    private readonly disk: Qcow2OverlayWriter,
+    private readonly memory: FileHandle | null,
+    private readonly pipe: MemoryPipe | null,
+    private readonly onDiskComplete: () => void,
+  ) {
     this.baseDiskWindows = new ReadWindows((offset, length) => baseDisk.read(offset, length), baseDisk.size);
     this.baseMemoryWindows = new ReadWindows((offset, length) => readAt(baseMemory!, offset, length), baseMemoryBytes);
     this.finalDiskWindows = new ReadWindows((offset, length) => disk.read(offset, length), manifest.disk.virtual_size);
@@ -205,8 +231,14 @@ class RecordApplier {
   private check(r: OverlayRecord): void {
     if (r.target === Target.Disk) {
       if (this.memoryStarted) throw invalid('a disk record after the memory records');
-      if (r.offset % BLOCK_BYTES !== 0 || r.length % BLOCK_BYTES !== 0 || r.length === 0 || r.offset < this.diskEnd
-        || r.offset + r.length > this.manifest.disk.virtual_size) throw invalid(`a disk record out of order or bounds at ${r.offset}`);
+      if (
+        r.offset % BLOCK_BYTES !== 0 ||
+        r.length % BLOCK_BYTES !== 0 ||
+        r.length === 0 ||
+        r.offset < this.diskEnd ||
+        r.offset + r.length > this.manifest.disk.virtual_size
+      )
+        throw invalid(`a disk record out of order or bounds at ${r.offset}`);
       this.diskEnd = r.offset + r.length;
     } else {
       if (!this.memory || r.offset !== this.memoryEnd || r.offset + r.length > this.manifest.memory!.bytes) {
@@ -219,23 +251,36 @@ class RecordApplier {
       if (r.sourceOffset + r.length > limit) throw invalid(`a record copies from beyond what it may read (source ${r.source} at ${r.sourceOffset})`);
     };
     switch (r.source) {
-      case Source.BaseDisk: case Source.XorBaseDisk: return within(this.baseDisk.size);
-      case Source.BaseMemory: case Source.XorBaseMemory: return within(this.baseMemoryBytes);
+      case Source.BaseDisk:
+      case Source.XorBaseDisk:
+        return within(this.baseDisk.size);
+      case Source.BaseMemory:
+      case Source.XorBaseMemory:
+        return within(this.baseMemoryBytes);
       // Memory records come after every disk record, so the whole disk is final for them.
-      case Source.TargetDisk: return within(r.target === Target.Disk ? r.offset : this.manifest.disk.virtual_size);
-      case Source.TargetMemory: return within(r.offset);
-      default: return undefined;
+      case Source.TargetDisk:
+        return within(r.target === Target.Disk ? r.offset : this.manifest.disk.virtual_size);
+      case Source.TargetMemory:
+        return within(r.offset);
+      default:
+        return undefined;
     }
   }
 
   private async bytes(r: OverlayRecord): Promise<Buffer> {
     switch (r.source) {
-      case Source.Literal: return r.data!;
-      case Source.Zero: return Buffer.alloc(r.target === Target.Disk ? 0 : r.length); // the disk stores zeros as a flag
-      case Source.BaseDisk: return this.baseDiskWindows.read(r.sourceOffset, r.length);
-      case Source.BaseMemory: return this.baseMemoryWindows.read(r.sourceOffset, r.length);
-      case Source.TargetDisk: return r.target === Target.Memory ? this.finalDiskWindows.read(r.sourceOffset, r.length) : this.disk.read(r.sourceOffset, r.length);
-      case Source.TargetMemory: return readAt(this.memory!, r.sourceOffset, r.length);
+      case Source.Literal:
+        return r.data!;
+      case Source.Zero:
+        return Buffer.alloc(r.target === Target.Disk ? 0 : r.length); // the disk stores zeros as a flag
+      case Source.BaseDisk:
+        return this.baseDiskWindows.read(r.sourceOffset, r.length);
+      case Source.BaseMemory:
+        return this.baseMemoryWindows.read(r.sourceOffset, r.length);
+      case Source.TargetDisk:
+        return r.target === Target.Memory ? this.finalDiskWindows.read(r.sourceOffset, r.length) : this.disk.read(r.sourceOffset, r.length);
+      case Source.TargetMemory:
+        return readAt(this.memory!, r.sourceOffset, r.length);
       case Source.XorBaseDisk:
       case Source.XorBaseMemory: {
         const old = await (r.source === Source.XorBaseDisk ? this.baseDiskWindows : this.baseMemoryWindows).read(r.sourceOffset, r.length);
@@ -378,7 +423,10 @@ function xor(a: Buffer, b: Buffer): Buffer {
 class ReadWindows {
   private windows: { start: number; end: number; data: Promise<Buffer> }[] = [];
 
-  constructor(private readonly readDirect: (offset: number, length: number) => Promise<Buffer>, private readonly size: number) {}
+  constructor(
+    private readonly readDirect: (offset: number, length: number) => Promise<Buffer>,
+    private readonly size: number,
+  ) {}
 
   /** A view of the bytes: callers must not change it. */
   async read(offset: number, length: number): Promise<Buffer> {

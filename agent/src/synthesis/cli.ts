@@ -26,8 +26,13 @@ async function create(args: string[]): Promise<void> {
   const { values } = parseArgs({
     args,
     options: {
-      base: { type: 'string' }, disk: { type: 'string' }, state: { type: 'string' }, service: { type: 'string' },
-      out: { type: 'string' }, key: { type: 'string' }, level: { type: 'string' },
+      base: { type: 'string' },
+      disk: { type: 'string' },
+      state: { type: 'string' },
+      service: { type: 'string' },
+      out: { type: 'string' },
+      key: { type: 'string' },
+      level: { type: 'string' },
     },
   });
   if (!values.base || !values.disk || !values.service || !values.out) throw new Error(USAGE);
@@ -45,11 +50,13 @@ async function create(args: string[]): Promise<void> {
     parallelism: os.cpus().length,
   });
   const mib = (blocks: number) => `${((blocks * 4096) / 2 ** 20).toFixed(1)} MiB`;
-  process.stderr.write([
-    `disk: ${stats.disk_changed_blocks} changed blocks (${mib(stats.disk_changed_blocks)}); memory: ${stats.memory_pages} pages (${mib(stats.memory_pages)})`,
-    `zero (elided): ${stats.zero}; from the base disk: ${stats.from_base_disk}; from the base memory: ${stats.from_base_memory}; from the overlay itself: ${stats.from_overlay}; XOR with the base: ${stats.xor}`,
-    `literal: ${stats.literal} blocks/pages; ${stats.raw_frame_bytes} bytes in ${stats.frames} frames → ${stats.overlay_bytes} bytes after zstd -${level} (${((Date.now() - started) / 1000).toFixed(1)} s)`,
-  ].join('\n') + '\n');
+  process.stderr.write(
+    [
+      `disk: ${stats.disk_changed_blocks} changed blocks (${mib(stats.disk_changed_blocks)}); memory: ${stats.memory_pages} pages (${mib(stats.memory_pages)})`,
+      `zero (elided): ${stats.zero}; from the base disk: ${stats.from_base_disk}; from the base memory: ${stats.from_base_memory}; from the overlay itself: ${stats.from_overlay}; XOR with the base: ${stats.xor}`,
+      `literal: ${stats.literal} blocks/pages; ${stats.raw_frame_bytes} bytes in ${stats.frames} frames → ${stats.overlay_bytes} bytes after zstd -${level} (${((Date.now() - started) / 1000).toFixed(1)} s)`,
+    ].join('\n') + '\n',
+  );
   process.stdout.write(`${JSON.stringify(stats)}\n`);
 }
 

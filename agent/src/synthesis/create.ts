@@ -22,7 +22,18 @@ import { convertImage } from '../images/qemu-img';
 import { CHUNK_INDEX_FILE, chunkHash, readChunkIndex, readSaveImageChunks } from '../vm/chunk-index';
 import type { RamPage } from '../vm/migration-stream';
 import {
-  BLOCK_BYTES, encodeHeader, encodeRecord, hasData, OVERLAY_FORMAT, OVERLAY_LIMITS, sha256, Source, Target, type FrameEntry, type OverlayManifest, type OverlayRecord,
+  BLOCK_BYTES,
+  encodeHeader,
+  encodeRecord,
+  hasData,
+  OVERLAY_FORMAT,
+  OVERLAY_LIMITS,
+  sha256,
+  Source,
+  Target,
+  type FrameEntry,
+  type OverlayManifest,
+  type OverlayRecord,
 } from './overlay-format';
 import { compressFrame, zstdReference, type ZstdReference } from '../images/zstd';
 
@@ -67,7 +78,10 @@ export interface CreateStats {
   frames: number;
 }
 
-interface Location { source: Source; offset: number }
+interface Location {
+  source: Source;
+  offset: number;
+}
 
 /**
  * Content → where those 4 KiB first are, verified byte for byte on a hit (the key is only a hash, and a base's stored
@@ -107,8 +121,12 @@ class FrameWriter {
 
   private frameTarget: Target | null = null;
 
-  constructor(private readonly out: NodeJS.WritableStream, private readonly level: number, private readonly parallelism: number,
-    private readonly memoryReference: ZstdReference | undefined) {}
+  constructor(
+    private readonly out: NodeJS.WritableStream,
+    private readonly level: number,
+    private readonly parallelism: number,
+    private readonly memoryReference: ZstdReference | undefined,
+  ) {}
 
   async add(r: OverlayRecord): Promise<void> {
     if (r.target !== this.frameTarget) {
@@ -172,7 +190,6 @@ async function readBase(baseDir: string): Promise<{ manifest: ServiceManifest; d
   return { manifest, digest: await digestOf(baseDir, manifest) };
 }
 
-
 /** `bytes` XOR `old`, if that keeps at least XOR_MIN_UNCHANGED zero bytes. */
 function xorIfSimilar(bytes: Buffer, old: Buffer): Buffer | null {
   const xor = Buffer.allocUnsafe(BLOCK_BYTES);
@@ -199,13 +216,18 @@ export async function createOverlay(options: CreateOptions): Promise<CreateStats
     // A base exported from a cloudlet comes with its chunk index: its hashes need not be computed again.
     const stored = await readChunkIndex(path.join(options.baseDir, CHUNK_INDEX_FILE)).catch(() => null);
     const baseState = base.manifest.state && path.join(options.baseDir, base.manifest.state);
-    const baseMemory: { image: Buffer; chunks: (RamPage & { hash?: Buffer })[] } | null = !baseState ? null
-      : stored?.memory ? { image: await readFile(baseState), chunks: stored.memory } : await readSaveImageChunks(baseState);
+    const baseMemory: { image: Buffer; chunks: (RamPage & { hash?: Buffer })[] } | null = !baseState
+      ? null
+      : stored?.memory
+        ? { image: await readFile(baseState), chunks: stored.memory }
+        : await readSaveImageChunks(baseState);
     const targetMemory = options.state ? await readSaveImageChunks(options.state) : null;
 
     const files: Record<number, Buffer> = {
-      [Source.BaseDisk]: baseDisk, [Source.BaseMemory]: baseMemory?.image ?? Buffer.alloc(0),
-      [Source.TargetDisk]: targetDisk, [Source.TargetMemory]: targetMemory?.image ?? Buffer.alloc(0),
+      [Source.BaseDisk]: baseDisk,
+      [Source.BaseMemory]: baseMemory?.image ?? Buffer.alloc(0),
+      [Source.TargetDisk]: targetDisk,
+      [Source.TargetMemory]: targetMemory?.image ?? Buffer.alloc(0),
     };
     const index = new ContentIndex((loc) => files[loc.source]!.subarray(loc.offset, loc.offset + BLOCK_BYTES));
     const baseByAddress = new Map<string, number>();
@@ -225,8 +247,18 @@ export async function createOverlay(options: CreateOptions): Promise<CreateStats
     }
 
     const stats: CreateStats = {
-      overlay_bytes: 0, disk_changed_blocks: 0, memory_pages: 0, zero: 0, from_base_disk: 0, from_base_memory: 0, from_overlay: 0,
-      xor: 0, literal: 0, literal_bytes: 0, raw_frame_bytes: 0, frames: 0,
+      overlay_bytes: 0,
+      disk_changed_blocks: 0,
+      memory_pages: 0,
+      zero: 0,
+      from_base_disk: 0,
+      from_base_memory: 0,
+      from_overlay: 0,
+      xor: 0,
+      literal: 0,
+      literal_bytes: 0,
+      raw_frame_bytes: 0,
+      frames: 0,
     };
     const out = createWriteStream(framesFile);
     // Kernel data that moved in guest memory matches the base's memory state at byte offsets only: zstd finds it there.
@@ -288,7 +320,12 @@ export async function createOverlay(options: CreateOptions): Promise<CreateStats
       for (const page of chunks) {
         await literal(page.offset);
         const old = baseByAddress.get(page.guestAddress);
-        await chunk(Target.Memory, page.offset, image.subarray(page.offset, page.offset + BLOCK_BYTES), old === undefined ? null : { source: Source.BaseMemory, offset: old });
+        await chunk(
+          Target.Memory,
+          page.offset,
+          image.subarray(page.offset, page.offset + BLOCK_BYTES),
+          old === undefined ? null : { source: Source.BaseMemory, offset: old },
+        );
         at = page.offset + BLOCK_BYTES;
       }
       await literal(image.length);

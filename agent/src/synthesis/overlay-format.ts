@@ -50,14 +50,26 @@ export interface OverlayManifest {
   frames: FrameEntry[];
 }
 
-export const enum Target { Disk = 1, Memory = 2 }
+export const enum Target {
+  Disk = 1,
+  Memory = 2,
+}
 /**
  * Where a record's bytes come from. The copies read `length` bytes at `sourceOffset` of the base disk (guest
  * offset), the base memory state (file offset), the target disk or the target memory state (as written so far). The
  * XOR sources carry `length` bytes that are XORed with the base's bytes at `sourceOffset`: a page or block that
  * changed a little is mostly zeros that way, and compresses to almost nothing.
  */
-export const enum Source { Literal = 0, Zero = 1, BaseDisk = 2, BaseMemory = 3, TargetDisk = 4, TargetMemory = 5, XorBaseDisk = 6, XorBaseMemory = 7 }
+export const enum Source {
+  Literal = 0,
+  Zero = 1,
+  BaseDisk = 2,
+  BaseMemory = 3,
+  TargetDisk = 4,
+  TargetMemory = 5,
+  XorBaseDisk = 6,
+  XorBaseMemory = 7,
+}
 
 export interface OverlayRecord {
   target: Target;
@@ -138,7 +150,9 @@ export function decodeHeader(header: Buffer): DecodedHeader {
   if (header.toString('latin1', 0, 8) !== OVERLAY_MAGIC) throw invalid('bad magic: not a VM overlay');
   const format = header.readUInt32BE(8);
   if (format !== OVERLAY_FORMAT) {
-    throw new CloudletError('OVERLAY_UNSUPPORTED', `overlay format version ${format} is not supported (this cloudlet reads version ${OVERLAY_FORMAT})`, { details: { format } });
+    throw new CloudletError('OVERLAY_UNSUPPORTED', `overlay format version ${format} is not supported (this cloudlet reads version ${OVERLAY_FORMAT})`, {
+      details: { format },
+    });
   }
   const manifestBytes = header.readUInt32BE(12);
   const signatureBytes = header.readUInt32BE(16);
@@ -193,10 +207,19 @@ function checkManifest(json: Record<string, unknown>): OverlayManifest {
   const frames = json.frames;
   if (!Array.isArray(frames) || frames.length > OVERLAY_LIMITS.frames) throw invalid('manifest: frames must be a list');
   for (const f of frames as FrameEntry[]) {
-    if (!isCount(f?.bytes) || !isCount(f.raw_bytes) || typeof f.sha256 !== 'string' || !/^[0-9a-f]{64}$/.test(f.sha256)) throw invalid('manifest: bad frame entry');
+    if (!isCount(f?.bytes) || !isCount(f.raw_bytes) || typeof f.sha256 !== 'string' || !/^[0-9a-f]{64}$/.test(f.sha256))
+      throw invalid('manifest: bad frame entry');
     if (f.raw_bytes > OVERLAY_LIMITS.frameRawBytes) throw tooLarge(`a frame of ${f.raw_bytes} bytes`);
   }
-  return { format: OVERLAY_FORMAT, base, disk: { virtual_size: diskSize }, memory: memory ? { bytes: memory.bytes as number } : null, service, reference, frames: frames as FrameEntry[] };
+  return {
+    format: OVERLAY_FORMAT,
+    base,
+    disk: { virtual_size: diskSize },
+    memory: memory ? { bytes: memory.bytes as number } : null,
+    service,
+    reference,
+    frames: frames as FrameEntry[],
+  };
 }
 
 /** Bytes of the whole overlay file its header and manifest describe. */

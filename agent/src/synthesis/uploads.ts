@@ -181,7 +181,9 @@ export class UploadSessions<T, M extends object> {
     let live = this.creating.get(owner) ?? 0;
     for (const upload of this.uploads.values()) if (!upload.outcome && ownerOf(upload.meta) === owner) live += 1;
     if (live >= max) {
-      throw new CloudletError('TOO_MANY_UPLOADS', `at most ${max} overlay uploads may be unfinished at a time; finish or wait for one first`, { details: { limit: max } });
+      throw new CloudletError('TOO_MANY_UPLOADS', `at most ${max} overlay uploads may be unfinished at a time; finish or wait for one first`, {
+        details: { limit: max },
+      });
     }
     this.creating.set(owner, (this.creating.get(owner) ?? 0) + 1);
   }
@@ -231,7 +233,9 @@ export class UploadSessions<T, M extends object> {
       // A synthesis waiting for bytes that no request sends any more stops (see follow).
       this.wake(upload);
     }
-    await this.commit(upload, file).catch((err: unknown) => this.abandon(upload, asCloudletError(err))).finally(() => file.close().catch(() => {}));
+    await this.commit(upload, file)
+      .catch((err: unknown) => this.abandon(upload, asCloudletError(err)))
+      .finally(() => file.close().catch(() => {}));
     if (upload.abandoned || upload.outcome) return { complete: true, result: await upload.result };
     if (upload.received < upload.bytes) {
       this.armIdle(upload);
@@ -304,8 +308,17 @@ export class UploadSessions<T, M extends object> {
     });
     result.catch(() => {}); // an upload that failed with no request waiting is told by get()
     const upload: Upload<T, M> = {
-      ...session, committed: session.received, result, conclude: null!, outcome: null, abandoned: null, synthesis: null, waiters: [],
-      sending: false, files: Promise.resolve(), removed: false,
+      ...session,
+      committed: session.received,
+      result,
+      conclude: null!,
+      outcome: null,
+      abandoned: null,
+      synthesis: null,
+      waiters: [],
+      sending: false,
+      files: Promise.resolve(),
+      removed: false,
     };
     upload.conclude = (outcome) => {
       if (upload.outcome) return;
@@ -323,8 +336,10 @@ export class UploadSessions<T, M extends object> {
     const synthesis: Synthesis = { paused: false };
     upload.synthesis = synthesis;
     const arrived = () => this.awaitBytes(upload, synthesis, () => upload.received === upload.bytes);
-    new Promise<T>((resolve) => resolve(this.consume(this.follow(upload, synthesis), upload.bytes, upload.meta, arrived)))
-      .then((value) => this.settle(upload, synthesis, { ok: true, value }), (err: unknown) => this.settle(upload, synthesis, { ok: false, error: asCloudletError(err) }));
+    new Promise<T>((resolve) => resolve(this.consume(this.follow(upload, synthesis), upload.bytes, upload.meta, arrived))).then(
+      (value) => this.settle(upload, synthesis, { ok: true, value }),
+      (err: unknown) => this.settle(upload, synthesis, { ok: false, error: asCloudletError(err) }),
+    );
   }
 
   /** A synthesis ended: a paused one leaves the upload open (and is followed by the next); any other decides it. */
@@ -357,10 +372,18 @@ export class UploadSessions<T, M extends object> {
     };
     const stream: Readable = new Readable({
       highWaterMark: 4 * READ_BYTES,
-      read: () => { next().then((chunk) => stream.push(chunk), (err: Error) => stream.destroy(err)); },
+      read: () => {
+        next().then(
+          (chunk) => stream.push(chunk),
+          (err: Error) => stream.destroy(err),
+        );
+      },
       destroy: (err, callback) => {
         if (!file) return callback(err);
-        return void file.then((f) => f.close()).catch(() => {}).finally(() => callback(err));
+        return void file
+          .then((f) => f.close())
+          .catch(() => {})
+          .finally(() => callback(err));
       },
     });
     return stream;
@@ -411,10 +434,13 @@ export class UploadSessions<T, M extends object> {
 
   private armIdle(upload: Upload<T, M>): void {
     clearTimeout(upload.idle);
-    upload.idle = setTimeout(() => {
-      if (upload.sending) return; // the request sending now arms it again when it ends
-      this.abandon(upload, new CloudletError('OVERLAY_INVALID', `overlay: the upload stalled at byte ${upload.received} of ${upload.bytes}`));
-    }, Math.max(0, upload.updatedAt + this.idleMs - Date.now()));
+    upload.idle = setTimeout(
+      () => {
+        if (upload.sending) return; // the request sending now arms it again when it ends
+        this.abandon(upload, new CloudletError('OVERLAY_INVALID', `overlay: the upload stalled at byte ${upload.received} of ${upload.bytes}`));
+      },
+      Math.max(0, upload.updatedAt + this.idleMs - Date.now()),
+    );
     upload.idle.unref();
   }
 }
@@ -423,8 +449,12 @@ function view<T>(upload: Upload<T, object>): UploadView<T> {
   const { outcome } = upload;
   const state = outcome ? (outcome.ok ? 'done' : 'failed') : upload.received < upload.bytes ? 'receiving' : 'synthesizing';
   return {
-    id: upload.id, bytes: upload.bytes, received: upload.received, state,
-    result: outcome?.ok ? outcome.value : null, error: outcome && !outcome.ok ? outcome.error : null,
+    id: upload.id,
+    bytes: upload.bytes,
+    received: upload.received,
+    state,
+    result: outcome?.ok ? outcome.value : null,
+    error: outcome && !outcome.ok ? outcome.error : null,
   };
 }
 
@@ -436,8 +466,16 @@ function writeRecord<M>(dir: string, record: SessionRecord<M>): Promise<void> {
 function parseRecord<M>(text: string, id: string): SessionRecord<M> {
   const record = JSON.parse(text) as Partial<SessionRecord<M>>;
   const count = (n: unknown) => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0;
-  if (!ID.test(id) || record.id !== id || !count(record.bytes) || !count(record.received) || record.received! > record.bytes!
-    || typeof record.meta !== 'object' || record.meta === null || Number.isNaN(Date.parse(record.updated_at ?? ''))) {
+  if (
+    !ID.test(id) ||
+    record.id !== id ||
+    !count(record.bytes) ||
+    !count(record.received) ||
+    record.received! > record.bytes! ||
+    typeof record.meta !== 'object' ||
+    record.meta === null ||
+    Number.isNaN(Date.parse(record.updated_at ?? ''))
+  ) {
     throw new Error('not an upload record');
   }
   return record as SessionRecord<M>;

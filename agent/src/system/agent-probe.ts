@@ -24,10 +24,14 @@ export function agentUrl(host: string, port: number): string {
 
 export async function probeAgent(baseUrl: string): Promise<AgentStatus> {
   try {
-    const health = await getJson(`${baseUrl}/v1/health`) as { ok?: boolean; checks?: { name: string; ok: boolean; optional?: boolean; detail?: string }[] };
-    const system = await getJson(`${baseUrl}/v1/system`) as { agent_version?: string };
+    const health = (await getJson(`${baseUrl}/v1/health`)) as { ok?: boolean; checks?: { name: string; ok: boolean; optional?: boolean; detail?: string }[] };
+    const system = (await getJson(`${baseUrl}/v1/system`)) as { agent_version?: string };
     const failing = (health.checks ?? []).filter((c) => !c.ok && !c.optional).map((c) => `${c.name}${c.detail ? ` (${c.detail})` : ''}`);
-    return { healthy: health.ok === true, version: system.agent_version ?? null, problem: health.ok === true ? null : `failing ${failing.join(', ') || 'health'}` };
+    return {
+      healthy: health.ok === true,
+      version: system.agent_version ?? null,
+      problem: health.ok === true ? null : `failing ${failing.join(', ') || 'health'}`,
+    };
   } catch (err) {
     return { healthy: false, version: null, problem: `no answer: ${(err as Error).message}` };
   }
@@ -37,7 +41,10 @@ export async function probeAgent(baseUrl: string): Promise<AgentStatus> {
  * Polls until the agent at baseUrl is healthy, reports `version` (any version when null), and has stayed so for
  * `stableMs` (an agent that answers once and then crashes is not healthy). Returns the last problem seen on timeout.
  */
-export async function waitUntilHealthy(baseUrl: string, opts: { version: string | null; deadlineMs: number; stableMs: number }): Promise<{ ok: true } | { ok: false; problem: string }> {
+export async function waitUntilHealthy(
+  baseUrl: string,
+  opts: { version: string | null; deadlineMs: number; stableMs: number },
+): Promise<{ ok: true } | { ok: false; problem: string }> {
   const deadline = Date.now() + opts.deadlineMs;
   let healthySince: number | null = null;
   let problem = 'not probed yet';

@@ -43,10 +43,12 @@ export async function checkReachableByQemu(dataDir: string, qemu: { uid: number;
       break;
     }
   }
-  throw new CloudletError('DATA_DIR_UNREACHABLE',
-    `QEMU (uid ${qemu.uid}, gid ${qemu.gid}) cannot reach the data directory ${dataDir}: it may not search ${blocking}. `
-    + `Fix: chmod o+x ${blocking} (search only, not listing), or set CLOUDLET_DATA_DIR to a directory outside it (e.g. /var/lib/cloudlet)`,
-    { details: { path: dataDir, blocking, uid: qemu.uid, gid: qemu.gid } });
+  throw new CloudletError(
+    'DATA_DIR_UNREACHABLE',
+    `QEMU (uid ${qemu.uid}, gid ${qemu.gid}) cannot reach the data directory ${dataDir}: it may not search ${blocking}. ` +
+      `Fix: chmod o+x ${blocking} (search only, not listing), or set CLOUDLET_DATA_DIR to a directory outside it (e.g. /var/lib/cloudlet)`,
+    { details: { path: dataDir, blocking, uid: qemu.uid, gid: qemu.gid } },
+  );
 }
 
 /** `/a/b/c` → [`/a`, `/a/b`, `/a/b/c`]. */
@@ -56,7 +58,10 @@ function ancestry(dir: string): string[] {
 }
 
 function canSearchAsSelf(dir: string): Promise<boolean> {
-  return access(dir, fsc.X_OK).then(() => true, () => false);
+  return access(dir, fsc.X_OK).then(
+    () => true,
+    () => false,
+  );
 }
 
 /**
@@ -65,11 +70,16 @@ function canSearchAsSelf(dir: string): Promise<boolean> {
  */
 function canSearchAs(dir: string, user: { uid: number; gid: number }): Promise<boolean> {
   return new Promise((resolve, reject) => {
-    execFile('setpriv', [`--reuid=${user.uid}`, `--regid=${user.gid}`, '--init-groups', '--', 'test', '-x', dir], { encoding: 'utf8' }, (err, _stdout, stderr) => {
-      if (!err) resolve(true);
-      // test(1) answers "no" with status 1 and says nothing; setpriv's own failures say why.
-      else if (err.code === 1 && stderr.trim() === '') resolve(false);
-      else reject(new Error(stderr.trim() || err.message));
-    });
+    execFile(
+      'setpriv',
+      [`--reuid=${user.uid}`, `--regid=${user.gid}`, '--init-groups', '--', 'test', '-x', dir],
+      { encoding: 'utf8' },
+      (err, _stdout, stderr) => {
+        if (!err) resolve(true);
+        // test(1) answers "no" with status 1 and says nothing; setpriv's own failures say why.
+        else if (err.code === 1 && stderr.trim() === '') resolve(false);
+        else reject(new Error(stderr.trim() || err.message));
+      },
+    );
   });
 }

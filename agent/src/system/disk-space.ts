@@ -35,10 +35,14 @@ export async function noSpaceError(err: unknown, dir: string, what: string, need
 
 function noSpace(what: string, dir: string, needed: number | undefined, free: number | null, cause?: unknown): CloudletError {
   const sizes = [needed === undefined ? '' : `${mib(needed)} needed`, free === null ? '' : `${mib(free)} free`].filter(Boolean).join(', ');
-  return new CloudletError('NO_SPACE', `Cannot ${what}: the cloudlet's data directory is full (${dir}${sizes ? `: ${sizes}` : ''}); free some space and retry`, {
-    ...(cause === undefined ? {} : { cause }),
-    details: { path: dir, ...(needed === undefined ? {} : { needed_bytes: needed }), ...(free === null ? {} : { free_bytes: free }) },
-  });
+  return new CloudletError(
+    'NO_SPACE',
+    `Cannot ${what}: the cloudlet's data directory is full (${dir}${sizes ? `: ${sizes}` : ''}); free some space and retry`,
+    {
+      ...(cause === undefined ? {} : { cause }),
+      details: { path: dir, ...(needed === undefined ? {} : { needed_bytes: needed }), ...(free === null ? {} : { free_bytes: free }) },
+    },
+  );
 }
 
 function mib(bytes: number): string {

@@ -30,14 +30,20 @@ export const notifySystemd: Notifier = async (state) => {
     try {
       openLibrary({ library: LIBSYSTEMD, path: LIBSYSTEMD_SONAME });
     } catch (err) {
-      throw new CloudletError('INTERNAL', `NOTIFY_SOCKET is set but ${LIBSYSTEMD_SONAME} cannot be loaded: install the Debian package libsystemd0`, { cause: err });
+      throw new CloudletError('INTERNAL', `NOTIFY_SOCKET is set but ${LIBSYSTEMD_SONAME} cannot be loaded: install the Debian package libsystemd0`, {
+        cause: err,
+      });
     }
     libsystemdOpen = true;
   }
   // sd_notify returns > 0 when sent, 0 without a socket, a negative errno on failure.
   const sent = await load({
-    library: LIBSYSTEMD, funcName: 'sd_notify', retType: DataType.I32, paramsType: [DataType.I32, DataType.String],
-    paramsValue: [0, state], runInNewThread: true,
+    library: LIBSYSTEMD,
+    funcName: 'sd_notify',
+    retType: DataType.I32,
+    paramsType: [DataType.I32, DataType.String],
+    paramsValue: [0, state],
+    runInNewThread: true,
   });
   if (sent < 0) throw new CloudletError('INTERNAL', `sd_notify(${JSON.stringify(state.split('\n')[0])}) failed with errno ${-sent}`);
   return sent > 0;
@@ -121,7 +127,12 @@ function systemctl(args: string[]): Promise<void> {
  * Under systemd (Type=notify): wait until the API really answers a health request, then send READY=1, and start the
  * watchdog if WatchdogSec= asked for one. Returns the watchdog to stop at shutdown; null outside systemd.
  */
-export async function announceReady(apiUrl: string, health: () => Promise<HealthReport>, log: Logger, notify: Notifier = notifySystemd): Promise<Watchdog | null> {
+export async function announceReady(
+  apiUrl: string,
+  health: () => Promise<HealthReport>,
+  log: Logger,
+  notify: Notifier = notifySystemd,
+): Promise<Watchdog | null> {
   if (!process.env.NOTIFY_SOCKET) return null;
   // No deadline of our own: the unit's TimeoutStartSec= decides how long a start may take.
   const answered = await waitUntilHealthy(apiUrl, { version: null, deadlineMs: Number.MAX_SAFE_INTEGER, stableMs: 0 });

@@ -48,11 +48,21 @@ export interface TelemetryOptions {
 export class TopicTree {
   constructor(readonly root: string) {}
 
-  get status(): string { return `${this.root}/status`; }
-  get metrics(): string { return `${this.root}/metrics`; }
-  instance(id: string): string { return `${this.root}/instances/${id}`; }
-  progress(id: string): string { return `${this.root}/instances/${id}/progress`; }
-  service(id: string): string { return `${this.root}/services/${id}`; }
+  get status(): string {
+    return `${this.root}/status`;
+  }
+  get metrics(): string {
+    return `${this.root}/metrics`;
+  }
+  instance(id: string): string {
+    return `${this.root}/instances/${id}`;
+  }
+  progress(id: string): string {
+    return `${this.root}/instances/${id}/progress`;
+  }
+  service(id: string): string {
+    return `${this.root}/services/${id}`;
+  }
 
   /** The instance an instance or progress topic is about, or null for any other topic. */
   instanceOf(topic: string): { id: string; progress: boolean } | null {
@@ -135,7 +145,9 @@ export class Telemetry {
     // the API port's /mqtt WebSocket, and the log says why TCP is missing.
     const listening = await new Promise<boolean>((resolve) => {
       server.once('error', (err) => {
-        options.log(`MQTT over TCP is off: cannot listen on ${options.config.host}:${options.config.port}: ${err.message}; MQTT over WebSocket (/mqtt) still serves`);
+        options.log(
+          `MQTT over TCP is off: cannot listen on ${options.config.host}:${options.config.port}: ${err.message}; MQTT over WebSocket (/mqtt) still serves`,
+        );
         resolve(false);
       });
       server.listen(options.config.port, options.config.host, () => resolve(true));
@@ -290,10 +302,17 @@ export class Telemetry {
   private async publishMetrics(): Promise<void> {
     try {
       const info = await this.options.api.systemInfo();
-      this.publishRetained(this.topics.metrics, JSON.stringify({
-        cpu_cores: info.cpu.cores, cpu_usage_percent: info.cpu.usagePercent, memory_total_bytes: info.memory.totalBytes,
-        memory_free_bytes: info.memory.freeBytes, instances: info.instances, at: new Date().toISOString(),
-      }));
+      this.publishRetained(
+        this.topics.metrics,
+        JSON.stringify({
+          cpu_cores: info.cpu.cores,
+          cpu_usage_percent: info.cpu.usagePercent,
+          memory_total_bytes: info.memory.totalBytes,
+          memory_free_bytes: info.memory.freeBytes,
+          instances: info.instances,
+          at: new Date().toISOString(),
+        }),
+      );
       // Services imported or removed between events show up here.
       this.publishServices();
     } catch (err) {
@@ -335,7 +354,12 @@ function connectExternal(options: TelemetryOptions, topics: TopicTree): MqttClie
     clientId: `cloudlet-agent-${options.hostname}`,
     reconnectPeriod: EXTERNAL_RECONNECT_MS,
     queueQoSZero: false,
-    will: { topic: topics.status, payload: Buffer.from(JSON.stringify({ state: 'offline', hostname: options.hostname, agent_version: options.agentVersion })), qos: 1, retain: true },
+    will: {
+      topic: topics.status,
+      payload: Buffer.from(JSON.stringify({ state: 'offline', hostname: options.hostname, agent_version: options.agentVersion })),
+      qos: 1,
+      retain: true,
+    },
   });
   let reported = '';
   client.on('error', (err) => {

@@ -68,7 +68,8 @@ export function admit(access: Access, identity: Identity): Caller {
     return identity;
   }
   if (identity instanceof CloudletError) throw identity;
-  if (identity.kind === 'anonymous') throw new CloudletError('UNAUTHENTICATED', 'this route needs a credential: Authorization: Bearer <token> (pair this device first)');
+  if (identity.kind === 'anonymous')
+    throw new CloudletError('UNAUTHENTICATED', 'this route needs a credential: Authorization: Bearer <token> (pair this device first)');
   if (access === 'admin' && identity.kind === 'device') {
     throw new CloudletError('ADMIN_ONLY', 'this route is for the operator on the cloudlet (the admin credential, from loopback)');
   }
@@ -99,7 +100,10 @@ export function addressKey(address: string): string {
   if (groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff) {
     return [groups[6]! >> 8, groups[6]! & 0xff, groups[7]! >> 8, groups[7]! & 0xff].join('.');
   }
-  return `${groups.slice(0, 4).map((g) => g.toString(16)).join(':')}::/64`;
+  return `${groups
+    .slice(0, 4)
+    .map((g) => g.toString(16))
+    .join(':')}::/64`;
 }
 
 function ipv4Groups(dotted: string): string[] {
@@ -126,7 +130,10 @@ export function bearerToken(authorization: string | undefined): string | undefin
 export class TokenGate implements AccessGate {
   private readonly adminTokenSha256: Buffer;
 
-  constructor(private readonly devices: DeviceRegistry, adminToken: string) {
+  constructor(
+    private readonly devices: DeviceRegistry,
+    adminToken: string,
+  ) {
     this.adminTokenSha256 = sha256(adminToken);
   }
 
@@ -134,7 +141,8 @@ export class TokenGate implements AccessGate {
     if (token === undefined) return { kind: 'anonymous' };
     requireConfidential(transport);
     if (timingSafeEqual(sha256(token), this.adminTokenSha256)) {
-      if (!isLoopback(transport.remoteAddress)) throw new CloudletError('ADMIN_ONLY', 'the admin credential is only accepted on the cloudlet itself (loopback)');
+      if (!isLoopback(transport.remoteAddress))
+        throw new CloudletError('ADMIN_ONLY', 'the admin credential is only accepted on the cloudlet itself (loopback)');
       return { kind: 'admin' };
     }
     return { kind: 'device', device: this.devices.authenticate(token) };

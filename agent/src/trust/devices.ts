@@ -87,7 +87,8 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
     if (!found) throw new CloudletError('UNAUTHENTICATED', 'the credential is not valid for this cloudlet');
     const standing = this.standingOf(found);
     if (standing === 'revoked') throw new CloudletError('DEVICE_REVOKED', `device ${found.id} was revoked`, { details: { device_id: found.id } });
-    if (standing === 'expired') throw new CloudletError('DEVICE_EXPIRED', `the authorization of device ${found.id} expired`, { details: { device_id: found.id } });
+    if (standing === 'expired')
+      throw new CloudletError('DEVICE_EXPIRED', `the authorization of device ${found.id} expired`, { details: { device_id: found.id } });
     return publicView(found);
   }
 
@@ -109,7 +110,8 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
   async add(options: { id?: string; name: string; expiresInMinutes?: number }): Promise<{ device: PairedDevice; token: string }> {
     const id = options.id ?? `dev-${randomBytes(8).toString('hex')}`;
     checkDeviceId(id);
-    if (this.devices.has(id)) throw new CloudletError('CONFLICT', `device ${id} is already paired; remove it first to pair it again`, { details: { device_id: id } });
+    if (this.devices.has(id))
+      throw new CloudletError('CONFLICT', `device ${id} is already paired; remove it first to pair it again`, { details: { device_id: id } });
     const now = Date.now();
     const token = DEVICE_TOKEN_PREFIX + randomBytes(32).toString('base64url');
     const device: StoredDevice = {
@@ -171,12 +173,15 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
     if (device.expiresAt === null || device.revokedAt !== null) return;
     this.disarmExpiry(device.id);
     const due = Date.parse(device.expiresAt) - Date.now();
-    const timer = setTimeout(() => {
-      this.expiryTimers.delete(device.id);
-      if (this.devices.get(device.id) !== device || device.revokedAt !== null) return;
-      if (Date.parse(device.expiresAt!) > Date.now()) return this.armExpiry(device);
-      this.emit('device-ended', publicView(device), 'expired');
-    }, Math.min(Math.max(due, 0), MAX_TIMER_MS));
+    const timer = setTimeout(
+      () => {
+        this.expiryTimers.delete(device.id);
+        if (this.devices.get(device.id) !== device || device.revokedAt !== null) return;
+        if (Date.parse(device.expiresAt!) > Date.now()) return this.armExpiry(device);
+        this.emit('device-ended', publicView(device), 'expired');
+      },
+      Math.min(Math.max(due, 0), MAX_TIMER_MS),
+    );
     timer.unref();
     this.expiryTimers.set(device.id, timer);
   }
@@ -210,19 +215,24 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
    * it, on the devices as they left them. Resolves to the device as it was, or undefined when nothing changed.
    */
   private update(id: string, change: (device: StoredDevice) => StoredDevice | null | undefined): Promise<StoredDevice | undefined> {
-    const updated = this.saving.catch(() => {}).then(async () => {
-      const device = this.devices.get(id);
-      const next = device && change(device);
-      if (!device || next === undefined) return undefined;
-      const devices = new Map(this.devices);
-      if (next === null) devices.delete(id);
-      else devices.set(id, next);
-      await writeSecretFile(this.file, devicesFileText(devices.values()));
-      if (next === null) this.devices.delete(id);
-      else this.devices.set(id, next);
-      return device;
-    });
-    this.saving = updated.then(() => {}, () => {});
+    const updated = this.saving
+      .catch(() => {})
+      .then(async () => {
+        const device = this.devices.get(id);
+        const next = device && change(device);
+        if (!device || next === undefined) return undefined;
+        const devices = new Map(this.devices);
+        if (next === null) devices.delete(id);
+        else devices.set(id, next);
+        await writeSecretFile(this.file, devicesFileText(devices.values()));
+        if (next === null) this.devices.delete(id);
+        else this.devices.set(id, next);
+        return device;
+      });
+    this.saving = updated.then(
+      () => {},
+      () => {},
+    );
     return updated;
   }
 }

@@ -38,7 +38,10 @@ interface OpenWindow extends PairingWindow {
 export class Pairing {
   private window: OpenWindow | null = null;
 
-  constructor(private readonly devices: DeviceRegistry, private readonly now: () => number = Date.now) {}
+  constructor(
+    private readonly devices: DeviceRegistry,
+    private readonly now: () => number = Date.now,
+  ) {}
 
   open(options: { ttlSeconds: number; expiresInMinutes?: number }): PairingWindow {
     let code = '';
@@ -75,8 +78,9 @@ export class Pairing {
     const pausedFor = window.pausedUntil - this.now();
     if (pausedFor > 0) {
       const retryAfter = Math.ceil(pausedFor / 1000);
-      throw new CloudletError('RATE_LIMITED', `the pairing window is slowed down after ${window.wrongCodes} wrong codes; try again in ${retryAfter} s`,
-        { details: { retry_after_s: retryAfter } });
+      throw new CloudletError('RATE_LIMITED', `the pairing window is slowed down after ${window.wrongCodes} wrong codes; try again in ${retryAfter} s`, {
+        details: { retry_after_s: retryAfter },
+      });
     }
     if (!sameCode(code, window.code)) {
       window.wrongCodes += 1;
@@ -90,7 +94,9 @@ export class Pairing {
     // A request the registry would refuse (a bad or taken device id) does not use the code up.
     if (request.deviceId !== undefined) checkDeviceId(request.deviceId);
     if (request.deviceId !== undefined && this.devices.get(request.deviceId)) {
-      throw new CloudletError('CONFLICT', `device ${request.deviceId} is already paired; remove it first to pair it again`, { details: { device_id: request.deviceId } });
+      throw new CloudletError('CONFLICT', `device ${request.deviceId} is already paired; remove it first to pair it again`, {
+        details: { device_id: request.deviceId },
+      });
     }
     // Used up before the first await: two claims racing with the same code cannot both pair.
     this.window = null;

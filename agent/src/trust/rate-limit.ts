@@ -27,7 +27,11 @@ export class RateLimiter {
   private readonly buckets = new Map<string, Bucket>();
   private lastSweep: number;
 
-  constructor(private readonly limit: RateLimit, private readonly now: () => number = Date.now, private readonly maxBuckets = MAX_BUCKETS) {
+  constructor(
+    private readonly limit: RateLimit,
+    private readonly now: () => number = Date.now,
+    private readonly maxBuckets = MAX_BUCKETS,
+  ) {
     this.lastSweep = now();
   }
 

@@ -43,10 +43,14 @@ export async function ensureTlsIdentity(dataDir: string, hostname: string, log: 
 
 /** The certificate, if it and its key are whole and belong together; else 'absent' (neither exists) or what is wrong. */
 async function readIdentity(keyFile: string, certFile: string): Promise<X509Certificate | string> {
-  const [key, cert] = await Promise.all([keyFile, certFile].map((file) => readFile(file, 'utf8').catch((err: unknown) => {
-    if (isErrno(err, 'ENOENT')) return null;
-    throw err;
-  })));
+  const [key, cert] = await Promise.all(
+    [keyFile, certFile].map((file) =>
+      readFile(file, 'utf8').catch((err: unknown) => {
+        if (isErrno(err, 'ENOENT')) return null;
+        throw err;
+      }),
+    ),
+  );
   if (key == null && cert == null) return 'absent';
   if (key == null || cert == null) return key == null ? 'its key is missing' : 'the certificate is missing';
   let certificate: X509Certificate;
@@ -56,7 +60,7 @@ async function readIdentity(keyFile: string, certFile: string): Promise<X509Cert
     return 'the certificate is not a PEM certificate';
   }
   try {
-    if (!certificate.checkPrivateKey(createPrivateKey(key))) return 'the key is not the certificate\'s';
+    if (!certificate.checkPrivateKey(createPrivateKey(key))) return "the key is not the certificate's";
   } catch {
     return 'the key is not a PEM private key';
   }
@@ -73,9 +77,26 @@ async function generate(dir: string, hostname: string, keyFile: string, certFile
     const key = path.join(work, 'key.pem');
     const cert = path.join(work, 'cert.pem');
     const cn = hostname.replace(/[^A-Za-z0-9.-]/g, '-') || 'cloudlet';
-    await run('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-sha256',
-      '-days', String(VALID_DAYS), '-keyout', key, '-out', cert, '-subj', `/CN=${cn}`,
-      '-addext', `subjectAltName=DNS:${cn},DNS:${cn}.local,DNS:localhost,IP:127.0.0.1`]);
+    await run('openssl', [
+      'req',
+      '-x509',
+      '-newkey',
+      'ec',
+      '-pkeyopt',
+      'ec_paramgen_curve:P-256',
+      '-nodes',
+      '-sha256',
+      '-days',
+      String(VALID_DAYS),
+      '-keyout',
+      key,
+      '-out',
+      cert,
+      '-subj',
+      `/CN=${cn}`,
+      '-addext',
+      `subjectAltName=DNS:${cn},DNS:${cn}.local,DNS:localhost,IP:127.0.0.1`,
+    ]);
     await replaceFile(keyFile, await readFile(key, 'utf8'), 0o600);
     await replaceFile(certFile, await readFile(cert, 'utf8'), 0o644);
   } finally {

@@ -64,7 +64,9 @@ export async function createBundle(releaseDir: string, version: string, key: Key
  * unsigned or signed by no trusted key, BUNDLE_INVALID when it is not a bundle at all.
  */
 export async function openBundle(file: string, trustedKeys: KeyObject[]): Promise<VerifiedBundle> {
-  const handle = await open(file, 'r').catch((err: Error) => { throw invalid(file, err.message); });
+  const handle = await open(file, 'r').catch((err: Error) => {
+    throw invalid(file, err.message);
+  });
   let preamble: string;
   try {
     const buffer = Buffer.alloc(PREAMBLE_MAX_BYTES);

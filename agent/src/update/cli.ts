@@ -21,8 +21,9 @@ import { ReleaseStore } from './releases';
 import { applyUpdate, recoverInterruptedUpdate } from './updater';
 
 const UNIT = 'cloudlet-agent.service';
-const USAGE = 'usage: cloudlet-update FILE | --recover | --status  [--home DIR] [--factory DIR] [--keys DIR] [--api URL]\n'
-  + '                [--deadline SECONDS] [--stable SECONDS] [--restart-command SHELL_COMMAND]';
+const USAGE =
+  'usage: cloudlet-update FILE | --recover | --status  [--home DIR] [--factory DIR] [--keys DIR] [--api URL]\n' +
+  '                [--deadline SECONDS] [--stable SECONDS] [--restart-command SHELL_COMMAND]';
 
 async function main(): Promise<number> {
   const log = createLogger('cloudlet-update');
@@ -77,8 +78,11 @@ function runShell(command: string): Promise<void> {
   });
 }
 
-main().then((status) => process.exit(status), (err: unknown) => {
-  const error = asCloudletError(err);
-  process.stderr.write(`cloudlet-update: ${error.code}: ${error.message}\n`);
-  process.exit(error.code === 'ROLLBACK_FAILED' ? 3 : 1);
-});
+main().then(
+  (status) => process.exit(status),
+  (err: unknown) => {
+    const error = asCloudletError(err);
+    process.stderr.write(`cloudlet-update: ${error.code}: ${error.message}\n`);
+    process.exit(error.code === 'ROLLBACK_FAILED' ? 3 : 1);
+  },
+);

@@ -38,7 +38,10 @@ export class ReleaseStore {
   private readonly stateFile: string;
   private readonly lockFile: string;
 
-  constructor(readonly home: string, readonly factoryDir: string) {
+  constructor(
+    readonly home: string,
+    readonly factoryDir: string,
+  ) {
     this.currentLink = path.join(home, 'current');
     this.releasesDir = path.join(home, 'releases');
     this.stateFile = path.join(home, 'update.json');

@@ -109,11 +109,18 @@ async function recoverUnreadableRecord(store: ReleaseStore, log: Logger): Promis
     log('update.json was unreadable (set aside as update.json.unreadable); the factory release runs, so nothing is to undo');
     return null;
   }
-  log(`update.json was unreadable (set aside as update.json.unreadable): whether ${current} was confirmed healthy is unknown; going back to the factory release ${store.factoryDir}`);
+  log(
+    `update.json was unreadable (set aside as update.json.unreadable): whether ${current} was confirmed healthy is unknown; going back to the factory release ${store.factoryDir}`,
+  );
   await store.switchTo(store.factoryDir);
   const version = await releaseVersion(current).catch(() => 'unknown');
   const rolledBack: UpdateRecord = {
-    state: 'rolled-back', version, from: store.factoryDir, to: current, reason: 'its update record was unreadable', at: new Date().toISOString(),
+    state: 'rolled-back',
+    version,
+    from: store.factoryDir,
+    to: current,
+    reason: 'its update record was unreadable',
+    at: new Date().toISOString(),
   };
   await store.writeRecord(rolledBack);
   return rolledBack;

@@ -80,7 +80,10 @@ async function build({ disk, memoryState, out }: BuildJob['chunkIndex']): Promis
 }
 
 if (!isMainThread && (workerData as Partial<BuildJob> | null)?.chunkIndex) {
-  build((workerData as BuildJob).chunkIndex).then(() => parentPort!.postMessage(null), (err: Error) => parentPort!.postMessage(err.message));
+  build((workerData as BuildJob).chunkIndex).then(
+    () => parentPort!.postMessage(null),
+    (err: Error) => parentPort!.postMessage(err.message),
+  );
 }
 
 async function diskChunks(file: string): Promise<DiskChunk[]> {
@@ -116,10 +119,14 @@ async function memoryChunks(file: string): Promise<MemoryChunk[]> {
 
 async function writeChunkIndex(file: string, index: ChunkIndex): Promise<void> {
   const ramBlocks = [...new Set((index.memory ?? []).map((c) => splitAddress(c.guestAddress).block).filter((b) => b !== 'file'))];
-  const json = Buffer.from(JSON.stringify({
-    block_bytes: BLOCK, hash: 'md5', disk: { entries: index.disk.length },
-    memory: index.memory && { entries: index.memory.length, ram_blocks: ramBlocks },
-  }));
+  const json = Buffer.from(
+    JSON.stringify({
+      block_bytes: BLOCK,
+      hash: 'md5',
+      disk: { entries: index.disk.length },
+      memory: index.memory && { entries: index.memory.length, ram_blocks: ramBlocks },
+    }),
+  );
   const head = Buffer.alloc(MAGIC.length + 8);
   MAGIC.copy(head);
   head.writeUInt32LE(VERSION, 8);
@@ -151,23 +158,29 @@ export async function readChunkIndex(file: string): Promise<ChunkIndex> {
   const data = await readFile(file);
   if (!data.subarray(0, MAGIC.length).equals(MAGIC) || data.readUInt32LE(8) !== VERSION) throw new Error(`${file}: not a chunk index of version ${VERSION}`);
   const jsonEnd = 16 + data.readUInt32LE(12);
-  const meta = JSON.parse(data.toString('utf8', 16, jsonEnd)) as { block_bytes: number; disk: { entries: number }; memory: { entries: number; ram_blocks: string[] } | null };
+  const meta = JSON.parse(data.toString('utf8', 16, jsonEnd)) as {
+    block_bytes: number;
+    disk: { entries: number };
+    memory: { entries: number; ram_blocks: string[] } | null;
+  };
   const diskEnd = jsonEnd + meta.disk.entries * DISK_ENTRY;
   if (meta.block_bytes !== BLOCK || data.length !== diskEnd + (meta.memory?.entries ?? 0) * MEMORY_ENTRY) throw new Error(`${file}: a damaged chunk index`);
   const disk = Array.from({ length: meta.disk.entries }, (_, i) => {
     const at = jsonEnd + i * DISK_ENTRY;
     return { offset: Number(data.readBigUInt64LE(at)), hash: data.subarray(at + 8, at + DISK_ENTRY) };
   });
-  const memory = meta.memory && Array.from({ length: meta.memory.entries }, (_, i) => {
-    const at = diskEnd + i * MEMORY_ENTRY;
-    const block = data.readUInt32LE(at + 16);
-    const address = data.readBigUInt64LE(at + 8);
-    return {
-      offset: Number(data.readBigUInt64LE(at)),
-      guestAddress: block === FIXED_BLOCK ? `file@${address}` : `${meta.memory!.ram_blocks[block]}@${address}`,
-      hash: data.subarray(at + 24, at + MEMORY_ENTRY),
-    };
-  });
+  const memory =
+    meta.memory &&
+    Array.from({ length: meta.memory.entries }, (_, i) => {
+      const at = diskEnd + i * MEMORY_ENTRY;
+      const block = data.readUInt32LE(at + 16);
+      const address = data.readBigUInt64LE(at + 8);
+      return {
+        offset: Number(data.readBigUInt64LE(at)),
+        guestAddress: block === FIXED_BLOCK ? `file@${address}` : `${meta.memory!.ram_blocks[block]}@${address}`,
+        hash: data.subarray(at + 24, at + MEMORY_ENTRY),
+      };
+    });
   return { disk, memory };
 }
 

@@ -29,8 +29,7 @@ export interface DomainSpec {
   cdrom?: string;
 }
 
-const escapeXml = (s: string) =>
-  s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&apos;');
+const escapeXml = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&apos;');
 
 /** The element as virDomainSetMetadata takes it: unqualified, libvirt puts it in our namespace itself. */
 export function metadataElement(record: InstanceRecord): string {
@@ -71,7 +70,11 @@ function netdevArg(f: Forward): string {
 
 export function buildDomainXml(s: DomainSpec): string {
   const boot = s.boot
-    ? [`<kernel>${escapeXml(s.boot.kernel)}</kernel>`, s.boot.initrd ? `<initrd>${escapeXml(s.boot.initrd)}</initrd>` : '', `<cmdline>${escapeXml(s.boot.cmdline)}</cmdline>`]
+    ? [
+        `<kernel>${escapeXml(s.boot.kernel)}</kernel>`,
+        s.boot.initrd ? `<initrd>${escapeXml(s.boot.initrd)}</initrd>` : '',
+        `<cmdline>${escapeXml(s.boot.cmdline)}</cmdline>`,
+      ]
     : [`<boot dev='hd'/>`];
   return [
     `<domain type='${s.type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>`,
@@ -96,7 +99,9 @@ export function buildDomainXml(s: DomainSpec): string {
     `      <source file='${escapeXml(s.disk)}'/>`,
     `      <target dev='vda' bus='virtio'/>`,
     `    </disk>`,
-    s.cdrom ? `    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='${escapeXml(s.cdrom)}'/><target dev='hdc' bus='ide'/><readonly/></disk>` : '',
+    s.cdrom
+      ? `    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='${escapeXml(s.cdrom)}'/><target dev='hdc' bus='ide'/><readonly/></disk>`
+      : '',
     `    <serial type='file'><source path='${escapeXml(s.consoleLog)}'/><target port='0'/></serial>`,
     `    <controller type='usb' model='none'/>`,
     `    <memballoon model='none'/>`,
@@ -108,7 +113,9 @@ export function buildDomainXml(s: DomainSpec): string {
     `    <qemu:arg value='virtio-net-pci,netdev=cl0,bus=pci.0,addr=0x10'/>`,
     `  </qemu:commandline>`,
     `</domain>`,
-  ].filter((l) => l !== '').join('\n');
+  ]
+    .filter((l) => l !== '')
+    .join('\n');
 }
 
 const QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0';
@@ -152,7 +159,9 @@ function retargetDomain(doc: Document, s: DomainSpec, refuse: XmlRefusal): void 
     if (port.getAttribute('type') === 'file') onlyChild(port, 'source', refuse).setAttribute('path', s.consoleLog);
   }
   const commandline = childElements(domain).filter((e) => e.namespaceURI === QEMU_NS && e.localName === 'commandline');
-  const netdevs = commandline.flatMap((c) => childElements(c)).filter((a) => a.localName === 'arg' && (a.getAttribute('value') ?? '').startsWith('user,id=cl0,'));
+  const netdevs = commandline
+    .flatMap((c) => childElements(c))
+    .filter((a) => a.localName === 'arg' && (a.getAttribute('value') ?? '').startsWith('user,id=cl0,'));
   if (commandline.length !== 1 || netdevs.length !== 1) throw refuse('has no single user-mode netdev of ours');
   netdevs[0]!.setAttribute('value', netdevArg(s.forward));
   if (s.boot) {

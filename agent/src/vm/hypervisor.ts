@@ -24,13 +24,18 @@ function hypervisorError(err: unknown): unknown {
   const unreachable = /Cannot access storage file '([^']+)' \(as uid:(\d+), gid:(\d+)\): Permission denied/.exec(err.message);
   if (unreachable) {
     const [, file, uid, gid] = unreachable;
-    return new CloudletError('DATA_DIR_UNREACHABLE', `QEMU (uid ${uid}, gid ${gid}) may not read ${file}: a directory above it is not searchable by that user (the agent checks this at start; was a mode changed since?)`,
-      { cause: err, details: { libvirt_code: err.code, path: file, uid: Number(uid), gid: Number(gid) } });
+    return new CloudletError(
+      'DATA_DIR_UNREACHABLE',
+      `QEMU (uid ${uid}, gid ${gid}) may not read ${file}: a directory above it is not searchable by that user (the agent checks this at start; was a mode changed since?)`,
+      { cause: err, details: { libvirt_code: err.code, path: file, uid: Number(uid), gid: Number(gid) } },
+    );
   }
   // Saving a memory state or writing a console log into a full data directory.
   if (isNoSpace(err)) return new CloudletError('NO_SPACE', err.message, { cause: err, details: { libvirt_code: err.code } });
-  const code = err.code === 'LIBVIRT_UNAVAILABLE' || err.code === 'LIBVIRT_UNSUPPORTED' || err.code === 'NATIVE_SHIM_MISSING' || err.code === 'CONNECTION_CLOSED'
-    ? 'HYPERVISOR_UNAVAILABLE' : 'HYPERVISOR_ERROR';
+  const code =
+    err.code === 'LIBVIRT_UNAVAILABLE' || err.code === 'LIBVIRT_UNSUPPORTED' || err.code === 'NATIVE_SHIM_MISSING' || err.code === 'CONNECTION_CLOSED'
+      ? 'HYPERVISOR_UNAVAILABLE'
+      : 'HYPERVISOR_ERROR';
   return new CloudletError(code, err.message, { cause: err, details: { libvirt_code: err.code } });
 }
 
@@ -71,7 +76,6 @@ async function mapped<T>(call: Promise<T>): Promise<T> {
     throw hypervisorError(err);
   }
 }
-
 
 /**
  * KVM only when it really works: /dev/kvm alone is not proof (nested or paravirtualised KVM expose it without
@@ -158,7 +162,12 @@ export class Hypervisor implements InstanceRuntime {
     return this.restores.run(() => this.restoreNow(state, xml, workDir, onProgress));
   }
 
-  private async restoreNow(state: { image: string | LiveMigrationStream; header: SaveImageHeader }, xml: string, workDir: string, onProgress?: StreamProgress): Promise<void> {
+  private async restoreNow(
+    state: { image: string | LiveMigrationStream; header: SaveImageHeader },
+    xml: string,
+    workDir: string,
+    onProgress?: StreamProgress,
+  ): Promise<void> {
     const conn = this.connection();
     const source = await prepareRestoreSource(state.image, state.header, xml, workDir, onProgress);
     const restoring = this.call(() => conn.restoreDomain(source.path, null, DomainFlags.VIR_DOMAIN_SAVE_RUNNING));
@@ -169,7 +178,12 @@ export class Hypervisor implements InstanceRuntime {
       // When QEMU or libvirt fails, the stream breaks too (EPIPE), often first: libvirt's own error says what failed.
       // Ending the source first lets a restore still waiting for it fail rather than hang.
       await source.dispose();
-      throw (await restoring.then(() => null, (restoreErr: unknown) => restoreErr)) ?? err;
+      throw (
+        (await restoring.then(
+          () => null,
+          (restoreErr: unknown) => restoreErr,
+        )) ?? err
+      );
     } finally {
       await source.dispose();
     }
@@ -232,11 +246,13 @@ export class Hypervisor implements InstanceRuntime {
   private async registerLifecycle(conn: Connection): Promise<void> {
     const listener = this.endedListener;
     if (!listener) return;
-    await this.call(() => conn.watchLifecycle((events) => {
-      for (const e of events) {
-        if (e.event === DomainEvent.Stopped) listener(e.uuid, STOPPED_ENDINGS[e.detail as StoppedDetail] ?? { state: 'stopped', reason: 'vanished' });
-      }
-    }));
+    await this.call(() =>
+      conn.watchLifecycle((events) => {
+        for (const e of events) {
+          if (e.event === DomainEvent.Stopped) listener(e.uuid, STOPPED_ENDINGS[e.detail as StoppedDetail] ?? { state: 'stopped', reason: 'vanished' });
+        }
+      }),
+    );
   }
 
   /** The guest's serial console, which every instance domain logs to a file in its directory. */
@@ -270,7 +286,10 @@ export class Hypervisor implements InstanceRuntime {
     } catch (err) {
       if (err instanceof LibvirtError && CONNECTION_ERRORS.has(err.code) && !(await conn.isAlive().catch(() => false))) {
         this.lost(conn, err.message);
-        throw new CloudletError('HYPERVISOR_UNAVAILABLE', `the connection to ${this.uri} was lost: ${err.message}`, { cause: err, details: { libvirt_code: err.code } });
+        throw new CloudletError('HYPERVISOR_UNAVAILABLE', `the connection to ${this.uri} was lost: ${err.message}`, {
+          cause: err,
+          details: { libvirt_code: err.code },
+        });
       }
       throw hypervisorError(err);
     }
@@ -295,7 +314,9 @@ export class Hypervisor implements InstanceRuntime {
     this.conn = null;
     this.log(`lost the connection to ${this.uri} (${why}); reconnecting`);
     void conn.close().catch(() => {});
-    this.reconnecting ??= this.reconnect().finally(() => { this.reconnecting = undefined; });
+    this.reconnecting ??= this.reconnect().finally(() => {
+      this.reconnecting = undefined;
+    });
   }
 
   private async reconnect(): Promise<void> {

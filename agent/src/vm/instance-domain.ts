@@ -42,18 +42,24 @@ export function instanceDomainSpec(service: Service, domainName: string, record:
  * state is a save image (its embedded XML retargeted to this instance, devices untouched) or one being synthesized
  * while it is read, with the domain XML the cloudlet chose for it. Shared by the VM mechanisms.
  */
-export async function restoreOrBoot(hypervisor: Hypervisor, spec: DomainSpec,
-  state: string | { header: SaveImageHeader; stream: LiveMigrationStream; xml: string } | null, instanceDir: string, timer: PhaseTimer,
-  progress: LaunchPlan['progress']): Promise<'memory-state' | 'cold-boot'> {
+export async function restoreOrBoot(
+  hypervisor: Hypervisor,
+  spec: DomainSpec,
+  state: string | { header: SaveImageHeader; stream: LiveMigrationStream; xml: string } | null,
+  instanceDir: string,
+  timer: PhaseTimer,
+  progress: LaunchPlan['progress'],
+): Promise<'memory-state' | 'cold-boot'> {
   if (state) {
     const header = typeof state === 'string' ? await readSaveImageHeader(state) : state.header;
     const xml = typeof state === 'string' ? retargetSavedDomainXml(header.xml, spec) : state.xml;
     progress('restoring');
-    await timer.time('libvirt', () => hypervisor.restore({ image: typeof state === 'string' ? state : state.stream, header }, xml, instanceDir,
-      (done, total) => {
+    await timer.time('libvirt', () =>
+      hypervisor.restore({ image: typeof state === 'string' ? state : state.stream, header }, xml, instanceDir, (done, total) => {
         if (done * 2 >= total) faultPoint('vm:mid-restore');
         progress('restoring', { done, total });
-      }));
+      }),
+    );
     return 'memory-state';
   }
   const xml = buildDomainXml(spec);

@@ -74,7 +74,13 @@ export function encodeSaveImageHeader(header: Pick<SaveImageHeader, 'xml' | 'coo
   return Buffer.concat([fixed, xml, cookie]);
 }
 
-interface FixedHeader { version: number; dataLength: number; wasRunning: boolean; compressed: number; cookieOffset: number }
+interface FixedHeader {
+  version: number;
+  dataLength: number;
+  wasRunning: boolean;
+  compressed: number;
+  cookieOffset: number;
+}
 
 /** Checks the 92-byte fixed part, so that a garbage data_len is rejected before anything is allocated for it. */
 function decodeFixedHeader(bytes: Buffer): FixedHeader {
@@ -160,8 +166,13 @@ export interface LiveMigrationStream {
 }
 
 /** `templatePath`: the save image whose migration stream is streamed, or a live migration stream; `template` is its header. */
-export async function prepareRestoreSource(templatePath: string | LiveMigrationStream, template: SaveImageHeader, xml: string, instanceDir: string,
-  onProgress: StreamProgress = () => {}): Promise<RestoreSource> {
+export async function prepareRestoreSource(
+  templatePath: string | LiveMigrationStream,
+  template: SaveImageHeader,
+  xml: string,
+  instanceDir: string,
+  onProgress: StreamProgress = () => {},
+): Promise<RestoreSource> {
   const header = encodeSaveImageHeader({ xml, cookie: template.cookie, wasRunning: template.wasRunning, compressed: template.compressed });
   const path = join(instanceDir, 'memory-state.fifo');
   await rm(path, { force: true });
@@ -192,8 +203,14 @@ export async function prepareRestoreSource(templatePath: string | LiveMigrationS
  * read it all, so a burst of restores can hold the whole pool, and a feed that needed a pool thread would wait forever.
  * Hence a child process reads the template file, and the FIFO is opened without blocking (see openWhenReaderArrives).
  */
-async function feed(path: string, stream: { file: string; bytes: number } | LiveMigrationStream, streamOffset: number, header: Buffer, signal: AbortSignal,
-  onProgress: StreamProgress): Promise<void> {
+async function feed(
+  path: string,
+  stream: { file: string; bytes: number } | LiveMigrationStream,
+  streamOffset: number,
+  header: Buffer,
+  signal: AbortSignal,
+  onProgress: StreamProgress,
+): Promise<void> {
   const total = header.length + stream.bytes;
   const fd = await openWhenReaderArrives(path, signal);
   const sink = new Socket({ fd, readable: false, writable: true }); // a pipe fd: libuv writes it non-blocking
@@ -206,7 +223,7 @@ async function feed(path: string, stream: { file: string; bytes: number } | Live
         yield header;
         for await (const chunk of chunks) {
           yield chunk;
-          done += (chunk as Buffer).length;
+          done += chunk.length;
           onProgress(done, total);
         }
         if (reader) await reader.succeeded();
@@ -229,7 +246,9 @@ async function feed(path: string, stream: { file: string; bytes: number } | Live
 function templateReader(file: string, offset: number) {
   const child = spawn('tail', ['-c', `+${offset + 1}`, '--', file], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
-  child.stderr.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-1024); });
+  child.stderr.on('data', (d: Buffer) => {
+    stderr = (stderr + d.toString()).slice(-1024);
+  });
   const exited = new Promise<number | null>((resolve) => {
     child.once('error', () => resolve(null));
     child.once('close', (code) => resolve(code));
@@ -240,7 +259,9 @@ function templateReader(file: string, offset: number) {
       const code = await exited;
       if (code !== 0) throw new Error(`reading ${file} failed (${code === null ? 'tail did not run' : `exit ${code}`}): ${stderr.trim()}`);
     },
-    stop: () => { if (child.exitCode === null) child.kill('SIGKILL'); },
+    stop: () => {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    },
   };
 }
 

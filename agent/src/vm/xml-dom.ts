@@ -27,7 +27,9 @@ export function parseXml(xml: string, refuse: XmlRefusal): Document {
   try {
     doc = new DOMParser({
       locator: false,
-      onError: (level, message) => { throw (refusal = refuse(`is not well-formed XML (${level}: ${message})`)); },
+      onError: (level, message) => {
+        throw (refusal = refuse(`is not well-formed XML (${level}: ${message})`));
+      },
     }).parseFromString(xml, 'text/xml');
   } catch (err) {
     throw refusal ?? refuse(`is not well-formed XML (${(err as Error).message})`);
