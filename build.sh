@@ -52,6 +52,7 @@ deps() {
 
 build() {
   bash native/build.sh
+  rm -rf dist # a module moved or removed must not linger there (the runner would still run a removed test)
   npx tsc -p tsconfig.json
 }
 
