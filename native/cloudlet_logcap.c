@@ -5,6 +5,7 @@
  * as long as the sandbox does (it ends when the last writer closes the pipe).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,25 +15,30 @@
 #define CHUNK 65536
 static const char MARKER[] = "[cloudlet: older output dropped, the log is capped]\n";
 
-static int write_all(const char *buf, size_t len) {
+/* Writes at an offset: the log is rewritten in place when it shrinks, so a reader never finds it empty. */
+static int write_at(const char *buf, size_t len, off_t at) {
   while (len > 0) {
-    ssize_t n = write(STDOUT_FILENO, buf, len);
+    ssize_t n = pwrite(STDOUT_FILENO, buf, len, at);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return -1;
     buf += n;
     len -= (size_t)n;
+    at += n;
   }
   return 0;
 }
 
-/* Keep the newest `keep` bytes of the file (size `size`) at its start, behind the marker; returns the new size. */
+/*
+ * Keep the newest `keep` bytes of the file (size `size`) at its start, behind the marker; returns the new size. The
+ * head is overwritten first and the file cut after it, so a reader sees the old log or the new one, never an empty file.
+ */
 static off_t shrink(off_t size, off_t keep, char *tail) {
   ssize_t got = pread(STDOUT_FILENO, tail, (size_t)keep, size - keep);
   if (got < 0) got = 0;
-  if (ftruncate(STDOUT_FILENO, 0) != 0) return -1;
-  /* The file is opened with O_APPEND: writes land at its (new) end. */
-  if (write_all(MARKER, sizeof MARKER - 1) != 0 || write_all(tail, (size_t)got) != 0) return -1;
-  return (off_t)(sizeof MARKER - 1) + got;
+  off_t marker = (off_t)(sizeof MARKER - 1);
+  if (write_at(MARKER, (size_t)marker, 0) != 0 || write_at(tail, (size_t)got, marker) != 0) return -1;
+  if (ftruncate(STDOUT_FILENO, marker + got) != 0) return -1;
+  return marker + got;
 }
 
 int main(int argc, char **argv) {
@@ -46,6 +52,12 @@ int main(int argc, char **argv) {
   if (fstat(STDOUT_FILENO, &st) != 0 || !S_ISREG(st.st_mode)) {
     fprintf(stderr, "cloudlet-logcap: standard output must be a regular file\n");
     return 2;
+  }
+  /* pwrite on an O_APPEND file appends on Linux whatever the offset: this process is the file's only writer. */
+  int flags = fcntl(STDOUT_FILENO, F_GETFL);
+  if (flags < 0 || fcntl(STDOUT_FILENO, F_SETFL, flags & ~O_APPEND) != 0) {
+    perror("cloudlet-logcap: fcntl");
+    return 1;
   }
   off_t keep = (off_t)(max / 2);
   char *tail = malloc((size_t)keep);
@@ -61,7 +73,7 @@ int main(int argc, char **argv) {
       size = shrink(size, kept, tail);
       if (size < 0) return 1;
     }
-    if (write_all(buf, (size_t)n) != 0) return 1;
+    if (write_at(buf, (size_t)n, size) != 0) return 1;
     size += n;
   }
 }

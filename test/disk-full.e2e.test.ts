@@ -52,8 +52,18 @@ async function freeBytes(): Promise<number> {
 /** Take the free space of the tmpfs, leaving `leave` bytes (0: all of it). */
 async function fill(leave: number): Promise<void> {
   await rm(FILLER(), { force: true });
-  const size = (await freeBytes()) - leave;
-  if (size > 0) await run('fallocate', ['-l', String(size), FILLER()]);
+  // A running guest may write to its clone between the measure and the fill: measure again and retry then.
+  for (let attempt = 1; ; attempt++) {
+    const size = (await freeBytes()) - leave;
+    if (size <= 0) return;
+    try {
+      await run('fallocate', ['-l', String(size), FILLER()]);
+      return;
+    } catch (err) {
+      await rm(FILLER(), { force: true });
+      if (attempt === 5) throw err;
+    }
+  }
 }
 
 async function unfill(): Promise<void> {
