@@ -1,90 +1,24 @@
 /**
- * libvirt for the agent, through the C shim native/build/libcloudlet_virt.so (see native/README.md).
- *
- * Every libvirt call runs on the libuv threadpool (ffi-rs runInNewThread), so none blocks the event loop.
- * Each shim call returns a heap result holding its value or the error libvirt reported on that very
- * thread; it is read here and freed at once.
+ * libvirt for the agent: a Connection whose every call runs on the libuv threadpool through the C shim
+ * (libvirt-shim.ts, see native/README.md), so none blocks the event loop; and the libvirt types and flags it speaks.
+ * The one module the rest imports (vm/hypervisor.ts, tests, benchmarks).
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
-import { DataType, load, open as openLibrary } from 'ffi-rs';
+import { LibvirtError } from './libvirt-error';
+import {
+  callShim,
+  formatVersion,
+  libvirtInfo,
+  readDetail,
+  readNothing,
+  readText,
+  readValue,
+  type ResultReader,
+  type ShimArg,
+  type ShimFunction,
+} from './libvirt-shim';
 
-/** Oldest libvirt accepted: the support floor (Ubuntu 20.04's 6.0.0). The newest thing actually used is
- * VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA (5.6.0); every function resolved exists since 1.2.7. Tested on 9.0.0. */
-const MIN_LIBVIRT_VERSION = 6_000_000;
-const LIBVIRT_SONAME = 'libvirt.so.0';
-const LIBVIRT_DEBIAN_PACKAGE = 'libvirt0';
-/** The library name ffi-rs knows the shim by. */
-const SHIM_LIBRARY = 'cloudlet_virt';
-/** clv_init reports a failed dlopen in this error domain. */
-const SHIM_ERROR_DOMAIN = -1;
-
-const VIR_ERR_NAMES: Readonly<Record<number, string>> = {
-  1: 'INTERNAL_ERROR',
-  2: 'NO_MEMORY',
-  3: 'NO_SUPPORT',
-  5: 'NO_CONNECT',
-  6: 'INVALID_CONN',
-  7: 'INVALID_DOMAIN',
-  8: 'INVALID_ARG',
-  9: 'OPERATION_FAILED',
-  27: 'XML_ERROR',
-  28: 'DOM_EXIST',
-  29: 'OPERATION_DENIED',
-  30: 'OPEN_FAILED',
-  31: 'READ_FAILED',
-  34: 'WRITE_FAILED',
-  35: 'XML_DETAIL',
-  38: 'SYSTEM_ERROR',
-  39: 'RPC',
-  42: 'NO_DOMAIN',
-  43: 'NO_NETWORK',
-  45: 'AUTH_FAILED',
-  55: 'OPERATION_INVALID',
-  67: 'CONFIG_UNSUPPORTED',
-  68: 'OPERATION_TIMEOUT',
-  74: 'ARGUMENT_UNSUPPORTED',
-  78: 'OPERATION_ABORTED',
-  80: 'NO_DOMAIN_METADATA',
-  84: 'OPERATION_UNSUPPORTED',
-  86: 'AGENT_UNRESPONSIVE',
-  87: 'RESOURCE_BUSY',
-  88: 'ACCESS_DENIED',
-  91: 'CPU_INCOMPATIBLE',
-  92: 'XML_INVALID_SCHEMA',
-  99: 'DEVICE_MISSING',
-  110: 'MULTIPLE_DOMAINS',
-};
-
-/** 'VIR_ERR_NO_DOMAIN' for 42, 'VIR_ERR_<n>' for codes not in the table. */
-function virErrorCodeName(virCode: number): string {
-  return `VIR_ERR_${VIR_ERR_NAMES[virCode] ?? virCode}`;
-}
-
-export class LibvirtError extends Error {
-  /** 'LIBVIRT_UNAVAILABLE' | 'LIBVIRT_UNSUPPORTED' | 'NATIVE_SHIM_MISSING' | 'CONNECTION_CLOSED' | 'VIR_ERR_<NAME>' */
-  readonly code: string;
-  /** libvirt's virErrorNumber (0 when the error is not libvirt's). */
-  readonly virCode: number;
-  /** libvirt's virErrorDomain (0 when the error is not libvirt's). */
-  readonly virDomain: number;
-  /** The libvirt function that failed (e.g. 'virDomainCreateXML'), or the step of this module. */
-  readonly operation: string;
-
-  constructor(code: string, operation: string, detail: string, virCode = 0, virDomain = 0) {
-    super(`${operation}: ${detail}`);
-    this.name = 'LibvirtError';
-    this.code = code;
-    this.virCode = virCode;
-    this.virDomain = virDomain;
-    this.operation = operation;
-  }
-}
-
-export interface LibvirtInfo {
-  /** e.g. "9.0.0" */
-  libraryVersion: string;
-}
+export { LibvirtError } from './libvirt-error';
+export { libvirtInfo, type LibvirtInfo } from './libvirt-shim';
 
 export const enum DomainState {
   NoState = 0,
@@ -176,165 +110,6 @@ export const DomainFlags = {
   VIR_CONNECT_LIST_DOMAINS_PAUSED: 1 << 5,
   VIR_CONNECT_LIST_DOMAINS_SHUTOFF: 1 << 6,
 } as const;
-
-// ---- shim calls ----
-
-const STR = DataType.String;
-const FLAGS = DataType.U32;
-/**
- * Native pointers (virConnectPtr, clv_result*) travel as 64-bit integers, never as ffi-rs Externals:
- * ffi-rs leaks ~200 bytes for every External it creates. A user-space address fits a JS number exactly.
- */
-const POINTER = DataType.U64;
-
-/** Parameter types of every clv_* function that returns a clv_result (C signatures in cloudlet_virt.c). */
-const SHIM_SIGNATURES = {
-  clv_open: [STR],
-  clv_close: [POINTER],
-  clv_is_alive: [POINTER],
-  clv_hypervisor_version: [POINTER],
-  clv_capabilities: [POINTER],
-  clv_domain_capabilities: [POINTER, STR, STR],
-  clv_define_domain: [POINTER, STR],
-  clv_create_domain: [POINTER, STR, FLAGS],
-  clv_lookup_by_name: [POINTER, STR],
-  clv_lookup_by_uuid: [POINTER, STR],
-  clv_start_domain: [POINTER, STR],
-  clv_destroy_domain: [POINTER, STR],
-  clv_undefine_domain: [POINTER, STR, FLAGS],
-  clv_domain_state: [POINTER, STR],
-  clv_domain_xml: [POINTER, STR, FLAGS],
-  clv_get_metadata: [POINTER, STR, STR, FLAGS],
-  clv_set_metadata: [POINTER, STR, STR, STR, STR, FLAGS],
-  clv_list_domains: [POINTER, FLAGS],
-  clv_save_domain: [POINTER, STR, STR, STR, FLAGS],
-  clv_restore_domain: [POINTER, STR, STR, FLAGS],
-  clv_watch_lifecycle: [POINTER],
-  clv_watch_next: [POINTER, DataType.U32],
-  clv_watch_close: [POINTER, POINTER],
-} as const;
-type ShimFunction = keyof typeof SHIM_SIGNATURES;
-type ShimArg = string | number;
-
-/** The address of a clv_result. */
-type ResultPtr = number;
-/** Reads what a call produced out of its clv_result (before the result is freed). */
-type ResultReader<T> = (result: ResultPtr) => T;
-
-/** Calls a cheap shim function synchronously, on the JS thread. */
-function callSync(funcName: string, retType: DataType, paramsType: DataType[], paramsValue: unknown[]): unknown {
-  return load({ library: SHIM_LIBRARY, funcName, retType, paramsType, paramsValue });
-}
-const readInt = (accessor: string, result: ResultPtr) => callSync(accessor, DataType.I64, [POINTER], [result]) as number;
-const readString = (accessor: string, result: ResultPtr) => callSync(accessor, STR, [POINTER], [result]) as string;
-
-const readValue: ResultReader<number> = (result) => readInt('clv_result_value', result);
-const readDetail: ResultReader<number> = (result) => readInt('clv_result_detail', result);
-const readText: ResultReader<string> = (result) => readString('clv_result_text', result);
-const readNothing: ResultReader<void> = () => undefined;
-
-/** The error a failed clv_result carries, or null if it succeeded. */
-function resultError(result: ResultPtr): LibvirtError | null {
-  if (!readInt('clv_result_failed', result)) return null;
-  const virCode = readInt('clv_result_error_code', result);
-  return new LibvirtError(
-    virErrorCodeName(virCode),
-    readString('clv_result_operation', result),
-    readString('clv_result_error_message', result),
-    virCode,
-    readInt('clv_result_error_domain', result),
-  );
-}
-
-/** Reads a clv_result with read (or turns it into its LibvirtError) and frees it. */
-function takeResult<T>(result: ResultPtr, read: ResultReader<T>): T {
-  try {
-    const error = resultError(result);
-    if (error) throw error;
-    return read(result);
-  } finally {
-    freeResult(result);
-  }
-}
-
-function freeResult(result: ResultPtr): void {
-  callSync('clv_result_free', DataType.Void, [POINTER], [result]);
-}
-
-/** Runs a shim function on the libuv threadpool; resolves to what read extracts, rejects with the LibvirtError it captured. */
-async function callShim<T>(read: ResultReader<T>, funcName: ShimFunction, ...args: ShimArg[]): Promise<T> {
-  const result = await load({
-    library: SHIM_LIBRARY,
-    funcName,
-    retType: POINTER,
-    paramsType: [...SHIM_SIGNATURES[funcName]],
-    paramsValue: args,
-    runInNewThread: true,
-  });
-  return takeResult(result, read);
-}
-
-// ---- loading ----
-
-function formatVersion(version: number): string {
-  return `${Math.floor(version / 1_000_000)}.${Math.floor(version / 1000) % 1000}.${version % 1000}`;
-}
-
-function loadShim(): LibvirtInfo {
-  const shimPath = process.env.CLOUDLET_NATIVE_LIB ?? path.resolve(__dirname, '../../native/build/libcloudlet_virt.so');
-  const shimMissing = (why: string) =>
-    new LibvirtError('NATIVE_SHIM_MISSING', 'load', `native shim ${shimPath} ${why}; build it with ./build.sh (native/build.sh)`);
-  if (!fs.existsSync(shimPath)) throw shimMissing('does not exist');
-  try {
-    openLibrary({ library: SHIM_LIBRARY, path: shimPath });
-  } catch (err) {
-    throw shimMissing(`cannot be loaded (${(err as Error).message})`);
-  }
-
-  // Overridable only so tests can simulate a missing or foreign libvirt.
-  const libvirtPath = process.env.CLOUDLET_LIBVIRT_SO ?? LIBVIRT_SONAME;
-  const init = callSync('clv_init', POINTER, [STR], [libvirtPath]) as ResultPtr;
-  let error: LibvirtError | null, dlopenMessage: string, version: number, missingSymbols: string;
-  try {
-    error = resultError(init);
-    dlopenMessage = readString('clv_result_error_message', init);
-    version = readValue(init);
-    missingSymbols = readText(init);
-  } finally {
-    freeResult(init);
-  }
-  if (error?.virDomain === SHIM_ERROR_DOMAIN) {
-    throw new LibvirtError(
-      'LIBVIRT_UNAVAILABLE',
-      'dlopen',
-      `cannot load the libvirt library ${libvirtPath} (${dlopenMessage}); install the Debian package ${LIBVIRT_DEBIAN_PACKAGE}`,
-    );
-  }
-  const versionText = version ? formatVersion(version) : 'of unknown version';
-  if (missingSymbols) {
-    throw new LibvirtError('LIBVIRT_UNSUPPORTED', 'dlsym', `libvirt ${versionText} (${libvirtPath}) lacks ${missingSymbols}`);
-  }
-  if (version < MIN_LIBVIRT_VERSION) {
-    throw new LibvirtError('LIBVIRT_UNSUPPORTED', 'virGetVersion', `libvirt ${versionText} is older than the required ${formatVersion(MIN_LIBVIRT_VERSION)}`);
-  }
-  if (error) throw error; // virInitialize failed
-  return { libraryVersion: versionText };
-}
-
-let loaded: { info: LibvirtInfo } | { error: unknown } | undefined;
-
-/** Loads and initialises the shim and libvirt on first use; throws LibvirtError when they are unusable. */
-export function libvirtInfo(): LibvirtInfo {
-  if (!loaded) {
-    try {
-      loaded = { info: loadShim() };
-    } catch (error) {
-      loaded = { error };
-    }
-  }
-  if ('error' in loaded) throw loaded.error;
-  return loaded.info;
-}
 
 /** Resolves to null instead of rejecting when the call fails with libvirt error virCode. */
 async function nullWhen<T>(virCode: number, call: Promise<T>): Promise<T | null> {
