@@ -12,7 +12,8 @@ import { webFace } from '../agent/src/api/web';
 import type { CloudletApi, ProvisioningApi } from '../agent/src/core/types';
 import { CloudletError, type ErrorCode } from '../agent/src/errors';
 import { AgentProcess, domainsUnder } from './support/agent';
-import { RawConnection, fuzzRequest, plainRequest, type FuzzRequest, type FuzzTarget } from './support/http-fuzz';
+import { fuzzRequest, plainRequest, type FuzzRequest, type FuzzTarget } from './support/http-fuzz';
+import { RawConnection } from './support/raw-connection';
 
 const SEED = Number(process.env.FUZZ_SEED ?? Math.floor(Math.random() * 2 ** 31));
 const PER_TARGET = Number(process.env.FUZZ_REQUESTS ?? 1000);

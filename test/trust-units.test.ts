@@ -1,6 +1,6 @@
 // The trust module's parts on their own: the device registry's persistence, expiry timers and events, and how
 // credentials are read from a request, pairing's wrong-code limits, and how clients are counted (rate limits).
-// (test/trust.e2e.test.ts drives the same through the real agent.)
+// (test/trust-pairing.e2e.test.ts and test/trust-access.e2e.test.ts drive the same through the real agent.)
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';

@@ -1,5 +1,5 @@
 // The HTTP layer over a real uWS server, for its tests: an in-test CloudletApi held in arrays, a gate that lets every
-// caller in as the operator (access control is test/trust.e2e.test.ts), and node:http requests whose raw framing can
+// caller in as the operator (access control is test/trust-access.e2e.test.ts), and node:http requests whose raw framing can
 // be checked: every response must carry Content-Length and never be chunked (the KD Android client reads exactly
 // Content-Length bytes and gives up without it).
 import http from 'node:http';
