@@ -2,19 +2,18 @@
 // namespaces this test creates (as test/cli-discovery.test.ts does): the "lan" one runs the DNS-SD responders, the
 // "phone" one runs the CLI and the rogue cloudlet (test/support/rogue-cloudlet.ts) on its own loopback, the way every
 // forwarded instance port on a cloudlet is a loopback listener. The rogue claims 9999 idle cores, so it ranks first.
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import t from 'tap';
 import { ROOT } from './support/agent';
 import { cli, type CliResult } from './support/cli';
 import { deleteNamespaces, joinNamespaces, type NamespaceSide } from './support/netns-pair';
 import type { RogueRequest } from './support/rogue-cloudlet';
+import { selfSignedCertificate } from './support/self-signed';
 
-const run = promisify(execFile);
 const RESPONDER = path.join(ROOT, 'dist', 'test', 'support', 'mdns-responder.js');
 const ROGUE = path.join(ROOT, 'dist', 'test', 'support', 'rogue-cloudlet.js');
 const LAN_NS = `clt-lan-${process.pid}`;
@@ -87,23 +86,7 @@ t.before(async () => {
   };
   const key = path.join(scratch, 'key.pem');
   const cert = path.join(scratch, 'cert.pem');
-  await run('openssl', [
-    'req',
-    '-x509',
-    '-newkey',
-    'ec',
-    '-pkeyopt',
-    'ec_paramgen_curve:P-256',
-    '-nodes',
-    '-keyout',
-    key,
-    '-out',
-    cert,
-    '-subj',
-    '/CN=paired',
-    '-days',
-    '1',
-  ]);
+  await selfSignedCertificate('paired', key, cert);
   await startIn(PHONE_NS, [process.execPath, ROGUE, String(ROGUE_PORT), String(ROGUE_TLS_PORT), cert, key], (line) =>
     requests.push(JSON.parse(line) as RogueRequest),
   );

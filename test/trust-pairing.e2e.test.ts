@@ -17,6 +17,7 @@ import { AGENT_MAIN, AgentProcess, ROOT, destroyDomainsUnder, request } from './
 import { cli } from './support/cli';
 import { EventsSocket } from './support/listeners';
 import { NONE, as, expectError, pairDevice } from './support/pairing';
+import { selfSignedCertificate } from './support/self-signed';
 
 const run = promisify(execFile);
 
@@ -230,23 +231,7 @@ t.test('HTTPS: the certificate is the one pairing names, and a client pinning it
     'pinned to another fingerprint: refused before any request is sent',
   );
   // A client trusting only some other certificate does not connect either.
-  const other = (
-    await run('openssl', [
-      'req',
-      '-x509',
-      '-newkey',
-      'ec',
-      '-pkeyopt',
-      'ec_paramgen_curve:P-256',
-      '-nodes',
-      '-keyout',
-      '/dev/null',
-      '-subj',
-      '/CN=other',
-      '-days',
-      '1',
-    ])
-  ).stdout;
+  const other = await selfSignedCertificate('other', '/dev/null');
   await tt.rejects(
     new Promise((resolve, reject) => {
       https.get({ host: '127.0.0.1', port, path: '/v1/health', agent: false, ca: other }, resolve).on('error', reject);
