@@ -3,9 +3,10 @@
 // disconnected at once. Real agent, real MQTT clients over TCP and over the /mqtt WebSocket; no VM is started.
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import mqtt, { type MqttClient } from 'mqtt';
+import type { MqttClient } from 'mqtt';
 import t from 'tap';
 import { AgentProcess } from './support/agent';
+import { connectMqtt } from './support/listeners';
 
 let agent: AgentProcess;
 
@@ -26,7 +27,7 @@ async function pair(id: string): Promise<{ id: string; token: string }> {
 
 /** Connects, or rejects with the broker's refusal (CONNACK return code 4: bad username or password). */
 function connect(url: string, username?: string, password?: string): Promise<MqttClient> {
-  return mqtt.connectAsync(url, { reconnectPeriod: 0, connectTimeout: 5000, ...(username !== undefined ? { username, password } : {}) });
+  return connectMqtt(url, username !== undefined ? { username, password } : undefined);
 }
 
 /** The retained status the agent publishes: what any subscriber sees first. */

@@ -5,11 +5,11 @@
 import { readFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import mqtt, { type MqttClient } from 'mqtt';
+import type { MqttClient } from 'mqtt';
 import t from 'tap';
 import WebSocket from 'ws';
 import { AgentProcess } from './support/agent';
-import { EventsSocket } from './support/listeners';
+import { connectMqtt, EventsSocket } from './support/listeners';
 import { until } from './support/poll';
 
 const PER_ADDRESS = 3;
@@ -31,7 +31,7 @@ const wsUrl = () => `ws://127.0.0.1:${agent.apiPort}/mqtt`;
 const adminToken = async () => (await readFile(path.join(agent.dataDir, 'trust', 'admin-token'), 'utf8')).trim();
 
 function connect(url: string, username: string, password: string): Promise<MqttClient> {
-  return mqtt.connectAsync(url, { reconnectPeriod: 0, connectTimeout: 5000, username, password });
+  return connectMqtt(url, { username, password });
 }
 
 async function rssBytes(pid: number): Promise<number> {

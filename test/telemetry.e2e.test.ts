@@ -9,10 +9,9 @@ import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import mqtt from 'mqtt';
 import t, { type Test } from 'tap';
 import { AgentProcess, domainsUnder, freePort, killQemuOf, testGuestDir } from './support/agent';
-import { EventsSocket, MqttWatcher } from './support/listeners';
+import { connectMqtt, EventsSocket, MqttWatcher } from './support/listeners';
 
 const SERVICE = 'org.cloudlet.demo.http';
 const ROOT_TOPIC = `cloudlet/test-${process.pid}`;
@@ -158,7 +157,7 @@ t.test('clients only read: a publish anywhere is refused and its client disconne
   const watcher = await MqttWatcher.connect(mqttUrl(), '#');
   tt.teardown(() => watcher.close());
   const publishAs = async (topic: string, payload: string) => {
-    const intruder = await mqtt.connectAsync(mqttUrl(), { reconnectPeriod: 0 });
+    const intruder = await connectMqtt(mqttUrl());
     const closed = new Promise<void>((resolve) => intruder.once('close', () => resolve()));
     intruder.publish(topic, payload, { retain: true });
     await closed;

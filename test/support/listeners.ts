@@ -39,6 +39,15 @@ class Inbox<T> {
   }
 }
 
+/**
+ * Connects once: resolves on CONNACK, rejects on a refusal, an error or a connection closed first. (mqtt.js's own
+ * connectAsync waits on a close without CONNACK for a retry that reconnectPeriod 0 never makes: a broker dropping a
+ * connection unanswered, as the agent does over an address's cap, would hang it when the drop is a FIN, not a RST.)
+ */
+export function connectMqtt(url: string, login?: { username: string; password?: string }): Promise<MqttClient> {
+  return mqtt.connectAsync(url, { reconnectPeriod: 0, connectTimeout: 5000, ...login }, false);
+}
+
 export interface MqttMessage {
   topic: string;
   /** Parsed JSON, or null for an empty payload (a cleared retained topic). */
@@ -60,7 +69,7 @@ export class MqttWatcher {
    * retained messages aedes sends topic by topic, in order) before resolving; `login` as username and password.
    */
   static async connect(url: string, topic: string | string[], login?: { username: string; password: string }): Promise<MqttWatcher> {
-    const client = await mqtt.connectAsync(url, { reconnectPeriod: 0, ...login });
+    const client = await connectMqtt(url, login);
     const watcher = new MqttWatcher(client);
     await client.subscribeAsync(topic);
     return watcher;
