@@ -3,9 +3,9 @@
 // A folder is a first path segment under agent/src; errors.ts, log.ts and config.ts there are leaves.
 
 /** Everything above the host helpers (system/, images/, vm/), by folder. */
-const ABOVE_HOST = '^agent/src/(core|mechanisms|sandbox|packages|synthesis|api|telemetry|discovery|trust|cli|update)/|^agent/src/(main|compose)\\.ts$';
+const ABOVE_HOST = '^agent/src/(core|mechanisms|sandbox|packages|synthesis|api|telemetry|discovery|fleet|trust|cli|update)/|^agent/src/(main|compose)\\.ts$';
 /** What builds on core/: the runtimes and stores it declares interfaces for, the mechanisms, the faces, the programs. */
-const ABOVE_CORE = '^agent/src/(mechanisms|sandbox|packages|synthesis|api|telemetry|discovery|trust|cli|update)/|^agent/src/(main|compose)\\.ts$';
+const ABOVE_CORE = '^agent/src/(mechanisms|sandbox|packages|synthesis|api|telemetry|discovery|fleet|trust|cli|update)/|^agent/src/(main|compose)\\.ts$';
 /** The peer mechanisms: none imports another (what two of them share lives in vm/ or core/). */
 const MECHANISM = '^agent/src/mechanisms/(cached-vm|on-demand|app-virt|synthesis)\\.ts$';
 /** The programs' entry points (package.json "bin"): run, never imported. */

@@ -40,6 +40,8 @@ export interface AgentConfig {
   };
   /** Publish the cloudlet over mDNS/DNS-SD through Avahi's D-Bus API and browse for peers. */
   discovery: { enabled: boolean };
+  /** How often the placement facts of each paired cloudlet are asked for (docs/fleet.md, "Between cloudlets"). */
+  peers: { pollIntervalMs: number };
   /** Cloudlet Push: the largest app file an operator may upload. */
   apps: { maxUploadBytes: number };
   /**
@@ -90,6 +92,7 @@ export const DEFAULT_CONFIG: AgentConfig = {
   libvirtEvents: true,
   mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null, access: 'devices' },
   discovery: { enabled: true },
+  peers: { pollIntervalMs: 10000 },
   apps: { maxUploadBytes: 512 * 1024 * 1024 },
   packages: { maxUploadBytes: 1024 ** 3, maxPids: 1024, logBytes: 1024 * 1024 },
   kdApi: 'plain',
@@ -176,6 +179,7 @@ type Overrides = {
   libvirtEvents?: unknown;
   mqtt?: { host?: unknown; port?: unknown; topicRoot?: unknown; metricsIntervalMs?: unknown; externalUrl?: unknown; access?: unknown };
   discovery?: { enabled?: unknown };
+  peers?: { pollIntervalMs?: unknown };
   apps?: { maxUploadBytes?: unknown };
   packages?: { maxUploadBytes?: unknown; maxPids?: unknown; logBytes?: unknown };
   kdApi?: unknown;
@@ -210,6 +214,7 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
     c.mqtt.metricsIntervalMs = ms;
   }
   if (o.discovery?.enabled !== undefined) c.discovery.enabled = flag(o.discovery.enabled, 'discovery.enabled');
+  if (o.peers?.pollIntervalMs !== undefined) c.peers.pollIntervalMs = count(o.peers.pollIntervalMs, 'peers.pollIntervalMs', 500, 3_600_000);
   if (o.apps?.maxUploadBytes !== undefined) {
     const bytes = typeof o.apps.maxUploadBytes === 'string' && /^\d+$/.test(o.apps.maxUploadBytes) ? Number(o.apps.maxUploadBytes) : o.apps.maxUploadBytes;
     if (typeof bytes !== 'number' || !Number.isSafeInteger(bytes) || bytes < 1) throw invalid('apps.maxUploadBytes must be a positive number of bytes');
@@ -252,6 +257,7 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
     libvirtEvents: env.CLOUDLET_LIBVIRT_EVENTS,
     mqtt: { host: env.CLOUDLET_MQTT_HOST, port: env.CLOUDLET_MQTT_PORT, externalUrl: env.CLOUDLET_MQTT_URL, access: env.CLOUDLET_MQTT_ACCESS },
     discovery: { enabled: env.CLOUDLET_DISCOVERY },
+    peers: { pollIntervalMs: env.CLOUDLET_PEERS_POLL_MS },
     apps: { maxUploadBytes: env.CLOUDLET_APP_MAX_BYTES },
     packages: { maxUploadBytes: env.CLOUDLET_PACKAGE_MAX_BYTES },
     kdApi: env.CLOUDLET_KD_API,

@@ -12,6 +12,8 @@ import { composeCloudlet } from './compose';
 import { loadConfig } from './config';
 import { AGENT_VERSION } from './core/host-status';
 import { AvahiDiscovery } from './discovery/avahi';
+import { PeerLinks } from './fleet/peer-links';
+import { FileDigests } from './system/file-digest';
 import { createLogger } from './log';
 import { agentUrl } from './system/agent-probe';
 import { announceReady } from './system/systemd';
@@ -43,6 +45,14 @@ async function main(): Promise<void> {
     rateLimiter,
     connectionCaps,
   });
+  // The paired cloudlets, joined in /v1/peers with what mDNS sees (nothing until discovery is attached).
+  const peerLinks = await PeerLinks.open(config.dataDir, {
+    name: os.hostname(),
+    intervalMs: config.peers.pollIntervalMs,
+    log: createLogger('peers'),
+    discovered: () => cloudlet.peers(),
+  });
+  const digests = new FileDigests();
   let tlsPort: number | null = null;
   const server = await startHttpServer({
     api: cloudlet,
@@ -53,6 +63,7 @@ async function main(): Promise<void> {
     gate,
     trust: { devices, pairing: new Pairing(devices), tls: { fingerprint: tls.fingerprint, port: () => tlsPort } },
     tls: { port: config.api.tlsPort, keyFile: tls.keyFile, certFile: tls.certFile },
+    fleet: { links: peerLinks, sha256: (file) => digests.sha256(file) },
     streamEndpoints: [
       {
         path: '/mqtt',
@@ -101,6 +112,7 @@ async function main(): Promise<void> {
     watchdog?.stop();
     log(`${signal}: stopping; running instances keep running and are adopted at the next start`);
     await discovery?.close();
+    peerLinks.close();
     devices.close();
     await server.close();
     await telemetry.close();

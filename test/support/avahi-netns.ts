@@ -11,7 +11,8 @@ import { promisify } from 'node:util';
 const run = promisify(execFile);
 export type Side = 'a' | 'b';
 
-const BUS_CONF = (socket: string) => `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+/** A private system bus on `socket` (the fleet's cloudlets use it too). */
+export const BUS_CONF = (socket: string) => `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
   <type>system</type>
@@ -23,7 +24,8 @@ const BUS_CONF = (socket: string) => `<!DOCTYPE busconfig PUBLIC "-//freedesktop
 </busconfig>
 `;
 
-const AVAHI_CONF = (hostName: string, iface: string) => `[server]
+/** An avahi-daemon that publishes and browses on `iface` only. */
+export const AVAHI_CONF = (hostName: string, iface: string) => `[server]
 host-name=${hostName}
 domain-name=local
 use-ipv4=yes

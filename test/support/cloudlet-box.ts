@@ -9,39 +9,9 @@ import { copyFile, mkdir, readFile, readdir, rm, stat, writeFile, chmod } from '
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { AGENT_MAIN, ROOT } from './agent';
+import { AVAHI_CONF, BUS_CONF } from './avahi-netns';
 
 const run = promisify(execFile);
-
-const BUS_CONF = (socket: string) => `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path=${socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/>
-  </policy>
-</busconfig>
-`;
-
-const AVAHI_CONF = (hostName: string, iface: string) => `[server]
-host-name=${hostName}
-domain-name=local
-use-ipv4=yes
-use-ipv6=no
-allow-interfaces=${iface}
-enable-dbus=yes
-ratelimit-interval-usec=1000000
-ratelimit-burst=1000
-[wide-area]
-enable-wide-area=no
-[publish]
-publish-hinfo=no
-publish-workstation=no
-publish-aaaa-on-ipv4=no
-[reflector]
-enable-reflector=no
-`;
 
 /** The cloudlet's end of its uplink, inside its namespace. */
 export const UPLINK = 'up0';

@@ -17,6 +17,7 @@ import { RequestPipeline } from './request-pipeline';
 import { streamSocket, type StreamEndpoint } from './stream-socket';
 import { listenUws } from './uws-transport';
 import { v1Face } from './v1';
+import type { FleetView } from './v1-fleet';
 import type { TrustView } from './v1-trust';
 import { webFace } from './web';
 
@@ -47,6 +48,8 @@ export interface HttpServerOptions {
   gate: AccessGate;
   /** Pairing and device routes under /v1, and the TLS facts /v1/system shows (absent: not offered). */
   trust?: TrustView;
+  /** The routes between cloudlets: placement, peers, pairing with another cloudlet (absent: /v1/peers shows mDNS only). */
+  fleet?: FleetView;
   /** Also serve HTTPS on this port (0 picks a free one) of the same host, with this key and certificate. */
   tls?: { port: number; keyFile: string; certFile: string };
 }
@@ -69,7 +72,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
     kdApi.mode === 'off' ? null : kdApi.mode === 'encrypted' ? kdEncryptedFace(kdCloudletFace(options.api), kdApi.devices) : kdCloudletFace(options.api);
   const limiter = options.rateLimiter ?? null;
   const pipeline = new RequestPipeline(
-    { kd, page: webFace(), own: v1Face(options.api, options.provisioning, options.trust) },
+    { kd, page: webFace(), own: v1Face(options.api, options.provisioning, options.trust, options.fleet) },
     { gate: options.gate, limiter, maxBodyBytes: options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES, log },
   );
   const events = new EventsSocket({ api: options.api, gate: options.gate, limiter, caps: options.connectionCaps ?? null, log });

@@ -41,7 +41,8 @@ export function kdEncryptedFace(plain: Face, devices: DeviceKeys): Face {
 async function runCommand(plain: Face, devices: DeviceKeys, request: ApiRequest): Promise<Reply> {
   // pycloud fails with a KeyError (500) on a missing header; naming no device is simply not being paired.
   const deviceId = request.header('x-device-id') ?? '';
-  const refusal = securityRefusal(deviceId, devices.standing(deviceId));
+  // A paired cloudlet is no KD device: its credential is good for its deliberate list of /v1 routes only.
+  const refusal = securityRefusal(deviceId, devices.get(deviceId)?.kind === 'cloudlet' ? 'not-paired' : devices.standing(deviceId));
   if (refusal) return refusal;
   const password = devices.legacyPassword(deviceId);
   const encrypted = request.form?.get('command');

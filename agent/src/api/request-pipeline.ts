@@ -79,7 +79,7 @@ export class RequestPipeline {
     try {
       const { route, params } = resolveRoute(face, incoming);
       const transport: Transport = { remoteAddress: incoming.remoteAddress, secure: incoming.secure };
-      caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport);
+      caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport, route.peers);
       const body = route.jsonBody ? exchange.readBody(incoming.headers, route.maxBodyBytes ?? maxBodyBytes) : undefined;
       const form = route.formBody ? exchange.readBody(incoming.headers, maxBodyBytes) : undefined;
       const bodyStream = route.streamBody ? exchange.streamBody(incoming.headers) : undefined;
@@ -142,14 +142,21 @@ function resolveRoute(face: Face, incoming: Incoming): { route: Route; params: R
  * fails, so guessing tokens is throttled too) on its address's (an IPv6 /64's); the admin on the box is not limited.
  * The rate comes first: a client over it learns nothing of its credential.
  */
-export function authorizeWithinRate(gate: AccessGate, limiter: RateLimiter | null, access: Access, token: string | undefined, transport: Transport): Caller {
+export function authorizeWithinRate(
+  gate: AccessGate,
+  limiter: RateLimiter | null,
+  access: Access,
+  token: string | undefined,
+  transport: Transport,
+  peers = false,
+): Caller {
   const identity = identityOf(gate, token, transport);
   if (limiter) {
     const holder = identity instanceof CloudletError ? null : identity;
     if (holder?.kind === 'device') limiter.take(`device ${holder.device.id}`);
     else if (holder?.kind !== 'admin') limiter.takeForAddress(transport.remoteAddress);
   }
-  return admit(access, identity);
+  return admit(access, identity, peers);
 }
 
 /** Headers an error reply carries besides the face's body: how to authenticate after a 401, when to come back. */

@@ -49,6 +49,8 @@ export interface Route {
   path: string;
   /** Who may call it (trust/access.ts); the open ones are a deliberate, documented list (docs/security.md). */
   access: Access;
+  /** A paired cloudlet may call it too (with `device` access): the list of docs/security.md, "Between cloudlets". */
+  peers?: boolean;
   /** Read the request body (size-limited) and parse it as JSON before calling `handle`. */
   jsonBody?: boolean;
   /** A larger limit than the server's default for this route's JSON body (e.g. recipes). */

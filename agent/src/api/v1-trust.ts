@@ -5,7 +5,7 @@
  */
 import { CloudletError } from '../errors';
 import { requireConfidential } from '../trust/access';
-import type { DeviceRegistry, PairedDevice } from '../trust/devices';
+import type { DeviceKind, DeviceRegistry, PairedDevice } from '../trust/devices';
 import { MAX_WINDOW_SECONDS, type Pairing } from '../trust/pairing';
 import { emptyReply, jsonReply, type Route } from './routing';
 import { jsonObject, requiredString } from './json-fields';
@@ -34,9 +34,11 @@ export function trustRoutes(trust: TrustView): Route[] {
         const fields = jsonObject(body);
         const ttlSeconds = optionalNumber(fields, 'ttl_seconds', 1, MAX_WINDOW_SECONDS, true) ?? DEFAULT_WINDOW_SECONDS;
         const expiresInMinutes = optionalNumber(fields, 'expires_in_minutes', 0.05, MAX_DEVICE_MINUTES, false);
-        const window = trust.pairing.open({ ttlSeconds, ...(expiresInMinutes !== undefined ? { expiresInMinutes } : {}) });
+        const kind = fields.kind === undefined ? 'device' : deviceKind(fields.kind);
+        const window = trust.pairing.open({ ttlSeconds, kind, ...(expiresInMinutes !== undefined ? { expiresInMinutes } : {}) });
         return jsonReply(201, {
           code: window.code,
+          kind: window.kind,
           expires_at: window.expiresAt,
           device_expires_in_minutes: window.deviceExpiresInMinutes,
           ...tlsJson(trust),
@@ -65,18 +67,22 @@ export function trustRoutes(trust: TrustView): Route[] {
           throw new CloudletError('INVALID_PARAMETER', `name must be at most ${MAX_NAME_LENGTH} characters`, { details: { parameter: 'name' } });
         }
         const deviceId = fields.device_id === undefined ? undefined : requiredString(fields, 'device_id');
+        const kind = fields.kind === undefined ? undefined : deviceKind(fields.kind);
         const { device, token } = await trust.pairing.claim(requiredString(fields, 'code'), {
           name,
           remoteAddress: request.remoteAddress,
+          ...(kind !== undefined ? { kind } : {}),
           ...(deviceId !== undefined ? { deviceId } : {}),
         });
         return jsonReply(201, {
           device_id: device.id,
           name: device.name,
+          kind: device.kind,
           paired_at: device.pairedAt,
           expires_at: device.expiresAt,
           token,
-          legacy_password: trust.devices.legacyPassword(device.id),
+          // The KD face's key is for phones; a cloudlet never uses it (PEER_NOT_ALLOWED there too).
+          legacy_password: device.kind === 'device' ? trust.devices.legacyPassword(device.id) : null,
           ...tlsJson(trust),
         });
       },
@@ -119,11 +125,17 @@ function deviceJson(trust: TrustView, device: PairedDevice) {
   return {
     id: device.id,
     name: device.name,
+    kind: device.kind,
     paired_at: device.pairedAt,
     expires_at: device.expiresAt,
     revoked_at: device.revokedAt,
     standing: trust.devices.standing(device.id) ?? 'active',
   };
+}
+
+function deviceKind(value: unknown): DeviceKind {
+  if (value === 'device' || value === 'cloudlet') return value;
+  throw new CloudletError('INVALID_PARAMETER', 'Field "kind" must be "device" or "cloudlet"', { details: { parameter: 'kind' } });
 }
 
 function optionalNumber(body: Record<string, unknown>, field: string, min: number, max: number, integer: boolean): number | undefined {

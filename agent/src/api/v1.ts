@@ -11,9 +11,10 @@ import { appRoutes } from './v1-apps';
 import { provisioningRoutes } from './v1-provisioning';
 import { synthesisRoutes } from './v1-synthesis';
 import { tlsJson, trustRoutes, type TrustView } from './v1-trust';
-import { healthJson, instanceJson, InstanceView, packageJson, peerJson, serviceJson, startResultJson, stopResultJson, systemJson } from './wire-shapes';
+import { healthJson, instanceJson, InstanceView, packageJson, serviceJson, startResultJson, stopResultJson, systemJson } from './wire-shapes';
+import { fleetRoutes, type FleetView } from './v1-fleet';
 
-export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?: TrustView): Face {
+export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?: TrustView, fleet?: FleetView): Face {
   const routes: Route[] = [
     ...(provisioning ? [...provisioningRoutes(provisioning), ...synthesisRoutes(provisioning)] : []),
     ...(trust ? trustRoutes(trust) : []),
@@ -94,7 +95,7 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
         return emptyReply(204);
       },
     },
-    { method: 'GET', path: '/v1/peers', access: 'device', handle: () => jsonReply(200, { peers: api.peers().map(peerJson) }) },
+    ...fleetRoutes(api, fleet),
     ...appRoutes(api),
     // A device sees only its own instances (InstanceView); the operator all.
     {

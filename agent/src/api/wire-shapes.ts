@@ -8,7 +8,8 @@
  * This module imports neither a face nor telemetry: both import it.
  */
 import type { CloudletEvent } from '../core/events';
-import type { Endpoint, HealthReport, Instance, Package, Peer, Service, StartResult, StopResult, SystemInfo } from '../core/types';
+import type { Endpoint, HealthReport, Instance, Package, Service, StartResult, StopResult, SystemInfo } from '../core/types';
+import type { PeerView } from '../fleet/peer-links';
 import type { LaunchTimings } from '../core/timing';
 import { CloudletError } from '../errors';
 import { deviceIdOf, type Caller } from '../trust/access';
@@ -87,8 +88,28 @@ export function systemJson(info: SystemInfo) {
   };
 }
 
-export function peerJson(peer: Peer) {
-  return { name: peer.name, host: peer.host, address: peer.address, port: peer.port, txt: peer.txt, interface: peer.interface, seen_at: peer.seenAt };
+/**
+ * A peer of /v1/peers: what mDNS saw (null fields when it was not seen), and for a cloudlet this one paired with, the
+ * pairing and the placement facts it last gave (never its token).
+ */
+export function peerJson({ discovered, link }: PeerView) {
+  return {
+    name: discovered?.name ?? link!.name,
+    host: discovered?.host ?? null,
+    address: discovered?.address ?? link!.address,
+    port: discovered?.port ?? link!.port,
+    txt: discovered?.txt ?? {},
+    interface: discovered?.interface ?? null,
+    seen_at: discovered?.seenAt ?? null,
+    paired: link ? { id: link.id, device_id: link.deviceId, tls_port: link.tlsPort, tls_fingerprint: link.fingerprint, paired_at: link.pairedAt } : null,
+    placement: link?.placement ? { ...withoutFetchedAt(link.placement), fetched_at: link.placement.fetchedAt } : null,
+    placement_error: link?.placementError ?? null,
+  };
+}
+
+function withoutFetchedAt<T extends { fetchedAt: string }>(facts: T): Omit<T, 'fetchedAt'> {
+  const { fetchedAt: _fetchedAt, ...rest } = facts;
+  return rest;
 }
 
 /** The first message on the /v1/events WebSocket: the instances as they are when the client connects. */

@@ -14,7 +14,7 @@ import type { Context, Options, Values, Verb } from './verb';
 import { addAppVerb, appsVerb, downloadVerb, removeAppVerb } from './verbs-apps';
 import { discoverVerb, systemVerb } from './verbs-cloudlet';
 import { instancesVerb, servicesVerb, startVerb, stopVerb } from './verbs-instances';
-import { devicesVerb, pairVerb } from './verbs-pairing';
+import { devicesVerb, pairVerb, peerVerb } from './verbs-pairing';
 import { baseVerb, synthesizeVerb } from './verbs-synthesis';
 import { chooseCloudlet } from './which-cloudlet';
 
@@ -37,6 +37,7 @@ const VERBS: Record<string, Verb> = {
   'remove-app': removeAppVerb,
   pair: pairVerb,
   devices: devicesVerb,
+  peer: peerVerb,
 };
 
 const COMMON_HELP = [

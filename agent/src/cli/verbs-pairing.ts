@@ -86,3 +86,70 @@ export const devicesVerb: Verb = {
     throw new CliError('USAGE', 'usage: cloudlet devices [revoke ID | remove ID]');
   },
 };
+
+interface PeerJson {
+  name: string;
+  address: string;
+  port: number;
+  seen_at: string | null;
+  paired: { id: string; tls_fingerprint: string } | null;
+  placement: { instances: { running: number }; memory: { free_bytes: number }; services: unknown[] } | null;
+  placement_error: string | null;
+}
+
+export const peerVerb: Verb = {
+  summary: 'cloudlets pairing with each other (operator, on the box): `peer open` here, `peer pair CODE` on the other; list, forget',
+  usage:
+    'cloudlet peer [list] | cloudlet peer open [--ttl SECONDS] | cloudlet peer pair CODE --peer HOST[:PORT] --fingerprint SHA256 | cloudlet peer forget PEER_ID',
+  options: { ttl: { type: 'string' }, peer: { type: 'string' }, fingerprint: { type: 'string' } },
+  optionHelp: [
+    'open                on the cloudlet to be asked: opens a pairing window for a cloudlet; prints the code and fingerprint',
+    'pair CODE           on the cloudlet that will ask: pairs it with the one at --peer, whose certificate must have',
+    '                    the --fingerprint its operator read out with the code',
+    'list                the peers: seen over mDNS, paired, and the placement facts each paired one last gave',
+    'forget PEER_ID      drop the pairing here (revoke it on the other cloudlet with `cloudlet devices revoke`)',
+  ],
+  args: [0, 2],
+  acts: (args) => args[0] !== undefined && args[0] !== 'list',
+  run: async ({ cloudlet, args, values }) => {
+    const client = await cloudlet();
+    const [action = 'list', operand] = args;
+    if (action === 'list' && operand === undefined) {
+      const { peers } = await client.call<{ peers: PeerJson[] }>('GET', '/v1/peers');
+      return listing('peers', peers, ['NAME', 'ADDRESS', 'PAIRED', 'INSTANCES', 'FREE MEMORY', 'SERVICES'], (p) => [
+        p.name,
+        `${p.address}:${p.port}`,
+        p.paired?.id ?? 'no',
+        p.placement ? String(p.placement.instances.running) : (p.placement_error ?? '-'),
+        p.placement ? `${Math.round(p.placement.memory.free_bytes / 2 ** 20)} MiB` : '-',
+        p.placement ? String(p.placement.services.length) : '-',
+      ]);
+    }
+    if (action === 'open' && operand === undefined) {
+      const window = await client.call<{ code: string; expires_at: string; tls_fingerprint: string }>('POST', '/v1/pairing', {
+        kind: 'cloudlet',
+        ...(typeof values.ttl === 'string' ? { ttl_seconds: Number(values.ttl) } : {}),
+      });
+      return {
+        json: window,
+        text: [
+          shown`pairing code for a cloudlet: ${window.code} (until ${window.expires_at})`,
+          shown`on the other cloudlet: cloudlet peer pair ${window.code} --peer <this cloudlet's address> --fingerprint ${window.tls_fingerprint}`,
+        ].join('\n'),
+      };
+    }
+    if (action === 'pair' && operand !== undefined) {
+      if (typeof values.peer !== 'string' || typeof values.fingerprint !== 'string') {
+        throw new CliError('USAGE', "peer pair CODE needs --peer HOST[:PORT] and --fingerprint (both from the other cloudlet's operator)");
+      }
+      const { host, port } = parseCloudlet(values.peer);
+      const peer = await client.call<PeerJson>('POST', '/v1/peers', { address: host, port, code: operand, fingerprint: values.fingerprint });
+      return { json: peer, text: shown`paired with ${peer.name} at ${peer.address}:${peer.port} as ${peer.paired!.id}` };
+    }
+    if (action === 'forget' && operand !== undefined) {
+      await client.call('DELETE', `/v1/peers/${encodeURIComponent(operand)}`);
+      return { json: { forgotten: operand }, text: shown`forgot ${operand}` };
+    }
+    throw new CliError('USAGE', 'usage: cloudlet peer [list | open | pair CODE --peer HOST[:PORT] --fingerprint SHA256 | forget PEER_ID]');
+  },
+};

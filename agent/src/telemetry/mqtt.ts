@@ -205,6 +205,8 @@ export class Telemetry {
       const caller = this.options.credentials.gate.identify(password.toString('utf8'), this.transports.get(client) ?? { remoteAddress: '', secure: false });
       const name = caller.kind === 'admin' ? 'admin' : caller.kind === 'device' ? caller.device.id : null;
       if (name !== username) return refuse(`the token does not belong to ${username}`);
+      // A paired cloudlet's credential is good for its deliberate list of HTTP routes only (docs/security.md).
+      if (caller.kind === 'device' && caller.device.kind === 'cloudlet') return refuse(`${username} is a paired cloudlet, not a device`);
       if (caller.kind === 'device') {
         try {
           const release = this.options.connectionCaps?.holdForDevice(caller.device.id);

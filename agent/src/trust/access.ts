@@ -55,8 +55,17 @@ export function identityOf(gate: AccessGate, token: string | undefined, transpor
   }
 }
 
-/** The caller a route of `access` lets in, given who the credential names; else throws the reason. */
-export function admit(access: Access, identity: Identity): Caller {
+/**
+ * The caller a route of `access` lets in, given who the credential names; else throws the reason. A paired cloudlet
+ * is let in only where `peers` says a cloudlet may ask (the deliberate list of docs/security.md), open routes
+ * included: what it may do with its credential is that list and nothing else.
+ */
+export function admit(access: Access, identity: Identity, peers = false): Caller {
+  if (!peers && !(identity instanceof CloudletError) && identity.kind === 'device' && identity.device.kind === 'cloudlet') {
+    throw new CloudletError('PEER_NOT_ALLOWED', `a paired cloudlet may not call this route (docs/security.md lists what it may ask)`, {
+      details: { device_id: identity.device.id },
+    });
+  }
   if (access === 'open') {
     // Open to all, but a valid credential still says who calls (the operator is not rate-limited; a device's KD
     // start records it as the owner); an invalid one is no reason to refuse what anyone may do. A secret sent in

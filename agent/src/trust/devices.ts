@@ -14,10 +14,17 @@ import { writeSecretFile } from './secret-file';
 export interface PairedDevice {
   id: string;
   name: string;
+  /**
+   * A phone or laptop (`device`), or another cloudlet (`cloudlet`), which may ask only the deliberate list of
+   * docs/security.md ("Between cloudlets"). Paired before kinds existed: a device.
+   */
+  kind: DeviceKind;
   pairedAt: string;
   expiresAt: string | null;
   revokedAt: string | null;
 }
+
+export type DeviceKind = 'device' | 'cloudlet';
 
 /** Why a device may not act now (null: it may). */
 export type DeviceStanding = 'not-paired' | 'revoked' | 'expired' | null;
@@ -107,7 +114,7 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
    * id must not be in use (re-pairing a phone means removing its old entry first, so a pairing code never takes
    * over another device's instances).
    */
-  async add(options: { id?: string; name: string; expiresInMinutes?: number }): Promise<{ device: PairedDevice; token: string }> {
+  async add(options: { id?: string; name: string; kind?: DeviceKind; expiresInMinutes?: number }): Promise<{ device: PairedDevice; token: string }> {
     const id = options.id ?? `dev-${randomBytes(8).toString('hex')}`;
     checkDeviceId(id);
     if (this.devices.has(id))
@@ -117,6 +124,7 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
     const device: StoredDevice = {
       id,
       name: options.name,
+      kind: options.kind ?? 'device',
       pairedAt: new Date(now).toISOString(),
       expiresAt: options.expiresInMinutes === undefined ? null : new Date(now + options.expiresInMinutes * 60_000).toISOString(),
       revokedAt: null,
@@ -250,7 +258,14 @@ export function checkDeviceId(id: string): void {
 }
 
 function publicView(device: StoredDevice): PairedDevice {
-  return { id: device.id, name: device.name, pairedAt: device.pairedAt, expiresAt: device.expiresAt, revokedAt: device.revokedAt };
+  return {
+    id: device.id,
+    name: device.name,
+    kind: device.kind ?? 'device',
+    pairedAt: device.pairedAt,
+    expiresAt: device.expiresAt,
+    revokedAt: device.revokedAt,
+  };
 }
 
 export function sha256(text: string): Buffer {

@@ -1,7 +1,7 @@
 import { randomInt, timingSafeEqual } from 'node:crypto';
 import { CloudletError } from '../errors';
 import { addressKey } from './access';
-import { checkDeviceId, type DeviceRegistry, type PairedDevice } from './devices';
+import { checkDeviceId, type DeviceKind, type DeviceRegistry, type PairedDevice } from './devices';
 
 /**
  * Pairing windows: the operator on the box opens a short window and reads a one-time code to the phone's user; the
@@ -25,6 +25,8 @@ export interface PairingWindow {
   expiresAt: string;
   /** How long the authorization of a device paired through this window lasts; null: until revoked. */
   deviceExpiresInMinutes: number | null;
+  /** What the operator opened the window for: a phone (or laptop), or another cloudlet. */
+  kind: DeviceKind;
 }
 
 interface OpenWindow extends PairingWindow {
@@ -43,13 +45,14 @@ export class Pairing {
     private readonly now: () => number = Date.now,
   ) {}
 
-  open(options: { ttlSeconds: number; expiresInMinutes?: number }): PairingWindow {
+  open(options: { ttlSeconds: number; expiresInMinutes?: number; kind?: DeviceKind }): PairingWindow {
     let code = '';
     for (let i = 0; i < CODE_LENGTH; i++) code += CODE_ALPHABET[randomInt(CODE_ALPHABET.length)];
     this.window = {
       code,
       expiresAt: new Date(this.now() + options.ttlSeconds * 1000).toISOString(),
       deviceExpiresInMinutes: options.expiresInMinutes ?? null,
+      kind: options.kind ?? 'device',
       wrongCodes: 0,
       wrongCodesFrom: new Map(),
       pausedUntil: 0,
@@ -64,7 +67,10 @@ export class Pairing {
   }
 
   /** Pair a device with the window's code; the token in the answer exists nowhere else. */
-  async claim(code: string, request: { deviceId?: string; name: string; remoteAddress: string }): Promise<{ device: PairedDevice; token: string }> {
+  async claim(
+    code: string,
+    request: { deviceId?: string; name: string; remoteAddress: string; kind?: DeviceKind },
+  ): Promise<{ device: PairedDevice; token: string }> {
     const window = this.window;
     if (!window || Date.parse(window.expiresAt) <= this.now()) {
       this.window = null;
@@ -91,6 +97,11 @@ export class Pairing {
       const message = left === 0 ? 'wrong pairing code; no more tries from this address in this window' : 'wrong pairing code';
       throw new CloudletError('PAIRING_CODE_INVALID', message, { details: { attempts_left: left } });
     }
+    // A cloudlet that asks to pair as one is not paired as a phone (with a phone's rights) by a window opened for
+    // phones, nor a phone as a cloudlet; the code is not used up.
+    if (request.kind !== undefined && request.kind !== window.kind) {
+      throw new CloudletError('CONFLICT', `this pairing window is for a ${window.kind}, not a ${request.kind}`, { details: { kind: window.kind } });
+    }
     // A request the registry would refuse (a bad or taken device id) does not use the code up.
     if (request.deviceId !== undefined) checkDeviceId(request.deviceId);
     if (request.deviceId !== undefined && this.devices.get(request.deviceId)) {
@@ -102,6 +113,7 @@ export class Pairing {
     this.window = null;
     return this.devices.add({
       name: request.name,
+      kind: window.kind,
       ...(request.deviceId !== undefined ? { id: request.deviceId } : {}),
       ...(window.deviceExpiresInMinutes !== null ? { expiresInMinutes: window.deviceExpiresInMinutes } : {}),
     });
