@@ -5,6 +5,7 @@ import t from 'tap';
 import { kdCloudletFace } from '../agent/src/api/kd-cloudlet';
 import type { Route } from '../agent/src/api/routing';
 import { v1Face } from '../agent/src/api/v1';
+import type { FleetView } from '../agent/src/api/v1-fleet';
 import type { TrustView } from '../agent/src/api/v1-trust';
 import { webFace } from '../agent/src/api/web';
 import type { CloudletApi, ProvisioningApi } from '../agent/src/core/types';
@@ -28,7 +29,7 @@ const pair = (name: string, options: { expiresInMinutes?: number } = {}) => pair
 /** Every route of every face, as the agent builds them (the handlers are never called here). */
 function allRoutes(): Route[] {
   const nothing = {} as CloudletApi & ProvisioningApi;
-  return [...v1Face(nothing, nothing, {} as TrustView).routes, ...kdCloudletFace(nothing).routes, ...webFace().routes];
+  return [...v1Face(nothing, nothing, {} as TrustView, {} as FleetView).routes, ...kdCloudletFace(nothing).routes, ...webFace().routes];
 }
 
 /** A concrete path for a route: each `:param` becomes a plausible but unknown value. */

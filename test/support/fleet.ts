@@ -32,18 +32,19 @@ export class Phone {
     readonly home: string,
   ) {}
 
-  private via(): string[] {
+  /** The command prefix that runs a program on this host (e.g. a fleet broker the cloudlets reach over the bridge). */
+  enter(): string[] {
     return ['nsenter', `--net=/run/netns/${this.namespace}`];
   }
 
   /** The `cloudlet` CLI, run on the phone. */
   cli(...args: string[]): Promise<CliResult> {
-    return cli(args, { via: this.via(), env: { HOME: this.home, XDG_CONFIG_HOME: path.join(this.home, '.config') } });
+    return cli(args, { via: this.enter(), env: { HOME: this.home, XDG_CONFIG_HOME: path.join(this.home, '.config') } });
   }
 
   /** An HTTP(S) request from the phone (an app talking to its Service VM, say). */
   http(method: string, url: string, options: { body?: unknown; headers?: Record<string, string> } = {}): Promise<HttpReply> {
-    return httpFrom(this.via(), method, url, options);
+    return httpFrom(this.enter(), method, url, options);
   }
 }
 
@@ -91,7 +92,10 @@ export class Fleet {
     return box;
   }
 
-  /** A phone on the bridge: a namespace with an address and nothing running. */
+  /**
+   * A phone on the bridge: a namespace with an address and nothing running. Any other host of the LAN (a fleet
+   * broker, say) is one too: run it there with `phone.enter()`, and end it in the test.
+   */
   async addPhone(): Promise<Phone> {
     const index = this.phones.length;
     const namespace = `${this.tag}-ph${index}`;
