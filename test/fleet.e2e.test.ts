@@ -101,6 +101,7 @@ t.test('a phone starts a service on the best-ranked cloudlet and reaches the Ser
 
 interface PeerEntry {
   name: string;
+  placement_error: string | null;
   address: string;
   seen_at: string | null;
   paired: { id: string; device_id: string; tls_fingerprint: string } | null;
@@ -196,6 +197,37 @@ t.test('an unpaired cloudlet C is refused by both A and B', async (tt) => {
     seenByC.every((p) => p.paired === null && p.placement === null),
     'C knows the others only from mDNS',
   );
+});
+
+t.test("when A's operator revokes B, B's asks are refused and its /v1/peers says why; B may forget A", async (tt) => {
+  const [a, b] = [fleet.cloudlet('cloudlet-a'), fleet.cloudlet('cloudlet-b')];
+  const devices = (await a.operator('GET', '/v1/devices')).json.devices as Array<{ id: string; kind: string }>;
+  const revoked = await a.operator('POST', `/v1/devices/${devices.find((d) => d.kind === 'cloudlet')!.id}/revoke`);
+  tt.equal(revoked.status, 200, 'A revokes B');
+  const peers = await until(
+    () => peersSeenBy(b),
+    (list) => /DEVICE_REVOKED/.test(list.find((p) => p.name === 'cloudlet-a')?.placement_error ?? ''),
+  );
+  const seenA = peers.find((p) => p.name === 'cloudlet-a')!;
+  tt.match(seenA.placement_error, /DEVICE_REVOKED/, "B's next ask is refused");
+  tt.not(seenA.placement, null, 'the facts A gave before stay, with their date');
+  const forgotten = await operatorCli(b, 'peer', 'forget', seenA.paired!.id);
+  tt.equal(forgotten.code, 0, forgotten.stderr || 'peer forget');
+  tt.match(
+    (await peersSeenBy(b)).find((p) => p.name === 'cloudlet-a'),
+    { paired: null, placement: null },
+    'A is a mere sighting again',
+  );
+});
+
+t.test("cutting a cloudlet's uplink takes it off the LAN; restoring it brings it back", async (tt) => {
+  const c = fleet.cloudlet('cloudlet-c');
+  const health = () => phone.http('GET', `http://${c.address}:${API_PORT}/v1/health`, { timeoutSeconds: 3 });
+  tt.equal((await health()).status, 200, 'reachable');
+  await fleet.setUplink('cloudlet-c', false);
+  tt.equal((await health()).status, 0, 'nothing answers while its uplink is cut');
+  await fleet.setUplink('cloudlet-c', true);
+  tt.equal((await until(health, (r) => r.status === 200)).status, 200, 'reachable again');
 });
 
 t.test('tear-down leaves no namespace, process, domain or file', async (tt) => {

@@ -205,7 +205,7 @@ export class CloudletBox {
   }
 
   /** An HTTP(S) request made from inside the cloudlet's namespaces (curl: no process of the test's own is there). */
-  http(method: string, url: string, options: { body?: unknown; headers?: Record<string, string> } = {}): Promise<HttpReply> {
+  http(method: string, url: string, options: { body?: unknown; headers?: Record<string, string>; timeoutSeconds?: number } = {}): Promise<HttpReply> {
     return httpFrom(this.enter(), method, url, options);
   }
 
@@ -258,19 +258,24 @@ export class CloudletBox {
 
 /**
  * An HTTP(S) request with curl run under `via` (a namespace prefix). HTTPS is not verified here: the tests that need
- * a pinned certificate use the agent's or the CLI's own client.
+ * a pinned certificate use the agent's or the CLI's own client. No answer at all (status 0) is an answer too.
  */
 export async function httpFrom(
   via: string[],
   method: string,
   url: string,
-  options: { body?: unknown; headers?: Record<string, string> } = {},
+  options: { body?: unknown; headers?: Record<string, string>; timeoutSeconds?: number } = {},
 ): Promise<HttpReply> {
-  const args = ['curl', '--silent', '--show-error', '--insecure', '--max-time', '120', '--request', method, '--write-out', '\n%{http_code}'];
+  const args = ['curl', '--silent', '--show-error', '--insecure', '--max-time', String(options.timeoutSeconds ?? 120), '--request', method];
+  args.push('--write-out', '\n%{http_code}');
   for (const [name, value] of Object.entries(options.headers ?? {})) args.push('--header', `${name}: ${value}`);
   if (options.body !== undefined) args.push('--header', 'content-type: application/json', '--data-binary', JSON.stringify(options.body));
   args.push(url);
-  const { stdout } = await run(via[0]!, [...via.slice(1), ...args], { maxBuffer: 16 << 20 });
+  // curl fails (exits non-zero) when nothing answers, and still writes the status it got: 000.
+  const stdout = await run(via[0]!, [...via.slice(1), ...args], { maxBuffer: 16 << 20 }).then(
+    (done) => done.stdout,
+    (err: { stdout?: string }) => err.stdout ?? '\n0',
+  );
   const cut = stdout.lastIndexOf('\n');
   const body = stdout.slice(0, cut);
   let json: unknown;

@@ -43,7 +43,7 @@ export class Phone {
   }
 
   /** An HTTP(S) request from the phone (an app talking to its Service VM, say). */
-  http(method: string, url: string, options: { body?: unknown; headers?: Record<string, string> } = {}): Promise<HttpReply> {
+  http(method: string, url: string, options: { body?: unknown; headers?: Record<string, string>; timeoutSeconds?: number } = {}): Promise<HttpReply> {
     return httpFrom(this.enter(), method, url, options);
   }
 }
