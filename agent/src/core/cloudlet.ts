@@ -141,8 +141,8 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     return this.registry.pool ? this.registry.pool.drained(id, work) : work();
   }
 
-  importService(dir: string): Promise<Service> {
-    return this.catalog.import(dir);
+  async importService(dir: string): Promise<Service> {
+    return this.withPool(await this.catalog.import(dir));
   }
 
   async removeService(id: string): Promise<void> {
@@ -230,7 +230,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
       this.drained(id, () => this.catalog.replaceDiskAndState(id, { disk, state })),
     );
     this.log(`captured the memory state of ${id}`);
-    return captured;
+    return this.withPool(captured);
   }
 
   listBases(): BaseVm[] {
