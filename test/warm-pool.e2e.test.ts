@@ -143,6 +143,30 @@ t.test('a pooled VM that dies is replaced', async (tt) => {
   tt.notOk((await readdir(path.join(agent.dataDir, 'instances'))).includes(victim!), 'its files are gone');
 });
 
+t.test('a SIGKILL between a pooled VM becoming an instance and getting its forward ends that VM, never pools it again', async (tt) => {
+  await poolFull(2);
+  const pooled = await pooledDomains();
+  // A short readiness bound, so the instance the restart adopts, which never serves, is given up on soon.
+  const env = { CLOUDLET_CONFIG: configFile, CLOUDLET_READINESS_TIMEOUT_MS: '3000' };
+  await agent.stop();
+  await agent.launch({ ...env, CLOUDLET_FAULT_POINT: 'pool:after-assigned-record' });
+  await tt.rejects(agent.post('/v1/instances', { service_id: SERVICE }), 'the agent died in the middle of the start');
+  await agent.launch(env);
+  const adopted = (await agent.get('/v1/instances')).json.instances as Array<{ id: string; state: string; launch: string }>;
+  tt.equal(adopted.length, 1, 'the VM is adopted as the instance being started that its record says it is');
+  const victim = adopted[0]!.id;
+  tt.ok(pooled.includes(victim), 'one of the pooled VMs');
+  tt.notMatch(await conn.domainXml(victim), /hostfwd/, 'it never got a forward');
+  tt.equal((await poolOf()).ready, 1, 'the other stays pooled');
+
+  tt.same(await until(listedIds, (ids) => ids.length === 0, FILL_MS), [], 'it never serves, so it is ended');
+  const refilled = await until(pooledDomains, (ids) => ids.length === 2 && !ids.includes(victim), FILL_MS);
+  tt.notOk(refilled.includes(victim), 'and it is not in the pool');
+  tt.notOk((await domainsUnder(agent.dataDir)).includes(victim), 'its domain is gone');
+  await agent.stop();
+  await agent.launch({ CLOUDLET_CONFIG: configFile });
+});
+
 t.test('removing a service with a full pool leaves nothing behind', async (tt) => {
   await poolFull(2);
   const removed = await agent.delete(`/v1/services/${SERVICE}`);
