@@ -6,12 +6,15 @@ import { readdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Connection, DomainState } from '../native/libvirt';
 import { AgentProcess, domainsUnder, fetchText, killQemuOf, testGuestDir } from './support/agent';
+import { cli } from './support/cli';
+import { MqttWatcher } from './support/listeners';
 import { until } from './support/poll';
 
 const SERVICE = 'org.cloudlet.demo.http';
 const GUEST_CONTENT = /hello from the cloudlet demo service/;
 /** Generous: a restore under TCG on a loaded 2-core machine takes seconds. */
 const FILL_MS = 120_000;
+const MQTT_ROOT = `cloudlet/warm-pool-test-${process.pid}`;
 
 let agent: AgentProcess;
 let configFile: string;
@@ -28,7 +31,10 @@ t.before(async () => {
   agent = await AgentProcess.start({ portRange: '21700-21799', env: { CLOUDLET_POOL_BUDGET_MIB: '256' } });
   // The pool's size for the demo service comes from the config file (the manifest has none).
   configFile = path.join(agent.dataDir, 'agent.json');
-  await writeFile(configFile, JSON.stringify({ pool: { sizes: { [SERVICE]: 2 } } }));
+  await writeFile(
+    configFile,
+    JSON.stringify({ pool: { sizes: { [SERVICE]: 2 } }, mqtt: { topicRoot: MQTT_ROOT, access: 'anonymous-read', metricsIntervalMs: 500 } }),
+  );
   await agent.stop();
   await agent.launch({ CLOUDLET_CONFIG: configFile });
   conn = await Connection.open('qemu:///system');
@@ -70,6 +76,12 @@ t.test('a service with a memory state gets a warm pool of paused VMs that nothin
   }
   const services = await agent.get('/v1/services');
   tt.same(services.json.services[0].pool, { size: 2, target: 2, ready: 2, filling: 0 }, 'listed with the services');
+  const watcher = await MqttWatcher.connect(`mqtt://127.0.0.1:${agent.mqttPort}`, `${MQTT_ROOT}/services/${SERVICE}`);
+  tt.teardown(() => watcher.close());
+  const published = await watcher.next((m) => m.json?.pool?.ready === 2);
+  tt.same(published.value.json.pool, { size: 2, target: 2, ready: 2, filling: 0 }, "on the service's MQTT topic");
+  const listed = await cli(['services', '--cloudlet', `127.0.0.1:${agent.apiPort}`]);
+  tt.match(listed.stdout, /^org\.cloudlet\.demo\.http\s+1\s+yes\s+2\/2\s/m, 'in the CLI: 2 of 2 warm');
 });
 
 t.test('a start takes a pooled VM, answers through its forward, and the pool refills', async (tt) => {

@@ -110,7 +110,8 @@ export class WarmPool {
     const now = Date.now();
     this.starts.set(service.id, [...this.recentStarts(service.id, now), now]);
     const source = sourceOf(service);
-    const pooled = [...this.ready.values()].find((r) => r.serviceId === service.id && r.pooled.source === source) ?? null;
+    // A drained pool hands out nothing: its VMs run on files being replaced.
+    const pooled = this.held.has(service.id) ? null : ([...this.ready.values()].find((r) => r.serviceId === service.id && r.pooled.source === source) ?? null);
     if (pooled) this.ready.delete(pooled.id);
     this.kick();
     return pooled;
