@@ -152,6 +152,8 @@ t.test('a pooled VM that dies is replaced', async (tt) => {
   const replaced = await until(pooledDomains, (ids) => ids.length === 2 && !ids.includes(victim!), FILL_MS);
   tt.equal(replaced.length, 2);
   tt.notOk(replaced.includes(victim!), 'the dead VM is gone and another took its place');
+  tt.same(await poolFull(2), { size: 2, target: 2, ready: 2, filling: 0 }, 'the replacement is ready');
+  tt.notOk((await pooledDomains()).includes(victim!));
   tt.notOk((await readdir(path.join(agent.dataDir, 'instances'))).includes(victim!), 'its files are gone');
 });
 
