@@ -56,6 +56,8 @@ const SHIM_SIGNATURES = {
   clv_list_domains: [POINTER, FLAGS],
   clv_save_domain: [POINTER, STR, STR, STR, FLAGS],
   clv_restore_domain: [POINTER, STR, STR, FLAGS],
+  clv_resume_domain: [POINTER, STR],
+  clv_qemu_monitor_command: [POINTER, STR, STR, FLAGS],
   clv_watch_lifecycle: [POINTER],
   clv_watch_next: [POINTER, DataType.U32],
   clv_watch_close: [POINTER, POINTER],

@@ -95,6 +95,8 @@ export const DomainFlags = {
   VIR_DOMAIN_SAVE_BYPASS_CACHE: 1 << 0,
   VIR_DOMAIN_SAVE_RUNNING: 1 << 1,
   VIR_DOMAIN_SAVE_PAUSED: 1 << 2,
+  // virDomainQemuMonitorCommandFlags (qemuMonitorCommand)
+  VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP: 1 << 0,
   // virDomainUndefineFlagsValues (undefineDomain)
   VIR_DOMAIN_UNDEFINE_MANAGED_SAVE: 1 << 0,
   VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA: 1 << 1,
@@ -239,6 +241,20 @@ export class Connection {
   /** Starts a domain from a save file, optionally with a replacement XML (virDomainRestoreFlags). */
   restoreDomain(path: string, dxml: string | null = null, flags = 0): Promise<void> {
     return this.#call('restoreDomain', readNothing, 'clv_restore_domain', path, dxml ?? '', flags);
+  }
+
+  /** Resumes a paused domain's vCPUs (virDomainResume). */
+  resumeDomain(uuid: string): Promise<void> {
+    return this.#call('resumeDomain', readNothing, 'clv_resume_domain', uuid);
+  }
+
+  /**
+   * Sends a command to the domain's QEMU monitor (virDomainQemuMonitorCommand, from libvirt-qemu.so.0, loaded on first
+   * use); resolves to QEMU's reply. With VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP the command is a human monitor command,
+   * whose failures come back as text in the reply, not as an error. libvirt marks the domain tainted (custom-monitor).
+   */
+  qemuMonitorCommand(uuid: string, command: string, flags = 0): Promise<string> {
+    return this.#call('qemuMonitorCommand', readText, 'clv_qemu_monitor_command', uuid, command, flags);
   }
 
   /**

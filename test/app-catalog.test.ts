@@ -379,7 +379,7 @@ t.test('system, services and instances show the cloudlet to people and scripts',
   tt.equal(system.code, 0, system.stderr);
   tt.match(system.json, { cloudlet, hostname: os.hostname(), cpu: { cores: Number }, instances: 0 });
   const services = await cli(['services', '--cloudlet', cloudlet]);
-  tt.match(services.stdout, new RegExp(`^SERVICE\\s+VERSION\\s+SHAREABLE\\s+DESCRIPTION\\n${SERVICE.replace(/\./g, '\\.')}\\s+1\\s+yes`));
+  tt.match(services.stdout, new RegExp(`^SERVICE\\s+VERSION\\s+SHAREABLE\\s+WARM\\s+DESCRIPTION\\n${SERVICE.replace(/\./g, '\\.')}\\s+1\\s+yes`));
   const instances = await cli(['instances', '--cloudlet', cloudlet, '--json']);
   tt.same(instances.json, { instances: [] });
   const unknownStart = await cli(['start', 'no.such.service', '--cloudlet', cloudlet, '--json']);

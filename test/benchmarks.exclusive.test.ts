@@ -20,6 +20,7 @@ const HEADLINES: Record<string, string[]> = {
   telemetry: ['mqtt_latency_ms_median', 'mqtt_latency_ms_p99'],
   trust: ['open_plain_ms', 'device_plain_ms', 'device_https_handshake_ms'],
   web: ['page_bytes', 'first_render_ms'],
+  'warm-start': ['warm_ready_ms', 'restore_ready_ms', 'warm_vs_restore', 'refill_ms', 'agent_rss_mb'],
 };
 
 /** How long one quick benchmark may run before it is killed. */

@@ -145,6 +145,21 @@ t.test('save and restore a domain', async (t) => {
   await conn.destroyDomain(uuid);
 });
 
+// Pausing and resuming for real (a warm pool's VMs, restored paused): test/warm-pool.e2e.test.ts. The test driver can
+// neither start nor restore a domain paused, so only the calls' wiring is checked here.
+t.test('resume and a QEMU monitor command reach libvirt, which answers with its own errors here', async (t) => {
+  const conn = await openTestDriver(t);
+  const uuid = await conn.createDomain(domainXml('cl-resume'));
+  const running = await rejection(conn.resumeDomain(uuid));
+  t.equal(running.operation, 'virDomainResume', 'a running domain cannot be resumed');
+  t.match(running.message, /not paused/);
+  t.equal((await rejection(conn.resumeDomain(UNKNOWN_UUID))).code, 'VIR_ERR_NO_DOMAIN');
+  // No QEMU monitor in the test driver: the refusal, named after the call, shows libvirt-qemu was loaded and called.
+  const refused = await rejection(conn.qemuMonitorCommand(uuid, 'info status', DomainFlags.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP));
+  t.equal(refused.operation, 'virDomainQemuMonitorCommand');
+  t.match(refused.code, /^VIR_ERR_/);
+});
+
 t.test("an unknown domain uuid is a typed VIR_ERR_NO_DOMAIN error carrying libvirt's message", async (t) => {
   const conn = await openTestDriver(t);
   // Every rejection gets its handler at once: the calls run in parallel and may fail in any order.

@@ -8,6 +8,7 @@ import { InstanceRegistry } from './core/instances';
 import { LaunchGate } from './core/launch-gate';
 import { PortAllocator } from './core/ports';
 import { RecipeStore } from './core/recipes';
+import { availableMemory } from './core/system-info';
 import { asCloudletError } from './errors';
 import type { Logger } from './log';
 import { AppVirtMechanism } from './mechanisms/app-virt';
@@ -67,9 +68,11 @@ export async function composeCloudlet(config: AgentConfig, log: Logger): Promise
     log,
     new LaunchGate({ concurrent: config.limits.concurrentLaunches, queue: config.limits.queuedLaunches, readyWithinMs: config.limits.readinessTimeoutMs }),
     { perAddress: config.limits.anonymousInstancesPerAddress, total: config.limits.anonymousInstances },
+    { mechanism: cachedVm, sizing: config.pool, availableMemory },
   );
   await registry.adopt();
   registry.startReconciling(config.reconcileIntervalMs, config.libvirtEvents);
+  registry.pool?.start(() => catalog.list(), config.reconcileIntervalMs);
   const apps = new AppStore(path.join(config.dataDir, 'apps'), staging, config.apps.maxUploadBytes, log);
   await apps.load();
   const bases = new BaseStore(path.join(config.dataDir, 'bases'), () => catalog.workDir(), log);

@@ -79,6 +79,17 @@ export interface AgentConfig {
     /** Long-lived connections (MQTT and /v1/events) one paired device holds at once; the operator is not capped. */
     connectionsPerDevice: number;
   };
+  /** The warm pool: Service VMs restored paused ahead of time, so that a start only resumes one (docs/warm-pool.md). */
+  pool: {
+    /** Memory (MiB) all pooled VMs together may take; 0 turns the warm pool off. */
+    memoryBudgetMib: number;
+    /** The pool is filled only while the host keeps this much available memory (MiB) after the next pooled VM. */
+    hostReserveMib: number;
+    /** Pool size per service id, over the manifest's `pool_size` and the default (1 with a memory state, else 0). */
+    sizes: Record<string, number>;
+    /** The most pooled VMs one service's pool grows to with demand (the starts of the last minute). */
+    maxPerService: number;
+  };
 }
 
 export const DEFAULT_CONFIG: AgentConfig = {
@@ -111,6 +122,7 @@ export const DEFAULT_CONFIG: AgentConfig = {
     mqttConnectionsPerAddress: 16,
     connectionsPerDevice: 8,
   },
+  pool: { memoryBudgetMib: 1024, hostReserveMib: 512, sizes: {}, maxPerService: 4 },
 };
 
 const DEFAULT_CONFIG_FILE = '/etc/cloudlet/agent.json';
@@ -163,6 +175,12 @@ function count(value: unknown, what: string, min: number, max = Number.MAX_SAFE_
   return n;
 }
 
+/** `pool.sizes`: service id → pooled VMs (0–16). */
+function poolSizes(value: unknown): Record<string, number> {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw invalid('pool.sizes must be an object {"service id": size}');
+  return Object.fromEntries(Object.entries(value).map(([id, size]) => [id, count(size, `pool.sizes["${id}"]`, 0, 16)]));
+}
+
 function domainType(value: unknown): AgentConfig['domainType'] {
   if (value === 'auto' || value === 'kvm' || value === 'qemu') return value;
   throw invalid(`domainType must be auto, kvm or qemu, got ${JSON.stringify(value)}`);
@@ -184,6 +202,7 @@ type Overrides = {
   packages?: { maxUploadBytes?: unknown; maxPids?: unknown; logBytes?: unknown };
   kdApi?: unknown;
   limits?: { [K in keyof AgentConfig['limits']]?: unknown };
+  pool?: { memoryBudgetMib?: unknown; hostReserveMib?: unknown; sizes?: unknown; maxPerService?: unknown };
 };
 
 /** Merge overrides (from the file or the environment) over a base, validating each field it touches. */
@@ -243,6 +262,11 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   if (limits.mqttConnectionsPerAddress !== undefined)
     c.limits.mqttConnectionsPerAddress = count(limits.mqttConnectionsPerAddress, 'limits.mqttConnectionsPerAddress', 1);
   if (limits.connectionsPerDevice !== undefined) c.limits.connectionsPerDevice = count(limits.connectionsPerDevice, 'limits.connectionsPerDevice', 1);
+  const pool = o.pool ?? {};
+  if (pool.memoryBudgetMib !== undefined) c.pool.memoryBudgetMib = count(pool.memoryBudgetMib, 'pool.memoryBudgetMib', 0);
+  if (pool.hostReserveMib !== undefined) c.pool.hostReserveMib = count(pool.hostReserveMib, 'pool.hostReserveMib', 0);
+  if (pool.maxPerService !== undefined) c.pool.maxPerService = count(pool.maxPerService, 'pool.maxPerService', 0, 16);
+  if (pool.sizes !== undefined) c.pool.sizes = poolSizes(pool.sizes);
   return c;
 }
 
@@ -276,6 +300,7 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
       mqttConnectionsPerAddress: env.CLOUDLET_MQTT_CONNECTIONS_PER_ADDRESS,
       connectionsPerDevice: env.CLOUDLET_CONNECTIONS_PER_DEVICE,
     },
+    pool: { memoryBudgetMib: env.CLOUDLET_POOL_BUDGET_MIB, hostReserveMib: env.CLOUDLET_POOL_HOST_RESERVE_MIB },
   };
 }
 

@@ -48,7 +48,11 @@ export async function rssMb(pid: number): Promise<number> {
 
 export interface Started {
   ms: number;
+  /** performance.now() when the request was sent. */
+  startedAt: number;
   instanceId: string;
+  /** How it was launched: memory-state, warm-pool, cold-boot. */
+  launch: string;
   timings: { total_ms: number; libvirt_ms: number; guest_ms: number; agent_ms: number };
 }
 
@@ -60,7 +64,7 @@ export async function startAndFetch(agent: AgentProcess, serviceId: string): Pro
   const answer = await request(start.json.endpoint.port, 'GET', '/');
   const ms = performance.now() - t0;
   if (answer.status !== 200) throw new Error(`${serviceId} answered ${answer.status}`);
-  return { ms, instanceId: start.json.instance.id, timings: start.json.timings };
+  return { ms, startedAt: t0, instanceId: start.json.instance.id, launch: start.json.instance.launch, timings: start.json.timings };
 }
 
 /** Request → the service's own HTTP answer through the forwarded port, as a phone would experience it; then stop. */

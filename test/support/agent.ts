@@ -156,6 +156,10 @@ export class AgentProcess {
         CLOUDLET_MQTT_PORT: String(this.mqttPort),
         // HTTPS on a free port (tests read it from /v1/system's tls_port).
         CLOUDLET_TLS_PORT: '0',
+        // No warm pool unless a test asks for one (CLOUDLET_POOL_BUDGET_MIB): with it, every service with a memory
+        // state would keep one more VM running, which doubles the VMs of a 2-core CI machine and changes what the
+        // tests of everything else observe (domains, ports, memory). test/warm-pool.e2e.test.ts turns it on.
+        CLOUDLET_POOL_BUDGET_MIB: '0',
         ...this.options.env,
         ...env,
       },

@@ -36,6 +36,7 @@ export class SupervisedAgent {
       CLOUDLET_SEED_DIR: '',
       CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'),
       CLOUDLET_DISCOVERY: 'off',
+      CLOUDLET_POOL_BUDGET_MIB: '0',
       CLOUDLET_MQTT_HOST: '127.0.0.1',
       CLOUDLET_MQTT_PORT: String(await freePort()),
       CLOUDLET_TLS_PORT: '0',

@@ -19,8 +19,11 @@ export const hostDir = (caller: Caller, dir: string): { dir?: string } => (calle
 
 export function serviceJson(service: Service, caller: Caller) {
   // The manifest is already in its snake_case file format.
-  return { id: service.id, ...hostDir(caller, service.dir), imported_at: service.importedAt, manifest: service.manifest };
+  return { id: service.id, ...hostDir(caller, service.dir), imported_at: service.importedAt, manifest: service.manifest, ...poolJson(service) };
 }
+
+/** A service's warm pool (PoolStatus has no camelCase keys), when the facade listed it with one. */
+export const poolJson = (service: Service): { pool?: Service['pool'] } => (service.pool ? { pool: service.pool } : {});
 
 export function packageJson(appPackage: Package, caller: Caller) {
   // The manifest is already in its snake_case file format.

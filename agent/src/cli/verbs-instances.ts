@@ -8,11 +8,15 @@ export const servicesVerb: Verb = {
   run: async ({ cloudlet }) => {
     const { services } = await (
       await cloudlet()
-    ).call<{ services: Array<{ id: string; manifest: { version: string; description: string; shareable: boolean } }> }>('GET', '/v1/services');
-    return listing('services', services, ['SERVICE', 'VERSION', 'SHAREABLE', 'DESCRIPTION'], (s) => [
+    ).call<{
+      services: Array<{ id: string; manifest: { version: string; description: string; shareable: boolean }; pool?: { target: number; ready: number } }>;
+    }>('GET', '/v1/services');
+    // WARM: pooled VMs ready for an instant start, of the pool's current target (docs/warm-pool.md).
+    return listing('services', services, ['SERVICE', 'VERSION', 'SHAREABLE', 'WARM', 'DESCRIPTION'], (s) => [
       s.id,
       s.manifest.version,
       s.manifest.shareable ? 'yes' : 'no',
+      s.pool && s.pool.target > 0 ? `${s.pool.ready}/${s.pool.target}` : '-',
       s.manifest.description,
     ]);
   },

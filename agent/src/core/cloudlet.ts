@@ -120,25 +120,35 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   /** Stop watching and disconnect. Running instances keep running: the next agent adopts them. */
   async close(): Promise<void> {
     this.registry.stopReconciling();
+    this.registry.pool?.stop();
     await this.hypervisor.close();
   }
 
   listServices(): Service[] {
-    return this.catalog.list();
+    return this.catalog.list().map((service) => this.withPool(service));
   }
 
   getService(id: string): Service {
-    return this.catalog.get(id);
+    return this.withPool(this.catalog.get(id));
   }
 
-  importService(dir: string): Promise<Service> {
-    return this.catalog.import(dir);
+  private withPool(service: Service): Service {
+    return this.registry.pool ? { ...service, pool: this.registry.pool.status(service) } : service;
+  }
+
+  /** Run `work` on a service's files with its warm pool drained (its pooled VMs run on those files). */
+  private drained<T>(id: string, work: () => Promise<T>): Promise<T> {
+    return this.registry.pool ? this.registry.pool.drained(id, work) : work();
+  }
+
+  async importService(dir: string): Promise<Service> {
+    return this.withPool(await this.catalog.import(dir));
   }
 
   async removeService(id: string): Promise<void> {
     this.catalog.get(id);
     this.refuseWhileInUse(id, 'removed');
-    await this.catalog.remove(id);
+    await this.drained(id, () => this.catalog.remove(id));
   }
 
   listPackages(): Package[] {
@@ -216,9 +226,11 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     // The memory state takes up to the VM's memory, the flattened disk about what the service's disk does.
     const diskBytes = (await stat(path.join(service.dir, service.manifest.disk))).size;
     await requireFreeSpace(service.dir, service.manifest.memory_mib * 2 ** 20 + diskBytes, `capture the state of ${id}`);
-    const captured = await this.registry.capture(coldService, this.cachedVm, ({ disk, state }) => this.catalog.replaceDiskAndState(id, { disk, state }));
+    const captured = await this.registry.capture(coldService, this.cachedVm, ({ disk, state }) =>
+      this.drained(id, () => this.catalog.replaceDiskAndState(id, { disk, state })),
+    );
     this.log(`captured the memory state of ${id}`);
-    return captured;
+    return this.withPool(captured);
   }
 
   listBases(): BaseVm[] {
@@ -294,7 +306,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
       .capture(service, this.onDemand, async ({ dir, disk, state }) => {
         if (this.catalog.has(id)) {
           this.refuseWhileInUse(id, 'replaced by a new cached result');
-          await this.catalog.remove(id);
+          await this.drained(id, () => this.catalog.remove(id));
         }
         const cached = await this.catalog.importCaptured({ dir, disk, state }, service.manifest, service.base);
         this.log(`cached the result of recipe ${id}`);

@@ -3,7 +3,7 @@ import { CloudletError, withDetails } from '../errors';
 import type { Logger } from '../log';
 import { faultPoint } from '../system/fault-points';
 import type { LaunchPhase } from './events';
-import type { LaunchPlan, Mechanism } from './mechanism';
+import type { LaunchPlan, Mechanism, WarmStart } from './mechanism';
 import type { PortAllocator } from './ports';
 import { boundedProbe, waitUntilReady } from './readiness';
 import type { InstanceRuntime } from './runtime';
@@ -77,6 +77,34 @@ export class Launcher {
   }
 
   /**
+   * Hand a VM of a warm pool (paused, no forward) to a start. The start's record goes into its runtime first, so an
+   * agent killed from then on finds an instance being started (ready in time or ended), never a pooled VM with a
+   * forward; then a port, the forward, and its vCPUs run. PORT_TAKEN costs another port. null when it could not be
+   * assigned: the pooled VM is destroyed and its directory emptied, never handed to anyone, and the start restores.
+   */
+  async assign(mechanism: Mechanism<Workload>, warm: WarmStart<Workload>, base: InstanceRecord, timer: PhaseTimer): Promise<InstanceRecord | null> {
+    for (let attempt = 1; ; attempt++) {
+      const record: InstanceRecord = { ...base, hostPort: await this.ports.reserve(), launch: 'warm-pool' };
+      try {
+        await timer.time('libvirt', async () => {
+          await mechanism.runtime.writeRecord(record);
+          faultPoint('pool:after-assigned-record');
+          await warm.assign(record);
+        });
+        return record;
+      } catch (err) {
+        this.ports.release(record.hostPort);
+        if (err instanceof CloudletError && err.code === 'PORT_TAKEN' && attempt < LAUNCH_ATTEMPTS) continue;
+        this.log(`pooled VM ${base.id} of ${base.serviceId} could not be assigned (${(err as Error).message}); destroyed, the start restores instead`);
+        await mechanism.runtime.destroy(base.id);
+        await rm(base.dir, { recursive: true, force: true });
+        await mkdir(base.dir, { mode: 0o755 });
+        return null;
+      }
+    }
+  }
+
+  /**
    * Wait until the instance's service answers through its forward, by the record's deadline (its probe's timeout from
    * its creation, never more than the box allows: an adopted record may carry a timeout from before the bound was lowered).
    */
@@ -95,6 +123,11 @@ export class Launcher {
       }),
     );
   }
+}
+
+/** libvirt domain names must be unique; the service id keeps them readable in `virsh list`. */
+export function domainName(serviceId: string, id: string): string {
+  return `cloudlet-${serviceId}-${id.slice(0, 8)}`;
 }
 
 /** The error of a failed launch with the end of the instance's console output, when its runtime keeps one. */

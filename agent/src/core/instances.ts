@@ -6,30 +6,17 @@ import { noSpaceError } from '../system/disk-space';
 import { faultPoint } from '../system/fault-points';
 import type { Logger } from '../log';
 import { EventBus, type InstanceLifecycleState, type LaunchPhase } from './events';
-import { Launcher, launchPercent, withConsoleTail } from './instance-launch';
+import { Launcher, domainName, launchPercent, withConsoleTail } from './instance-launch';
 import { RuntimeSync } from './instance-sync';
 import type { CapturingMechanism, Mechanism } from './mechanism';
 import type { PortAllocator } from './ports';
 import type { LaunchGate } from './launch-gate';
 import type { InstanceEnding, InstanceRuntime, SavedInstance } from './runtime';
 import { AnonymousQuota, holdersOf, withUse, withoutOneUse, withoutUses, type AnonymousLimits, type UseHolders } from './instance-uses';
+import { KeyedQueue } from './keyed-queue';
+import { WarmPool, type WarmPoolParts } from './warm-pool';
 import { PhaseTimer } from './timing';
 import type { Instance, InstanceRecord, MechanismName, StartResult, StopResult, Stopper, Workload } from './types';
-
-/** Serializes async work per key (one instance's users count must not be updated by two requests at once). */
-class KeyedQueue {
-  private readonly tails = new Map<string, Promise<unknown>>();
-
-  run<T>(key: string, work: () => Promise<T>): Promise<T> {
-    const result = (this.tails.get(key) ?? Promise.resolve()).then(work, work);
-    const tail = result.catch(() => {});
-    this.tails.set(key, tail);
-    void tail.then(() => {
-      if (this.tails.get(key) === tail) this.tails.delete(key);
-    });
-    return result;
-  }
-}
 
 /**
  * Every instance the cloudlet runs, whatever the mechanism, and the one pipeline that launches them: starts and
@@ -60,6 +47,7 @@ export class InstanceRegistry {
   private readonly mechanisms: Map<MechanismName, Mechanism<Workload>>;
   private readonly launcher: Launcher;
   private readonly sync: RuntimeSync;
+  readonly pool: WarmPool | undefined;
 
   constructor(
     mechanisms: Mechanism<Workload>[],
@@ -72,15 +60,18 @@ export class InstanceRegistry {
     /** Bounds the launches in flight, whatever the mechanism, captures included. */
     private readonly gate: LaunchGate,
     anonymousLimits: AnonymousLimits = { perAddress: Infinity, total: Infinity },
+    /** Keep warm pools of the mechanism's services (docs/warm-pool.md); filled once `pool.start` is called. */
+    pool?: Pick<WarmPoolParts, 'mechanism' | 'sizing' | 'availableMemory'>,
   ) {
     this.mechanisms = new Map(mechanisms.map((m) => [m.name, m]));
     this.anonymousQuota = new AnonymousQuota(anonymousLimits, () => [...this.instances.values()].filter((record) => !this.starting.has(record.id)));
     this.launcher = new Launcher(ports, bindAddress, gate.limits.readyWithinMs, log);
+    this.pool = pool && new WarmPool({ ...pool, launcher: this.launcher, gate, instancesDir, log });
     const runtimes = [...new Set(mechanisms.map((m) => m.runtime))];
     this.sync = new RuntimeSync(
       {
         listed: () => [...this.instances.values()],
-        tracks: (id) => this.instances.has(id) || this.starting.has(id),
+        tracks: (id) => this.instances.has(id) || this.starting.has(id) || this.pool?.tracks(id) === true,
         knows: (record) => this.mechanisms.has(record.mechanism),
         adoptRecord: (record) => this.adoptRecord(record),
         endIfGone: (id, ending) => this.endIfGone(id, ending),
@@ -157,6 +148,14 @@ export class InstanceRegistry {
   }
 
   private adoptRecord(record: InstanceRecord): void {
+    if (record.pooled) {
+      if (this.pool) this.pool.adopt(record);
+      else
+        void this.runtimeOf(record)
+          .destroy(record.id)
+          .catch((err: Error) => this.log(`cannot end pooled VM ${record.id}: ${err.message}`));
+      return;
+    }
     this.instances.set(record.id, record);
     this.ports.claim(record.hostPort);
     this.log(`adopted instance ${record.id} of ${record.serviceId} on port ${record.hostPort} (${record.state})`);
@@ -183,6 +182,7 @@ export class InstanceRegistry {
 
   /** An instance that is no longer running (and not being launched) is released: its port, files and record. */
   private endIfGone(id: string, ending: InstanceEnding): Promise<void> {
+    if (this.pool?.tracks(id)) return this.pool.ended(id);
     return this.queue.run(id, async () => {
       const record = this.instances.get(id);
       if (!record || this.starting.has(id) || (await this.isRunning(record))) return;
@@ -267,9 +267,11 @@ export class InstanceRegistry {
     admit: () => Promise<void>,
     owner: Stopper,
   ): Promise<InstanceRecord> {
-    const id = randomUUID();
+    // A pooled VM lends the start its identity and directory (docs/warm-pool.md).
+    const pooled = this.pool?.take(service, mechanism) ?? null;
+    const id = pooled?.id ?? randomUUID();
     let record: InstanceRecord = {
-      ...this.launcher.newRecord(service, mechanism.name, id, path.join(this.instancesDir, id)),
+      ...this.launcher.newRecord(service, mechanism.name, id, pooled?.dir ?? path.join(this.instancesDir, id)),
       users: 1,
       ...withUse({ owners: [], anonymous: [] }, owner),
     };
@@ -277,9 +279,10 @@ export class InstanceRegistry {
     this.starting.set(id, record);
     let listed = false;
     try {
-      await mkdir(record.dir, { mode: 0o755 });
+      const warm = pooled && mechanism.warm && (await this.launcher.assign(mechanism, mechanism.warm, record, timer));
+      if (!pooled) await mkdir(record.dir, { mode: 0o755 });
       const progress = (phase: LaunchPhase, bytes?: { done: number; total: number }) => this.progress(record, phase, bytes);
-      record = await this.launcher.bringUp(mechanism, record, { service, domainName: domainName(service.id, id), timer, progress, admit });
+      record = warm || (await this.launcher.bringUp(mechanism, record, { service, domainName: domainName(service.id, id), timer, progress, admit }));
       this.instances.set(id, record);
       listed = true;
       // Already taken, unless the mechanism admits itself and did not: waiting for readiness always holds a slot.
@@ -471,11 +474,6 @@ export class InstanceRegistry {
       at: new Date().toISOString(),
     });
   }
-}
-
-/** libvirt domain names must be unique; the service id keeps them readable in `virsh list`. */
-function domainName(serviceId: string, id: string): string {
-  return `cloudlet-${serviceId}-${id.slice(0, 8)}`;
 }
 
 function publicView(record: InstanceRecord): Instance {

@@ -22,6 +22,9 @@ const BUSY_RETRY_AFTER_S = 5;
 export class LaunchGate {
   private running = 0;
   private readonly waiting: (() => void)[] = [];
+  /** Slots lent to background work (filling the warm pool): counted only by background work, so launches never wait for them. */
+  private lent = 0;
+  private readonly freed = new Set<() => void>();
 
   constructor(readonly limits: LaunchLimits) {}
 
@@ -51,6 +54,33 @@ export class LaunchGate {
     };
   }
 
+  /**
+   * A slot for background work, only if one is free now: no launch waits and launches plus background work leave one.
+   * Background work yields its slot: launches do not count it, so a start never waits behind it (the CPU is shared
+   * for a while, nothing more). null when none is free; `onFreed` says when to ask again.
+   */
+  tryLend(): (() => void) | null {
+    if (this.waiting.length > 0 || this.running + this.lent >= this.limits.concurrent) return null;
+    this.lent++;
+    let held = true;
+    return () => {
+      if (!held) return;
+      held = false;
+      this.lent--;
+      this.tellFreed();
+    };
+  }
+
+  /** Call listener whenever a slot is given back (returns what stops that). */
+  onFreed(listener: () => void): () => void {
+    this.freed.add(listener);
+    return () => this.freed.delete(listener);
+  }
+
+  private tellFreed(): void {
+    for (const listener of this.freed) listener();
+  }
+
   /** Waits for a slot (BUSY when the queue is full) and returns what gives it back; calling that again does nothing. */
   async acquire(): Promise<() => void> {
     if (this.running >= this.limits.concurrent) {
@@ -70,7 +100,10 @@ export class LaunchGate {
       held = false;
       const next = this.waiting.shift();
       if (next) next();
-      else this.running--;
+      else {
+        this.running--;
+        this.tellFreed();
+      }
     };
   }
 }

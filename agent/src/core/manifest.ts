@@ -6,7 +6,7 @@ export const SERVICE_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$/;
 /** Files named by a manifest live in the service directory itself: a bare name, never a path. */
 const FILE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
-export const LIMITS = { memoryMib: { min: 32, max: 65536 }, vcpus: { min: 1, max: 64 }, timeoutMs: { min: 1000, max: 600000 } };
+export const LIMITS = { memoryMib: { min: 32, max: 65536 }, vcpus: { min: 1, max: 64 }, timeoutMs: { min: 1000, max: 600000 }, poolSize: { max: 16 } };
 
 /** Reads the fields of a parsed manifest (a service's or an app package's); every problem names the field. */
 export class ManifestReader {
@@ -104,6 +104,7 @@ export function parseManifest(json: unknown): ServiceManifest {
     disk: r.fileName('disk', raw.disk),
     state: raw.state === null || raw.state === undefined ? null : r.fileName('state', raw.state),
     boot: boot(r, raw.boot),
+    ...(raw.pool_size === undefined ? {} : { pool_size: r.integer('pool_size', 0, LIMITS.poolSize.max) }),
   };
 }
 

@@ -43,6 +43,21 @@ export interface Mechanism<W extends Workload = Service> {
    * (the reserved port was taken by another program meanwhile) makes the registry launch again on another port.
    */
   launch(plan: LaunchPlan<W>): Promise<InstanceRecord['launch']>;
+  /** How the workload is kept warm ahead of starts (mechanisms that restore memory states: docs/warm-pool.md). */
+  readonly warm?: WarmStart<W>;
+}
+
+/**
+ * Instances brought up before anyone asks, handed to a start later: a warm pool's VMs. Prepared, one is paused and
+ * reachable by nobody (no forward); assigned, it has the start's forward and runs.
+ */
+export interface WarmStart<W extends Workload = Service> {
+  /** Whether `service` can be kept warm (a Cached VM needs a memory state). */
+  poolable(service: W): boolean;
+  /** Bring the workload up paused and without a forward, the plan's record (marked pooled) in its runtime. */
+  prepare(plan: LaunchPlan<W>): Promise<void>;
+  /** Give the prepared instance the record's forward and let it run. PORT_TAKEN: the port was taken meanwhile, nothing changed. */
+  assign(record: InstanceRecord): Promise<void>;
 }
 
 /** A mechanism whose runtime can save its instances: what a memory-state capture launches with. */

@@ -58,7 +58,7 @@ async function readCpuinfo(): Promise<{ speedMhz: string; cacheKb: number }> {
 }
 
 /** MemAvailable is what a new VM can really get; os.freemem() ignores reclaimable page cache. */
-async function availableMemory(): Promise<number> {
+export async function availableMemory(): Promise<number> {
   const text = await readFile('/proc/meminfo', 'utf8').catch(() => '');
   const kb = /^MemAvailable:\s*(\d+)/m.exec(text)?.[1];
   return kb ? Number(kb) * 1024 : os.freemem();

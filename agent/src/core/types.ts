@@ -32,6 +32,23 @@ export interface ServiceManifest {
   /** A saved memory state (libvirt save image) of the service's VM, or null for cold boot. */
   state: string | null;
   boot: DirectBoot | null;
+  /**
+   * Paused VMs restored ahead of time for instant starts (docs/warm-pool.md); absent: 1 with a memory state, else 0.
+   * The agent's `pool.sizes` overrides it.
+   */
+  pool_size?: number;
+}
+
+/** A service's warm pool as the API shows it. */
+export interface PoolStatus {
+  /** Pooled VMs kept for the service when nobody is starting it (manifest, config or default). */
+  size: number;
+  /** What the pool aims at now: `size`, grown with the recent rate of starts, within the memory budget. */
+  target: number;
+  /** Paused VMs ready to be handed to a start. */
+  ready: number;
+  /** Being restored into the pool. */
+  filling: number;
 }
 
 export interface Service {
@@ -40,6 +57,8 @@ export interface Service {
   /** The service's directory inside the catalog. */
   dir: string;
   importedAt: string;
+  /** Its warm pool, when the facade lists it (docs/warm-pool.md). */
+  pool?: PoolStatus;
 }
 
 /** manifest.json of an app package (format 1): a self-contained server run in a sandbox (docs/app-packages.md). */
@@ -105,8 +124,11 @@ export interface Instance {
   users: number;
   /** The paired devices among those users, one entry per use (users without a device, e.g. the operator, are not listed). */
   owners: string[];
-  /** 'memory-state' when restored from the service's saved state, 'cold-boot' otherwise. */
-  launch: 'memory-state' | 'cold-boot';
+  /**
+   * 'memory-state' when restored from the service's saved state, 'warm-pool' when it was a VM of the service's warm
+   * pool (restored paused ahead of time), 'cold-boot' otherwise.
+   */
+  launch: 'memory-state' | 'warm-pool' | 'cold-boot';
   createdAt: string;
   readyAt: string | null;
 }
@@ -124,6 +146,12 @@ export interface InstanceRecord extends Instance {
    * users neither listed here nor in `owners` are the operator's. Absent in records written before it existed.
    */
   anonymous?: string[];
+  /**
+   * Set on a VM of a warm pool, not (yet) an instance: paused, without a forward, never listed. `source` names the
+   * service files it was restored from (a service updated since makes it stale); `memoryMib` what it takes of the
+   * pool's memory budget.
+   */
+  pooled?: { source: string; memoryMib: number };
 }
 
 export interface StartRequest {

@@ -12,7 +12,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { Aedes, type AuthenticateError, type Client } from 'aedes';
 import type { MqttClient } from 'mqtt';
-import { eventJson, instanceJson, InstanceView } from '../api/wire-shapes';
+import { eventJson, instanceJson, InstanceView, poolJson } from '../api/wire-shapes';
 import type { AgentConfig } from '../config';
 import type { CloudletEvent } from '../core/events';
 import type { CloudletApi, Service } from '../core/types';
@@ -379,5 +379,14 @@ function whileOpen(stream: Duplex, release: Release): void {
 
 function serviceSummaryJson(service: Service, instances: number) {
   const m = service.manifest;
-  return { id: service.id, version: m.version, description: m.description, tags: m.tags, shareable: m.shareable, memory_state: m.state !== null, instances };
+  return {
+    id: service.id,
+    version: m.version,
+    description: m.description,
+    tags: m.tags,
+    shareable: m.shareable,
+    memory_state: m.state !== null,
+    instances,
+    ...poolJson(service),
+  };
 }

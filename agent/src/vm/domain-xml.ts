@@ -22,7 +22,8 @@ export interface DomainSpec {
   disk: string;
   boot: { kernel: string; initrd: string | null; cmdline: string } | null;
   consoleLog: string;
-  forward: Forward;
+  /** null: no forward yet (a warm pool's VM gets its own through QEMU's monitor when it is assigned). */
+  forward: Forward | null;
   /** The instance's record, kept in the domain's <metadata>. */
   record: InstanceRecord;
   /** A read-only ISO attached as an IDE CD-ROM (a cloud-init config drive), absent for most instances. */
@@ -64,9 +65,16 @@ export function parseMetadataElement(xml: string): InstanceRecord | null {
  * domain XML, so it is saved with the memory state. The guest is restricted to its forwarded port (restrict=on).
  * The NIC gets a fixed PCI slot: libvirt's own disk takes the first free one before these arguments are applied.
  */
-function netdevArg(f: Forward): string {
-  return `user,id=cl0,restrict=on,hostfwd=tcp:${f.bindAddress}:${f.hostPort}-:${f.guestPort}`;
+function netdevArg(f: Forward | null): string {
+  return f ? `user,id=cl0,restrict=on,hostfwd=${hostfwdRule(f)}` : 'user,id=cl0,restrict=on';
 }
+
+/** A forward as QEMU's `hostfwd=` option and its monitor's `hostfwd_add` both take it; the netdev is `cl0`. */
+export function hostfwdRule(f: Forward): string {
+  return `tcp:${f.bindAddress}:${f.hostPort}-:${f.guestPort}`;
+}
+
+export const NETDEV_ID = 'cl0';
 
 export function buildDomainXml(s: DomainSpec): string {
   const boot = s.boot

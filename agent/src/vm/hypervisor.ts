@@ -1,5 +1,6 @@
 import { constants as fsc } from 'node:fs';
 import { access, readFile } from 'node:fs/promises';
+import { isIP } from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Connection, DomainEvent, DomainFlags, LibvirtError, StoppedDetail, libvirtInfo } from '../../../native/libvirt';
@@ -10,7 +11,7 @@ import type { InstanceEnding, InstanceRuntime, SavedInstance } from '../core/run
 import { convertImage } from '../images/qemu-img';
 import { faultPoint } from '../system/fault-points';
 import { readConsoleTail } from './console-log';
-import { METADATA_KEY, METADATA_URI, metadataElement, parseMetadataElement } from './domain-xml';
+import { METADATA_KEY, METADATA_URI, NETDEV_ID, hostfwdRule, metadataElement, parseMetadataElement, type Forward } from './domain-xml';
 import { instanceFiles } from './instance-domain';
 import { prepareRestoreSource, type LiveMigrationStream, type SaveImageHeader, type StreamProgress } from './save-image';
 
@@ -157,20 +158,31 @@ export class Hypervisor implements InstanceRuntime {
     await this.call((c) => c.createDomain(xml));
   }
 
-  /** Restore a new transient domain from a service's saved memory state, with the instance's own XML. */
-  restore(state: { image: string | LiveMigrationStream; header: SaveImageHeader }, xml: string, workDir: string, onProgress?: StreamProgress): Promise<void> {
-    return this.restores.run(() => this.restoreNow(state, xml, workDir, onProgress));
+  /**
+   * Restore a new transient domain from a service's saved memory state, with the instance's own XML; `paused` leaves
+   * its vCPUs stopped (a warm pool's VM, resumed by forwardAndResume).
+   */
+  restore(
+    state: { image: string | LiveMigrationStream; header: SaveImageHeader },
+    xml: string,
+    workDir: string,
+    onProgress?: StreamProgress,
+    paused = false,
+  ): Promise<void> {
+    return this.restores.run(() => this.restoreNow(state, xml, workDir, paused, onProgress));
   }
 
   private async restoreNow(
     state: { image: string | LiveMigrationStream; header: SaveImageHeader },
     xml: string,
     workDir: string,
+    paused: boolean,
     onProgress?: StreamProgress,
   ): Promise<void> {
     const conn = this.connection();
     const source = await prepareRestoreSource(state.image, state.header, xml, workDir, onProgress);
-    const restoring = this.call(() => conn.restoreDomain(source.path, null, DomainFlags.VIR_DOMAIN_SAVE_RUNNING));
+    const flags = paused ? DomainFlags.VIR_DOMAIN_SAVE_PAUSED : DomainFlags.VIR_DOMAIN_SAVE_RUNNING;
+    const restoring = this.call(() => conn.restoreDomain(source.path, null, flags));
     restoring.catch(() => {}); // observed below
     try {
       await Promise.all([restoring, source.done()]);
@@ -198,6 +210,21 @@ export class Hypervisor implements InstanceRuntime {
     await saving;
     await convertImage(instanceFiles(record.dir).disk, saved.disk, 'qcow2');
     return saved;
+  }
+
+  /**
+   * Give a paused domain restored without a forward its forward, then run it: `hostfwd_add` on its user-mode netdev
+   * through QEMU's human monitor (one native call), and virDomainResume. The monitor answers a failed command with
+   * text, not an error: a host port that cannot be bound is PORT_TAKEN (the domain is still paused and forwards
+   * nothing), anything else HYPERVISOR_ERROR.
+   */
+  async forwardAndResume(id: string, forward: Forward): Promise<void> {
+    if (isIP(forward.bindAddress) === 0) throw new CloudletError('INTERNAL', `forward address ${JSON.stringify(forward.bindAddress)} is not an IP address`);
+    const command = `hostfwd_add ${NETDEV_ID} ${hostfwdRule(forward)}`;
+    const reply = (await this.call((c) => c.qemuMonitorCommand(id, command, DomainFlags.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP))).trim();
+    if (/Could not set up host forwarding rule/i.test(reply)) throw new CloudletError('PORT_TAKEN', reply, { details: { host_port: forward.hostPort } });
+    if (reply) throw new CloudletError('HYPERVISOR_ERROR', `QEMU refused ${command}: ${reply.slice(0, 500)}`);
+    await this.call((c) => c.resumeDomain(id));
   }
 
   /** Destroy a domain; one that is already gone counts as destroyed. */

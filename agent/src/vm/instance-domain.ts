@@ -2,6 +2,7 @@ import path from 'node:path';
 import type { LaunchPlan } from '../core/mechanism';
 import type { PhaseTimer } from '../core/timing';
 import type { InstanceRecord, Service } from '../core/types';
+import { CloudletError } from '../errors';
 import { faultPoint } from '../system/fault-points';
 import { buildDomainXml, retargetSavedDomainXml, type DomainSpec } from './domain-xml';
 import type { Hypervisor } from './hypervisor';
@@ -49,19 +50,28 @@ export async function restoreOrBoot(
   instanceDir: string,
   timer: PhaseTimer,
   progress: LaunchPlan['progress'],
+  /** Restore with the vCPUs stopped (a warm pool's VM); a cold boot cannot be. */
+  paused = false,
 ): Promise<'memory-state' | 'cold-boot'> {
   if (state) {
     const header = typeof state === 'string' ? await readSaveImageHeader(state) : state.header;
     const xml = typeof state === 'string' ? retargetSavedDomainXml(header.xml, spec) : state.xml;
     progress('restoring');
     await timer.time('libvirt', () =>
-      hypervisor.restore({ image: typeof state === 'string' ? state : state.stream, header }, xml, instanceDir, (done, total) => {
-        if (done * 2 >= total) faultPoint('vm:mid-restore');
-        progress('restoring', { done, total });
-      }),
+      hypervisor.restore(
+        { image: typeof state === 'string' ? state : state.stream, header },
+        xml,
+        instanceDir,
+        (done, total) => {
+          if (done * 2 >= total) faultPoint('vm:mid-restore');
+          progress('restoring', { done, total });
+        },
+        paused,
+      ),
     );
     return 'memory-state';
   }
+  if (paused) throw new CloudletError('INTERNAL', `${spec.name} has no memory state to restore paused`);
   const xml = buildDomainXml(spec);
   progress('booting');
   await timer.time('libvirt', () => hypervisor.boot(xml));
