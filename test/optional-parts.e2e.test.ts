@@ -95,3 +95,33 @@ t.test('with its MQTT port taken, the agent serves, logs one line with the fix, 
   );
   tt.equal(await page.locator('#parts-off li').count(), 1, 'and only the parts that are off');
 });
+
+t.test('with its HTTPS port taken and its external broker unreachable, the agent says both, without the broker credentials', async (tt) => {
+  const squatter = net.createServer();
+  const tlsPort = await freePort();
+  await new Promise<void>((resolve) => squatter.listen(tlsPort, '127.0.0.1', resolve));
+  tt.teardown(() => new Promise<void>((resolve) => squatter.close(() => resolve())));
+  // Nothing listens there: every connection attempt is refused.
+  const brokerPort = await freePort();
+  const agent = await AgentProcess.start({
+    portRange: '21520-21529',
+    env: { CLOUDLET_TLS_PORT: String(tlsPort), CLOUDLET_MQTT_URL: `mqtt://fleet-user:fleet-secret@127.0.0.1:${brokerPort}` },
+  });
+  tt.teardown(() => agent.dispose());
+  const report = await until(
+    () => health(agent),
+    (r) => partOf(r.json, 'mqtt-external')?.state === 'off',
+  );
+  tt.equal(report.status, 200, 'healthy all the same');
+  tt.match(partOf(report.json, 'https'), { state: 'off', reason: new RegExp(`127\\.0\\.0\\.1:${tlsPort}`), fix: /api\.tlsPort|CLOUDLET_TLS_PORT/ });
+  tt.match(partOf(report.json, 'mqtt-external'), {
+    state: 'off',
+    reason: new RegExp(`mqtt://127\\.0\\.0\\.1:${brokerPort} is unreachable`),
+    fix: /mqtt\.externalUrl|CLOUDLET_MQTT_URL/,
+  });
+  tt.notOk(report.body.includes('fleet-secret') || report.body.includes('fleet-user'), 'the open health report shows no broker credentials');
+  tt.equal(linesAbout(agent, 'https').length, 1, 'one log line about HTTPS');
+  tt.ok(linesAbout(agent, 'mqtt-external').length >= 1, 'a log line about the broker');
+  tt.notOk(agent.log.includes('fleet-secret'), 'nor does the log');
+  tt.equal((await agent.get('/v1/system')).json.tls_port, null, '/v1/system says there is no HTTPS port');
+});

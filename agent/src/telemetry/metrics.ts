@@ -27,11 +27,10 @@ interface Launch {
 }
 
 export class AgentMetrics {
-  readonly registry = new Registry();
+  private readonly registry = new Registry();
   private readonly launches = new Map<string, Launch>();
   private mqttClients: () => number = () => 0;
   private instances: CloudletApi['listInstances'] = () => [];
-  private unsubscribe: () => void = () => {};
   private readonly launchCount: Counter<'mechanism' | 'outcome'>;
   private readonly launchDuration: Histogram<'mechanism'>;
   private readonly readiness: Histogram<'mechanism'>;
@@ -41,7 +40,7 @@ export class AgentMetrics {
   private readonly libvirtCalls: Histogram<'call'>;
 
   /** Made before the core (libvirt's calls are counted from the first); `watch` then connects it to the core. */
-  constructor(private readonly now: () => number = () => performance.now()) {
+  constructor() {
     const registers = [this.registry];
     // Event-loop lag (nodejs_eventloop_lag_*), heap, GC, CPU and file descriptors of the agent process.
     collectDefaultMetrics({ register: this.registry });
@@ -115,7 +114,8 @@ export class AgentMetrics {
   /** Counts the core's launches from its events, and its instances when scraped. */
   watch(api: Pick<CloudletApi, 'listInstances' | 'subscribe'>): void {
     this.instances = () => api.listInstances();
-    this.unsubscribe = api.subscribe((event) => this.onEvent(event));
+    // For the agent's lifetime: nothing unsubscribes.
+    api.subscribe((event) => this.onEvent(event));
   }
 
   /** The embedded broker reports its client count through this once it runs. */
@@ -139,16 +139,11 @@ export class AgentMetrics {
     return { contentType: this.registry.contentType, text: await this.registry.metrics() };
   }
 
-  close(): void {
-    this.unsubscribe();
-    this.registry.clear();
-  }
-
   private onEvent(event: CloudletEvent): void {
     if (event.type === 'progress') {
       const launch = this.launches.get(event.instanceId);
       if (!launch) return;
-      if (event.phase === 'waiting-ready') launch.waitingReadyAt ??= this.now();
+      if (event.phase === 'waiting-ready') launch.waitingReadyAt ??= performance.now();
       if (event.phase === 'synthesizing' && event.bytes && event.bytes.done > launch.synthesizedBytes) {
         this.synthesizedBytes.inc(event.bytes.done - launch.synthesizedBytes);
         launch.synthesizedBytes = event.bytes.done;
@@ -157,14 +152,14 @@ export class AgentMetrics {
     }
     const { id, mechanism } = event.instance;
     if (event.state === 'starting') {
-      this.launches.set(id, { mechanism, startedAt: this.now(), waitingReadyAt: null, synthesizedBytes: 0 });
+      this.launches.set(id, { mechanism, startedAt: performance.now(), waitingReadyAt: null, synthesizedBytes: 0 });
       return;
     }
     const launch = this.launches.get(id);
     // A join, or an instance adopted at start: not a launch this process watched.
     if (!launch) return;
     if (event.state === 'ready') {
-      const now = this.now();
+      const now = performance.now();
       this.launchCount.inc({ mechanism, outcome: 'ready' });
       this.launchDuration.observe({ mechanism }, (now - launch.startedAt) / 1000);
       if (launch.waitingReadyAt !== null) this.readiness.observe({ mechanism }, (now - launch.waitingReadyAt) / 1000);

@@ -382,7 +382,7 @@ export class Telemetry {
   }
 
   private republishToExternal(): void {
-    this.options.log(`connected to the external MQTT broker ${this.options.config.externalUrl}`);
+    this.options.log(`connected to the external MQTT broker ${brokerAddress(this.options.config.externalUrl!)}`);
     for (const [topic, payload] of this.retained) this.external?.publish(topic, payload, { qos: 0, retain: true });
   }
 }
@@ -406,14 +406,12 @@ function connectExternal(options: TelemetryOptions, topics: TopicTree): MqttClie
       retain: true,
     },
   });
-  // One line per new reason (parts.off logs only changes), not one per attempt. The reason is shown by the open
-  // /v1/health: the URL's user name and password stay out of it.
-  const { protocol, host } = new URL(url);
+  // One line per new reason (parts.off logs only changes), not one per attempt.
   let problem = 'no answer';
   const unreachable = () =>
     options.parts.off(
       'mqtt-external',
-      `the broker ${protocol}//${host} is unreachable (${problem}); retrying every ${EXTERNAL_RECONNECT_MS} ms, the local broker serves meanwhile`,
+      `the broker ${brokerAddress(url)} is unreachable (${problem}); retrying every ${EXTERNAL_RECONNECT_MS} ms, the local broker serves meanwhile`,
       'check that the broker runs and that this box reaches it (address, port, firewall, TLS), or correct mqtt.externalUrl (CLOUDLET_MQTT_URL)',
     );
   client.on('error', (err) => {
@@ -425,6 +423,12 @@ function connectExternal(options: TelemetryOptions, topics: TopicTree): MqttClie
     problem = 'the connection was lost';
   });
   return client;
+}
+
+/** A broker URL as logs and the open /v1/health show it: without its user name and password. */
+function brokerAddress(url: string): string {
+  const { protocol, host } = new URL(url);
+  return `${protocol}//${host}`;
 }
 
 /** The latest of ISO timestamps (null ones skipped), or null. */
