@@ -3,6 +3,7 @@
  * (libvirt-shim.ts, see native/README.md), so none blocks the event loop; and the libvirt types and flags it speaks.
  * The one module the rest imports (vm/hypervisor.ts, tests, benchmarks).
  */
+import { performance } from 'node:perf_hooks';
 import { LibvirtError } from './libvirt-error';
 import {
   callShim,
@@ -67,6 +68,9 @@ export interface LifecycleWatch {
   /** Stops the callbacks; resolves once the last batch has been handed to the listener. */
   close(): Promise<void>;
 }
+
+/** Told of each call made on a connection: its method's name and how long it took, in seconds. */
+export type CallObserver = (call: string, seconds: number) => void;
 
 export interface DomainSummary {
   uuid: string;
@@ -136,16 +140,19 @@ export class Connection {
   readonly #handle: number;
   readonly #inFlight = new Set<Promise<unknown>>();
   readonly #watches = new Set<LifecycleWatch>();
+  readonly #observer: CallObserver | undefined;
   #closed: Promise<void> | undefined;
 
-  private constructor(uri: string, handle: number) {
+  private constructor(uri: string, handle: number, observer: CallObserver | undefined) {
     this.uri = uri;
     this.#handle = handle;
+    this.#observer = observer;
   }
 
-  static async open(uri: string): Promise<Connection> {
+  /** `observer` is told how long each call on the connection took (metrics), failed ones included. */
+  static async open(uri: string, observer?: CallObserver): Promise<Connection> {
     libvirtInfo();
-    return new Connection(uri, await callShim(readValue, 'clv_open', uri));
+    return new Connection(uri, await callShim(readValue, 'clv_open', uri), observer);
   }
 
   /** Waits for the calls in flight, then closes the libvirt connection. Idempotent. */
@@ -300,10 +307,14 @@ export class Connection {
     if (this.#closed) {
       return Promise.reject(new LibvirtError('CONNECTION_CLOSED', method, `connection to ${this.uri} is closed`));
     }
+    const startedAt = performance.now();
     const call = callShim(read, funcName, this.#handle, ...args);
     this.#inFlight.add(call);
-    const untrack = () => this.#inFlight.delete(call);
-    call.then(untrack, untrack);
+    const settled = () => {
+      this.#inFlight.delete(call);
+      this.#observer?.(method, (performance.now() - startedAt) / 1000);
+    };
+    call.then(settled, settled);
     return call;
   }
 }

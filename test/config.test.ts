@@ -92,6 +92,7 @@ t.test('telemetry, discovery and libvirt events are configured from the file and
     metricsIntervalMs: 2000,
     externalUrl: 'mqtt://fleet.example:1883',
     access: 'devices',
+    discoveryPrefix: 'homeassistant',
   });
   t.equal(config.discovery.enabled, false);
   t.equal(config.libvirtEvents, false);
@@ -169,4 +170,26 @@ t.test('the minimum pace of request bodies and the bound on readiness timeouts c
     code: 'INVALID_PARAMETER',
     message: /limits\.readinessTimeoutMs must be a whole number from 1000 to 600000/,
   });
+});
+
+t.test("Home Assistant's discovery prefix and the metrics credential come from the file and the environment, checked", async (t) => {
+  t.equal((await loadConfig({ ...NO_FILE })).mqtt.discoveryPrefix, 'homeassistant', "HA's own default prefix");
+  t.equal((await loadConfig({ ...NO_FILE, CLOUDLET_MQTT_DISCOVERY_PREFIX: 'ha/site-1' })).mqtt.discoveryPrefix, 'ha/site-1');
+  t.equal((await loadConfig({ ...NO_FILE, CLOUDLET_MQTT_DISCOVERY_PREFIX: '' })).mqtt.discoveryPrefix, null, 'empty: not published');
+  for (const prefix of ['ha/#', 'ha/+/x', '/ha', 'ha/', 'ha//x', 'h a']) {
+    await t.rejects(
+      loadConfig({ ...NO_FILE, CLOUDLET_MQTT_DISCOVERY_PREFIX: prefix }),
+      { code: 'INVALID_PARAMETER', message: /mqtt\.discoveryPrefix/ },
+      prefix,
+    );
+  }
+  t.same((await loadConfig({ ...NO_FILE })).metrics, { token: null, tokenFile: null }, 'no credential: the operator alone scrapes');
+  const token = 'a-long-enough-metrics-token';
+  t.same((await loadConfig({ ...NO_FILE, CLOUDLET_METRICS_TOKEN: token, CLOUDLET_METRICS_TOKEN_FILE: '/etc/cloudlet/metrics-token' })).metrics, {
+    token,
+    tokenFile: '/etc/cloudlet/metrics-token',
+  });
+  for (const bad of ['short', 'has white space in it, long enough']) {
+    await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_METRICS_TOKEN: bad }), { code: 'INVALID_PARAMETER', message: /metrics\.token/ }, bad);
+  }
 });

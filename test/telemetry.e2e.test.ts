@@ -192,6 +192,11 @@ t.test('the external broker gets the tree, and the last will says offline when t
   tt.teardown(() => watcher.close());
   tt.equal((await watcher.next((m) => m.topic === `${ROOT_TOPIC}/status`)).value.json.state, 'online', 'birth: online');
   tt.ok(await watcher.next((m) => m.topic === `${ROOT_TOPIC}/services/${SERVICE}`), 'the service is mirrored');
+  // Home Assistant usually has its own broker: the discovery configs (default prefix) are mirrored there too.
+  const homeAssistant = await MqttWatcher.connect(`mqtt://127.0.0.1:${external.port}`, 'homeassistant/#');
+  tt.teardown(() => homeAssistant.close());
+  const online = await homeAssistant.next((m) => m.topic === `homeassistant/binary_sensor/${ROOT_TOPIC.replace(/[^a-z0-9_]/g, '_')}/online/config`);
+  tt.match(online.value, { retain: true, json: { state_topic: `${ROOT_TOPIC}/status` } }, "Home Assistant's config topics are mirrored");
   const from = watcher.inbox.items.length;
   await agent.kill();
   tt.equal(
@@ -202,13 +207,4 @@ t.test('the external broker gets the tree, and the last will says offline when t
   await agent.launch();
 });
 
-t.test('an agent whose MQTT port is taken still serves, and says why MQTT over TCP is off', async (tt) => {
-  const squatter = net.createServer();
-  const port = await freePort();
-  await new Promise<void>((resolve) => squatter.listen(port, '127.0.0.1', resolve));
-  tt.teardown(() => new Promise<void>((resolve) => squatter.close(() => resolve())));
-  const second = await AgentProcess.start({ portRange: '21290-21299', env: { CLOUDLET_MQTT_PORT: String(port) } });
-  tt.teardown(() => second.dispose());
-  tt.equal((await second.get('/v1/health')).status, 200, 'the API answers');
-  tt.match(second.log, /MQTT over TCP is off: cannot listen on 127\.0\.0\.1:\d+/);
-});
+// An agent whose MQTT port is taken: test/optional-parts.e2e.test.ts.

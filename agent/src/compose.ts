@@ -31,11 +31,12 @@ const OVERLAY_UPLOADS_PER_DEVICE = 2;
 /**
  * The composition root of the core: connect to libvirt, open the stores under the data directory, make the
  * mechanisms on their runtimes, rebuild the registry from what runs, and hand it all to the core's facade.
+ * `libvirtCalls` is told how long each libvirt call took (metrics).
  */
-export async function composeCloudlet(config: AgentConfig, log: Logger): Promise<Cloudlet> {
+export async function composeCloudlet(config: AgentConfig, log: Logger, libvirtCalls?: (call: string, seconds: number) => void): Promise<Cloudlet> {
   // QEMU runs as its own user and must reach the images below the data directory.
   await makeDataDir(config.dataDir);
-  const hypervisor = await Hypervisor.connect(config.libvirtUri, config.domainType, log);
+  const hypervisor = await Hypervisor.connect(config.libvirtUri, config.domainType, log, libvirtCalls);
   await checkReachableByQemu(config.dataDir, await hypervisor.qemuIdentity(), log);
   const staging = path.join(config.dataDir, 'tmp');
   const catalog = new Catalog(path.join(config.dataDir, 'services'), staging, log);

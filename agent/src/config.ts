@@ -37,7 +37,17 @@ export interface AgentConfig {
      * admin token) or 'anonymous-read' (anyone). Either way clients only read: the agent alone publishes.
      */
     access: 'devices' | 'anonymous-read';
+    /**
+     * Home Assistant MQTT discovery: its config topics go under this prefix (HA's default `homeassistant`), so the
+     * cloudlet shows up in HA as a device with its entities; null: not published.
+     */
+    discoveryPrefix: string | null;
   };
+  /**
+   * Who may scrape GET /metrics besides the operator: the holder of this bearer token, given in the config
+   * (`token`) or in a file of its own (`tokenFile`, read at start; its content, trimmed). Neither: the operator alone.
+   */
+  metrics: { token: string | null; tokenFile: string | null };
   /** Publish the cloudlet over mDNS/DNS-SD through Avahi's D-Bus API and browse for peers. */
   discovery: { enabled: boolean };
   /** How often the placement facts of each paired cloudlet are asked for (docs/fleet.md, "Between cloudlets"). */
@@ -101,7 +111,8 @@ export const DEFAULT_CONFIG: AgentConfig = {
   seedDir: '/usr/share/cloudlet/services',
   reconcileIntervalMs: 1000,
   libvirtEvents: true,
-  mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null, access: 'devices' },
+  mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null, access: 'devices', discoveryPrefix: 'homeassistant' },
+  metrics: { token: null, tokenFile: null },
   discovery: { enabled: true },
   peers: { pollIntervalMs: 10000 },
   apps: { maxUploadBytes: 512 * 1024 * 1024 },
@@ -181,6 +192,22 @@ function poolSizes(value: unknown): Record<string, number> {
   return Object.fromEntries(Object.entries(value).map(([id, size]) => [id, count(size, `pool.sizes["${id}"]`, 0, 16)]));
 }
 
+/** An MQTT topic prefix without wildcards, empty levels or a leading or trailing slash. */
+function topicPrefix(value: unknown, what: string): string | null {
+  if (value === null || value === '') return null;
+  if (typeof value !== 'string' || !/^[A-Za-z0-9_-]+(\/[A-Za-z0-9_-]+)*$/.test(value)) {
+    throw invalid(`${what} must be topic levels of letters, digits, _ and - separated by /, got ${JSON.stringify(value)}`);
+  }
+  return value;
+}
+
+/** Long enough not to be guessed, and without white space (it travels in an Authorization header). */
+export function metricsToken(value: unknown, what: string): string | null {
+  if (value === null || value === '') return null;
+  if (typeof value !== 'string' || !/^\S{16,512}$/.test(value)) throw invalid(`${what} must be 16 to 512 characters without white space`);
+  return value;
+}
+
 function domainType(value: unknown): AgentConfig['domainType'] {
   if (value === 'auto' || value === 'kvm' || value === 'qemu') return value;
   throw invalid(`domainType must be auto, kvm or qemu, got ${JSON.stringify(value)}`);
@@ -195,7 +222,16 @@ type Overrides = {
   seedDir?: unknown;
   reconcileIntervalMs?: unknown;
   libvirtEvents?: unknown;
-  mqtt?: { host?: unknown; port?: unknown; topicRoot?: unknown; metricsIntervalMs?: unknown; externalUrl?: unknown; access?: unknown };
+  mqtt?: {
+    host?: unknown;
+    port?: unknown;
+    topicRoot?: unknown;
+    metricsIntervalMs?: unknown;
+    externalUrl?: unknown;
+    access?: unknown;
+    discoveryPrefix?: unknown;
+  };
+  metrics?: { token?: unknown; tokenFile?: unknown };
   discovery?: { enabled?: unknown };
   peers?: { pollIntervalMs?: unknown };
   apps?: { maxUploadBytes?: unknown };
@@ -240,6 +276,9 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
     c.apps.maxUploadBytes = bytes;
   }
   if (o.mqtt?.access !== undefined) c.mqtt.access = oneOf(o.mqtt.access, 'mqtt.access', ['devices', 'anonymous-read'] as const);
+  if (o.mqtt?.discoveryPrefix !== undefined) c.mqtt.discoveryPrefix = topicPrefix(o.mqtt.discoveryPrefix, 'mqtt.discoveryPrefix');
+  if (o.metrics?.token !== undefined) c.metrics.token = metricsToken(o.metrics.token, 'metrics.token');
+  if (o.metrics?.tokenFile !== undefined) c.metrics.tokenFile = orNull(o.metrics.tokenFile, 'metrics.tokenFile');
   if (o.packages?.maxUploadBytes !== undefined) c.packages.maxUploadBytes = count(o.packages.maxUploadBytes, 'packages.maxUploadBytes', 1);
   if (o.packages?.maxPids !== undefined) c.packages.maxPids = count(o.packages.maxPids, 'packages.maxPids', 8);
   // cloudlet-logcap needs room for a few of its 64 KiB reads.
@@ -279,7 +318,14 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
     forward: { bindAddress: env.CLOUDLET_FORWARD_ADDRESS, portRange: env.CLOUDLET_PORT_RANGE },
     seedDir: env.CLOUDLET_SEED_DIR,
     libvirtEvents: env.CLOUDLET_LIBVIRT_EVENTS,
-    mqtt: { host: env.CLOUDLET_MQTT_HOST, port: env.CLOUDLET_MQTT_PORT, externalUrl: env.CLOUDLET_MQTT_URL, access: env.CLOUDLET_MQTT_ACCESS },
+    mqtt: {
+      host: env.CLOUDLET_MQTT_HOST,
+      port: env.CLOUDLET_MQTT_PORT,
+      externalUrl: env.CLOUDLET_MQTT_URL,
+      access: env.CLOUDLET_MQTT_ACCESS,
+      discoveryPrefix: env.CLOUDLET_MQTT_DISCOVERY_PREFIX,
+    },
+    metrics: { token: env.CLOUDLET_METRICS_TOKEN, tokenFile: env.CLOUDLET_METRICS_TOKEN_FILE },
     discovery: { enabled: env.CLOUDLET_DISCOVERY },
     peers: { pollIntervalMs: env.CLOUDLET_PEERS_POLL_MS },
     apps: { maxUploadBytes: env.CLOUDLET_APP_MAX_BYTES },

@@ -3,33 +3,43 @@
 // VM start behind three slow ones. Must be set before the pool's first use.
 process.env.UV_THREADPOOL_SIZE ??= '16';
 
+import { readFile } from 'node:fs/promises';
 import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { startHttpServer } from './api/http-server';
 import { ConnectionCaps } from './trust/connection-caps';
 import { RateLimiter } from './trust/rate-limit';
 import { composeCloudlet } from './compose';
-import { loadConfig } from './config';
+import { loadConfig, metricsToken, type AgentConfig } from './config';
 import { AGENT_VERSION } from './core/host-status';
+import { OptionalParts } from './core/optional-parts';
 import { AvahiDiscovery } from './discovery/avahi';
 import { PeerLinks } from './fleet/peer-links';
 import { FileDigests } from './system/file-digest';
 import { createLogger } from './log';
 import { agentUrl } from './system/agent-probe';
 import { announceReady } from './system/systemd';
+import { AgentMetrics, MetricsCredential } from './telemetry/metrics';
 import { Telemetry } from './telemetry/mqtt';
 import { TokenGate } from './trust/access';
 import { loadOrCreateAdminToken } from './trust/admin-token';
 import { DeviceRegistry } from './trust/devices';
 import { Pairing } from './trust/pairing';
-import { ensureTlsIdentity } from './trust/tls';
+import { ensureTlsIdentity, type TlsIdentity } from './trust/tls';
 
 async function main(): Promise<void> {
   const log = createLogger('cloudlet-agent');
   const config = await loadConfig();
-  const cloudlet = await composeCloudlet(config, log);
+  const metrics = new AgentMetrics();
+  const cloudlet = await composeCloudlet(config, log, (call, seconds) => metrics.libvirtCall(call, seconds));
+  metrics.watch(cloudlet);
+  // What runs without its optional parts says which are off, why and what to do: one log line each, /v1/health.
+  const parts = new OptionalParts(log);
+  cloudlet.attachParts(parts);
+  if (!config.discovery.enabled) parts.disabled('discovery', 'discovery.enabled is false');
+  if (!config.mqtt.externalUrl) parts.disabled('mqtt-external', 'no external broker configured (mqtt.externalUrl)');
   const devices = await DeviceRegistry.open(config.dataDir);
-  const tls = await ensureTlsIdentity(config.dataDir, os.hostname(), createLogger('tls'));
+  const tls = await tlsIdentity(config.dataDir, parts);
   const gate = new TokenGate(devices, await loadOrCreateAdminToken(config.dataDir));
   // One set of request buckets for the API and the MQTT broker's TCP connections.
   const rateLimiter = new RateLimiter({ perSecond: config.limits.requestsPerSecond, burst: config.limits.requestBurst });
@@ -40,7 +50,9 @@ async function main(): Promise<void> {
     api: cloudlet,
     hostname: os.hostname(),
     agentVersion: AGENT_VERSION,
+    dataDir: config.dataDir,
     log: createLogger('mqtt'),
+    parts,
     credentials: { gate, devices },
     rateLimiter,
     connectionCaps,
@@ -53,6 +65,7 @@ async function main(): Promise<void> {
     discovered: () => cloudlet.peers(),
   });
   const digests = new FileDigests();
+  metrics.countMqttClients(() => telemetry.clientCount);
   let tlsPort: number | null = null;
   const server = await startHttpServer({
     api: cloudlet,
@@ -61,8 +74,8 @@ async function main(): Promise<void> {
     port: config.api.port,
     logger: createLogger('http'),
     gate,
-    trust: { devices, pairing: new Pairing(devices), tls: { fingerprint: tls.fingerprint, port: () => tlsPort } },
-    tls: { port: config.api.tlsPort, keyFile: tls.keyFile, certFile: tls.certFile },
+    trust: { devices, pairing: new Pairing(devices), tls: { fingerprint: tls?.fingerprint ?? null, port: () => tlsPort } },
+    ...(tls ? { tls: { port: config.api.tlsPort, keyFile: tls.keyFile, certFile: tls.certFile } } : {}),
     fleet: { links: peerLinks, sha256: (file) => digests.sha256(file) },
     streamEndpoints: [
       {
@@ -79,8 +92,18 @@ async function main(): Promise<void> {
     bodyRateWindowMs: config.limits.bodyRateWindowMs,
     rateLimiter,
     connectionCaps,
+    metrics: { source: { exposition: () => metrics.exposition(), credential: await metricsCredential(config.metrics) }, observer: metrics },
   });
   tlsPort = server.tlsPort;
+  if (server.tlsProblem !== null) {
+    parts.off(
+      'https',
+      `no HTTPS listener on ${config.api.host}:${config.api.tlsPort}: ${server.tlsProblem}; phones cannot pair or send credentials from the network`,
+      `free port ${config.api.tlsPort} or choose another (api.tlsPort, CLOUDLET_TLS_PORT), then restart the agent`,
+    );
+  } else if (tls) {
+    parts.on('https');
+  }
   // A device whose authorization ends loses its instances; armed after adoption, so one that expired while the agent
   // was down is handled now.
   cloudlet.attachDeviceStanding((id) => devices.standing(id));
@@ -96,12 +119,13 @@ async function main(): Promise<void> {
         port: server.port,
         agentVersion: AGENT_VERSION,
         log: createLogger('discovery'),
+        parts,
         kdEncrypted: config.kdApi === 'encrypted',
       })
     : null;
   if (discovery) cloudlet.attachDiscovery(discovery);
   // performance.now() counts from the process's start: the start-to-listening time includes Node's own boot.
-  if (server.tlsPort !== null) log(`HTTPS on ${config.api.host}:${server.tlsPort}, certificate SHA-256 ${tls.fingerprint}`);
+  if (tls && server.tlsPort !== null) log(`HTTPS on ${config.api.host}:${server.tlsPort}, certificate SHA-256 ${tls.fingerprint}`);
   log(`listening on ${config.api.host}:${server.port} after ${Math.round(performance.now())} ms; data in ${config.dataDir}`);
   const watchdog = await announceReady(agentUrl(config.api.host, server.port), () => cloudlet.health(), createLogger('systemd'));
 
@@ -121,6 +145,27 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
+}
+
+/** The agent's TLS identity, made on first start; without one the agent serves on, over plain HTTP alone. */
+async function tlsIdentity(dataDir: string, parts: OptionalParts): Promise<TlsIdentity | null> {
+  try {
+    return await ensureTlsIdentity(dataDir, os.hostname(), createLogger('tls'));
+  } catch (err) {
+    parts.off(
+      'https',
+      `no usable TLS certificate (${(err as Error).message}); phones cannot pair or send credentials from the network`,
+      `make sure openssl is installed and ${dataDir}/trust/tls is writable by the agent, then restart it (a new certificate is made)`,
+    );
+    return null;
+  }
+}
+
+/** The metrics credential from the config, or from its file (read now: a file that cannot be read stops the start). */
+async function metricsCredential(config: AgentConfig['metrics']): Promise<MetricsCredential | null> {
+  const token =
+    config.token ?? (config.tokenFile ? metricsToken((await readFile(config.tokenFile, 'utf8')).trim(), `the metrics token in ${config.tokenFile}`) : null);
+  return token === null ? null : new MetricsCredential(token);
 }
 
 main().catch((err: Error & { code?: string }) => {

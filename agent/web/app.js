@@ -265,5 +265,14 @@ function failed(what) {
   };
 }
 
+/** The footer tells the operator which optional parts are off (/v1/health, open to all), why, and what to do. */
+async function showPartsOff() {
+  const health = await (await fetch('/v1/health')).json();
+  const off = (health.parts || []).filter((p) => p.state === 'off');
+  $('parts-off').replaceChildren(...off.map((p) => el('li', { 'data-part': p.part }, el('strong', {}, p.part), `: ${p.reason}. To fix: ${p.fix}`)));
+  $('parts').hidden = off.length === 0;
+}
+
+showPartsOff().catch(() => {});
 loadServices().catch(failed('services-empty'));
 api('GET', '/v1/apps').then((apps) => renderApps(apps.apps), failed('apps-empty'));

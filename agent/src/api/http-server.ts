@@ -13,7 +13,8 @@ import type { RateLimiter } from '../trust/rate-limit';
 import { EventsSocket } from './events-socket';
 import { kdCloudletFace } from './kd-cloudlet';
 import { kdEncryptedFace, type DeviceKeys } from './kd-encrypted';
-import { RequestPipeline } from './request-pipeline';
+import { metricsRoute, type MetricsSource } from './metrics-route';
+import { RequestPipeline, type RequestObserver } from './request-pipeline';
 import { streamSocket, type StreamEndpoint } from './stream-socket';
 import { listenUws } from './uws-transport';
 import { v1Face } from './v1';
@@ -52,12 +53,16 @@ export interface HttpServerOptions {
   fleet?: FleetView;
   /** Also serve HTTPS on this port (0 picks a free one) of the same host, with this key and certificate. */
   tls?: { port: number; keyFile: string; certFile: string };
+  /** GET /metrics from this source, and the observer every answered request is counted by (absent: no metrics). */
+  metrics?: { source: MetricsSource; observer: RequestObserver };
 }
 
 export interface HttpServer {
   readonly port: number;
   /** The HTTPS listener's port, when there is one. */
   readonly tlsPort: number | null;
+  /** Why the HTTPS listener asked for is missing; null when it runs (or none was asked for). */
+  readonly tlsProblem: string | null;
   close(): Promise<void>;
 }
 
@@ -71,9 +76,18 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
   const kd =
     kdApi.mode === 'off' ? null : kdApi.mode === 'encrypted' ? kdEncryptedFace(kdCloudletFace(options.api), kdApi.devices) : kdCloudletFace(options.api);
   const limiter = options.rateLimiter ?? null;
+  const v1 = v1Face(options.api, options.provisioning, options.trust, options.fleet);
+  // /metrics is under no face's prefix: the face that takes the rest (/v1's) answers it, with /v1's JSON errors.
+  const own = options.metrics ? { ...v1, routes: [...v1.routes, metricsRoute(options.metrics.source)] } : v1;
   const pipeline = new RequestPipeline(
-    { kd, page: webFace(), own: v1Face(options.api, options.provisioning, options.trust, options.fleet) },
-    { gate: options.gate, limiter, maxBodyBytes: options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES, log },
+    { kd, page: webFace(), own },
+    {
+      gate: options.gate,
+      limiter,
+      maxBodyBytes: options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
+      log,
+      ...(options.metrics ? { observer: options.metrics.observer } : {}),
+    },
   );
   const events = new EventsSocket({ api: options.api, gate: options.gate, limiter, caps: options.connectionCaps ?? null, log });
   const endEvents = (device: { id: string }) => events.endDevice(device.id);
@@ -98,6 +112,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
   return {
     port: listeners.port,
     tlsPort: listeners.tlsPort,
+    tlsProblem: listeners.tlsProblem,
     close: async () => {
       if (!open) return;
       open = false;

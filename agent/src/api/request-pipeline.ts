@@ -57,6 +57,17 @@ export interface RequestPolicy {
   /** The default limit of a JSON or form body. */
   maxBodyBytes: number;
   log: (line: string) => void;
+  /** Told of every answered request (metrics); absent: nobody counts. */
+  observer?: RequestObserver;
+}
+
+/**
+ * What counts requests: the matched route's pattern (`unmatched` when none matched, so a client cannot add label
+ * values by inventing paths), the method, the status sent ('aborted' when the client left first), and the bytes of a
+ * streamed upload that was accepted (2xx; else 0).
+ */
+export interface RequestObserver {
+  answered(route: string, method: string, status: number | 'aborted', uploadedBytes: number): void;
 }
 
 export class RequestPipeline {
@@ -76,8 +87,11 @@ export class RequestPipeline {
     let reply: Reply;
     let file: OpenedFile | undefined;
     let caller: Caller | undefined;
+    let routePattern = 'unmatched';
+    let uploaded = 0;
     try {
       const { route, params } = resolveRoute(face, incoming);
+      routePattern = route.path;
       const transport: Transport = { remoteAddress: incoming.remoteAddress, secure: incoming.secure };
       caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport, route.peers);
       const body = route.jsonBody ? exchange.readBody(incoming.headers, route.maxBodyBytes ?? maxBodyBytes) : undefined;
@@ -97,6 +111,7 @@ export class RequestPipeline {
         ...(bodyStream ? { bodyStream } : {}),
       };
       reply = await route.handle(request);
+      if (bodyStream && reply.status < 300) uploaded = bodyStream.length;
       if (reply.file) ({ reply, file } = await openFileReply(reply, reply.file, incoming.headers));
     } catch (err) {
       const error = seenBy(asCloudletError(err), caller);
@@ -105,8 +120,11 @@ export class RequestPipeline {
       reply = face.errorReply(error);
       Object.assign(reply.headers, errorHeaders(error));
     }
-    if (file) return (await exchange.sendFile(reply, file, incoming.method === 'HEAD')) ? reply.status : 'aborted';
-    return exchange.send(reply, incoming.method === 'HEAD') ? reply.status : 'aborted';
+    const headOnly = incoming.method === 'HEAD';
+    const sent = file ? await exchange.sendFile(reply, file, headOnly) : exchange.send(reply, headOnly);
+    const status = sent ? reply.status : 'aborted';
+    this.policy.observer?.answered(routePattern, incoming.method, status, uploaded);
+    return status;
   }
 
   /** The phone page owns `/` and its assets' prefix; paths under no face's prefix get our own face's JSON 404. */

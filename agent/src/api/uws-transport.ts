@@ -39,6 +39,8 @@ export interface Listeners {
   port: number;
   /** The HTTPS listener's port, when there is one. */
   tlsPort: number | null;
+  /** Why the HTTPS listener asked for is missing (main.ts says so as the `https` part); null when it runs. */
+  tlsProblem: string | null;
   close(): void;
 }
 
@@ -70,18 +72,20 @@ export async function listenUws(options: TransportOptions): Promise<Listeners> {
 
   const plain = await listen(mount(App() as ClosableApp, false), options.host, options.port, 'HTTP', log);
   let secure: Listener | null = null;
+  let tlsProblem: string | null = null;
   if (options.tls) {
     const tlsApp = SSLApp({ key_file_name: options.tls.keyFile, cert_file_name: options.tls.certFile }) as ClosableApp;
     // Without its HTTPS port the agent still serves loopback and the open routes (as with a taken MQTT port): phones
     // cannot send credentials until it is back, which /v1/system shows (tls_port null).
     secure = await listen(mount(tlsApp, true), options.host, options.tls.port, 'HTTPS', log).catch((err: Error) => {
-      log(`no HTTPS listener: ${err.message}; devices cannot authenticate from other machines`);
+      tlsProblem = `${err.message} (the port is taken, or the certificate cannot be used)`;
       return null;
     });
   }
   return {
     port: plain.port,
     tlsPort: secure?.port ?? null,
+    tlsProblem,
     close: () => {
       plain.close();
       secure?.close();

@@ -15,7 +15,8 @@ export interface TrustView {
   devices: DeviceRegistry;
   pairing: Pairing;
   /** The certificate phones pin, and the HTTPS port (known once it listens). */
-  tls: { fingerprint: string; port(): number | null };
+  /** fingerprint null: the agent has no usable certificate (then no HTTPS either). */
+  tls: { fingerprint: string | null; port(): number | null };
 }
 
 const DEFAULT_WINDOW_SECONDS = 300;

@@ -151,6 +151,7 @@ export function healthJson(report: HealthReport) {
       ...(optional ? { optional } : {}),
       ...(detail === undefined ? {} : { detail }),
     })),
+    ...(report.parts ? { parts: report.parts.map(({ part, state, reason, fix }) => ({ part, state, reason, fix })) } : {}),
   };
 }
 

@@ -11,6 +11,7 @@ import type { BaseFile, BaseStore, BaseVm } from './bases';
 import type { Catalog } from './catalog';
 import { requireFreeSpace } from '../system/disk-space';
 import { HostStatus } from './host-status';
+import type { OptionalPart } from './optional-parts';
 import { InstanceStarts, type DeviceStanding } from './instance-starts';
 import type { InstanceRegistry } from './instances';
 import { RECIPE_TAG_PREFIX, parseRecipe, recipeService, recipeTag, type Recipe, type RecipeService } from './recipe';
@@ -349,6 +350,11 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
   /** Discovery starts after the HTTP server (it publishes the port actually bound) and reports through this. */
   attachDiscovery(view: DiscoveryView): void {
     this.status.attachDiscovery(view);
+  }
+
+  /** Where the optional parts stand, for the health report. */
+  attachParts(parts: { list(): OptionalPart[] }): void {
+    this.status.attachParts(parts);
   }
 
   peers(): Peer[] {

@@ -4,6 +4,7 @@ import os from 'node:os';
 import type { CloudletError } from '../errors';
 import type { HypervisorLink } from './adapters';
 import { HostMonitor } from './system-info';
+import type { OptionalPart } from './optional-parts';
 import type { DiscoveryView, HealthCheck, HealthReport, Peer, SystemInfo } from './types';
 
 // From dist/agent/src/core/ up to the repository (or installed package) root.
@@ -22,12 +23,18 @@ export interface HostStatusParts {
 export class HostStatus {
   private readonly host = new HostMonitor();
   private discovery: DiscoveryView | null = null;
+  private optionalParts: { list(): OptionalPart[] } | null = null;
 
   constructor(private readonly parts: HostStatusParts) {}
 
   /** Discovery starts after the HTTP server (it publishes the port actually bound) and reports through this. */
   attachDiscovery(view: DiscoveryView): void {
     this.discovery = view;
+  }
+
+  /** The optional parts (discovery, HTTPS, MQTT) are started by main.ts, which tracks where each stands. */
+  attachParts(parts: { list(): OptionalPart[] }): void {
+    this.optionalParts = parts;
   }
 
   peers(): Peer[] {
@@ -64,6 +71,6 @@ export class HostStatus {
       const ok = discovery.state === 'published' || discovery.state === 'registering';
       checks.push({ name: 'discovery', ok, optional: true, ...(ok || !discovery.detail ? {} : { detail: discovery.detail }) });
     }
-    return { ok: checks.every((c) => c.ok || c.optional), checks };
+    return { ok: checks.every((c) => c.ok || c.optional), checks, ...(this.optionalParts ? { parts: this.optionalParts.list() } : {}) };
   }
 }

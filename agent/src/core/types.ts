@@ -240,6 +240,8 @@ export interface HealthCheck {
 export interface HealthReport {
   ok: boolean;
   checks: HealthCheck[];
+  /** Where each optional part stands (core/optional-parts.ts); absent where the agent does not track them. */
+  parts?: import('./optional-parts').OptionalPart[];
 }
 
 /** Cloudlet Push: an Android APK or a web-app bundle (a zip) that goes with a service. */

@@ -11,6 +11,7 @@
  */
 import os from 'node:os';
 import dbus, { Message, type MessageBus } from 'dbus-next';
+import type { PartsReporter } from '../core/optional-parts';
 import type { CloudletApi, DiscoveryStatus, DiscoveryView, Peer } from '../core/types';
 import type { Logger } from '../log';
 
@@ -48,11 +49,21 @@ export interface DiscoveryOptions {
   port: number;
   agentVersion: string;
   log: Logger;
+  /** Where discovery says whether it runs, and when not, why and what to do: one log line per new reason. */
+  parts: PartsReporter;
   /** The KD face is the encrypted one (`kdApi: encrypted`): KD clients choose how to call from the TXT. */
   kdEncrypted?: boolean;
 }
 
 /** The `_cloudlet._tcp` TXT: KD-Cloudlet's single entry, which client-lib reads to pick plain or encrypted calls. */
+/** What the operator can do when discovery cannot run. */
+const FIX = {
+  bus: 'run the D-Bus system bus (apt install dbus; systemctl start dbus) and restart the agent, or turn discovery off (discovery.enabled: false, CLOUDLET_DISCOVERY=off)',
+  avahi:
+    'install and start avahi-daemon (apt install avahi-daemon; systemctl enable --now avahi-daemon): the agent publishes as soon as it appears, no restart needed; or turn discovery off (CLOUDLET_DISCOVERY=off)',
+  publish: "see avahi-daemon's log (journalctl -u avahi-daemon); the agent publishes again when avahi-daemon restarts",
+};
+
 function kdCloudletTxt(encrypted: boolean): string[] {
   return [`encryption=${encrypted ? 'enabled' : 'disabled'}`];
 }
@@ -109,11 +120,19 @@ export class AvahiDiscovery implements DiscoveryView {
     bus?.disconnect();
   }
 
-  private setStatus(state: DiscoveryStatus['state'], detail?: string): void {
+  /** A state that keeps phones from finding the cloudlet comes with what to do about it (`fix`). */
+  private setStatus(state: 'registering' | 'published'): void;
+  private setStatus(state: 'unavailable' | 'failed', detail: string, fix: string): void;
+  private setStatus(state: DiscoveryStatus['state'], detail?: string, fix?: string): void {
     const name = state === 'unavailable' ? null : this.instanceName();
     const changed = state !== this.current.state || name !== this.current.name;
     this.current = { state, name, ...(detail ? { detail } : {}) };
-    if (changed) this.options.log(`discovery ${state}${name ? ` as "${name}"` : ''}${detail ? `: ${detail}` : ''}`);
+    if (detail !== undefined && fix !== undefined) {
+      this.options.parts.off('discovery', detail, fix);
+      return;
+    }
+    this.options.parts.on('discovery');
+    if (changed) this.options.log(`discovery ${state}${name ? ` as "${name}"` : ''}`);
   }
 
   private instanceName(): string {
@@ -126,7 +145,7 @@ export class AvahiDiscovery implements DiscoveryView {
       this.bus = bus;
       bus.on('error', (err: Error) => {
         this.generation++;
-        this.setStatus('unavailable', `system bus: ${err.message}`);
+        this.setStatus('unavailable', `system bus: ${err.message}`, FIX.bus);
       });
       bus.on('message', (message: Message) => this.onMessage(message));
       // Match rules first, then the questions: no signal can slip between the answer and the subscription.
@@ -134,9 +153,9 @@ export class AvahiDiscovery implements DiscoveryView {
       await this.busCall(DBUS, '/org/freedesktop/DBus', DBUS, 'AddMatch', 's', [`type='signal',sender='${AVAHI}'`]);
       const present = (await this.busCall(DBUS, '/org/freedesktop/DBus', DBUS, 'NameHasOwner', 's', [AVAHI]))[0] as boolean;
       if (present) await this.avahiAppeared();
-      else this.setStatus('unavailable', 'avahi-daemon is not on the system bus');
+      else this.setStatus('unavailable', 'avahi-daemon is not on the system bus: phones cannot find this cloudlet', FIX.avahi);
     } catch (err) {
-      this.setStatus('unavailable', `no system bus: ${(err as Error).message}`);
+      this.setStatus('unavailable', `no system bus (${(err as Error).message}): phones cannot find this cloudlet`, FIX.bus);
     }
   }
 
@@ -175,7 +194,7 @@ export class AvahiDiscovery implements DiscoveryView {
   }
 
   private guard(work: Promise<void>): void {
-    work.catch((err: Error) => this.setStatus('failed', err.message));
+    work.catch((err: Error) => this.setStatus('failed', err.message, FIX.publish));
   }
 
   private async avahiAppeared(): Promise<void> {
@@ -195,7 +214,7 @@ export class AvahiDiscovery implements DiscoveryView {
     this.group = null;
     this.browser = null;
     this.found.clear();
-    this.setStatus('unavailable', 'avahi-daemon left the system bus; waiting for it to return');
+    this.setStatus('unavailable', 'avahi-daemon left the system bus; waiting for it to return', FIX.avahi);
   }
 
   /** Host name changes and host name collisions take the server back to registering; entries must then be redone. */
@@ -220,7 +239,7 @@ export class AvahiDiscovery implements DiscoveryView {
       if (this.group) await this.avahi(this.group, ENTRY_GROUP, 'Reset');
       await this.publish(this.generation);
     } else if (state === GROUP_FAILURE) {
-      this.setStatus('failed', `Avahi could not publish: ${error}`);
+      this.setStatus('failed', `Avahi could not publish: ${error}`, FIX.publish);
     }
   }
 

@@ -8,6 +8,7 @@
  * gets only its own instances' topics (InstanceView, api/wire-shapes.ts). Before login a connection is bounded in
  * bytes, time and number per address; after it, in packet size and connections per device.
  */
+import { statfs } from 'node:fs/promises';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { Aedes, type AuthenticateError, type Client } from 'aedes';
@@ -15,12 +16,14 @@ import type { MqttClient } from 'mqtt';
 import { eventJson, instanceJson, InstanceView, poolJson } from '../api/wire-shapes';
 import type { AgentConfig } from '../config';
 import type { CloudletEvent } from '../core/events';
+import type { PartsReporter } from '../core/optional-parts';
 import type { CloudletApi, Service } from '../core/types';
 import type { Logger } from '../log';
 import type { AccessGate, Transport } from '../trust/access';
 import type { ConnectionCaps, Release } from '../trust/connection-caps';
 import type { DeviceRegistry } from '../trust/devices';
 import type { RateLimiter } from '../trust/rate-limit';
+import { HomeAssistantDiscovery } from './ha-discovery';
 import { PacketGuard } from './packet-guard';
 
 /** How long the external client waits between reconnection attempts. */
@@ -35,7 +38,11 @@ export interface TelemetryOptions {
   api: CloudletApi;
   hostname: string;
   agentVersion: string;
+  /** The disk the cloudlet's images live on: its free space is published. */
+  dataDir: string;
   log: Logger;
+  /** Where MQTT over TCP and the external broker say whether they run (and, when not, why and what to do). */
+  parts: PartsReporter;
   /** How `mqtt.access: devices` checks a CONNECT's credentials, and learns that a device's authorization ended. */
   credentials: { gate: AccessGate; devices: Pick<DeviceRegistry, 'on' | 'off'> };
   /** The HTTP API's request buckets: a TCP connection draws on its address's (WebSocket ones did at the upgrade). */
@@ -92,6 +99,10 @@ export class Telemetry {
   /** What each device's connection may see; the operator's and anonymous ones have none (they see everything). */
   private readonly views = new WeakMap<Client, InstanceView>();
   private readonly onDeviceEnded = (device: { id: string }) => this.disconnectDevice(device.id);
+  /** Home Assistant's config topics; null when `mqtt.discoveryPrefix` is off. */
+  private readonly homeAssistant: HomeAssistantDiscovery | null;
+  /** When an instance last became ready for a user (a launch or a join); null until one does. */
+  private lastProvisionedAt: string | null;
 
   private constructor(
     private readonly options: TelemetryOptions,
@@ -101,6 +112,9 @@ export class Telemetry {
     private readonly server: net.Server | null,
     private readonly external: MqttClient | null,
   ) {
+    const prefix = options.config.discoveryPrefix;
+    this.homeAssistant = prefix === null ? null : new HomeAssistantDiscovery(prefix, topics, options.hostname, options.agentVersion);
+    this.lastProvisionedAt = latest(options.api.listInstances().map((instance) => instance.readyAt));
     this.unsubscribe = options.api.subscribe((event) => this.onEvent(event));
     options.credentials.devices.on('device-ended', this.onDeviceEnded);
     this.metricsTimer = setInterval(() => void this.publishMetrics(), options.config.metricsIntervalMs);
@@ -143,19 +157,26 @@ export class Telemetry {
     });
     // A box that cannot have its MQTT port (another broker holds it) must still serve phones: telemetry goes on over
     // the API port's /mqtt WebSocket, and the log says why TCP is missing.
+    const { host, port } = options.config;
     const listening = await new Promise<boolean>((resolve) => {
       server.once('error', (err) => {
-        options.log(
-          `MQTT over TCP is off: cannot listen on ${options.config.host}:${options.config.port}: ${err.message}; MQTT over WebSocket (/mqtt) still serves`,
+        options.parts.off(
+          'mqtt-tcp',
+          `cannot listen on ${host}:${port} (${err.message}); MQTT over WebSocket (/mqtt on the API port) still serves`,
+          `stop what holds port ${port} (\`ss -ltnp 'sport = :${port}'\` names it: often a mosquitto) or give the cloudlet another port (mqtt.port, CLOUDLET_MQTT_PORT), then restart the agent`,
         );
         resolve(false);
       });
-      server.listen(options.config.port, options.config.host, () => resolve(true));
+      server.listen(port, host, () => resolve(true));
     });
+    if (listening) options.parts.on('mqtt-tcp');
     if (listening) options.log(`MQTT broker listening on ${options.config.host}:${(server.address() as net.AddressInfo).port}, topics under ${topics.root}/`);
     const external = options.config.externalUrl ? connectExternal(options, topics) : null;
     telemetry = new Telemetry(options, topics, broker, listening ? server : null, external);
-    external?.on('connect', () => telemetry.republishToExternal());
+    external?.on('connect', () => {
+      options.parts.on('mqtt-external');
+      telemetry.republishToExternal();
+    });
     telemetry.publishRetained(topics.status, telemetry.statusJson('online'));
     for (const instance of options.api.listInstances()) telemetry.publishRetained(topics.instance(instance.id), JSON.stringify(instanceJson(instance)));
     telemetry.publishServices();
@@ -252,6 +273,11 @@ export class Telemetry {
     }
   }
 
+  /** Clients connected to the embedded broker (metrics). */
+  get clientCount(): number {
+    return this.broker.connectedClients;
+  }
+
   /** Says offline (retained), then stops the broker. */
   async close(): Promise<void> {
     if (this.closed) return;
@@ -275,10 +301,16 @@ export class Telemetry {
       return;
     }
     const topic = this.topics.instance(event.instance.id);
+    if (event.state === 'ready') {
+      this.lastProvisionedAt = event.at;
+      void this.publishMetrics();
+    }
     const payload = JSON.stringify({ ...instanceJson(event.instance), state: event.state, ...(event.reason ? { reason: event.reason } : {}), at: event.at });
     if (event.state === 'stopped' || event.state === 'crashed') {
-      // The final state reaches current subscribers; then the retained topic is cleared (an empty retained message).
+      // The final state reaches current subscribers; then the retained topic is cleared (an empty retained message),
+      // after Home Assistant has been told the instance's entity is gone.
       this.publish(topic, payload, false);
+      this.publishServices();
       this.publishRetained(topic, '');
     } else {
       this.publishRetained(topic, payload);
@@ -286,24 +318,34 @@ export class Telemetry {
     this.publishServices();
   }
 
-  /** One retained topic per service, with its instance count; publishes only what changed, and clears removed services. */
+  /**
+   * One retained topic per service, with its instance count, and Home Assistant's config topics; publishes only what
+   * changed, and clears those of removed services and ended instances.
+   */
   private publishServices(): void {
+    const instances = this.options.api.listInstances();
+    const services = this.options.api.listServices();
     const counts = new Map<string, number>();
-    for (const instance of this.options.api.listInstances()) counts.set(instance.serviceId, (counts.get(instance.serviceId) ?? 0) + 1);
-    const current = new Set<string>();
-    for (const service of this.options.api.listServices()) {
-      const topic = this.topics.service(service.id);
-      current.add(topic);
-      this.publishRetained(topic, JSON.stringify(serviceSummaryJson(service, counts.get(service.id) ?? 0)));
-    }
-    for (const topic of this.retained.keys()) {
-      if (topic.startsWith(this.topics.service('')) && !current.has(topic)) this.publishRetained(topic, '');
-    }
+    for (const instance of instances) counts.set(instance.serviceId, (counts.get(instance.serviceId) ?? 0) + 1);
+    const summaries = services.map((service) => ({
+      topic: this.topics.service(service.id),
+      payload: JSON.stringify(serviceSummaryJson(service, counts.get(service.id) ?? 0)),
+    }));
+    this.replaceRetained((topic) => topic.startsWith(this.topics.service('')), summaries);
+    const homeAssistant = this.homeAssistant;
+    if (homeAssistant) this.replaceRetained((topic) => homeAssistant.owns(topic), homeAssistant.configs(services, instances));
+  }
+
+  /** Publishes `wanted`, and clears the retained topics `owned` names that it no longer has. */
+  private replaceRetained(owned: (topic: string) => boolean, wanted: Array<{ topic: string; payload: string }>): void {
+    const current = new Set(wanted.map(({ topic }) => topic));
+    for (const topic of [...this.retained.keys()]) if (owned(topic) && !current.has(topic)) this.publishRetained(topic, '');
+    for (const { topic, payload } of wanted) this.publishRetained(topic, payload);
   }
 
   private async publishMetrics(): Promise<void> {
     try {
-      const info = await this.options.api.systemInfo();
+      const [info, disk] = await Promise.all([this.options.api.systemInfo(), statfs(this.options.dataDir)]);
       this.publishRetained(
         this.topics.metrics,
         JSON.stringify({
@@ -311,7 +353,10 @@ export class Telemetry {
           cpu_usage_percent: info.cpu.usagePercent,
           memory_total_bytes: info.memory.totalBytes,
           memory_free_bytes: info.memory.freeBytes,
+          disk_total_bytes: disk.blocks * disk.bsize,
+          disk_free_bytes: disk.bavail * disk.bsize,
           instances: info.instances,
+          last_provisioned_at: this.lastProvisionedAt,
           at: new Date().toISOString(),
         }),
       );
@@ -339,7 +384,7 @@ export class Telemetry {
   }
 
   private republishToExternal(): void {
-    this.options.log(`connected to the external MQTT broker ${this.options.config.externalUrl}`);
+    this.options.log(`connected to the external MQTT broker ${brokerAddress(this.options.config.externalUrl!)}`);
     for (const [topic, payload] of this.retained) this.external?.publish(topic, payload, { qos: 0, retain: true });
   }
 }
@@ -363,12 +408,34 @@ function connectExternal(options: TelemetryOptions, topics: TopicTree): MqttClie
       retain: true,
     },
   });
-  let reported = '';
+  // One line per new reason (parts.off logs only changes), not one per attempt.
+  let problem = 'no answer';
+  const unreachable = () =>
+    options.parts.off(
+      'mqtt-external',
+      `the broker ${brokerAddress(url)} is unreachable (${problem}); retrying every ${EXTERNAL_RECONNECT_MS} ms, the local broker serves meanwhile`,
+      'check that the broker runs and that this box reaches it (address, port, firewall, TLS), or correct mqtt.externalUrl (CLOUDLET_MQTT_URL)',
+    );
   client.on('error', (err) => {
-    if (err.message !== reported) options.log(`external MQTT broker ${url}: ${(reported = err.message)}`);
+    problem = err.message;
+    unreachable();
   });
-  client.on('offline', () => options.log(`external MQTT broker ${url} unreachable; retrying every ${EXTERNAL_RECONNECT_MS} ms`));
+  client.on('offline', unreachable);
+  client.on('connect', () => {
+    problem = 'the connection was lost';
+  });
   return client;
+}
+
+/** A broker URL as logs and the open /v1/health show it: without its user name and password. */
+function brokerAddress(url: string): string {
+  const { protocol, host } = new URL(url);
+  return `${protocol}//${host}`;
+}
+
+/** The latest of ISO timestamps (null ones skipped), or null. */
+function latest(times: Array<string | null>): string | null {
+  return times.reduce<string | null>((max, time) => (time !== null && (max === null || time > max) ? time : max), null);
 }
 
 /** Calls `release` once the stream is closed (at once if it already is). */

@@ -3,7 +3,7 @@ import { access, readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Connection, DomainEvent, DomainFlags, LibvirtError, StoppedDetail, libvirtInfo } from '../../../native/libvirt';
+import { Connection, DomainEvent, DomainFlags, LibvirtError, StoppedDetail, libvirtInfo, type CallObserver } from '../../../native/libvirt';
 import { CloudletError, isNoSpace } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';
@@ -123,17 +123,19 @@ export class Hypervisor implements InstanceRuntime {
     readonly domainType: 'kvm' | 'qemu',
     readonly libvirtVersion: string,
     private readonly log: Logger,
+    private readonly observer: CallObserver | undefined,
   ) {
     this.conn = conn;
     this.watchLiveness();
   }
 
-  static async connect(uri: string, requested: 'auto' | 'kvm' | 'qemu', log: Logger): Promise<Hypervisor> {
+  /** `observer` is told of every libvirt call's duration (metrics), on this connection and any reconnected one. */
+  static async connect(uri: string, requested: 'auto' | 'kvm' | 'qemu', log: Logger, observer?: CallObserver): Promise<Hypervisor> {
     const libvirtVersion = mappedSync(() => libvirtInfo().libraryVersion);
-    const conn = await mapped(Connection.open(uri));
+    const conn = await mapped(Connection.open(uri, observer));
     const domainType = requested === 'auto' ? ((await kvmWorks(conn)) ? 'kvm' : 'qemu') : requested;
     log(`connected to ${uri} (libvirt ${libvirtVersion}); Service VMs run as domain type ${domainType}`);
-    return new Hypervisor(conn, uri, domainType, libvirtVersion, log);
+    return new Hypervisor(conn, uri, domainType, libvirtVersion, log, observer);
   }
 
   /**
@@ -353,7 +355,7 @@ export class Hypervisor implements InstanceRuntime {
       await sleep(RECONNECT_DELAYS_MS[Math.min(attempt, RECONNECT_DELAYS_MS.length - 1)]);
       let conn: Connection;
       try {
-        conn = await Connection.open(this.uri);
+        conn = await Connection.open(this.uri, this.observer);
       } catch (err) {
         // Logged when the reason changes, not on every attempt.
         if ((err as Error).message !== lastProblem) this.log(`cannot reconnect to ${this.uri} yet: ${(err as Error).message}`);
