@@ -2,7 +2,7 @@
  * Telemetry on MQTT: the only module that speaks MQTT. It embeds an aedes broker (TCP, and MQTT over WebSocket
  * through the HTTP server's stream endpoint) and publishes the cloudlet's state there as retained JSON, so any MQTT
  * dashboard that subscribes sees the current state at once and every change after it. Optionally it mirrors every
- * publication to an external broker (fleet dashboards). The topic tree is documented in docs/telemetry.md.
+ * publication to a fleet broker (uplink.ts). The topic tree is documented in docs/telemetry.md.
  * Clients only subscribe: with `mqtt.access: devices` they log in as a paired device (its id and token) or as
  * `admin`, checked by the HTTP API's own access gate, and a device whose authorization ends is disconnected. A device
  * gets only its own instances' topics (InstanceView, api/wire-shapes.ts). Before login a connection is bounded in
@@ -11,7 +11,6 @@
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { Aedes, type AuthenticateError, type Client } from 'aedes';
-import type { MqttClient } from 'mqtt';
 import { eventJson, instanceJson, InstanceView } from '../api/wire-shapes';
 import type { AgentConfig } from '../config';
 import type { CloudletEvent } from '../core/events';
@@ -22,9 +21,8 @@ import type { ConnectionCaps, Release } from '../trust/connection-caps';
 import type { DeviceRegistry } from '../trust/devices';
 import type { RateLimiter } from '../trust/rate-limit';
 import { PacketGuard } from './packet-guard';
+import { FleetUplink } from './uplink';
 
-/** How long the external client waits between reconnection attempts. */
-const EXTERNAL_RECONNECT_MS = 2000;
 /** A connection whose CONNECT has not arrived (and been accepted) by then is closed; aedes's default is 30 s. */
 const CONNECT_TIMEOUT_MS = 5000;
 /** CONNACK return code 3, "server unavailable": the device already holds as many connections as it may. */
@@ -80,7 +78,7 @@ export class TopicTree {
 }
 
 export class Telemetry {
-  /** Retained payloads as last published, so an external broker gets the full state again after a reconnect. */
+  /** Retained payloads as last published: what a fleet broker gets again when it has lost them. */
   private readonly retained = new Map<string, string>();
   private readonly unsubscribe: () => void;
   private readonly metricsTimer: NodeJS.Timeout;
@@ -99,7 +97,7 @@ export class Telemetry {
     private readonly broker: Aedes,
     /** The TCP listener; null when its port was taken. */
     private readonly server: net.Server | null,
-    private readonly external: MqttClient | null,
+    private readonly uplink: FleetUplink | null,
   ) {
     this.unsubscribe = options.api.subscribe((event) => this.onEvent(event));
     options.credentials.devices.on('device-ended', this.onDeviceEnded);
@@ -153,9 +151,8 @@ export class Telemetry {
       server.listen(options.config.port, options.config.host, () => resolve(true));
     });
     if (listening) options.log(`MQTT broker listening on ${options.config.host}:${(server.address() as net.AddressInfo).port}, topics under ${topics.root}/`);
-    const external = options.config.externalUrl ? connectExternal(options, topics) : null;
-    telemetry = new Telemetry(options, topics, broker, listening ? server : null, external);
-    external?.on('connect', () => telemetry.republishToExternal());
+    const uplink = options.config.externalUrl ? await connectUplink(options, topics, () => telemetry!.retained) : null;
+    telemetry = new Telemetry(options, topics, broker, listening ? server : null, uplink);
     telemetry.publishRetained(topics.status, telemetry.statusJson('online'));
     for (const instance of options.api.listInstances()) telemetry.publishRetained(topics.instance(instance.id), JSON.stringify(instanceJson(instance)));
     telemetry.publishServices();
@@ -258,7 +255,7 @@ export class Telemetry {
     this.options.credentials.devices.off('device-ended', this.onDeviceEnded);
     clearInterval(this.metricsTimer);
     this.publishRetained(this.topics.status, this.statusJson('offline'));
-    await new Promise<void>((resolve) => (this.external ? this.external.end(false, {}, () => resolve()) : resolve()));
+    await this.uplink?.close();
     await new Promise<void>((resolve) => this.broker.close(() => resolve()));
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
   }
@@ -333,40 +330,22 @@ export class Telemetry {
     this.broker.publish({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 0, retain, dup: false }, (err) => {
       if (err) this.options.log(`MQTT publish to ${topic} failed: ${err.message}`);
     });
-    if (this.external?.connected) this.external.publish(topic, payload, { qos: 0, retain });
-  }
-
-  private republishToExternal(): void {
-    this.options.log(`connected to the external MQTT broker ${this.options.config.externalUrl}`);
-    for (const [topic, payload] of this.retained) this.external?.publish(topic, payload, { qos: 0, retain: true });
+    this.uplink?.publish(topic, payload, retain);
   }
 }
 
-/**
- * The external broker gets the same tree. Its last will marks the cloudlet offline if the agent dies without a
- * goodbye; while it is unreachable nothing is queued (the retained state is sent again on reconnect).
- */
-function connectExternal(options: TelemetryOptions, topics: TopicTree): MqttClient {
-  const url = options.config.externalUrl!;
-  // Loaded only when an external broker is configured: the client library costs ~2 MB of resident memory.
-  const { connect } = require('mqtt') as typeof import('mqtt');
-  const client = connect(url, {
-    clientId: `cloudlet-agent-${options.hostname}`,
-    reconnectPeriod: EXTERNAL_RECONNECT_MS,
-    queueQoSZero: false,
-    will: {
-      topic: topics.status,
-      payload: Buffer.from(JSON.stringify({ state: 'offline', hostname: options.hostname, agent_version: options.agentVersion })),
-      qos: 1,
-      retain: true,
-    },
+/** The fleet broker gets the same tree, its status topic marked offline by a last will. */
+function connectUplink(options: TelemetryOptions, topics: TopicTree, retained: () => Map<string, string>): Promise<FleetUplink | null> {
+  const config = { ...options.config, externalUrl: options.config.externalUrl! };
+  return FleetUplink.connect({
+    config,
+    clientId: `cloudlet-agent-${config.externalUsername ?? options.hostname}`,
+    log: options.log,
+    will: { topic: topics.status, payload: JSON.stringify({ state: 'offline', hostname: options.hostname, agent_version: options.agentVersion }) },
+    latestOnly: new Set([topics.status, topics.metrics]),
+    current: (topic) => retained().get(topic) ?? '',
+    snapshot: () => retained(),
   });
-  let reported = '';
-  client.on('error', (err) => {
-    if (err.message !== reported) options.log(`external MQTT broker ${url}: ${(reported = err.message)}`);
-  });
-  client.on('offline', () => options.log(`external MQTT broker ${url} unreachable; retrying every ${EXTERNAL_RECONNECT_MS} ms`));
-  return client;
 }
 
 /** Calls `release` once the stream is closed (at once if it already is). */
