@@ -98,12 +98,16 @@ async function silentToOffline(c: Cloudlet, dashboard: MqttWatcher): Promise<num
 async function replay(broker: FleetBroker, name: string, dashboard: MqttWatcher): Promise<{ replayMs: number; reconnectMs: number; liveMs: number }> {
   const relay = await TcpRelay.start({ host: broker.host, port: broker.port });
   const config = { ...DEFAULT_CONFIG.mqtt, ...broker.agentMqttConfig(name, `mqtts://127.0.0.1:${relay.port}`), externalUrl: `mqtts://127.0.0.1:${relay.port}` };
+  let lost = () => {};
+  const uplinkKnowsItIsDown = new Promise<void>((resolve) => (lost = resolve));
   const statusTopic = `cloudlet/${name}/status`;
   const online = JSON.stringify({ state: 'online' });
   const uplink = (await FleetUplink.connect({
     config,
     clientId: name,
-    log: () => {},
+    log: (line) => {
+      if (/connection lost/.test(line)) lost();
+    },
     will: { topic: statusTopic, payload: JSON.stringify({ state: 'offline' }) },
     latestOnly: new Set([statusTopic]),
     current: (topic) => (topic === statusTopic ? online : ''),
@@ -124,6 +128,8 @@ async function replay(broker: FleetBroker, name: string, dashboard: MqttWatcher)
     const from = dashboard.inbox.items.length;
     relay.sever();
     await dashboard.next((m) => m.topic === statusTopic && m.json?.state === 'offline', 30000, from);
+    // From then on the uplink queues (what it had handed to the connection before would be re-sent first instead).
+    await uplinkKnowsItIsDown;
     for (let i = 0; i < REPLAY; i++) uplink.publish(`cloudlet/${name}/bench/replay`, JSON.stringify({ i }), false);
     const restoredAt = performance.now();
     relay.restore();
