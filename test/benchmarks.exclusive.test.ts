@@ -12,6 +12,7 @@ import { ROOT } from './support/agent';
 const HEADLINES: Record<string, string[]> = {
   appvirt: ['appvirt_ready_ms', 'vm_ready_ms'],
   'cached-vm': ['restore_ready_ms', 'cold_ready_ms', 'agent_overhead_ms', 'idle_rss_mb'],
+  fleet: ['cloudlets', 'fleet_latency_ms_median', 'fleet_latency_ms_p99', 'offline_detect_ms', 'offline_silent_ms', 'replay_1000_ms'],
   limits: ['burst'],
   native: ['direct_sync_call_us', 'shim_threaded_call_us'],
   'on-demand': ['on_demand_ready_ms', 'cached_ready_ms'],

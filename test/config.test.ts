@@ -85,7 +85,7 @@ t.test('telemetry, discovery and libvirt events are configured from the file and
     CLOUDLET_MQTT_URL: 'mqtt://fleet.example:1883',
     CLOUDLET_LIBVIRT_EVENTS: 'off',
   });
-  t.same(config.mqtt, {
+  t.match(config.mqtt, {
     host: '127.0.0.1',
     port: 0,
     topicRoot: 'fleet/site-7',
@@ -192,4 +192,53 @@ t.test("Home Assistant's discovery prefix and the metrics credential come from t
   for (const bad of ['short', 'has white space in it, long enough']) {
     await t.rejects(loadConfig({ ...NO_FILE, CLOUDLET_METRICS_TOKEN: bad }), { code: 'INVALID_PARAMETER', message: /metrics\.token/ }, bad);
   }
+});
+
+t.test('the fleet uplink: TLS and credentials from files, a bounded queue, and no password outside TLS', async (t) => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-config-'));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'agent.json');
+  t.match(DEFAULT_CONFIG.mqtt, {
+    externalUrl: null,
+    externalCaFile: null,
+    externalPasswordFile: null,
+    externalKeepaliveSeconds: 30,
+    externalQueueLimit: 10000,
+  });
+  const uplink = (mqtt: Record<string, unknown>) => writeFile(file, JSON.stringify({ mqtt })).then(() => loadConfig({ CLOUDLET_CONFIG: file }));
+  t.match(
+    (
+      await uplink({
+        externalUrl: 'mqtts://fleet.example:8883',
+        externalCaFile: '/etc/cloudlet/fleet-ca.pem',
+        externalUsername: 'site-7',
+        externalPasswordFile: '/etc/cloudlet/fleet-password',
+        externalKeepaliveSeconds: 10,
+        externalQueueLimit: 500,
+      })
+    ).mqtt,
+    {
+      externalCaFile: '/etc/cloudlet/fleet-ca.pem',
+      externalUsername: 'site-7',
+      externalPasswordFile: '/etc/cloudlet/fleet-password',
+      externalKeepaliveSeconds: 10,
+      externalQueueLimit: 500,
+    },
+  );
+  const refusals: Array<[Record<string, unknown>, RegExp]> = [
+    [{ externalUrl: 'mqtt://fleet.example:1883', externalUsername: 'site-7', externalPasswordFile: '/p' }, /a password crosses a network only inside TLS/],
+    [{ externalUrl: 'mqtt://fleet.example:1883', externalCaFile: '/ca.pem' }, /need mqtts:\/\/ or wss:\/\//],
+    [{ externalUrl: 'mqtts://fleet.example', externalCertFile: '/c.pem' }, /externalCertFile and mqtt\.externalKeyFile go together/],
+    [{ externalUrl: 'mqtts://fleet.example', externalPasswordFile: '/p' }, /externalPasswordFile needs mqtt\.externalUsername/],
+    [{ externalUrl: 'mqtts://site-7:secret@fleet.example' }, /must not carry credentials/],
+    [{ externalUrl: 'http://fleet.example' }, /must be mqtt:\/\/, mqtts:\/\/, ws:\/\/ or wss:\/\//],
+    [{ externalQueueLimit: 0 }, /mqtt\.externalQueueLimit must be a whole number from 1 to 50000/],
+    [{ externalKeepaliveSeconds: 0 }, /mqtt\.externalKeepaliveSeconds must be a whole number from 1 to 65535/],
+  ];
+  for (const [mqtt, message] of refusals) await t.rejects(uplink(mqtt), { code: 'INVALID_PARAMETER', message }, JSON.stringify(mqtt));
+  t.equal(
+    (await uplink({ externalUrl: 'mqtt://127.0.0.1:1883', externalUsername: 'site-7', externalPasswordFile: '/p' })).mqtt.externalUsername,
+    'site-7',
+    'a password may go to a broker on loopback',
+  );
 });

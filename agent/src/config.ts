@@ -30,8 +30,20 @@ export interface AgentConfig {
     /** Root of the agent's topic tree; null: `cloudlet/<host name>`. */
     topicRoot: string | null;
     metricsIntervalMs: number;
-    /** Also publish everything to this broker (mqtt://, mqtts://, ws://), reconnecting as needed; null: none. */
+    /** Also publish everything to this broker (mqtt://, mqtts://, ws://, wss://), reconnecting as needed; null: none. */
     externalUrl: string | null;
+    /** PEM file of the certificate authority the external broker's certificate must chain to; null: the system's. */
+    externalCaFile: string | null;
+    /** A client certificate and its key (PEM files) to log in to the external broker with; both or neither. */
+    externalCertFile: string | null;
+    externalKeyFile: string | null;
+    /** Username on the external broker, and a file holding its password (first line); null: none. */
+    externalUsername: string | null;
+    externalPasswordFile: string | null;
+    /** MQTT keep-alive towards the external broker: it declares the cloudlet offline (last will) after 1.5× this. */
+    externalKeepaliveSeconds: number;
+    /** Messages held while the external broker is unreachable, replayed in order on reconnect (telemetry/uplink.ts). */
+    externalQueueLimit: number;
     /**
      * Who may subscribe: 'devices' (username = a paired device's id and password = its token, or `admin` and the
      * admin token) or 'anonymous-read' (anyone). Either way clients only read: the agent alone publishes.
@@ -111,7 +123,22 @@ export const DEFAULT_CONFIG: AgentConfig = {
   seedDir: '/usr/share/cloudlet/services',
   reconcileIntervalMs: 1000,
   libvirtEvents: true,
-  mqtt: { host: '0.0.0.0', port: 1883, topicRoot: null, metricsIntervalMs: 10000, externalUrl: null, access: 'devices', discoveryPrefix: 'homeassistant' },
+  mqtt: {
+    host: '0.0.0.0',
+    port: 1883,
+    topicRoot: null,
+    metricsIntervalMs: 10000,
+    externalUrl: null,
+    externalCaFile: null,
+    externalCertFile: null,
+    externalKeyFile: null,
+    externalUsername: null,
+    externalPasswordFile: null,
+    externalKeepaliveSeconds: 30,
+    externalQueueLimit: 10000,
+    access: 'devices',
+    discoveryPrefix: 'homeassistant',
+  },
   metrics: { token: null, tokenFile: null },
   discovery: { enabled: true },
   peers: { pollIntervalMs: 10000 },
@@ -222,15 +249,7 @@ type Overrides = {
   seedDir?: unknown;
   reconcileIntervalMs?: unknown;
   libvirtEvents?: unknown;
-  mqtt?: {
-    host?: unknown;
-    port?: unknown;
-    topicRoot?: unknown;
-    metricsIntervalMs?: unknown;
-    externalUrl?: unknown;
-    access?: unknown;
-    discoveryPrefix?: unknown;
-  };
+  mqtt?: { [K in keyof AgentConfig['mqtt']]?: unknown };
   metrics?: { token?: unknown; tokenFile?: unknown };
   discovery?: { enabled?: unknown };
   peers?: { pollIntervalMs?: unknown };
@@ -263,6 +282,13 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   if (o.mqtt?.port !== undefined) c.mqtt.port = port(o.mqtt.port, 'mqtt.port', true);
   if (o.mqtt?.topicRoot !== undefined) c.mqtt.topicRoot = orNull(o.mqtt.topicRoot, 'mqtt.topicRoot');
   if (o.mqtt?.externalUrl !== undefined) c.mqtt.externalUrl = orNull(o.mqtt.externalUrl, 'mqtt.externalUrl');
+  for (const key of ['externalCaFile', 'externalCertFile', 'externalKeyFile', 'externalUsername', 'externalPasswordFile'] as const) {
+    if (o.mqtt?.[key] !== undefined) c.mqtt[key] = orNull(o.mqtt[key], `mqtt.${key}`);
+  }
+  if (o.mqtt?.externalKeepaliveSeconds !== undefined) {
+    c.mqtt.externalKeepaliveSeconds = count(o.mqtt.externalKeepaliveSeconds, 'mqtt.externalKeepaliveSeconds', 1, 65535);
+  }
+  if (o.mqtt?.externalQueueLimit !== undefined) c.mqtt.externalQueueLimit = count(o.mqtt.externalQueueLimit, 'mqtt.externalQueueLimit', 1, 50_000);
   if (o.mqtt?.metricsIntervalMs !== undefined) {
     const ms = o.mqtt.metricsIntervalMs;
     if (typeof ms !== 'number' || !(ms >= 100)) throw invalid('mqtt.metricsIntervalMs must be a number ≥ 100');
@@ -307,6 +333,27 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   if (pool.maxPerService !== undefined) c.pool.maxPerService = count(pool.maxPerService, 'pool.maxPerService', 0, 16);
   if (pool.sizes !== undefined) c.pool.sizes = poolSizes(pool.sizes);
   return c;
+}
+
+/** The external broker's settings must make sense together, and a password never crosses a network in the clear. */
+function checkUplink(m: AgentConfig['mqtt']): void {
+  if ((m.externalCertFile === null) !== (m.externalKeyFile === null)) throw invalid('mqtt.externalCertFile and mqtt.externalKeyFile go together');
+  if (m.externalPasswordFile !== null && m.externalUsername === null) throw invalid('mqtt.externalPasswordFile needs mqtt.externalUsername');
+  if (m.externalUrl === null) return;
+  let url: URL;
+  try {
+    url = new URL(m.externalUrl);
+  } catch {
+    throw invalid(`mqtt.externalUrl is not a URL: ${JSON.stringify(m.externalUrl)}`);
+  }
+  if (!['mqtt:', 'mqtts:', 'ws:', 'wss:'].includes(url.protocol)) throw invalid('mqtt.externalUrl must be mqtt://, mqtts://, ws:// or wss://');
+  if (url.username || url.password) throw invalid('mqtt.externalUrl must not carry credentials: use mqtt.externalUsername and mqtt.externalPasswordFile');
+  const loopback = ['localhost', '127.0.0.1', '[::1]'].includes(url.hostname) || url.hostname.startsWith('127.');
+  const tls = url.protocol === 'mqtts:' || url.protocol === 'wss:';
+  if (m.externalPasswordFile !== null && !tls && !loopback)
+    throw invalid('mqtt.externalPasswordFile needs mqtts:// or wss:// (a password crosses a network only inside TLS)');
+  if ((m.externalCaFile !== null || m.externalCertFile !== null) && !tls)
+    throw invalid('mqtt.externalCaFile and mqtt.externalCertFile need mqtts:// or wss://');
 }
 
 function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
@@ -361,5 +408,7 @@ export async function loadConfig(env: NodeJS.ProcessEnv = process.env): Promise<
       throw invalid(`cannot read ${file}: ${(err as Error).message}`);
     }
   }
-  return apply(apply(DEFAULT_CONFIG, fromFile), fromEnvironment(env));
+  const config = apply(apply(DEFAULT_CONFIG, fromFile), fromEnvironment(env));
+  checkUplink(config.mqtt);
+  return config;
 }

@@ -1,6 +1,6 @@
 // Real clients of the agent's live outputs, for tests and benchmarks: an MQTT subscriber and a /v1/events WebSocket
 // client. Each records what it receives with the time it arrived, and can wait for a message matching a predicate.
-import mqtt, { type MqttClient } from 'mqtt';
+import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
 import { performance } from 'node:perf_hooks';
 import WebSocket from 'ws';
 import { adminHeaders } from './agent';
@@ -44,7 +44,7 @@ class Inbox<T> {
  * connectAsync waits on a close without CONNACK for a retry that reconnectPeriod 0 never makes: a broker dropping a
  * connection unanswered, as the agent does over an address's cap, would hang it when the drop is a FIN, not a RST.)
  */
-export function connectMqtt(url: string, login?: { username: string; password?: string }): Promise<MqttClient> {
+export function connectMqtt(url: string, login?: IClientOptions): Promise<MqttClient> {
   return mqtt.connectAsync(url, { reconnectPeriod: 0, connectTimeout: 5000, ...login }, false);
 }
 
@@ -66,12 +66,13 @@ export class MqttWatcher {
 
   /**
    * Connects (mqtt://host:port or ws://host:port/mqtt) and subscribes to `topic` (several: in one SUBSCRIBE, whose
-   * retained messages aedes sends topic by topic, in order) before resolving; `login` as username and password.
+   * retained messages aedes sends topic by topic, in order) before resolving; `login` as username and password (and
+   * TLS options); `qos` 1 for a subscriber that must not miss a message the broker holds for it.
    */
-  static async connect(url: string, topic: string | string[], login?: { username: string; password: string }): Promise<MqttWatcher> {
+  static async connect(url: string, topic: string | string[], login?: IClientOptions, qos: 0 | 1 = 0): Promise<MqttWatcher> {
     const client = await connectMqtt(url, login);
     const watcher = new MqttWatcher(client);
-    await client.subscribeAsync(topic);
+    await client.subscribeAsync(topic, { qos });
     return watcher;
   }
 

@@ -2,7 +2,7 @@
  * Telemetry on MQTT: the only module that speaks MQTT. It embeds an aedes broker (TCP, and MQTT over WebSocket
  * through the HTTP server's stream endpoint) and publishes the cloudlet's state there as retained JSON, so any MQTT
  * dashboard that subscribes sees the current state at once and every change after it. Optionally it mirrors every
- * publication to an external broker (fleet dashboards). The topic tree is documented in docs/telemetry.md.
+ * publication to a fleet broker (uplink.ts). The topic tree is documented in docs/telemetry.md.
  * Clients only subscribe: with `mqtt.access: devices` they log in as a paired device (its id and token) or as
  * `admin`, checked by the HTTP API's own access gate, and a device whose authorization ends is disconnected. A device
  * gets only its own instances' topics (InstanceView, api/wire-shapes.ts). Before login a connection is bounded in
@@ -12,7 +12,6 @@ import { statfs } from 'node:fs/promises';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { Aedes, type AuthenticateError, type Client } from 'aedes';
-import type { MqttClient } from 'mqtt';
 import { eventJson, instanceJson, InstanceView, poolJson } from '../api/wire-shapes';
 import type { AgentConfig } from '../config';
 import type { CloudletEvent } from '../core/events';
@@ -25,9 +24,8 @@ import type { DeviceRegistry } from '../trust/devices';
 import type { RateLimiter } from '../trust/rate-limit';
 import { HomeAssistantDiscovery } from './ha-discovery';
 import { PacketGuard } from './packet-guard';
+import { FleetUplink } from './uplink';
 
-/** How long the external client waits between reconnection attempts. */
-const EXTERNAL_RECONNECT_MS = 2000;
 /** A connection whose CONNECT has not arrived (and been accepted) by then is closed; aedes's default is 30 s. */
 const CONNECT_TIMEOUT_MS = 5000;
 /** CONNACK return code 3, "server unavailable": the device already holds as many connections as it may. */
@@ -87,7 +85,7 @@ export class TopicTree {
 }
 
 export class Telemetry {
-  /** Retained payloads as last published, so an external broker gets the full state again after a reconnect. */
+  /** Retained payloads as last published: what a fleet broker gets again when it has lost them. */
   private readonly retained = new Map<string, string>();
   private readonly unsubscribe: () => void;
   private readonly metricsTimer: NodeJS.Timeout;
@@ -110,7 +108,7 @@ export class Telemetry {
     private readonly broker: Aedes,
     /** The TCP listener; null when its port was taken. */
     private readonly server: net.Server | null,
-    private readonly external: MqttClient | null,
+    private readonly uplink: FleetUplink | null,
   ) {
     const prefix = options.config.discoveryPrefix;
     this.homeAssistant = prefix === null ? null : new HomeAssistantDiscovery(prefix, topics, options.hostname, options.agentVersion);
@@ -171,12 +169,8 @@ export class Telemetry {
     });
     if (listening) options.parts.on('mqtt-tcp');
     if (listening) options.log(`MQTT broker listening on ${options.config.host}:${(server.address() as net.AddressInfo).port}, topics under ${topics.root}/`);
-    const external = options.config.externalUrl ? connectExternal(options, topics) : null;
-    telemetry = new Telemetry(options, topics, broker, listening ? server : null, external);
-    external?.on('connect', () => {
-      options.parts.on('mqtt-external');
-      telemetry.republishToExternal();
-    });
+    const uplink = options.config.externalUrl ? await connectUplink(options, topics, () => telemetry!.retained) : null;
+    telemetry = new Telemetry(options, topics, broker, listening ? server : null, uplink);
     telemetry.publishRetained(topics.status, telemetry.statusJson('online'));
     for (const instance of options.api.listInstances()) telemetry.publishRetained(topics.instance(instance.id), JSON.stringify(instanceJson(instance)));
     telemetry.publishServices();
@@ -286,7 +280,7 @@ export class Telemetry {
     this.options.credentials.devices.off('device-ended', this.onDeviceEnded);
     clearInterval(this.metricsTimer);
     this.publishRetained(this.topics.status, this.statusJson('offline'));
-    await new Promise<void>((resolve) => (this.external ? this.external.end(false, {}, () => resolve()) : resolve()));
+    await this.uplink?.close();
     await new Promise<void>((resolve) => this.broker.close(() => resolve()));
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
   }
@@ -380,57 +374,23 @@ export class Telemetry {
     this.broker.publish({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 0, retain, dup: false }, (err) => {
       if (err) this.options.log(`MQTT publish to ${topic} failed: ${err.message}`);
     });
-    if (this.external?.connected) this.external.publish(topic, payload, { qos: 0, retain });
-  }
-
-  private republishToExternal(): void {
-    this.options.log(`connected to the external MQTT broker ${brokerAddress(this.options.config.externalUrl!)}`);
-    for (const [topic, payload] of this.retained) this.external?.publish(topic, payload, { qos: 0, retain: true });
+    this.uplink?.publish(topic, payload, retain);
   }
 }
 
-/**
- * The external broker gets the same tree. Its last will marks the cloudlet offline if the agent dies without a
- * goodbye; while it is unreachable nothing is queued (the retained state is sent again on reconnect).
- */
-function connectExternal(options: TelemetryOptions, topics: TopicTree): MqttClient {
-  const url = options.config.externalUrl!;
-  // Loaded only when an external broker is configured: the client library costs ~2 MB of resident memory.
-  const { connect } = require('mqtt') as typeof import('mqtt');
-  const client = connect(url, {
-    clientId: `cloudlet-agent-${options.hostname}`,
-    reconnectPeriod: EXTERNAL_RECONNECT_MS,
-    queueQoSZero: false,
-    will: {
-      topic: topics.status,
-      payload: Buffer.from(JSON.stringify({ state: 'offline', hostname: options.hostname, agent_version: options.agentVersion })),
-      qos: 1,
-      retain: true,
-    },
+/** The fleet broker gets the same tree, its status topic marked offline by a last will. */
+function connectUplink(options: TelemetryOptions, topics: TopicTree, retained: () => Map<string, string>): Promise<FleetUplink | null> {
+  const config = { ...options.config, externalUrl: options.config.externalUrl! };
+  return FleetUplink.connect({
+    config,
+    clientId: `cloudlet-agent-${config.externalUsername ?? options.hostname}`,
+    log: options.log,
+    parts: options.parts,
+    will: { topic: topics.status, payload: JSON.stringify({ state: 'offline', hostname: options.hostname, agent_version: options.agentVersion }) },
+    latestOnly: new Set([topics.status, topics.metrics]),
+    current: (topic) => retained().get(topic) ?? '',
+    snapshot: () => retained(),
   });
-  // One line per new reason (parts.off logs only changes), not one per attempt.
-  let problem = 'no answer';
-  const unreachable = () =>
-    options.parts.off(
-      'mqtt-external',
-      `the broker ${brokerAddress(url)} is unreachable (${problem}); retrying every ${EXTERNAL_RECONNECT_MS} ms, the local broker serves meanwhile`,
-      'check that the broker runs and that this box reaches it (address, port, firewall, TLS), or correct mqtt.externalUrl (CLOUDLET_MQTT_URL)',
-    );
-  client.on('error', (err) => {
-    problem = err.message;
-    unreachable();
-  });
-  client.on('offline', unreachable);
-  client.on('connect', () => {
-    problem = 'the connection was lost';
-  });
-  return client;
-}
-
-/** A broker URL as logs and the open /v1/health show it: without its user name and password. */
-function brokerAddress(url: string): string {
-  const { protocol, host } = new URL(url);
-  return `${protocol}//${host}`;
 }
 
 /** The latest of ISO timestamps (null ones skipped), or null. */
