@@ -191,6 +191,7 @@ async function main() {
         elijahAfter: [] as number[],
         decode: [] as number[],
         restore: [] as number[],
+        oursRestore: [] as number[],
         mbits: [] as number[],
       };
       for (let i = 0; i < RUNS; i++) {
@@ -208,6 +209,7 @@ async function main() {
         const lastByte = tls.arrivals.filter((t) => t < BigInt(o.response_ns)).pop()!;
         runs.e2e.push(ms(o.first_ns, o.answer_ns));
         runs.after.push(ms(lastByte, o.answer_ns));
+        runs.oursRestore.push(o.timings.libvirt_ms + o.timings.guest_ms);
         await agent.delete(`/v1/instances/${o.instance_id}`);
         // --- Elijah ---
         const outcome = receiver.next();
@@ -220,7 +222,8 @@ async function main() {
         runs.mbits.push((elijah.bytes * 8) / (ms(e.first_ns, done.lastByte) * 1000));
         await agent.delete(`/v1/instances/${done.instanceId}`);
         process.stderr.write(
-          `${mbit} Mbit/s run ${i + 1}: ours ${round(runs.e2e[i]!)} ms (${round(runs.after[i]!)} ms after the last byte), ` +
+          `${mbit} Mbit/s run ${i + 1}: ours ${round(runs.e2e[i]!)} ms (${round(runs.after[i]!)} ms after the last byte; ` +
+            `restore → ready ${round(runs.oursRestore[i]!)} ms), ` +
             `Elijah ${round(runs.elijah[i]!)} ms (upload at ${round(runs.mbits[i]!)} Mbit/s, decode ${round(done.decodeMs)} ms, restore ${round(done.restoreMs)} ms)\n`,
         );
       }
@@ -231,6 +234,7 @@ async function main() {
         [`elijah_e2e_ms_${mbit}mbit`]: round(elijahE2e),
         [`e2e_vs_elijah_${mbit}mbit`]: round(e2e / elijahE2e, 3),
         [`after_last_byte_ms_${mbit}mbit`]: round(median(runs.after)),
+        [`restore_ready_ms_${mbit}mbit`]: round(median(runs.oursRestore)),
         [`elijah_after_last_byte_ms_${mbit}mbit`]: round(median(runs.elijahAfter)),
         [`elijah_decode_ms_${mbit}mbit`]: round(median(runs.decode)),
         [`elijah_restore_ms_${mbit}mbit`]: round(median(runs.restore)),

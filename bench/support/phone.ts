@@ -32,8 +32,9 @@ export interface PhoneStamps {
   response_ns: string;
   /** The Service VM's page arrived from its endpoint. */
   answer_ns: string;
-  /** The instance the endpoint belongs to. */
+  /** The instance the endpoint belongs to, and the agent's timings of its launch. */
   instance_id: string;
+  timings: { total_ms: number; libvirt_ms: number; guest_ms: number; agent_ms: number };
 }
 
 const now = () => process.hrtime.bigint().toString();
@@ -101,7 +102,7 @@ async function upload(job: PhoneJob): Promise<PhoneStamps> {
   const page = (await httpGet(job.host, last.json.endpoint.port)).body;
   const answer_ns = now();
   if (page.trim() !== job.page) throw new Error(`the Service VM answered ${JSON.stringify(page.slice(0, 200))}`);
-  return { first_ns, response_ns, answer_ns, instance_id: last.json.instance.id };
+  return { first_ns, response_ns, answer_ns, instance_id: last.json.instance.id, timings: last.json.timings };
 }
 
 async function main() {
