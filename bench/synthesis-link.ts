@@ -118,7 +118,7 @@ interface ElijahOutcome {
 
 /**
  * Elijah's side: receives the overlay's files (POST /0, /1, …) into `dir`; once the last has arrived, decodes them,
- * restores the customized VM and answers with its endpoint. `outcome` resolves with what it measured.
+ * restores the customized VM and answers with its endpoint. `next()` gives what it measured.
  */
 async function elijahReceiver(agent: AgentProcess, decode: (files: string[]) => Promise<number>, files: number, dir: string) {
   let settle: (o: ElijahOutcome) => void = () => {};
@@ -153,9 +153,13 @@ const ms = (from: bigint | string, to: bigint | string) => Number(BigInt(to) - B
 
 async function main() {
   const scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-bench-synthesis-link-'));
-  await removeLink();
-  await makeLink();
-  const agent = await AgentProcess.start({ portRange: '24460-24479', env: { CLOUDLET_FORWARD_ADDRESS: LINK.rootAddress } });
+  await removeLink(); // what a killed earlier run with the same process id left
+  const agent = await makeLink()
+    .then(() => AgentProcess.start({ portRange: '24460-24479', env: { CLOUDLET_FORWARD_ADDRESS: LINK.rootAddress } }))
+    .catch(async (err: Error) => {
+      await removeLink();
+      throw err;
+    });
   const conn = await Connection.open('qemu:///system');
   /** The relay and the receiver, closed at the end (the receiver's kept-alive connections with it). */
   const servers: Array<net.Server | http.Server> = [];
