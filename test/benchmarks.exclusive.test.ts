@@ -18,6 +18,7 @@ const HEADLINES: Record<string, string[]> = {
   'on-demand': ['on_demand_ready_ms', 'cached_ready_ms'],
   synthesis: ['overlay_bytes', 'xdelta3_xz_bytes', 'zstd_patch_bytes', 'apply_ms', 'restore_ready_ms'],
   'synthesis-features': ['create_index_speedup', 'upload_mib_per_s'],
+  'synthesis-link': ['e2e_ms_100mbit', 'elijah_e2e_ms_100mbit', 'e2e_vs_elijah_100mbit', 'after_last_byte_ms_100mbit'],
   telemetry: ['mqtt_latency_ms_median', 'mqtt_latency_ms_p99'],
   trust: ['open_plain_ms', 'device_plain_ms', 'device_https_handshake_ms'],
   web: ['page_bytes', 'first_render_ms'],
