@@ -66,7 +66,7 @@ t.test('the route tables: every route has its access level enforced', async (tt)
     .sort();
   tt.same(
     open,
-    ['GET /v1/apps', 'GET /v1/apps/:id', 'GET /v1/apps/:id/file', 'GET /v1/health', 'GET /v1/system', 'POST /v1/pairing/claim'],
+    ['GET /v1/apps', 'GET /v1/apps/:id', 'GET /v1/apps/:id/file', 'GET /v1/health', 'GET /v1/openapi.json', 'GET /v1/system', 'POST /v1/pairing/claim'],
     'the open /v1 routes are exactly the documented list',
   );
 });

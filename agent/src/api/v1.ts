@@ -7,6 +7,7 @@ import { deviceIdOf, stopperOf } from '../trust/access';
 import type { CloudletApi, PackageSource, ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
 import { emptyReply, hostOf, jsonReply, type ApiRequest, type Face, type Route } from './routing';
+import { OPENAPI_ETAG, OPENAPI_JSON } from './openapi';
 import { appRoutes } from './v1-apps';
 import { provisioningRoutes } from './v1-provisioning';
 import { synthesisRoutes } from './v1-synthesis';
@@ -24,6 +25,17 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
       handle: async () => {
         const report = await api.health();
         return jsonReply(report.ok ? 200 : 503, healthJson(report));
+      },
+    },
+    // The API's shape, no secret: open and cacheable; the ETag changes only with the document (an agent upgrade).
+    {
+      method: 'GET',
+      path: '/v1/openapi.json',
+      access: 'open',
+      handle: (request) => {
+        const cache = { ETag: OPENAPI_ETAG, 'Cache-Control': 'public, max-age=3600, must-revalidate' };
+        if (request.header('if-none-match') === OPENAPI_ETAG) return { status: 304, headers: cache, body: '' };
+        return { status: 200, headers: { 'Content-Type': 'application/json; charset=utf-8', ...cache }, body: OPENAPI_JSON };
       },
     },
     {
