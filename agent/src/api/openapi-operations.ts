@@ -1,13 +1,13 @@
 /**
- * The /v1 operations as data, for openapi.ts: keyed `METHOD /v1/path/{param}`: a route of the route tables, its path in OpenAPI's form (openApiPath).
- * `errors` are the route's own codes (checked by the compiler against ErrorCode); the access, body and common errors
- * are added by openapi.ts. docs/api.md says the same in prose.
+ * The /v1 operations as data, for openapi.ts, keyed `METHOD /v1/path/{param}`: a route of the route tables with its
+ * path in OpenAPI's form (openApiPath). `errors` are the route's own codes (checked by the compiler against ErrorCode);
+ * the access, body and common errors are added by openapi.ts. docs/api.md says the same in prose.
  */
 import type { ErrorCode } from '../errors';
 import type { Access } from '../trust/access';
 import { ref } from './openapi-schemas';
 
-type Schema = Record<string, unknown>;
+export type Schema = Record<string, unknown>;
 
 export interface Operation {
   id: string;
@@ -23,12 +23,12 @@ export interface Operation {
   errors: ErrorCode[];
 }
 
-const list = (key: string, item: string): Schema => ({ type: 'object', properties: { [key]: { type: 'array', items: ref(item) } }, required: [key] });
-const body = (properties: Record<string, Schema>, required: string[]): Schema => ({ type: 'object', properties, required });
-const str: Schema = { type: 'string' };
-const binary: Schema = { type: 'string', contentMediaType: 'application/octet-stream' };
-const noContent = { 204: { description: 'Done; empty body.' } };
-const fileAnswers = {
+export const list = (key: string, item: string): Schema => ({ type: 'object', properties: { [key]: { type: 'array', items: ref(item) } }, required: [key] });
+export const body = (properties: Record<string, Schema>, required: string[]): Schema => ({ type: 'object', properties, required });
+export const str: Schema = { type: 'string' };
+export const binary: Schema = { type: 'string', contentMediaType: 'application/octet-stream' };
+export const noContent = { 204: { description: 'Done; empty body.' } };
+export const fileAnswers = {
   200: { description: 'The file, streamed, with `ETag: "<sha256>"` and `Accept-Ranges: bytes`.', schema: binary, mediaType: 'application/octet-stream' },
   206: {
     description: 'The part a `Range` asked for (`If-Range` naming another ETag gets the whole file).',
@@ -37,7 +37,7 @@ const fileAnswers = {
   },
   416: { description: 'The range lies outside the file.' },
 };
-const LAUNCH_ERRORS: ErrorCode[] = [
+export const LAUNCH_ERRORS: ErrorCode[] = [
   'NO_FREE_PORT',
   'PORT_TAKEN',
   'BUSY',
@@ -47,19 +47,9 @@ const LAUNCH_ERRORS: ErrorCode[] = [
   'HYPERVISOR_UNAVAILABLE',
   'NO_SPACE',
 ];
-const SYNTHESIS_ERRORS: ErrorCode[] = [
-  'OVERLAY_INVALID',
-  'OVERLAY_UNSUPPORTED',
-  'OVERLAY_UNTRUSTED',
-  'OVERLAY_TOO_LARGE',
-  'BASE_NOT_FOUND',
-  'SERVICE_EXISTS',
-  ...LAUNCH_ERRORS,
-];
-const PROVISION_ERRORS: ErrorCode[] = ['RECIPE_NOT_FOUND', 'BASE_NOT_FOUND', 'PROVISIONING_FAILED', 'IMAGE_TOOL_FAILED', ...LAUNCH_ERRORS];
-const keepAs: Schema = { type: ['string', 'null'], description: 'Also keep the VM as this Cached VM service (admin credential only).' };
 
-export const OPERATIONS: Record<string, Operation> = {
+/** The routes of v1.ts, v1-apps.ts and v1-trust.ts (and the /v1/events socket); openapi-provisioning.ts has the rest. */
+export const CORE_OPERATIONS: Record<string, Operation> = {
   'GET /v1/openapi.json': {
     id: 'getOpenApi',
     tag: 'system',
@@ -286,146 +276,6 @@ export const OPERATIONS: Record<string, Operation> = {
     ok: { 200: { description: 'Released; `destroyed` is false while others still share it.', schema: ref('StopResult') } },
     errors: ['INSTANCE_NOT_FOUND', 'FORBIDDEN', 'HYPERVISOR_ERROR', 'HYPERVISOR_UNAVAILABLE'],
   },
-  'GET /v1/instances/{id}/console': {
-    id: 'getConsole',
-    tag: 'instances',
-    summary: 'The end of a VM’s serial console',
-    access: 'admin',
-    query: { bytes: { description: 'How many of the last bytes (default 65536).', schema: { type: 'integer', minimum: 1, maximum: 1048576 } } },
-    ok: { 200: { description: 'The console text.', schema: str, mediaType: 'text/plain' } },
-    errors: ['INSTANCE_NOT_FOUND', 'INVALID_PARAMETER'],
-  },
-
-  'GET /v1/bases': {
-    id: 'listBases',
-    tag: 'bases',
-    summary: 'The Base VMs',
-    access: 'device',
-    ok: { 200: { description: 'The bases.', schema: list('bases', 'Base') } },
-    errors: [],
-  },
-  'GET /v1/bases/{ref}': {
-    id: 'getBase',
-    tag: 'bases',
-    summary: 'One Base VM, by digest or name',
-    access: 'device',
-    ok: { 200: { description: 'The base.', schema: ref('Base') } },
-    errors: ['BASE_NOT_FOUND'],
-  },
-  'GET /v1/bases/{ref}/files/{name}': {
-    id: 'downloadBaseFile',
-    tag: 'bases',
-    summary: 'Download one of a base’s files (resumable)',
-    access: 'device',
-    ok: fileAnswers,
-    errors: ['BASE_NOT_FOUND', 'NOT_FOUND'],
-  },
-  'POST /v1/bases': {
-    id: 'importBase',
-    tag: 'bases',
-    summary: 'Import a Base VM from a directory on the cloudlet',
-    access: 'admin',
-    body: { kind: 'json', schema: body({ path: str, name: str }, ['path', 'name']) },
-    ok: { 201: { description: 'Imported, its chunk index built.', schema: ref('Base') } },
-    errors: ['MISSING_PARAMETER', 'INVALID_PARAMETER', 'INVALID_MANIFEST', 'INVALID_IMAGE', 'CONFLICT', 'NO_SPACE'],
-  },
-
-  'GET /v1/recipes': {
-    id: 'listRecipes',
-    tag: 'recipes',
-    summary: 'The recipes (On-Demand VM Provisioning)',
-    access: 'device',
-    ok: { 200: { description: 'The recipes.', schema: list('recipes', 'RecipeSummary') } },
-    errors: [],
-  },
-  'GET /v1/recipes/{id}': {
-    id: 'getRecipe',
-    tag: 'recipes',
-    summary: 'One recipe, whole',
-    access: 'device',
-    ok: {
-      200: {
-        description: 'Its summary plus the recipe (file contents as base64).',
-        schema: { allOf: [ref('RecipeSummary')], properties: { recipe: ref('Recipe') } },
-      },
-    },
-    errors: ['RECIPE_NOT_FOUND'],
-  },
-  'POST /v1/recipes': {
-    id: 'storeRecipe',
-    tag: 'recipes',
-    summary: 'Store a recipe (replacing one of the same id)',
-    access: 'admin',
-    body: { kind: 'json', schema: ref('Recipe'), description: 'At most 1 MiB.' },
-    ok: { 201: { description: 'Stored.', schema: ref('RecipeSummary') } },
-    errors: ['INVALID_RECIPE', 'BASE_NOT_FOUND'],
-  },
-  'DELETE /v1/recipes/{id}': {
-    id: 'removeRecipe',
-    tag: 'recipes',
-    summary: 'Remove a recipe',
-    access: 'admin',
-    ok: noContent,
-    errors: ['RECIPE_NOT_FOUND'],
-  },
-  'POST /v1/recipes/{id}/instances': {
-    id: 'provisionRecipe',
-    tag: 'recipes',
-    summary: 'Start an instance of a recipe: its cached result, else provisioned from the base',
-    access: 'device',
-    body: { kind: 'json', required: false, schema: body({ join: { type: 'boolean', default: false } }, []) },
-    ok: { 201: { description: 'Ready.', schema: ref('StartResult') } },
-    errors: PROVISION_ERRORS,
-  },
-  'POST /v1/recipes/{id}/cache': {
-    id: 'cacheRecipe',
-    tag: 'recipes',
-    summary: 'Provision a recipe on a throwaway VM and keep it as a Cached VM service',
-    access: 'admin',
-    ok: { 200: { description: 'The service kept.', schema: ref('Service') } },
-    errors: [...PROVISION_ERRORS, 'SERVICE_EXISTS', 'SERVICE_IN_USE'],
-  },
-
-  'POST /v1/synthesis': {
-    id: 'synthesizeFile',
-    tag: 'synthesis',
-    summary: 'VM Synthesis from an overlay file on the cloudlet',
-    access: 'admin',
-    body: { kind: 'json', schema: body({ path: str, keep_as: keepAs }, ['path']) },
-    ok: { 201: { description: 'The synthesized VM is ready.', schema: ref('SynthesisResult') } },
-    errors: ['MISSING_PARAMETER', 'INVALID_PARAMETER', ...SYNTHESIS_ERRORS],
-  },
-  'POST /v1/synthesis/uploads': {
-    id: 'createUpload',
-    tag: 'synthesis',
-    summary: 'Announce an overlay upload (resumable)',
-    access: 'device',
-    body: { kind: 'json', schema: body({ bytes: { type: 'integer', minimum: 0 }, keep_as: keepAs }, ['bytes']) },
-    ok: { 201: { description: 'The upload.', schema: ref('Upload') } },
-    errors: ['INVALID_PARAMETER', 'SERVICE_EXISTS', 'ADMIN_ONLY', 'TOO_MANY_UPLOADS', 'OVERLAY_TOO_LARGE', 'NO_SPACE'],
-  },
-  'GET /v1/synthesis/uploads/{id}': {
-    id: 'getUpload',
-    tag: 'synthesis',
-    summary: 'Where an upload stands (and its outcome)',
-    access: 'device',
-    ok: { 200: { description: 'The upload.', schema: ref('Upload') } },
-    errors: ['NOT_FOUND'],
-  },
-  'POST /v1/synthesis/uploads/{id}': {
-    id: 'appendUpload',
-    tag: 'synthesis',
-    summary: 'Send an overlay’s bytes from `offset`',
-    access: 'device',
-    query: { offset: { description: 'Where these bytes start: the upload’s `received`.', required: true, schema: { type: 'integer', minimum: 0 } } },
-    body: { kind: 'stream', schema: binary, mediaType: 'application/octet-stream' },
-    ok: {
-      201: { description: 'These bytes completed the upload; the synthesized VM is ready.', schema: ref('SynthesisResult') },
-      202: { description: 'Not complete yet: send the rest from `received`.', schema: ref('Upload') },
-    },
-    errors: ['CONFLICT', 'NOT_FOUND', 'INVALID_PARAMETER', ...SYNTHESIS_ERRORS],
-  },
-
   'POST /v1/pairing': {
     id: 'openPairing',
     tag: 'pairing',

@@ -9,10 +9,12 @@ import { createHash } from 'node:crypto';
 import { AGENT_VERSION } from '../core/host-status';
 import { statusOfCode, type ErrorCode } from '../errors';
 import type { Access } from '../trust/access';
-import { OPERATIONS, type Operation } from './openapi-operations';
+import { CORE_OPERATIONS, type Operation } from './openapi-operations';
+import { PROVISIONING_OPERATIONS } from './openapi-provisioning';
 import { ref, SCHEMAS } from './openapi-schemas';
 
-export { OPERATIONS, type Operation } from './openapi-operations';
+/** Every /v1 operation, keyed `METHOD /v1/path/{param}`. */
+export const OPERATIONS: Record<string, Operation> = { ...CORE_OPERATIONS, ...PROVISIONING_OPERATIONS };
 
 const JSON_TYPE = 'application/json';
 
