@@ -1,6 +1,6 @@
 // The OpenAPI document as a real agent serves it (open, cacheable, no secret), and what that agent answers matches
 // the schemas the document gives (test/openapi.test.ts checks the document against the route tables). Forward ports
-// 22630-22639 (no VM is started).
+// 27400-27409 (no VM is started).
 import { createRequire } from 'node:module';
 import t from 'tap';
 import { OPENAPI_JSON } from '../agent/src/api/openapi';
@@ -15,7 +15,7 @@ let agent: AgentProcess;
 let document: any;
 
 t.before(async () => {
-  agent = await AgentProcess.start({ portRange: '22630-22639' });
+  agent = await AgentProcess.start({ portRange: '27400-27409' });
   const served = await request(agent.apiPort, 'GET', '/v1/openapi.json', undefined, { authorization: '' });
   document = served.json;
 });
