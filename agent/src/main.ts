@@ -16,7 +16,7 @@ import { createLogger } from './log';
 import { agentUrl } from './system/agent-probe';
 import { announceReady } from './system/systemd';
 import { Telemetry } from './telemetry/mqtt';
-import { TokenGate } from './trust/access';
+import { TokenGate, accessPolicy } from './trust/access';
 import { loadOrCreateAdminToken } from './trust/admin-token';
 import { DeviceRegistry } from './trust/devices';
 import { Pairing } from './trust/pairing';
@@ -28,7 +28,7 @@ async function main(): Promise<void> {
   const cloudlet = await composeCloudlet(config, log);
   const devices = await DeviceRegistry.open(config.dataDir);
   const tls = await ensureTlsIdentity(config.dataDir, os.hostname(), createLogger('tls'));
-  const gate = new TokenGate(devices, await loadOrCreateAdminToken(config.dataDir));
+  const gate = new TokenGate(devices, await loadOrCreateAdminToken(config.dataDir), accessPolicy(config.kdApi));
   // One set of request buckets for the API and the MQTT broker's TCP connections.
   const rateLimiter = new RateLimiter({ perSecond: config.limits.requestsPerSecond, burst: config.limits.requestBurst });
   // One count of long-lived connections (MQTT, /v1/events) per address and per device.

@@ -21,6 +21,7 @@ const JSON_TYPE = 'application/json';
 /** The errors any route of that access level may answer besides its own (docs/api.md#access). */
 const ACCESS_ERRORS: Record<Access, ErrorCode[]> = {
   open: [],
+  services: ['UNAUTHENTICATED', 'DEVICE_REVOKED', 'DEVICE_EXPIRED', 'TLS_REQUIRED'],
   device: ['UNAUTHENTICATED', 'DEVICE_REVOKED', 'DEVICE_EXPIRED', 'TLS_REQUIRED'],
   admin: ['UNAUTHENTICATED', 'DEVICE_REVOKED', 'DEVICE_EXPIRED', 'ADMIN_ONLY', 'TLS_REQUIRED'],
 };
@@ -35,6 +36,8 @@ const BODY_ERRORS: Record<'json' | 'stream', ErrorCode[]> = {
 const SECURITY: Record<Access, Record<string, string[]>[]> = {
   // A credential on an open route is still recognised (the operator is not rate-limited), never required.
   open: [{}, { device: [] }, { operator: [] }],
+  // Without a credential too where the access policy lets unpaired clients start services (the plain KD face's default).
+  services: [{}, { device: [] }, { operator: [] }],
   device: [{ device: [] }, { operator: [] }],
   admin: [{ operator: [] }],
 };

@@ -149,7 +149,7 @@ export function authorizeWithinRate(gate: AccessGate, limiter: RateLimiter | nul
     if (holder?.kind === 'device') limiter.take(`device ${holder.device.id}`);
     else if (holder?.kind !== 'admin') limiter.takeForAddress(transport.remoteAddress);
   }
-  return admit(access, identity);
+  return admit(access, identity, gate.policy);
 }
 
 /** Headers an error reply carries besides the face's body: how to authenticate after a 401, when to come back. */
