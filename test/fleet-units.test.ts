@@ -70,8 +70,8 @@ t.test("a paired cloudlet's credential opens only the routes marked for cloudlet
     tt.throws(() => admit(access, { kind: 'device', device: cloudlet }), { code: 'PEER_NOT_ALLOWED' }, `${access} route`);
     tt.same(admit(access, { kind: 'device', device: phone }), { kind: 'device', device: phone }, `a phone on a ${access} route`);
   }
-  tt.same(admit('device', { kind: 'device', device: cloudlet }, true), { kind: 'device', device: cloudlet }, 'a route for cloudlets');
-  tt.throws(() => admit('admin', { kind: 'device', device: cloudlet }, true), { code: 'ADMIN_ONLY' });
+  tt.same(admit('device', { kind: 'device', device: cloudlet }, undefined, true), { kind: 'device', device: cloudlet }, 'a route for cloudlets');
+  tt.throws(() => admit('admin', { kind: 'device', device: cloudlet }, undefined, true), { code: 'ADMIN_ONLY' });
 });
 
 t.test("another cloudlet's placement is read field by field; anything malformed is refused", async (tt) => {

@@ -43,7 +43,8 @@ t.test('the route tables: every route has its access level enforced', async (tt)
     const url = concrete(route);
     const name = `${route.method} ${route.path} (${route.access})`;
     const anonymous = await request(agent.apiPort, route.method, url, undefined, NONE);
-    if (route.access === 'open') {
+    // 'services' routes: open to unpaired clients under the default policy (the plain KD face); closed below.
+    if (route.access === 'open' || route.access === 'services') {
       tt.notOk([401, 403].includes(anonymous.status), `${name} answers without a credential (${anonymous.status})`);
       continue;
     }
@@ -67,9 +68,38 @@ t.test('the route tables: every route has its access level enforced', async (tt)
     .sort();
   tt.same(
     open,
-    ['GET /v1/apps', 'GET /v1/apps/:id', 'GET /v1/apps/:id/file', 'GET /v1/health', 'GET /v1/system', 'POST /v1/pairing/claim'],
+    ['GET /v1/apps', 'GET /v1/apps/:id', 'GET /v1/apps/:id/file', 'GET /v1/health', 'GET /v1/openapi.json', 'GET /v1/system', 'POST /v1/pairing/claim'],
     'the open /v1 routes are exactly the documented list',
   );
+});
+
+t.test('one access policy: where the KD face is not plain, no face lets an unpaired client see or start services', async (tt) => {
+  const closed = await AgentProcess.start({ portRange: '27440-27449', env: { CLOUDLET_KD_API: 'off' } });
+  tt.teardown(() => closed.dispose());
+  const servicesRoutes = allRoutes().filter((r) => r.access === 'services' && r.path.startsWith('/v1'));
+  tt.same(
+    servicesRoutes.map((r) => `${r.method} ${r.path}`).sort(),
+    ['DELETE /v1/instances/:id', 'GET /v1/services', 'GET /v1/services/:id', 'POST /v1/instances'],
+    'the services routes of /v1',
+  );
+  for (const route of servicesRoutes) {
+    const refused = await request(closed.apiPort, route.method, concrete(route), undefined, NONE);
+    expectError(tt, refused, 401, 'UNAUTHENTICATED', `${route.method} ${route.path} without a credential`);
+  }
+});
+
+t.test('an unpaired client starts through /v1 as through the KD face: an anonymous use, within the anonymous quota', async (tt) => {
+  const quota = await AgentProcess.start({ portRange: '27450-27459', env: { CLOUDLET_KD_INSTANCES_PER_ADDRESS: '0' } });
+  tt.teardown(() => quota.dispose());
+  tt.equal((await quota.post('/v1/services', { path: testGuestDir() })).status, 201);
+  const listed = await request(quota.apiPort, 'GET', '/v1/services', undefined, NONE);
+  tt.equal(listed.status, 200, 'the services are listed without pairing');
+  tt.notOk('dir' in listed.json.services[0], 'with no host path');
+  const start = await request(quota.apiPort, 'POST', '/v1/instances', { service_id: SERVICE }, NONE);
+  expectError(tt, start, 503, 'QUOTA_EXCEEDED', 'counted against the anonymous quota, not taken for the operator');
+  const kd = await request(quota.apiPort, 'GET', `/api/servicevm/start?serviceId=${SERVICE}`, undefined, NONE);
+  tt.equal(kd.status, 503, 'as the KD face counts it');
+  tt.same(await domainsUnder(quota.dataDir), [], 'no VM was started');
 });
 
 t.test("a device's instances end with its authorization", async (tt) => {

@@ -6,7 +6,9 @@ import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
 import { RateLimiter } from '../agent/src/trust/rate-limit';
-import { addressKey, bearerToken } from '../agent/src/trust/access';
+import { InstanceView } from '../agent/src/api/wire-shapes';
+import { CloudletError } from '../agent/src/errors';
+import { accessPolicy, addressKey, admit, bearerToken } from '../agent/src/trust/access';
 import { DeviceRegistry, type DeviceEndReason, type PairedDevice } from '../agent/src/trust/devices';
 import { FREE_WRONG_CODES, MAX_PAUSE_SECONDS, MAX_WRONG_CODES_PER_ADDRESS, Pairing } from '../agent/src/trust/pairing';
 
@@ -214,4 +216,29 @@ t.test('the rate limiter tracks a bounded number of clients: when full, idle one
   limiter.take('d');
   limiter.take('e');
   tt.throws(() => limiter.take('f'), { code: 'RATE_LIMITED' }, 'full again: c, d, e are active');
+});
+
+t.test('one access policy: services open to unpaired clients only where it says so, the other levels as they are', async (tt) => {
+  const anonymous = { kind: 'anonymous' } as const;
+  const open = accessPolicy('plain');
+  const closed = accessPolicy('encrypted');
+  tt.same(open, { anonymousServices: true }, 'the plain KD face (the default) lets unpaired clients start services');
+  tt.same(accessPolicy('off'), { anonymousServices: false });
+  tt.same(admit('services', anonymous, open), anonymous, 'admitted without a credential, as anonymous');
+  tt.throws(() => admit('services', anonymous, closed), { code: 'UNAUTHENTICATED' }, 'refused where the policy is closed');
+  tt.throws(() => admit('services', anonymous, undefined), { code: 'UNAUTHENTICATED' }, 'and without a policy');
+  tt.throws(() => admit('device', anonymous, open), { code: 'UNAUTHENTICATED' }, 'device routes still need a device');
+  tt.throws(() => admit('admin', { kind: 'device', device: {} as PairedDevice }, open), { code: 'ADMIN_ONLY' });
+  const clear = new CloudletError('TLS_REQUIRED', 'in clear');
+  tt.throws(() => admit('services', clear, open), { code: 'TLS_REQUIRED' }, 'a secret in clear is refused even where anonymous callers are let in');
+  const expired = new CloudletError('DEVICE_EXPIRED', 'expired');
+  tt.throws(() => admit('services', expired, open), { code: 'DEVICE_EXPIRED' }, 'a credential that fails is refused, not taken for none');
+  tt.same(admit('open', expired, open), anonymous, 'as an open route does');
+});
+
+t.test("an anonymous caller's view of an instance shows no owner", async (tt) => {
+  const view = InstanceView.of({ kind: 'anonymous' });
+  tt.same(view.redacted({ owners: ['dev-alice', 'dev-bob'] }).owners, [], "no device's id");
+  tt.same(view.list([{ id: 'i', owners: ['dev-alice'] } as never]), [], 'and no instance to list');
+  tt.same(InstanceView.of({ kind: 'admin' }).redacted({ owners: ['dev-alice'] }).owners, ['dev-alice'], 'the operator sees them all');
 });

@@ -2,13 +2,12 @@
 // on loopback, booting one real Service VM. What a person on a phone does: open the page, start the demo service,
 // watch it become ready, follow its endpoint, download an app, stop the service.
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import os from 'node:os';
+import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { BrowserContext, Page } from 'playwright-core';
 import t from 'tap';
-import { AgentProcess, ROOT, domainsUnder, testGuestDir } from './support/agent';
-import { countTransferredBytes, launchChromium } from './support/browser';
+import { ROOT, domainsUnder, testGuestDir, type AgentProcess } from './support/agent';
+import { countTransferredBytes, phoneOnAgent, type PhoneOnAgent } from './support/browser';
 import { cli } from './support/cli';
 
 const SERVICE = 'org.cloudlet.demo.http';
@@ -18,11 +17,12 @@ let agent: AgentProcess;
 let scratch: string;
 let browser: BrowserContext;
 let page: Page;
+let phone: PhoneOnAgent | undefined;
 const apk = randomBytes(512 * 1024);
 
 t.before(async () => {
-  agent = await AgentProcess.start({ portRange: '22020-22029', env: { CLOUDLET_DISCOVERY: '0', CLOUDLET_MQTT_HOST: '127.0.0.1', CLOUDLET_MQTT_PORT: '0' } });
-  scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-web-'));
+  phone = await phoneOnAgent('22020-22029', 'cloudlet-web-');
+  ({ agent, scratch, browser, page } = phone);
   const imported = await agent.post('/v1/services', { path: testGuestDir() });
   if (imported.status !== 201) throw new Error(imported.body);
   await writeFile(path.join(scratch, 'demo-client.apk'), apk);
@@ -39,26 +39,28 @@ t.before(async () => {
     `127.0.0.1:${agent.apiPort}`,
   ]);
   if (added.code !== 0) throw new Error(added.stderr);
-  browser = await launchChromium(path.join(scratch, 'profile'));
-  page = browser.pages()[0] ?? (await browser.newPage());
 });
-t.teardown(async () => {
-  await browser?.close();
-  await agent.dispose();
-  await rm(scratch, { recursive: true, force: true });
-});
+t.teardown(() => phone?.close());
 
-t.test("an unpaired phone is asked to pair; with the operator's code it is", async (tt) => {
+t.test("an unpaired phone sees the services (the plain KD default lets it start them) and may pair with the operator's code", async (tt) => {
   await page.goto(`http://127.0.0.1:${agent.apiPort}/`, { waitUntil: 'networkidle' });
   tt.ok(await page.getByRole('heading', { name: 'Pair this phone' }).isVisible(), 'the pairing form shows');
-  tt.match(await page.locator('#services-empty').textContent(), /Pair this phone/, 'services wait for pairing');
+  await page.locator(`li[data-service="${SERVICE}"]`).waitFor();
+  tt.ok(await page.locator(`li[data-service="${SERVICE}"]`).getByRole('button', { name: 'Start' }).isEnabled(), 'services show, startable, before pairing');
   tt.ok(await page.getByRole('link', { name: /Download Demo client/ }).isVisible(), 'the (open) app catalog shows before pairing');
   const window = await agent.post('/v1/pairing', {});
   await page.getByLabel('Pairing code').fill(window.json.code);
   await page.getByLabel('Name of this phone').fill('test phone');
   await page.getByRole('button', { name: 'Pair' }).click();
+  await page.getByRole('heading', { name: 'Pair this phone' }).waitFor({ state: 'hidden' });
   await page.locator(`li[data-service="${SERVICE}"]`).waitFor();
-  tt.ok(await page.getByRole('heading', { name: 'Pair this phone' }).isHidden(), 'the form goes once paired');
+  tt.ok(
+    await page
+      .locator('#live')
+      .textContent()
+      .then((text) => /Paired as/.test(text ?? '')),
+    'the form goes once paired',
+  );
   const devices = (await agent.get('/v1/devices')).json.devices;
   tt.match(devices, [{ name: 'test phone', standing: 'active' }], 'the operator sees the phone');
 });

@@ -129,6 +129,14 @@ const STATUS: Record<ErrorCode, number> = {
   INTERNAL: 500,
 };
 
+/** Every stable code, in the order of ErrorCode: what the OpenAPI document's `code` enum is made from. */
+export const ERROR_CODES = Object.keys(STATUS) as ErrorCode[];
+
+/** The HTTP status /v1 answers a code with. */
+export function statusOfCode(code: ErrorCode): number {
+  return STATUS[code];
+}
+
 export class CloudletError extends Error {
   readonly code: ErrorCode;
   readonly status: number;

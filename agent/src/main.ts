@@ -21,7 +21,7 @@ import { agentUrl } from './system/agent-probe';
 import { announceReady } from './system/systemd';
 import { AgentMetrics, MetricsCredential } from './telemetry/metrics';
 import { Telemetry } from './telemetry/mqtt';
-import { TokenGate } from './trust/access';
+import { TokenGate, accessPolicy } from './trust/access';
 import { loadOrCreateAdminToken } from './trust/admin-token';
 import { DeviceRegistry } from './trust/devices';
 import { Pairing } from './trust/pairing';
@@ -40,7 +40,7 @@ async function main(): Promise<void> {
   if (!config.mqtt.externalUrl) parts.disabled('mqtt-external', 'no external broker configured (mqtt.externalUrl)');
   const devices = await DeviceRegistry.open(config.dataDir);
   const tls = await tlsIdentity(config.dataDir, parts);
-  const gate = new TokenGate(devices, await loadOrCreateAdminToken(config.dataDir));
+  const gate = new TokenGate(devices, await loadOrCreateAdminToken(config.dataDir), accessPolicy(config.kdApi));
   // One set of request buckets for the API and the MQTT broker's TCP connections.
   const rateLimiter = new RateLimiter({ perSecond: config.limits.requestsPerSecond, burst: config.limits.requestBurst });
   // One count of long-lived connections (MQTT, /v1/events) per address and per device.

@@ -245,16 +245,31 @@ async function showHttpsRequired() {
     el('a', { href: url }, url), ` and accept the cloudlet's certificate if its SHA-256 fingerprint is ${system.tls_fingerprint}.`);
 }
 
-/** Services need this phone to be paired; the apps are open to anyone. */
+/**
+ * The apps are open to anyone. The services too where the cloudlet lets unpaired phones start them (as the plain
+ * KD face does): then this phone starts them as any KD client could, and pairing adds only its own credential.
+ */
 async function loadServices() {
+  if (!token()) {
+    try {
+      renderServices((await api('GET', '/v1/services')).services);
+      // Pairing sends a secret: offered where it may travel (HTTPS, or this machine).
+      $('pairing').hidden = location.protocol === 'http:' && !LOOPBACK.test(location.hostname);
+      return;
+    } catch (err) {
+      if (err.status !== 401) throw err;
+    }
+  }
   if (location.protocol === 'http:' && !LOOPBACK.test(location.hostname)) return showHttpsRequired();
   if (!token()) return showPairing();
   try {
     renderServices((await api('GET', '/v1/services')).services);
     followEvents(1000);
   } catch (err) {
-    if (err.status === 401) return showPairing(err.code === 'UNAUTHENTICATED' ? '' : `${err.message}: pair again.`);
-    throw err;
+    if (err.status !== 401) throw err;
+    // The pairing ended (revoked, expired, forgotten): the token goes, and the services may still be open to this phone.
+    showPairing(err.code === 'UNAUTHENTICATED' ? '' : `${err.message}: pair again.`);
+    return loadServices();
   }
 }
 
@@ -276,3 +291,5 @@ async function showPartsOff() {
 showPartsOff().catch(() => {});
 loadServices().catch(failed('services-empty'));
 api('GET', '/v1/apps').then((apps) => renderApps(apps.apps), failed('apps-empty'));
+// Installable, and its shell opens offline (ui/sw.js keeps only the shell, never an API answer).
+if ('serviceWorker' in navigator) navigator.serviceWorker.register('/ui/sw.js', { scope: '/' }).catch(() => {});

@@ -11,10 +11,10 @@ import { emptyReply, fileReply, hostOf, jsonReply, textReply, type ApiRequest, t
 
 export function kdCloudletFace(api: CloudletApi): Face {
   const routes: Route[] = [
-    { method: 'GET', path: '/api/services', access: 'open', handle: () => jsonReply(200, { services: startableServices(api).map(serviceJson) }) },
-    { method: 'GET', path: '/api/services/get', access: 'open', handle: (request) => findService(api, request) },
-    { method: 'GET', path: '/api/servicevm/start', access: 'open', handle: (request) => startServiceVm(api, request) },
-    { method: 'GET', path: '/api/servicevm/stop', access: 'open', handle: (request) => stopServiceVm(api, request) },
+    { method: 'GET', path: '/api/services', access: 'services', handle: () => jsonReply(200, { services: startableServices(api).map(serviceJson) }) },
+    { method: 'GET', path: '/api/services/get', access: 'services', handle: (request) => findService(api, request) },
+    { method: 'GET', path: '/api/servicevm/start', access: 'services', handle: (request) => startServiceVm(api, request) },
+    { method: 'GET', path: '/api/servicevm/stop', access: 'services', handle: (request) => stopServiceVm(api, request) },
     { method: 'GET', path: '/api/system', access: 'open', handle: (request) => systemMetadata(api, request) },
     // Device mailboxes are not implemented yet: every device has an empty one.
     { method: 'GET', path: '/api/system/get_messages', access: 'open', handle: () => jsonReply(200, { messages: [] }) },

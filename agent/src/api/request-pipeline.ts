@@ -174,7 +174,7 @@ export function authorizeWithinRate(
     if (holder?.kind === 'device') limiter.take(`device ${holder.device.id}`);
     else if (holder?.kind !== 'admin') limiter.takeForAddress(transport.remoteAddress);
   }
-  return admit(access, identity, peers);
+  return admit(access, identity, gate.policy, peers);
 }
 
 /** Headers an error reply carries besides the face's body: how to authenticate after a 401, when to come back. */

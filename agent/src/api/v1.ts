@@ -3,10 +3,11 @@
  * lives in wire-shapes.ts and nowhere else. Errors are `{code, message, details?}` with the CloudletError's status.
  */
 import { jsonObject, optionalBoolean, requiredString } from './json-fields';
-import { deviceIdOf, stopperOf } from '../trust/access';
+import { addressKey, deviceIdOf, stopperOf } from '../trust/access';
 import type { CloudletApi, PackageSource, ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
 import { emptyReply, hostOf, jsonReply, type ApiRequest, type Face, type Route } from './routing';
+import { OPENAPI_ETAG, OPENAPI_JSON } from './openapi';
 import { appRoutes } from './v1-apps';
 import { provisioningRoutes } from './v1-provisioning';
 import { synthesisRoutes } from './v1-synthesis';
@@ -27,6 +28,17 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
         return jsonReply(report.ok ? 200 : 503, healthJson(report));
       },
     },
+    // The API's shape, no secret: open and cacheable; the ETag changes only with the document (an agent upgrade).
+    {
+      method: 'GET',
+      path: '/v1/openapi.json',
+      access: 'open',
+      handle: (request) => {
+        const cache = { ETag: OPENAPI_ETAG, 'Cache-Control': 'public, max-age=3600, must-revalidate' };
+        if (request.header('if-none-match') === OPENAPI_ETAG) return { status: 304, headers: cache, body: '' };
+        return { status: 200, headers: { 'Content-Type': 'application/json; charset=utf-8', ...cache }, body: OPENAPI_JSON };
+      },
+    },
     {
       method: 'GET',
       path: '/v1/system',
@@ -36,13 +48,13 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
     {
       method: 'GET',
       path: '/v1/services',
-      access: 'device',
+      access: 'services',
       handle: ({ caller }) => jsonReply(200, { services: api.listServices().map((s) => serviceJson(s, caller)) }),
     },
     {
       method: 'GET',
       path: '/v1/services/:id',
-      access: 'device',
+      access: 'services',
       handle: ({ params, caller }) => jsonReply(200, serviceJson(api.getService(params.id!), caller)),
     },
     {
@@ -110,11 +122,11 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
       access: 'device',
       handle: ({ params, caller }) => jsonReply(200, instanceJson(InstanceView.of(caller).one(api.getInstance(params.id!)))),
     },
-    { method: 'POST', path: '/v1/instances', access: 'device', jsonBody: true, handle: (request) => startInstance(api, request) },
+    { method: 'POST', path: '/v1/instances', access: 'services', jsonBody: true, handle: (request) => startInstance(api, request) },
     {
       method: 'DELETE',
       path: '/v1/instances/:id',
-      access: 'device',
+      access: 'services',
       handle: async ({ params, caller, remoteAddress }) => jsonReply(200, stopResultJson(await api.stopInstance(params.id!, stopperOf(caller, remoteAddress)))),
     },
   ];
@@ -141,8 +153,10 @@ async function startInstance(api: CloudletApi, request: ApiRequest) {
     join: optionalBoolean(body, 'join') ?? false,
     clientHost: hostOf(request.header('host')),
     ...(deviceId !== undefined ? { deviceId } : {}),
+    // Without a credential (the access policy allows it): an anonymous use, bounded and kept apart as on the KD face.
+    ...(request.caller.kind === 'anonymous' ? { anonymousFrom: addressKey(request.remoteAddress) } : {}),
   });
-  // A device that joined a shared instance learns nothing of its other users' ids.
+  // A device (or an anonymous caller) that joined a shared instance learns nothing of its other users' ids.
   return jsonReply(201, startResultJson({ ...result, instance: InstanceView.of(request.caller).redacted(result.instance) }));
 }
 

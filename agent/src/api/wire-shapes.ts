@@ -157,6 +157,9 @@ export function healthJson(report: HealthReport) {
 
 // ---- what one caller may see ----------------------------------------------------------------------------------
 
+/** Not a device id (those are 1-64 characters): what an anonymous caller's view compares owners with. */
+const NO_DEVICE = '';
+
 export class InstanceView {
   /** Instances this stream was shown and has not yet seen the end of (for the device). */
   private readonly followed = new Set<string>();
@@ -165,7 +168,8 @@ export class InstanceView {
   constructor(private readonly deviceId: string | null) {}
 
   static of(caller: Caller): InstanceView {
-    return new InstanceView(deviceIdOf(caller) ?? null);
+    // An anonymous caller (a start the access policy allows without pairing) is a device of no id: it sees no owner.
+    return new InstanceView(caller.kind === 'admin' ? null : (deviceIdOf(caller) ?? NO_DEVICE));
   }
 
   /** The instances this caller may see, as it may see them; a stream follows them from now on. */

@@ -9,6 +9,7 @@ import http from 'node:http';
 import https from 'node:https';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import WebSocket from 'ws';
 import { CliError } from './errors';
 import type { KdSystemInfo } from './ranking';
 
@@ -52,23 +53,53 @@ export class CloudletClient {
    */
   private open(options: http.RequestOptions & { headers: Record<string, string> }, onResponse: (res: http.IncomingMessage) => void): http.ClientRequest {
     const headers = this.auth?.token ? { ...options.headers, authorization: `Bearer ${this.auth.token}` } : options.headers;
-    const pin = this.auth?.tls;
+    const pin = this.pinned();
     if (!pin) return http.request({ ...options, host: this.host, port: this.port, headers, agent: false }, onResponse);
-    return https.request(
-      {
-        ...options,
-        host: this.host,
-        port: pin.port,
-        headers,
-        agent: false,
+    return https.request({ ...options, host: this.host, port: pin.port, headers, agent: false, ...pin.tls }, onResponse);
+  }
+
+  /** The pinned certificate's TLS options, when this cloudlet has one: its CA and nothing but its fingerprint. */
+  private pinned() {
+    const pin = this.auth?.tls;
+    if (!pin) return undefined;
+    return {
+      port: pin.port,
+      tls: {
         ca: pin.ca,
         // The pin stands in for the host name check: a cloudlet on a LAN is reached by whatever address it has.
-        checkServerIdentity: (_host, cert) =>
+        checkServerIdentity: (_host: string, cert: { fingerprint256: string }) =>
           cert.fingerprint256 === pin.fingerprint
             ? undefined
             : new Error(`the cloudlet's certificate ${cert.fingerprint256} is not the pinned ${pin.fingerprint}`),
       },
-      onResponse,
+    };
+  }
+
+  /**
+   * A WebSocket to `path` (/v1/events), with the credential and the certificate pin every request has; a message
+   * larger than MAX_ANSWER_BYTES closes it.
+   */
+  socket(path: string): WebSocket {
+    const headers: Record<string, string> = this.auth?.token ? { authorization: `Bearer ${this.auth.token}` } : {};
+    const options = { headers, handshakeTimeout: this.timeoutMs, maxPayload: MAX_ANSWER_BYTES, followRedirects: false };
+    const host = this.host.includes(':') ? `[${this.host}]` : this.host;
+    const pin = this.pinned();
+    if (!pin) return new WebSocket(`ws://${host}:${this.port}${path}`, options);
+    return new WebSocket(`wss://${host}:${pin.port}${path}`, { ...options, ...pin.tls });
+  }
+
+  /** The error a refused WebSocket upgrade answered (its `{code, message}`), read with the size cap of any answer. */
+  refusal(res: http.IncomingMessage): Promise<CliError> {
+    return new Promise<Answer>((resolve, reject) => this.collect(res, resolve, reject)).then(
+      (answer) => {
+        try {
+          this.parse(answer);
+        } catch (err) {
+          return err as CliError;
+        }
+        return new CliError('FAILED', `${this.label} refused the WebSocket with ${answer.status}`);
+      },
+      (err: CliError) => err,
     );
   }
 
@@ -76,11 +107,32 @@ export class CloudletClient {
     return `${this.host.includes(':') ? `[${this.host}]` : this.host}:${this.port}`;
   }
 
-  /** A /v1 call: JSON in, JSON out; a `{code, message}` error answer becomes a CliError with that code. */
-  async call<T>(method: string, path: string, body?: unknown): Promise<T> {
+  /**
+   * A /v1 call: JSON in, JSON out; a `{code, message}` error answer becomes a CliError with that code. `timeoutMs`: how
+   * long the cloudlet may stay silent (a provisioning answers only once its VM is ready).
+   */
+  async call<T>(method: string, path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<T> {
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-    const answer = await this.exchange(method, path, payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {}, payload);
+    const headers: Record<string, string> = payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {};
+    const answer = await new Promise<Answer>((resolve, reject) => this.request(method, path, headers, resolve, reject, timeoutMs).end(payload));
     return this.parse<T>(answer);
+  }
+
+  /** A GET whose answer is JSON whatever its status (a health report is one also as a 503); never throws on a status. */
+  async raw<T>(method: string, path: string): Promise<{ status: number; json: T | undefined }> {
+    const answer = await this.exchange(method, path, {});
+    try {
+      return { status: answer.status, json: JSON.parse(answer.body.toString('utf8')) as T };
+    } catch {
+      return { status: answer.status, json: undefined };
+    }
+  }
+
+  /** A GET answered with text (a console), read with the same size cap; an error answer is a CliError as for `call`. */
+  async text(path: string): Promise<string> {
+    const answer = await this.exchange('GET', path, {});
+    if (answer.status >= 400) return this.parse<never>(answer);
+    return answer.body.toString('utf8');
   }
 
   /**
@@ -253,7 +305,8 @@ export class CloudletClient {
     res.on('error', (err) => reject(this.unreachable(err)));
   }
 
-  private unreachable(err: Error): CliError {
+  /** The error for a cloudlet that could not be reached (or went away). */
+  unreachable(err: Error): CliError {
     return new CliError('UNREACHABLE', `cannot reach the cloudlet at ${this.label}: ${(err as NodeJS.ErrnoException).code ?? err.message}`);
   }
 }

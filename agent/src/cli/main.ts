@@ -12,10 +12,13 @@ import { CliError, EXIT } from './errors';
 import { escaped, jsonLine } from './terminal';
 import type { Context, Options, Values, Verb } from './verb';
 import { addAppVerb, appsVerb, downloadVerb, removeAppVerb } from './verbs-apps';
-import { discoverVerb, systemVerb } from './verbs-cloudlet';
-import { instancesVerb, servicesVerb, startVerb, stopVerb } from './verbs-instances';
+import { discoverVerb, healthVerb, peersVerb, systemVerb } from './verbs-cloudlet';
+import { consoleVerb, instancesVerb, serviceVerb, servicesVerb, startVerb, stopVerb } from './verbs-instances';
+import { packageVerb } from './verbs-packages';
 import { devicesVerb, pairVerb, peerVerb } from './verbs-pairing';
+import { recipeVerb } from './verbs-recipes';
 import { baseVerb, synthesizeVerb } from './verbs-synthesis';
+import { topVerb } from './verbs-top';
 import { chooseCloudlet } from './which-cloudlet';
 
 /** Taken by every verb: any of them may have to discover its cloudlet. */
@@ -25,11 +28,18 @@ const DISCOVERY_OPTIONS: Options = { interface: { type: 'string' }, timeout: { t
 const VERBS: Record<string, Verb> = {
   discover: discoverVerb,
   system: systemVerb,
+  health: healthVerb,
+  peers: peersVerb,
   services: servicesVerb,
+  service: serviceVerb,
   apps: appsVerb,
   instances: instancesVerb,
+  top: topVerb,
   start: startVerb,
   stop: stopVerb,
+  console: consoleVerb,
+  recipe: recipeVerb,
+  package: packageVerb,
   download: downloadVerb,
   'add-app': addAppVerb,
   synthesize: synthesizeVerb,
@@ -111,6 +121,7 @@ export async function run(argv: string[]): Promise<number> {
       cloudlet: () => (client ??= chooseCloudlet(values, name, typeof verb.acts === 'function' ? verb.acts(parsed.positionals) : verb.acts === true)),
     };
     const result = await verb.run(context);
+    if (result.streamed) return EXIT.OK;
     process.stdout.write(`${json ? jsonLine(result.json) : result.text}\n`);
     return EXIT.OK;
   } catch (err) {

@@ -25,7 +25,8 @@ export interface Verb {
    * cloudlet must be a paired one. A function of the arguments for a verb with both kinds of action.
    */
   acts?: boolean | ((args: string[]) => boolean);
-  run(context: Context): Promise<{ json: unknown; text: string }>;
+  /** What to print: `text` for people, `json` with --json; nothing when the verb wrote its output as it went (`streamed`). */
+  run(context: Context): Promise<{ json: unknown; text: string; streamed?: boolean }>;
 }
 
 /** A list verb's result: `{<what>: [...]}` for scripts, a table (or "no <what>") for people. */

@@ -3,7 +3,8 @@ import type { DiscoveredCloudlet } from './discovery';
 import { formatBytes } from './progress';
 import type { Ranked } from './ranking';
 import { shown, table } from './terminal';
-import type { Verb } from './verb';
+import { CliError } from './errors';
+import { listing, type Verb } from './verb';
 import { discoverRanked } from './which-cloudlet';
 
 export const discoverVerb: Verb = {
@@ -47,6 +48,37 @@ export const systemVerb: Verb = {
         shown`instances: ${info.instances}`,
       ].join('\n'),
     };
+  },
+};
+
+export const healthVerb: Verb = {
+  summary: "the cloudlet's health checks (libvirt, data directory, discovery...); exit 1 when it is unhealthy",
+  usage: 'cloudlet health',
+  run: async ({ cloudlet }) => {
+    // 503 carries the same report: an unhealthy cloudlet is an answer, shown, not an error message.
+    const { status, json } = await (
+      await cloudlet()
+    ).raw<{ ok: boolean; checks: Array<{ name: string; ok: boolean; optional?: boolean; detail?: string }> }>('GET', '/v1/health');
+    if (!json || !Array.isArray(json.checks)) throw new CliError('BAD_ANSWER', `the cloudlet answered /v1/health with ${status} and no report`);
+    const report = listing('checks', json.checks, ['CHECK', 'OK', 'DETAIL'], (c) => [
+      c.name,
+      c.ok ? 'ok' : c.optional ? 'off (optional)' : 'FAILED',
+      c.detail ?? '',
+    ]);
+    const failed = json.checks.filter((c) => !c.ok && !c.optional).map((c) => `${c.name}${c.detail ? ` (${c.detail})` : ''}`);
+    if (!json.ok) throw new CliError('UNHEALTHY', `the cloudlet is unhealthy: ${failed.join('; ') || 'no detail'}`);
+    return { json, text: report.text };
+  },
+};
+
+export const peersVerb: Verb = {
+  summary: 'the other cloudlets this one sees on its network (mDNS)',
+  usage: 'cloudlet peers',
+  run: async ({ cloudlet }) => {
+    const { peers } = await (
+      await cloudlet()
+    ).call<{ peers: Array<{ name: string; address: string; port: number; interface: string; seen_at: string }> }>('GET', '/v1/peers');
+    return listing('peers', peers, ['NAME', 'ADDRESS', 'INTERFACE', 'SEEN'], (p) => [p.name, `${p.address}:${p.port}`, p.interface, p.seen_at]);
   },
 };
 

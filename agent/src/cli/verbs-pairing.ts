@@ -8,11 +8,13 @@ import { listing, type Verb } from './verb';
 
 export const pairVerb: Verb = {
   summary: 'pairing: `pair open` (operator, on the cloudlet) prints a one-time code; `pair CODE` pairs this machine with it',
-  usage: 'cloudlet pair open [--ttl SECONDS] [--expires-in MINUTES] | cloudlet pair CODE --cloudlet HOST[:PORT] [--name NAME] [--device-id ID]',
+  usage:
+    'cloudlet pair open [--ttl SECONDS] [--expires-in MINUTES] | cloudlet pair close | cloudlet pair CODE --cloudlet HOST[:PORT] [--name NAME] [--device-id ID]',
   options: { ttl: { type: 'string' }, 'expires-in': { type: 'string' }, name: { type: 'string' }, 'device-id': { type: 'string' } },
   optionHelp: [
     'open                the operator opens a pairing window (admin credential, on the cloudlet) and reads the code out',
     '--ttl SECONDS       how long the window stays open (default 300)',
+    'close               the operator closes the open pairing window before its time (its code stops working)',
     "--expires-in MIN    the paired device's authorization ends after this many minutes (default: until revoked)",
     "CODE                pair this machine: its token and the cloudlet's pinned certificate are stored in",
     "                    ~/.config/cloudlet/credentials.json; compare the fingerprint printed with the operator's",
@@ -34,6 +36,10 @@ export const pairVerb: Verb = {
         json: window,
         text: [shown`pairing code: ${window.code} (until ${window.expires_at})`, shown`certificate SHA-256: ${window.tls_fingerprint}`].join('\n'),
       };
+    }
+    if (args[0] === 'close') {
+      await (await cloudlet()).call('DELETE', '/v1/pairing');
+      return { json: { closed: true }, text: 'the pairing window is closed' };
     }
     const named = typeof values.cloudlet === 'string' ? values.cloudlet : process.env.CLOUDLET;
     if (!named) throw new CliError('USAGE', 'pair CODE needs --cloudlet HOST[:PORT] (the cloudlet whose operator gave the code)');

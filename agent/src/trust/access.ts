@@ -1,7 +1,10 @@
 /**
- * Who may call what. Every /v1 route has an access level: `open` (no credential: health, discovery-level info,
- * pairing claims, public downloads), `device` (a paired device's bearer token, or the admin token) or `admin` (the
- * admin token, from loopback only). The HTTP server asks the gate once per request, before it reads a body (docs/security.md).
+ * Who may call what. Every route of every face has an access level: `open` (no credential: health, discovery-level
+ * info, pairing claims, public downloads), `services` (seeing the services and starting and stopping instances of
+ * them: a device or the operator, and also a client without a credential where the access policy lets unpaired
+ * clients start services), `device` (a paired device's bearer token, or the admin token) or `admin` (the admin token,
+ * from loopback only). The HTTP server asks the gate once per request, before it reads a body, and `admit` decides
+ * for every face alike (docs/security.md#one-access-policy).
  */
 import net from 'node:net';
 import { timingSafeEqual } from 'node:crypto';
@@ -9,7 +12,21 @@ import { CloudletError, asCloudletError, withoutDetail } from '../errors';
 import type { Stopper } from '../core/types';
 import { sha256, type DeviceRegistry, type PairedDevice } from './devices';
 
-export type Access = 'open' | 'device' | 'admin';
+export type Access = 'open' | 'services' | 'device' | 'admin';
+
+/**
+ * The one access policy of every face: whether a client without a credential may see the services and start (and
+ * stop its own) instances of them, as KD-Cloudlet's plain mode lets any client. Such uses are anonymous: bounded per
+ * address and in all (`limits.anonymousInstances*`), and kept apart from every device's and the operator's.
+ */
+export interface AccessPolicy {
+  anonymousServices: boolean;
+}
+
+/** The policy the configuration gives: unpaired clients may start services where the KD face is plain (the default). */
+export function accessPolicy(kdApi: 'plain' | 'encrypted' | 'off'): AccessPolicy {
+  return { anonymousServices: kdApi === 'plain' };
+}
 
 export type Caller = { kind: 'admin' } | { kind: 'device'; device: PairedDevice } | { kind: 'anonymous' };
 
@@ -41,6 +58,8 @@ export interface Transport {
 export interface AccessGate {
   /** Who a request's credential names (anonymous without one); throws when it names no one or may not be used here. */
   identify(token: string | undefined, transport: Transport): Caller;
+  /** What an anonymous caller may do besides the open routes (absent: nothing). */
+  readonly policy?: AccessPolicy;
 }
 
 /** What identify said of a credential: its holder, or why it was refused. */
@@ -58,9 +77,9 @@ export function identityOf(gate: AccessGate, token: string | undefined, transpor
 /**
  * The caller a route of `access` lets in, given who the credential names; else throws the reason. A paired cloudlet
  * is let in only where `peers` says a cloudlet may ask (the deliberate list of docs/security.md), open routes
- * included: what it may do with its credential is that list and nothing else.
+ * included: what it may do with its credential is that list and nothing else. `policy`: what unpaired callers may do.
  */
-export function admit(access: Access, identity: Identity, peers = false): Caller {
+export function admit(access: Access, identity: Identity, policy?: AccessPolicy, peers = false): Caller {
   if (!peers && !(identity instanceof CloudletError) && identity.kind === 'device' && identity.device.kind === 'cloudlet') {
     throw new CloudletError('PEER_NOT_ALLOWED', `a paired cloudlet may not call this route (docs/security.md lists what it may ask)`, {
       details: { device_id: identity.device.id },
@@ -77,6 +96,9 @@ export function admit(access: Access, identity: Identity, peers = false): Caller
     return identity;
   }
   if (identity instanceof CloudletError) throw identity;
+  // No credential at all, where the policy lets unpaired clients use services; one that fails is refused, never
+  // taken for none, so a phone learns that its pairing ended.
+  if (access === 'services' && identity.kind === 'anonymous' && policy?.anonymousServices === true) return identity;
   if (identity.kind === 'anonymous')
     throw new CloudletError('UNAUTHENTICATED', 'this route needs a credential: Authorization: Bearer <token> (pair this device first)');
   if (access === 'admin' && identity.kind === 'device') {
@@ -142,6 +164,7 @@ export class TokenGate implements AccessGate {
   constructor(
     private readonly devices: DeviceRegistry,
     adminToken: string,
+    readonly policy?: AccessPolicy,
   ) {
     this.adminTokenSha256 = sha256(adminToken);
   }
