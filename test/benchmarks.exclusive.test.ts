@@ -12,9 +12,11 @@ import { ROOT } from './support/agent';
 const HEADLINES: Record<string, string[]> = {
   appvirt: ['appvirt_ready_ms', 'vm_ready_ms'],
   'cached-vm': ['restore_ready_ms', 'cold_ready_ms', 'agent_overhead_ms', 'idle_rss_mb'],
+  http: ['agent_rps', 'node_http_rps', 'rps_vs_node_http', 'p99_ms'],
   limits: ['burst'],
   native: ['direct_sync_call_us', 'shim_threaded_call_us'],
   'on-demand': ['on_demand_ready_ms', 'cached_ready_ms'],
+  scale: ['idle_private_mb', 'idle_rss_mb', 'private_mb_1', 'private_mb_50', 'private_kb_per_instance', 'p99_ms_50', 'reconcile_ms_50', 'loop_lag_ms_p99_50'],
   synthesis: ['overlay_bytes', 'xdelta3_xz_bytes', 'zstd_patch_bytes', 'apply_ms', 'restore_ready_ms'],
   'synthesis-features': ['create_index_speedup', 'upload_mib_per_s'],
   telemetry: ['mqtt_latency_ms_median', 'mqtt_latency_ms_p99'],

@@ -127,6 +127,7 @@ export function healthJson(report: HealthReport) {
       ...(optional ? { optional } : {}),
       ...(detail === undefined ? {} : { detail }),
     })),
+    ...(report.load ? { load: { reconcile_ms: report.load.reconcileMs, event_loop_delay_ms: report.load.eventLoopDelayMs } } : {}),
   };
 }
 

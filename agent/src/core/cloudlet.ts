@@ -107,6 +107,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
       dataDir: this.config.dataDir,
       instances: () => this.registry.list().length,
       sandboxProblem: this.appVirt instanceof CloudletError ? this.appVirt : null,
+      reconcileCost: () => this.registry.reconcileCost(),
     });
   }
 
