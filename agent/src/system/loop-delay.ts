@@ -5,6 +5,8 @@
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 
 export const LOOP_WINDOW_MS = 10_000;
+/** The histogram's timer period: what it records is the time between its ticks, this much of it not a delay. */
+const RESOLUTION_MS = 10;
 
 export interface LoopDelayFigures {
   p50: number;
@@ -13,14 +15,14 @@ export interface LoopDelayFigures {
 }
 
 export class LoopDelay {
-  private readonly histogram = monitorEventLoopDelay({ resolution: 10 });
+  private readonly histogram = monitorEventLoopDelay({ resolution: RESOLUTION_MS });
   private last: LoopDelayFigures | null = null;
   private readonly timer: NodeJS.Timeout;
 
   constructor() {
     this.histogram.enable();
     this.timer = setInterval(() => {
-      const ms = (ns: number) => Math.round(ns / 1e4) / 100;
+      const ms = (ns: number) => Math.max(0, Math.round(ns / 1e4) / 100 - RESOLUTION_MS);
       const h = this.histogram;
       this.last = { p50: ms(h.percentile(50)), p99: ms(h.percentile(99)), max: ms(h.max) };
       h.reset();
