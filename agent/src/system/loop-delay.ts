@@ -22,7 +22,7 @@ export class LoopDelay {
   constructor() {
     this.histogram.enable();
     this.timer = setInterval(() => {
-      const ms = (ns: number) => Math.max(0, Math.round(ns / 1e4) / 100 - RESOLUTION_MS);
+      const ms = (ns: number) => Math.max(0, Math.round((ns / 1e6 - RESOLUTION_MS) * 100) / 100);
       const h = this.histogram;
       this.last = { p50: ms(h.percentile(50)), p99: ms(h.percentile(99)), max: ms(h.max) };
       h.reset();
