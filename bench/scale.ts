@@ -131,8 +131,6 @@ async function main() {
     });
 
     const admin = adminHeaders(agent.apiPort);
-    const sampler = new http.Agent({ keepAlive: true, maxSockets: 1 });
-    stopping.push(() => sampler.destroy());
     const started: string[] = [];
     const start = async (serviceId: string) => {
       const r = await agent.post('/v1/instances', { service_id: serviceId });
@@ -149,6 +147,9 @@ async function main() {
       process.stderr.write(`step ${count}: ${started.length} instances running; measuring for ${WINDOW_MS / 1000} s\n`);
 
       deviceTimes = [];
+      // A connection of its own each step: uWS closes one left idle while the step's instances start.
+      const sampler = new http.Agent({ keepAlive: true, maxSockets: 1 });
+      stopping.push(() => sampler.destroy());
       const operatorTimes: number[] = [];
       const servicesTimes: number[] = [];
       const memory = settledMemory(pid, WINDOW_MS);
