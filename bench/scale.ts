@@ -71,8 +71,9 @@ async function main() {
   const scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-bench-scale-'));
   const configFile = path.join(scratch, 'agent.json');
   // As an operator sizing a busy box would: launches run a few at a time and queue, every subscriber of this one
-  // test host may connect.
-  const limits = { concurrentLaunches: 4, queuedLaunches: 64, mqttConnectionsPerAddress: SUBSCRIBERS + 10 };
+  // test host may connect, and its burst of connections (each MQTT connection takes a request token of its address)
+  // and pairing claims is allowed.
+  const limits = { concurrentLaunches: 4, queuedLaunches: 64, mqttConnectionsPerAddress: SUBSCRIBERS + 10, requestBurst: 4 * (SUBSCRIBERS + DEVICES) };
   await writeFile(configFile, JSON.stringify({ limits, mqtt: { topicRoot: 'cloudlet/bench' } }));
   const agent = await AgentProcess.start({ portRange: '24100-24199', env: { CLOUDLET_CONFIG: configFile } });
   const pid = agent.pid!;
