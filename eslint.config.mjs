@@ -18,7 +18,10 @@ export default tseslint.config(
       // An async function without await is how a function that must return a promise turns its throws into rejections.
       '@typescript-eslint/require-await': 'off',
       // Optional or rarely needed modules are loaded when first used, typed as `require('x') as typeof import('x')`.
-      '@typescript-eslint/no-require-imports': ['error', { allow: ['^mqtt$', '^tar$', '^multicast-dns$', 'package\\.json$'] }],
+      '@typescript-eslint/no-require-imports': [
+        'error',
+        { allow: ['^mqtt$', '^tar$', '^multicast-dns$', '^dbus-next$', '^@xmldom/xmldom$', 'package\\.json$'] },
+      ],
       // A `let` that callbacks read before its one assignment (a server whose handlers use the object made from it).
       'prefer-const': ['error', { ignoreReadBeforeAssign: true }],
     },

@@ -9,6 +9,7 @@ import t from 'tap';
 import type { InstanceRecord } from '../agent/src/core/types';
 import { CloudletError } from '../agent/src/errors';
 import { PRIVATE, SHARED, fakeCloudlet, portRanges, startReady } from './support/fake-runtime';
+import { until } from './support/poll';
 
 const ports = portRanges(40300);
 
@@ -207,4 +208,17 @@ t.test('an agent restart', async (t) => {
     tt.same(registry.list(), [], 'neither is adopted');
     tt.same([...cloudlet.runtime.instances.keys()], [foreign.id], "the other agent's still runs");
   });
+});
+
+t.test("the reconcile poll's cost is measured: nothing before the first tick, then the last tick's, the median and the most", async (t) => {
+  const { registry, runtime } = await fakeCloudlet(t, { ports: ports(10) });
+  await startReady(registry, runtime, PRIVATE);
+  t.equal(registry.reconcileCost(), null, 'no tick yet');
+  registry.startReconciling(50, false);
+  const cost = await until(
+    async () => registry.reconcileCost(),
+    (c) => c !== null,
+  );
+  t.type(cost?.lastMs, 'number');
+  t.ok(cost!.lastMs >= 0 && cost!.medianMs <= cost!.maxMs && cost!.lastMs <= cost!.maxMs, JSON.stringify(cost));
 });

@@ -73,6 +73,11 @@ export interface AgentConfig {
   packages: { maxUploadBytes: number; maxPids: number; logBytes: number };
   /** The KD-Cloudlet face under /api: 'plain' (KD's default), 'encrypted' (only POST /api/command, per device key), 'off'. */
   kdApi: 'plain' | 'encrypted' | 'off';
+  /**
+   * 'info': what happened and what went wrong (HTTP refusals and failures one by one, requests counted once a minute);
+   * 'debug': also every HTTP request answered, and the reconcile poll's cost each tick.
+   */
+  logLevel: 'info' | 'debug';
   limits: {
     /** Launches (first libvirt call to ready) running at once; more wait in a queue of `queuedLaunches`, then BUSY. */
     concurrentLaunches: number;
@@ -145,6 +150,7 @@ export const DEFAULT_CONFIG: AgentConfig = {
   apps: { maxUploadBytes: 512 * 1024 * 1024 },
   packages: { maxUploadBytes: 1024 ** 3, maxPids: 1024, logBytes: 1024 * 1024 },
   kdApi: 'plain',
+  logLevel: 'info',
   limits: {
     concurrentLaunches: 2,
     queuedLaunches: 8,
@@ -256,6 +262,7 @@ type Overrides = {
   apps?: { maxUploadBytes?: unknown };
   packages?: { maxUploadBytes?: unknown; maxPids?: unknown; logBytes?: unknown };
   kdApi?: unknown;
+  logLevel?: unknown;
   limits?: { [K in keyof AgentConfig['limits']]?: unknown };
   pool?: { memoryBudgetMib?: unknown; hostReserveMib?: unknown; sizes?: unknown; maxPerService?: unknown };
 };
@@ -310,6 +317,7 @@ function apply(base: AgentConfig, o: Overrides): AgentConfig {
   // cloudlet-logcap needs room for a few of its 64 KiB reads.
   if (o.packages?.logBytes !== undefined) c.packages.logBytes = count(o.packages.logBytes, 'packages.logBytes', 256 * 1024);
   if (o.kdApi !== undefined) c.kdApi = oneOf(o.kdApi, 'kdApi', ['plain', 'encrypted', 'off'] as const);
+  if (o.logLevel !== undefined) c.logLevel = oneOf(o.logLevel, 'logLevel', ['info', 'debug'] as const);
   const limits = o.limits ?? {};
   if (limits.concurrentLaunches !== undefined) c.limits.concurrentLaunches = count(limits.concurrentLaunches, 'limits.concurrentLaunches', 1);
   if (limits.queuedLaunches !== undefined) c.limits.queuedLaunches = count(limits.queuedLaunches, 'limits.queuedLaunches', 0);
@@ -378,6 +386,7 @@ function fromEnvironment(env: NodeJS.ProcessEnv): Overrides {
     apps: { maxUploadBytes: env.CLOUDLET_APP_MAX_BYTES },
     packages: { maxUploadBytes: env.CLOUDLET_PACKAGE_MAX_BYTES },
     kdApi: env.CLOUDLET_KD_API,
+    logLevel: env.CLOUDLET_LOG_LEVEL,
     limits: {
       concurrentLaunches: env.CLOUDLET_MAX_LAUNCHES,
       queuedLaunches: env.CLOUDLET_LAUNCH_QUEUE,

@@ -73,6 +73,7 @@ async function main(): Promise<void> {
     host: config.api.host,
     port: config.api.port,
     logger: createLogger('http'),
+    accessLogLevel: config.logLevel,
     gate,
     trust: { devices, pairing: new Pairing(devices), tls: { fingerprint: tls?.fingerprint ?? null, port: () => tlsPort } },
     ...(tls ? { tls: { port: config.api.tlsPort, keyFile: tls.keyFile, certFile: tls.certFile } } : {}),

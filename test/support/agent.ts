@@ -12,6 +12,13 @@ import { Connection } from '../../native/libvirt';
 
 export const ROOT = path.resolve(__dirname, '../../..');
 export const AGENT_MAIN = path.join(ROOT, 'dist', 'agent', 'src', 'main.js');
+/** The Node and V8 flags the appliance's unit runs the agent with: the tests and benchmarks run it the same way. */
+export const AGENT_NODE_FLAGS: string[] = (() => {
+  const unit = readFileSync(path.join(ROOT, 'systemd', 'cloudlet-agent.service'), 'utf8');
+  const exec = /^ExecStart=\S+\/node((?: --\S+)*) \S+\/main\.js$/m.exec(unit);
+  if (!exec) throw new Error('systemd/cloudlet-agent.service: no ExecStart line that runs main.js with node');
+  return exec[1]!.split(' ').filter((flag) => flag !== '');
+})();
 export const METADATA_URI = 'urn:cloudlet:agent:instance:1';
 
 export function testGuestDir(): string {
@@ -140,7 +147,7 @@ export class AgentProcess {
   async launch(env: Record<string, string> = {}): Promise<void> {
     // Without tap's NODE_OPTIONS preload: it would run before the agent sizes libuv's thread pool (main.ts).
     const { NODE_OPTIONS: _preload, ...inherited } = process.env;
-    this.proc = spawn(process.execPath, [AGENT_MAIN], {
+    this.proc = spawn(process.execPath, [...AGENT_NODE_FLAGS, AGENT_MAIN], {
       env: {
         ...inherited,
         CLOUDLET_PORT: String(this.apiPort),

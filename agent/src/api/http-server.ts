@@ -10,6 +10,7 @@ import type { CloudletApi, ProvisioningApi } from '../core/types';
 import type { AccessGate } from '../trust/access';
 import type { ConnectionCaps } from '../trust/connection-caps';
 import type { RateLimiter } from '../trust/rate-limit';
+import { AccessLog, type AccessLogLevel } from './access-log';
 import { EventsSocket } from './events-socket';
 import { kdCloudletFace } from './kd-cloudlet';
 import { kdEncryptedFace, type DeviceKeys } from './kd-encrypted';
@@ -28,6 +29,8 @@ export interface HttpServerOptions {
   /** 0 picks a free port; HttpServer.port tells which. */
   port: number;
   logger?: (line: string) => void;
+  /** `debug`: every request is logged; `info` (the default): refusals and failures, and counts once a minute. */
+  accessLogLevel?: AccessLogLevel;
   /** Largest accepted request body in bytes (413 PAYLOAD_TOO_LARGE above it). JSON bodies here are tiny. */
   maxBodyBytes?: number;
   /** The KD-Cloudlet face under /api: plain (the default), encrypted with each paired device's key, or none. */
@@ -89,6 +92,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
       ...(options.metrics ? { observer: options.metrics.observer } : {}),
     },
   );
+  const accessLog = new AccessLog(log, options.accessLogLevel ?? 'info');
   const events = new EventsSocket({ api: options.api, gate: options.gate, limiter, caps: options.connectionCaps ?? null, log });
   const endEvents = (device: { id: string }) => events.endDevice(device.id);
   options.trust?.devices.on('device-ended', endEvents);
@@ -104,8 +108,10 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
       windowMs: options.bodyRateWindowMs ?? 10000,
     },
     log,
+    accessLog,
   }).catch((err: unknown) => {
     options.trust?.devices.off('device-ended', endEvents);
+    accessLog.close();
     throw err;
   });
   let open = true;
@@ -118,6 +124,7 @@ export async function startHttpServer(options: HttpServerOptions): Promise<HttpS
       open = false;
       options.trust?.devices.off('device-ended', endEvents);
       listeners.close();
+      accessLog.close();
     },
   };
 }

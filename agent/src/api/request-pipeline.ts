@@ -9,7 +9,7 @@ import type { Readable } from 'node:stream';
 import { CloudletError, asCloudletError } from '../errors';
 import { admit, bearerToken, identityOf, seenBy, type Access, type AccessGate, type Caller, type Transport } from '../trust/access';
 import type { RateLimiter } from '../trust/rate-limit';
-import { matchPath, type ApiRequest, type Face, type Reply, type Route } from './routing';
+import { matchSegments, type ApiRequest, type Face, type Reply, type Route } from './routing';
 
 /** A request as the transport read it, before any body. */
 export interface Incoming {
@@ -70,11 +70,27 @@ export interface RequestObserver {
   answered(route: string, method: string, status: number | 'aborted', uploadedBytes: number): void;
 }
 
+/** A route with its path split once, as every request's path is matched against it. */
+interface RouteEntry {
+  route: Route;
+  segments: string[];
+}
+
 export class RequestPipeline {
+  private readonly tables = new Map<Face, RouteEntry[]>();
+
   constructor(
     private readonly faces: Faces,
     private readonly policy: RequestPolicy,
-  ) {}
+  ) {
+    for (const face of [faces.kd, faces.page, faces.own]) {
+      if (face)
+        this.tables.set(
+          face,
+          face.routes.map((route) => ({ route, segments: route.path.split('/') })),
+        );
+    }
+  }
 
   /**
    * Answers one request and returns the status sent ('aborted' when the client left first). Never throws for request
@@ -90,7 +106,7 @@ export class RequestPipeline {
     let routePattern = 'unmatched';
     let uploaded = 0;
     try {
-      const { route, params } = resolveRoute(face, incoming);
+      const { route, params } = resolveRoute(face, this.tables.get(face)!, incoming);
       routePattern = route.path;
       const transport: Transport = { remoteAddress: incoming.remoteAddress, secure: incoming.secure };
       caller = authorizeWithinRate(gate, limiter, route.access, bearerToken(incoming.headers.get('authorization')), transport, route.peers);
@@ -138,11 +154,13 @@ function ownsPath(face: Face, path: string): boolean {
   return path === face.prefix || path.startsWith(`${face.prefix}/`);
 }
 
-function resolveRoute(face: Face, incoming: Incoming): { route: Route; params: Record<string, string> } {
-  const candidates = face.routes.flatMap((route) => {
-    const params = matchPath(route.path, incoming.path);
-    return params ? [{ route, params }] : [];
-  });
+function resolveRoute(face: Face, table: RouteEntry[], incoming: Incoming): { route: Route; params: Record<string, string> } {
+  const segments = incoming.path.split('/');
+  const candidates: { route: Route; params: Record<string, string> }[] = [];
+  for (const { route, segments: pattern } of table) {
+    const params = matchSegments(pattern, segments);
+    if (params) candidates.push({ route, params });
+  }
   if (candidates.length === 0) throw new CloudletError('NOT_FOUND', `No route for ${incoming.path}`);
   const method = face.headAsGet && incoming.method === 'HEAD' ? 'GET' : incoming.method;
   const match = candidates.find((candidate) => candidate.route.method === method);

@@ -92,19 +92,23 @@ export function emptyReply(status: number): Reply {
 
 /** The params of `routePath` matched against a raw `path`, or null when it does not match. */
 export function matchPath(routePath: string, path: string): Record<string, string> | null {
-  const routeSegments = routePath.split('/');
-  const segments = path.split('/');
+  return matchSegments(routePath.split('/'), path.split('/'));
+}
+
+/** matchPath on paths already split at '/' (a face's route table splits its routes' paths once, not per request). */
+export function matchSegments(routeSegments: readonly string[], segments: readonly string[]): Record<string, string> | null {
   if (routeSegments.length !== segments.length) return null;
+  for (let i = 0; i < segments.length; i++) {
+    const expected = routeSegments[i]!;
+    if (!expected.startsWith(':') && expected !== segments[i]) return null;
+  }
   const params: Record<string, string> = {};
   for (let i = 0; i < segments.length; i++) {
     const expected = routeSegments[i]!;
+    if (!expected.startsWith(':')) continue;
     const actual = segments[i]!;
-    if (expected.startsWith(':')) {
-      if (actual === '') return null;
-      params[expected.slice(1)] = decodePathSegment(actual);
-    } else if (expected !== actual) {
-      return null;
-    }
+    if (actual === '') return null;
+    params[expected.slice(1)] = decodePathSegment(actual);
   }
   return params;
 }

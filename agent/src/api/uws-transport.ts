@@ -17,6 +17,7 @@ import {
   type WebSocket,
 } from 'uWebSockets.js';
 import { CloudletError, asCloudletError } from '../errors';
+import type { AccessLog } from './access-log';
 import type { BodyPaceLimits } from './body-pace';
 import { describe, errorHeaders, type Incoming, type RequestPipeline } from './request-pipeline';
 import { jsonReply } from './routing';
@@ -33,6 +34,7 @@ export interface TransportOptions {
   sockets: SocketEndpoint[];
   bodyPace: BodyPaceLimits;
   log: (line: string) => void;
+  accessLog: AccessLog;
 }
 
 export interface Listeners {
@@ -48,7 +50,7 @@ export interface Listeners {
 type ClosableApp = TemplatedApp & { close(): void };
 
 export async function listenUws(options: TransportOptions): Promise<Listeners> {
-  const { log } = options;
+  const { log, accessLog } = options;
   // The same handlers on each listener's app; only whether the transport is TLS differs.
   const mount = (app: ClosableApp, secure: boolean): ClosableApp => {
     for (const endpoint of options.sockets) serveSocket(app, endpoint, secure);
@@ -59,7 +61,7 @@ export async function listenUws(options: TransportOptions): Promise<Listeners> {
         const started = Date.now();
         options.pipeline
           .serve(incoming, exchange)
-          .then((status) => log(`${incoming.method} ${incoming.url} ${status} ${Date.now() - started}ms`))
+          .then((status) => accessLog.record(incoming.method, incoming.url, status, Date.now() - started))
           .catch((err: unknown) => log(`${incoming.method} ${incoming.url} failed to answer: ${describe(err)}`));
       } catch (err) {
         // Only a misuse of uWS can land here.

@@ -152,6 +152,7 @@ export function healthJson(report: HealthReport) {
       ...(detail === undefined ? {} : { detail }),
     })),
     ...(report.parts ? { parts: report.parts.map(({ part, state, reason, fix }) => ({ part, state, reason, fix })) } : {}),
+    ...(report.load ? { load: { reconcile_ms: report.load.reconcileMs, event_loop_delay_ms: report.load.eventLoopDelayMs } } : {}),
   };
 }
 

@@ -108,6 +108,7 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
       dataDir: this.config.dataDir,
       instances: () => this.registry.list().length,
       sandboxProblem: this.appVirt instanceof CloudletError ? this.appVirt : null,
+      reconcileCost: () => this.registry.reconcileCost(),
     });
   }
 

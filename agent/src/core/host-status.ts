@@ -3,6 +3,8 @@ import { access } from 'node:fs/promises';
 import os from 'node:os';
 import type { CloudletError } from '../errors';
 import type { HypervisorLink } from './adapters';
+import { LoopDelay } from '../system/loop-delay';
+import type { ReconcileCost } from './instance-sync';
 import { HostMonitor } from './system-info';
 import type { OptionalPart } from './optional-parts';
 import type { DiscoveryView, HealthCheck, HealthReport, Peer, SystemInfo } from './types';
@@ -17,11 +19,14 @@ export interface HostStatusParts {
   instances: () => number;
   /** Why app packages cannot run here (the host lacks what sandboxes need), or null when they can. */
   sandboxProblem: CloudletError | null;
+  /** What the reconcile poll costs (InstanceRegistry.reconcileCost). */
+  reconcileCost: () => ReconcileCost | null;
 }
 
 /** What the box reports about itself: the facts clients rank cloudlets by, the health report, and discovery's view. */
 export class HostStatus {
   private readonly host = new HostMonitor();
+  private readonly loopDelay = new LoopDelay();
   private discovery: DiscoveryView | null = null;
   private optionalParts: { list(): OptionalPart[] } | null = null;
 
@@ -71,6 +76,12 @@ export class HostStatus {
       const ok = discovery.state === 'published' || discovery.state === 'registering';
       checks.push({ name: 'discovery', ok, optional: true, ...(ok || !discovery.detail ? {} : { detail: discovery.detail }) });
     }
-    return { ok: checks.every((c) => c.ok || c.optional), checks, ...(this.optionalParts ? { parts: this.optionalParts.list() } : {}) };
+    const round = (ms: number) => Math.round(ms * 100) / 100;
+    const reconcile = this.parts.reconcileCost();
+    const load = {
+      reconcileMs: reconcile && { last: round(reconcile.lastMs), median: round(reconcile.medianMs), max: round(reconcile.maxMs) },
+      eventLoopDelayMs: this.loopDelay.figures(),
+    };
+    return { ok: checks.every((c) => c.ok || c.optional), checks, load, ...(this.optionalParts ? { parts: this.optionalParts.list() } : {}) };
   }
 }

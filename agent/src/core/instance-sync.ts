@@ -1,5 +1,6 @@
 import { access, mkdir, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
+import { performance } from 'node:perf_hooks';
 import type { Logger } from '../log';
 import type { InstanceEnding, InstanceRuntime } from './runtime';
 import type { InstanceRecord } from './types';
@@ -25,8 +26,19 @@ export interface SyncedRegistry {
  * instances that end outside the agent (the runtimes' events, and polling as the safety net), and converges again
  * after a runtime's connection came back.
  */
+export interface ReconcileCost {
+  lastMs: number;
+  medianMs: number;
+  maxMs: number;
+}
+
+/** How many of the last reconcile polls reconcileCost() covers (10 s at the default interval). */
+const COSTED_TICKS = 10;
+
 export class RuntimeSync {
   private reconcileTimer: NodeJS.Timeout | undefined;
+  /** The wall time of the last COSTED_TICKS polls, oldest first. */
+  private readonly tickMs: number[] = [];
 
   constructor(
     private readonly registry: SyncedRegistry,
@@ -78,8 +90,11 @@ export class RuntimeSync {
     }
     let lastProblem: string | null = null;
     const tick = async () => {
+      const started = performance.now();
       try {
         await this.reconcile();
+        this.tickMs.push(performance.now() - started);
+        if (this.tickMs.length > COSTED_TICKS) this.tickMs.shift();
         lastProblem = null;
       } catch (err) {
         // Once per distinct problem: a hypervisor that is down fails every poll the same way until it is back.
@@ -95,6 +110,14 @@ export class RuntimeSync {
 
   stopReconciling(): void {
     clearTimeout(this.reconcileTimer);
+  }
+
+  /** What the reconcile poll costs (wall time, its runtime calls included): the last tick's, and the median and most of the last few. */
+  reconcileCost(): ReconcileCost | null {
+    const last = this.tickMs.at(-1);
+    if (last === undefined) return null;
+    const sorted = [...this.tickMs].sort((a, b) => a - b);
+    return { lastMs: last, medianMs: sorted[Math.floor(sorted.length / 2)]!, maxMs: sorted.at(-1)! };
   }
 
   /** Release the listed instances no runtime runs any more, and the uses of devices whose authorization ended. */

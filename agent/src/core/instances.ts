@@ -7,7 +7,7 @@ import { faultPoint } from '../system/fault-points';
 import type { Logger } from '../log';
 import { EventBus, type InstanceLifecycleState, type LaunchPhase } from './events';
 import { Launcher, domainName, launchPercent, withConsoleTail } from './instance-launch';
-import { RuntimeSync } from './instance-sync';
+import { RuntimeSync, type ReconcileCost } from './instance-sync';
 import type { CapturingMechanism, Mechanism } from './mechanism';
 import type { PortAllocator } from './ports';
 import type { LaunchGate } from './launch-gate';
@@ -137,6 +137,10 @@ export class InstanceRegistry {
 
   stopReconciling(): void {
     this.sync.stopReconciling();
+  }
+
+  reconcileCost(): ReconcileCost | null {
+    return this.sync.reconcileCost();
   }
 
   reconcile(): Promise<void> {

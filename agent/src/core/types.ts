@@ -242,6 +242,15 @@ export interface HealthReport {
   checks: HealthCheck[];
   /** Where each optional part stands (core/optional-parts.ts); absent where the agent does not track them. */
   parts?: import('./optional-parts').OptionalPart[];
+  /** What the agent's own work costs it now: figures for the operator and the scale benchmark, not health checks. */
+  load?: AgentLoad;
+}
+
+export interface AgentLoad {
+  /** The reconcile poll's wall time: the last tick's, and the median and most of the last ten (null before the first tick). */
+  reconcileMs: { last: number; median: number; max: number } | null;
+  /** How late the event loop ran its callbacks over the last complete 10 s (null for the first 10 s). */
+  eventLoopDelayMs: { p50: number; p99: number; max: number } | null;
 }
 
 /** Cloudlet Push: an Android APK or a web-app bundle (a zip) that goes with a service. */

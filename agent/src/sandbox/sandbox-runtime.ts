@@ -227,9 +227,11 @@ export class SandboxRuntime implements InstanceRuntime {
 
   /** Report every sandbox that ended since the last look (once each), with why. */
   private async checkEnded(): Promise<void> {
-    for (const state of [...this.sandboxes.values()]) {
-      if (state.pid === null || this.reported.has(state.record.id)) continue;
-      const ending = await this.ending(state);
+    const watched = [...this.sandboxes.values()].filter((state) => state.pid !== null && !this.reported.has(state.record.id));
+    // All at once: one after another, each sandbox's two file reads would add up to tens of ms a look at 50 sandboxes.
+    const endings = await Promise.all(watched.map((state) => this.ending(state)));
+    for (const [i, state] of watched.entries()) {
+      const ending = endings[i];
       if (!ending || this.reported.has(state.record.id)) continue;
       this.reported.add(state.record.id);
       const why = ending.reason === 'out-of-memory' ? `killed by its memory limit` : 'its processes exited';
@@ -243,8 +245,9 @@ export class SandboxRuntime implements InstanceRuntime {
    * (v1 has no memory.oom.group): an app that lost a process to the limit is not trusted to keep serving.
    */
   private async ending(state: SandboxState): Promise<InstanceEnding | null> {
-    if ((await this.cgroup(state.record.id).oomKills()) > 0) return { state: 'crashed', reason: 'out-of-memory' };
-    const alive = state.pid !== null && state.startTime !== null && (await processStartTime(state.pid)) === state.startTime;
+    const [oomKills, startTime] = await Promise.all([this.cgroup(state.record.id).oomKills(), state.pid === null ? null : processStartTime(state.pid)]);
+    if (oomKills > 0) return { state: 'crashed', reason: 'out-of-memory' };
+    const alive = state.startTime !== null && startTime === state.startTime;
     return alive ? null : { state: 'crashed', reason: 'failed' };
   }
 }

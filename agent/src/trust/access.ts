@@ -111,10 +111,21 @@ const LOOPBACK = new net.BlockList();
 LOOPBACK.addSubnet('127.0.0.0', 8, 'ipv4');
 LOOPBACK.addAddress('::1', 'ipv6');
 
+/** Answers of isLoopback by address: a phone asks many times from one address, and BlockList.check is costly per request. */
+const loopbackAnswers = new Map<string, boolean>();
+/** Emptied when full, so a flood of addresses cannot grow it. */
+const LOOPBACK_ANSWERS_MAX = 1024;
+
 /** 127.0.0.0/8, ::1, and IPv4-mapped loopback, in any textual form. */
 export function isLoopback(address: string): boolean {
-  const family = net.isIP(address);
-  return family !== 0 && LOOPBACK.check(address, family === 6 ? 'ipv6' : 'ipv4');
+  let answer = loopbackAnswers.get(address);
+  if (answer === undefined) {
+    const family = net.isIP(address);
+    answer = family !== 0 && LOOPBACK.check(address, family === 6 ? 'ipv6' : 'ipv4');
+    if (loopbackAnswers.size >= LOOPBACK_ANSWERS_MAX) loopbackAnswers.clear();
+    loopbackAnswers.set(address, answer);
+  }
+  return answer;
 }
 
 /**

@@ -3,8 +3,11 @@
  * @xmldom/xmldom, never with regular expressions. Documents with a DOCTYPE (and so entity declarations), processing
  * instructions, or any error or warning of the parser are refused, as are trees deeper or larger than a domain is.
  */
-import { DOMParser, XMLSerializer, type Document, type Element, type Node } from '@xmldom/xmldom';
+import type { Document, Element, Node } from '@xmldom/xmldom';
 import type { CloudletError } from '../errors';
+
+/** Loaded on first use: an agent that restores no VM never needs it, and it costs ~3 MB of private memory. */
+const xmldom = () => require('@xmldom/xmldom') as typeof import('@xmldom/xmldom');
 
 /** Far beyond a domain (libvirt nests about 6 deep and writes a few hundred elements). */
 const MAX_DEPTH = 32;
@@ -25,7 +28,7 @@ export function parseXml(xml: string, refuse: XmlRefusal): Document {
   let doc: Document;
   let refusal: CloudletError | null = null;
   try {
-    doc = new DOMParser({
+    doc = new (xmldom().DOMParser)({
       locator: false,
       onError: (level, message) => {
         throw (refusal = refuse(`is not well-formed XML (${level}: ${message})`));
@@ -51,7 +54,7 @@ export function parseXml(xml: string, refuse: XmlRefusal): Document {
 }
 
 export function serializeXml(doc: Document): string {
-  return new XMLSerializer().serializeToString(doc);
+  return new (xmldom().XMLSerializer)().serializeToString(doc);
 }
 
 /** The element children of `parent`, all or only those named `name` (a qualified name such as `qemu:arg`). */
