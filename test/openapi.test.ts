@@ -6,13 +6,14 @@ import { EventsSocket, type EventsSocketOptions } from '../agent/src/api/events-
 import { OPENAPI_JSON, OPERATIONS, openApiPath } from '../agent/src/api/openapi';
 import { v1Face } from '../agent/src/api/v1';
 import type { TrustView } from '../agent/src/api/v1-trust';
+import type { FleetView } from '../agent/src/api/v1-fleet';
 import type { CloudletApi, ProvisioningApi } from '../agent/src/core/types';
 import { ERROR_CODES, statusOfCode } from '../agent/src/errors';
 
 /** Every /v1 route of the tables as `METHOD /v1/path/{param}`, with what the document must agree with. */
 function tableRoutes() {
   const nothing = {} as CloudletApi & ProvisioningApi;
-  const routes = v1Face(nothing, nothing, {} as TrustView).routes.map((r) => ({
+  const routes = v1Face(nothing, nothing, {} as TrustView, {} as FleetView).routes.map((r) => ({
     key: `${r.method} ${openApiPath(r.path)}`,
     access: r.access,
     body: r.jsonBody ? 'json' : r.streamBody ? 'stream' : undefined,

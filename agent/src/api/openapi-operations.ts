@@ -80,14 +80,6 @@ export const CORE_OPERATIONS: Record<string, Operation> = {
     ok: { 200: { description: 'System info.', schema: ref('SystemInfo') } },
     errors: ['HYPERVISOR_ERROR', 'HYPERVISOR_UNAVAILABLE'],
   },
-  'GET /v1/peers': {
-    id: 'listPeers',
-    tag: 'system',
-    summary: 'Other cloudlets seen on the local network (mDNS)',
-    access: 'device',
-    ok: { 200: { description: 'The peers.', schema: list('peers', 'Peer') } },
-    errors: [],
-  },
   'GET /v1/events': {
     id: 'watchEvents',
     tag: 'instances',
@@ -287,6 +279,12 @@ export const CORE_OPERATIONS: Record<string, Operation> = {
         {
           ttl_seconds: { type: 'integer', minimum: 1, maximum: 3600, default: 300 },
           expires_in_minutes: { type: 'number', description: 'The paired device’s authorization; absent: until revoked.' },
+          kind: {
+            type: 'string',
+            enum: ['device', 'cloudlet'],
+            default: 'device',
+            description: 'Who may claim it: a phone, or another cloudlet (docs/fleet.md).',
+          },
         },
         [],
       ),
@@ -300,7 +298,13 @@ export const CORE_OPERATIONS: Record<string, Operation> = {
     tag: 'pairing',
     summary: 'Pair a device with the window’s code (TLS or loopback only)',
     access: 'open',
-    body: { kind: 'json', schema: body({ code: str, name: { type: 'string', maxLength: 100 }, device_id: str }, ['code', 'name']) },
+    body: {
+      kind: 'json',
+      schema: body({ code: str, name: { type: 'string', maxLength: 100 }, device_id: str, kind: { type: 'string', enum: ['device', 'cloudlet'] } }, [
+        'code',
+        'name',
+      ]),
+    },
     ok: { 201: { description: 'The device’s credential: it exists nowhere else.', schema: ref('PairedCredential') } },
     errors: ['TLS_REQUIRED', 'PAIRING_CLOSED', 'PAIRING_CODE_INVALID', 'CONFLICT', 'MISSING_PARAMETER', 'INVALID_PARAMETER'],
   },

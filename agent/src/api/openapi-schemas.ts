@@ -12,6 +12,7 @@ export const ref = (name: string): Schema => ({ $ref: `#/components/schemas/${na
 const str: Schema = { type: 'string' };
 const int: Schema = { type: 'integer' };
 const bool: Schema = { type: 'boolean' };
+const num: Schema = { type: 'number' };
 const time: Schema = { type: 'string', format: 'date-time' };
 const strings: Schema = { type: 'array', items: str };
 const nullable = (schema: Schema): Schema => ({ anyOf: [schema, { type: 'null' }] });
@@ -42,7 +43,7 @@ function instance(state: Schema): Schema {
     shareable: bool,
     users: int,
     owners: strings,
-    launch: enumOf('memory-state', 'cold-boot'),
+    launch: enumOf('memory-state', 'cold-boot', 'warm-pool'),
     created_at: time,
     ready_at: nullable(time),
   });
@@ -53,10 +54,26 @@ export const SCHEMAS: Record<string, Schema> = {
     ...object({ code: { type: 'string', enum: ERROR_CODES }, message: str, details: { type: 'object' } }, ['details']),
     description: 'Every /v1 error: `code` is stable (agent/src/errors.ts), `message` is for people, `details` machine-readable facts.',
   },
-  Health: object({
-    ok: bool,
-    checks: { type: 'array', items: object({ name: str, ok: bool, optional: bool, detail: str }, ['optional', 'detail']) },
-  }),
+  Health: object(
+    {
+      ok: bool,
+      checks: { type: 'array', items: object({ name: str, ok: bool, optional: bool, detail: str }, ['optional', 'detail']) },
+      parts: {
+        type: 'array',
+        items: object({
+          part: enumOf('discovery', 'https', 'mqtt-tcp', 'mqtt-external'),
+          state: enumOf('on', 'starting', 'off', 'disabled'),
+          reason: nullable(str),
+          fix: nullable(str),
+        }),
+      },
+      load: object({
+        reconcile_ms: nullable(object({ last: num, median: num, max: num })),
+        event_loop_delay_ms: nullable(object({ p50: num, p99: num, max: num })),
+      }),
+    },
+    ['parts', 'load'],
+  ),
   SystemInfo: object(
     {
       hostname: str,
@@ -66,7 +83,7 @@ export const SCHEMAS: Record<string, Schema> = {
       hypervisor: object({ uri: str, domain_type: str, libvirt_version: str }),
       instances: int,
       discovery: object({ state: enumOf('published', 'registering', 'unavailable', 'failed', 'disabled'), name: nullable(str), detail: str }, ['detail']),
-      tls_fingerprint: str,
+      tls_fingerprint: nullable(str),
       tls_port: nullable(int),
     },
     ['tls_fingerprint', 'tls_port'],
@@ -87,8 +104,17 @@ export const SCHEMAS: Record<string, Schema> = {
     boot: nullable(object({ kernel: str, initrd: nullable(str), cmdline: str })),
   }),
   Service: {
-    ...object({ id: str, dir: str, imported_at: time, manifest: ref('ServiceManifest') }, ['dir']),
-    description: '`dir` (where it is on the host) is in the operator’s answers only.',
+    ...object(
+      {
+        id: str,
+        dir: str,
+        imported_at: time,
+        manifest: ref('ServiceManifest'),
+        pool: object({ size: int, target: int, ready: int, filling: int }),
+      },
+      ['dir', 'pool'],
+    ),
+    description: '`dir` (where it is on the host) is in the operator’s answers only; `pool`, the warm pool (docs/warm-pool.md), where it has one.',
   },
   Package: object(
     {
@@ -126,14 +152,33 @@ export const SCHEMAS: Record<string, Schema> = {
     ['timings'],
   ),
   StopResult: object({ destroyed: bool, users: int }),
-  Peer: object({
+  Peer: {
+    ...object({
+      name: str,
+      host: nullable(str),
+      address: str,
+      port: int,
+      txt: { type: 'object', additionalProperties: str },
+      interface: nullable(str),
+      seen_at: nullable(time),
+      paired: nullable(object({ id: str, device_id: str, tls_port: int, tls_fingerprint: str, paired_at: time })),
+      placement: nullable({ allOf: [ref('Placement'), object({ fetched_at: time })] }),
+      placement_error: nullable(str),
+    }),
+    description: 'Seen over mDNS (`seen_at`: a sighting, not a fact), paired with (`paired`), or both; `placement`: the facts a paired cloudlet gave.',
+  },
+  Placement: object({
     name: str,
-    host: str,
-    address: str,
-    port: int,
-    txt: { type: 'object', additionalProperties: str },
-    interface: str,
-    seen_at: time,
+    agent_version: str,
+    services: {
+      type: 'array',
+      items: object({ service_id: str, version: str, disk_sha256: nullable(str), memory_mib: int, vcpus: int, has_state: bool }),
+    },
+    packages: { type: 'array', items: object({ app_id: str, version: str, sha256: str }) },
+    memory: object({ total_bytes: int, free_bytes: int }),
+    cpu: object({ cores: int, usage_percent: num }),
+    load_average: { type: 'array', items: num, minItems: 3, maxItems: 3 },
+    instances: object({ running: int }),
   }),
   App: object({
     id: str,
@@ -223,6 +268,7 @@ export const SCHEMAS: Record<string, Schema> = {
   ),
   PairingWindow: object({
     code: str,
+    kind: enumOf('device', 'cloudlet'),
     expires_at: time,
     device_expires_in_minutes: nullable({ type: 'number' }),
     tls_fingerprint: str,
@@ -231,16 +277,18 @@ export const SCHEMAS: Record<string, Schema> = {
   PairedCredential: object({
     device_id: str,
     name: str,
+    kind: enumOf('device', 'cloudlet'),
     paired_at: time,
     expires_at: nullable(time),
     token: str,
-    legacy_password: str,
-    tls_fingerprint: str,
+    legacy_password: nullable(str),
+    tls_fingerprint: nullable(str),
     tls_port: nullable(int),
   }),
   Device: object({
     id: str,
     name: str,
+    kind: enumOf('device', 'cloudlet'),
     paired_at: time,
     expires_at: nullable(time),
     revoked_at: nullable(time),

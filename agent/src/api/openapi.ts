@@ -9,21 +9,23 @@ import { createHash } from 'node:crypto';
 import { AGENT_VERSION } from '../core/host-status';
 import { statusOfCode, type ErrorCode } from '../errors';
 import type { Access } from '../trust/access';
+import { FLEET_OPERATIONS } from './openapi-fleet';
 import { CORE_OPERATIONS, type Operation } from './openapi-operations';
 import { PROVISIONING_OPERATIONS } from './openapi-provisioning';
 import { ref, SCHEMAS } from './openapi-schemas';
 
 /** Every /v1 operation, keyed `METHOD /v1/path/{param}`. */
-export const OPERATIONS: Record<string, Operation> = { ...CORE_OPERATIONS, ...PROVISIONING_OPERATIONS };
+export const OPERATIONS: Record<string, Operation> = { ...CORE_OPERATIONS, ...PROVISIONING_OPERATIONS, ...FLEET_OPERATIONS };
 
 const JSON_TYPE = 'application/json';
 
 /** The errors any route of that access level may answer besides its own (docs/api.md#access). */
 const ACCESS_ERRORS: Record<Access, ErrorCode[]> = {
-  open: [],
-  services: ['UNAUTHENTICATED', 'DEVICE_REVOKED', 'DEVICE_EXPIRED', 'TLS_REQUIRED'],
-  device: ['UNAUTHENTICATED', 'DEVICE_REVOKED', 'DEVICE_EXPIRED', 'TLS_REQUIRED'],
-  admin: ['UNAUTHENTICATED', 'DEVICE_REVOKED', 'DEVICE_EXPIRED', 'ADMIN_ONLY', 'TLS_REQUIRED'],
+  // PEER_NOT_ALLOWED: a paired cloudlet's credential, on a route that is not on the list of what cloudlets may ask.
+  open: ['PEER_NOT_ALLOWED'],
+  services: ['UNAUTHENTICATED', 'DEVICE_REVOKED', 'DEVICE_EXPIRED', 'TLS_REQUIRED', 'PEER_NOT_ALLOWED'],
+  device: ['UNAUTHENTICATED', 'DEVICE_REVOKED', 'DEVICE_EXPIRED', 'TLS_REQUIRED', 'PEER_NOT_ALLOWED'],
+  admin: ['UNAUTHENTICATED', 'DEVICE_REVOKED', 'DEVICE_EXPIRED', 'ADMIN_ONLY', 'TLS_REQUIRED', 'PEER_NOT_ALLOWED'],
 };
 /** What every route may answer: a bad path, a client over its rate, a bug. */
 const COMMON_ERRORS: ErrorCode[] = ['BAD_REQUEST', 'RATE_LIMITED', 'INTERNAL'];
