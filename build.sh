@@ -42,6 +42,8 @@ deps() {
     say "installing ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Debian starts mosquitto's own service on install, on 1883: the agent's MQTT port. The tests start their own.
+    if [[ " ${missing[*]} " == *" mosquitto "* ]] && [ -d /run/systemd/system ]; then as_root systemctl disable --now mosquitto || true; fi
   fi
   # A stamp written after a successful install: node_modules is refreshed only when the manifests changed since.
   local stamp=node_modules/.installed
