@@ -347,11 +347,17 @@ t.test('every verb answers --help; usage errors exit 2; an unreachable cloudlet 
   tt.same(verbs, [
     'discover',
     'system',
+    'health',
     'services',
+    'service',
     'apps',
     'instances',
+    'top',
     'start',
     'stop',
+    'console',
+    'recipe',
+    'package',
     'download',
     'add-app',
     'synthesize',
@@ -359,6 +365,7 @@ t.test('every verb answers --help; usage errors exit 2; an unreachable cloudlet 
     'remove-app',
     'pair',
     'devices',
+    'peer',
   ]);
   for (const verb of verbs) {
     const help = await cli([verb, '--help']);

@@ -12,7 +12,7 @@ import { CliError, EXIT } from './errors';
 import { escaped, jsonLine } from './terminal';
 import type { Context, Options, Values, Verb } from './verb';
 import { addAppVerb, appsVerb, downloadVerb, removeAppVerb } from './verbs-apps';
-import { discoverVerb, healthVerb, peersVerb, systemVerb } from './verbs-cloudlet';
+import { discoverVerb, healthVerb, systemVerb } from './verbs-cloudlet';
 import { consoleVerb, instancesVerb, serviceVerb, servicesVerb, startVerb, stopVerb } from './verbs-instances';
 import { packageVerb } from './verbs-packages';
 import { devicesVerb, pairVerb, peerVerb } from './verbs-pairing';
@@ -29,7 +29,6 @@ const VERBS: Record<string, Verb> = {
   discover: discoverVerb,
   system: systemVerb,
   health: healthVerb,
-  peers: peersVerb,
   services: servicesVerb,
   service: serviceVerb,
   apps: appsVerb,

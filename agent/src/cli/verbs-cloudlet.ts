@@ -71,17 +71,6 @@ export const healthVerb: Verb = {
   },
 };
 
-export const peersVerb: Verb = {
-  summary: 'the other cloudlets this one sees on its network (mDNS)',
-  usage: 'cloudlet peers',
-  run: async ({ cloudlet }) => {
-    const { peers } = await (
-      await cloudlet()
-    ).call<{ peers: Array<{ name: string; address: string; port: number; interface: string; seen_at: string }> }>('GET', '/v1/peers');
-    return listing('peers', peers, ['NAME', 'ADDRESS', 'INTERFACE', 'SEEN'], (p) => [p.name, `${p.address}:${p.port}`, p.interface, p.seen_at]);
-  },
-};
-
 function rankedJson(r: Ranked<DiscoveredCloudlet>) {
   return {
     name: r.cloudlet.name,
