@@ -62,7 +62,7 @@ function listenerRuntime(tt: Test) {
 async function registryWith(mechanism: Mechanism<never>, limits: AnonymousLimits) {
   const registry = new InstanceRegistry(
     [mechanism],
-    new PortAllocator('127.0.0.1', { first: 40100, last: 40140 }),
+    new PortAllocator('127.0.0.1', { first: 31100, last: 31140 }),
     path.join(root, 'instances'),
     path.join(root, 'tmp'),
     '127.0.0.1',

@@ -17,7 +17,7 @@ import type { InstanceRuntime } from '../agent/src/core/runtime';
 import type { InstanceRecord, Workload } from '../agent/src/core/types';
 import { CloudletError } from '../agent/src/errors';
 
-const PORTS = { first: 40500, last: 40519 }; // apart from every other test file's ports (registry-recovery takes 40300 on)
+const PORTS = { first: 31500, last: 31519 }; // see portRanges in support/fake-runtime.ts
 const SERVICE: Workload = { id: 'svc', manifest: { port: 80, shareable: false, readiness: { type: 'tcp', timeout_ms: 5000 } } };
 
 let root: string;

@@ -52,7 +52,7 @@ async function registryOver(records: InstanceRecord[]) {
   const mechanism: Mechanism = { name: 'cached-vm', runtime: fake.runtime, launch: async () => 'cold-boot' };
   const registry = new InstanceRegistry(
     [mechanism],
-    new PortAllocator('127.0.0.1', { first: 40000, last: 40010 }),
+    new PortAllocator('127.0.0.1', { first: 31000, last: 31010 }),
     path.join(root, 'instances'),
     path.join(root, 'tmp'),
     '127.0.0.1',

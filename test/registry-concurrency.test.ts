@@ -6,7 +6,7 @@ import t from 'tap';
 import { CloudletError } from '../agent/src/errors';
 import { PRIVATE, SHARED, fakeCloudlet, idle, portRanges, startReady } from './support/fake-runtime';
 
-const ports = portRanges(40200);
+const ports = portRanges(31200);
 
 /**
  * How a mechanism tells the registry today that the port reserved for the forward was taken meanwhile (QEMU could not

@@ -11,7 +11,7 @@ import { CloudletError } from '../agent/src/errors';
 import { PRIVATE, SHARED, fakeCloudlet, portRanges, startReady } from './support/fake-runtime';
 import { until } from './support/poll';
 
-const ports = portRanges(40300);
+const ports = portRanges(31300);
 
 /** A reconcile poll interval no test reaches: what the registry notices, it notices from the runtime's signals. */
 const HOUR_MS = 3_600_000;

@@ -17,7 +17,7 @@ import { CloudletError } from '../agent/src/errors';
 import { FakeRuntime, portRanges } from './support/fake-runtime';
 
 const NO_FILE = { CLOUDLET_CONFIG: path.join(__dirname, '..', '..', 'test', 'support', 'no-config.json') };
-const nextPorts = portRanges(40600); // apart from every other test file's ports
+const nextPorts = portRanges(31600); // see portRanges: below the kernel's ephemeral ports, apart from other files'
 
 t.test('the launch gate lends a slot to background work only when one is free, and launches never wait for it', async (tt) => {
   const gate = new LaunchGate({ concurrent: 2, queue: 2, readyWithinMs: 1000 });

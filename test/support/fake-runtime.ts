@@ -256,7 +256,11 @@ export interface PortRange {
   last: number;
 }
 
-/** Distinct ranges of forwarded ports from `first` on, one per test, so no test meets a port another one left. */
+/**
+ * Distinct ranges of forwarded ports from `first` on, one per test, so no test meets a port another one left. The
+ * registry unit tests take theirs in 31000-31999, a block of their own (one hundred per file) below the kernel's
+ * ephemeral ports (32768 on): a port there can be any process's outgoing or OS-chosen one at any moment.
+ */
 export function portRanges(first: number): (size: number) => PortRange {
   let next = first;
   return (size) => {
