@@ -149,12 +149,12 @@ t.test("a revoked device's open /v1/events socket is closed at once; other devic
 
 t.test("a token sent as ?access_token= never reaches the agent's log", async (tt) => {
   const device = await pair('query token');
-  const asQuery = await request(agent.apiPort, 'GET', `/v1/services?access_token=${encodeURIComponent(device.token)}`, undefined, NONE);
+  const asQuery = await request(agent.apiPort, 'GET', `/v1/instances?access_token=${encodeURIComponent(device.token)}`, undefined, NONE);
   tt.equal(asQuery.status, 401, 'a plain request does not take the query credential');
   const events = await EventsSocket.connect(agent.apiPort, { headers: {}, query: `?access_token=${encodeURIComponent(device.token)}` });
   await events.close();
   await new Promise((r) => setTimeout(r, 200)); // the agent's log lines reach us through a pipe
-  tt.match(agent.log, /GET \/v1\/services\?access_token=REDACTED 401/, 'the request is logged, its token redacted');
+  tt.match(agent.log, /GET \/v1\/instances\?access_token=REDACTED 401/, 'the request is logged, its token redacted');
   tt.notOk(agent.log.includes(device.token), 'the token appears nowhere in the log');
 });
 
