@@ -1,14 +1,16 @@
 // Between cloudlets, unit by unit: pairing a cloudlet (a device of kind cloudlet), what its credential opens, and
 // how a cloudlet reads another's placement facts (hostile until checked). The fleet itself: fleet.e2e.test.ts.
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { admit } from '../agent/src/trust/access';
 import { DeviceRegistry } from '../agent/src/trust/devices';
 import { Pairing } from '../agent/src/trust/pairing';
 import { checkPlacement } from '../agent/src/fleet/placement';
-import { normalizeFingerprint } from '../agent/src/fleet/peer-client';
+import { MAX_PEER_REPLY_BYTES, normalizeFingerprint, peerSystem } from '../agent/src/fleet/peer-client';
 
 let dataDir: string;
 t.beforeEach(async () => {
@@ -95,4 +97,27 @@ t.test('a fingerprint is read however the operator typed it', async (tt) => {
   tt.equal(normalizeFingerprint('AB'.repeat(32)), canonical);
   tt.equal(normalizeFingerprint('AB'.repeat(31)), null);
   tt.equal(normalizeFingerprint('ZZ'.repeat(32)), null);
+});
+
+/** A cloudlet on loopback whose /v1/system answers as `answer` says; closed when the test ends. */
+async function hostilePeer(tt: Test, answer: (res: http.ServerResponse) => void): Promise<number> {
+  const server = http.createServer((_req, res) => answer(res));
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  tt.teardown(() => {
+    server.closeAllConnections();
+    server.close();
+  });
+  return (server.address() as AddressInfo).port;
+}
+
+t.test("another cloudlet's answer is bounded in size and in time, however it sends it", async (tt) => {
+  const huge = await hostilePeer(tt, (res) => res.end(Buffer.alloc(MAX_PEER_REPLY_BYTES + 1, 0x20)));
+  await tt.rejects(peerSystem('127.0.0.1', huge), { code: 'PEER_UNREACHABLE', message: /exceeds/ }, 'an answer over the bound is cut');
+  // One byte every 2 s never leaves the socket idle for the request's own timeout: only a deadline on the whole cuts it.
+  const drip = await hostilePeer(tt, (res) => {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    const timer = setInterval(() => res.write(' '), 2000);
+    res.on('close', () => clearInterval(timer));
+  });
+  await tt.rejects(peerSystem('127.0.0.1', drip), { code: 'PEER_UNREACHABLE', message: /no whole answer/ }, 'a dripped answer is cut at the deadline');
 });

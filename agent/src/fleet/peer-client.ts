@@ -11,7 +11,7 @@ import { CloudletError } from '../errors';
 
 /** The most an answer from another cloudlet may be (a placement of a thousand services fits easily). */
 export const MAX_PEER_REPLY_BYTES = 256 * 1024;
-/** How long another cloudlet may take to answer one call. */
+/** How long another cloudlet may take to answer one call, whole: a peer that drips its answer is cut at this deadline. */
 export const PEER_TIMEOUT_MS = 10_000;
 
 /** Where another cloudlet is and the certificate it must present. */
@@ -59,7 +59,8 @@ export function presentedCertificate(address: string, tlsPort: number): Promise<
       const base64 = cert.raw.toString('base64').replace(/.{64}/g, '$&\n').replace(/\n$/, '');
       resolve({ pem: `-----BEGIN CERTIFICATE-----\n${base64}\n-----END CERTIFICATE-----\n`, fingerprint: cert.fingerprint256 });
     });
-    socket.setTimeout(PEER_TIMEOUT_MS, () => socket.destroy(new Error(`no TLS handshake within ${PEER_TIMEOUT_MS} ms`)));
+    const deadline = setTimeout(() => socket.destroy(new Error(`no TLS handshake within ${PEER_TIMEOUT_MS} ms`)), PEER_TIMEOUT_MS);
+    socket.on('close', () => clearTimeout(deadline));
     socket.on('error', (err: Error) => reject(unreachable(address, tlsPort, err)));
   });
 }
@@ -88,7 +89,10 @@ export function pinnedCall(peer: PeerEndpoint, method: string, path: string, opt
 
 /** Sends the request and reads a bounded JSON answer (json: null when it is not JSON). */
 function exchange(req: http.ClientRequest, address: string, port: number, payload?: string): Promise<PeerReply> {
-  return new Promise((resolve, reject) => {
+  return new Promise<PeerReply>((resolve, reject) => {
+    // The request's own `timeout` only counts idle time; this bounds the whole exchange.
+    const deadline = setTimeout(() => req.destroy(new Error(`no whole answer within ${PEER_TIMEOUT_MS} ms`)), PEER_TIMEOUT_MS);
+    req.on('close', () => clearTimeout(deadline));
     req.on('timeout', () => req.destroy(new Error(`no answer within ${PEER_TIMEOUT_MS} ms`)));
     req.on('error', (err) => reject(unreachable(address, port, err)));
     req.on('response', (res) => {
