@@ -297,6 +297,18 @@ t.test('forwarded ports', async (t) => {
     tt.equal(next.hostPort, only.hostPort, 'the slot and the port are free for the next start');
   });
 
+  t.test("a failed launch whose clean-up also fails reports the launch's error, and gives its port back", async (tt) => {
+    const { registry, runtime } = await fakeCloudlet(tt, { ports: ports(1) });
+    const failing = registry.start(SHARED, false, runtime.vm);
+    const launch = await runtime.nextLaunch();
+    runtime.unreachable = true;
+    launch.fail(launchFailed());
+    await tt.rejects(failing, { code: 'LAUNCH_FAILED' }, 'not HYPERVISOR_UNAVAILABLE from ending its domain');
+    runtime.unreachable = false;
+    tt.same(registry.list(), [], 'no instance is recorded');
+    tt.equal((await startReady(registry, runtime, SHARED)).hostPort, launch.record.hostPort, 'the port is free again');
+  });
+
   t.test('the port of a failed launch is given back', async (tt) => {
     const { registry, runtime } = await fakeCloudlet(tt, { ports: ports(1) });
     const failing = registry.start(SHARED, false, runtime.vm);

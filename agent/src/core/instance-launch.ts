@@ -67,7 +67,12 @@ export class Launcher {
       try {
         return { ...record, launch: await mechanism.launch({ ...plan, record }) };
       } catch (err) {
-        await mechanism.runtime.destroy(record.id).finally(() => this.ports.release(record.hostPort));
+        // The launch's error is what the caller must see; a clean-up that fails too (libvirt gone meanwhile) is
+        // logged, and what it left is ended by the reconcile poll once libvirt answers again.
+        await mechanism.runtime
+          .destroy(record.id)
+          .catch((cleanup: Error) => this.log(`could not end ${record.id} after its failed launch: ${cleanup.message}`))
+          .finally(() => this.ports.release(record.hostPort));
         if (!(err instanceof CloudletError && err.code === 'PORT_TAKEN') || mechanism.launchesOnce || attempt >= LAUNCH_ATTEMPTS) throw err;
         this.log(`port ${record.hostPort} was taken meanwhile; launching ${record.serviceId} again on another port`);
         await rm(record.dir, { recursive: true, force: true });
