@@ -7,14 +7,15 @@
 // the run through the agent's config file, as an operator would. Ends with one line of JSON: requests/s over both
 // routes (agent_rps, node_http_rps), their ratio, the worse route's p99 (saturated: with 100 connections it is about
 // 100 ÷ requests/s by Little's law), and each server's CPU time per request (its own cost, whatever the load).
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { AgentProcess, ROOT } from '../test/support/agent';
+import { AgentProcess } from '../test/support/agent';
 import { as, pairDevice } from '../test/support/pairing';
 import { median, round, runsOf, sized, testGuest } from './support/measure';
+import { startSameBytesServer, type CannedReply, type SameBytesServer } from './support/same-bytes';
 import { wrk } from './support/wrk';
 
 const RUNS = runsOf(3);
@@ -57,25 +58,13 @@ async function load(url: string, headers: Record<string, string>, serverPid: num
   return { rps: result.rps, p50: result.p50Ms, p99: result.p99Ms, cpuUs: cpu / result.requests };
 }
 
-/** The baseline server, started with the agent's replies; resolves with it and its port. */
-function startBaseline(repliesFile: string): Promise<{ proc: ChildProcess; port: number }> {
-  const proc = spawn(process.execPath, [path.join(ROOT, 'dist', 'bench', 'support', 'same-bytes-server.js'), repliesFile], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  return new Promise((resolve, reject) => {
-    proc.on('error', reject);
-    proc.on('exit', (code) => reject(new Error(`the node:http baseline exited with ${code}`)));
-    proc.stdout.once('data', (d: Buffer) => resolve({ proc, port: Number(d.toString().trim()) }));
-  });
-}
-
 async function main() {
   const scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-bench-http-'));
   const configFile = path.join(scratch, 'agent.json');
   // Far above what the load generator can send: the run measures the path, not the limiter's refusals.
   await writeFile(configFile, JSON.stringify({ limits: { requestsPerSecond: 10_000_000, requestBurst: 10_000_000 } }));
   const agent = await AgentProcess.start({ portRange: '24020-24029', env: { CLOUDLET_CONFIG: configFile } });
-  let baseline: ChildProcess | undefined;
+  let baseline: SameBytesServer | undefined;
   try {
     // What a real cloudlet lists: its demo service.
     const imported = await agent.post('/v1/services', { path: testGuest() });
@@ -85,17 +74,15 @@ async function main() {
       { path: '/api/services', headers: {} as Record<string, string> },
       { path: '/v1/instances', headers: as(device.token) },
     ];
-    const replies: Record<string, { status: number; headers: Record<string, string>; body: string }> = {};
+    const replies: Record<string, CannedReply> = {};
     for (const route of routes) {
       const r = await agent.get(route.path, route.headers.authorization ? route.headers : { authorization: '' });
       if (r.status !== 200) throw new Error(`${route.path}: ${r.status} ${r.body}`);
       const headers = Object.fromEntries(Object.entries(r.headers).filter(([name]) => !OWN_HEADERS.has(name))) as Record<string, string>;
       replies[route.path] = { status: r.status, headers, body: r.body };
     }
-    const repliesFile = path.join(scratch, 'replies.json');
-    await writeFile(repliesFile, JSON.stringify(replies));
-    const started = await startBaseline(repliesFile);
-    baseline = started.proc;
+    const started = await startSameBytesServer(replies, path.join(scratch, 'replies.json'));
+    baseline = started;
     await pinServer(agent.pid!);
     await pinServer(started.proc.pid!);
 
@@ -146,8 +133,7 @@ async function main() {
     };
     process.stdout.write(JSON.stringify(result) + '\n');
   } finally {
-    baseline?.removeAllListeners('exit');
-    baseline?.kill();
+    baseline?.stop();
     await agent.dispose();
     await rm(scratch, { recursive: true, force: true });
   }
