@@ -23,6 +23,7 @@ PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvi
   linux-image-cloud-amd64 busybox-static cpio kmod e2fsprogs dbus avahi-daemon avahi-utils bubblewrap passt nftables gcc make
   iproute2 procps zstd genisoimage systemd socat tini chromium curl nodejs npm openssl
   xdelta3 xz-utils # xdelta3 and xz: only the VM Synthesis benchmark's Elijah-style baseline
+  wrk util-linux # wrk: bench http's load generator; util-linux: its taskset, which pins wrk and the servers apart
   mosquitto) # only the fleet broker's tests and benchmark (the agent is a client of a fleet's broker, never runs one)
 # Only for image and image-test (WITH_IMAGE_TOOLS=1).
 IMAGE_PACKAGES=(mmdebstrap syslinux syslinux-common mtools dosfstools fdisk)

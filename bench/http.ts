@@ -1,19 +1,22 @@
 // ./build.sh bench http — the HTTP path under load: GET /api/services (the open KD face) and a paired device's
 // GET /v1/instances through the agent, against a node:http server (bench/support/same-bytes-server.ts) answering
-// the same paths with the same bytes, each in a process of its own, in the same run. The load is autocannon at
+// the same paths with the same bytes, each in a process of its own, in the same run. The load is wrk (C, epoll) at
 // BENCH_CONNECTIONS (100) keep-alive connections; runs alternate between the two servers so that drift on the machine
-// hits both alike. The rate limits are raised for the run through the agent's config file, as an operator would.
-// Ends with one line of JSON: requests/s over both routes (agent_rps, node_http_rps), their ratio, the worse route's
-// p99 (saturated: with 100 connections it is about 100 ÷ requests/s by Little's law), and each server's CPU time per
-// request, which tells its own cost apart from the load generator's (autocannon shares the machine's 2 cores).
-import { spawn, type ChildProcess } from 'node:child_process';
+// hits both alike. On a machine of 2 CPUs or more, each server is pinned to CPU 0 and wrk to the others (taskset), so
+// the load generator never takes the server's CPU and both servers get the same one. The rate limits are raised for
+// the run through the agent's config file, as an operator would. Ends with one line of JSON: requests/s over both
+// routes (agent_rps, node_http_rps), their ratio, the worse route's p99 (saturated: with 100 connections it is about
+// 100 ÷ requests/s by Little's law), and each server's CPU time per request (its own cost, whatever the load).
+import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import autocannon from 'autocannon';
-import { AgentProcess, ROOT } from '../test/support/agent';
+import { promisify } from 'node:util';
+import { AgentProcess } from '../test/support/agent';
 import { as, pairDevice } from '../test/support/pairing';
 import { median, round, runsOf, sized, testGuest } from './support/measure';
+import { startSameBytesServer, type CannedReply, type SameBytesServer } from './support/same-bytes';
+import { wrk } from './support/wrk';
 
 const RUNS = runsOf(3);
 const SECONDS = Number(process.env.BENCH_SECONDS ?? sized(8, 2));
@@ -36,25 +39,23 @@ async function cpuUs(pid: number): Promise<number> {
   return (Number(fields[11]) + Number(fields[12])) * 10_000;
 }
 
-async function load(url: string, headers: Record<string, string>, serverPid: number): Promise<Load> {
-  const cpuBefore = await cpuUs(serverPid);
-  const result = await autocannon({ url, connections: CONNECTIONS, duration: SECONDS, headers });
-  const cpu = (await cpuUs(serverPid)) - cpuBefore;
-  const failed = result.errors + result.timeouts + result.non2xx;
-  if (failed > 0) throw new Error(`${url}: ${failed} of ${result.requests.total} requests failed or were not 2xx`);
-  return { rps: result.requests.total / result.duration, p50: result.latency.p50, p99: result.latency.p99, cpuUs: cpu / result.requests.total };
+/** With 2 CPUs or more: the servers on CPU 0, wrk on the rest (one thread each); else all share the one. */
+const CPUS = os.availableParallelism();
+const PINNED = CPUS >= 2;
+const WRK_CPUS = PINNED ? `1-${CPUS - 1}` : undefined;
+const WRK_THREADS = PINNED ? CPUS - 1 : 1;
+
+/** Pins every thread of a server process to CPU 0. */
+async function pinServer(pid: number): Promise<void> {
+  if (PINNED) await promisify(execFile)('taskset', ['-a', '-p', '-c', '0', String(pid)]);
 }
 
-/** The baseline server, started with the agent's replies; resolves with it and its port. */
-function startBaseline(repliesFile: string): Promise<{ proc: ChildProcess; port: number }> {
-  const proc = spawn(process.execPath, [path.join(ROOT, 'dist', 'bench', 'support', 'same-bytes-server.js'), repliesFile], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  return new Promise((resolve, reject) => {
-    proc.on('error', reject);
-    proc.on('exit', (code) => reject(new Error(`the node:http baseline exited with ${code}`)));
-    proc.stdout.once('data', (d: Buffer) => resolve({ proc, port: Number(d.toString().trim()) }));
-  });
+async function load(url: string, headers: Record<string, string>, serverPid: number): Promise<Load> {
+  const cpuBefore = await cpuUs(serverPid);
+  const result = await wrk({ url, connections: CONNECTIONS, seconds: SECONDS, threads: WRK_THREADS, headers, cpus: WRK_CPUS });
+  const cpu = (await cpuUs(serverPid)) - cpuBefore;
+  if (result.failed > 0) throw new Error(`${url}: ${result.failed} of ${result.requests} requests failed or were not 2xx`);
+  return { rps: result.rps, p50: result.p50Ms, p99: result.p99Ms, cpuUs: cpu / result.requests };
 }
 
 async function main() {
@@ -63,7 +64,7 @@ async function main() {
   // Far above what the load generator can send: the run measures the path, not the limiter's refusals.
   await writeFile(configFile, JSON.stringify({ limits: { requestsPerSecond: 10_000_000, requestBurst: 10_000_000 } }));
   const agent = await AgentProcess.start({ portRange: '24020-24029', env: { CLOUDLET_CONFIG: configFile } });
-  let baseline: ChildProcess | undefined;
+  let baseline: SameBytesServer | undefined;
   try {
     // What a real cloudlet lists: its demo service.
     const imported = await agent.post('/v1/services', { path: testGuest() });
@@ -73,20 +74,20 @@ async function main() {
       { path: '/api/services', headers: {} as Record<string, string> },
       { path: '/v1/instances', headers: as(device.token) },
     ];
-    const replies: Record<string, { status: number; headers: Record<string, string>; body: string }> = {};
+    const replies: Record<string, CannedReply> = {};
     for (const route of routes) {
       const r = await agent.get(route.path, route.headers.authorization ? route.headers : { authorization: '' });
       if (r.status !== 200) throw new Error(`${route.path}: ${r.status} ${r.body}`);
       const headers = Object.fromEntries(Object.entries(r.headers).filter(([name]) => !OWN_HEADERS.has(name))) as Record<string, string>;
       replies[route.path] = { status: r.status, headers, body: r.body };
     }
-    const repliesFile = path.join(scratch, 'replies.json');
-    await writeFile(repliesFile, JSON.stringify(replies));
-    const started = await startBaseline(repliesFile);
-    baseline = started.proc;
+    const started = await startSameBytesServer(replies, path.join(scratch, 'replies.json'));
+    baseline = started;
+    await pinServer(agent.pid!);
+    await pinServer(started.proc.pid!);
 
     const figures = new Map<string, { agent: Load[]; node: Load[] }>();
-    const line = (l: Load) => `${round(l.rps, 0)} req/s, p99 ${l.p99} ms, ${round(l.cpuUs)} µs CPU/request`;
+    const line = (l: Load) => `${round(l.rps, 0)} req/s, p99 ${round(l.p99, 2)} ms, ${round(l.cpuUs)} µs CPU/request`;
     for (const route of routes) {
       const runs = { agent: [] as Load[], node: [] as Load[] };
       figures.set(route.path, runs);
@@ -116,23 +117,23 @@ async function main() {
       runs: RUNS,
       seconds: SECONDS,
       connections: CONNECTIONS,
+      pinned: PINNED,
       agent_rps: round(agentRps, 0),
       node_http_rps: round(nodeRps, 0),
       rps_vs_node_http: round(agentRps / nodeRps, 2),
-      p99_ms: Math.max(...perRoute.map((r) => r.p99)),
-      node_http_p99_ms: Math.max(...perRoute.map((r) => r.nodeP99)),
+      p99_ms: round(Math.max(...perRoute.map((r) => r.p99)), 2),
+      node_http_p99_ms: round(Math.max(...perRoute.map((r) => r.nodeP99)), 2),
       services_rps: round(services!.agent, 0),
       services_vs_node_http: round(services!.agent / services!.node, 2),
       instances_rps: round(instances!.agent, 0),
       instances_vs_node_http: round(instances!.agent / instances!.node, 2),
-      p50_ms: Math.max(...perRoute.map((r) => r.p50)),
+      p50_ms: round(Math.max(...perRoute.map((r) => r.p50)), 2),
       cpu_us_per_request: round(perRoute.reduce((sum, r) => sum + r.cpu, 0) / perRoute.length),
       node_http_cpu_us_per_request: round(perRoute.reduce((sum, r) => sum + r.nodeCpu, 0) / perRoute.length),
     };
     process.stdout.write(JSON.stringify(result) + '\n');
   } finally {
-    baseline?.removeAllListeners('exit');
-    baseline?.kill();
+    baseline?.stop();
     await agent.dispose();
     await rm(scratch, { recursive: true, force: true });
   }

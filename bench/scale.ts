@@ -4,8 +4,11 @@
 // memory (anonymous RSS, /proc/PID/status RssAnon: the heap and what the agent allocated, not the file pages of the
 // Node binary), p50/p99 latency of GET /v1/instances (the operator's, listing every instance, and the devices') and
 // GET /api/services, the reconcile poll's cost and the event loop's delay (both from /v1/health's `load`, which the
-// agent measures itself). Before any of it: the idle agent's private memory next to its RSS, and bare `node`'s as the
-// baseline. `--quick`: steps of 1 and 3 instances (one VM), 10 devices, 20 subscribers. Ends with one line of JSON.
+// agent measures itself). Beside the agent, in the same window and on the same kept-alive terms, a node:http process
+// answering a canned reply (bench/support/same-bytes-server.ts) is timed too: what the machine itself (4 VMs under TCG,
+// the load generators) adds to any server's p99, told apart from the agent's own. Before any of it: the idle agent's
+// private memory next to its RSS, and bare `node`'s as the baseline. `--quick`: steps of 1 and 3 instances (one VM),
+// 10 devices, 20 subscribers. Ends with one line of JSON.
 import { spawn } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import http from 'node:http';
@@ -19,6 +22,7 @@ import { buildHttpdPackage, destroySandboxesUnder } from '../test/support/app-pa
 import { connectMqtt } from '../test/support/listeners';
 import { as, pairDevice } from '../test/support/pairing';
 import { QUICK, guestAs, median, round, sized, testGuest } from './support/measure';
+import { startSameBytesServer } from './support/same-bytes';
 
 const STEPS = sized([1, 10, 50], [1, 3]);
 const VMS = sized(4, 1);
@@ -153,11 +157,20 @@ async function main() {
       stopping.push(() => sampler.destroy());
       const operatorTimes: number[] = [];
       const servicesTimes: number[] = [];
+      const controlTimes: number[] = [];
+      // The control answers what the operator's list is now, from a process that does nothing else.
+      const listing = { status: 200, headers: { 'Content-Type': 'application/json; charset=utf-8' }, body: (await agent.get('/v1/instances')).body };
+      const control = await startSameBytesServer({ '/v1/instances': listing }, path.join(scratch, 'control.json'));
+      stopping.push(() => control.stop());
+      const controlAgent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+      stopping.push(() => controlAgent.destroy());
       const memory = settledMemory(pid, WINDOW_MS);
       for (const until = Date.now() + WINDOW_MS; Date.now() < until; await new Promise((r) => setTimeout(r, 50))) {
         operatorTimes.push(await timedGet(agent.apiPort, '/v1/instances', admin, sampler));
         servicesTimes.push(await timedGet(agent.apiPort, '/api/services', admin, sampler));
+        controlTimes.push(await timedGet(control.port, '/v1/instances', {}, controlAgent));
       }
+      control.stop();
       const { anonMb, rssMb } = await memory;
       const health = (await agent.get('/v1/health')).json;
       const listed = (await agent.get('/v1/instances')).json.instances.length;
@@ -172,6 +185,7 @@ async function main() {
         instances_p99_ms: round(quantile(operatorTimes, 0.99), 2),
         services_p99_ms: round(quantile(servicesTimes, 0.99), 2),
         devices_p99_ms: round(quantile(deviceTimes, 0.99), 2),
+        control_p99_ms: round(quantile(controlTimes, 0.99), 2),
         reconcile_ms: health.load.reconcile_ms.median,
         reconcile_max_ms: health.load.reconcile_ms.max,
         loop_lag_ms_p99: health.load.event_loop_delay_ms.p99,
@@ -200,6 +214,7 @@ async function main() {
       p50_ms_50: last.p50_ms,
       p99_ms_1: first.p99_ms,
       p99_ms_50: last.p99_ms,
+      control_p99_ms_50: last.control_p99_ms,
       reconcile_ms_1: first.reconcile_ms,
       reconcile_ms_50: last.reconcile_ms,
       reconcile_max_ms_50: last.reconcile_max_ms,

@@ -1,8 +1,12 @@
 // The open (plain) KD-Cloudlet face, end to end: the real agent and a real QEMU (TCG) guest, anonymous clients on
 // distinct loopback addresses (127.0.0.2, 127.0.0.3, ...: one address each, as phones on the Wi-Fi). What anyone on the
 // network may start is bounded per address and in all; what the operator started is never stopped from the open face;
-// a full launch queue is KD's 503 with Retry-After. Forward ports 23370-23389.
+// a full launch queue is KD's 503 with Retry-After; the service list, kept serialized, follows every change at once.
+// Forward ports 23370-23389.
+import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import http from 'node:http';
+import os from 'node:os';
+import path from 'node:path';
 import t from 'tap';
 import { AgentProcess, domainsUnder, testGuestDir, type HttpResult } from './support/agent';
 import { until } from './support/poll';
@@ -116,4 +120,20 @@ t.test('a start refused by a full launch queue (BUSY) reaches a KD client as 503
   tt.equal((await agent.get('/v1/instances')).json.instances.length, 1, 'the refused start left nothing behind');
   await agent.delete(`/v1/instances/${operators.json.instance.id}`);
   tt.same(await domainsUnder(agent.dataDir), []);
+});
+
+t.test('the service list every client polls shows an import and a removal at once (its kept bytes are never stale)', async (tt) => {
+  const listed = async () => ((await kd('127.0.0.2', '/api/services')).json.services as { _id: string }[]).map((s) => s._id);
+  tt.same(await listed(), [SERVICE]);
+  tt.same(await listed(), [SERVICE], 'the same list asked again');
+  const scratch = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-kd-list-'));
+  tt.teardown(() => rm(scratch, { recursive: true, force: true }));
+  const copy = path.join(scratch, 'copy');
+  await cp(testGuestDir(), copy, { recursive: true });
+  const manifest = JSON.parse(await readFile(path.join(copy, 'manifest.json'), 'utf8'));
+  await writeFile(path.join(copy, 'manifest.json'), JSON.stringify({ ...manifest, service_id: 'org.cloudlet.demo.copy' }));
+  tt.equal((await agent.post('/v1/services', { path: copy })).status, 201);
+  tt.same(await listed(), ['org.cloudlet.demo.copy', SERVICE], 'the import, in the very next answer');
+  tt.equal((await agent.delete('/v1/services/org.cloudlet.demo.copy')).status, 204);
+  tt.same(await listed(), [SERVICE], 'the removal, in the very next answer');
 });

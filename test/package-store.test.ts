@@ -126,3 +126,20 @@ t.test('the package store refuses bad packages and keeps nothing of them', async
   await mkdir(staging, { recursive: true });
   t.same(await readdir(staging), []);
 });
+
+t.test("the store's revision changes with every import and removal, so a list kept from it is never served stale", async (t) => {
+  const dir = await tempDir('cloudlet-packages-');
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const store = new PackageStore(path.join(dir, 'packages'), path.join(dir, 'tmp'), () => false, silentLogger);
+  await store.load();
+  const file = path.join(dir, 'package.tar.gz');
+  await writeFile(file, tarball(good));
+  const seen = [store.revision];
+  await t.rejects(store.import({ path: path.join(dir, 'missing.tar.gz') }));
+  t.equal(store.revision, seen[0], 'a refused import changes nothing');
+  await store.import({ path: file });
+  seen.push(store.revision);
+  await store.remove('org.test.app');
+  seen.push(store.revision);
+  t.equal(new Set(seen).size, 3, `a new revision after the import and after the removal (${seen.join(', ')})`);
+});

@@ -55,6 +55,28 @@ t.test('revoke ends a device once; removing a revoked device does not end it aga
   tt.throws(() => registry.authenticate(other.token), { code: 'UNAUTHENTICATED' });
 });
 
+t.test('a token that authenticated is remembered, yet a revocation, an expiry or a removal is refused at the next request', async (tt) => {
+  const registry = await DeviceRegistry.open(dataDir);
+  const revoked = await registry.add({ name: 'revoked', id: 'r' });
+  const removed = await registry.add({ name: 'removed', id: 'm' });
+  const expiring = await registry.add({ name: 'expiring', id: 'e', expiresInMinutes: 0.2 / 60 });
+  for (const { token } of [revoked, removed, expiring]) registry.authenticate(token);
+  tt.ok(registry.recognizes(revoked.token), 'remembered once it authenticated');
+  tt.notOk(registry.recognizes(`${revoked.token}x`), 'a token that never authenticated is not');
+
+  await registry.revoke('r');
+  tt.throws(() => registry.authenticate(revoked.token), { code: 'DEVICE_REVOKED' });
+  await registry.remove('m');
+  tt.throws(() => registry.authenticate(removed.token), { code: 'UNAUTHENTICATED' });
+  // The same id paired again holds a new token; the old one names nobody, not the new device.
+  const repaired = await registry.add({ name: 'removed, paired again', id: 'm' });
+  tt.notOk(registry.recognizes(removed.token));
+  tt.throws(() => registry.authenticate(removed.token), { code: 'UNAUTHENTICATED' });
+  tt.equal(registry.authenticate(repaired.token).name, 'removed, paired again');
+  await sleep(300);
+  tt.throws(() => registry.authenticate(expiring.token), { code: 'DEVICE_EXPIRED' }, 'expired without any timer or event');
+});
+
 t.test('expiry: refused at once when due, ended by its timer, and re-armed from disk by a new registry', async (tt) => {
   const registry = await DeviceRegistry.open(dataDir);
   const seen = endings(registry);

@@ -12,13 +12,18 @@ import { Connection } from '../../native/libvirt';
 
 export const ROOT = path.resolve(__dirname, '../../..');
 export const AGENT_MAIN = path.join(ROOT, 'dist', 'agent', 'src', 'main.js');
+const AGENT_UNIT = readFileSync(path.join(ROOT, 'systemd', 'cloudlet-agent.service'), 'utf8');
 /** The Node and V8 flags the appliance's unit runs the agent with: the tests and benchmarks run it the same way. */
 export const AGENT_NODE_FLAGS: string[] = (() => {
-  const unit = readFileSync(path.join(ROOT, 'systemd', 'cloudlet-agent.service'), 'utf8');
+  const unit = AGENT_UNIT;
   const exec = /^ExecStart=\S+\/node((?: --\S+)*) \S+\/main\.js$/m.exec(unit);
   if (!exec) throw new Error('systemd/cloudlet-agent.service: no ExecStart line that runs main.js with node');
   return exec[1]!.split(' ').filter((flag) => flag !== '');
 })();
+/** The environment the unit gives the agent (its Environment= lines), which the tests and benchmarks give it too. */
+export const AGENT_UNIT_ENV: Record<string, string> = Object.fromEntries(
+  [...AGENT_UNIT.matchAll(/^Environment=([A-Z_]+)=(\S*)$/gm)].map((m) => [m[1]!, m[2]!]),
+);
 export const METADATA_URI = 'urn:cloudlet:agent:instance:1';
 
 export function testGuestDir(): string {
@@ -150,6 +155,7 @@ export class AgentProcess {
     this.proc = spawn(process.execPath, [...AGENT_NODE_FLAGS, AGENT_MAIN], {
       env: {
         ...inherited,
+        ...AGENT_UNIT_ENV,
         CLOUDLET_PORT: String(this.apiPort),
         CLOUDLET_API_HOST: '127.0.0.1',
         CLOUDLET_DATA_DIR: this.dataDir,

@@ -69,6 +69,12 @@ export class FakeCloudlet implements CloudletApi {
     return this.services;
   }
 
+  /** A new one every time: the tests change `services` in place, so nothing built from it may be kept. */
+  private revisions = 0;
+  catalogRevision(): string {
+    return String(this.revisions++);
+  }
+
   getService(id: string): Service {
     this.lastServiceLookup = id;
     const service = this.services.find((candidate) => candidate.id === id);

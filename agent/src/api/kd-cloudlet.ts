@@ -7,11 +7,16 @@ import { APP_KINDS } from '../core/apps';
 import type { App, CloudletApi, Endpoint, Instance, Package, Service } from '../core/types';
 import { asCloudletError, CloudletError, type ErrorCode } from '../errors';
 import { splitTags } from './v1-apps';
-import { emptyReply, fileReply, hostOf, jsonReply, textReply, type ApiRequest, type Face, type Reply, type Route } from './routing';
+import { emptyReply, fileReply, hostOf, jsonReply, keptWhile, textReply, type ApiRequest, type Face, type Reply, type Route } from './routing';
 
 export function kdCloudletFace(api: CloudletApi): Face {
+  // The list every client polls, serialized once per change of the services and packages.
+  const servicesReply = keptWhile(
+    () => api.catalogRevision(),
+    () => jsonReply(200, { services: startableServices(api).map(serviceJson) }),
+  );
   const routes: Route[] = [
-    { method: 'GET', path: '/api/services', access: 'services', handle: () => jsonReply(200, { services: startableServices(api).map(serviceJson) }) },
+    { method: 'GET', path: '/api/services', access: 'services', handle: servicesReply },
     { method: 'GET', path: '/api/services/get', access: 'services', handle: (request) => findService(api, request) },
     { method: 'GET', path: '/api/servicevm/start', access: 'services', handle: (request) => startServiceVm(api, request) },
     { method: 'GET', path: '/api/servicevm/stop', access: 'services', handle: (request) => stopServiceVm(api, request) },

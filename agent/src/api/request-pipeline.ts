@@ -76,19 +76,34 @@ interface RouteEntry {
   segments: string[];
 }
 
+/** The routes a path matches, with the params each takes from it. */
+type Candidates = { route: Route; params: Record<string, string> }[];
+
+/**
+ * A face's routes, split once; and for each route path without captures (the lists phones poll), the routes that
+ * match it, found once rather than on every request.
+ */
+interface RouteTable {
+  entries: RouteEntry[];
+  literal: Map<string, Candidates>;
+}
+
 export class RequestPipeline {
-  private readonly tables = new Map<Face, RouteEntry[]>();
+  private readonly tables = new Map<Face, RouteTable>();
+  /** The faces that own a prefix, asked in this order. */
+  private readonly prefixed: Face[];
 
   constructor(
     private readonly faces: Faces,
     private readonly policy: RequestPolicy,
   ) {
+    this.prefixed = faces.kd ? [faces.kd, faces.page] : [faces.page];
     for (const face of [faces.kd, faces.page, faces.own]) {
-      if (face)
-        this.tables.set(
-          face,
-          face.routes.map((route) => ({ route, segments: route.path.split('/') })),
-        );
+      if (!face) continue;
+      const entries = face.routes.map((route) => ({ route, segments: route.path.split('/') }));
+      const literal = new Map<string, Candidates>();
+      for (const { route } of entries) if (!route.path.includes(':')) literal.set(route.path, candidatesFor(entries, route.path));
+      this.tables.set(face, { entries, literal });
     }
   }
 
@@ -145,8 +160,8 @@ export class RequestPipeline {
 
   /** The phone page owns `/` and its assets' prefix; paths under no face's prefix get our own face's JSON 404. */
   private faceFor(path: string): Face {
-    const { kd, page, own } = this.faces;
-    return [...(kd ? [kd] : []), page].find((face) => ownsPath(face, path)) ?? (path === '/' ? page : own);
+    const { page, own } = this.faces;
+    return this.prefixed.find((face) => ownsPath(face, path)) ?? (path === '/' ? page : own);
   }
 }
 
@@ -154,13 +169,21 @@ function ownsPath(face: Face, path: string): boolean {
   return path === face.prefix || path.startsWith(`${face.prefix}/`);
 }
 
-function resolveRoute(face: Face, table: RouteEntry[], incoming: Incoming): { route: Route; params: Record<string, string> } {
-  const segments = incoming.path.split('/');
-  const candidates: { route: Route; params: Record<string, string> }[] = [];
-  for (const { route, segments: pattern } of table) {
+/** The routes of `entries` that `path` matches. */
+function candidatesFor(entries: RouteEntry[], path: string): Candidates {
+  const segments = path.split('/');
+  const candidates: Candidates = [];
+  for (const { route, segments: pattern } of entries) {
     const params = matchSegments(pattern, segments);
     if (params) candidates.push({ route, params });
   }
+  return candidates;
+}
+
+function resolveRoute(face: Face, table: RouteTable, incoming: Incoming): { route: Route; params: Record<string, string> } {
+  // A handler gets params of its own: the shared ones of a literal path are copied.
+  const candidates =
+    table.literal.get(incoming.path)?.map(({ route, params }) => ({ route, params: { ...params } })) ?? candidatesFor(table.entries, incoming.path);
   if (candidates.length === 0) throw new CloudletError('NOT_FOUND', `No route for ${incoming.path}`);
   const method = face.headAsGet && incoming.method === 'HEAD' ? 'GET' : incoming.method;
   const match = candidates.find((candidate) => candidate.route.method === method);

@@ -78,6 +78,19 @@ export function jsonReply(status: number, value: unknown): Reply {
   return { status, headers: { 'Content-Type': 'application/json; charset=utf-8' }, body: JSON.stringify(value) };
 }
 
+/**
+ * A reply built by `build` and kept while `revision` says the same: a copy of it (its headers its own, so nothing
+ * downstream can change the kept one) for every request, built again at the first request after a change.
+ */
+export function keptWhile(revision: () => string, build: () => Reply): () => Reply {
+  let kept: { revision: string; reply: Reply } | undefined;
+  return () => {
+    const now = revision();
+    if (kept?.revision !== now) kept = { revision: now, reply: build() };
+    return { ...kept.reply, headers: { ...kept.reply.headers } };
+  };
+}
+
 export function textReply(status: number, text: string): Reply {
   return { status, headers: { 'Content-Type': 'text/plain; charset=utf-8' }, body: text };
 }

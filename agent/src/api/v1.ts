@@ -7,13 +7,15 @@ import { addressKey, deviceIdOf, stopperOf } from '../trust/access';
 import type { CloudletApi, PackageSource, ProvisioningApi } from '../core/types';
 import { CloudletError } from '../errors';
 import { emptyReply, hostOf, jsonReply, type ApiRequest, type Face, type Route } from './routing';
-import { OPENAPI_ETAG, OPENAPI_JSON } from './openapi';
 import { appRoutes } from './v1-apps';
 import { provisioningRoutes } from './v1-provisioning';
 import { synthesisRoutes } from './v1-synthesis';
 import { tlsJson, trustRoutes, type TrustView } from './v1-trust';
 import { healthJson, instanceJson, InstanceView, packageJson, serviceJson, startResultJson, stopResultJson, systemJson } from './wire-shapes';
 import { fleetRoutes, type FleetView } from './v1-fleet';
+
+/** The OpenAPI document is built when first asked for (about 1 MB of the idle agent's memory otherwise). */
+const openApi = () => require('./openapi') as typeof import('./openapi');
 
 export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?: TrustView, fleet?: FleetView): Face {
   const routes: Route[] = [
@@ -34,6 +36,7 @@ export function v1Face(api: CloudletApi, provisioning?: ProvisioningApi, trust?:
       path: '/v1/openapi.json',
       access: 'open',
       handle: (request) => {
+        const { OPENAPI_ETAG, OPENAPI_JSON } = openApi();
         const cache = { ETag: OPENAPI_ETAG, 'Cache-Control': 'public, max-age=3600, must-revalidate' };
         if (request.header('if-none-match') === OPENAPI_ETAG) return { status: 304, headers: cache, body: '' };
         return { status: 200, headers: { 'Content-Type': 'application/json; charset=utf-8', ...cache }, body: OPENAPI_JSON };

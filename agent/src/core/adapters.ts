@@ -20,6 +20,8 @@ export interface HypervisorLink extends InstanceRuntime {
 /** The app package store (packages/store.ts). */
 export interface PackageShelf {
   list(): Package[];
+  /** Changes whenever a package is imported or removed. */
+  readonly revision: number;
   find(id: string): Package | undefined;
   get(id: string): Package;
   import(source: PackageSource): Promise<Package>;

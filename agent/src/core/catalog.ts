@@ -10,6 +10,7 @@ import { faultPoint } from '../system/fault-points';
 import { readSaveImageHeader } from '../vm/save-image';
 import type { BaseVm } from './bases';
 import { manifestFiles, parseManifest } from './manifest';
+import { RevisedMap } from './revised-map';
 import type { Service, ServiceManifest } from './types';
 
 const MANIFEST = 'manifest.json';
@@ -20,7 +21,7 @@ const MANIFEST = 'manifest.json';
  * a crash at any moment leaves either the old service or the new one, never half of one.
  */
 export class Catalog {
-  private readonly services = new Map<string, Service>();
+  private readonly services = new RevisedMap<string, Service>();
 
   constructor(
     private readonly root: string,
@@ -68,6 +69,11 @@ export class Catalog {
 
   list(): Service[] {
     return [...this.services.values()].sort((a, b) => a.id.localeCompare(b.id));
+  }
+
+  /** Changes whenever a service is imported, replaced or removed. */
+  get revision(): number {
+    return this.services.revision;
   }
 
   get(id: string): Service {

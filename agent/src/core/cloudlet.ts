@@ -130,6 +130,10 @@ export class Cloudlet implements CloudletApi, ProvisioningApi {
     return this.catalog.list().map((service) => this.withPool(service));
   }
 
+  catalogRevision(): string {
+    return `${this.catalog.revision}.${this.packages.revision}`;
+  }
+
   getService(id: string): Service {
     return this.withPool(this.catalog.get(id));
   }

@@ -122,8 +122,8 @@ export class RuntimeSync {
 
   /** Release the listed instances no runtime runs any more, and the uses of devices whose authorization ended. */
   async reconcile(): Promise<void> {
-    const running = new Set<string>();
-    for (const runtime of this.runtimes) for (const id of await runtime.running()) running.add(id);
+    // The runtimes are asked at once: libvirt's domain list waits on a libuv thread while the sandboxes answer.
+    const running = new Set((await Promise.all(this.runtimes.map((runtime) => runtime.running()))).flatMap((ids) => [...ids]));
     for (const record of this.registry.listed()) {
       if (!running.has(record.id)) await this.registry.endIfGone(record.id, { state: 'stopped', reason: 'vanished' });
     }

@@ -354,6 +354,11 @@ export interface SynthesisResult extends StartResult {
 /** What the HTTP faces (and later the CLI) call. One implementation: core/cloudlet.ts. */
 export interface CloudletApi {
   listServices(): Service[];
+  /**
+   * Changes whenever a service or an app package is imported, replaced or removed: what a list of them shows can be
+   * kept (serialized) while it is the same.
+   */
+  catalogRevision(): string;
   getService(id: string): Service;
   importService(dir: string): Promise<Service>;
   removeService(id: string): Promise<void>;

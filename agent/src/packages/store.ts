@@ -23,6 +23,7 @@ import { CloudletError, isErrno, isNoSpace } from '../errors';
 import { noSpaceError, requireFreeSpace } from '../system/disk-space';
 import { zstdDecodeStream } from '../images/zstd';
 import type { Logger } from '../log';
+import { RevisedMap } from '../core/revised-map';
 import type { Package, PackageSource } from '../core/types';
 import { parsePackageManifest } from './manifest';
 import { faultPoint } from '../system/fault-points';
@@ -47,7 +48,7 @@ function invalid(reason: string, message: string, details: Record<string, unknow
 }
 
 export class PackageStore {
-  private readonly packages = new Map<string, Package>();
+  private readonly packages = new RevisedMap<string, Package>();
   /** App ids being imported right now: a second import of the same id must not race the first. */
   private readonly importing = new Set<string>();
 
@@ -80,6 +81,11 @@ export class PackageStore {
 
   list(): Package[] {
     return [...this.packages.values()].sort((a, b) => a.id.localeCompare(b.id));
+  }
+
+  /** Changes whenever a package is imported or removed. */
+  get revision(): number {
+    return this.packages.revision;
   }
 
   has(id: string): boolean {

@@ -17,6 +17,7 @@
 import { spawn } from 'node:child_process';
 import { constants } from 'node:fs';
 import { access, open, readdir, readFile, writeFile } from 'node:fs/promises';
+import { performance } from 'node:perf_hooks';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { replaceFile } from '../system/atomic-file';
@@ -54,6 +55,8 @@ export const SANDBOX_FIREWALL = [
 ].join('; ');
 const SPAWN_TIMEOUT_MS = 10000;
 const WATCH_INTERVAL_MS = 200;
+/** How old the watch's last look may be for running() to answer with it: a few missed or slow looks, then it reads. */
+const WATCH_ANSWER_MAX_AGE_MS = 5 * WATCH_INTERVAL_MS;
 /** Directories of a CDE-style package that the sandbox also shows at the root, so its own /bin/sh, /lib... work. */
 const ROOT_LINKS = ['bin', 'sbin', 'lib', 'lib64', 'usr', 'etc'];
 
@@ -89,6 +92,8 @@ export class SandboxRuntime implements InstanceRuntime {
   /** Sandboxes already reported as ended, so each end is reported once. */
   private readonly reported = new Set<string>();
   private endedListener: ((id: string, ending: InstanceEnding) => void) | undefined;
+  /** When the watch (watchEnded) last looked at every sandbox without failing (performance.now()); null: never. */
+  private lookedAt: number | null = null;
 
   private constructor(
     private readonly layout: CgroupLayout,
@@ -176,8 +181,13 @@ export class SandboxRuntime implements InstanceRuntime {
     return new CloudletError('LAUNCH_FAILED', `the sandbox of ${record.serviceId} did not start: ${tail || 'no output'}`, { details: { log: tail } });
   }
 
+  /**
+   * The watch's last answer while it is recent: the watch reads every sandbox's files every WATCH_INTERVAL_MS, and
+   * reading them all again for the registry's poll doubled that work (tens of ms a poll at 50 sandboxes). A sandbox
+   * started since is in the map already; one that ended since is reported by the watch within WATCH_INTERVAL_MS.
+   */
   async running(): Promise<Set<string>> {
-    await this.checkEnded();
+    if (this.lookedAt === null || performance.now() - this.lookedAt > WATCH_ANSWER_MAX_AGE_MS) await this.checkEnded();
     return new Set([...this.sandboxes.keys()].filter((id) => !this.reported.has(id)));
   }
 
@@ -216,7 +226,11 @@ export class SandboxRuntime implements InstanceRuntime {
   async watchEnded(listener: (id: string, ending: InstanceEnding) => void): Promise<void> {
     this.endedListener = listener;
     const tick = () => {
+      const started = performance.now();
       void this.checkEnded()
+        .then(() => {
+          this.lookedAt = started;
+        })
         .catch((err: Error) => this.log(`checking sandboxes failed: ${err.message}`))
         .finally(() => {
           setTimeout(tick, WATCH_INTERVAL_MS).unref();

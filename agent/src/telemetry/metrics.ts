@@ -36,8 +36,9 @@ export class AgentMetrics {
   private readonly readiness: Histogram<'mechanism'>;
   private readonly uploadedBytes: Counter<'route'>;
   private readonly synthesizedBytes: Counter;
-  private readonly requests: Counter<'route' | 'method' | 'status'>;
   private readonly libvirtCalls: Histogram<'call'>;
+  /** Requests answered since the last scrape, by route, method and status joined by newlines (none is in a label). */
+  private readonly answeredSinceScrape = new Map<string, number>();
 
   /** Made before the core (libvirt's calls are counted from the first); `watch` then connects it to the core. */
   constructor() {
@@ -96,11 +97,21 @@ export class AgentMetrics {
       help: 'VM overlay bytes applied by VM Synthesis launches',
       registers,
     });
-    this.requests = new Counter({
+    const answered = this.answeredSinceScrape;
+    new Counter({
       name: 'cloudlet_http_requests_total',
       help: 'HTTP requests answered, by route pattern (unmatched: no route), method and status (aborted: the client left first)',
       labelNames: ['route', 'method', 'status'] as const,
       registers,
+      // Requests are tallied in a plain map as they are answered (a labelled inc per request counted under load)
+      // and added here when scraped.
+      collect() {
+        for (const [key, count] of answered) {
+          const [route, method, status] = key.split('\n') as [string, string, string];
+          this.inc({ route, method, status }, count);
+        }
+        answered.clear();
+      },
     });
     this.libvirtCalls = new Histogram({
       name: 'cloudlet_libvirt_call_duration_seconds',
@@ -125,7 +136,8 @@ export class AgentMetrics {
 
   /** The request pipeline's RequestObserver. */
   answered(route: string, method: string, status: number | 'aborted', uploadedBytes: number): void {
-    this.requests.inc({ route, method: KNOWN_METHODS.has(method) ? method : 'other', status: String(status) });
+    const key = `${route}\n${KNOWN_METHODS.has(method) ? method : 'other'}\n${status}`;
+    this.answeredSinceScrape.set(key, (this.answeredSinceScrape.get(key) ?? 0) + 1);
     if (uploadedBytes > 0) this.uploadedBytes.inc({ route }, uploadedBytes);
   }
 

@@ -47,6 +47,8 @@ export const DEVICE_TOKEN_PREFIX = 'cld_';
 const DEVICE_ID = /^[A-Za-z0-9._:-]{1,64}$/;
 /** setTimeout's limit; a longer wait is re-armed when it fires. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** Tokens remembered by authenticate (one per paired device in use, in practice); emptied when full. */
+const RECENT_TOKENS_MAX = 4096;
 
 export interface DeviceRegistryEvents {
   'device-ended': [device: PairedDevice, reason: DeviceEndReason];
@@ -58,6 +60,15 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
   private expiryArmed = false;
   /** Writes of devices.json, one after another. */
   private saving: Promise<void> = Promise.resolve();
+  /**
+   * Tokens that authenticated lately, to their device's id: a phone presents the same token on every request, and
+   * hashing it and comparing it with every stored hash was the largest part of the access check under load. Only
+   * tokens that matched are kept (a guess costs the full check every time, and cannot fill this); a device's entries
+   * go when it is revoked or removed, and its standing is read afresh on every request, so an end takes effect at
+   * once. A lookup by the token itself is as safe as the hash's: V8's string hash is seeded per process, and only a
+   * token of equal hash is ever compared with a stored one.
+   */
+  private readonly recentTokens = new Map<string, string>();
 
   private constructor(private readonly file: string) {
     super();
@@ -85,18 +96,43 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
 
   /** The device a bearer token belongs to; throws UNAUTHENTICATED / DEVICE_REVOKED / DEVICE_EXPIRED. */
   authenticate(token: string): PairedDevice {
-    const presented = sha256(token);
-    let found: StoredDevice | undefined;
-    // Every stored hash is compared, in constant time, so timing says nothing about which one matched.
-    for (const device of this.devices.values()) {
-      if (timingSafeEqual(presented, Buffer.from(device.tokenSha256, 'hex'))) found = device;
-    }
+    const found = this.recentDevice(token) ?? this.deviceByHash(token);
     if (!found) throw new CloudletError('UNAUTHENTICATED', 'the credential is not valid for this cloudlet');
     const standing = this.standingOf(found);
     if (standing === 'revoked') throw new CloudletError('DEVICE_REVOKED', `device ${found.id} was revoked`, { details: { device_id: found.id } });
     if (standing === 'expired')
       throw new CloudletError('DEVICE_EXPIRED', `the authorization of device ${found.id} expired`, { details: { device_id: found.id } });
     return publicView(found);
+  }
+
+  /** Whether `token` authenticated a device lately (the admin token never does): its holder is a device. */
+  recognizes(token: string): boolean {
+    return this.recentDevice(token) !== undefined;
+  }
+
+  private recentDevice(token: string): StoredDevice | undefined {
+    const id = this.recentTokens.get(token);
+    return id === undefined ? undefined : this.devices.get(id);
+  }
+
+  /** The device whose stored hash is the token's, remembered for next time. */
+  private deviceByHash(token: string): StoredDevice | undefined {
+    const presented = sha256(token);
+    let found: StoredDevice | undefined;
+    // Every stored hash is compared, in constant time, so timing says nothing about which one matched.
+    for (const device of this.devices.values()) {
+      if (timingSafeEqual(presented, Buffer.from(device.tokenSha256, 'hex'))) found = device;
+    }
+    if (found) {
+      if (this.recentTokens.size >= RECENT_TOKENS_MAX) this.recentTokens.clear();
+      this.recentTokens.set(token, found.id);
+    }
+    return found;
+  }
+
+  /** Forgets the tokens of device `id` (its entry changed or went: a later device of that id has another token). */
+  private forgetTokensOf(id: string): void {
+    for (const [token, holder] of this.recentTokens) if (holder === id) this.recentTokens.delete(token);
   }
 
   /** The device's own legacy KD-Cloudlet encryption password (for /api/command); throws DEVICE_NOT_FOUND. */
@@ -233,6 +269,7 @@ export class DeviceRegistry extends EventEmitter<DeviceRegistryEvents> {
         if (next === null) devices.delete(id);
         else devices.set(id, next);
         await writeSecretFile(this.file, devicesFileText(devices.values()));
+        this.forgetTokensOf(id);
         if (next === null) this.devices.delete(id);
         else this.devices.set(id, next);
         return device;
