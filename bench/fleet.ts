@@ -144,7 +144,7 @@ async function main() {
     cloudlets: CLOUDLETS,
     broker: true,
     brokerLogins: [BENCH_LOGIN],
-    config: () => ({ mqtt: { externalKeepaliveSeconds: KEEPALIVE_S } }),
+    config: () => ({ mqtt: { externalKeepaliveSeconds: KEEPALIVE_S, access: 'anonymous-read' } }),
   });
   let dashboard: NetnsMqttClient | undefined;
   try {
