@@ -34,7 +34,9 @@ export interface BoxOptions {
   address: string;
   /** A directory of its own (0755): configuration, state, sockets, data. */
   dir: string;
-  /** Environment for its agent, over the appliance defaults (e.g. an MQTT uplink for a fleet broker). */
+  /** Its agent's configuration file (e.g. an MQTT uplink to a fleet broker); none: the appliance defaults. */
+  config?: Record<string, unknown>;
+  /** Environment for its agent, over the appliance defaults. */
   env?: Record<string, string>;
 }
 
@@ -109,6 +111,7 @@ export class CloudletBox {
     await writeFile(path.join(dir, 'etc', 'qemu.conf'), `${await readFile('/etc/libvirt/qemu.conf', 'utf8')}\ncgroup_controllers = [ ]\n`);
     await writeFile(path.join(dir, 'bus.conf'), BUS_CONF(path.join(dir, 'bus.sock')));
     await writeFile(path.join(dir, 'avahi.conf'), AVAHI_CONF(this.name, UPLINK));
+    if (this.options.config) await writeFile(path.join(dir, 'agent.json'), JSON.stringify(this.options.config));
   }
 
   /** A process whose only job is to hold the mount and UTS namespaces, set up once, that everything else enters. */
@@ -172,7 +175,7 @@ export class CloudletBox {
       ...inherited,
       CLOUDLET_DATA_DIR: this.dataDir,
       CLOUDLET_SEED_DIR: '',
-      CLOUDLET_CONFIG: path.join(ROOT, 'test', 'support', 'no-config.json'),
+      CLOUDLET_CONFIG: this.options.config ? path.join(this.options.dir, 'agent.json') : path.join(ROOT, 'test', 'support', 'no-config.json'),
       CLOUDLET_DISCOVERY: 'on',
       DBUS_SYSTEM_BUS_ADDRESS: this.busAddress,
       ...this.options.env,

@@ -12,12 +12,13 @@ export interface Received<T> {
 }
 
 /** Holds what arrived and resolves waiters as soon as something matching arrives. */
-class Inbox<T> {
+export class Inbox<T> {
   readonly items: Received<T>[] = [];
   private waiters: Array<{ match: (v: T) => boolean; resolve: (r: Received<T>) => void }> = [];
 
-  add(value: T): void {
-    const item = { value, at: performance.now() };
+  /** `at`: when it arrived, if not now (a client in another process stamps its own arrivals). */
+  add(value: T, at = performance.now()): void {
+    const item = { value, at };
     this.items.push(item);
     this.waiters = this.waiters.filter((w) => !(w.match(value) && (w.resolve(item), true)));
   }
