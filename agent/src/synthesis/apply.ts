@@ -4,10 +4,11 @@
  * checked against their SHA-256 and fed to a streaming decompressor as they arrive, while the content of the earlier
  * ones is applied. Every record is bounds-checked: a copy may only read the base or what is already final.
  *
- * The memory state is restored while it is rebuilt. Its records come after every disk record, so the disk is
- * complete (tables and header written) before the first memory byte is handed to the restore, that is before QEMU
- * even starts. QEMU resumes the guest only after the whole migration stream was read, and the last batch of it is
- * held back until every frame was checked and decoded to its exact size: a VM never runs on a partial overlay. If
+ * The memory state is restored while it is rebuilt, and while the disk still arrives. Its records come first; the
+ * disk file is a valid, empty qcow2 from the start, so QEMU can open it and load RAM while the disk's blocks are
+ * appended; its final tables and header are written only after every frame was checked and decoded to its exact
+ * size. QEMU resumes the guest (and reads the disk's tables again, activating it) only after the whole migration
+ * stream was read, and the last batch of it is held back until then: a VM never runs on a partial overlay. If
  * anything fails, the stream breaks off, the restore fails, and the caller cleans up the domain and the files.
  */
 import type { KeyObject } from 'node:crypto';
@@ -96,8 +97,8 @@ export interface LiveMemoryState {
 
 /**
  * Rebuild the overlay's disk (a qcow2 on the base's disk) and memory state (when it has one) at `to`, new files.
- * `launch` is called once the disk is complete: with the memory state as it is being rebuilt, to restore it while the
- * rest is applied, or with null for a service that cold-boots (then after everything was applied). Resolves with what
+ * `launch` is called with the memory state as it is being rebuilt (at its first record), to restore it while the rest
+ * is applied, or with null for a service that cold-boots (then after everything was applied). Resolves with what
  * `launch` resolved with. `progress` gets the overlay bytes applied so far. On failure the files are left for the
  * caller to remove.
  */
@@ -173,14 +174,14 @@ export async function applyOverlay<T>(
 
 /**
  * Applies records in order, checking that each one writes forward and reads only what is final. The reads of the
- * copies are started up to READS_IN_FLIGHT records ahead (most read the base or the finished disk); a record that
- * reads what earlier records write first waits until they are stored.
+ * copies are started up to READS_IN_FLIGHT records ahead (most read the base or the finished memory state); a record
+ * that reads what earlier records write first waits until they are stored.
  */
 class RecordApplier {
   private readonly baseDiskWindows: ReadWindows;
   private readonly baseMemoryWindows: ReadWindows;
-  /** For memory records only: the disk is final by then. */
-  private readonly finalDiskWindows: ReadWindows;
+  /** For disk records only: the memory state is final by then. */
+  private readonly finalMemoryWindows: ReadWindows;
   private diskEnd = 0;
   private memoryEnd = 0;
   private lastTarget: Target | null = null;
@@ -188,8 +189,8 @@ class RecordApplier {
   private pending: Buffer[] = [];
   private pendingBytes = 0;
   private memoryFlushed = 0;
-  private memoryStarted = false;
-  private diskComplete = false;
+  private diskStarted = false;
+  private launched = false;
   /** The last batch of memory written to the file, not yet handed to the restore. */
   private heldBack: Buffer | null = null;
 
@@ -201,11 +202,11 @@ class RecordApplier {
     private readonly disk: Qcow2OverlayWriter,
     private readonly memory: FileHandle | null,
     private readonly pipe: MemoryPipe | null,
-    private readonly onDiskComplete: () => void,
+    private readonly launch: () => void,
   ) {
     this.baseDiskWindows = new ReadWindows((offset, length) => baseDisk.read(offset, length), baseDisk.size);
     this.baseMemoryWindows = new ReadWindows((offset, length) => readAt(baseMemory!, offset, length), baseMemoryBytes);
-    this.finalDiskWindows = new ReadWindows((offset, length) => disk.read(offset, length), manifest.disk.virtual_size);
+    this.finalMemoryWindows = new ReadWindows((offset, length) => readAt(memory!, offset, length), manifest.memory?.bytes ?? 0);
   }
 
   async apply(r: OverlayRecord): Promise<void> {
@@ -218,33 +219,43 @@ class RecordApplier {
 
   /** Starts reading a checked record's bytes (a piece of it, for a long copy), storing the oldest when enough are in flight. */
   private async start(r: OverlayRecord): Promise<void> {
-    const readsOwnWrites = r.source === Source.TargetMemory || (r.source === Source.TargetDisk && r.target === Target.Disk) || r.target !== this.lastTarget;
+    const readsOwnWrites = r.source === Source.TargetMemory || r.source === Source.TargetDisk || r.target !== this.lastTarget;
     this.lastTarget = r.target;
     if (readsOwnWrites) await this.drain();
-    if (r.target === Target.Memory && !this.diskComplete) await this.completeDisk();
+    if (r.target === Target.Memory) this.startLaunch();
     const data = this.bytes(r);
     data.catch(() => {}); // observed in store order
     this.inFlight.push({ record: r, data });
     if (this.inFlight.length >= READS_IN_FLIGHT) await this.storeOldest();
   }
 
+  private startLaunch(): void {
+    if (this.launched) return;
+    this.launched = true;
+    this.launch();
+  }
+
   private check(r: OverlayRecord): void {
     if (r.target === Target.Disk) {
-      if (this.memoryStarted) throw invalid('a disk record after the memory records');
+      if (!this.diskStarted && this.manifest.memory && this.memoryEnd !== this.manifest.memory.bytes) {
+        throw invalid(`a disk record before the memory state is complete (${this.memoryEnd} of ${this.manifest.memory.bytes} bytes)`);
+      }
+      this.diskStarted = true;
+      // Records may start or end inside a block, but then the next one continues exactly there: blocks are whole.
+      const continues = r.offset === this.diskEnd;
       if (
-        r.offset % BLOCK_BYTES !== 0 ||
-        r.length % BLOCK_BYTES !== 0 ||
         r.length === 0 ||
         r.offset < this.diskEnd ||
+        ((r.offset % BLOCK_BYTES !== 0 || this.diskEnd % BLOCK_BYTES !== 0) && !continues) ||
         r.offset + r.length > this.manifest.disk.virtual_size
       )
         throw invalid(`a disk record out of order or bounds at ${r.offset}`);
       this.diskEnd = r.offset + r.length;
     } else {
+      if (this.diskStarted) throw invalid('a memory record after the disk records');
       if (!this.memory || r.offset !== this.memoryEnd || r.offset + r.length > this.manifest.memory!.bytes) {
         throw invalid(`a memory record out of order or bounds at ${r.offset}`);
       }
-      this.memoryStarted = true;
       this.memoryEnd += r.length;
     }
     const within = (limit: number) => {
@@ -257,11 +268,12 @@ class RecordApplier {
       case Source.BaseMemory:
       case Source.XorBaseMemory:
         return within(this.baseMemoryBytes);
-      // Memory records come after every disk record, so the whole disk is final for them.
+      // The disk is read only by later disk records, and only in the blocks before the one being written.
       case Source.TargetDisk:
-        return within(r.target === Target.Disk ? r.offset : this.manifest.disk.virtual_size);
+        return within(r.target === Target.Disk ? r.offset - (r.offset % BLOCK_BYTES) : 0);
+      // The memory state is complete before the first disk record.
       case Source.TargetMemory:
-        return within(r.offset);
+        return within(r.target === Target.Memory ? r.offset : this.memoryEnd);
       default:
         return undefined;
     }
@@ -272,15 +284,15 @@ class RecordApplier {
       case Source.Literal:
         return r.data!;
       case Source.Zero:
-        return Buffer.alloc(r.target === Target.Disk ? 0 : r.length); // the disk stores zeros as a flag
+        return Buffer.alloc(r.target === Target.Disk ? 0 : r.length); // the disk stores whole zero blocks as a flag
       case Source.BaseDisk:
         return this.baseDiskWindows.read(r.sourceOffset, r.length);
       case Source.BaseMemory:
         return this.baseMemoryWindows.read(r.sourceOffset, r.length);
       case Source.TargetDisk:
-        return r.target === Target.Memory ? this.finalDiskWindows.read(r.sourceOffset, r.length) : this.disk.read(r.sourceOffset, r.length);
+        return this.disk.read(r.sourceOffset, r.length);
       case Source.TargetMemory:
-        return readAt(this.memory!, r.sourceOffset, r.length);
+        return r.target === Target.Disk ? this.finalMemoryWindows.read(r.sourceOffset, r.length) : readAt(this.memory!, r.sourceOffset, r.length);
       case Source.XorBaseDisk:
       case Source.XorBaseMemory: {
         const old = await (r.source === Source.XorBaseDisk ? this.baseDiskWindows : this.baseMemoryWindows).read(r.sourceOffset, r.length);
@@ -293,9 +305,9 @@ class RecordApplier {
     const { record, data } = this.inFlight.shift()!;
     const bytes = await data;
     if (record.target === Target.Disk) {
-      if (record.source === Source.Zero) this.disk.zero(record.offset, record.length);
-      else await this.disk.write(record.offset, bytes);
-      return;
+      if (record.source !== Source.Zero) return this.disk.write(record.offset, bytes);
+      const wholeBlocks = !this.disk.writingBlock && record.offset % BLOCK_BYTES === 0 && record.length % BLOCK_BYTES === 0;
+      return wholeBlocks ? this.disk.zero(record.offset, record.length) : this.disk.write(record.offset, Buffer.alloc(record.length));
     }
     this.pending.push(bytes);
     this.pendingBytes += bytes.length;
@@ -320,20 +332,18 @@ class RecordApplier {
     this.memoryFlushed += batch.length;
   }
 
-  /** The disk's tables and header are written: the image is complete, and the launch can start. */
-  private async completeDisk(): Promise<void> {
-    this.diskComplete = true;
-    await this.disk.finish();
-    this.onDiskComplete();
-  }
-
-  /** After every frame was checked and decoded: the rest is stored, and the restore gets the last of the memory. */
+  /**
+   * After every frame was checked and decoded: the rest is stored, the disk's tables and header are written (the
+   * image is complete), and only then does the restore get the last of the memory (or a cold boot start).
+   */
   async finish(): Promise<void> {
     await this.drain();
-    if (!this.diskComplete) await this.completeDisk();
+    if (this.diskEnd % BLOCK_BYTES !== 0) throw invalid(`the disk records end inside the block at ${this.diskEnd - (this.diskEnd % BLOCK_BYTES)}`);
     if (this.manifest.memory && this.memoryFlushed !== this.manifest.memory.bytes) {
       throw invalid(`the memory state is ${this.memoryFlushed} bytes, not the ${this.manifest.memory.bytes} of the manifest`);
     }
+    await this.disk.finish();
+    this.startLaunch();
     if (this.heldBack) await this.pipe!.write(this.heldBack);
     this.pipe?.end();
   }
