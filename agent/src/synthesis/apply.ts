@@ -46,6 +46,12 @@ const READS_IN_FLIGHT = 64;
 const READ_WINDOW_BYTES = 1 << 20;
 const READ_WINDOWS = 8;
 /**
+ * Disk blocks that copy from the memory state read a file's page cache, which lies in guest-address order, not in
+ * file order: small windows, many of them, aligned so that a neighbouring page below is found too.
+ */
+const PAGE_CACHE_WINDOW_BYTES = 16 << 10;
+const PAGE_CACHE_WINDOWS = 128;
+/**
  * A copy or a run of zeros may claim up to 4 GiB in a 24-byte record: it is read and stored in pieces of at most this
  * many bytes, so the buffers in flight stay within READS_IN_FLIGHT of them (16 MiB) whatever the overlay says.
  */
@@ -206,7 +212,12 @@ class RecordApplier {
   ) {
     this.baseDiskWindows = new ReadWindows((offset, length) => baseDisk.read(offset, length), baseDisk.size);
     this.baseMemoryWindows = new ReadWindows((offset, length) => readAt(baseMemory!, offset, length), baseMemoryBytes);
-    this.finalMemoryWindows = new ReadWindows((offset, length) => readAt(memory!, offset, length), manifest.memory?.bytes ?? 0);
+    this.finalMemoryWindows = new ReadWindows(
+      (offset, length) => readAt(memory!, offset, length),
+      manifest.memory?.bytes ?? 0,
+      PAGE_CACHE_WINDOW_BYTES,
+      PAGE_CACHE_WINDOWS,
+    );
   }
 
   async apply(r: OverlayRecord): Promise<void> {
@@ -429,23 +440,26 @@ function xor(a: Buffer, b: Buffer): Buffer {
   return out;
 }
 
-/** Reads of a file that does not change, served from the last few 1 MiB windows read from it. */
+/** Reads of a file that does not change, served from the last few windows read from it (aligned to their size). */
 class ReadWindows {
   private windows: { start: number; end: number; data: Promise<Buffer> }[] = [];
 
   constructor(
     private readonly readDirect: (offset: number, length: number) => Promise<Buffer>,
     private readonly size: number,
+    private readonly windowBytes = READ_WINDOW_BYTES,
+    private readonly count = READ_WINDOWS,
   ) {}
 
   /** A view of the bytes: callers must not change it. */
   async read(offset: number, length: number): Promise<Buffer> {
-    if (length > READ_WINDOW_BYTES) return this.readDirect(offset, length);
     let window = this.windows.find((w) => offset >= w.start && offset + length <= w.end);
     if (!window) {
-      const end = Math.min(this.size, offset + READ_WINDOW_BYTES);
-      window = { start: offset, end, data: this.readDirect(offset, end - offset) };
-      this.windows = [window, ...this.windows.slice(0, READ_WINDOWS - 1)];
+      const start = offset - (offset % this.windowBytes);
+      const end = Math.min(this.size, start + this.windowBytes);
+      if (offset + length > end) return this.readDirect(offset, length); // longer than a window, or across two
+      window = { start, end, data: this.readDirect(start, end - start) };
+      this.windows = [window, ...this.windows.slice(0, this.count - 1)];
     }
     const data = await window.data;
     return data.subarray(offset - window.start, offset - window.start + length);

@@ -41,6 +41,8 @@ import { compressFrame, zstdReference, type ZstdReference } from '../images/zstd
 /** Raw bytes per frame: large enough to compress well, small enough to decode in step with the upload. */
 const FRAME_RAW_BYTES = 8 << 20;
 const MAX_LITERAL_RECORD = 1 << 20;
+/** A frame that zstd -1 shrinks by less than this share is random bytes (as images/zstd.ts judges them too). */
+const INCOMPRESSIBLE = 0.97;
 /** Filesystem block size: the pieces of the memory's pages a disk block is also looked up as (see above). */
 const PIECE_BYTES = 1024;
 const ZERO_PIECE = Buffer.alloc(PIECE_BYTES);
@@ -186,9 +188,21 @@ class FrameWriter {
     const raw = Buffer.concat(this.records);
     this.records = [];
     this.rawBytes = 0;
-    const reference = this.frameTarget === Target.Memory ? this.memoryReference : undefined;
-    this.inFlight.push({ raw: raw.length, frame: compressFrame(raw, this.level, reference) });
+    const frame = this.frameTarget === Target.Memory && this.memoryReference ? this.compressMemory(raw, this.memoryReference) : compressFrame(raw, this.level);
+    this.inFlight.push({ raw: raw.length, frame });
     if (this.inFlight.length >= this.parallelism) await this.writeOldest();
+  }
+
+  /**
+   * A memory frame: kernel data the base holds at other offsets compresses best against the base's state; the page
+   * cache of the app's files (code) best on its own at the full level; random bytes (a model) not at all, so they
+   * are not compressed against the base either.
+   */
+  private async compressMemory(raw: Buffer, reference: ZstdReference): Promise<Buffer> {
+    const alone = await compressFrame(raw, this.level);
+    if (alone.length >= raw.length * INCOMPRESSIBLE) return alone;
+    const against = await compressFrame(raw, this.level, reference);
+    return against.length <= alone.length ? against : alone;
   }
 
   private async writeOldest(): Promise<void> {
