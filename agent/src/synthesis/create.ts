@@ -40,6 +40,11 @@ import { compressFrame, zstdReference, type ZstdReference } from '../images/zstd
 
 /** Raw bytes per frame: large enough to compress well, small enough to decode in step with the upload. */
 const FRAME_RAW_BYTES = 8 << 20;
+/**
+ * Memory frames are larger: the app's code lies in them page by page in guest-address order, and duplicates further
+ * apart than a frame compress apart. At most a literal record (1 MiB) over this stays within the 16 MiB limit.
+ */
+const MEMORY_FRAME_RAW_BYTES = 14 << 20;
 const MAX_LITERAL_RECORD = 1 << 20;
 /** A frame that zstd -1 shrinks by less than this share is random bytes (as images/zstd.ts judges them too). */
 const INCOMPRESSIBLE = 0.97;
@@ -180,7 +185,7 @@ class FrameWriter {
     this.pendingRecord = null;
     this.records.push(encoded);
     this.rawBytes += encoded.length;
-    if (this.rawBytes >= FRAME_RAW_BYTES) await this.cutFrame();
+    if (this.rawBytes >= (this.frameTarget === Target.Memory ? MEMORY_FRAME_RAW_BYTES : FRAME_RAW_BYTES)) await this.cutFrame();
   }
 
   private async cutFrame(): Promise<void> {
