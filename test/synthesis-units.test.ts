@@ -14,7 +14,7 @@ import type { ServiceManifest } from '../agent/src/core/types';
 import { synthesisService } from '../agent/src/mechanisms/synthesis';
 import type { OpenedOverlay } from '../agent/src/synthesis/apply';
 import { findRamPages } from '../agent/src/vm/migration-stream';
-import { decodeHeader, decodeRecords, encodeHeader, encodeRecord, Source, Target } from '../agent/src/synthesis/overlay-format';
+import { decodeRecords, encodeRecord, Source, Target } from '../agent/src/synthesis/overlay-format';
 
 const run = promisify(execFile);
 const BLOCK = 4096;
@@ -126,13 +126,4 @@ t.test('an overlay may not ask for more memory or vCPUs than the base the operat
     message: /memory_mib 65536, more than its base's 128/,
   });
   tt.throws(() => synthesisService(overlayAsking(128, 64), base, false, arrived), { code: 'OVERLAY_INVALID', message: /vcpus 64, more than its base's 1/ });
-});
-
-t.test('an overlay of format version 2 (disk before memory) is refused as unsupported, saying to make it again', async (tt) => {
-  const header = encodeHeader(Buffer.from('{}'), null);
-  header.writeUInt32BE(2, 8);
-  tt.throws(() => decodeHeader(header), {
-    code: 'OVERLAY_UNSUPPORTED',
-    message: /version 2 is not supported \(this cloudlet reads version 3\); make it again/,
-  });
 });

@@ -182,16 +182,6 @@ const BAD_OVERLAYS: { name: string; status: number; code: string; make: () => Pr
       }, trustedKey),
   },
   {
-    name: 'of format version 2 (its disk before its memory state)',
-    status: 422,
-    code: 'OVERLAY_UNSUPPORTED',
-    make: async () => {
-      const older = Buffer.from(overlay);
-      older.writeUInt32BE(2, 8);
-      return older;
-    },
-  },
-  {
     name: 'of another format version',
     status: 422,
     code: 'OVERLAY_UNSUPPORTED',

@@ -39,9 +39,9 @@ export interface VmSynthesis {
   /**
    * Check the overlay's header, manifest and signature, find its base with `baseOf`, and describe the service it
    * launches, before anything is written. `keep`: leave the disk as synthesized, to keep it as a service. `arrived`
-   * resolves once every byte of the overlay is on the cloudlet, or once the rest is due within `withinMs`.
+   * resolves once every byte of the overlay is on the cloudlet.
    */
-  open(stream: Readable, bytes: number, baseOf: (ref: string) => BaseVm, keep: boolean, arrived: Arrived): Promise<OpenedSynthesis>;
+  open(stream: Readable, bytes: number, baseOf: (ref: string) => BaseVm, keep: boolean, arrived: () => Promise<void>): Promise<OpenedSynthesis>;
   /** The disk as synthesized and the memory state it was restored from, in the instance directory of a kept synthesis. */
   synthesizedFiles(instanceDir: string, service: ServiceOnBase): { disk: string; memory: string | null };
 }
@@ -55,10 +55,7 @@ export interface OpenedSynthesis {
 }
 
 /** What reads an overlay upload as its bytes arrive: the synthesis. */
-export type OverlayConsumer = (stream: Readable, bytes: number, options: SynthesisOptions, arrived: Arrived) => Promise<SynthesisResult>;
-
-/** Resolves once every byte of an overlay is on the cloudlet, or (given `withinMs`) once the rest is due that soon. */
-export type Arrived = (withinMs?: number) => Promise<void>;
+export type OverlayConsumer = (stream: Readable, bytes: number, options: SynthesisOptions, arrived: () => Promise<void>) => Promise<SynthesisResult>;
 
 /** Resumable overlay uploads (synthesis/uploads.ts); `visible` says which of them the caller may see and continue. */
 export interface OverlayUploads {

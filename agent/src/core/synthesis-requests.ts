@@ -5,7 +5,7 @@ import type { Readable } from 'node:stream';
 import { CloudletError, asCloudletError } from '../errors';
 import { convertImage } from '../images/qemu-img';
 import type { Logger } from '../log';
-import type { Arrived, OverlayConsumer, OverlayUploads, ServiceOnBase, VmSynthesis } from './adapters';
+import type { OverlayConsumer, OverlayUploads, ServiceOnBase, VmSynthesis } from './adapters';
 import type { BaseStore } from './bases';
 import type { Catalog } from './catalog';
 import { requireFreeSpace } from '../system/disk-space';
@@ -86,9 +86,9 @@ export class SynthesisRequests {
   /**
    * Check the overlay's header, manifest and signature and find its base before anything is made, then launch it as
    * an instance (the registry cleans up everything if applying or starting it fails). `arrived` resolves once every
-   * byte of the overlay is on the cloudlet (a file's at once, an upload's when its last byte is in, or soon to be).
+   * byte of the overlay is on the cloudlet (a file's at once, an upload's when its last byte is in).
    */
-  private async synthesize(stream: Readable, bytes: number, options: SynthesisOptions, arrived: Arrived = async () => {}): Promise<SynthesisResult> {
+  private async synthesize(stream: Readable, bytes: number, options: SynthesisOptions, arrived = async () => {}): Promise<SynthesisResult> {
     const { vmSynthesis, bases, dataDir, starts, log } = this.parts;
     const opened = await vmSynthesis.open(stream, bytes, (ref) => bases.get(ref), options.keepAs !== undefined, arrived);
     try {

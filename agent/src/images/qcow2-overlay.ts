@@ -2,11 +2,8 @@
  * Writing a qcow2 overlay ourselves, block by block, while VM Synthesis decodes an overlay: the synthesized disk is a
  * qcow2 (version 3, 4 KiB clusters) whose backing file is the Base VM's disk, so only the blocks the overlay
  * changes are stored. qemu-img cannot take data blocks from a stream, and qemu-nbd would add a daemon and a
- * device; the subset of qcow2 needed here (no snapshots, compression or encryption) is small. The image is valid
- * from its creation, as an empty overlay (a header, an empty L1 table, refcounts): libvirt and QEMU may open it
- * while the blocks still arrive (a restore loading RAM; QEMU reads the tables again when it activates the disk at
- * the end of the incoming migration). Data clusters are appended in the order they come; the final tables (L2, L1,
- * refcounts) and the header pointing to them are written by finish().
+ * device; the subset of qcow2 needed here (no snapshots, compression or encryption) is small. Data clusters are
+ * appended in the order they come; the tables (L2, L1, refcounts) and the header are written by finish().
  * Format: QEMU docs/interop/qcow2.txt. Also here: reading a standalone image's guest bytes through its map.
  */
 import { open, type FileHandle } from 'node:fs/promises';
@@ -74,13 +71,8 @@ export class ImageReader {
  */
 export function qcow2OverlayMaxBytes(size: number): number {
   const clusters = Math.ceil(size / CLUSTER);
-  return (clusters + Math.ceil(clusters / L2_ENTRIES) * 2 + Math.ceil(clusters / REFCOUNTS_PER_BLOCK) * 2 + 2 + emptyTablesClusters(size)) * CLUSTER;
+  return (clusters + Math.ceil(clusters / L2_ENTRIES) * 2 + Math.ceil(clusters / REFCOUNTS_PER_BLOCK) * 2 + 2) * CLUSTER;
 }
-
-const l1Entries = (size: number) => Math.ceil(size / (CLUSTER * L2_ENTRIES));
-const l1Clusters = (size: number) => Math.ceil((l1Entries(size) * 8) / CLUSTER);
-/** The empty image's tables after its header: an L1 table, one refcount block and a one-cluster refcount table. */
-const emptyTablesClusters = (size: number) => l1Clusters(size) + 2;
 
 export class Qcow2OverlayWriter {
   /**
@@ -88,73 +80,23 @@ export class Qcow2OverlayWriter {
    * a cluster of it is set: 8 bytes a cluster, as the tables on disk, whatever the overlay writes.
    */
   private readonly tables = new Map<number, Float64Array>();
-  /** Cluster 0 is the header; the empty image's tables follow it. */
-  private nextHost: number;
-  /** A block being written by pieces (records that start or end inside it), until it is whole. */
-  private partial: { offset: number; data: Buffer; filled: number } | null = null;
+  private nextHost = CLUSTER; // cluster 0 is the header
 
   private constructor(
     private readonly file: FileHandle,
     private readonly backing: string,
     private readonly size: number,
     private readonly backingReader: ImageReader,
-  ) {
-    this.nextHost = (1 + emptyTablesClusters(size)) * CLUSTER;
-  }
+  ) {}
 
-  /**
-   * A new overlay at `path` on the standalone qcow2 `backing` (read through `backingReader`), `size` bytes large:
-   * written at once as a valid, empty overlay.
-   */
+  /** A new overlay at `path` on the standalone qcow2 `backing` (read through `backingReader`), `size` bytes large. */
   static async create(path: string, backing: string, backingReader: ImageReader, size: number): Promise<Qcow2OverlayWriter> {
     if (size % CLUSTER !== 0) throw new CloudletError('INVALID_PARAMETER', `a qcow2 overlay size must be a multiple of ${CLUSTER}`);
-    const writer = new Qcow2OverlayWriter(await open(path, 'wx+', 0o644), resolve(backing), size, backingReader);
-    await writer.writeEmpty();
-    return writer;
+    return new Qcow2OverlayWriter(await open(path, 'wx+', 0o644), resolve(backing), size, backingReader);
   }
 
-  private async writeEmpty(): Promise<void> {
-    const l1 = l1Clusters(this.size);
-    const refcountBlock = 1 + l1;
-    const tables = Buffer.alloc((l1 + 2) * CLUSTER); // the L1 table is all zeros: every cluster reads from the backing file
-    for (let i = 0; i <= refcountBlock + 1; i++) tables.writeUInt16BE(1, l1 * CLUSTER + i * 2);
-    tables.writeBigUInt64BE(BigInt(refcountBlock * CLUSTER), (l1 + 1) * CLUSTER);
-    await this.file.write(tables, 0, tables.length, CLUSTER);
-    await this.file.write(this.header(l1Entries(this.size), CLUSTER, (refcountBlock + 1) * CLUSTER, 1), 0, undefined, 0);
-  }
-
-  /**
-   * Guest bytes at `offset`, each cluster written at most once, in increasing order. A write may start or end inside
-   * a cluster: the next write must then continue exactly where it ended, and the cluster is stored once it is whole.
-   */
+  /** Guest bytes at `offset` (cluster-aligned, whole clusters), each cluster written at most once. */
   async write(offset: number, data: Buffer): Promise<void> {
-    let at = 0;
-    if (this.partial) {
-      const p = this.partial;
-      if (offset !== p.offset + p.filled) throw new CloudletError('INTERNAL', `qcow2 overlay: a write at ${offset} leaves a block half written`);
-      at = data.copy(p.data, p.filled);
-      p.filled += at;
-      if (p.filled < CLUSTER) return;
-      this.partial = null;
-      await this.writeClusters(p.offset, p.data);
-    } else if (offset % CLUSTER !== 0) {
-      throw new CloudletError('INTERNAL', `qcow2 overlay: a write starts inside the block at ${offset}`);
-    }
-    const whole = Math.floor((data.length - at) / CLUSTER) * CLUSTER;
-    if (whole > 0) await this.writeClusters(offset + at, at === 0 && whole === data.length ? data : data.subarray(at, at + whole));
-    at += whole;
-    if (at < data.length) {
-      const block = Buffer.alloc(CLUSTER);
-      this.partial = { offset: offset + at, data: block, filled: data.copy(block, 0, at) };
-    }
-  }
-
-  /** True while a block is half written. */
-  get writingBlock(): boolean {
-    return this.partial !== null;
-  }
-
-  private async writeClusters(offset: number, data: Buffer): Promise<void> {
     const first = offset / CLUSTER;
     for (let i = 0; i < data.length / CLUSTER; i++) this.set(first + i, this.nextHost + i * CLUSTER);
     await this.file.write(data, 0, data.length, this.nextHost);
@@ -166,8 +108,6 @@ export class Qcow2OverlayWriter {
    * zeros already, so a run of zeros over a huge, empty disk costs nothing.
    */
   zero(offset: number, length: number): void {
-    if (this.partial || offset % CLUSTER !== 0 || length % CLUSTER !== 0)
-      throw new CloudletError('INTERNAL', `qcow2 overlay: zeros inside a block at ${offset}`);
     for (const [from, to] of this.backingReader.dataRanges(offset, offset + length)) {
       for (let i = Math.floor(from / CLUSTER); i < Math.ceil(to / CLUSTER); i++) this.set(i, ZERO);
     }
@@ -211,8 +151,7 @@ export class Qcow2OverlayWriter {
 
   /** Writes the tables and the header: the image is complete. It can still be read through read() until close(). */
   async finish(): Promise<void> {
-    if (this.partial) throw new CloudletError('INTERNAL', `qcow2 overlay: the block at ${this.partial.offset} is half written`);
-    const l1Size = l1Entries(this.size);
+    const l1Size = Math.ceil(this.size / (CLUSTER * L2_ENTRIES));
     const l2Tables = new Map<number, Buffer>();
     for (const [l1Index, hosts] of this.tables) {
       const table = Buffer.alloc(CLUSTER);
@@ -221,9 +160,10 @@ export class Qcow2OverlayWriter {
       });
       l2Tables.set(l1Index, table);
     }
+    const l1Clusters = Math.ceil((l1Size * 8) / CLUSTER);
     const l2Start = this.nextHost;
     const l1Offset = l2Start + l2Tables.size * CLUSTER;
-    const refcountStart = l1Offset + l1Clusters(this.size) * CLUSTER;
+    const refcountStart = l1Offset + l1Clusters * CLUSTER;
     // The refcount structures count themselves: grow them until they cover every cluster, their own included.
     let blocks = 0;
     let tableClusters = 0;
@@ -238,7 +178,7 @@ export class Qcow2OverlayWriter {
     const totalClusters = refcountStart / CLUSTER + blocks + tableClusters;
     const refcountTableOffset = refcountStart + blocks * CLUSTER;
 
-    const l1 = Buffer.alloc(l1Clusters(this.size) * CLUSTER);
+    const l1 = Buffer.alloc(l1Clusters * CLUSTER);
     const l2 = Buffer.alloc(l2Tables.size * CLUSTER);
     [...l2Tables.entries()]
       .sort((a, b) => a[0] - b[0])
@@ -247,8 +187,7 @@ export class Qcow2OverlayWriter {
         l1.writeBigUInt64BE(BigInt(l2Start + i * CLUSTER) | COPIED, l1Index * 8);
       });
     const refcounts = Buffer.alloc(blocks * CLUSTER);
-    // The empty image's tables (clusters 1 … emptyTablesClusters) are no longer referenced: free.
-    for (let i = 0; i < totalClusters; i++) if (i === 0 || i > emptyTablesClusters(this.size)) refcounts.writeUInt16BE(1, i * 2);
+    for (let i = 0; i < totalClusters; i++) refcounts.writeUInt16BE(1, i * 2);
     const refcountTable = Buffer.alloc(tableClusters * CLUSTER);
     for (let i = 0; i < blocks; i++) refcountTable.writeBigUInt64BE(BigInt(refcountStart + i * CLUSTER), i * 8);
 

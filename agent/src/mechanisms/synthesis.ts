@@ -1,5 +1,4 @@
 import path from 'node:path';
-import type { Arrived } from '../core/adapters';
 import type { BaseVm } from '../core/bases';
 import type { Service } from '../core/types';
 import { createLinkedClone } from '../images/qemu-img';
@@ -16,8 +15,6 @@ import { faultPoint } from '../system/fault-points';
 const MEMORY_STATE = 'memory.sav';
 /** The disk as synthesized, when the instance runs on a linked clone of it (a synthesis that is kept). */
 const SYNTHESIZED_DISK = 'synthesized.qcow2';
-/** About what a restore of a few hundred MB of memory state takes on a loaded 2-core box, QEMU's start included. */
-const RESTORE_LEAD_MS = 4000;
 
 /** What a synthesis launches: the overlay's service, on its base's files, with the overlay still to be read. */
 export interface SynthesisService extends Service {
@@ -25,12 +22,12 @@ export interface SynthesisService extends Service {
   base: BaseVm;
   /** Leave the disk as synthesized (the instance runs on a linked clone of it), so it can be kept as a service. */
   keep: boolean;
-  /** Resolves once every byte of the overlay is on the cloudlet (or soon will be); fails when they stop coming (a paused upload). */
-  arrived: Arrived;
+  /** Resolves once every byte of the overlay is on the cloudlet; fails when they stop coming (a paused upload). */
+  arrived: () => Promise<void>;
 }
 
 /** The service an opened overlay describes, on `base` (the base the overlay names). */
-export function synthesisService(overlay: OpenedOverlay, base: BaseVm, keep: boolean, arrived: Arrived): SynthesisService {
+export function synthesisService(overlay: OpenedOverlay, base: BaseVm, keep: boolean, arrived: () => Promise<void>): SynthesisService {
   const manifest = overlay.manifest.service;
   // The VM boots or resumes on the base's kernel and initrd: the overlay can only change the disk and memory.
   if (JSON.stringify(manifest.boot) !== JSON.stringify(base.manifest.boot)) throw invalid('the service does not boot the way its base does');
@@ -62,11 +59,10 @@ async function synthesizedXml(base: BaseVm, overlayXml: string, spec: DomainSpec
 /**
  * VM Synthesis: the Service VM is rebuilt from an overlay on a Base VM while the overlay arrives. The instance's disk
  * is a qcow2 overlay on the base's disk holding only the changed blocks; its memory state is rebuilt next to it and
- * restored with the instance's own identity (name, UUID, port forward), like a Cached VM start. The restore reads
- * the memory state while it is being rebuilt, and while the disk still arrives (synthesis/apply.ts says why that is
- * safe). The overlay is applied as it arrives without a launch slot: one is taken only once the rest of the overlay
- * is due within RESTORE_LEAD_MS at the pace it arrives (so loading RAM overlaps the end of the upload), so a client
- * that sends slowly holds no slot another launch could use.
+ * restored with the instance's own identity (name, UUID, port forward), like a Cached VM start. The restore starts
+ * once the disk is complete and reads the memory state while it is being rebuilt (synthesis/apply.ts says why that
+ * is safe). The disk is rebuilt as the overlay arrives, without a launch slot: one is taken only once every byte of
+ * the overlay is on the cloudlet, so a client that sends slowly holds no slot another launch could use.
  */
 export class SynthesisMechanism implements Mechanism<SynthesisService> {
   readonly name = 'synthesis' as const;
@@ -93,7 +89,7 @@ export class SynthesisMechanism implements Mechanism<SynthesisService> {
       async (liveMemory) => {
         const state = liveMemory && { ...liveMemory, xml: await synthesizedXml(service.base, liveMemory.header.xml, spec) };
         if (service.keep) await createLinkedClone(disk, instanceFiles(record.dir).disk, 'qcow2');
-        await service.arrived(liveMemory ? RESTORE_LEAD_MS : undefined);
+        await service.arrived();
         await admit();
         faultPoint('synthesis:after-apply');
         return restoreOrBoot(this.hypervisor, spec, state, record.dir, timer, progress);

@@ -4,11 +4,10 @@
  * checked against their SHA-256 and fed to a streaming decompressor as they arrive, while the content of the earlier
  * ones is applied. Every record is bounds-checked: a copy may only read the base or what is already final.
  *
- * The memory state is restored while it is rebuilt, and while the disk still arrives. Its records come first; the
- * disk file is a valid, empty qcow2 from the start, so QEMU can open it and load RAM while the disk's blocks are
- * appended; its final tables and header are written only after every frame was checked and decoded to its exact
- * size. QEMU resumes the guest (and reads the disk's tables again, activating it) only after the whole migration
- * stream was read, and the last batch of it is held back until then: a VM never runs on a partial overlay. If
+ * The memory state is restored while it is rebuilt. Its records come after every disk record, so the disk is
+ * complete (tables and header written) before the first memory byte is handed to the restore, that is before QEMU
+ * even starts. QEMU resumes the guest only after the whole migration stream was read, and the last batch of it is
+ * held back until every frame was checked and decoded to its exact size: a VM never runs on a partial overlay. If
  * anything fails, the stream breaks off, the restore fails, and the caller cleans up the domain and the files.
  */
 import type { KeyObject } from 'node:crypto';
@@ -45,12 +44,6 @@ const READS_IN_FLIGHT = 64;
 /** Copies mostly read forward through a source (a file's pages in order, pages in address order): read in windows. */
 const READ_WINDOW_BYTES = 1 << 20;
 const READ_WINDOWS = 8;
-/**
- * Disk blocks that copy from the memory state read a file's page cache, which lies in guest-address order, not in
- * file order: small windows, many of them, aligned so that a neighbouring page below is found too.
- */
-const PAGE_CACHE_WINDOW_BYTES = 16 << 10;
-const PAGE_CACHE_WINDOWS = 128;
 /**
  * A copy or a run of zeros may claim up to 4 GiB in a 24-byte record: it is read and stored in pieces of at most this
  * many bytes, so the buffers in flight stay within READS_IN_FLIGHT of them (16 MiB) whatever the overlay says.
@@ -103,8 +96,8 @@ export interface LiveMemoryState {
 
 /**
  * Rebuild the overlay's disk (a qcow2 on the base's disk) and memory state (when it has one) at `to`, new files.
- * `launch` is called with the memory state as it is being rebuilt (at its first record), to restore it while the rest
- * is applied, or with null for a service that cold-boots (then after everything was applied). Resolves with what
+ * `launch` is called once the disk is complete: with the memory state as it is being rebuilt, to restore it while the
+ * rest is applied, or with null for a service that cold-boots (then after everything was applied). Resolves with what
  * `launch` resolved with. `progress` gets the overlay bytes applied so far. On failure the files are left for the
  * caller to remove.
  */
@@ -180,14 +173,14 @@ export async function applyOverlay<T>(
 
 /**
  * Applies records in order, checking that each one writes forward and reads only what is final. The reads of the
- * copies are started up to READS_IN_FLIGHT records ahead (most read the base or the finished memory state); a record
- * that reads what earlier records write first waits until they are stored.
+ * copies are started up to READS_IN_FLIGHT records ahead (most read the base or the finished disk); a record that
+ * reads what earlier records write first waits until they are stored.
  */
 class RecordApplier {
   private readonly baseDiskWindows: ReadWindows;
   private readonly baseMemoryWindows: ReadWindows;
-  /** For disk records only: the memory state is final by then. */
-  private readonly finalMemoryWindows: ReadWindows;
+  /** For memory records only: the disk is final by then. */
+  private readonly finalDiskWindows: ReadWindows;
   private diskEnd = 0;
   private memoryEnd = 0;
   private lastTarget: Target | null = null;
@@ -195,8 +188,8 @@ class RecordApplier {
   private pending: Buffer[] = [];
   private pendingBytes = 0;
   private memoryFlushed = 0;
-  private diskStarted = false;
-  private launched = false;
+  private memoryStarted = false;
+  private diskComplete = false;
   /** The last batch of memory written to the file, not yet handed to the restore. */
   private heldBack: Buffer | null = null;
 
@@ -208,16 +201,11 @@ class RecordApplier {
     private readonly disk: Qcow2OverlayWriter,
     private readonly memory: FileHandle | null,
     private readonly pipe: MemoryPipe | null,
-    private readonly launch: () => void,
+    private readonly onDiskComplete: () => void,
   ) {
     this.baseDiskWindows = new ReadWindows((offset, length) => baseDisk.read(offset, length), baseDisk.size);
     this.baseMemoryWindows = new ReadWindows((offset, length) => readAt(baseMemory!, offset, length), baseMemoryBytes);
-    this.finalMemoryWindows = new ReadWindows(
-      (offset, length) => readAt(memory!, offset, length),
-      manifest.memory?.bytes ?? 0,
-      PAGE_CACHE_WINDOW_BYTES,
-      PAGE_CACHE_WINDOWS,
-    );
+    this.finalDiskWindows = new ReadWindows((offset, length) => disk.read(offset, length), manifest.disk.virtual_size);
   }
 
   async apply(r: OverlayRecord): Promise<void> {
@@ -230,43 +218,33 @@ class RecordApplier {
 
   /** Starts reading a checked record's bytes (a piece of it, for a long copy), storing the oldest when enough are in flight. */
   private async start(r: OverlayRecord): Promise<void> {
-    const readsOwnWrites = r.source === Source.TargetMemory || r.source === Source.TargetDisk || r.target !== this.lastTarget;
+    const readsOwnWrites = r.source === Source.TargetMemory || (r.source === Source.TargetDisk && r.target === Target.Disk) || r.target !== this.lastTarget;
     this.lastTarget = r.target;
     if (readsOwnWrites) await this.drain();
-    if (r.target === Target.Memory) this.startLaunch();
+    if (r.target === Target.Memory && !this.diskComplete) await this.completeDisk();
     const data = this.bytes(r);
     data.catch(() => {}); // observed in store order
     this.inFlight.push({ record: r, data });
     if (this.inFlight.length >= READS_IN_FLIGHT) await this.storeOldest();
   }
 
-  private startLaunch(): void {
-    if (this.launched) return;
-    this.launched = true;
-    this.launch();
-  }
-
   private check(r: OverlayRecord): void {
     if (r.target === Target.Disk) {
-      if (!this.diskStarted && this.manifest.memory && this.memoryEnd !== this.manifest.memory.bytes) {
-        throw invalid(`a disk record before the memory state is complete (${this.memoryEnd} of ${this.manifest.memory.bytes} bytes)`);
-      }
-      this.diskStarted = true;
-      // Records may start or end inside a block, but then the next one continues exactly there: blocks are whole.
-      const continues = r.offset === this.diskEnd;
+      if (this.memoryStarted) throw invalid('a disk record after the memory records');
       if (
+        r.offset % BLOCK_BYTES !== 0 ||
+        r.length % BLOCK_BYTES !== 0 ||
         r.length === 0 ||
         r.offset < this.diskEnd ||
-        ((r.offset % BLOCK_BYTES !== 0 || this.diskEnd % BLOCK_BYTES !== 0) && !continues) ||
         r.offset + r.length > this.manifest.disk.virtual_size
       )
         throw invalid(`a disk record out of order or bounds at ${r.offset}`);
       this.diskEnd = r.offset + r.length;
     } else {
-      if (this.diskStarted) throw invalid('a memory record after the disk records');
       if (!this.memory || r.offset !== this.memoryEnd || r.offset + r.length > this.manifest.memory!.bytes) {
         throw invalid(`a memory record out of order or bounds at ${r.offset}`);
       }
+      this.memoryStarted = true;
       this.memoryEnd += r.length;
     }
     const within = (limit: number) => {
@@ -279,12 +257,11 @@ class RecordApplier {
       case Source.BaseMemory:
       case Source.XorBaseMemory:
         return within(this.baseMemoryBytes);
-      // The disk is read only by later disk records, and only in the blocks before the one being written.
+      // Memory records come after every disk record, so the whole disk is final for them.
       case Source.TargetDisk:
-        return within(r.target === Target.Disk ? r.offset - (r.offset % BLOCK_BYTES) : 0);
-      // The memory state is complete before the first disk record.
+        return within(r.target === Target.Disk ? r.offset : this.manifest.disk.virtual_size);
       case Source.TargetMemory:
-        return within(r.target === Target.Memory ? r.offset : this.memoryEnd);
+        return within(r.offset);
       default:
         return undefined;
     }
@@ -295,15 +272,15 @@ class RecordApplier {
       case Source.Literal:
         return r.data!;
       case Source.Zero:
-        return Buffer.alloc(r.target === Target.Disk ? 0 : r.length); // the disk stores whole zero blocks as a flag
+        return Buffer.alloc(r.target === Target.Disk ? 0 : r.length); // the disk stores zeros as a flag
       case Source.BaseDisk:
         return this.baseDiskWindows.read(r.sourceOffset, r.length);
       case Source.BaseMemory:
         return this.baseMemoryWindows.read(r.sourceOffset, r.length);
       case Source.TargetDisk:
-        return this.disk.read(r.sourceOffset, r.length);
+        return r.target === Target.Memory ? this.finalDiskWindows.read(r.sourceOffset, r.length) : this.disk.read(r.sourceOffset, r.length);
       case Source.TargetMemory:
-        return r.target === Target.Disk ? this.finalMemoryWindows.read(r.sourceOffset, r.length) : readAt(this.memory!, r.sourceOffset, r.length);
+        return readAt(this.memory!, r.sourceOffset, r.length);
       case Source.XorBaseDisk:
       case Source.XorBaseMemory: {
         const old = await (r.source === Source.XorBaseDisk ? this.baseDiskWindows : this.baseMemoryWindows).read(r.sourceOffset, r.length);
@@ -316,9 +293,9 @@ class RecordApplier {
     const { record, data } = this.inFlight.shift()!;
     const bytes = await data;
     if (record.target === Target.Disk) {
-      if (record.source !== Source.Zero) return this.disk.write(record.offset, bytes);
-      const wholeBlocks = !this.disk.writingBlock && record.offset % BLOCK_BYTES === 0 && record.length % BLOCK_BYTES === 0;
-      return wholeBlocks ? this.disk.zero(record.offset, record.length) : this.disk.write(record.offset, Buffer.alloc(record.length));
+      if (record.source === Source.Zero) this.disk.zero(record.offset, record.length);
+      else await this.disk.write(record.offset, bytes);
+      return;
     }
     this.pending.push(bytes);
     this.pendingBytes += bytes.length;
@@ -343,18 +320,20 @@ class RecordApplier {
     this.memoryFlushed += batch.length;
   }
 
-  /**
-   * After every frame was checked and decoded: the rest is stored, the disk's tables and header are written (the
-   * image is complete), and only then does the restore get the last of the memory (or a cold boot start).
-   */
+  /** The disk's tables and header are written: the image is complete, and the launch can start. */
+  private async completeDisk(): Promise<void> {
+    this.diskComplete = true;
+    await this.disk.finish();
+    this.onDiskComplete();
+  }
+
+  /** After every frame was checked and decoded: the rest is stored, and the restore gets the last of the memory. */
   async finish(): Promise<void> {
     await this.drain();
-    if (this.diskEnd % BLOCK_BYTES !== 0) throw invalid(`the disk records end inside the block at ${this.diskEnd - (this.diskEnd % BLOCK_BYTES)}`);
+    if (!this.diskComplete) await this.completeDisk();
     if (this.manifest.memory && this.memoryFlushed !== this.manifest.memory.bytes) {
       throw invalid(`the memory state is ${this.memoryFlushed} bytes, not the ${this.manifest.memory.bytes} of the manifest`);
     }
-    await this.disk.finish();
-    this.startLaunch();
     if (this.heldBack) await this.pipe!.write(this.heldBack);
     this.pipe?.end();
   }
@@ -440,26 +419,23 @@ function xor(a: Buffer, b: Buffer): Buffer {
   return out;
 }
 
-/** Reads of a file that does not change, served from the last few windows read from it (aligned to their size). */
+/** Reads of a file that does not change, served from the last few 1 MiB windows read from it. */
 class ReadWindows {
   private windows: { start: number; end: number; data: Promise<Buffer> }[] = [];
 
   constructor(
     private readonly readDirect: (offset: number, length: number) => Promise<Buffer>,
     private readonly size: number,
-    private readonly windowBytes = READ_WINDOW_BYTES,
-    private readonly count = READ_WINDOWS,
   ) {}
 
   /** A view of the bytes: callers must not change it. */
   async read(offset: number, length: number): Promise<Buffer> {
+    if (length > READ_WINDOW_BYTES) return this.readDirect(offset, length);
     let window = this.windows.find((w) => offset >= w.start && offset + length <= w.end);
     if (!window) {
-      const start = offset - (offset % this.windowBytes);
-      const end = Math.min(this.size, start + this.windowBytes);
-      if (offset + length > end) return this.readDirect(offset, length); // longer than a window, or across two
-      window = { start, end, data: this.readDirect(start, end - start) };
-      this.windows = [window, ...this.windows.slice(0, this.count - 1)];
+      const end = Math.min(this.size, offset + READ_WINDOW_BYTES);
+      window = { start: offset, end, data: this.readDirect(offset, end - offset) };
+      this.windows = [window, ...this.windows.slice(0, READ_WINDOWS - 1)];
     }
     const data = await window.data;
     return data.subarray(offset - window.start, offset - window.start + length);

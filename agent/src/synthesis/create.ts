@@ -2,12 +2,11 @@
  * Overlay creation, for the app's developer: from a customized VM (its disk, backed by the base or standalone, and
  * its saved memory state) and the Base VM it was made from, write the overlay (docs/overlay-format.md).
  *
- * Every guest page of the memory state, then every 4 KiB block of the disk that differs from the base, becomes a
- * record (the memory first: the cloudlet restores it while the disk still arrives): zeros are elided, a page or block
- * whose bytes are already in the base disk, the base memory, or earlier in the overlay is a copy, and only the rest is
- * carried, in independent zstd frames. A guest's page cache holds the files its disk gained, at 4 KiB file offsets,
- * which a 1 KiB-block ext4 places at 1 KiB-aligned disk offsets: so a disk block that is no whole page is looked up
- * again as four 1 KiB pieces of the memory's pages, and copied from the memory state piece by piece.
+ * Every 4 KiB block of the disk that differs from the base, and every guest page of the memory state, becomes a
+ * record: zeros are elided, a block or page whose bytes are already in the base disk, the base memory, or earlier in
+ * the overlay is a copy, and only the rest is carried, in independent zstd frames. The target disk is indexed at
+ * 1 KiB steps too: a guest's page cache holds the files its disk gained at 4 KiB file offsets, which a 1 KiB-block
+ * ext4 places at 1 KiB-aligned disk offsets.
  */
 import { createPrivateKey, sign } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
@@ -40,17 +39,9 @@ import { compressFrame, zstdReference, type ZstdReference } from '../images/zstd
 
 /** Raw bytes per frame: large enough to compress well, small enough to decode in step with the upload. */
 const FRAME_RAW_BYTES = 8 << 20;
-/**
- * Memory frames are larger: the app's code lies in them page by page in guest-address order, and duplicates further
- * apart than a frame compress apart. At most a literal record (1 MiB) over this stays within the 16 MiB limit.
- */
-const MEMORY_FRAME_RAW_BYTES = 14 << 20;
 const MAX_LITERAL_RECORD = 1 << 20;
-/** A frame that zstd -1 shrinks by less than this share is random bytes (as images/zstd.ts judges them too). */
-const INCOMPRESSIBLE = 0.97;
-/** Filesystem block size: the pieces of the memory's pages a disk block is also looked up as (see above). */
-const PIECE_BYTES = 1024;
-const ZERO_PIECE = Buffer.alloc(PIECE_BYTES);
+/** Filesystem block size the target disk is also indexed at (see above). */
+const DISK_INDEX_STEP = 1024;
 const ZERO_BLOCK = Buffer.alloc(BLOCK_BYTES);
 /** A changed block or page is carried as an XOR with its old bytes when at least this many of its bytes are unchanged. */
 const XOR_MIN_UNCHANGED = BLOCK_BYTES / 2;
@@ -117,26 +108,6 @@ class ContentIndex {
   }
 }
 
-/** 1 KiB pieces of the memory state's pages → their offset in it, verified byte for byte on a hit. */
-class PieceIndex {
-  private readonly map = new Map<string, number>();
-
-  constructor(private readonly image: Buffer) {}
-
-  addPage(offset: number): void {
-    for (let at = offset; at < offset + BLOCK_BYTES; at += PIECE_BYTES) {
-      const piece = this.image.subarray(at, at + PIECE_BYTES);
-      const key = chunkHash(piece).toString('base64');
-      if (!piece.equals(ZERO_PIECE) && !this.map.has(key)) this.map.set(key, at);
-    }
-  }
-
-  find(piece: Buffer): number | undefined {
-    const at = this.map.get(chunkHash(piece).toString('base64'));
-    return at !== undefined && this.image.subarray(at, at + PIECE_BYTES).equals(piece) ? at : undefined;
-  }
-}
-
 /**
  * Records → frames: merges adjacent records, cuts frames (also where the memory records begin), compresses them in
  * parallel and writes them in order. Memory frames are compressed against the base's memory state when there is one.
@@ -185,7 +156,7 @@ class FrameWriter {
     this.pendingRecord = null;
     this.records.push(encoded);
     this.rawBytes += encoded.length;
-    if (this.rawBytes >= (this.frameTarget === Target.Memory ? MEMORY_FRAME_RAW_BYTES : FRAME_RAW_BYTES)) await this.cutFrame();
+    if (this.rawBytes >= FRAME_RAW_BYTES) await this.cutFrame();
   }
 
   private async cutFrame(): Promise<void> {
@@ -193,21 +164,9 @@ class FrameWriter {
     const raw = Buffer.concat(this.records);
     this.records = [];
     this.rawBytes = 0;
-    const frame = this.frameTarget === Target.Memory && this.memoryReference ? this.compressMemory(raw, this.memoryReference) : compressFrame(raw, this.level);
-    this.inFlight.push({ raw: raw.length, frame });
+    const reference = this.frameTarget === Target.Memory ? this.memoryReference : undefined;
+    this.inFlight.push({ raw: raw.length, frame: compressFrame(raw, this.level, reference) });
     if (this.inFlight.length >= this.parallelism) await this.writeOldest();
-  }
-
-  /**
-   * A memory frame: kernel data the base holds at other offsets compresses best against the base's state; the page
-   * cache of the app's files (code) best on its own at the full level; random bytes (a model) not at all, so they
-   * are not compressed against the base either.
-   */
-  private async compressMemory(raw: Buffer, reference: ZstdReference): Promise<Buffer> {
-    const alone = await compressFrame(raw, this.level);
-    if (alone.length >= raw.length * INCOMPRESSIBLE) return alone;
-    const against = await compressFrame(raw, this.level, reference);
-    return against.length <= alone.length ? against : alone;
   }
 
   private async writeOldest(): Promise<void> {
@@ -334,6 +293,21 @@ export async function createOverlay(options: CreateOptions): Promise<CreateStats
       return writer.add({ target, source: Source.Literal, offset, length: BLOCK_BYTES, sourceOffset: 0, data: bytes });
     };
 
+    const changed: number[] = [];
+    for (let offset = 0; offset < targetDisk.length; offset += BLOCK_BYTES) {
+      const block = targetDisk.subarray(offset, offset + BLOCK_BYTES);
+      const before = offset < baseDisk.length ? baseDisk.subarray(offset, offset + BLOCK_BYTES) : ZERO_BLOCK;
+      if (block.equals(before)) continue;
+      changed.push(offset);
+      await chunk(Target.Disk, offset, block, offset < baseDisk.length ? { source: Source.BaseDisk, offset } : null);
+    }
+    stats.disk_changed_blocks = changed.length;
+    for (const offset of changed) {
+      for (let at = offset + DISK_INDEX_STEP; at < offset + BLOCK_BYTES && at + BLOCK_BYTES <= targetDisk.length; at += DISK_INDEX_STEP) {
+        index.add(targetDisk.subarray(at, at + BLOCK_BYTES), { source: Source.TargetDisk, offset: at });
+      }
+    }
+
     if (targetMemory) {
       const { image, chunks } = targetMemory;
       let at = 0;
@@ -356,43 +330,6 @@ export async function createOverlay(options: CreateOptions): Promise<CreateStats
       }
       await literal(image.length);
       stats.memory_pages = chunks.length;
-    }
-
-    const pieces = new PieceIndex(targetMemory?.image ?? Buffer.alloc(0));
-    for (const page of targetMemory?.chunks ?? []) pieces.addPage(page.offset);
-    /** A block made of pieces of the memory's pages (a file's page cache on a 1 KiB-block ext4): its records, or null. */
-    const fromPieces = (offset: number, block: Buffer): OverlayRecord[] | null => {
-      const records: OverlayRecord[] = [];
-      let found = 0;
-      for (let at = 0; at < BLOCK_BYTES; at += PIECE_BYTES) {
-        const piece = block.subarray(at, at + PIECE_BYTES);
-        const from = piece.equals(ZERO_PIECE) ? undefined : pieces.find(piece);
-        if (from !== undefined) found++;
-        const source = from !== undefined ? Source.TargetMemory : piece.equals(ZERO_PIECE) ? Source.Zero : Source.Literal;
-        records.push({
-          target: Target.Disk,
-          source,
-          offset: offset + at,
-          length: PIECE_BYTES,
-          sourceOffset: from ?? 0,
-          data: source === Source.Literal ? piece : undefined,
-        });
-      }
-      return found > 0 ? records : null;
-    };
-    for (let offset = 0; offset < targetDisk.length; offset += BLOCK_BYTES) {
-      const block = targetDisk.subarray(offset, offset + BLOCK_BYTES);
-      const before = offset < baseDisk.length ? baseDisk.subarray(offset, offset + BLOCK_BYTES) : ZERO_BLOCK;
-      if (block.equals(before)) continue;
-      stats.disk_changed_blocks++;
-      const split = block.equals(ZERO_BLOCK) || index.find(block) ? null : fromPieces(offset, block);
-      if (split) {
-        stats.from_overlay++;
-        for (const record of split) await writer.add(record);
-        index.add(block, { source: Source.TargetDisk, offset });
-      } else {
-        await chunk(Target.Disk, offset, block, offset < baseDisk.length ? { source: Source.BaseDisk, offset } : null);
-      }
     }
     await writer.finish();
     await new Promise<void>((resolve, reject) => out.end((err?: Error | null) => (err ? reject(err) : resolve())));

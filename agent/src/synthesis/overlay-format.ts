@@ -1,10 +1,8 @@
 /**
- * The VM overlay format, version 3 (docs/overlay-format.md): a fixed header, a JSON manifest, an optional ed25519
- * signature over the manifest, then independent zstd frames (optionally compressed against the base's memory state).
- * Each frame holds records that write bytes of the target memory state (all of it first, so that the cloudlet can
- * restore it while the disk still arrives) and then of the target disk, from the frame itself (literal), as zeros,
- * or copied from the base disk, the base memory state, or what the overlay already wrote. This module only encodes
- * and decodes; it does no I/O.
+ * The VM overlay format, version 2 (docs/overlay-format.md): a fixed header, a JSON manifest, an optional ed25519
+ * signature over the manifest, then independent zstd frames (optionally compressed against the base's memory state). Each frame holds records that write bytes of the
+ * target disk or the target memory state, from the frame itself (literal), as zeros, or copied from the base disk,
+ * the base memory state, or what the overlay already wrote. This module only encodes and decodes; it does no I/O.
  */
 import { createHash, verify, type KeyObject } from 'node:crypto';
 import { CloudletError } from '../errors';
@@ -12,10 +10,10 @@ import { parseManifest } from '../core/manifest';
 import type { ServiceManifest } from '../core/types';
 
 export const OVERLAY_MAGIC = 'CLOVRLAY';
-export const OVERLAY_FORMAT = 3;
+export const OVERLAY_FORMAT = 2;
 /** magic[8], u32 format, u32 manifest bytes, u32 signature bytes, sha256(manifest)[32]; big-endian. */
 export const HEADER_BYTES = 52;
-/** The synthesized qcow2 has 4 KiB clusters: the disk records together write whole blocks. */
+/** Disk records are whole 4 KiB blocks: the synthesized qcow2 has 4 KiB clusters. */
 export const BLOCK_BYTES = 4096;
 const SIGNATURE_BYTES = 64;
 
@@ -152,14 +150,9 @@ export function decodeHeader(header: Buffer): DecodedHeader {
   if (header.toString('latin1', 0, 8) !== OVERLAY_MAGIC) throw invalid('bad magic: not a VM overlay');
   const format = header.readUInt32BE(8);
   if (format !== OVERLAY_FORMAT) {
-    const remake = format < OVERLAY_FORMAT ? `; make it again with this version's cloudlet-overlay create` : '';
-    throw new CloudletError(
-      'OVERLAY_UNSUPPORTED',
-      `overlay format version ${format} is not supported (this cloudlet reads version ${OVERLAY_FORMAT})${remake}`,
-      {
-        details: { format, supported: OVERLAY_FORMAT },
-      },
-    );
+    throw new CloudletError('OVERLAY_UNSUPPORTED', `overlay format version ${format} is not supported (this cloudlet reads version ${OVERLAY_FORMAT})`, {
+      details: { format },
+    });
   }
   const manifestBytes = header.readUInt32BE(12);
   const signatureBytes = header.readUInt32BE(16);

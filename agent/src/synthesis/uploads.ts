@@ -33,7 +33,6 @@ import { replaceFile } from '../system/atomic-file';
 import type { AppendOutcome, UploadView } from '../core/types';
 import { CloudletError, asCloudletError, withDetails } from '../errors';
 import { faultPoint } from '../system/fault-points';
-import { ArrivalPace } from './arrival-pace';
 
 /** session.json: what is needed to continue the upload and to start its synthesis again. */
 interface SessionRecord<M> {
@@ -64,9 +63,8 @@ interface Upload<T, M> {
   synthesis: Synthesis | null;
   /** The synthesis waiting for more bytes (or for the request to end). */
   waiters: { resolve: () => void; reject: (err: Error) => void }[];
-  /** A request is sending bytes right now, and its pace. */
+  /** A request is sending bytes right now. */
   sending: boolean;
-  pace: ArrivalPace | null;
   idle?: NodeJS.Timeout;
   /** Commits and the final removal of the files, one after the other (a record must not land in a removed directory). */
   files: Promise<void>;
@@ -76,9 +74,8 @@ interface Upload<T, M> {
 type Outcome<T> = { ok: true; value: T } | { ok: false; error: CloudletError };
 
 interface Synthesis {
-  /** Its reader caught up with the bytes while no request was sending (or EARLY_HOLD_MS ran out): it failed, not the upload. */
+  /** Its reader caught up with the bytes while no request was sending: it failed, and its failure is not the upload's. */
   paused: boolean;
-  hold?: NodeJS.Timeout;
 }
 
 const SESSION = 'session.json';
@@ -88,8 +85,6 @@ const COMMIT_BYTES = 8 << 20;
 /** What the synthesis reads of the part file at a time. */
 const READ_BYTES = 1 << 20;
 const ID = /^[0-9a-f-]{36}$/;
-/** A synthesis that took its launch slot while bytes were still due (`arrived`) stops if they are not all in by then. */
-const EARLY_HOLD_MS = 30_000;
 
 /** Who an upload belongs to, and how many unfinished uploads one owner may have at a time. */
 export interface OwnerLimit<M> {
@@ -106,11 +101,10 @@ export class UploadSessions<T, M extends object> {
   constructor(
     private readonly root: string,
     /**
-     * The synthesis of an upload: reads the overlay's `bytes` bytes from `stream` as they arrive. `arrived` (what it
-     * waits for before taking a launch slot) resolves once every byte is in, or, given `withinMs`, once the rest is due
-     * that soon at the pace of the request sending it (and must then be in within EARLY_HOLD_MS); it fails as the stream does.
+     * The synthesis of an upload: reads the overlay's `bytes` bytes from `stream` as they arrive. `arrived` resolves
+     * once every byte is on the cloudlet (what it waits for before taking a launch slot), and fails as the stream does.
      */
-    private readonly consume: (stream: Readable, bytes: number, meta: M, arrived: (withinMs?: number) => Promise<void>) => Promise<T>,
+    private readonly consume: (stream: Readable, bytes: number, meta: M, arrived: () => Promise<void>) => Promise<T>,
     /** An upload that gets no bytes for this long is abandoned (its files deleted). */
     private readonly idleMs: number,
     /** How long a finished upload stays visible, so a client whose last response was lost can learn the outcome. */
@@ -218,7 +212,6 @@ export class UploadSessions<T, M extends object> {
       throw new CloudletError('CONFLICT', `upload ${id} continues at byte ${upload.received}, not ${offset}`, { details: { received: upload.received } });
     }
     upload.sending = true;
-    upload.pace = new ArrivalPace(upload.received);
     clearTimeout(upload.idle);
     // Opened per request, not held by the session: an idle upload holds no file descriptor.
     let file: FileHandle;
@@ -324,7 +317,6 @@ export class UploadSessions<T, M extends object> {
       synthesis: null,
       waiters: [],
       sending: false,
-      pace: null,
       files: Promise.resolve(),
       removed: false,
     };
@@ -343,15 +335,7 @@ export class UploadSessions<T, M extends object> {
   private synthesize(upload: Upload<T, M>): void {
     const synthesis: Synthesis = { paused: false };
     upload.synthesis = synthesis;
-    const all = () => upload.received === upload.bytes;
-    const arrived = async (withinMs?: number) => {
-      await this.awaitBytes(upload, synthesis, () => all() || (withinMs !== undefined && !!upload.pace?.dueWithin(upload.received, upload.bytes, withinMs)));
-      if (all()) return;
-      synthesis.hold = setTimeout(() => {
-        if (!all()) synthesis.paused = true;
-        this.wake(upload);
-      }, EARLY_HOLD_MS);
-    };
+    const arrived = () => this.awaitBytes(upload, synthesis, () => upload.received === upload.bytes);
     new Promise<T>((resolve) => resolve(this.consume(this.follow(upload, synthesis), upload.bytes, upload.meta, arrived))).then(
       (value) => this.settle(upload, synthesis, { ok: true, value }),
       (err: unknown) => this.settle(upload, synthesis, { ok: false, error: asCloudletError(err) }),
@@ -361,7 +345,6 @@ export class UploadSessions<T, M extends object> {
   /** A synthesis ended: a paused one leaves the upload open (and is followed by the next); any other decides it. */
   private settle(upload: Upload<T, M>, synthesis: Synthesis, outcome: Outcome<T>): void {
     upload.synthesis = null;
-    clearTimeout(synthesis.hold);
     if (outcome.ok || !synthesis.paused) return upload.conclude(outcome);
     if (upload.abandoned) return upload.conclude({ ok: false, error: upload.abandoned });
     this.log(`uploads: upload ${upload.id} paused at byte ${upload.received} of ${upload.bytes}; its synthesis stopped until bytes come again`);
@@ -413,8 +396,7 @@ export class UploadSessions<T, M extends object> {
   private async awaitBytes(upload: Upload<T, M>, synthesis: Synthesis, enough: () => boolean): Promise<void> {
     while (!enough()) {
       if (!upload.sending) synthesis.paused = true;
-      if (synthesis.paused)
-        throw new CloudletError('CONFLICT', `upload ${upload.id} is paused at byte ${upload.received}: no request is sending bytes in time`);
+      if (synthesis.paused) throw new CloudletError('CONFLICT', `upload ${upload.id} is paused at byte ${upload.received}: no request is sending bytes`);
       await this.arrival(upload);
     }
   }
