@@ -296,7 +296,7 @@ export const SCHEMAS: Record<string, Schema> = {
   }),
   MovedTo: {
     description: 'Where a handed-off instance runs now (docs/handoff.md): the paired cloudlet (its peer id here), and the endpoint there.',
-    ...object({ cloudlet_id: str, name: str, address: str, port: int }),
+    ...object({ cloudlet_id: str, name: str, address: str, port: int, api_port: int }),
   },
   Event: {
     description: 'One message of the /v1/events WebSocket: a snapshot first, then instance changes and launch progress.',

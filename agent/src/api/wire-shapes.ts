@@ -145,7 +145,7 @@ export function eventJson(event: CloudletEvent) {
 
 /** Where a handed-off instance runs now (docs/handoff.md): the cloudlet (its peer id here) and the new endpoint. */
 export function movedToJson(to: MovedTo) {
-  return { cloudlet_id: to.cloudletId, name: to.name, address: to.address, port: to.port };
+  return { cloudlet_id: to.cloudletId, name: to.name, address: to.address, port: to.port, api_port: to.apiPort };
 }
 
 export function healthJson(report: HealthReport) {

@@ -20,7 +20,10 @@ export interface MovedTo {
   cloudletId: string;
   name: string;
   address: string;
+  /** Its new forward there. */
   port: number;
+  /** That cloudlet's API port (where a KD client polls). */
+  apiPort: number;
 }
 
 /**

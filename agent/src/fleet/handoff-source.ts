@@ -105,7 +105,7 @@ export class OutgoingHandoffs {
       return null;
     });
     if (completed && completed.status !== 200) this.log(`handoff ${issued.handoffId}: the target answered its completion ${completed.status}`);
-    return { cloudletId: peer.id, name: peer.name, address: peer.address, port: issued.port };
+    return { cloudletId: peer.id, name: peer.name, address: peer.address, port: issued.port, apiPort: peer.port };
   }
 
   /** The migration failed: libvirt cancelled it and the VM runs on here; the target drops what it made. */
