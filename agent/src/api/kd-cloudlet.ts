@@ -23,9 +23,9 @@ export function kdCloudletFace(api: CloudletApi): Face {
       method: 'GET',
       path: '/api/system/get_messages',
       access: 'open',
-      handle: ({ header, query }) => {
-        const deviceId = header('x-device-id')?.slice(0, 200);
-        const serviceId = query.get('serviceId')?.slice(0, 200);
+      handle: (request) => {
+        const deviceId = request.header('x-device-id')?.slice(0, 200);
+        const serviceId = request.query.get('serviceId')?.slice(0, 200);
         return jsonReply(200, { messages: deviceId && serviceId ? mailbox.take(deviceId, serviceId) : [] });
       },
     },
