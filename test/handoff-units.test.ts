@@ -7,12 +7,13 @@ import { pipeline } from 'node:stream/promises';
 import { CloudletError } from '../agent/src/errors';
 import { LibvirtCallFilter, MAX_RPC_MESSAGE_BYTES, MIGRATION_PROCEDURES } from '../agent/src/fleet/handoff-rpc';
 import type { InstanceRecord } from '../agent/src/core/types';
-import { buildDomainXml, handoffDomainXml, type DomainSpec } from '../agent/src/vm/domain-xml';
+import { buildDomainXml, handoffDomainXml, isIssuedHandoffDomain, type DomainSpec } from '../agent/src/vm/domain-xml';
 
 const REMOTE = 0x20008086;
 const KEEPALIVE = 0x6b656570;
+const ISSUED_XML = '<domain>issued</domain>';
 const ISSUED = {
-  destXml: '<domain>issued</domain>',
+  isIssuedDomain: (xml: string) => xml === ISSUED_XML,
   migrateUri: 'unix:///run/cloudlet-handoff/ho-1/memory.sock',
   disksUri: 'unix:///run/cloudlet-handoff/ho-1/disk.sock',
 };
@@ -67,7 +68,7 @@ t.test("an incoming migration's calls pass whole, keepalives included", async (t
   const input = Buffer.concat([
     ...MIGRATION,
     message(1, { program: KEEPALIVE, type: 2 }),
-    prepare({ destination_xml: ISSUED.destXml, migrate_uri: ISSUED.migrateUri, disks_uri: ISSUED.disksUri }),
+    prepare({ destination_xml: ISSUED_XML, migrate_uri: ISSUED.migrateUri, disks_uri: ISSUED.disksUri }),
     message(306),
     message(361),
     message(2),
@@ -78,7 +79,7 @@ t.test("an incoming migration's calls pass whole, keepalives included", async (t
 });
 
 t.test('anything else ends the channel at that message, which never reaches libvirtd', async (tt) => {
-  const first = prepare({ destination_xml: ISSUED.destXml });
+  const first = prepare({ destination_xml: ISSUED_XML });
   // [what, the bad message, what legitimately passed before it]
   const cases: Array<[string, Buffer, Buffer?]> = [
     ['a call no migration makes (virDomainCreateXML)', message(10)],
@@ -87,7 +88,7 @@ t.test('anything else ends the channel at that message, which never reaches libv
     ['a second Prepare', Buffer.concat([first, first]), first],
     ['a Prepare with a domain of its own', prepare({ destination_xml: '<domain>mine</domain>' })],
     ['a Prepare without the issued domain', prepare({ migrate_uri: ISSUED.migrateUri })],
-    ['a Prepare aiming QEMU elsewhere', prepare({ destination_xml: ISSUED.destXml, migrate_uri: 'unix:///etc/x.sock' })],
+    ['a Prepare aiming QEMU elsewhere', prepare({ destination_xml: ISSUED_XML, migrate_uri: 'unix:///etc/x.sock' })],
     ['an oversized message', Buffer.concat([u32(MAX_RPC_MESSAGE_BYTES + 1), Buffer.alloc(24)])],
   ];
   for (const [what, bad, before] of cases) {
@@ -157,4 +158,15 @@ t.test('an offered domain with anything the agent’s own domains do not have is
   for (const [what, xml] of cases) {
     tt.throws(() => handoffDomainXml(xml, at('/b', 20001), refuse), { code: 'HANDOFF_REFUSED' }, what);
   }
+});
+
+t.test('a Prepare’s domain is the issued one when it is that domain re-formatted by libvirt, and nothing else', async (tt) => {
+  const issued = handoffDomainXml(offered, at('/b', 20001), refuse);
+  tt.ok(isIssuedHandoffDomain(issued, at('/b', 20001)), 'the issued XML');
+  const reformatted = issued.replace(`<target dev='vda' bus='virtio'/>`, `<target dev='vda' bus='virtio'/><alias name='virtio-disk0'/>`);
+  tt.ok(isIssuedHandoffDomain(reformatted, at('/b', 20001)), 'with what libvirt adds to it');
+  tt.notOk(isIssuedHandoffDomain(issued.replace('hostfwd=tcp:0.0.0.0:20001', 'hostfwd=tcp:0.0.0.0:22'), at('/b', 20001)), 'another forward');
+  tt.notOk(isIssuedHandoffDomain(issued.replace(`/b/instances/${record.id}/disk.qcow2`, '/b/services/svc/disk.qcow2'), at('/b', 20001)), 'another disk');
+  tt.notOk(isIssuedHandoffDomain(issued.replace('</devices>', "<hostdev mode='subsystem' type='pci'/></devices>"), at('/b', 20001)), 'a device more');
+  tt.notOk(isIssuedHandoffDomain(offered, at('/b', 20001)), 'the source’s own');
 });

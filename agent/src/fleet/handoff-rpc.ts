@@ -35,7 +35,8 @@ const PREPARE3_PARAMS = 303;
 
 /** What the Prepare call must carry: the domain as this cloudlet issued it, and its sockets' URIs. */
 export interface IssuedMigration {
-  destXml: string;
+  /** Whether a domain XML is the one issued (libvirt sends it re-formatted: the same domain, not the same bytes). */
+  isIssuedDomain(xml: string): boolean;
   migrateUri: string;
   disksUri: string;
 }
@@ -131,7 +132,8 @@ export class LibvirtCallFilter extends Transform {
     } catch (err) {
       throw refused(`an unreadable Prepare (${(err as Error).message})`);
     }
-    if (params.get('destination_xml') !== this.issued.destXml) throw refused('a Prepare with a domain XML other than the one this cloudlet issued');
+    const xml = params.get('destination_xml');
+    if (typeof xml !== 'string' || !this.issued.isIssuedDomain(xml)) throw refused('a Prepare with a domain other than the one this cloudlet issued');
     if ((params.get('migrate_uri') ?? this.issued.migrateUri) !== this.issued.migrateUri) throw refused('a Prepare with a migration URI of its own');
     if ((params.get('disks_uri') ?? this.issued.disksUri) !== this.issued.disksUri) throw refused('a Prepare with a disks URI of its own');
   }

@@ -8,7 +8,7 @@
  * domain, file or port; one whose VM does run here when it runs out is adopted (the source died after the move).
  */
 import { randomBytes } from 'node:crypto';
-import { rm } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import type { Duplex } from 'node:stream';
@@ -21,7 +21,7 @@ import { boundedProbe, waitUntilReady } from '../core/readiness';
 import type { InstanceRecord, Service } from '../core/types';
 import { createLinkedClone } from '../images/qemu-img';
 import { faultPoint } from '../system/fault-points';
-import { handoffDomainXml } from '../vm/domain-xml';
+import { handoffDomainXml, isIssuedHandoffDomain } from '../vm/domain-xml';
 import type { Hypervisor } from '../vm/hypervisor';
 import { instanceDomainSpec, instanceFiles } from '../vm/instance-domain';
 import { LibvirtCallFilter, type IssuedMigration } from './handoff-rpc';
@@ -40,6 +40,8 @@ export interface HandoffHost {
 
 /** How long an offer stands: the whole migration must be done by then (a bounded VM on a slow link is minutes). */
 export const HANDOFF_OFFER_MS = 10 * 60_000;
+/** How soon an offer that ran out while libvirt was unreachable is looked at again. */
+const HANDOFF_RETRY_MS = 60_000;
 /** The largest domain XML a peer may send (the agent's own are a few KiB). */
 export const MAX_OFFERED_XML_BYTES = 64 * 1024;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
@@ -53,8 +55,12 @@ export interface HandoffOffer {
 }
 
 /** The target's answer to an offer: what the source migrates with. */
-export interface IssuedHandoff extends IssuedMigration {
+export interface IssuedHandoff {
   handoffId: string;
+  /** The domain as it runs here. */
+  destXml: string;
+  migrateUri: string;
+  disksUri: string;
   /** The instance's forward here. */
   port: number;
 }
@@ -64,7 +70,7 @@ interface Arrival {
   deviceId: string;
   record: InstanceRecord;
   issued: IssuedMigration;
-  deadline: NodeJS.Timeout;
+  deadline: NodeJS.Timeout | undefined;
   /** Set once its arrival is being proven (and then listed). */
   arriving?: Promise<{ ready: boolean; port: number }>;
 }
@@ -130,14 +136,15 @@ export class IncomingHandoffs {
       const destXml = handoffDomainXml(offer.domainXml, spec, (message) => new CloudletError('HANDOFF_REFUSED', `the offered domain ${message}`));
       // A fresh overlay: the disk copy writes only what the source's top layer holds, over this cloudlet's own base.
       await rm(record.dir, { recursive: true, force: true });
+      await mkdir(record.dir, { mode: 0o755 });
       await createLinkedClone(disk, instanceFiles(record.dir).disk, 'qcow2');
       await makeTargetSocketDir(id, await host.hypervisor.qemuIdentity());
-      const issued = { destXml, ...migrationUris(id) };
-      const deadline = setTimeout(() => void this.expire(id), HANDOFF_OFFER_MS);
-      deadline.unref();
-      this.arrivals.set(id, { id, deviceId, record, issued, deadline });
+      const issued = { isIssuedDomain: (xml: string) => isIssuedHandoffDomain(xml, spec), ...migrationUris(id) };
+      const arrival: Arrival = { id, deviceId, record, issued, deadline: undefined };
+      this.arm(arrival, HANDOFF_OFFER_MS);
+      this.arrivals.set(id, arrival);
       this.log(`handoff ${id}: ${offer.instanceId} of ${service.id} offered by device ${deviceId}; its forward here is port ${port}`);
-      return { handoffId: id, port, ...issued };
+      return { handoffId: id, port, destXml, ...migrationUris(id) };
     } catch (err) {
       await this.undo(id, record);
       throw err;
@@ -178,26 +185,30 @@ export class IncomingHandoffs {
     joinChannel(remote, local, gate, (err) => {
       if (err && err instanceof CloudletError) this.log(`handoff ${id}: ${err.message}; its ${channel} channel is closed`);
       // The source's libvirtd is done with this one (migrated, failed, or its agent died): settle it now.
-      if (channel === 'libvirt') void this.settle(id);
+      if (channel === 'libvirt') void this.settle(id, 'channel');
     });
   }
 
   /**
-   * The control channel closed: a VM that runs here arrived (its source may not live to say so), and one that does
-   * not never will: what was made for it goes at once.
+   * The control channel closed (`channel`) or the offer ran out (`deadline`): a VM that runs here arrived (its source
+   * may not live to say so), and one that does not never will: what was made for it goes at once.
    */
-  private async settle(id: string): Promise<void> {
+  private async settle(id: string, why: 'channel' | 'deadline'): Promise<void> {
     const arrival = this.arrivals.get(id);
     if (!arrival || arrival.arriving) return;
     const runs = await this.host.hypervisor.running().then(
       (ids) => ids.has(arrival.record.id),
       () => null,
     );
-    // libvirt unreachable: the offer's deadline settles it.
-    if (runs === null || !this.arrivals.has(id) || arrival.arriving) return;
+    if (!this.arrivals.has(id) || arrival.arriving) return;
+    // libvirt unreachable: the deadline settles it, or a later one.
+    if (runs === null) {
+      if (why === 'deadline') this.arm(arrival, HANDOFF_RETRY_MS);
+      return;
+    }
     if (runs) await this.arrive(arrival);
     else {
-      this.log(`handoff ${id}: the source's libvirtd left and nothing came`);
+      this.log(`handoff ${id}: ${why === 'channel' ? "the source's libvirtd left" : 'the offer ran out'} and nothing came`);
       await this.undo(id, arrival.record);
     }
   }
@@ -229,20 +240,9 @@ export class IncomingHandoffs {
     await this.undo(id, arrival.record);
   }
 
-  private async expire(id: string): Promise<void> {
-    const arrival = this.arrivals.get(id);
-    if (!arrival || arrival.arriving) return;
-    const runs = await this.host.hypervisor.running().then(
-      (ids) => ids.has(arrival.record.id),
-      () => false,
-    );
-    if (runs) {
-      this.log(`handoff ${id}: its source never completed it, but ${arrival.record.id} runs here`);
-      await this.arrive(arrival);
-    } else {
-      this.log(`handoff ${id}: expired; nothing came`);
-      await this.undo(id, arrival.record);
-    }
+  private arm(arrival: Arrival, ms: number): void {
+    arrival.deadline = setTimeout(() => void this.settle(arrival.id, 'deadline'), ms);
+    arrival.deadline.unref();
   }
 
   private adopt(arrival: Arrival): void {

@@ -303,3 +303,40 @@ export function handoffDomainXml(sourceXml: string, s: DomainSpec, refuse: XmlRe
   if (args.join('\n') !== ours.join('\n')) throw refuse('passes QEMU arguments of its own');
   return serializeXml(doc);
 }
+
+/**
+ * Whether `xml` is the domain handoffDomainXml issued for `s`, as libvirt sends it back re-formatted (defaults,
+ * aliases and addresses added): it passes the same checks, and what the issue set (name, UUID, record, disk and boot
+ * files, console log, QEMU arguments) is already as `s` says.
+ */
+export function isIssuedHandoffDomain(xml: string, s: DomainSpec): boolean {
+  const refuse: XmlRefusal = (message) => new CloudletError('HANDOFF_REFUSED', message);
+  try {
+    return issuedFacts(xml, refuse) === issuedFacts(handoffDomainXml(xml, s, refuse), refuse);
+  } catch {
+    return false;
+  }
+}
+
+/** What handoffDomainXml sets, in one string. */
+function issuedFacts(xml: string, refuse: XmlRefusal): string {
+  const domain = parseDomain(xml, refuse).documentElement!;
+  const texts = (parent: Element, names: string[]) => names.map((n) => childElements(parent, n).map(textOf).join(','));
+  const os = onlyChild(domain, 'os', refuse);
+  const devices = onlyChild(domain, 'devices', refuse);
+  const sources = ['disk', 'serial', 'console'].flatMap((kind) =>
+    childElements(devices, kind).flatMap((d) =>
+      childElements(d, 'source').map((src) => `${kind}:${src.getAttribute('file') ?? src.getAttribute('path') ?? ''}`),
+    ),
+  );
+  const args = childElements(domain)
+    .filter((e) => e.namespaceURI === QEMU_NS && e.localName === 'commandline')
+    .flatMap((c) => childElements(c).map((a) => a.getAttribute('value') ?? ''));
+  return JSON.stringify([
+    ...texts(domain, ['name', 'uuid']),
+    JSON.stringify(parseMetadataElement(xml)),
+    ...texts(os, ['kernel', 'initrd', 'cmdline']),
+    ...sources,
+    ...args,
+  ]);
+}

@@ -280,10 +280,9 @@ export class Hypervisor implements InstanceRuntime {
     return this.call((c) => c.abortJob(uuid));
   }
 
-  /** The UNIX socket this libvirtd listens on (the `socket` parameter of the URI, or libvirt's default for it). */
+  /** The UNIX socket this (system) libvirtd listens on: the `socket` parameter of the URI, or libvirt's default. */
   get socketPath(): string {
-    const socket = new URL(this.uri).searchParams.get('socket');
-    return socket ?? (new URL(this.uri).pathname === '/session' ? '' : '/run/libvirt/libvirt-sock');
+    return new URL(this.uri).searchParams.get('socket') ?? '/run/libvirt/libvirt-sock';
   }
 
   /** Destroy a domain; one that is already gone counts as destroyed. */
