@@ -52,7 +52,8 @@ export async function openSourceRelay(
   log: Logger,
 ): Promise<SourceRelay> {
   const dir = handoffSocketDir(id);
-  await mkdir(dir, { recursive: true, mode: 0o755 });
+  await mkdir(HANDOFF_SOCKET_ROOT, { recursive: true, mode: 0o711 });
+  await mkdir(dir, { mode: 0o755 });
   const servers: net.Server[] = [];
   const open = new Set<net.Socket | Duplex>();
   const sent = { libvirt: 0, memory: 0, disk: 0 };
@@ -66,10 +67,12 @@ export async function openSourceRelay(
       const server = net.createServer((local) => {
         open.add(local);
         local.on('close', () => open.delete(local));
-        local.on('data', (chunk: Buffer) => (sent[channel] += chunk.length));
+        // Not read until the channel to the target is open: what the client sent meanwhile waits in the socket.
+        local.pause();
         connect(channel).then(
           (remote) => {
             open.add(remote);
+            local.on('data', (chunk: Buffer) => (sent[channel] += chunk.length));
             const transform = OUTGOING_TRANSFORMS[channel]?.();
             const outgoing = transform ? [local, transform, remote] : [local, remote];
             pipeline(outgoing as [Duplex, Duplex], () => local.destroy());
@@ -104,7 +107,9 @@ export function sweepHandoffSockets(): Promise<void> {
 /** The target's directory for the sockets its QEMU listens on: QEMU's own (it creates them there). */
 export async function makeTargetSocketDir(id: string, qemu: { uid: number; gid: number } | null): Promise<void> {
   const dir = handoffSocketDir(id);
-  await mkdir(dir, { recursive: true, mode: 0o700 });
+  // QEMU passes through the root to its own directory; nobody lists the root.
+  await mkdir(HANDOFF_SOCKET_ROOT, { recursive: true, mode: 0o711 });
+  await mkdir(dir, { mode: 0o700 });
   if (qemu) await chown(dir, qemu.uid, qemu.gid);
 }
 
