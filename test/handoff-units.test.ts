@@ -1,12 +1,15 @@
 // What a peer may send in a handoff, checked without a VM (docs/handoff.md): the gate on its libvirt control channel
 // (libvirt's RPC framing, only an incoming migration's calls, the Prepare carrying the XML this cloudlet issued), and
-// the domain XML it offers (nothing the agent's own domains do not have).
+// the domain XML it offers (nothing the agent's own domains do not have), and what its credential opens.
 import t from 'tap';
 import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { CloudletError } from '../agent/src/errors';
 import { LibvirtCallFilter, MAX_RPC_MESSAGE_BYTES, MIGRATION_PROCEDURES } from '../agent/src/fleet/handoff-rpc';
-import type { InstanceRecord } from '../agent/src/core/types';
+import type { CloudletApi, InstanceRecord, ProvisioningApi } from '../agent/src/core/types';
+import { v1Face } from '../agent/src/api/v1';
+import type { FleetView } from '../agent/src/api/v1-fleet';
+import type { TrustView } from '../agent/src/api/v1-trust';
 import { buildDomainXml, handoffDomainXml, isIssuedHandoffDomain, type DomainSpec } from '../agent/src/vm/domain-xml';
 
 const REMOTE = 0x20008086;
@@ -169,4 +172,12 @@ t.test('a Prepare’s domain is the issued one when it is that domain re-formatt
   tt.notOk(isIssuedHandoffDomain(issued.replace(`/b/instances/${record.id}/disk.qcow2`, '/b/services/svc/disk.qcow2'), at('/b', 20001)), 'another disk');
   tt.notOk(isIssuedHandoffDomain(issued.replace('</devices>', "<hostdev mode='subsystem' type='pci'/></devices>"), at('/b', 20001)), 'a device more');
   tt.notOk(isIssuedHandoffDomain(offered, at('/b', 20001)), 'the source’s own');
+});
+
+t.test("a cloudlet credential's routes are the deliberate list of docs/security.md, handoffs included", async (tt) => {
+  const nothing = {} as CloudletApi & ProvisioningApi;
+  const peerRoutes = v1Face(nothing, nothing, {} as TrustView, {} as FleetView)
+    .routes.filter((r) => r.peers)
+    .map((r) => `${r.method} ${r.path}`);
+  tt.same(peerRoutes.sort(), ['DELETE /v1/handoffs/:id', 'GET /v1/placement', 'POST /v1/handoffs', 'POST /v1/handoffs/:id/complete']);
 });

@@ -196,10 +196,7 @@ export class IncomingHandoffs {
   private async settle(id: string, why: 'channel' | 'deadline'): Promise<void> {
     const arrival = this.arrivals.get(id);
     if (!arrival || arrival.arriving) return;
-    const runs = await this.host.hypervisor.running().then(
-      (ids) => ids.has(arrival.record.id),
-      () => null,
-    );
+    const runs = await this.host.hypervisor.runsUnpaused(arrival.record.id).catch(() => null);
     if (!this.arrivals.has(id) || arrival.arriving) return;
     // libvirt unreachable: the deadline settles it, or a later one.
     if (runs === null) {
@@ -216,7 +213,7 @@ export class IncomingHandoffs {
   /** The source says the VM runs here: prove it serves, then list it. Resolves to whether it answered in time. */
   async complete(deviceId: string, id: string): Promise<{ ready: boolean; port: number }> {
     const arrival = this.arrival(deviceId, id);
-    if (!(await this.host.hypervisor.running()).has(arrival.record.id)) {
+    if (!(await this.host.hypervisor.runsUnpaused(arrival.record.id))) {
       throw new CloudletError('HANDOFF_FAILED', `instance ${arrival.record.id} of handoff ${id} does not run here`, { details: { handoff_id: id } });
     }
     return this.arrive(arrival);

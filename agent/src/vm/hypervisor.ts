@@ -7,6 +7,7 @@ import {
   Connection,
   DomainEvent,
   DomainFlags,
+  DomainState,
   LibvirtError,
   StoppedDetail,
   libvirtInfo,
@@ -272,6 +273,16 @@ export class Hypervisor implements InstanceRuntime {
     } finally {
       done = true;
       await watching;
+    }
+  }
+
+  /** Whether the domain runs unpaused: an incoming migration's domain is paused until the migration is complete. */
+  async runsUnpaused(uuid: string): Promise<boolean> {
+    try {
+      return (await this.call((c) => c.domainState(uuid))).state === DomainState.Running;
+    } catch (err) {
+      if (libvirtCodeOf(err) === 'VIR_ERR_NO_DOMAIN') return false;
+      throw err;
     }
   }
 
