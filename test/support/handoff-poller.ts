@@ -35,8 +35,12 @@ function poll(): void {
   req.on('error', () => done(false, ''));
 }
 let announced = false;
+/** Polls in a row that succeeded at the endpoint it was moved to. */
+let okAfterMove = 0;
 function done(ok: boolean, body: string): void {
   results.push({ at: Date.now(), ok, body });
+  okAfterMove = moved && ok ? okAfterMove + 1 : 0;
+  if (okAfterMove === 20) process.stdout.write('settled\n');
   // Ready once it reaches the VM and follows the events.
   if (ok && !announced && socket.readyState === WebSocket.OPEN) {
     announced = true;
