@@ -61,6 +61,12 @@
     X(virDomainSaveFlags) \
     X(virDomainRestoreFlags) \
     X(virDomainResume) \
+    X(virDomainMigrateToURI3) \
+    X(virDomainGetJobStats) \
+    X(virDomainAbortJob) \
+    X(virTypedParamsAddString) \
+    X(virTypedParamsGetULLong) \
+    X(virTypedParamsFree) \
     X(virDomainFree)
 
 #define DECLARE_POINTER(name) __typeof__(name) *name;
@@ -453,6 +459,79 @@ clv_result *clv_resume_domain(virConnectPtr conn, const char *uuid)
     virDomainPtr dom = lookup_domain(r, conn, uuid);
     if (dom)
         check_int(r, VIRT(r, virDomainResume, dom));
+    return release_domain(r, dom);
+}
+
+/* ---- live migration (a handoff to another cloudlet, docs/handoff.md) ---- */
+
+/*
+ * Peer-to-peer migration of a running domain: this libvirtd connects to dconnuri itself and drives the whole
+ * protocol; QEMU's stream goes to migrate_uri and the disk copy (NBD) to disks_uri. Blocks its pool thread until the
+ * migration ended; clv_job_stats and clv_abort_job may be called meanwhile from other threads. Empty strings: the
+ * parameter is not given.
+ */
+clv_result *clv_migrate_to_uri3(virConnectPtr conn, const char *uuid, const char *dconnuri, const char *migrate_uri,
+                                const char *disks_uri, const char *dest_xml, const char *disk_target, uint32_t flags)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (!dom)
+        return r;
+    virTypedParameterPtr params = NULL;
+    int count = 0, max = 0;
+    const char *names[] = {VIR_MIGRATE_PARAM_URI, VIR_MIGRATE_PARAM_DISKS_URI, VIR_MIGRATE_PARAM_DEST_XML,
+                           VIR_MIGRATE_PARAM_MIGRATE_DISKS};
+    const char *values[] = {migrate_uri, disks_uri, dest_xml, disk_target};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (optional(values[i]) && VIRT(r, virTypedParamsAddString, &params, &count, &max, names[i], values[i]) < 0) {
+            capture_error(r);
+            virt.virTypedParamsFree(params, count);
+            return release_domain(r, dom);
+        }
+    }
+    check_int(r, VIRT(r, virDomainMigrateToURI3, dom, dconnuri, params, (unsigned int)count, flags));
+    virt.virTypedParamsFree(params, count);
+    return release_domain(r, dom);
+}
+
+/* The domain's current job (a migration's progress) as JSON: {"type": N, "<field>": bytes or ms, ...}. */
+clv_result *clv_job_stats(virConnectPtr conn, const char *uuid)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (!dom)
+        return r;
+    int type = 0, count = 0;
+    virTypedParameterPtr params = NULL;
+    if (check_int(r, VIRT(r, virDomainGetJobStats, dom, &type, &params, &count, 0)) < 0)
+        return release_domain(r, dom);
+    const char *fields[][2] = {
+        {VIR_DOMAIN_JOB_DATA_TOTAL, "data_total"},         {VIR_DOMAIN_JOB_DATA_PROCESSED, "data_processed"},
+        {VIR_DOMAIN_JOB_DATA_REMAINING, "data_remaining"}, {VIR_DOMAIN_JOB_MEMORY_TOTAL, "memory_total"},
+        {VIR_DOMAIN_JOB_MEMORY_PROCESSED, "memory_processed"}, {VIR_DOMAIN_JOB_DISK_TOTAL, "disk_total"},
+        {VIR_DOMAIN_JOB_DISK_PROCESSED, "disk_processed"}, {VIR_DOMAIN_JOB_TIME_ELAPSED, "time_elapsed_ms"},
+        {VIR_DOMAIN_JOB_DOWNTIME, "downtime_ms"},
+    };
+    char json[1024];
+    int used = snprintf(json, sizeof json, "{\"type\":%d", type);
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        unsigned long long value;
+        if (virt.virTypedParamsGetULLong(params, count, fields[i][0], &value) == 1)
+            used += snprintf(json + used, sizeof json - (size_t)used, ",\"%s\":%llu", fields[i][1], value);
+    }
+    snprintf(json + used, sizeof json - (size_t)used, "}");
+    virt.virTypedParamsFree(params, count);
+    r->text = copy_string(json);
+    return release_domain(r, dom);
+}
+
+/* Cancels the domain's current job (a migration: libvirt ends it on both sides, the domain runs on here). */
+clv_result *clv_abort_job(virConnectPtr conn, const char *uuid)
+{
+    clv_result *r = result_new();
+    virDomainPtr dom = lookup_domain(r, conn, uuid);
+    if (dom)
+        check_int(r, VIRT(r, virDomainAbortJob, dom));
     return release_domain(r, dom);
 }
 

@@ -115,7 +115,43 @@ export const DomainFlags = {
   VIR_CONNECT_LIST_DOMAINS_RUNNING: 1 << 4,
   VIR_CONNECT_LIST_DOMAINS_PAUSED: 1 << 5,
   VIR_CONNECT_LIST_DOMAINS_SHUTOFF: 1 << 6,
+  // virDomainMigrateFlags (migrateToUri3)
+  VIR_MIGRATE_LIVE: 1 << 0,
+  VIR_MIGRATE_PEER2PEER: 1 << 1,
+  VIR_MIGRATE_PERSIST_DEST: 1 << 3,
+  VIR_MIGRATE_UNDEFINE_SOURCE: 1 << 4,
+  VIR_MIGRATE_NON_SHARED_INC: 1 << 7,
+  VIR_MIGRATE_AUTO_CONVERGE: 1 << 13,
 } as const;
+
+/** A live migration: where the other libvirtd is, and the parameters of virDomainMigrateToURI3 the agent uses. */
+export interface MigrationTarget {
+  /** The other libvirtd's URI, as this libvirtd connects to it (peer-to-peer). */
+  dconnuri: string;
+  /** VIR_MIGRATE_PARAM_URI: where QEMU's migration stream goes. */
+  migrateUri: string;
+  /** VIR_MIGRATE_PARAM_DISKS_URI: where the disk copy (NBD) goes. */
+  disksUri: string;
+  /** VIR_MIGRATE_PARAM_DEST_XML: the domain as the other side defines it. */
+  destXml: string;
+  /** VIR_MIGRATE_PARAM_MIGRATE_DISKS: the one disk (target name) whose top layer is copied. */
+  disk: string;
+}
+
+/** A job's progress (virDomainGetJobStats); absent fields are ones libvirt did not report. */
+export interface JobStats {
+  /** virDomainJobType: 0 none, 1 bounded, 2 unbounded, 3 completed, 4 failed, 5 cancelled. */
+  type: number;
+  data_total?: number;
+  data_processed?: number;
+  data_remaining?: number;
+  memory_total?: number;
+  memory_processed?: number;
+  disk_total?: number;
+  disk_processed?: number;
+  time_elapsed_ms?: number;
+  downtime_ms?: number;
+}
 
 /** Resolves to null instead of rejecting when the call fails with libvirt error virCode. */
 async function nullWhen<T>(virCode: number, call: Promise<T>): Promise<T | null> {
@@ -262,6 +298,22 @@ export class Connection {
    */
   qemuMonitorCommand(uuid: string, command: string, flags = 0): Promise<string> {
     return this.#call('qemuMonitorCommand', readText, 'clv_qemu_monitor_command', uuid, command, flags);
+  }
+
+  /** Live-migrates the domain to another libvirtd (virDomainMigrateToURI3); resolves when the migration ended. */
+  migrateToUri3(uuid: string, target: MigrationTarget, flags: number): Promise<void> {
+    const { dconnuri, migrateUri, disksUri, destXml, disk } = target;
+    return this.#call('migrateToUri3', readNothing, 'clv_migrate_to_uri3', uuid, dconnuri, migrateUri, disksUri, destXml, disk, flags);
+  }
+
+  /** The progress of the domain's current job (a migration). */
+  jobStats(uuid: string): Promise<JobStats> {
+    return this.#call('jobStats', (result) => JSON.parse(readText(result)) as JobStats, 'clv_job_stats', uuid);
+  }
+
+  /** Cancels the domain's current job (virDomainAbortJob). */
+  abortJob(uuid: string): Promise<void> {
+    return this.#call('abortJob', readNothing, 'clv_abort_job', uuid);
   }
 
   /**

@@ -21,6 +21,7 @@ import { SandboxRuntime } from './sandbox/sandbox-runtime';
 import { UploadSessions } from './synthesis/uploads';
 import { checkReachableByQemu, makeDataDir } from './system/data-dir';
 import { Hypervisor } from './vm/hypervisor';
+import type { HandoffHost } from './fleet/handoff-target';
 
 /** An overlay upload that gets no bytes for this long is abandoned; a finished one is remembered this long. */
 const OVERLAY_UPLOAD_IDLE_MS = 10 * 60_000;
@@ -33,7 +34,11 @@ const OVERLAY_UPLOADS_PER_DEVICE = 2;
  * mechanisms on their runtimes, rebuild the registry from what runs, and hand it all to the core's facade.
  * `libvirtCalls` is told how long each libvirt call took (metrics).
  */
-export async function composeCloudlet(config: AgentConfig, log: Logger, libvirtCalls?: (call: string, seconds: number) => void): Promise<Cloudlet> {
+export async function composeCloudlet(
+  config: AgentConfig,
+  log: Logger,
+  libvirtCalls?: (call: string, seconds: number) => void,
+): Promise<{ cloudlet: Cloudlet; handoffHost: HandoffHost }> {
   // QEMU runs as its own user and must reach the images below the data directory.
   await makeDataDir(config.dataDir);
   const hypervisor = await Hypervisor.connect(config.libvirtUri, config.domainType, log, libvirtCalls);
@@ -80,7 +85,16 @@ export async function composeCloudlet(config: AgentConfig, log: Logger, libvirtC
   await bases.load();
   const recipes = new RecipeStore(path.join(config.dataDir, 'recipes'), log);
   await recipes.load();
-  return Cloudlet.open({
+  const handoffHost: HandoffHost = {
+    hypervisor,
+    registry,
+    ports,
+    services: catalog,
+    instancesDir,
+    bindAddress: config.forward.bindAddress,
+    readyWithinMs: config.limits.readinessTimeoutMs,
+  };
+  const cloudlet = await Cloudlet.open({
     config,
     log,
     hypervisor,
@@ -100,4 +114,5 @@ export async function composeCloudlet(config: AgentConfig, log: Logger, libvirtC
         max: OVERLAY_UPLOADS_PER_DEVICE,
       }),
   });
+  return { cloudlet, handoffHost };
 }

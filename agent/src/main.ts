@@ -15,6 +15,10 @@ import { AGENT_VERSION } from './core/host-status';
 import { OptionalParts } from './core/optional-parts';
 import { AvahiDiscovery } from './discovery/avahi';
 import { PeerLinks } from './fleet/peer-links';
+import { OutgoingHandoffs } from './fleet/handoff-source';
+import { IncomingHandoffs } from './fleet/handoff-target';
+import { sweepHandoffSockets } from './fleet/handoff-relay';
+import { handoffChannelEndpoint } from './api/v1-handoff';
 import { FileDigests } from './system/file-digest';
 import { createLogger } from './log';
 import { agentUrl } from './system/agent-probe';
@@ -31,7 +35,7 @@ async function main(): Promise<void> {
   const log = createLogger('cloudlet-agent');
   const config = await loadConfig();
   const metrics = new AgentMetrics();
-  const cloudlet = await composeCloudlet(config, log, (call, seconds) => metrics.libvirtCall(call, seconds));
+  const { cloudlet, handoffHost } = await composeCloudlet(config, log, (call, seconds) => metrics.libvirtCall(call, seconds));
   metrics.watch(cloudlet);
   // What runs without its optional parts says which are off, why and what to do: one log line each, /v1/health.
   const parts = new OptionalParts(log);
@@ -65,6 +69,12 @@ async function main(): Promise<void> {
     discovered: () => cloudlet.peers(),
   });
   const digests = new FileDigests();
+  const sha256 = (file: string) => digests.sha256(file);
+  await sweepHandoffSockets();
+  const handoffs = {
+    outgoing: new OutgoingHandoffs(handoffHost, peerLinks, sha256, createLogger('handoff')),
+    incoming: new IncomingHandoffs(handoffHost, sha256, createLogger('handoff')),
+  };
   metrics.countMqttClients(() => telemetry.clientCount);
   let tlsPort: number | null = null;
   const server = await startHttpServer({
@@ -77,7 +87,7 @@ async function main(): Promise<void> {
     gate,
     trust: { devices, pairing: new Pairing(devices), tls: { fingerprint: tls?.fingerprint ?? null, port: () => tlsPort } },
     ...(tls ? { tls: { port: config.api.tlsPort, keyFile: tls.keyFile, certFile: tls.certFile } } : {}),
-    fleet: { links: peerLinks, sha256: (file) => digests.sha256(file) },
+    fleet: { links: peerLinks, sha256, handoffs },
     streamEndpoints: [
       {
         path: '/mqtt',
@@ -85,6 +95,7 @@ async function main(): Promise<void> {
         admit: (transport) => telemetry.admit(transport),
         accept: (stream, transport) => telemetry.handle(stream, transport),
       },
+      handoffChannelEndpoint(handoffs.incoming, gate, rateLimiter),
     ],
     kdApi: config.kdApi === 'encrypted' ? { mode: 'encrypted', devices } : { mode: config.kdApi },
     maxBodyBytes: config.limits.jsonBodyBytes,

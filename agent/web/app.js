@@ -85,12 +85,14 @@ function renderServices(services) {
       endpoint: el('div', { hidden: true }),
       start: el('button', { type: 'button', onclick: () => start(s.id), 'aria-describedby': headingId }, 'Start'),
       stop: el('button', { type: 'button', class: 'secondary', hidden: true, 'aria-describedby': headingId }, 'Stop'),
+      // Hands the running VM to the best paired cloudlet that holds the service (docs/handoff.md).
+      move: el('button', { type: 'button', class: 'secondary', hidden: true, 'aria-describedby': headingId }, 'Move'),
     };
     serviceCards.set(s.id, card);
     list.append(el('li', { class: 'card', 'data-service': s.id },
       el('div', { class: 'row' },
         el('div', { class: 'grow' }, el('h3', { id: headingId }, m.description || s.id), el('div', { class: 'meta' }, `${s.id} · version ${m.version || '?'}`)),
-        card.start, card.stop),
+        card.start, card.move, card.stop),
       card.progress, card.status, card.endpoint));
   }
   refreshServiceStates();
@@ -121,6 +123,7 @@ function refreshServiceStates() {
     card.start.disabled = busy;
     card.start.hidden = Boolean(ready);
     card.stop.hidden = !ready;
+    card.move.hidden = !ready;
     if (ready) {
       card.progress.hidden = true;
       card.status.className = 'status ready';
@@ -129,6 +132,7 @@ function refreshServiceStates() {
       const wildcard = ['0.0.0.0', '::', ''].includes(ready.bind_address);
       showEndpoint(card, { address: wildcard ? location.hostname : ready.bind_address, port: ready.host_port });
       card.stop.onclick = () => stop(serviceId, ready.id);
+      card.move.onclick = () => handOff(serviceId, ready.id);
     } else {
       card.endpoint.hidden = true;
       if (stopping) {
@@ -202,6 +206,33 @@ async function stop(serviceId, instanceId) {
   }
 }
 
+async function handOff(serviceId, instanceId) {
+  const card = serviceCards.get(serviceId);
+  card.move.disabled = true;
+  card.status.className = 'status';
+  card.status.textContent = 'Moving to another cloudlet; it serves while it moves…';
+  try {
+    const result = await api('POST', `/v1/instances/${encodeURIComponent(instanceId)}/handoff`, { target: 'auto' });
+    showMoved(serviceId, instanceId, result.moved_to);
+  } catch (err) {
+    card.status.className = 'status error';
+    card.status.textContent = `Could not move it (it runs on here): ${err.message}`;
+  } finally {
+    card.move.disabled = false;
+  }
+}
+
+/** The instance runs at another cloudlet now: its new endpoint, on the service's card. */
+function showMoved(serviceId, instanceId, to) {
+  instances.delete(instanceId);
+  refreshServiceStates();
+  const card = serviceCards.get(serviceId);
+  if (!card) return;
+  card.status.className = 'status';
+  card.status.textContent = `Moved to ${to.name}`;
+  showEndpoint(card, to);
+}
+
 /** Live state from /v1/events; without it (an old agent, a proxy) the page still works from the start replies. */
 function followEvents(retryMs) {
   let ws;
@@ -219,6 +250,7 @@ function followEvents(retryMs) {
       instances.clear();
       for (const i of event.instances) instances.set(i.id, i);
     } else if (event.type === 'instance') {
+      if (event.state === 'moved') return showMoved(event.instance.service_id, event.instance.id, event.moved_to);
       if (event.state === 'stopped' || event.state === 'crashed') instances.delete(event.instance.id);
       else instances.set(event.instance.id, event.instance);
     } else if (event.type === 'progress') {

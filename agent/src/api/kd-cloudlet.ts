@@ -6,6 +6,7 @@ import { addressKey, deviceIdOf, stopperOf } from '../trust/access';
 import { APP_KINDS } from '../core/apps';
 import type { App, CloudletApi, Endpoint, Instance, Package, Service } from '../core/types';
 import { asCloudletError, CloudletError, type ErrorCode } from '../errors';
+import { KdMailbox } from './kd-messages';
 import { splitTags } from './v1-apps';
 import { emptyReply, fileReply, hostOf, jsonReply, keptWhile, textReply, type ApiRequest, type Face, type Reply, type Route } from './routing';
 
@@ -15,14 +16,24 @@ export function kdCloudletFace(api: CloudletApi): Face {
     () => api.catalogRevision(),
     () => jsonReply(200, { services: startableServices(api).map(serviceJson) }),
   );
+  const mailbox = new KdMailbox(api);
   const routes: Route[] = [
     { method: 'GET', path: '/api/services', access: 'services', handle: servicesReply },
     { method: 'GET', path: '/api/services/get', access: 'services', handle: (request) => findService(api, request) },
     { method: 'GET', path: '/api/servicevm/start', access: 'services', handle: (request) => startServiceVm(api, request) },
     { method: 'GET', path: '/api/servicevm/stop', access: 'services', handle: (request) => stopServiceVm(api, request) },
     { method: 'GET', path: '/api/system', access: 'open', handle: (request) => systemMetadata(api, request) },
-    // Device mailboxes are not implemented yet: every device has an empty one.
-    { method: 'GET', path: '/api/system/get_messages', access: 'open', handle: () => jsonReply(200, { messages: [] }) },
+    // KD answers a missing X-Device-ID with a 500 (a KeyError); no device, no mailbox, here.
+    {
+      method: 'GET',
+      path: '/api/system/get_messages',
+      access: 'open',
+      handle: (request) => {
+        const deviceId = request.header('x-device-id')?.slice(0, 200);
+        const serviceId = request.query.get('serviceId')?.slice(0, 200);
+        return jsonReply(200, { messages: deviceId && serviceId ? mailbox.take(deviceId, serviceId) : [] });
+      },
+    },
     { method: 'GET', path: '/api/apps', access: 'open', handle: ({ query }) => jsonReply(200, { apps: androidApps(api, query).map(appJson) }) },
     { method: 'GET', path: '/api/apps/get', access: 'open', handle: (request) => getApp(api, request) },
   ];

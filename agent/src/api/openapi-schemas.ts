@@ -29,7 +29,7 @@ const readiness: Schema = {
 
 const instanceState = enumOf('starting', 'ready', 'stopping');
 /** An instance event also tells the end of an instance: its final state. */
-const eventState = enumOf('starting', 'ready', 'stopping', 'stopped', 'crashed');
+const eventState = enumOf('starting', 'ready', 'stopping', 'stopped', 'crashed', 'moved');
 
 function instance(state: Schema): Schema {
   return object({
@@ -43,7 +43,7 @@ function instance(state: Schema): Schema {
     shareable: bool,
     users: int,
     owners: strings,
-    launch: enumOf('memory-state', 'cold-boot', 'warm-pool'),
+    launch: enumOf('memory-state', 'cold-boot', 'warm-pool', 'handoff'),
     created_at: time,
     ready_at: nullable(time),
   });
@@ -294,6 +294,10 @@ export const SCHEMAS: Record<string, Schema> = {
     revoked_at: nullable(time),
     standing: enumOf('active', 'revoked', 'expired'),
   }),
+  MovedTo: {
+    description: 'Where a handed-off instance runs now (docs/handoff.md): the paired cloudlet (its peer id here), and the endpoint there.',
+    ...object({ cloudlet_id: str, name: str, address: str, port: int, api_port: int }),
+  },
   Event: {
     description: 'One message of the /v1/events WebSocket: a snapshot first, then instance changes and launch progress.',
     oneOf: [
@@ -303,10 +307,11 @@ export const SCHEMAS: Record<string, Schema> = {
           type: { const: 'instance' },
           state: eventState,
           reason: str,
+          moved_to: ref('MovedTo'),
           instance: instance(eventState),
           at: time,
         },
-        ['reason'],
+        ['reason', 'moved_to'],
       ),
       object(
         {

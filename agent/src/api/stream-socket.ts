@@ -7,16 +7,19 @@ import { Duplex } from 'node:stream';
 import type { Transport } from '../trust/access';
 import type { Release } from '../trust/connection-caps';
 import type { RateLimiter } from '../trust/rate-limit';
-import type { SocketEndpoint, SocketPeer, SocketSession } from './socket-endpoint';
+import type { SocketEndpoint, SocketPeer, SocketSession, UpgradeRequest } from './socket-endpoint';
 
 export interface StreamEndpoint {
   path: string;
   /** The WebSocket subprotocol to agree to when the client offers it (MQTT clients offer `mqtt`). */
   protocol: string;
-  /** Counts a connection at its upgrade until it is released, or throws (the upgrade is then refused with the error). */
-  admit?(transport: Transport): Release;
+  /**
+   * Counts a connection at its upgrade until it is released, or throws (the upgrade is then refused with the error);
+   * `request`: the upgrade's headers and query (for a stream whose credential comes with the upgrade).
+   */
+  admit?(transport: Transport, request: UpgradeRequest): Release;
   /** `transport`: who connected and whether over TLS (the stream's own protocol may carry credentials). */
-  accept(stream: Duplex, transport: Transport): void;
+  accept(stream: Duplex, transport: Transport, request: UpgradeRequest): void;
 }
 
 /** Largest WebSocket message accepted from a client (MQTT packets from subscribers are tiny). */
@@ -28,8 +31,8 @@ export function streamSocket(endpoint: StreamEndpoint, limiter: RateLimiter | nu
     limits: { maxPayloadLength: MAX_WS_MESSAGE_BYTES, idleTimeoutSeconds: 0, maxBackpressure: 4 * MAX_WS_MESSAGE_BYTES },
     upgrade: (request) => {
       limiter?.takeForAddress(request.transport.remoteAddress);
-      const release = endpoint.admit?.(request.transport);
-      return new StreamSession(endpoint, request.transport, release, log);
+      const release = endpoint.admit?.(request.transport, request);
+      return new StreamSession(endpoint, request, release, log);
     },
   };
 }
@@ -43,7 +46,7 @@ class StreamSession implements SocketSession {
 
   constructor(
     private readonly endpoint: StreamEndpoint,
-    private readonly transport: Transport,
+    private readonly request: UpgradeRequest,
     private readonly release: Release | undefined,
     private readonly log: (line: string) => void,
   ) {
@@ -69,7 +72,7 @@ class StreamSession implements SocketSession {
     });
     this.stream = stream;
     stream.on('error', (err) => this.log(`${this.endpoint.path} stream: ${err.message}`));
-    this.endpoint.accept(stream, this.transport);
+    this.endpoint.accept(stream, this.request.transport, this.request);
   }
 
   message(data: Buffer): void {

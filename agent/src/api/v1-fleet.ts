@@ -11,12 +11,15 @@ import type { PlacementFacts } from '../fleet/placement';
 import { CloudletError } from '../errors';
 import { jsonObject, requiredString } from './json-fields';
 import { emptyReply, jsonReply, type Route } from './routing';
+import { handoffRoutes, type Handoffs } from './v1-handoff';
 import { peerJson } from './wire-shapes';
 
 /** What the fleet routes need besides the core: the paired cloudlets, and the digests of the images held. */
 export interface FleetView {
   links: Pick<PeerLinks, 'pair' | 'forget' | 'peers'>;
   sha256(file: string): Promise<string>;
+  /** Handing instances to and from paired cloudlets (docs/handoff.md). */
+  handoffs: Handoffs;
 }
 
 const DEFAULT_API_PORT = 9999;
@@ -52,6 +55,7 @@ export function fleetRoutes(api: CloudletApi, fleet?: FleetView): Route[] {
               return jsonReply(201, peerJson({ discovered: null, link }));
             },
           } satisfies Route,
+          ...handoffRoutes(api, fleet.handoffs),
           {
             method: 'DELETE',
             path: '/v1/peers/:id',

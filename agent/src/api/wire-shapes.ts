@@ -7,7 +7,7 @@
  * was shown until the news that ends it for the device: its last state, or the device leaving it.
  * This module imports neither a face nor telemetry: both import it.
  */
-import type { CloudletEvent } from '../core/events';
+import { isFinalState, type CloudletEvent, type MovedTo } from '../core/events';
 import type { Endpoint, HealthReport, Instance, Package, Service, StartResult, StopResult, SystemInfo } from '../core/types';
 import type { PeerView } from '../fleet/peer-links';
 import type { LaunchTimings } from '../core/timing';
@@ -137,9 +137,15 @@ export function eventJson(event: CloudletEvent) {
     type: 'instance',
     state: event.state,
     ...(event.reason ? { reason: event.reason } : {}),
+    ...(event.movedTo ? { moved_to: movedToJson(event.movedTo) } : {}),
     instance: { ...instanceJson(event.instance), state: event.state },
     at: event.at,
   };
+}
+
+/** Where a handed-off instance runs now (docs/handoff.md): the cloudlet (its peer id here) and the new endpoint. */
+export function movedToJson(to: MovedTo) {
+  return { cloudlet_id: to.cloudletId, name: to.name, address: to.address, port: to.port, api_port: to.apiPort };
 }
 
 export function healthJson(report: HealthReport) {
@@ -196,7 +202,7 @@ export class InstanceView {
   /** The event as this stream may see it, or null when it is about an instance that is not the caller's. */
   event(event: CloudletEvent): CloudletEvent | null {
     if (event.type === 'progress') return this.follows(event.instanceId, null, false) ? event : null;
-    const last = event.state === 'stopped' || event.state === 'crashed';
+    const last = isFinalState(event.state);
     return this.follows(event.instance.id, event.instance.owners, last) ? { ...event, instance: this.redacted(event.instance) } : null;
   }
 

@@ -13,7 +13,7 @@ import { escaped, jsonLine } from './terminal';
 import type { Context, Options, Values, Verb } from './verb';
 import { addAppVerb, appsVerb, downloadVerb, removeAppVerb } from './verbs-apps';
 import { discoverVerb, healthVerb, systemVerb } from './verbs-cloudlet';
-import { consoleVerb, instancesVerb, serviceVerb, servicesVerb, startVerb, stopVerb } from './verbs-instances';
+import { consoleVerb, handoffVerb, instancesVerb, serviceVerb, servicesVerb, startVerb, stopVerb } from './verbs-instances';
 import { packageVerb } from './verbs-packages';
 import { devicesVerb, pairVerb, peerVerb } from './verbs-pairing';
 import { recipeVerb } from './verbs-recipes';
@@ -36,6 +36,7 @@ const VERBS: Record<string, Verb> = {
   top: topVerb,
   start: startVerb,
   stop: stopVerb,
+  handoff: handoffVerb,
   console: consoleVerb,
   recipe: recipeVerb,
   package: packageVerb,

@@ -72,7 +72,7 @@ export class TopView {
       if (!row || !state) return [];
       const reason = text(message.reason);
       const previous = this.rows.get(row.id);
-      if (state === 'stopped' || state === 'crashed') {
+      if (state === 'stopped' || state === 'crashed' || state === 'moved') {
         this.rows.delete(row.id);
         if (previous?.state === 'starting') this.tally.failed++;
       } else {

@@ -87,6 +87,32 @@ export const stopVerb: Verb = {
   },
 };
 
+/** A handoff copies the disk's top layer and the memory of a live VM over the LAN. */
+const HANDOFF_TIMEOUT_MS = 10 * 60_000;
+
+export const handoffVerb: Verb = {
+  summary: 'move a running instance, live, to a paired cloudlet that holds its service (docs/handoff.md)',
+  usage: 'cloudlet handoff INSTANCE_ID [--to PEER_ID]',
+  options: { to: { type: 'string' } },
+  optionHelp: ['--to PEER_ID       the paired cloudlet (cloudlet peers); default: the best-ranked one holding the service'],
+  args: [1, 1],
+  acts: true,
+  run: async ({ cloudlet, args, values }) => {
+    const target = typeof values.to === 'string' ? values.to : 'auto';
+    process.stderr.write(shown`handing ${args[0]} off to ${target === 'auto' ? 'the best paired cloudlet' : target}: it serves while it moves\n`);
+    const result = await (
+      await cloudlet()
+    ).call<{ moved_to: { name: string; address: string; port: number } }>(
+      'POST',
+      `/v1/instances/${encodeURIComponent(args[0]!)}/handoff`,
+      { target },
+      HANDOFF_TIMEOUT_MS,
+    );
+    const to = result.moved_to;
+    return { json: result, text: shown`moved ${args[0]} to ${to.name}\nendpoint ${to.address}:${to.port}` };
+  },
+};
+
 const SERVICE_USAGE = 'cloudlet service show ID | service import DIR | service remove ID | service capture ID';
 /** Capturing boots a throwaway VM until it serves, then saves its memory. */
 const CAPTURE_TIMEOUT_MS = 15 * 60_000;

@@ -5,15 +5,33 @@
  */
 import type { Instance } from './types';
 
-/** Every state an instance passes through; `stopped` and `crashed` are final (the instance is gone). */
-export type InstanceLifecycleState = Instance['state'] | 'stopped' | 'crashed';
+/**
+ * Every state an instance passes through; `stopped`, `crashed` and `moved` are final (the instance is gone from this
+ * cloudlet; `moved`: it runs on, at another one, docs/handoff.md).
+ */
+export type InstanceLifecycleState = Instance['state'] | 'stopped' | 'crashed' | 'moved';
+
+/** Whether nothing more will happen to the instance here: it stopped, crashed or moved to another cloudlet. */
+export const isFinalState = (state: InstanceLifecycleState): boolean => state === 'stopped' || state === 'crashed' || state === 'moved';
+
+/** Where a moved instance runs now: the cloudlet it was handed to, and its new endpoint there. */
+export interface MovedTo {
+  /** The peer's id here (a paired cloudlet, GET /v1/peers). */
+  cloudletId: string;
+  name: string;
+  address: string;
+  /** Its new forward there. */
+  port: number;
+  /** That cloudlet's API port (where a KD client polls). */
+  apiPort: number;
+}
 
 /**
  * Why an instance reached a final state: `requested` (its last user stopped it), `launch-failed`,
  * `not-ready` (adopted while starting, never became ready), `out-of-memory` (a sandbox's memory limit), `authorization-ended`
  * (its last user was a device whose authorization was revoked or expired), or what libvirt reported for a VM that ended outside
  * the agent: `shutdown`, `destroyed`, `crashed`, `failed` (QEMU died, e.g. killed), `saved`, `migrated`,
- * or `vanished` when it was only noticed missing.
+ * or `vanished` when it was only noticed missing; `handed-off` (moved to another cloudlet, which runs it on).
  */
 export type EndReason =
   | 'requested'
@@ -27,7 +45,8 @@ export type EndReason =
   | 'saved'
   | 'migrated'
   | 'vanished'
-  | 'authorization-ended';
+  | 'authorization-ended'
+  | 'handed-off';
 
 export interface InstanceStateEvent {
   type: 'instance';
@@ -35,6 +54,8 @@ export interface InstanceStateEvent {
   /** The instance as it is now (its last view for a final state). */
   instance: Instance;
   reason?: EndReason;
+  /** A moved instance: where it runs now. */
+  movedTo?: MovedTo;
   at: string;
 }
 

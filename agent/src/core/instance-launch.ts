@@ -1,13 +1,15 @@
 import { mkdir, rm } from 'node:fs/promises';
-import { CloudletError, withDetails } from '../errors';
+import path from 'node:path';
+import { CloudletError, asCloudletError, withDetails } from '../errors';
+import { noSpaceError } from '../system/disk-space';
 import type { Logger } from '../log';
 import { faultPoint } from '../system/fault-points';
 import type { LaunchPhase } from './events';
-import type { LaunchPlan, Mechanism, WarmStart } from './mechanism';
+import type { CapturingMechanism, LaunchPlan, Mechanism, WarmStart } from './mechanism';
 import type { PortAllocator } from './ports';
 import { boundedProbe, waitUntilReady } from './readiness';
-import type { InstanceRuntime } from './runtime';
-import type { PhaseTimer } from './timing';
+import type { InstanceRuntime, SavedInstance } from './runtime';
+import { PhaseTimer } from './timing';
 import type { InstanceRecord, MechanismName, Workload } from './types';
 
 /** Launches of one instance that end with its port taken before the registry gives up. */
@@ -32,6 +34,37 @@ export class Launcher {
     private readonly readyWithinMs: number,
     private readonly log: Logger,
   ) {}
+
+  /** A capture's throwaway instance in `dir` (InstanceRegistry.capture, which holds a launch slot for it). */
+  async capture<W extends Workload, T>(
+    dir: string,
+    service: W,
+    mechanism: CapturingMechanism<W>,
+    keep: (saved: SavedInstance & { dir: string }) => Promise<T>,
+  ): Promise<T> {
+    const id = path.basename(dir);
+    let record = this.newRecord(service, mechanism.name, id, dir);
+    try {
+      await mkdir(dir, { mode: 0o755 });
+      record = await this.bringUp(mechanism, record, {
+        service,
+        domainName: `cloudlet-capture-${id.slice(0, 8)}`,
+        timer: new PhaseTimer(),
+        progress: () => {},
+        admit: async () => {},
+      });
+      await this.untilServing(record, mechanism.runtime, new PhaseTimer());
+      return await keep({ dir, ...(await mechanism.runtime.save(record, dir)) });
+    } catch (err) {
+      throw await withConsoleTail(asCloudletError(await noSpaceError(err, dir, `capture the state of ${service.id}`)), mechanism.runtime, dir);
+    } finally {
+      // With the runtime away the instance cannot be ended now: its files and port still go, and the reconnect ends
+      // it (a capture whose directory is gone is over).
+      await mechanism.runtime.destroy(id).catch((err: Error) => this.log(`capture instance ${id} is not ended yet: ${err.message}`));
+      await rm(dir, { recursive: true, force: true });
+      if (record.hostPort) this.ports.release(record.hostPort);
+    }
+  }
 
   /** A new instance of `service` in `dir`, with no port and no users yet. */
   newRecord(service: Workload, mechanism: MechanismName, id: string, dir: string): InstanceRecord {

@@ -5,7 +5,7 @@ import { CloudletError, asCloudletError } from '../errors';
 import { noSpaceError } from '../system/disk-space';
 import { faultPoint } from '../system/fault-points';
 import type { Logger } from '../log';
-import { EventBus, type InstanceLifecycleState, type LaunchPhase } from './events';
+import { EventBus, type InstanceLifecycleState, type LaunchPhase, type MovedTo } from './events';
 import { Launcher, domainName, launchPercent, withConsoleTail } from './instance-launch';
 import { RuntimeSync, type ReconcileCost } from './instance-sync';
 import type { CapturingMechanism, Mechanism } from './mechanism';
@@ -349,32 +349,31 @@ export class InstanceRegistry {
    * the saved files to `keep` (which moves or copies them). Whatever happens, the instance, its files and its port are
    * gone afterwards; a restart in the middle leaves a staging leftover that the next adopt ends.
    */
-  async capture<W extends Workload, T>(service: W, mechanism: CapturingMechanism<W>, keep: (saved: SavedInstance & { dir: string }) => Promise<T>): Promise<T> {
-    const id = randomUUID();
-    const dir = path.join(this.stagingDir, id);
-    let record = this.launcher.newRecord(service, mechanism.name, id, dir);
-    return this.gate.run(async () => {
-      try {
-        await mkdir(dir, { mode: 0o755 });
-        record = await this.launcher.bringUp(mechanism, record, {
-          service,
-          domainName: `cloudlet-capture-${id.slice(0, 8)}`,
-          timer: new PhaseTimer(),
-          progress: () => {},
-          admit: async () => {},
-        });
-        await this.launcher.untilServing(record, mechanism.runtime, new PhaseTimer());
-        return await keep({ dir, ...(await mechanism.runtime.save(record, dir)) });
-      } catch (err) {
-        throw await withConsoleTail(asCloudletError(await noSpaceError(err, dir, `capture the state of ${service.id}`)), mechanism.runtime, dir);
-      } finally {
-        // With the runtime away the instance cannot be ended now: its files and port still go, and the reconnect ends
-        // it (a capture whose directory is gone is over).
-        await mechanism.runtime.destroy(id).catch((err: Error) => this.log(`capture instance ${id} is not ended yet: ${err.message}`));
-        await rm(dir, { recursive: true, force: true });
-        if (record.hostPort) this.ports.release(record.hostPort);
-      }
+  capture<W extends Workload, T>(service: W, mechanism: CapturingMechanism<W>, keep: (saved: SavedInstance & { dir: string }) => Promise<T>): Promise<T> {
+    return this.gate.run(() => this.launcher.capture(path.join(this.stagingDir, randomUUID()), service, mechanism, keep));
+  }
+
+  /** Hand a ready instance to another cloudlet (docs/handoff.md): `move` runs in its queue, and resolves once it runs there. */
+  handOff(id: string, move: (record: InstanceRecord) => Promise<MovedTo>): Promise<MovedTo> {
+    return this.queue.run(id, async () => {
+      const record = this.record(id);
+      if (record.state !== 'ready') throw new CloudletError('HANDOFF_IN_PROGRESS', `instance ${id} is ${record.state}`, { details: { instance_id: id } });
+      const movedTo = await move(record);
+      await this.forget(record, { state: 'moved', reason: 'handed-off', movedTo });
+      return movedTo;
     });
+  }
+
+  /** An instance arriving from another cloudlet: tracked (never swept) from its offer (`record`) until it arrived or not (null). */
+  expectArrival(id: string, record: InstanceRecord | null): void {
+    if (record) this.starting.set(id, record);
+    else this.starting.delete(id);
+  }
+  /** It runs here and serves: listed and announced as any instance (its port was reserved with the offer). */
+  arrived(record: InstanceRecord): void {
+    this.starting.delete(record.id);
+    this.adoptRecord(record);
+    this.announce(record, 'ready');
   }
 
   /** Release one use of an instance (who may release which: instance-uses.ts); the last one ends it. */
@@ -460,11 +459,12 @@ export class InstanceRegistry {
     await rm(record.dir, { recursive: true, force: true });
     if (record.hostPort) this.ports.release(record.hostPort);
     this.instances.delete(record.id);
-    this.announce(record, ending.state, ending.reason);
+    this.announce(record, ending.state, ending.reason, ending.movedTo);
   }
 
-  private announce(record: InstanceRecord, state: InstanceLifecycleState, reason?: InstanceEnding['reason']): void {
-    this.events.emit({ type: 'instance', state, instance: publicView(record), ...(reason ? { reason } : {}), at: new Date().toISOString() });
+  private announce(record: InstanceRecord, state: InstanceLifecycleState, reason?: InstanceEnding['reason'], movedTo?: MovedTo): void {
+    const at = new Date().toISOString();
+    this.events.emit({ type: 'instance', state, instance: publicView(record), ...(reason ? { reason } : {}), ...(movedTo ? { movedTo } : {}), at });
   }
 
   private progress(record: InstanceRecord, phase: LaunchPhase, bytes?: { done: number; total: number }): void {

@@ -1,10 +1,11 @@
-import type { EndReason } from './events';
+import type { EndReason, MovedTo } from './events';
 import type { InstanceRecord } from './types';
 
-/** How an instance ended, as far as its runtime can tell. */
+/** How an instance ended, as far as its runtime can tell; or that the registry handed it to another cloudlet (`moved`). */
 export interface InstanceEnding {
-  state: 'stopped' | 'crashed';
+  state: 'stopped' | 'crashed' | 'moved';
   reason: EndReason;
+  movedTo?: MovedTo;
 }
 
 /** An instance saved as it was serving: its memory state and its disk, files that stand alone. */

@@ -126,9 +126,10 @@ export interface Instance {
   owners: string[];
   /**
    * 'memory-state' when restored from the service's saved state, 'warm-pool' when it was a VM of the service's warm
-   * pool (restored paused ahead of time), 'cold-boot' otherwise.
+   * pool (restored paused ahead of time), 'handoff' when it arrived running from another cloudlet (docs/handoff.md),
+   * 'cold-boot' otherwise.
    */
-  launch: 'memory-state' | 'warm-pool' | 'cold-boot';
+  launch: 'memory-state' | 'warm-pool' | 'cold-boot' | 'handoff';
   createdAt: string;
   readyAt: string | null;
 }

@@ -6,7 +6,10 @@
  */
 import http from 'node:http';
 import https from 'node:https';
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
+import WebSocket, { createWebSocketStream } from 'ws';
 import { CloudletError } from '../errors';
 
 /** The most an answer from another cloudlet may be (a placement of a thousand services fits easily). */
@@ -85,6 +88,38 @@ export function pinnedCall(peer: PeerEndpoint, method: string, path: string, opt
     },
   });
   return exchange(req, peer.address, peer.tlsPort, payload);
+}
+
+/** The largest WebSocket message a peer may send on a byte-stream channel (a handoff's). */
+const MAX_PEER_MESSAGE_BYTES = 1024 * 1024;
+
+/**
+ * A byte stream to the peer: a WebSocket to `path` on its HTTPS port, pinned to its certificate as pinnedCall, with
+ * the credential; each write is one binary message. Rejects when the peer refuses the upgrade (its status said).
+ */
+export function pinnedStream(peer: PeerEndpoint, path: string, token: string): Promise<Duplex> {
+  const host = net.isIPv6(peer.address) ? `[${peer.address}]` : peer.address;
+  // ws hands these on to tls.connect, whose checkServerIdentity (unlike ws's own typing of it) returns an Error.
+  const pinned: tls.ConnectionOptions = {
+    ca: peer.certificate,
+    checkServerIdentity: (_host, cert) =>
+      cert.fingerprint256 === peer.fingerprint ? undefined : new Error(`the certificate ${cert.fingerprint256} is not the pinned ${peer.fingerprint}`),
+  };
+  const socket = new WebSocket(`wss://${host}:${peer.tlsPort}${path}`, {
+    ...(pinned as WebSocket.ClientOptions),
+    headers: { authorization: `Bearer ${token}` },
+    handshakeTimeout: PEER_TIMEOUT_MS,
+    maxPayload: MAX_PEER_MESSAGE_BYTES,
+    perMessageDeflate: false,
+  });
+  return new Promise((resolve, reject) => {
+    socket.once('open', () => resolve(createWebSocketStream(socket)));
+    socket.once('unexpected-response', (_req, res) => {
+      socket.terminate();
+      reject(new CloudletError('PEER_REFUSED', `the cloudlet at ${peer.address} refused the channel ${path.split('?')[0]}: ${res.statusCode}`));
+    });
+    socket.once('error', (err) => reject(unreachable(peer.address, peer.tlsPort, err)));
+  });
 }
 
 /** Sends the request and reads a bounded JSON answer (json: null when it is not JSON). */

@@ -153,6 +153,11 @@ export class PeerLinks {
     this.facts.delete(id);
   }
 
+  /** A paired cloudlet with its credential, for this agent's own calls to it (a handoff); never shown. */
+  credentialOf(id: string): (PeerEndpoint & { id: string; name: string; token: string }) | null {
+    return this.links.get(id) ?? null;
+  }
+
   /** Every peer: those mDNS sees, joined with what pairing knows of the same address and port, then the paired ones unseen. */
   peers(): PeerView[] {
     const links = [...this.links.values()];

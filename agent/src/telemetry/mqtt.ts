@@ -12,9 +12,9 @@ import { statfs } from 'node:fs/promises';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { Aedes, type AuthenticateError, type Client } from 'aedes';
-import { eventJson, instanceJson, InstanceView, poolJson } from '../api/wire-shapes';
+import { eventJson, instanceJson, InstanceView, movedToJson, poolJson } from '../api/wire-shapes';
 import type { AgentConfig } from '../config';
-import type { CloudletEvent } from '../core/events';
+import { isFinalState, type CloudletEvent } from '../core/events';
 import type { PartsReporter } from '../core/optional-parts';
 import type { CloudletApi, Service } from '../core/types';
 import type { Logger } from '../log';
@@ -299,8 +299,15 @@ export class Telemetry {
       this.lastProvisionedAt = event.at;
       void this.publishMetrics();
     }
-    const payload = JSON.stringify({ ...instanceJson(event.instance), state: event.state, ...(event.reason ? { reason: event.reason } : {}), at: event.at });
-    if (event.state === 'stopped' || event.state === 'crashed') {
+    const moved = event.movedTo ? { moved_to: movedToJson(event.movedTo) } : {};
+    const payload = JSON.stringify({
+      ...instanceJson(event.instance),
+      state: event.state,
+      ...(event.reason ? { reason: event.reason } : {}),
+      ...moved,
+      at: event.at,
+    });
+    if (isFinalState(event.state)) {
       // The final state reaches current subscribers; then the retained topic is cleared (an empty retained message),
       // after Home Assistant has been told the instance's entity is gone.
       this.publish(topic, payload, false);

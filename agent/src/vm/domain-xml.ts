@@ -75,6 +75,8 @@ export function hostfwdRule(f: Forward): string {
 }
 
 export const NETDEV_ID = 'cl0';
+/** The NIC on the user-mode netdev, at its fixed PCI slot. */
+const NIC_ARG = 'virtio-net-pci,netdev=cl0,bus=pci.0,addr=0x10';
 
 export function buildDomainXml(s: DomainSpec): string {
   const boot = s.boot
@@ -118,7 +120,7 @@ export function buildDomainXml(s: DomainSpec): string {
     `    <qemu:arg value='-netdev'/>`,
     `    <qemu:arg value='${netdevArg(s.forward)}'/>`,
     `    <qemu:arg value='-device'/>`,
-    `    <qemu:arg value='virtio-net-pci,netdev=cl0,bus=pci.0,addr=0x10'/>`,
+    `    <qemu:arg value='${NIC_ARG}'/>`,
     `  </qemu:commandline>`,
     `</domain>`,
   ]
@@ -230,4 +232,111 @@ function firstDifference(claimed: Element, reference: Element): string | null {
     return x.nodeName === y.nodeName ? `${where} element ${i + 1}, <${x.nodeName}>` : `<${x.nodeName}> where the base has <${y.nodeName}> in ${where}`;
   }
   return `the attributes of ${where}`;
+}
+
+/** What a domain handed over by another cloudlet may hold at its top level, and among its devices (the agent's own domains' elements). */
+const HANDOFF_DOMAIN_ELEMENTS = new Set([
+  'name',
+  'uuid',
+  'metadata',
+  'memory',
+  'currentMemory',
+  'vcpu',
+  'os',
+  'features',
+  'cpu',
+  'clock',
+  'on_poweroff',
+  'on_reboot',
+  'on_crash',
+  'devices',
+  'commandline',
+]);
+const HANDOFF_DEVICES = new Set(['disk', 'controller', 'serial', 'console', 'input', 'audio', 'memballoon']);
+/** Dropped from a handed-over domain: this cloudlet's libvirtd sets them itself (its labels, cgroup partition, emulator). */
+const HANDOFF_DROPPED = new Set(['seclabel', 'resource']);
+
+/**
+ * The domain a handed-over instance runs as here (docs/handoff.md): the migratable XML the other cloudlet sent (which
+ * must describe the same machine, or libvirt refuses the migration), given this cloudlet's identity and files: its
+ * disk (an overlay over its own copy of the service's image), console log, boot files, forward and record. A peer's
+ * XML is hostile: anything the agent's own domains do not have is refused (a device, a QEMU argument, a boot loader),
+ * and the memory, vCPUs and kernel command line must be this cloudlet's service's.
+ */
+export function handoffDomainXml(sourceXml: string, s: DomainSpec, refuse: XmlRefusal): string {
+  const doc = parseDomain(sourceXml, refuse);
+  const domain = doc.documentElement!;
+  if (domain.getAttribute('type') !== s.type) throw refuse(`is of type ${domain.getAttribute('type')}, not ${s.type}`);
+  for (const child of childElements(domain)) {
+    if (HANDOFF_DROPPED.has(child.localName!)) domain.removeChild(child);
+    else if (!HANDOFF_DOMAIN_ELEMENTS.has(child.localName!) || (child.localName === 'commandline' && child.namespaceURI !== QEMU_NS)) {
+      throw refuse(`has a <${child.nodeName}>, which no domain of this cloudlet has`);
+    }
+  }
+  const memory = onlyChild(domain, 'memory', refuse);
+  const kib = Number(textOf(memory)) * ({ KiB: 1, MiB: 1024, GiB: 1024 * 1024 }[memory.getAttribute('unit') || 'KiB'] ?? NaN);
+  if (kib !== s.memoryMib * 1024) throw refuse(`has ${kib} KiB of memory, not the service's ${s.memoryMib} MiB`);
+  if (textOf(onlyChild(domain, 'vcpu', refuse)) !== String(s.vcpus)) throw refuse(`does not have the service's ${s.vcpus} vCPUs`);
+  const os = onlyChild(domain, 'os', refuse);
+  for (const child of childElements(os)) {
+    if (!['type', 'kernel', 'initrd', 'cmdline', 'boot'].includes(child.localName!)) throw refuse(`has a <${child.nodeName}> in <os>`);
+  }
+  const cmdline = optionalChild(os, 'cmdline', refuse);
+  if ((cmdline ? textOf(cmdline) : null) !== (s.boot?.cmdline ?? null)) throw refuse("does not boot with the service's kernel command line");
+  const devices = onlyChild(domain, 'devices', refuse);
+  for (const device of childElements(devices)) {
+    if (device.localName === 'emulator') devices.removeChild(device);
+    else if (!HANDOFF_DEVICES.has(device.localName!)) throw refuse(`has a <${device.nodeName}> device`);
+    else if ((device.localName === 'serial' || device.localName === 'console') && device.getAttribute('type') !== 'file')
+      throw refuse(`has a ${device.localName} that is no file`);
+  }
+  for (const disk of childElements(devices, 'disk')) {
+    // This cloudlet's qcow2 overlay names its own backing file; libvirt reads the chain from it.
+    for (const backing of childElements(disk, 'backingStore')) disk.removeChild(backing);
+  }
+  retargetDomain(doc, s, refuse);
+  const args = childElements(domain)
+    .filter((e) => e.namespaceURI === QEMU_NS && e.localName === 'commandline')
+    .flatMap((c) => childElements(c))
+    .map((a) => `${a.localName}=${a.getAttribute('value') ?? ''}`);
+  const ours = ['-netdev', netdevArg(s.forward), '-device', NIC_ARG].map((value) => `arg=${value}`);
+  if (args.join('\n') !== ours.join('\n')) throw refuse('passes QEMU arguments of its own');
+  return serializeXml(doc);
+}
+
+/**
+ * Whether `xml` is the domain handoffDomainXml issued for `s`, as libvirt sends it back re-formatted (defaults,
+ * aliases and addresses added): it passes the same checks, and what the issue set (name, UUID, record, disk and boot
+ * files, console log, QEMU arguments) is already as `s` says.
+ */
+export function isIssuedHandoffDomain(xml: string, s: DomainSpec): boolean {
+  const refuse: XmlRefusal = (message) => new CloudletError('HANDOFF_REFUSED', message);
+  try {
+    return issuedFacts(xml, refuse) === issuedFacts(handoffDomainXml(xml, s, refuse), refuse);
+  } catch {
+    return false;
+  }
+}
+
+/** What handoffDomainXml sets, in one string. */
+function issuedFacts(xml: string, refuse: XmlRefusal): string {
+  const domain = parseDomain(xml, refuse).documentElement!;
+  const texts = (parent: Element, names: string[]) => names.map((n) => childElements(parent, n).map(textOf).join(','));
+  const os = onlyChild(domain, 'os', refuse);
+  const devices = onlyChild(domain, 'devices', refuse);
+  const sources = ['disk', 'serial', 'console'].flatMap((kind) =>
+    childElements(devices, kind).flatMap((d) =>
+      childElements(d, 'source').map((src) => `${kind}:${src.getAttribute('file') ?? src.getAttribute('path') ?? ''}`),
+    ),
+  );
+  const args = childElements(domain)
+    .filter((e) => e.namespaceURI === QEMU_NS && e.localName === 'commandline')
+    .flatMap((c) => childElements(c).map((a) => a.getAttribute('value') ?? ''));
+  return JSON.stringify([
+    ...texts(domain, ['name', 'uuid']),
+    JSON.stringify(parseMetadataElement(xml)),
+    ...texts(os, ['kernel', 'initrd', 'cmdline']),
+    ...sources,
+    ...args,
+  ]);
 }

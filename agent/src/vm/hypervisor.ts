@@ -3,7 +3,18 @@ import { access, readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Connection, DomainEvent, DomainFlags, LibvirtError, StoppedDetail, libvirtInfo, type CallObserver } from '../../../native/libvirt';
+import {
+  Connection,
+  DomainEvent,
+  DomainFlags,
+  DomainState,
+  LibvirtError,
+  StoppedDetail,
+  libvirtInfo,
+  type CallObserver,
+  type JobStats,
+  type MigrationTarget,
+} from '../../../native/libvirt';
 import { CloudletError, isNoSpace } from '../errors';
 import type { Logger } from '../log';
 import type { InstanceRecord } from '../core/types';
@@ -50,6 +61,9 @@ function libvirtCodeOf(err: unknown): string | undefined {
  * holds one for good: restores may take at most half of the rest, so the agent's own file work (a synthesis feeding its
  * stream, requests, records) always finds a thread. A cached restore's feed needs none (save-image.ts).
  */
+/** How often a migration's progress is read. */
+const PROGRESS_INTERVAL_MS = 500;
+
 const RESTORES_AT_ONCE = Math.max(1, Math.floor(((Number(process.env.UV_THREADPOOL_SIZE) || 4) - 1) / 2));
 
 /** At most `free` runs at once; the others wait their turn, in order. */
@@ -227,6 +241,59 @@ export class Hypervisor implements InstanceRuntime {
     if (/Could not set up host forwarding rule/i.test(reply)) throw new CloudletError('PORT_TAKEN', reply, { details: { host_port: forward.hostPort } });
     if (reply) throw new CloudletError('HYPERVISOR_ERROR', `QEMU refused ${command}: ${reply.slice(0, 500)}`);
     await this.call((c) => c.resumeDomain(id));
+  }
+
+  /** The domain as a live migration describes it (libvirt's migratable XML): what a handoff's target checks and retargets. */
+  migratableXml(uuid: string): Promise<string> {
+    return this.call((c) => c.domainXml(uuid, DomainFlags.VIR_DOMAIN_XML_MIGRATABLE));
+  }
+
+  /**
+   * Live-migrate the running domain peer-to-peer (docs/handoff.md): only the top layer of its disk travels (the target
+   * holds the same backing image), and the domain stays transient there as here. Resolves once it runs there; on any
+   * failure libvirt cancels the migration and the domain runs on here. `progress` is told the job's statistics every
+   * PROGRESS_INTERVAL_MS meanwhile.
+   */
+  async migrate(uuid: string, target: MigrationTarget, progress: (stats: JobStats) => void): Promise<void> {
+    const { VIR_MIGRATE_LIVE, VIR_MIGRATE_PEER2PEER, VIR_MIGRATE_NON_SHARED_INC, VIR_MIGRATE_AUTO_CONVERGE } = DomainFlags;
+    const migrating = this.call((c) =>
+      c.migrateToUri3(uuid, target, VIR_MIGRATE_LIVE | VIR_MIGRATE_PEER2PEER | VIR_MIGRATE_NON_SHARED_INC | VIR_MIGRATE_AUTO_CONVERGE),
+    );
+    let done = false;
+    const watching = (async () => {
+      while (!done) {
+        await sleep(PROGRESS_INTERVAL_MS);
+        if (done) return;
+        const stats = await this.call((c) => c.jobStats(uuid)).catch(() => null);
+        if (stats && !done) progress(stats);
+      }
+    })();
+    try {
+      await migrating;
+    } finally {
+      done = true;
+      await watching;
+    }
+  }
+
+  /** Whether the domain runs unpaused: an incoming migration's domain is paused until the migration is complete. */
+  async runsUnpaused(uuid: string): Promise<boolean> {
+    try {
+      return (await this.call((c) => c.domainState(uuid))).state === DomainState.Running;
+    } catch (err) {
+      if (libvirtCodeOf(err) === 'VIR_ERR_NO_DOMAIN') return false;
+      throw err;
+    }
+  }
+
+  /** Cancels the domain's migration under way (libvirt ends it on both sides; the domain runs on here). */
+  abortMigration(uuid: string): Promise<void> {
+    return this.call((c) => c.abortJob(uuid));
+  }
+
+  /** The UNIX socket this (system) libvirtd listens on: the `socket` parameter of the URI, or libvirt's default. */
+  get socketPath(): string {
+    return new URL(this.uri).searchParams.get('socket') ?? '/run/libvirt/libvirt-sock';
   }
 
   /** Destroy a domain; one that is already gone counts as destroyed. */
