@@ -13,7 +13,7 @@ import { faultPoint } from '../system/fault-points';
 import { readConsoleTail } from './console-log';
 import { METADATA_KEY, METADATA_URI, NETDEV_ID, hostfwdRule, metadataElement, parseMetadataElement, type Forward } from './domain-xml';
 import { instanceFiles } from './instance-domain';
-import { prepareRestoreSource, type LiveMigrationStream, type SaveImageHeader, type StreamProgress } from './save-image';
+import { headerReadsOf, prepareRestoreSource, type LiveMigrationStream, type SaveImageHeader, type StreamProgress } from './save-image';
 
 /**
  * libvirt failures become HYPERVISOR_ERROR carrying libvirt's own code and message; QEMU refusing a forward whose
@@ -182,7 +182,7 @@ export class Hypervisor implements InstanceRuntime {
     onProgress?: StreamProgress,
   ): Promise<void> {
     const conn = this.connection();
-    const source = await prepareRestoreSource(state.image, state.header, xml, workDir, onProgress);
+    const source = await prepareRestoreSource(state.image, state.header, xml, workDir, headerReadsOf(this.libvirtVersion), onProgress);
     const flags = paused ? DomainFlags.VIR_DOMAIN_SAVE_PAUSED : DomainFlags.VIR_DOMAIN_SAVE_RUNNING;
     const restoring = this.call(() => conn.restoreDomain(source.path, null, flags));
     restoring.catch(() => {}); // observed below
