@@ -30,6 +30,15 @@ async function syntheticTemplate(dir: string): Promise<{ path: string; stream: B
   return { path, stream, streamOffset: header.length + LIBVIRT_PADDING };
 }
 
+/** A template in a fresh directory and a restore source for the instance `name` from it. */
+async function restoreSourceFor(t: Test, name: string, headerReads: number) {
+  const dir = await scratchDir(t);
+  const template = await syntheticTemplate(dir);
+  const xml = instanceXml(name);
+  const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), xml, dir, headerReads);
+  return { dir, template, xml, source };
+}
+
 function instanceXml(name: string): string {
   return TEMPLATE_XML.replace('svc-template', name).replace('bff81a72-1be8-4acf-b7fc-ee13419fc526', '0e9b1c55-2f5c-4c2e-9d1e-5d0c1f0a7b11');
 }
@@ -103,10 +112,7 @@ t.test('libvirt 11.1 and later read the header in an open of their own first: th
   t.equal(headerReadsOf('11.3.0'), 2, 'libvirt 11.3 (Debian 13) reads the metadata first, then opens again for QEMU');
   t.equal(headerReadsOf('12.0.0'), 2);
 
-  const dir = await scratchDir(t);
-  const template = await syntheticTemplate(dir);
-  const xml = instanceXml('i2');
-  const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), xml, dir, 2);
+  const { dir, template, xml, source } = await restoreSourceFor(t, 'i2', 2);
   const headerBytes = encodeSaveImageHeader({ xml, cookie: COOKIE, wasRunning: true, compressed: 0 }).length;
 
   // As libvirt's qemuSaveImageGetMetadata: open, read exactly the header, close.
@@ -127,9 +133,7 @@ t.test('libvirt 11.1 and later read the header in an open of their own first: th
 });
 
 t.test('dispose ends a reader that is still reading: it sees the end of the FIFO instead of hanging', async (t) => {
-  const dir = await scratchDir(t);
-  const template = await syntheticTemplate(dir);
-  const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), instanceXml('i2'), dir, 1);
+  const { dir, template, source } = await restoreSourceFor(t, 'i2', 1);
   const reader = await open(source.path, 'r');
   const first = await reader.read(Buffer.alloc(4096), 0, 4096);
   t.equal(first.buffer.toString('latin1', 0, 16), 'LibvirtQemudSave');
@@ -143,9 +147,7 @@ t.test('dispose ends a reader that is still reading: it sees the end of the FIFO
 });
 
 t.test('dispose before anyone read the source stops it: done() rejects and the FIFO is gone', async (t) => {
-  const dir = await scratchDir(t);
-  const template = await syntheticTemplate(dir);
-  const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), instanceXml('i3'), dir, 1);
+  const { dir, source } = await restoreSourceFor(t, 'i3', 1);
   await source.dispose();
   await t.rejects(source.done(), { code: 'LAUNCH_FAILED' });
   t.same((await readdir(dir)).sort(), ['state.sav']);

@@ -189,7 +189,7 @@ export class Hypervisor implements InstanceRuntime {
     try {
       await Promise.all([restoring, source.done()]);
     } catch (err) {
-      // When QEMU or libvirt fails, the stream breaks too (EPIPE), often first: libvirt's own error says what failed.
+      // When QEMU or libvirt fails, libvirt's own error says what failed, rather than the stream's.
       // Ending the source first lets a restore still waiting for it fail rather than hang.
       await source.dispose();
       throw (
