@@ -14,9 +14,10 @@ STACK="$REPO/.build/test-stack"
 NODE_DIR="$REPO/.build/node"
 SUITE=trixie
 MIRRORS=("deb http://deb.debian.org/debian $SUITE main" "deb http://deb.debian.org/debian-security $SUITE-security main")
-# What the tests and benchmarks use beyond the image (build.sh's PACKAGES without the compilers, Debian's Node and
-# the guest builder's kernel: the native shim, dist/ and the test guest are built on the host and shared).
-TEST_PACKAGES=(avahi-utils mosquitto socat tini curl chromium busybox-static cpio xdelta3 xz-utils)
+# What the tests and benchmarks use beyond the image: build.sh's PACKAGES without the compilers and Debian's Node (the
+# native shim and dist/ are built on the host and shared), with the guest builder's kernel and tools (tests build
+# customized guests of their own: its cloud kernel has ext4 built in, which the generic one has as a module).
+TEST_PACKAGES=(avahi-utils mosquitto socat tini curl chromium linux-image-cloud-amd64 busybox-static cpio xdelta3 xz-utils)
 APPLIANCE_UWS='uWebSockets.js@npm:@btc-vision/uwebsockets.js@20.57.0'
 
 say() { printf '%s\n' "test-stack: $*" >&2; }
@@ -31,10 +32,11 @@ bootstrap() {
   [ "$(cat "$STACK/root.stamp" 2>/dev/null)" = "$stamp" ] && return
   command -v mmdebstrap >/dev/null || die "mmdebstrap not found: apt-get install mmdebstrap"
   say "bootstrapping Debian $SUITE for the tests (a few minutes)"
-  rm -rf "$root" "$root.tmp" "$STACK/root.stamp"
+  rm -rf "$root.tmp"
   mkdir -p "$STACK"
   # No service starts in the root (mmdebstrap's policy-rc.d; no systemd runs there): a run starts what it needs.
   mmdebstrap --mode=root --variant=apt --include="$(packages)" "$SUITE" "$root.tmp" "${MIRRORS[@]}"
+  rm -rf "$root" "$STACK/root.stamp"
   mv "$root.tmp" "$root"
   echo "$stamp" > "$STACK/root.stamp"
 }
