@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cloudlet agent build entry point. Sub-commands:
 #   run            install what is missing, build, build the demo Service VM, run the agent on its embedded defaults
-#   test           install what is missing, build, start the daemons the tests need, run the whole suite
+#   test [FILES]   install what is missing, build, start the daemons the tests need, run the whole suite (or FILES);
+#                  CLOUDLET_TEST_STACK=trixie runs them on the appliance's stack (docs/appliance.md)
 #   lint           install what is missing, check the house rules: tsc, eslint, prettier, dependency-cruiser (the
 #                  import rules in .dependency-cruiser.cjs), no source file over 500 lines; one line per check
 #   bench NAME|all [--quick]   run bench/NAME, or every benchmark in turn (each ends with one line of JSON);
@@ -156,8 +157,10 @@ case "${1:-}" in
     exec node dist/agent/src/main.js
     ;;
   test)
+    # CLOUDLET_TEST_STACK=trixie: on the appliance's stack (rootfs/test-stack.sh, built with mmdebstrap).
+    [ "${CLOUDLET_TEST_STACK:-host}" = host ] || WITH_IMAGE_TOOLS=1
     deps; build; daemons
-    exec node dist/test/run.js
+    exec node dist/test/run.js "${@:2}"
     ;;
   lint) deps; lint ;;
   bench)

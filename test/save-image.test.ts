@@ -5,11 +5,10 @@
  */
 import t, { type Test } from 'tap';
 import { randomBytes } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, stat, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readdir, readFile, stat, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { decodeSaveImageHeader, encodeSaveImageHeader, prepareRestoreSource, readSaveImageHeader } from '../agent/src/vm/save-image';
+import { decodeSaveImageHeader, encodeSaveImageHeader, headerReadsOf, prepareRestoreSource, readSaveImageHeader } from '../agent/src/vm/save-image';
 
 const TEMPLATE_XML = "<domain type='qemu'>\n  <name>svc-template</name>\n  <uuid>bff81a72-1be8-4acf-b7fc-ee13419fc526</uuid>\n</domain>\n";
 const COOKIE = "<cookie>\n  <cpu mode='custom'><model>qemu64</model></cpu>\n  <slirpHelper/>\n</cookie>\n";
@@ -29,6 +28,15 @@ async function syntheticTemplate(dir: string): Promise<{ path: string; stream: B
   const path = join(dir, 'state.sav');
   await writeFile(path, Buffer.concat([header, Buffer.alloc(LIBVIRT_PADDING), stream]));
   return { path, stream, streamOffset: header.length + LIBVIRT_PADDING };
+}
+
+/** A template in a fresh directory and a restore source for the instance `name` from it. */
+async function restoreSourceFor(t: Test, name: string, headerReads: number) {
+  const dir = await scratchDir(t);
+  const template = await syntheticTemplate(dir);
+  const xml = instanceXml(name);
+  const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), xml, dir, headerReads);
+  return { dir, template, xml, source };
 }
 
 function instanceXml(name: string): string {
@@ -78,7 +86,7 @@ t.test('a restore source carries the new XML, the template cookie and a byte-ide
   for (const xml of [longer, shorter]) {
     const instanceDir = join(dir, `instance-${xml.length}`);
     await mkdir(instanceDir);
-    const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), xml, instanceDir);
+    const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), xml, instanceDir, 1);
     t.ok((await stat(source.path)).isFIFO(), 'the source is a FIFO: nothing is copied to disk');
     t.equal(source.path, join(instanceDir, 'memory-state.fifo'));
 
@@ -98,34 +106,48 @@ t.test('a restore source carries the new XML, the template cookie and a byte-ide
   t.ok((await readFile(template.path)).subarray(template.streamOffset).equals(template.stream), 'the template is untouched');
 });
 
-t.test('the source serves one reader: an early close fails done(), and dispose releases a reader left waiting', async (t) => {
-  // libvirt 9.0 opens the restore path once; a libvirt that read the header in an open of its own would fail here
-  const dir = await scratchDir(t);
-  const template = await syntheticTemplate(dir);
-  const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), instanceXml('i2'), dir);
+t.test('libvirt 11.1 and later read the header in an open of their own first: the source serves that open, then the restore', async (t) => {
+  t.equal(headerReadsOf('9.0.0'), 1, 'libvirt 9.0 (Debian 12) reads header and stream through one open');
+  t.equal(headerReadsOf('11.0.0'), 1);
+  t.equal(headerReadsOf('11.3.0'), 2, 'libvirt 11.3 (Debian 13) reads the metadata first, then opens again for QEMU');
+  t.equal(headerReadsOf('12.0.0'), 2);
 
-  const firstChunk = await new Promise<Buffer>((resolve, reject) => {
-    const reader = createReadStream(source.path, { highWaterMark: 4096 });
-    reader.once('data', (chunk) => {
-      reader.destroy();
-      resolve(chunk as Buffer);
-    });
-    reader.once('error', reject);
-  });
-  t.equal(firstChunk.toString('latin1', 0, 16), 'LibvirtQemudSave');
-  await t.rejects(source.done(), { code: 'LAUNCH_FAILED', message: /restore stream failed/ });
+  const { dir, template, xml, source } = await restoreSourceFor(t, 'i2', 2);
+  const headerBytes = encodeSaveImageHeader({ xml, cookie: COOKIE, wasRunning: true, compressed: 0 }).length;
 
-  const secondReader = readFile(source.path); // blocks in open(): no writer any more
-  await new Promise((resolve) => setTimeout(resolve, 50));
+  // As libvirt's qemuSaveImageGetMetadata: open, read exactly the header, close.
+  const metadataOpen = await open(source.path, 'r');
+  const metadata = Buffer.alloc(headerBytes);
+  for (let at = 0; at < headerBytes;) at += (await metadataOpen.read(metadata, at, headerBytes - at)).bytesRead;
+  await metadataOpen.close();
+  t.equal(decodeSaveImageHeader(metadata).xml, xml, 'the first open reads the new header');
+
+  // As qemuSaveImageOpen + QEMU: the header again, then the stream to its end.
+  const image = await readFile(source.path);
+  await t.resolves(source.done());
+  const header = decodeSaveImageHeader(image);
+  t.equal(header.xml, xml, 'the second open reads the header again');
+  t.ok(image.subarray(header.streamOffset).equals(template.stream), 'then the template’s stream, byte for byte');
   await source.dispose();
-  t.equal((await secondReader).length, 0, 'the waiting reader sees EOF instead of hanging');
+  t.same((await readdir(dir)).sort(), ['state.sav']);
+});
+
+t.test('dispose ends a reader that is still reading: it sees the end of the FIFO instead of hanging', async (t) => {
+  const { dir, template, source } = await restoreSourceFor(t, 'i2', 1);
+  const reader = await open(source.path, 'r');
+  const first = await reader.read(Buffer.alloc(4096), 0, 4096);
+  t.equal(first.buffer.toString('latin1', 0, 16), 'LibvirtQemudSave');
+  // The reader stops reading (QEMU failed); the restore call fails and its caller disposes of the source.
+  await source.dispose();
+  await t.rejects(source.done(), { code: 'LAUNCH_FAILED' });
+  const rest = await reader.readFile();
+  t.ok(rest.length < template.stream.length, 'the reader got EOF before the end of the stream');
+  await reader.close();
   t.same((await readdir(dir)).sort(), ['state.sav']);
 });
 
 t.test('dispose before anyone read the source stops it: done() rejects and the FIFO is gone', async (t) => {
-  const dir = await scratchDir(t);
-  const template = await syntheticTemplate(dir);
-  const source = await prepareRestoreSource(template.path, await readSaveImageHeader(template.path), instanceXml('i3'), dir);
+  const { dir, source } = await restoreSourceFor(t, 'i3', 1);
   await source.dispose();
   await t.rejects(source.done(), { code: 'LAUNCH_FAILED' });
   t.same((await readdir(dir)).sort(), ['state.sav']);
@@ -153,7 +175,9 @@ t.test('images we cannot restore from are INVALID_IMAGE', async (t) => {
     ['cut-in-xml.sav', image.subarray(0, 150), /truncated header/],
     ['no-stream.sav', image.subarray(0, template.streamOffset), /no migration stream/],
     ['version-3.sav', withField(16, 3), /version 3/],
-    ['zstd.sav', withField(28, 5), /compression format 5/],
+    ['zstd.sav', withField(28, 5), /compression format 5 \(zstd\)/],
+    ['sparse.sav', withField(28, 6), /compression format 6 \(sparse/],
+    ['unknown-format.sav', withField(28, 7), /compression format 7: save it raw/],
     ['huge-data-len.sav', withField(20, 0xffffffff), /bad data length/],
   ];
   for (const [name, bytes, message] of cases) {

@@ -114,6 +114,52 @@ t.test('a stream that is not a QEMU migration stream has no RAM pages to find', 
   tt.equal(findRamPages(fake, 0), null);
 });
 
+/** A file-version `version` migration stream whose RAM section (id 2) holds one zero page and one 4 KiB page of "pc.ram". */
+function ramStream(version: number): { stream: Buffer; pageAt: number } {
+  const be32 = (n: number) => Buffer.from([n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255]);
+  const be64 = (n: bigint) => {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(n);
+    return b;
+  };
+  const idstr = (s: string) => Buffer.concat([Buffer.from([s.length]), Buffer.from(s, 'latin1')]);
+  const ram = 1n << 20n;
+  const head = Buffer.concat([
+    Buffer.from('QEVM'),
+    be32(version),
+    Buffer.from([0x07]), // QEMU_VM_CONFIGURATION: the machine type
+    be32(6),
+    Buffer.from('pc-q35'),
+    Buffer.from([0x01]), // QEMU_VM_SECTION_START of "ram", instance 0, version 4
+    be32(2),
+    idstr('ram'),
+    be32(0),
+    be32(4),
+    be64(ram | 0x04n), // total | MEM_SIZE, then each block: idstr, used length
+    idstr('pc.ram'),
+    be64(ram),
+    be64(0x10n), // EOS
+    Buffer.from([0x7e]), // footer
+    be32(2),
+    Buffer.from([0x03]), // QEMU_VM_SECTION_END of section 2
+    be32(2),
+    be64(0x1000n | 0x02n), // a zero page, with the block's idstr
+    idstr('pc.ram'),
+    Buffer.from([0]),
+    be64(0x2000n | 0x08n | 0x20n), // a page of the same block (CONTINUE: no idstr)
+  ]);
+  const stream = Buffer.concat([head, Buffer.alloc(PAGE_BYTES, 0xab), be64(0x10n), Buffer.from([0x7e]), be32(2), Buffer.from([0x00])]);
+  return { stream, pageAt: head.length };
+}
+const PAGE_BYTES = 4096;
+
+t.test('the RAM pages of a version 3 stream (QEMU 7.2 to 10) are found; a stream of another version is not walked', async (tt) => {
+  const { stream, pageAt } = ramStream(3);
+  tt.same(findRamPages(stream, 0), [{ offset: pageAt, guestAddress: 'pc.ram@8192' }]);
+  tt.equal(findRamPages(ramStream(2).stream, 0), null, 'file version 2 has other records: not guessed at');
+  tt.equal(findRamPages(ramStream(4).stream, 0), null, 'nor a version not yet known');
+});
+
 t.test('an overlay may not ask for more memory or vCPUs than the base the operator imported', async (tt) => {
   const sized = (memory_mib: number, vcpus: number) => ({ service_id: 'org.test.svc', memory_mib, vcpus, boot: null }) as unknown as ServiceManifest;
   const base = { name: 'base', dir: '/nonexistent', manifest: sized(128, 1) } as unknown as BaseVm;

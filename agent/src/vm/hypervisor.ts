@@ -24,7 +24,7 @@ import { faultPoint } from '../system/fault-points';
 import { readConsoleTail } from './console-log';
 import { METADATA_KEY, METADATA_URI, NETDEV_ID, hostfwdRule, metadataElement, parseMetadataElement, type Forward } from './domain-xml';
 import { instanceFiles } from './instance-domain';
-import { prepareRestoreSource, type LiveMigrationStream, type SaveImageHeader, type StreamProgress } from './save-image';
+import { headerReadsOf, prepareRestoreSource, type LiveMigrationStream, type SaveImageHeader, type StreamProgress } from './save-image';
 
 /**
  * libvirt failures become HYPERVISOR_ERROR carrying libvirt's own code and message; QEMU refusing a forward whose
@@ -196,14 +196,14 @@ export class Hypervisor implements InstanceRuntime {
     onProgress?: StreamProgress,
   ): Promise<void> {
     const conn = this.connection();
-    const source = await prepareRestoreSource(state.image, state.header, xml, workDir, onProgress);
+    const source = await prepareRestoreSource(state.image, state.header, xml, workDir, headerReadsOf(this.libvirtVersion), onProgress);
     const flags = paused ? DomainFlags.VIR_DOMAIN_SAVE_PAUSED : DomainFlags.VIR_DOMAIN_SAVE_RUNNING;
     const restoring = this.call(() => conn.restoreDomain(source.path, null, flags));
     restoring.catch(() => {}); // observed below
     try {
       await Promise.all([restoring, source.done()]);
     } catch (err) {
-      // When QEMU or libvirt fails, the stream breaks too (EPIPE), often first: libvirt's own error says what failed.
+      // When QEMU or libvirt fails, libvirt's own error says what failed, rather than the stream's.
       // Ending the source first lets a restore still waiting for it fail rather than hang.
       await source.dispose();
       throw (

@@ -3,7 +3,10 @@
  * guest page is a record `be64 (addr | RAM_SAVE_FLAG_PAGE) [u8 len, idstr] <4096 bytes>` of the "ram" section. Those
  * 4096-byte payloads are guest pages, 4 KiB-aligned in the guest, so they are what deduplicates against disk blocks
  * and base pages. Only the RAM section is walked (setup, iterations, end); device sections after it stay opaque.
- * Format: QEMU migration/ram.c and migration/savevm.c (QEMU 7.2, as shipped by Debian 12).
+ * Format: QEMU migration/ram.c and migration/savevm.c, file version 3, as QEMU 7.2 (Debian 12) and QEMU 10.0
+ * (Debian 13) write it. A stream of another file version, or whose RAM section has
+ * records this walker does not know (compressed, XBZRLE, multifd or mapped-ram pages), is not walked at all: the
+ * caller then deduplicates fixed 4 KiB blocks of the file, which stays correct, only coarser.
  */
 const FLAG_ZERO = 0x02;
 const FLAG_MEM_SIZE = 0x04;
@@ -12,6 +15,9 @@ const FLAG_EOS = 0x10;
 const FLAG_CONTINUE = 0x20;
 const FLAG_MASK = 0xfff;
 const PAGE = 4096;
+const STREAM_MAGIC = 'QEVM';
+/** QEMU_VM_FILE_VERSION since QEMU 1.x; version 2 streams have no configuration section and other records. */
+const STREAM_VERSION = 3;
 const SECTION_PART = 0x02;
 const SECTION_END = 0x03;
 const SECTION_FOOTER = 0x7e;
@@ -40,7 +46,8 @@ export function findRamPages(image: Buffer, streamOffset: number): RamPage[] | n
 }
 
 function walkRam(image: Buffer, streamOffset: number): RamPage[] | null {
-  if (image.toString('latin1', streamOffset, streamOffset + 4) !== 'QEVM') return null;
+  if (image.toString('latin1', streamOffset, streamOffset + 4) !== STREAM_MAGIC) return null;
+  if (image.readUInt32BE(streamOffset + 4) !== STREAM_VERSION) return null;
   const found = image.indexOf(RAM_SECTION, streamOffset);
   if (found < 5 || found - streamOffset > RAM_SECTION_SEARCH_BYTES || image[found - 5] !== 0x01) return null;
   const sectionId = image.readUInt32BE(found - 4);

@@ -6,6 +6,8 @@
  * the domain XML embedded in the image header has to be replaced. We never copy the template: the restore source
  * is a FIFO in the instance dir, and we write a freshly encoded header followed by the template's untouched
  * migration stream into it while libvirtd reads it (docs/save-image.md has the format and the measurements).
+ * libvirt up to 11.0 reads the header and hands QEMU the stream in one open of the path; from 11.1 on it first reads
+ * the header in an open of its own (the image's metadata), then opens it again: the FIFO then carries the header twice.
  *
  * Header layout (libvirt src/qemu/qemu_saveimage.h, version 2, little-endian host order):
  *   char magic[16] "LibvirtQemudSave"; u32 version; u32 data_len; u32 was_running; u32 compressed;
@@ -20,7 +22,7 @@ import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { promisify } from 'node:util';
-import { CloudletError, isErrno } from '../errors';
+import { CloudletError } from '../errors';
 
 const SAVE_MAGIC = 'LibvirtQemudSave';
 /** libvirt writes this magic first and the real one only after the migration finished. */
@@ -28,10 +30,13 @@ const PARTIAL_MAGIC = 'LibvirtQemudPart';
 const SAVE_VERSION = 2;
 const FIXED_HEADER_BYTES = 92;
 /** Values of the `compressed` field libvirt 9.0 knows: raw, gzip, bzip2, xz, lzop. libvirt decompresses the
- *  stream itself, so we pass any of them through; newer values (zstd, the non-stream "sparse" format) we can't. */
+ *  stream itself, so we pass any of them through. */
 const COMPRESSION_NAMES = ['raw', 'gzip', 'bzip2', 'xz', 'lzop'];
-/** How often we retry opening the FIFO for writing until libvirtd has opened it for reading. */
-const READER_POLL_MS = 2;
+/** Newer values (libvirt 10-11), refused by name: zstd needs a zstd libvirt may not have, and "sparse" (QEMU's
+ *  mapped-ram) is not a stream at all but RAM at fixed file offsets, which a FIFO cannot carry. */
+const UNSUPPORTED_COMPRESSION: Record<number, string> = { 5: 'zstd', 6: 'sparse (QEMU mapped-ram)' };
+/** The first libvirt that reads a restore image's header in an open of its own before the one it hands QEMU. */
+const SEPARATE_HEADER_OPEN_SINCE = [11, 1];
 /** libvirt pads its own headers by 64 KiB; anything near this bound is garbage, not a domain XML. */
 const MAX_DATA_BYTES = 16 << 20;
 
@@ -97,7 +102,10 @@ function decodeFixedHeader(bytes: Buffer): FixedHeader {
     compressed: bytes.readUInt32LE(28),
     cookieOffset: bytes.readUInt32LE(32),
   };
-  if (fixed.compressed >= COMPRESSION_NAMES.length) throw invalid(`unsupported compression format ${fixed.compressed}`);
+  if (fixed.compressed >= COMPRESSION_NAMES.length) {
+    const known = UNSUPPORTED_COMPRESSION[fixed.compressed];
+    throw invalid(`unsupported compression format ${fixed.compressed}${known ? ` (${known})` : ''}: save it raw (save_image_format in qemu.conf)`);
+  }
   if (fixed.dataLength === 0 || fixed.dataLength > MAX_DATA_BYTES || fixed.cookieOffset >= fixed.dataLength) {
     throw invalid(`bad data length ${fixed.dataLength} / cookie offset ${fixed.cookieOffset}`);
   }
@@ -149,13 +157,14 @@ export async function readSaveImageHeaderFrom(read: (bytes: number) => Promise<B
 }
 
 const execFileAsync = promisify(execFile);
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
-/**
- * Prepare a restore source at a path inside instanceDir whose embedded domain XML is `xml` and whose memory
- * stream is the template's. Nothing is copied: the path is a FIFO fed from the template while it is read, and it
- * serves exactly one reader (libvirt 9.0 opens the restore path once and hands that fd to QEMU).
- */
+/** How many times libvirt `version` ("11.3.0") reads a restore image's header, each time in an open of its own. */
+export function headerReadsOf(version: string): 1 | 2 {
+  const [major = 0, minor = 0] = version.split('.').map(Number);
+  const [sinceMajor, sinceMinor] = SEPARATE_HEADER_OPEN_SINCE as [number, number];
+  return major > sinceMajor || (major === sinceMajor && minor >= sinceMinor) ? 2 : 1;
+}
+
 /** Bytes of the image written to the reader so far, and in all. */
 export type StreamProgress = (done: number, total: number) => void;
 
@@ -165,12 +174,18 @@ export interface LiveMigrationStream {
   bytes: number;
 }
 
-/** `templatePath`: the save image whose migration stream is streamed, or a live migration stream; `template` is its header. */
+/**
+ * Prepare a restore source at a path inside instanceDir whose embedded domain XML is `xml` and whose memory
+ * stream is the template's. Nothing is copied: the path is a FIFO fed from the template while it is read.
+ * `templatePath`: the save image whose migration stream is streamed, or a live migration stream; `template` is its
+ * header. `headerReads`: how many times the restoring libvirt reads the header first (headerReadsOf).
+ */
 export async function prepareRestoreSource(
   templatePath: string | LiveMigrationStream,
   template: SaveImageHeader,
   xml: string,
   instanceDir: string,
+  headerReads: number,
   onProgress: StreamProgress = () => {},
 ): Promise<RestoreSource> {
   const header = encodeSaveImageHeader({ xml, cookie: template.cookie, wasRunning: template.wasRunning, compressed: template.compressed });
@@ -182,7 +197,7 @@ export async function prepareRestoreSource(
 
   const stream = typeof templatePath === 'string' ? { file: templatePath, bytes: (await stat(templatePath)).size - template.streamOffset } : templatePath;
   const abort = new AbortController();
-  const feeding = feed(path, stream, template.streamOffset, header, abort.signal, onProgress);
+  const feeding = feed(path, stream, template.streamOffset, Buffer.concat(Array<Buffer>(headerReads).fill(header)), abort.signal, onProgress);
   feeding.catch(() => {}); // observed through done(); never an unhandled rejection
   let disposed: Promise<void> | undefined;
   return {
@@ -201,7 +216,11 @@ export async function prepareRestoreSource(
 /**
  * Everything here stays off libuv's thread pool: the restore call that reads this FIFO holds a pool thread until it has
  * read it all, so a burst of restores can hold the whole pool, and a feed that needed a pool thread would wait forever.
- * Hence a child process reads the template file, and the FIFO is opened without blocking (see openWhenReaderArrives).
+ * Hence a child process reads the template file, and the FIFO is opened without blocking: read-write, which Linux
+ * allows for a FIFO and which never waits. Holding a read end of our own also keeps the pipe and what is buffered in
+ * it while libvirt's readers come and go: a libvirt that reads the header in an open of its own closes it having read
+ * exactly one header (`header` then holds one copy per such open), and its next open reads on from there. Writes never
+ * fail with EPIPE either: a reader that went away for good is noticed by the restore call failing, then dispose().
  */
 async function feed(
   path: string,
@@ -212,7 +231,13 @@ async function feed(
   onProgress: StreamProgress,
 ): Promise<void> {
   const total = header.length + stream.bytes;
-  const fd = await openWhenReaderArrives(path, signal);
+  if (signal.aborted) throw new CloudletError('LAUNCH_FAILED', 'restore source disposed before it was opened');
+  let fd: number;
+  try {
+    fd = openSync(path, fsConstants.O_RDWR | fsConstants.O_NONBLOCK);
+  } catch (err) {
+    throw new CloudletError('LAUNCH_FAILED', `cannot open the restore FIFO ${path}: ${(err as Error).message}`, { cause: err });
+  }
   const sink = new Socket({ fd, readable: false, writable: true }); // a pipe fd: libuv writes it non-blocking
   const reader = 'chunks' in stream ? null : templateReader(stream.file, streamOffset);
   const chunks: AsyncIterable<Buffer> = reader?.stdout ?? (stream as LiveMigrationStream).chunks;
@@ -234,7 +259,6 @@ async function feed(
     );
   } catch (err) {
     if (signal.aborted) throw new CloudletError('LAUNCH_FAILED', 'restore source disposed before it was consumed', { cause: err });
-    // EPIPE: the reader closed early, e.g. a libvirt that reads the header in an open of its own (see the docs).
     throw new CloudletError('LAUNCH_FAILED', `restore stream failed: ${(err as Error).message}`, { cause: err });
   } finally {
     sink.destroy();
@@ -271,21 +295,5 @@ function releaseWaitingReader(path: string): void {
     closeSync(openSync(path, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK));
   } catch {
     // ENXIO: nobody waits
-  }
-}
-
-/**
- * O_NONBLOCK open of a FIFO for writing fails with ENXIO until a reader has it open. It never waits, so it is made on
- * the event loop (a FIFO in the instance directory: no disk read behind it) rather than on the pool a restore holds.
- */
-async function openWhenReaderArrives(path: string, signal: AbortSignal): Promise<number> {
-  for (;;) {
-    if (signal.aborted) throw new CloudletError('LAUNCH_FAILED', 'restore source disposed before it was opened');
-    try {
-      return openSync(path, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK);
-    } catch (err) {
-      if (!isErrno(err, 'ENXIO')) throw new CloudletError('LAUNCH_FAILED', `cannot open the restore FIFO ${path}: ${(err as Error).message}`, { cause: err });
-    }
-    await sleep(READER_POLL_MS);
   }
 }
