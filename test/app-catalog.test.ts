@@ -355,6 +355,7 @@ t.test('every verb answers --help; usage errors exit 2; an unreachable cloudlet 
     'top',
     'start',
     'stop',
+    'handoff',
     'console',
     'recipe',
     'package',
