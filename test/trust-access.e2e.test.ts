@@ -26,9 +26,9 @@ t.teardown(async () => {
 
 const pair = (name: string, options: { expiresInMinutes?: number } = {}) => pairDevice(agent, name, options);
 
-/** Every route of every face, as the agent builds them (the handlers are never called here). */
+/** Every route of every face, as the agent builds them (the handlers are never called here; the KD face subscribes). */
 function allRoutes(): Route[] {
-  const nothing = {} as CloudletApi & ProvisioningApi;
+  const nothing = { subscribe: () => () => undefined } as unknown as CloudletApi & ProvisioningApi;
   return [...v1Face(nothing, nothing, {} as TrustView, {} as FleetView).routes, ...kdCloudletFace(nothing).routes, ...webFace().routes];
 }
 
