@@ -1,12 +1,12 @@
 // Handoff, end to end (docs/handoff.md): three whole cloudlets side by side (support/fleet.ts). A holds the service
 // and runs the phone's Service VM; B holds the same service; C does not. A is paired to B and to C (A may ask them);
 // nobody is paired to C's asks. The subtests run in order; the last one tears the fleet down and checks nothing is left.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
 import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { ROOT, testGuestDir } from './support/agent';
-import { API_PORT, TLS_PORT, type CloudletBox } from './support/cloudlet-box';
+import { API_PORT, MQTT_PORT, TLS_PORT, type CloudletBox } from './support/cloudlet-box';
 import { cli } from './support/cli';
 import { Fleet, type Phone } from './support/fleet';
 import { until } from './support/poll';
@@ -61,6 +61,29 @@ async function startAtA(): Promise<{ id: string; port: number }> {
   const started = await phoneAtA('POST', '/v1/instances', { service_id: SERVICE });
   if (started.status !== 201 && started.status !== 200) throw new Error(`start: ${started.status} ${started.body}`);
   return { id: started.json.instance.id, port: started.json.instance.host_port };
+}
+
+/** A subscriber to `topic` on a cloudlet's MQTT broker, as its operator (inside the box); reads what it received. */
+async function mqttTail(tt: Test, box: CloudletBox, topic: string): Promise<() => Array<{ topic: string; json: any }>> {
+  const [nsenter, ...enter] = box.enter();
+  const argv = [...enter, process.execPath, path.join(ROOT, 'dist/test/support/mqtt-tail.js'), `mqtt://127.0.0.1:${MQTT_PORT}`, topic, 'admin'];
+  const tail = spawn(nsenter!, [...argv, await box.adminToken()], { stdio: ['pipe', 'pipe', 'inherit'] });
+  tt.teardown(() => {
+    tail.kill();
+  });
+  let output = '';
+  tail.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  await until(
+    async () => output,
+    (text) => text.startsWith('subscribed\n'),
+    30000,
+  );
+  return () =>
+    output
+      .split('\n')
+      .slice(1)
+      .filter(Boolean)
+      .map((line) => JSON.parse(line));
 }
 
 /** Restart a cloudlet's agent, with a fault point armed or none. */
@@ -155,6 +178,8 @@ t.test('a phone polling its Service VM every 10 ms during a handoff follows `mov
   const mailbox = () =>
     phone.http('GET', `http://${a.address}:${API_PORT}/api/system/get_messages?serviceId=${SERVICE}`, { headers: { 'x-device-id': 'sei-phone' } });
   tt.same((await mailbox()).json, { messages: [] }, 'an SEI client has no message before');
+  const mqttAtA = await mqttTail(tt, a, `cloudlet/cloudlet-a/instances/${id}`);
+  const mqttAtB = await mqttTail(tt, b, `cloudlet/cloudlet-b/instances/${id}`);
   const moved = await phoneAtA('POST', `/v1/instances/${id}/handoff`, { target: 'auto' });
   tt.equal(moved.status, 200, moved.body);
   tt.match(moved.json, {
@@ -174,6 +199,11 @@ t.test('a phone polling its Service VM every 10 ms during a handoff follows `mov
   await ended;
   const seen = JSON.parse(output.split('\n').filter(Boolean).at(-1)!);
   tt.comment(`the client polled ${seen.polls} times; ${seen.failed} failed; its longest gap: ${seen.longestGapMs} ms`);
+  for (const [box, mark] of [
+    [a, ': done in '],
+    [b, ' arrived and serves '],
+  ] as const)
+    tt.comment(box.agentLog.split('\n').find((line) => line.includes(mark)) ?? `${box.name} logged no time of the handoff`);
   tt.match(seen.moved, { type: 'instance', state: 'moved', instance: { id }, moved_to: { address: b.address, port } }, '/v1/events said `moved`');
   tt.equal(seen.target, `${b.address}:${port}`, 'the client follows it to B');
   tt.ok(seen.tailAllOk, 'no lasting failure: its last polls all succeeded');
@@ -192,6 +222,21 @@ t.test('a phone polling its Service VM every 10 ms during a handoff follows `mov
     "the SEI client is told to move to B's network, name, address and port",
   );
   tt.same((await mailbox()).json, { messages: [] }, 'once');
+
+  const movedAtA = await until(
+    async () => mqttAtA(),
+    (messages) => messages.some((m) => m.json?.state === 'moved'),
+  );
+  tt.match(
+    movedAtA.find((m) => m.json?.state === 'moved')?.json,
+    { id, state: 'moved', reason: 'handed-off', moved_to: { name: 'cloudlet-b', address: b.address, port, api_port: API_PORT } },
+    "A's MQTT says it moved, and where to",
+  );
+  const readyAtB = await until(
+    async () => mqttAtB(),
+    (messages) => messages.some((m) => m.json?.state === 'ready'),
+  );
+  tt.match(readyAtB.find((m) => m.json?.state === 'ready')?.json, { id, state: 'ready', host_port: port }, "B's MQTT says it is ready there, with the same id");
 
   tt.same(await a.domains(), [], 'A runs nothing any more');
   tt.notOk(
@@ -274,6 +319,46 @@ t.test('the source agent SIGKILLed midway: afterwards the VM runs in exactly one
         .filter((line) => line.includes('handoff'))
         .join('\n'),
     );
+});
+
+t.test('the source agent SIGKILLed after libvirt moved the VM, before it told the target: B adopts it, A lets it go, nothing orphaned', async (tt) => {
+  const { id } = await startAtA();
+  await restartAgent(a, 'handoff:after-migrate');
+  const cut = await phoneAtA('POST', `/v1/instances/${id}/handoff`, { target: await peerId('cloudlet-b') });
+  tt.not(cut.status, 200, 'the handoff was cut with its agent');
+  await restartAgent(a, null, 'SIGKILL');
+  // Nobody told B it is complete: it adopts the VM when the control channel closes.
+  const atB = await until(
+    () => instancesOf(b),
+    (list) => list.some((i) => i.id === id && i.state === 'ready'),
+    60000,
+  );
+  const adopted = atB.find((i) => i.id === id);
+  tt.match(adopted, { state: 'ready', launch: 'handoff' }, 'B lists it, ready, with the same id');
+  const page = await phone.http('GET', `http://${b.address}:${adopted?.host_port}/`);
+  tt.match({ status: page.status, body: page.body }, { status: 200, body: GUEST_CONTENT }, 'it serves at B');
+  // A's restarted agent finds no domain of it and lets the record go.
+  const atA = await until(
+    () => instancesOf(a),
+    (list) => !list.some((i) => i.id === id),
+    30000,
+  );
+  tt.notOk(
+    atA.some((i) => i.id === id),
+    'A lists it no more',
+  );
+  tt.notOk(
+    (await a.domains()).some((name) => name.endsWith(id.slice(0, 8))),
+    'A runs no domain of it',
+  );
+  const left = await until(
+    async () => [await filesOf(a), await filesOf(b)],
+    ([x, y]) => !x!.instances.includes(id) && x!.sockets.length === 0 && y!.sockets.length === 0,
+    30000,
+  );
+  tt.notOk(left[0]!.instances.includes(id), 'no directory of it at A');
+  tt.same([left[0]!.sockets, left[1]!.sockets], [[], []], 'no socket at either');
+  tt.equal((await b.domains()).filter((name) => name.endsWith(id.slice(0, 8))).length, 1, 'B runs it once');
 });
 
 t.test('an unpaired cloudlet cannot push a VM; a paired one cannot pull one; a phone is no cloudlet', async (tt) => {

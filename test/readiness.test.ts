@@ -90,6 +90,17 @@ t.test('the deadline also holds while the caller checks whether the VM is still 
   t.match(await outcome(wait, 15000), { code: 'READINESS_TIMEOUT' });
 });
 
+t.test('a wait whose first attempt is bounded tighter gets past a first connection that is never answered', async (t) => {
+  let connections = 0;
+  // The first request is held unanswered (a connection lost while a VM's network settles); later ones are answered.
+  const port = await serve(t, (res) => {
+    if (++connections > 1) res.end('ok');
+  });
+  const probe = { type: 'http', path: '/', timeout_ms: 1900 } as const;
+  t.equal(await outcome(waitUntilReady(probe, '127.0.0.1', port, { timeoutMs: 1900, firstAttemptMs: 100 }), 15000), 'ready');
+  t.ok(connections >= 2, 'it answered a later attempt');
+});
+
 t.test("a probe's timeout is bounded by the agent's limit, never raised by it", async (t) => {
   t.same(boundedProbe({ type: 'http', path: '/', timeout_ms: 600000 }, 120000), { type: 'http', path: '/', timeout_ms: 120000 });
   t.same(boundedProbe({ type: 'tcp', timeout_ms: 5000 }, 120000), { type: 'tcp', timeout_ms: 5000 });

@@ -77,24 +77,29 @@ function beforeDeadline<T>(work: Promise<T>, deadline: number, timeout: () => Cl
 /**
  * Wait until the service answers through its forwarded port, within `timeoutMs` (else READINESS_TIMEOUT): the deadline
  * holds during an attempt as well as between them, and during the `stillAlive` check, which lets the caller stop
- * early when the VM is gone. `intervalMs` is the gap between attempts.
+ * early when the VM is gone. `intervalMs` is the gap between attempts. `firstAttemptMs` bounds the first attempt
+ * tighter, each next one twice as long up to ATTEMPT_TIMEOUT_MS: for a VM that served a moment ago (one that just
+ * arrived from another cloudlet), whose first connection may be lost while its network settles, and should not cost
+ * a whole attempt.
  */
 export async function waitUntilReady(
   probe: ReadinessProbe,
   host: string,
   port: number,
-  options: { timeoutMs: number; intervalMs?: number; stillAlive?: () => Promise<boolean> },
+  options: { timeoutMs: number; intervalMs?: number; firstAttemptMs?: number; stillAlive?: () => Promise<boolean> },
 ): Promise<void> {
   // Each attempt is one loopback connection: cheap enough to poll often, and every poll saved is start latency.
   const interval = options.intervalMs ?? 20;
   const deadline = Date.now() + options.timeoutMs;
   const timeout = () => new CloudletError('READINESS_TIMEOUT', `service did not become ready on ${host}:${port} within ${options.timeoutMs} ms`);
   let attempts = 0;
+  let attemptMs = Math.min(ATTEMPT_TIMEOUT_MS, options.firstAttemptMs ?? ATTEMPT_TIMEOUT_MS);
   for (;;) {
     const left = deadline - Date.now();
     if (left <= 0) throw timeout();
-    if (await probeOnce(probe, host, port, Math.min(ATTEMPT_TIMEOUT_MS, left))) return;
+    if (await probeOnce(probe, host, port, Math.min(attemptMs, left))) return;
     attempts++;
+    attemptMs = Math.min(ATTEMPT_TIMEOUT_MS, attemptMs * 2);
     // Asking libvirt every attempt would be wasteful; every 20th is enough to notice a VM that died while booting.
     if (options.stillAlive && attempts % 20 === 0 && !(await beforeDeadline(options.stillAlive(), deadline, timeout))) {
       throw new CloudletError('LAUNCH_FAILED', 'the VM stopped before its service became ready');

@@ -70,6 +70,7 @@ export class OutgoingHandoffs {
 
   private async move(record: InstanceRecord, peer: PeerCredential, digest: string): Promise<MovedTo> {
     const { hypervisor } = this.host;
+    const began = Date.now();
     const offered = await pinnedCall(peer, 'POST', '/v1/handoffs', {
       token: peer.token,
       body: { instance_id: record.id, service_id: record.serviceId, disk_sha256: digest, domain_xml: await hypervisor.migratableXml(record.id) },
@@ -83,6 +84,7 @@ export class OutgoingHandoffs {
       return pinnedStream(peer, `/v1/handoff-channel?handoff=${issued.handoffId}&channel=${name}`, peer.token);
     };
     const relay = await openSourceRelay(issued.handoffId, channel, await hypervisor.qemuIdentity(), this.log);
+    const migrating = Date.now();
     try {
       faultPoint('handoff:before-migrate');
       await hypervisor.migrate(
@@ -97,6 +99,7 @@ export class OutgoingHandoffs {
     } finally {
       await relay.close();
     }
+    const migrated = Date.now();
     faultPoint('handoff:after-migrate');
     this.log(`handoff ${issued.handoffId}: ${record.id} runs at ${peer.name} now (sent ${JSON.stringify(relay.sent)} bytes)`);
     // The VM runs there and nowhere else now: a target that cannot be told adopts it when its offer runs out.
@@ -105,6 +108,10 @@ export class OutgoingHandoffs {
       return null;
     });
     if (completed && completed.status !== 200) this.log(`handoff ${issued.handoffId}: the target answered its completion ${completed.status}`);
+    this.log(
+      `handoff ${issued.handoffId}: done in ${Date.now() - began} ms (offer ${migrating - began} ms, migration ${migrated - migrating} ms, ` +
+        `its arrival told and proven ${Date.now() - migrated} ms)`,
+    );
     return { cloudletId: peer.id, name: peer.name, address: peer.address, port: issued.port, apiPort: peer.port };
   }
 

@@ -44,6 +44,11 @@ export const HANDOFF_OFFER_MS = 10 * 60_000;
 const HANDOFF_RETRY_MS = 60_000;
 /** The largest domain XML a peer may send (the agent's own are a few KiB). */
 export const MAX_OFFERED_XML_BYTES = 64 * 1024;
+/**
+ * The first proof attempt's bound for an arrived VM (each next one twice as long): it served at its source a moment
+ * ago, so a first connection lost while its network settles here is retried at once, not after a whole attempt.
+ */
+const ARRIVAL_FIRST_ATTEMPT_MS = 250;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** What the source offers, checked. */
@@ -221,8 +226,9 @@ export class IncomingHandoffs {
 
   /** Prove it serves, then list it; once, whoever asks first (the source's completion, the channel's end, the deadline). */
   private arrive(arrival: Arrival): Promise<{ ready: boolean; port: number }> {
+    const began = Date.now();
     arrival.arriving ??= this.untilServing(arrival.record).then((ready) => {
-      this.adopt(arrival);
+      this.adopt(arrival, Date.now() - began);
       return { ready, port: arrival.record.hostPort };
     });
     return arrival.arriving;
@@ -242,19 +248,21 @@ export class IncomingHandoffs {
     arrival.deadline.unref();
   }
 
-  private adopt(arrival: Arrival): void {
+  private adopt(arrival: Arrival, provenMs: number): void {
     clearTimeout(arrival.deadline);
     // Kept a while after, so that a completion that comes after the channel's end gets its answer.
     setTimeout(() => this.arrivals.delete(arrival.id), HANDOFF_OFFER_MS).unref();
     void rm(handoffSocketDir(arrival.id), { recursive: true, force: true });
     this.host.registry.arrived(arrival.record);
-    this.log(`handoff ${arrival.id}: ${arrival.record.id} of ${arrival.record.serviceId} arrived and serves on port ${arrival.record.hostPort}`);
+    this.log(
+      `handoff ${arrival.id}: ${arrival.record.id} of ${arrival.record.serviceId} arrived and serves on port ${arrival.record.hostPort} (proven in ${provenMs} ms)`,
+    );
   }
 
   private async untilServing(record: InstanceRecord): Promise<boolean> {
     const probe = boundedProbe(record.readiness, this.host.readyWithinMs);
     const host = record.bindAddress === '0.0.0.0' || record.bindAddress === '::' ? '127.0.0.1' : record.bindAddress;
-    return waitUntilReady(probe, host, record.hostPort, { timeoutMs: probe.timeout_ms, stillAlive: async () => true }).then(
+    return waitUntilReady(probe, host, record.hostPort, { timeoutMs: probe.timeout_ms, firstAttemptMs: ARRIVAL_FIRST_ATTEMPT_MS }).then(
       () => true,
       (err: Error) => {
         this.log(`instance ${record.id} arrived but did not answer in time (${err.message}); kept: it runs nowhere else`);

@@ -259,20 +259,21 @@ export class Hypervisor implements InstanceRuntime {
     const migrating = this.call((c) =>
       c.migrateToUri3(uuid, target, VIR_MIGRATE_LIVE | VIR_MIGRATE_PEER2PEER | VIR_MIGRATE_NON_SHARED_INC | VIR_MIGRATE_AUTO_CONVERGE),
     );
-    let done = false;
-    const watching = (async () => {
-      while (!done) {
-        await sleep(PROGRESS_INTERVAL_MS);
-        if (done) return;
+    // The watcher's sleep is cut short when the migration ends: the VM is down until the caller hears of it.
+    const ended = new AbortController();
+    // A stats call still under way when it ends is not waited for (its answer is dropped).
+    void (async () => {
+      while (!ended.signal.aborted) {
+        await sleep(PROGRESS_INTERVAL_MS, undefined, { signal: ended.signal }).catch(() => {});
+        if (ended.signal.aborted) return;
         const stats = await this.call((c) => c.jobStats(uuid)).catch(() => null);
-        if (stats && !done) progress(stats);
+        if (stats && !ended.signal.aborted) progress(stats);
       }
     })();
     try {
       await migrating;
     } finally {
-      done = true;
-      await watching;
+      ended.abort();
     }
   }
 
