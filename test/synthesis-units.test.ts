@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { ImageReader, Qcow2OverlayWriter } from '../agent/src/images/qcow2-overlay';
-import { compressFrame, StreamDecoder, zstdReference } from '../agent/src/images/zstd';
+import { compressFrame, openFrameDecoder, zstdReference } from '../agent/src/images/zstd';
 import type { BaseVm } from '../agent/src/core/bases';
 import type { ServiceManifest } from '../agent/src/core/types';
 import { synthesisService } from '../agent/src/mechanisms/synthesis';
@@ -43,32 +43,37 @@ t.test('records round-trip, and a frame cut inside a record or with an unknown t
   tt.throws(() => [...decodeRecords(unknown)], { code: 'OVERLAY_INVALID' });
 });
 
-t.test('a frame compressed against a reference file is tiny when its bytes are in the file at any offset, and decodes with it', async (tt) => {
+t.test('frames compressed against a reference file are tiny when their bytes are in the file at any offset, and decode with it in any order', async (tt) => {
   const referenceBytes = randomBytes(4 << 20);
   const referencePath = path.join(dir, 'reference.bin');
   await writeFile(referencePath, referenceBytes);
   const reference = zstdReference(referencePath, referenceBytes.length, 1 << 20)!;
   // Moved data: runs of the reference at odd offsets, as kernel objects that moved between two boots.
   const moved = Buffer.concat([referenceBytes.subarray(12345, 12345 + 300_000), referenceBytes.subarray(3_000_001, 3_000_001 + 300_000)]);
+  const movedAgain = referenceBytes.subarray(1_000_003, 1_000_003 + 200_000);
   const plain = randomBytes(100_000);
   const withReference = await compressFrame(moved, 19, reference);
   tt.ok(withReference.length < moved.length / 50, `${moved.length} bytes → ${withReference.length}`);
+  const againWithReference = await compressFrame(movedAgain, 19, reference);
   const stored = await compressFrame(plain, 19);
   tt.ok(stored.length < plain.length * 1.01, 'random bytes are stored, not recompressed at length');
 
-  // One decoder for the sequence, frames with and without the reference mixed.
-  const decoder = new StreamDecoder(reference);
+  // One decoder for the sequence, as an overlay has them: disk frames without the reference, then memory frames with it.
+  const decoder = await openFrameDecoder(reference);
   try {
-    await decoder.write(withReference);
-    await decoder.write(stored);
-    decoder.end();
-    tt.ok((await decoder.read(moved.length)).equals(moved));
+    const written = (async () => {
+      for (const frame of [stored, withReference, againWithReference]) await decoder.write(frame);
+      decoder.end();
+    })();
     tt.ok((await decoder.read(plain.length)).equals(plain));
+    tt.ok((await decoder.read(moved.length)).equals(moved), 'a frame after the first finds the reference too');
+    tt.ok((await decoder.read(movedAgain.length)).equals(movedAgain));
+    await written;
     await decoder.finish();
   } finally {
     decoder.close();
   }
-  const without = new StreamDecoder();
+  const without = await openFrameDecoder();
   try {
     await without.write(withReference);
     without.end();

@@ -5,13 +5,13 @@
  * and one to compress an app package (cloudlet-package).
  *
  * A frame may be compressed against a reference file both sides have (`--patch-from`: the file is a raw prefix the
- * frame's matches may point into; the decoder attaches it to every frame again). Kernel data that moved in guest
+ * frame's matches may point into, attached again for every frame decoded). Kernel data that moved in guest
  * memory, and so matches the base's memory state only at byte offsets no 4 KiB dedup sees, costs almost nothing
  * that way.
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { Duplex } from 'node:stream';
-import { CloudletError } from '../errors';
+import { CloudletError, type ErrorCode } from '../errors';
 import { ByteReader } from './byte-reader';
 
 /** `zstd -dc` as a stream stage; a non-zero exit (not zstd, truncated) fails the pipeline. */
@@ -43,10 +43,18 @@ function spawnError(err: NodeJS.ErrnoException): CloudletError {
     : new CloudletError('IMAGE_TOOL_FAILED', `zstd: ${err.message}`, { cause: err });
 }
 
-/** Runs zstd with `args`, `input` on stdin; resolves with stdout. Output beyond `maxOutputBytes` is a failure. */
-function run(args: string[], input: Buffer, maxOutputBytes: number): Promise<Buffer> {
+/**
+ * Runs zstd with `args`, `input` on stdin; resolves with stdout. Output beyond `maxOutputBytes` and a failed run are
+ * `failure` errors (a tool failure, or bad input when decoding what came from outside); `signal` kills the run.
+ */
+function run(
+  args: string[],
+  input: Buffer,
+  maxOutputBytes: number,
+  { failure = 'IMAGE_TOOL_FAILED', signal }: { failure?: ErrorCode; signal?: AbortSignal } = {},
+): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    const child = spawn('zstd', args, { stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn('zstd', args, { stdio: ['pipe', 'pipe', 'pipe'], signal });
     const out: Buffer[] = [];
     let outBytes = 0;
     let stderr = '';
@@ -60,7 +68,7 @@ function run(args: string[], input: Buffer, maxOutputBytes: number): Promise<Buf
     child.on('error', (err) => fail(spawnError(err)));
     child.stdout.on('data', (chunk: Buffer) => {
       outBytes += chunk.length;
-      if (outBytes > maxOutputBytes) return fail(new CloudletError('IMAGE_TOOL_FAILED', `zstd output exceeds ${maxOutputBytes} bytes`));
+      if (outBytes > maxOutputBytes) return fail(new CloudletError(failure, `zstd output exceeds ${maxOutputBytes} bytes`));
       out.push(chunk);
     });
     child.stderr.on('data', (chunk: Buffer) => {
@@ -72,17 +80,18 @@ function run(args: string[], input: Buffer, maxOutputBytes: number): Promise<Buf
         settled = true;
         resolve(Buffer.concat(out, outBytes));
       } else {
-        fail(new CloudletError('IMAGE_TOOL_FAILED', `zstd ${args[0]} failed: ${stderr.trim().split('\n').pop() || `exit code ${code}`}`));
+        fail(new CloudletError(failure, `zstd ${args[0]} failed: ${stderr.trim().split('\n').pop() || `exit code ${code}`}`));
       }
     });
     child.stdin.end(input);
   });
 }
 
-/** A file a frame is compressed against, and the window (log2 bytes) that reaches all of it plus the frame. */
+/** A file frames of up to `frameBytes` are compressed against, and the window (log2 bytes) that reaches all of it plus a frame. */
 export interface ZstdReference {
   path: string;
   windowLog: number;
+  frameBytes: number;
 }
 
 /**
@@ -91,7 +100,7 @@ export interface ZstdReference {
  */
 export function zstdReference(path: string, bytes: number, frameBytes: number): ZstdReference | null {
   const windowLog = Math.max(MIN_WINDOW_LOG, Math.ceil(Math.log2(bytes + frameBytes)));
-  return windowLog <= MAX_WINDOW_LOG ? { path, windowLog } : null;
+  return windowLog <= MAX_WINDOW_LOG ? { path, windowLog, frameBytes } : null;
 }
 
 const MIN_WINDOW_LOG = 20;
@@ -130,11 +139,107 @@ export async function compressFrame(data: Buffer, level: number, reference?: Zst
   return run([...args, `-${level}`], data, limit);
 }
 
+/** Decodes a sequence of frames: frames are written in order as they arrive, and each one's content is read back by its size. */
+export interface FrameDecoder {
+  /** Resolves when the decoder took the frame (or is gone: then reading its content fails). */
+  write(frame: Buffer): Promise<void>;
+  /** The next `rawBytes` bytes of content: exactly one frame's, as its manifest entry says. */
+  read(rawBytes: number): Promise<Buffer>;
+  /** No more frames. */
+  end(): void;
+  /** After the last read: the content must end there, and zstd must have succeeded. */
+  finish(): Promise<void>;
+  close(): void;
+}
+
 /**
- * One `zstd -d` for a sequence of frames: frames are written in order as they arrive, and each one's content is read
- * back by its size. One process for all frames: spawning one per frame costs more than decoding them.
+ * A decoder for frames compressed against `reference` (or against nothing). zstd 1.5.7 (Debian 13) attaches a
+ * `--patch-from` reference to the first frame of its input only: a later frame that points into it fails ("Data
+ * corruption detected"). 1.5.4 (Debian 12) attaches it to every frame, but reads the whole reference into memory in
+ * every process (0.6 s and 256 MiB for a 256 MiB memory state). So a zstd that can map the reference instead
+ * (`--mmap-dict`, 1.5.6 on) decodes each frame in a process of its own, and an older one all frames in one stream.
  */
-export class StreamDecoder {
+export async function openFrameDecoder(reference?: ZstdReference): Promise<FrameDecoder> {
+  return reference && (await mapsReferences()) ? new FramePerProcessDecoder(reference) : new StreamDecoder(reference);
+}
+
+let mapsReferencesProbe: Promise<boolean> | null = null;
+
+/** Whether the installed zstd knows `--mmap-dict` (asked once; a zstd that cannot run is found by the decoder). */
+function mapsReferences(): Promise<boolean> {
+  mapsReferencesProbe ??= new Promise((resolve) => {
+    const probe = spawn('zstd', ['--mmap-dict', '-qV'], { stdio: 'ignore' });
+    probe.on('error', () => resolve(false));
+    probe.on('close', (code) => resolve(code === 0));
+  });
+  return mapsReferencesProbe;
+}
+
+/** Frames decoded ahead of the one being read: one per core of a small box. */
+const FRAMES_AHEAD = 2;
+
+/** One `zstd -d --patch-from` per frame, the reference mapped, up to FRAMES_AHEAD of them running ahead of the reads. */
+class FramePerProcessDecoder implements FrameDecoder {
+  private readonly decoded: Promise<Buffer>[] = [];
+  private readonly stop = new AbortController();
+  private ended = false;
+  /** Whoever waits for the queue to change: a read for a frame, a write for room. */
+  private wake: (() => void) | null = null;
+
+  constructor(private readonly reference: ZstdReference) {}
+
+  async write(frame: Buffer): Promise<void> {
+    while (this.decoded.length >= FRAMES_AHEAD && !this.stop.signal.aborted) await this.changed();
+    if (this.stop.signal.aborted) return;
+    const { path, windowLog, frameBytes } = this.reference;
+    const args = ['-d', '-q', '-c', '--no-progress', `--long=${windowLog}`, '--mmap-dict', `--patch-from=${path}`];
+    const content = run(args, frame, frameBytes, { failure: 'OVERLAY_INVALID', signal: this.stop.signal });
+    content.catch(() => {}); // observed by its read
+    this.decoded.push(content);
+    this.notify();
+  }
+
+  async read(rawBytes: number): Promise<Buffer> {
+    while (this.decoded.length === 0) {
+      if (this.ended || this.stop.signal.aborted) throw new CloudletError('OVERLAY_INVALID', 'overlay: it has fewer frames than its manifest says');
+      await this.changed();
+    }
+    const content = this.decoded.shift()!;
+    this.notify();
+    const bytes = await content;
+    if (bytes.length !== rawBytes)
+      throw new CloudletError('OVERLAY_INVALID', `overlay: a frame decompresses to ${bytes.length} bytes, its manifest says ${rawBytes}`);
+    return bytes;
+  }
+
+  end(): void {
+    this.ended = true;
+    this.notify();
+  }
+
+  finish(): Promise<void> {
+    if (this.decoded.length > 0) return Promise.reject(new CloudletError('OVERLAY_INVALID', 'overlay: it has more frames than its manifest says'));
+    return Promise.resolve();
+  }
+
+  close(): void {
+    this.stop.abort();
+    this.notify();
+  }
+
+  private changed(): Promise<void> {
+    return new Promise((resolve) => (this.wake = resolve));
+  }
+
+  private notify(): void {
+    const wake = this.wake;
+    this.wake = null;
+    wake?.();
+  }
+}
+
+/** One `zstd -d` for all frames: spawning one per frame costs more than decoding them. */
+class StreamDecoder implements FrameDecoder {
   private readonly child: ChildProcessWithoutNullStreams;
   private readonly out: ByteReader;
   private stderr = '';
@@ -162,7 +267,6 @@ export class StreamDecoder {
     );
   }
 
-  /** Resolves when zstd took the frame (or is gone: then reading its content fails). */
   write(frame: Buffer): Promise<void> {
     if (this.child.stdin.write(frame)) return Promise.resolve();
     return new Promise((resolve) => {
@@ -176,17 +280,14 @@ export class StreamDecoder {
     });
   }
 
-  /** The next `rawBytes` bytes of content: exactly one frame's, as its manifest entry says. */
   read(rawBytes: number): Promise<Buffer> {
     return this.out.read(rawBytes);
   }
 
-  /** No more frames. */
   end(): void {
     this.child.stdin.end();
   }
 
-  /** After the last read: the content must end there, and zstd must have succeeded. */
   async finish(): Promise<void> {
     if (!(await this.out.atEnd())) throw new CloudletError('OVERLAY_INVALID', 'overlay: its frames decompress to more bytes than its manifest says');
     const code = this.child.exitCode ?? (await new Promise<number | null>((resolve) => this.child.once('exit', resolve)));

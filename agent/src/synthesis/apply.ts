@@ -34,7 +34,7 @@ import {
   type OverlayRecord,
 } from './overlay-format';
 import { ByteReader } from '../images/byte-reader';
-import { StreamDecoder, zstdReference } from '../images/zstd';
+import { openFrameDecoder, type FrameDecoder, zstdReference } from '../images/zstd';
 
 const MEMORY_WRITE_BUFFER = 1 << 20;
 /** Memory state bytes rebuilt ahead of the restore reading them, before the applying waits. */
@@ -114,7 +114,7 @@ export async function applyOverlay<T>(
   let baseMemory: FileHandle | null = null;
   let disk: Qcow2OverlayWriter | null = null;
   let memory: FileHandle | null = null;
-  let decoder: StreamDecoder | null = null;
+  let decoder: FrameDecoder | null = null;
   const pipe = to.memory ? new MemoryPipe() : null;
   let launching: Promise<T> | null = null;
   const startLaunch = () => {
@@ -128,7 +128,7 @@ export async function applyOverlay<T>(
     const reference =
       manifest.reference === 'base-memory' && baseMemoryPath ? zstdReference(baseMemoryPath, baseMemoryBytes, OVERLAY_LIMITS.frameRawBytes) : null;
     if (manifest.reference && !reference) throw invalid('its frames are compressed against a base memory state this base does not have or is too large for');
-    decoder = new StreamDecoder(reference ?? undefined);
+    decoder = await openFrameDecoder(reference ?? undefined);
     const frames = decoder;
     disk = await Qcow2OverlayWriter.create(to.disk, baseDiskPath, baseDisk, manifest.disk.virtual_size);
     if (!manifest.memory !== !to.memory) throw invalid('the overlay and its service disagree on a memory state');
